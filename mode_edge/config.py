@@ -1,0 +1,158 @@
+"""Typed configuration, one dataclass per concern. Pure Python: the device runtime imports it without torch."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from mode_edge.errors import UserError
+
+
+def _from_dict(cls, data: dict):
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Architecture of a Llama-family decoder-only backbone."""
+
+    vocab_size: int
+    """Number of token ids."""
+    dim: int
+    """Width of the residual stream."""
+    n_layers: int
+    """Number of transformer layers."""
+    n_heads: int
+    """Attention heads for queries."""
+    n_kv_heads: int
+    """Attention heads for keys and values (grouped-query attention when fewer than n_heads)."""
+    hidden_dim: int
+    """Inner width of the SwiGLU feed-forward."""
+    head_dim: int
+    """Width of one attention head."""
+    rope_theta: float = 10000.0
+    """Base of the rotary position embedding."""
+    norm_eps: float = 1e-5
+    """Epsilon of the RMS norms."""
+    tie_embeddings: bool = True
+    """Whether the output head shares the token embedding matrix."""
+    attn_bias: bool = False
+    """Whether the query, key and value projections carry a bias (Qwen2 does)."""
+    max_seq_len: int = 2048
+    """Longest sequence the rotary table is built for."""
+
+    def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "head_dim", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"DecoderConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise UserError(
+                f"DecoderConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
+
+    to_dict = asdict
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DecoderConfig":
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class MoDELayout:
+    """How the frozen backbone is cut into MoDE blocks and how large each expert is."""
+
+    n_blocks: int = 3
+    """Contiguous blocks the backbone layers are cut into; each block gets its own gate and expert layers."""
+    expert_layers: int = 2
+    """Transformer layers per expert per block (the paper's default shape is 3 blocks x 2 layers)."""
+    init: str = "copy"
+    """'copy': expert layers start as copies of the last layers of their block's backbone slice; 'random'."""
+    gate_bias: float = -2.0
+    """Initial gate logit of an expert; the backbone's logit is pinned at 0, so the backbone dominates at the start."""
+
+    def __post_init__(self):
+        if self.n_blocks <= 0:
+            raise UserError(f"--blocks must be positive, got {self.n_blocks}")
+        if self.expert_layers <= 0:
+            raise UserError(f"--expert-layers must be positive, got {self.expert_layers}")
+        if self.init not in ("copy", "random"):
+            raise UserError(f"--init must be 'copy' or 'random', got {self.init!r}")
+
+    def check_backbone(self, n_layers: int) -> None:
+        if n_layers % self.n_blocks:
+            divisors = [d for d in range(1, n_layers + 1) if n_layers % d == 0]
+            raise UserError(
+                f"--blocks {self.n_blocks} does not divide the backbone's {n_layers} layers; "
+                f"choose one of {divisors}"
+            )
+        per_block = n_layers // self.n_blocks
+        if self.init == "copy" and self.expert_layers > per_block:
+            raise UserError(
+                f"--expert-layers {self.expert_layers} exceeds the {per_block} backbone layers per block that "
+                f"--init copy copies from; use at most {per_block} or --init random"
+            )
+
+    def block_ranges(self, n_layers: int) -> list[tuple[int, int]]:
+        """Backbone layer index ranges [start, end) of each block."""
+        self.check_backbone(n_layers)
+        per_block = n_layers // self.n_blocks
+        return [(i * per_block, (i + 1) * per_block) for i in range(self.n_blocks)]
+
+    to_dict = asdict
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MoDELayout":
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by expert training and composition."""
+
+    steps: int = 200
+    """Optimizer steps."""
+    batch_size: int = 4
+    """Sequences per micro-batch."""
+    seq_len: int = 256
+    """Tokens per sequence."""
+    grad_accum: int = 1
+    """Micro-batches accumulated into one optimizer step."""
+    lr: float = 2e-4
+    """Peak learning rate of the expert layers (AdamW)."""
+    gate_lr: float = 5e-3
+    """Peak learning rate of the gate parameters; a few weights per block that must move fast."""
+    weight_decay: float = 0.01
+    """AdamW weight decay on matrices (not on norms, biases or gates)."""
+    warmup_steps: int = 20
+    """Linear warm-up steps before the cosine decay."""
+    min_lr_ratio: float = 0.1
+    """Learning rate at the end of the cosine, as a fraction of the peak."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    seed: int = 0
+    """Seed for initialisation and data order."""
+    device: str = "cpu"
+    """'cpu' or 'cuda'."""
+    checkpoint_every: int = 50
+    """Steps between resumable checkpoints."""
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0 or self.gate_lr <= 0:
+            raise UserError("--lr and --gate-lr must be positive")
+        if self.warmup_steps < 0:
+            raise UserError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.device not in ("cpu", "cuda"):
+            raise UserError(f"--device must be 'cpu' or 'cuda', got {self.device!r}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum
+
+    to_dict = asdict
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        return _from_dict(cls, data)

@@ -1,0 +1,69 @@
+"""Atomic outputs: a command writes into a hidden sibling folder and renames it into place when complete,
+so a failed or interrupted command never leaves a half-written result under the requested name."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+from mode_edge.errors import UserError
+
+
+def partial_path(out: Path) -> Path:
+    """The in-progress folder for `out`; training keeps it between runs so that a rerun resumes."""
+    return out.with_name(f".{out.name}.partial")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, *, overwrite: bool = False, keep_partial_on_error: bool = False) -> Iterator[Path]:
+    """Yield a work folder that becomes `out` only if the block completes.
+
+    With `keep_partial_on_error` the work folder survives an exception (a resumable training run); otherwise it is
+    removed, so nothing half-written is left behind.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; choose another --out or remove it first")
+    work = partial_path(out)
+    resuming = work.exists()
+    work.parent.mkdir(parents=True, exist_ok=True)
+    work.mkdir(exist_ok=True)
+    try:
+        yield work
+    except BaseException as e:
+        # An interrupted run keeps its checkpoint for the rerun; a user mistake leaves no trace, except that an
+        # earlier run's checkpoint (which may be refused for other settings) is never deleted.
+        if not (keep_partial_on_error and (resuming or not isinstance(e, UserError))):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(work, out)
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: {what}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e}); {what}") from None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,71 @@
+"""Shared fixtures: the tiny backbone, small real corpora, a tiny Hugging Face checkpoint on disk."""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from mode_edge.training.backbones import TINY_CONFIG, load_backbone
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return load_backbone("tiny")
+
+
+@pytest.fixture(scope="session")
+def code_data(tmp_path_factory) -> Path:
+    """A small slice of the real code corpus (Python standard library sources)."""
+    from mode_edge.training.data import prepare
+
+    out = tmp_path_factory.mktemp("data") / "code"
+    prepare("code", out, limit=40)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prose_data(tmp_path_factory) -> Path:
+    """A user's own folder: real prose (the Python licence text) as .txt files and a .jsonl file."""
+    licence = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    paragraphs = [p for p in licence.read_text().split("\n\n") if len(p) > 200]
+    out = tmp_path_factory.mktemp("data") / "prose"
+    out.mkdir()
+    for i, p in enumerate(paragraphs[:20]):
+        (out / f"para{i:02d}.txt").write_text(p)
+    with open(out / "more.jsonl", "w") as f:
+        for i, p in enumerate(paragraphs[20:] * 3):
+            f.write(json.dumps({"id": f"p{i}", "text": p}) + "\n")
+    return out
+
+
+def save_tiny_hf_checkpoint(path: Path, model_type: str = "llama", seed: int = 1):
+    """A Llama (or Qwen2) checkpoint folder with the tiny architecture, random weights and the byte tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    from mode_edge.tokenizer import byte_tokenizer
+
+    c = TINY_CONFIG
+    kw = dict(
+        vocab_size=c.vocab_size, hidden_size=c.dim, num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
+        num_key_value_heads=c.n_kv_heads, intermediate_size=c.hidden_dim, rms_norm_eps=c.norm_eps,
+        max_position_embeddings=c.max_seq_len, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    if model_type == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**kw))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**kw, head_dim=c.head_dim))
+    model.save_pretrained(path)
+    tok = byte_tokenizer()
+    PreTrainedTokenizerFast(tokenizer_object=tok.tokenizer, eos_token="<|endoftext|>").save_pretrained(path)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory) -> tuple[Path, object]:
+    path = tmp_path_factory.mktemp("hf") / "tiny-llama"
+    return path, save_tiny_hf_checkpoint(path)

@@ -1,0 +1,61 @@
+import pytest
+import torch
+from torch.testing import assert_close
+
+from mode_edge.config import MoDELayout
+from mode_edge.errors import UserError
+from mode_edge.training.backbones import load_backbone, tiny_decoder, weights_sha256
+
+
+def test_tiny_backbone_is_deterministic_and_frozen(tiny):
+    again = load_backbone("tiny")
+    assert again.weights_sha256 == tiny.weights_sha256
+    assert not any(p.requires_grad for p in tiny.decoder.parameters())
+    assert weights_sha256(tiny_decoder(seed=1)) != tiny.weights_sha256
+
+
+def test_fingerprint_covers_weights_layout_and_tokenizer(tiny):
+    layout = MoDELayout()
+    fp = tiny.fingerprint(layout)
+    assert fp == load_backbone("tiny").fingerprint(layout)
+    assert fp != tiny.fingerprint(MoDELayout(n_blocks=2))
+    assert fp == tiny.fingerprint(MoDELayout(expert_layers=1))  # expert size is the expert's own business
+
+
+def test_hf_checkpoint_folder_loads_with_matching_logits(hf_checkpoint):
+    path, hf = hf_checkpoint
+    backbone = load_backbone(str(path))
+    assert backbone.spec == str(path.resolve())
+    ids = torch.tensor([backbone.tokenizer.encode("def f(x):\n    return x + 1\n")])
+    with torch.no_grad():
+        assert_close(backbone.decoder(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", ["missing", "empty_dir", "not_gguf"])
+def test_a_base_that_is_not_a_checkpoint_is_refused(tmp_path, make):
+    target = {"missing": tmp_path / "nope", "empty_dir": tmp_path, "not_gguf": tmp_path / "w.bin"}[make]
+    if make == "not_gguf":
+        target.write_bytes(b"junk")
+    with pytest.raises(UserError, match="is not a checkpoint"):
+        load_backbone(str(target))
+
+
+def test_a_broken_checkpoint_folder_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(UserError, match="could not load a checkpoint|is not supported"):
+        load_backbone(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_smollm2_matches_transformers_on_real_weights():
+    """The built-in backbone, loaded from its GGUF file, against transformers' own Llama on the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    from mode_edge.training.backbones import SMOLLM2_GGUF, smollm2_dir
+
+    backbone = load_backbone("smollm2")
+    assert backbone.decoder.cfg.n_layers == 30 and backbone.decoder.cfg.vocab_size == 49152
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
+    ids = torch.tensor([backbone.tokenizer.encode("import os\nfor name in os.listdir('.'):\n    print(name)")])
+    with torch.no_grad():
+        assert_close(backbone.decoder(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)

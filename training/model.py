@@ -1,0 +1,280 @@
+"""The MoDE model in plain PyTorch, read top to bottom.
+
+Small pieces first (RMS norm, rotary embedding, attention with a KV cache, SwiGLU MLP, decoder layer), then the frozen
+backbone, then an expert's per-block layer stack with its gate row, the MoDE block that mixes backbone and experts,
+and the full MoDE model. Parameter names of the backbone follow Hugging Face's Llama so checkpoints copy in by name.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mode_edge.config import DecoderConfig, MoDELayout
+
+
+class KVCache:
+    """Keys and values of every attention layer for the tokens seen so far, by layer name; `pos` is their count."""
+
+    def __init__(self):
+        self.kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.pos = 0
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding tables (the rotate-half convention of Hugging Face's Llama)."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+        freqs = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (max_seq_len, head_dim)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+        """x: (B, H, T, head_dim), positions pos .. pos+T-1."""
+        T = x.shape[-2]
+        cos = self.cos[pos : pos + T].to(x.dtype)
+        sin = self.sin[pos : pos + T].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.attn_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: Rotary, cache: KVCache | None, name: str) -> torch.Tensor:
+        B, T, _ = x.shape
+        pos = cache.pos if cache is not None else 0
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = rope(q, pos), rope(k, pos)
+        if cache is not None:
+            if name in cache.kv:
+                past_k, past_v = cache.kv[name]
+                k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, Hkv, S, hd)
+            cache.kv[name] = (k, v)
+        if self.n_kv_heads != self.n_heads:
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, S, hd)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        S = k.shape[2]
+        if T == 1:
+            y = F.scaled_dot_product_attention(q, k, v)
+        elif S == T:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # a chunk of several new tokens after a cached prefix: query i sees keys up to S - T + i
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope: Rotary, cache: KVCache | None, name: str) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, name)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def run_layers(layers: nn.ModuleList, x: torch.Tensor, rope: Rotary, cache: KVCache | None, names: list[str]):
+    for layer, name in zip(layers, names):
+        x = layer(x, rope, cache, name)
+    return x
+
+
+class Decoder(nn.Module):
+    """The pretrained backbone: token embedding, L decoder layers, final norm and output head."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.rope = Rotary(cfg)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.norm(h)
+        return F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)  # (B, T, V)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = self.embed_tokens(idx)  # (B, T, d)
+        x = run_layers(self.layers, x, self.rope, cache, [f"bb.{i}" for i in range(len(self.layers))])
+        if cache is not None:
+            cache.pos += idx.shape[1]
+        return self.head(x)
+
+
+class Gate(nn.Module):
+    """One expert's gate row in one block: a logit per token, read from the RMS-normalised block input.
+
+    The backbone's logit is pinned at 0. That loses nothing (a softmax is unchanged when one logit is subtracted from
+    all) and makes every expert's row meaningful on its own, so any subset of experts composes. Normalising the input
+    keeps the logits in range while the residual stream's scale grows with depth.
+    """
+
+    def __init__(self, dim: int, bias: float, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.bias = nn.Parameter(torch.tensor(float(bias)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf @ self.weight + self.bias  # (B, T)
+
+
+class ExpertBlock(nn.Module):
+    """An expert's share of one MoDE block: a short stack of decoder layers and its gate row."""
+
+    def __init__(self, layers: nn.ModuleList, gate: Gate):
+        super().__init__()
+        self.layers = layers
+        self.gate = gate
+
+
+class Expert(nn.Module):
+    """One domain expert: an ExpertBlock for every MoDE block. Its state dict is what a training run saves."""
+
+    def __init__(self, blocks: list[ExpertBlock]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    @classmethod
+    def empty(cls, cfg: DecoderConfig, layout: MoDELayout) -> "Expert":
+        return cls(
+            [
+                ExpertBlock(
+                    nn.ModuleList(DecoderLayer(cfg) for _ in range(layout.expert_layers)),
+                    Gate(cfg.dim, layout.gate_bias, cfg.norm_eps),
+                )
+                for _ in range(layout.n_blocks)
+            ]
+        )
+
+    @classmethod
+    def init_from(cls, backbone: Decoder, layout: MoDELayout, seed: int = 0) -> "Expert":
+        """A new expert: copies of the last layers of each block's backbone slice, or a seeded random init."""
+        expert = cls.empty(backbone.cfg, layout)
+        ranges = layout.block_ranges(backbone.cfg.n_layers)
+        gen = torch.Generator().manual_seed(seed)
+        for block, (_, end) in zip(expert.blocks, ranges):
+            for k, layer in enumerate(block.layers):
+                if layout.init == "copy":
+                    layer.load_state_dict(backbone.layers[end - layout.expert_layers + k].state_dict())
+                else:
+                    for name, p in layer.named_parameters():
+                        if name.endswith("layernorm.weight"):
+                            nn.init.ones_(p)
+                        elif name.endswith("bias"):
+                            nn.init.zeros_(p)
+                        else:
+                            with torch.no_grad():
+                                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        return expert
+
+
+class MoDEBlock(nn.Module):
+    """One MoDE block: the backbone slice and the experts read the same input x; a softmax gate mixes them.
+
+        [a_bb, a_1 .. a_N] = softmax([0, g_1(x) .. g_N(x)])
+        y = a_bb * f_bb(x) + sum_j a_j * f_j(x)
+    """
+
+    def __init__(self, index: int, first_layer: int, backbone: nn.ModuleList, experts: dict[str, ExpertBlock]):
+        super().__init__()
+        self.index = index
+        self.backbone_names = [f"bb.{first_layer + k}" for k in range(len(backbone))]
+        self.backbone = backbone
+        self.experts = nn.ModuleDict(experts)
+
+    def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
+        logits = [torch.zeros(x.shape[:2], device=x.device)] + [e.gate(x) for e in self.experts.values()]
+        return torch.softmax(torch.stack(logits, dim=-1), dim=-1)  # (B, T, 1 + N)
+
+    def forward(self, x: torch.Tensor, rope: Rotary, cache: KVCache | None) -> torch.Tensor:
+        y_bb = run_layers(self.backbone, x, rope, cache, self.backbone_names)  # (B, T, d)
+        if not self.experts:
+            return y_bb  # exactly the frozen backbone
+        a = self.gate_weights(x).to(x.dtype)  # (B, T, 1 + N)
+        y = a[..., :1] * y_bb
+        for j, (name, expert) in enumerate(self.experts.items(), start=1):
+            names = [f"{name}.{self.index}.{k}" for k in range(len(expert.layers))]
+            y = y + a[..., j : j + 1] * run_layers(expert.layers, x, rope, cache, names)
+        return y
+
+
+class MoDEModel(nn.Module):
+    """The frozen backbone cut into MoDE blocks, with any set of experts beside it."""
+
+    def __init__(self, backbone: Decoder, layout: MoDELayout, experts: dict[str, Expert] | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.layout = layout
+        self.ranges = layout.block_ranges(backbone.cfg.n_layers)
+        self.set_experts(experts or {})
+
+    def set_experts(self, experts: dict[str, Expert]) -> None:
+        """Swap the experts present; the backbone stays as it is."""
+        for name, expert in experts.items():
+            if len(expert.blocks) != len(self.ranges):
+                raise ValueError(f"expert {name!r} has {len(expert.blocks)} blocks, the model {len(self.ranges)}")
+        self.experts = nn.ModuleDict(experts)
+        # The blocks only regroup modules registered above (backbone, experts), so they are kept out of the module
+        # tree: registering them too would list every parameter twice in state_dict().
+        self._blocks = [
+            MoDEBlock(i, start, self.backbone.layers[start:end], {n: e.blocks[i] for n, e in experts.items()})
+            for i, (start, end) in enumerate(self.ranges)
+        ]
+
+    @property
+    def blocks(self) -> list[MoDEBlock]:
+        return self._blocks
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = self.backbone.embed_tokens(idx)  # (B, T, d)
+        for block in self._blocks:
+            x = block(x, self.backbone.rope, cache)
+        if cache is not None:
+            cache.pos += idx.shape[1]
+        return self.backbone.head(x)  # (B, T, V)

