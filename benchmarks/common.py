@@ -33,7 +33,11 @@ def median(xs: list[float]) -> float:
 def machine() -> dict:
     import os
 
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+    }
 
 
 def write(name: str, data: dict, markdown: str) -> None:

@@ -1,2 +1,3 @@
 """mode-edge: Modular Domain Experts for on-device language models."""
+
 __version__ = "0.1.0"

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from mode_edge.errors import UserError
+from mode_edge.files import require_absent
 
 BASE_HELP = "Backbone: 'smollm2' (built in), 'tiny' (tests), a Hugging Face checkpoint folder or a .gguf file."
 
@@ -71,7 +72,9 @@ def data():
 
 
 @data.command("prepare")
-@click.option("--domain", required=True, help="code (Python stdlib), math (mathematics-dataset) or english (KJV Bible).")
+@click.option(
+    "--domain", required=True, help="code (Python stdlib), math (mathematics-dataset) or english (KJV Bible)."
+)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to create.")
 @click.option("--limit", type=int, default=None, help="Keep at most this many documents (a small slice).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
@@ -92,23 +95,33 @@ def train():
 @train.command("expert")
 @click.option("--base", default="smollm2", show_default=True, help=BASE_HELP)
 @click.option("--domain", required=True, help="Name of the expert (usually its domain).")
-@click.option("--data", type=click.Path(path_type=Path), required=True, help="Corpus folder (prepared, or .txt/.jsonl files).")
+@click.option(
+    "--data", type=click.Path(path_type=Path), required=True, help="Corpus folder (prepared, or .txt/.jsonl files)."
+)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder to create.")
 @click.option("--blocks", type=int, default=3, show_default=True, help="MoDE blocks the backbone is cut into.")
 @click.option("--expert-layers", type=int, default=2, show_default=True, help="Expert layers per block.")
-@click.option("--init", type=click.Choice(["copy", "random"]), default="copy", show_default=True,
-              help="Expert layers start as copies of the block's last backbone layers, or random.")
+@click.option(
+    "--init",
+    type=click.Choice(["copy", "random"]),
+    default="copy",
+    show_default=True,
+    help="Expert layers start as copies of the block's last backbone layers, or random.",
+)
 @train_options
 def train_expert_cmd(base, domain, data, out, blocks, expert_layers, init, **train_kw):
     """Train one domain expert beside the frozen backbone; saves only the expert's layers and gate rows."""
     from mode_edge.config import MoDELayout
+    from mode_edge.training.data import load_corpus
     from mode_edge.training.train_expert import check_name, train_expert
 
     cfg = make_train_config(**train_kw)
     layout = MoDELayout(n_blocks=blocks, expert_layers=expert_layers, init=init)
     check_name(domain)
+    require_absent(out)
+    corpus = load_corpus(data)  # fail on bad data before the backbone's load
     backbone = load_base(base)
-    record = train_expert(backbone, domain, data, out, layout, cfg)
+    record = train_expert(backbone, domain, corpus, out, layout, cfg)
     click.echo(f"expert {domain}: {record['tokens']} tokens in {record['wall_s']:.0f}s "
                f"({record['tokens_per_s']:.0f} tok/s) -> {out}")  # fmt: skip
 
@@ -123,13 +136,16 @@ def train_expert_cmd(base, domain, data, out, blocks, expert_layers, init, **tra
 def train_compose_cmd(base, experts, data, out, freeze_experts, **train_kw):
     """Compose trained experts and fine-tune the gate (and, by default, the experts) on mixed data."""
     from mode_edge.training.compose import compose
+    from mode_edge.training.data import load_corpus
 
     cfg = make_train_config(**train_kw)
     expert_runs = csv_paths(experts)
     if not expert_runs:
         raise UserError("--experts needs at least one expert run folder")
+    require_absent(out)
+    corpora = [load_corpus(d) for d in csv_paths(data)]
     backbone = load_base(base or base_of(expert_runs[0]))
-    record = compose(backbone, expert_runs, csv_paths(data), out, cfg, freeze_experts)
+    record = compose(backbone, expert_runs, corpora, out, cfg, freeze_experts)
     click.echo(f"composed: {record['tokens']} tokens in {record['wall_s']:.0f}s -> {out}")
 
 
@@ -151,41 +167,35 @@ def load_base(spec: str):
 @click.option("--model", "run", type=click.Path(path_type=Path), default=None, help="Run folder (expert or composed).")
 @click.option("--base", default=None, help=BASE_HELP + " Default: the run's base.")
 @click.option("--data", required=True, help="Comma-separated corpus folders, one per domain.")
-@click.option("--experts", default=None, help="Subset of the run's experts, comma-separated; 'none' for the bare backbone.")
+@click.option(
+    "--experts", default=None, help="Subset of the run's experts, comma-separated; 'none' for the bare backbone."
+)
 @click.option("--split", type=click.Choice(["test", "validation"]), default="test", show_default=True)
 @click.option("--max-tokens", type=int, default=8192, show_default=True, help="Held-out tokens per domain.")
 @click.option("--seq-len", type=int, default=256, show_default=True)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
 def eval_cmd(run, base, data, experts, split, max_tokens, seq_len, json_out):
     """Next-token accuracy and perplexity per domain on the held-out split."""
-    from mode_edge.training.evaluate import build_model, evaluate
+    from mode_edge.training.data import load_corpus
+    from mode_edge.training.evaluate import build_model, evaluate, print_scores
 
     if run is None and base is None:
         raise UserError("pass --model RUN (a trained run) or --base B (to evaluate the bare backbone)")
     subset = None if experts is None else [] if experts == "none" else [e for e in experts.split(",") if e]
+    corpora = [load_corpus(d) for d in csv_paths(data)]  # fail on bad data before the backbone's load
     backbone = load_base(base or base_of(run))
     model, names = build_model(backbone, run, subset)
-    results = evaluate(backbone, model, csv_paths(data), seq_len=seq_len, max_tokens=max_tokens, split=split)
-    report = {"model": str(run) if run else None, "base": backbone.spec, "experts": names, "split": split, "domains": results}
+    results = evaluate(backbone, model, corpora, seq_len=seq_len, max_tokens=max_tokens, split=split)
+    report = {
+        "model": str(run) if run else None,
+        "base": backbone.spec,
+        "experts": names,
+        "split": split,
+        "domains": results,
+    }
     print_scores({("+".join(names) or "backbone"): results})
     if json_out:
         Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
-
-
-def print_scores(rows: dict[str, dict[str, dict]]) -> None:
-    """One table: a row per model, accuracy (and perplexity) per domain."""
-    from rich.table import Table
-
-    from mode_edge.progress import console
-
-    domains = list(dict.fromkeys(d for r in rows.values() for d in r))
-    table = Table(title="next-token accuracy % (perplexity)")
-    table.add_column("model")
-    for d in domains:
-        table.add_column(d, justify="right")
-    for name, r in rows.items():
-        table.add_row(name, *(f"{r[d]['accuracy']:.2f} ({r[d]['perplexity']:.2f})" if d in r else "-" for d in domains))
-    console.print(table)
 
 
 @main.command("demo")

@@ -82,8 +82,7 @@ class MoDELayout:
         if n_layers % self.n_blocks:
             divisors = [d for d in range(1, n_layers + 1) if n_layers % d == 0]
             raise UserError(
-                f"--blocks {self.n_blocks} does not divide the backbone's {n_layers} layers; "
-                f"choose one of {divisors}"
+                f"--blocks {self.n_blocks} does not divide the backbone's {n_layers} layers; choose one of {divisors}"
             )
         per_block = n_layers // self.n_blocks
         if self.init == "copy" and self.expert_layers > per_block:

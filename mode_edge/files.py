@@ -19,6 +19,11 @@ def partial_path(out: Path) -> Path:
     return out.with_name(f".{out.name}.partial")
 
 
+def require_absent(out: Path) -> None:
+    if Path(out).exists():
+        raise UserError(f"{out} already exists; choose another --out or remove it first")
+
+
 @contextlib.contextmanager
 def atomic_dir(out: Path, *, overwrite: bool = False, keep_partial_on_error: bool = False) -> Iterator[Path]:
     """Yield a work folder that becomes `out` only if the block completes.
@@ -27,8 +32,8 @@ def atomic_dir(out: Path, *, overwrite: bool = False, keep_partial_on_error: boo
     removed, so nothing half-written is left behind.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; choose another --out or remove it first")
+    if not overwrite:
+        require_absent(out)
     work = partial_path(out)
     resuming = work.exists()
     work.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True)
+"""Progress and status go to stderr."""
+results_console = Console()
+"""Tables of results go to stdout, so they can be piped."""
 
 
 @contextlib.contextmanager
@@ -30,7 +33,9 @@ def training_progress(label: str, total: int, start: int = 0) -> Iterator[Callab
             state["step"] += 1
             if state["step"] % every == 0 or state["step"] == total:
                 elapsed = time.perf_counter() - state["t0"]
-                console.print(f"{label}: step {state['step']}/{total}  loss {loss:.4f}  {tokens_per_s:.0f} tok/s  {elapsed:.0f}s")
+                console.print(
+                    f"{label}: step {state['step']}/{total}  loss {loss:.4f}  {tokens_per_s:.0f} tok/s  {elapsed:.0f}s"
+                )
 
         yield log
         return

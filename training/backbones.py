@@ -68,7 +68,8 @@ def smollm2_dir() -> Path:
 def _hf_decoder_config(hf) -> DecoderConfig:
     if hf.model_type not in SUPPORTED_MODEL_TYPES:
         raise UserError(
-            f"backbone type {hf.model_type!r} is not supported; use a Llama-family decoder ({', '.join(SUPPORTED_MODEL_TYPES)})"
+            f"backbone type {hf.model_type!r} is not supported; "
+            f"use a Llama-family decoder ({', '.join(SUPPORTED_MODEL_TYPES)})"
         )
     rope = getattr(hf, "rope_parameters", None) or {}
     rope_type = rope.get("rope_type", "default")
@@ -100,7 +101,9 @@ def decoder_from_hf(hf_model) -> Decoder:
         state.pop("lm_head.weight", None)
     missing, unexpected = decoder.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise UserError(f"checkpoint does not match a Llama-family decoder: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise UserError(
+            f"checkpoint does not match a Llama-family decoder: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     return decoder
 
 
@@ -118,7 +121,9 @@ def _load_hf(directory: Path, gguf_file: str | None) -> tuple[Decoder, TextToken
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"could not load a checkpoint from {directory / (gguf_file or '')}: {e}".strip()) from None
     decoder = decoder_from_hf(hf_model)
-    eos = hf_tok.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in hf_tok.get_vocab() else hf_tok.eos_token_id
+    eos = (
+        hf_tok.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in hf_tok.get_vocab() else hf_tok.eos_token_id
+    )
     return decoder, TextTokenizer(hf_tok.backend_tokenizer, eos_id=int(eos))
 
 

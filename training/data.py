@@ -27,7 +27,9 @@ SPLITS = ("train", "validation", "test")
 def prepare(domain: str, out: Path, limit: int | None = None, overwrite: bool = False) -> dict:
     """Build the corpus of a built-in domain into `out` (atomically); returns its dataset.json content."""
     if domain not in SOURCES:
-        raise UserError(f"unknown domain {domain!r}; choose one of {', '.join(SOURCES)} (or pass your own folder as --data)")
+        raise UserError(
+            f"unknown domain {domain!r}; choose one of {', '.join(SOURCES)} (or pass your own folder as --data)"
+        )
     if limit is not None and limit < 20:
         raise UserError(f"--limit {limit} is too small to give every split a document; use at least 20")
     source = SOURCES[domain]
@@ -74,9 +76,11 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, str]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError:
-                raise UserError(f"{path}:{n} is not valid JSON; each line must be an object with a 'text' field") from None
+                raise UserError(
+                    f"{path}:{n} is not valid JSON; each line must be an object with a 'text' field"
+                ) from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise UserError(f"{path}:{n} has no string 'text' field; each line must look like {{\"text\": \"...\"}}")
+                raise UserError(f'{path}:{n} has no string \'text\' field; each line must look like {{"text": "..."}}')
             yield str(obj.get("id", f"{path.name}:{n}")), obj["text"]
 
 
@@ -84,7 +88,9 @@ def load_corpus(path: str | Path) -> Corpus:
     """Read a prepared corpus or a user's folder of .txt / .jsonl files."""
     path = Path(path)
     if not path.is_dir():
-        raise UserError(f"data folder {path} does not exist; run `mode-edge data prepare --domain NAME --out {path}` first")
+        raise UserError(
+            f"data folder {path} does not exist; run `mode-edge data prepare --domain NAME --out {path}` first"
+        )
     if all((path / f"{s}.jsonl").is_file() for s in SPLITS):
         meta = json.loads((path / "dataset.json").read_text()) if (path / "dataset.json").is_file() else {}
         docs = {s: list(_read_jsonl(path / f"{s}.jsonl")) for s in SPLITS}
@@ -93,7 +99,11 @@ def load_corpus(path: str | Path) -> Corpus:
         found: dict[str, tuple[str, str]] = {}
         for file in sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file()):
             rel = str(file.relative_to(path))
-            items = _read_jsonl(file) if file.suffix == ".jsonl" else [(rel, file.read_text(encoding="utf-8", errors="replace"))]
+            items = (
+                _read_jsonl(file)
+                if file.suffix == ".jsonl"
+                else [(rel, file.read_text(encoding="utf-8", errors="replace"))]
+            )
             for doc_id, text in items:
                 if text.strip():
                     found[f"{rel}/{doc_id}"] = (doc_id, text)
@@ -101,8 +111,14 @@ def load_corpus(path: str | Path) -> Corpus:
         docs = {s: [doc for key, doc in found.items() if split[key] == s] for s in SPLITS}
         name = path.name
     if not docs["train"] and not docs["test"]:
-        raise UserError(f"data folder {path} holds no documents; add .txt or .jsonl files, or run `mode-edge data prepare`")
+        raise UserError(
+            f"data folder {path} holds no documents; add .txt or .jsonl files, or run `mode-edge data prepare`"
+        )
     return Corpus(name=name, path=path, docs=docs)
+
+
+def as_corpus(data: "Corpus | str | Path") -> Corpus:
+    return data if isinstance(data, Corpus) else load_corpus(data)
 
 
 def require_split(corpus: Corpus, split: str) -> list[tuple[str, str]]:
@@ -156,5 +172,7 @@ def eval_windows(docs: list[tuple[str, str]], tokenizer: TextTokenizer, seq_len:
             break
     n_windows = min(len(buffer) // n, max(1, max_tokens // seq_len))
     if n_windows == 0:
-        raise UserError(f"the held-out split has only {len(buffer)} tokens, fewer than one window of {n}; lower --seq-len")
+        raise UserError(
+            f"the held-out split has only {len(buffer)} tokens, fewer than one window of {n}; lower --seq-len"
+        )
     return torch.tensor(buffer[: n_windows * n], dtype=torch.long).view(n_windows, n)

@@ -13,7 +13,7 @@ from mode_edge.progress import console
 from mode_edge.training.backbones import load_backbone
 from mode_edge.training.compose import compose
 from mode_edge.training.data import prepare
-from mode_edge.training.evaluate import build_model, evaluate
+from mode_edge.training.evaluate import build_model, evaluate, print_scores
 from mode_edge.training.train_expert import train_expert
 
 TARGETS = ("code", "math")
@@ -31,9 +31,9 @@ class DemoSettings:
 
 FULL = DemoSettings(
     doc_limit={"code": None, "math": 1200, "english": None},
-    expert=TrainConfig(steps=80, batch_size=4, seq_len=256, warmup_steps=8, checkpoint_every=20),
+    expert=TrainConfig(steps=110, batch_size=4, seq_len=256, warmup_steps=10, checkpoint_every=20),
     compose=TrainConfig(steps=30, batch_size=4, seq_len=256, warmup_steps=3, checkpoint_every=10),
-    eval_tokens=4096,
+    eval_tokens=8192,
 )
 QUICK = DemoSettings(
     doc_limit={"code": 120, "math": 120, "english": 120},
@@ -59,7 +59,11 @@ def run_demo(out: Path, quick: bool = False, base: str = "smollm2") -> dict:
 
     data = {d: out / "data" / d for d in DOMAINS}
     for d in DOMAINS:
-        step(f"data {d}", (data[d] / "dataset.json").exists(), lambda d=d: prepare(d, data[d], limit=settings.doc_limit[d]))
+        step(
+            f"data {d}",
+            (data[d] / "dataset.json").exists(),
+            lambda d=d: prepare(d, data[d], limit=settings.doc_limit[d]),
+        )
     with console.status(f"loading backbone {base}"):
         t = time.perf_counter()
         backbone = load_backbone(base)
@@ -70,8 +74,12 @@ def run_demo(out: Path, quick: bool = False, base: str = "smollm2") -> dict:
         step(f"train expert {d}", (experts[d] / "model.json").exists(),
              lambda d=d: train_expert(backbone, d, data[d], experts[d], layout, settings.expert))  # fmt: skip
     composed = out / "composed"
-    step("compose", (composed / "model.json").exists(),
-         lambda: compose(backbone, list(experts.values()), [data[d] for d in TARGETS], composed, settings.compose, False))  # fmt: skip
+    target_data = [data[d] for d in TARGETS]
+    step(
+        "compose",
+        (composed / "model.json").exists(),
+        lambda: compose(backbone, list(experts.values()), target_data, composed, settings.compose, False),
+    )
 
     rows = {}
     t = time.perf_counter()
@@ -82,11 +90,18 @@ def run_demo(out: Path, quick: bool = False, base: str = "smollm2") -> dict:
     timings["eval"] = round(time.perf_counter() - t, 1)
     timings["total"] = round(time.perf_counter() - t0, 1)
 
-    from mode_edge.cli import print_scores
-
     print_scores(rows)
-    expert_tps = {d: json.loads((experts[d] / "experts" / d / "expert.json").read_text())["training"]["tokens_per_s"] for d in TARGETS}
-    report = {"base": backbone.spec, "quick": quick, "rows": rows, "timings_s": timings, "expert_tokens_per_s": expert_tps}
+    expert_tps = {
+        d: json.loads((experts[d] / "experts" / d / "expert.json").read_text())["training"]["tokens_per_s"]
+        for d in TARGETS
+    }
+    report = {
+        "base": backbone.spec,
+        "quick": quick,
+        "rows": rows,
+        "timings_s": timings,
+        "expert_tokens_per_s": expert_tps,
+    }
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     console.print(f"demo finished in {timings['total']:.0f}s; results in {out / 'results.json'}")
     return report

@@ -10,10 +10,12 @@ import torch.nn.functional as F
 
 from mode_edge.config import MoDELayout
 from mode_edge.errors import UserError
-from mode_edge.progress import task_progress
+from rich.table import Table
+
+from mode_edge.progress import results_console, task_progress
 from mode_edge.training import runs
 from mode_edge.training.backbones import Backbone
-from mode_edge.training.data import eval_windows, load_corpus, require_split
+from mode_edge.training.data import Corpus, as_corpus, eval_windows, require_split
 from mode_edge.training.model import MoDEModel
 
 
@@ -47,14 +49,31 @@ def build_model(backbone: Backbone, run: Path | None, experts: list[str] | None)
 
 
 def evaluate(
-    backbone: Backbone, model: MoDEModel, data: list[Path], seq_len: int = 256, max_tokens: int = 8192, split: str = "test"
+    backbone: Backbone,
+    model: MoDEModel,
+    data: list[Corpus | Path],
+    seq_len: int = 256,
+    max_tokens: int = 8192,
+    split: str = "test",
 ) -> dict[str, dict]:
     """Scores per domain, keyed by the corpus name."""
     results = {}
     for path in data:
-        corpus = load_corpus(path)
+        corpus = as_corpus(path)
         if corpus.name in results:
             raise UserError(f"two --data folders are both named {corpus.name!r}; evaluate each domain once")
         windows = eval_windows(require_split(corpus, split), backbone.tokenizer, seq_len, max_tokens)
         results[corpus.name] = score(model, windows, label=f"eval {corpus.name}")
     return results
+
+
+def print_scores(rows: dict[str, dict[str, dict]]) -> None:
+    """One table: a row per model, accuracy (and perplexity) per domain."""
+    domains = list(dict.fromkeys(d for r in rows.values() for d in r))
+    table = Table(title="next-token accuracy % (perplexity)")
+    table.add_column("model")
+    for d in domains:
+        table.add_column(d, justify="right")
+    for name, r in rows.items():
+        table.add_row(name, *(f"{r[d]['accuracy']:.2f} ({r[d]['perplexity']:.2f})" if d in r else "-" for d in domains))
+    results_console.print(table)

@@ -217,8 +217,8 @@ class Expert(nn.Module):
 class MoDEBlock(nn.Module):
     """One MoDE block: the backbone slice and the experts read the same input x; a softmax gate mixes them.
 
-        [a_bb, a_1 .. a_N] = softmax([0, g_1(x) .. g_N(x)])
-        y = a_bb * f_bb(x) + sum_j a_j * f_j(x)
+    [a_bb, a_1 .. a_N] = softmax([0, g_1(x) .. g_N(x)])
+    y = a_bb * f_bb(x) + sum_j a_j * f_j(x)
     """
 
     def __init__(self, index: int, first_layer: int, backbone: nn.ModuleList, experts: dict[str, ExpertBlock]):

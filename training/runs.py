@@ -33,7 +33,9 @@ class LoadedExpert:
     meta: dict
 
 
-def save_expert(folder: Path, name: str, expert: Expert, layout: MoDELayout, backbone: Backbone, training: dict) -> None:
+def save_expert(
+    folder: Path, name: str, expert: Expert, layout: MoDELayout, backbone: Backbone, training: dict
+) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in expert.state_dict().items()}
     save_file(tensors, str(folder / "expert.safetensors"))
@@ -96,7 +98,9 @@ def load_expert(folder: Path, backbone: Backbone) -> LoadedExpert:
     try:
         tensors = load_file(str(folder / "expert.safetensors"))
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{folder}/expert.safetensors is unreadable or corrupt ({e}); restore or retrain the expert") from None
+        raise UserError(
+            f"{folder}/expert.safetensors is unreadable or corrupt ({e}); restore or retrain the expert"
+        ) from None
     expert = Expert.empty(backbone.decoder.cfg, layout)
     try:
         expert.load_state_dict(tensors, strict=True)

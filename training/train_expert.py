@@ -10,11 +10,11 @@ from pathlib import Path
 
 from mode_edge.config import MoDELayout, TrainConfig
 from mode_edge.errors import UserError
-from mode_edge.files import atomic_dir, partial_path
+from mode_edge.files import atomic_dir, partial_path, require_absent
 from mode_edge.progress import console
 from mode_edge.training import runs, trainer
 from mode_edge.training.backbones import Backbone
-from mode_edge.training.data import TokenStream, load_corpus, require_split
+from mode_edge.training.data import Corpus, TokenStream, as_corpus, require_split
 from mode_edge.training.model import Expert, MoDEModel
 
 
@@ -24,26 +24,33 @@ def check_name(name: str) -> str:
     return name
 
 
-def train_expert(backbone: Backbone, name: str, data: Path, out: Path, layout: MoDELayout, cfg: TrainConfig) -> dict:
-    """Train expert `name` on the corpus in `data`; writes the run folder `out` and returns its training record."""
+def train_expert(
+    backbone: Backbone, name: str, data: Corpus | Path, out: Path, layout: MoDELayout, cfg: TrainConfig
+) -> dict:
+    """Train expert `name` on corpus `data` (or its folder); writes run folder `out`, returns the training record."""
     check_name(name)
     out = Path(out)
-    if out.exists():
-        raise UserError(f"{out} already exists; choose another --out or remove it first")
+    require_absent(out)
     layout.check_backbone(backbone.decoder.cfg.n_layers)
-    corpus = load_corpus(data)
+    corpus = as_corpus(data)
     docs = require_split(corpus, "train")
     expert = Expert.init_from(backbone.decoder, layout, seed=cfg.seed)
     model = MoDEModel(backbone.decoder, layout, {name: expert})
     batches = TokenStream(docs, backbone.tokenizer, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
-    signature = {"stage": "expert", "name": name, "base": backbone.fingerprint(layout), "layout": layout.to_dict(),
-                 "train": cfg.to_dict(), "data": str(Path(data).resolve())}  # fmt: skip
+    data_path = str(corpus.path.resolve())
+    signature = {
+        "stage": "expert",
+        "name": name,
+        "base": backbone.fingerprint(layout),
+        "layout": layout.to_dict(),
+        "train": cfg.to_dict(),
+        "data": data_path,
+    }
     if partial_path(out).exists():
         console.print(f"resuming the interrupted run in {partial_path(out)}")
     with atomic_dir(out, keep_partial_on_error=True) as work:
         result = trainer.train(model, {name: expert}, batches, cfg, work, signature=signature, label=f"expert {name}")
-        training = {"stage": "expert", "data": [str(Path(data).resolve())], "domain": corpus.name, "config": cfg.to_dict(),
-                    **{k: result[k] for k in ("tokens", "wall_s", "tokens_per_s")}}  # fmt: skip
+        training = trainer.training_record("expert", [data_path], cfg, result, domain=corpus.name)
         runs.save_expert(work / "experts" / name, name, expert, layout, backbone, training)
         runs.save_model_record(work, "expert", backbone, layout, [name], {"history": {name: result["history"]}})
         trainer.clear_state(work)

@@ -61,7 +61,9 @@ def param_groups(trainable: dict[str, torch.nn.Module], cfg: TrainConfig, train_
 
 def _save_state(state_dir: Path, trainable, optimizer, step: int, history: list, signature: dict) -> None:
     state_dir.mkdir(exist_ok=True)
-    tensors = {f"model.{p}.{k}": v.detach().cpu().contiguous() for p, m in trainable.items() for k, v in m.state_dict().items()}
+    tensors = {
+        f"model.{p}.{k}": v.detach().cpu().contiguous() for p, m in trainable.items() for k, v in m.state_dict().items()
+    }
     for i, s in optimizer.state_dict()["state"].items():
         for k, v in s.items():
             tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
@@ -142,10 +144,21 @@ def train(
     for m in trainable.values():
         m.eval().requires_grad_(False)
     model.to("cpu")
-    return {"history": history, "tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / max(wall, 1e-9), 1)}
+    return {
+        "history": history,
+        "tokens": tokens,
+        "wall_s": round(wall, 2),
+        "tokens_per_s": round(tokens / max(wall, 1e-9), 1),
+    }
 
 
 def clear_state(work: Path) -> None:
     import shutil
 
     shutil.rmtree(work / STATE_DIR, ignore_errors=True)
+
+
+def training_record(stage: str, data: list[str], cfg: TrainConfig, result: dict, **extra) -> dict:
+    """What a run records of how it was trained (the loss history goes to model.json)."""
+    throughput = {k: result[k] for k in ("tokens", "wall_s", "tokens_per_s")}
+    return {"stage": stage, **extra, "data": data, "config": cfg.to_dict(), **throughput}

@@ -136,7 +136,11 @@ def test_eval_reports_accuracy_and_perplexity_per_domain(expert_runs, tiny, code
 
 def test_an_expert_from_another_base_is_refused(expert_runs, tiny):
     other = Backbone("tiny-seed1", tiny_decoder(seed=1), tiny.tokenizer, weights_sha256(tiny_decoder(seed=1)))
-    with pytest.raises(UserError, match=r"trained on base 'tiny' \(fingerprint [0-9a-f]{16}\), but the loaded base 'tiny-seed1' has fingerprint [0-9a-f]{16}"):
+    with pytest.raises(
+        UserError,
+        match=r"trained on base 'tiny' \(fingerprint [0-9a-f]{16}\), "
+        r"but the loaded base 'tiny-seed1' has fingerprint [0-9a-f]{16}",
+    ):
         runs.load_run_experts(expert_runs / "code", other)
 
 
