@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/train_efficiency.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -47,11 +47,13 @@ def train_options(f):
         click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per micro-batch."),
         click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per sequence."),
         click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step."),
-        click.option("--lr", type=float, default=2e-4, show_default=True, help="Peak learning rate of expert layers."),
+        click.option("--lr", type=float, default=2e-4, show_default=True,
+                     help="Peak learning rate of the weights that learn."),
         click.option("--gate-lr", type=float, default=5e-3, show_default=True, help="Peak learning rate of gate rows."),
         click.option("--warmup-steps", type=int, default=20, show_default=True, help="Linear warm-up steps."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for initialisation and data order."),
-        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                     help="Where to train: cpu, or cuda where a GPU is present."),
         click.option("--checkpoint-every", type=int, default=50, show_default=True,
                      help="Steps between resumable checkpoints; an interrupted run resumes when rerun."),
     ]  # fmt: skip
@@ -89,7 +91,7 @@ def data_prepare(domain: str, out: Path, limit: int | None, overwrite: bool):
 
 @main.group(cls=Group)
 def train():
-    """Train experts (stage 1) and compose them (stage 2)."""
+    """Train experts (stage 1), compose them (stage 2), and the baselines (full-ft, lora)."""
 
 
 @train.command("expert")
@@ -149,6 +151,45 @@ def train_compose_cmd(base, experts, data, out, freeze_experts, **train_kw):
     click.echo(f"composed: {record['tokens']} tokens in {record['wall_s']:.0f}s -> {out}")
 
 
+@train.command("full-ft")
+@click.option("--base", default="smollm2", show_default=True, help=BASE_HELP)
+@click.option("--data", required=True, help="Comma-separated corpus folders; batches mix them evenly.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder to create.")
+@train_options
+def train_full_ft_cmd(base, data, out, **train_kw):
+    """Baseline: fine-tune every backbone weight (on a copy) on the mixed data."""
+    from mode_edge.training.baselines import train_full_ft
+    from mode_edge.training.data import load_corpus
+
+    cfg = make_train_config(**train_kw)
+    require_absent(out)
+    corpora = [load_corpus(d) for d in csv_paths(data)]
+    record = train_full_ft(load_base(base), corpora, out, cfg)
+    click.echo(f"full-ft: {record['tokens']} tokens in {record['wall_s']:.0f}s -> {out}")
+
+
+@train.command("lora")
+@click.option("--base", default="smollm2", show_default=True, help=BASE_HELP)
+@click.option("--data", required=True, help="Comma-separated corpus folders; batches mix them evenly.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder to create.")
+@click.option("--rank", type=int, default=16, show_default=True, help="Adapter rank.")
+@click.option("--alpha", type=float, default=32.0, show_default=True, help="Adapter scale numerator (alpha / rank).")
+@click.option("--targets", default="q_proj,k_proj,v_proj,o_proj", show_default=True,
+              help="Linear layers that get adapters (attention only by default, as in the paper).")  # fmt: skip
+@train_options
+def train_lora_cmd(base, data, out, rank, alpha, targets, **train_kw):
+    """Baseline: LoRA adapters (peft) on the frozen backbone, trained on the mixed data."""
+    from mode_edge.training.baselines import LoraSettings, train_lora
+    from mode_edge.training.data import load_corpus
+
+    cfg = make_train_config(**train_kw)
+    settings = LoraSettings(rank, alpha, tuple(t for t in targets.split(",") if t))
+    require_absent(out)
+    corpora = [load_corpus(d) for d in csv_paths(data)]
+    record = train_lora(load_base(base), corpora, out, cfg, settings)
+    click.echo(f"lora: {record['trainable_parameters']} trainable parameters, {record['tokens']} tokens -> {out}")
+
+
 def base_of(run: Path) -> str:
     from mode_edge.training.runs import read_model_record
 
@@ -184,18 +225,34 @@ def eval_cmd(run, base, data, experts, split, max_tokens, seq_len, json_out):
     subset = None if experts is None else [] if experts == "none" else [e for e in experts.split(",") if e]
     corpora = [load_corpus(d) for d in csv_paths(data)]  # fail on bad data before the backbone's load
     backbone = load_base(base or base_of(run))
-    model, names = build_model(backbone, run, subset)
+    model, names, label = build_model(backbone, run, subset)
     results = evaluate(backbone, model, corpora, seq_len=seq_len, max_tokens=max_tokens, split=split)
     report = {
         "model": str(run) if run else None,
+        "label": label,
         "base": backbone.spec,
         "experts": names,
         "split": split,
         "domains": results,
     }
-    print_scores({("+".join(names) or "backbone"): results})
+    print_scores({label: results})
     if json_out:
         Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+@main.command("reproduce")
+@click.option("--base", default="smollm2", show_default=True, help=BASE_HELP)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for data, runs, table and plots.")
+@click.option("--preset", type=click.Choice(["tiny", "quick", "paper"]), default="quick", show_default=True,
+              help="Data size and token budget: tiny (tests), quick (minutes), paper (hours on a CPU).")  # fmt: skip
+@click.option("--sweep", is_flag=True, help="Also MoDE at 1 and 4 expert layers per block, LoRA at ranks 8/64/512.")
+def reproduce_cmd(base, out, preset, sweep):
+    """The paper's comparison on our data: backbone, full fine-tuning, LoRA, MoDE experts and compositions, with
+    the same token budget each. Writes OUT/table.md, OUT/table.csv and OUT/plots/*.png; a rerun skips finished rows."""
+    from mode_edge.training.reproduce import reproduce
+
+    reproduce(load_base(base), out, preset, sweep)
+    click.echo((Path(out) / "table.md").read_text())
 
 
 @main.command("demo")

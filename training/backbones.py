@@ -7,19 +7,21 @@ Llama-family decoder, or a `.gguf` file. Everything is read from local disk; not
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from mode_edge.training.model import Decoder
 
 from mode_edge.config import DecoderConfig, MoDELayout
 from mode_edge.errors import UserError
 from mode_edge.tokenizer import TextTokenizer, byte_tokenizer
-from mode_edge.training.model import Decoder
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -37,12 +39,14 @@ class Backbone:
     tokenizer: TextTokenizer
     weights_sha256: str
 
-    def fingerprint(self, layout: MoDELayout) -> str:
-        """Hash of backbone weights + architecture + block layout + tokenizer: what an expert is bound to."""
+    def fingerprint(self, layout: MoDELayout | None) -> str:
+        """Hash of backbone weights + architecture + block layout + tokenizer: what an expert is bound to.
+        Baselines (full fine-tuning, LoRA) have no block layout and pass None."""
         h = hashlib.sha256()
         h.update(self.weights_sha256.encode())
         h.update(json.dumps(self.decoder.cfg.to_dict(), sort_keys=True).encode())
-        h.update(json.dumps(layout.block_ranges(self.decoder.cfg.n_layers)).encode())
+        if layout is not None:
+            h.update(json.dumps(layout.block_ranges(self.decoder.cfg.n_layers)).encode())
         h.update(self.tokenizer.fingerprint().encode())
         return h.hexdigest()
 
@@ -109,7 +113,6 @@ def decoder_from_hf(hf_model) -> Decoder:
 
 def _load_hf(directory: Path, gguf_file: str | None) -> tuple[Decoder, TextTokenizer]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub, even by accident
-    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF reader has its own bar; we show one spinner
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -117,7 +120,10 @@ def _load_hf(directory: Path, gguf_file: str | None) -> tuple[Decoder, TextToken
     hf_logging.disable_progress_bar()
     try:
         hf_tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
-        hf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+        # transformers' GGUF reader draws a tqdm bar of its own that no setting turns off once tqdm is imported;
+        # the CLI shows one spinner for the whole load instead
+        with contextlib.redirect_stderr(io.StringIO()):
+            hf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"could not load a checkpoint from {directory / (gguf_file or '')}: {e}".strip()) from None
     decoder = decoder_from_hf(hf_model)

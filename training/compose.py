@@ -7,26 +7,15 @@ best, frozen ones more sample-efficient when mixed data is scarce). The backbone
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
-import torch
+from mode_edge.training import runs, trainer
+from mode_edge.training.backbones import Backbone
+from mode_edge.training.data import Corpus, as_corpus, mixed_batches
+from mode_edge.training.model import MoDEModel
 
 from mode_edge.config import TrainConfig
 from mode_edge.errors import UserError
-from mode_edge.files import atomic_dir, partial_path, require_absent
-from mode_edge.progress import console
-from mode_edge.training import runs, trainer
-from mode_edge.training.backbones import Backbone
-from mode_edge.training.data import Corpus, TokenStream, as_corpus, require_split
-from mode_edge.training.model import MoDEModel
-
-
-def mixed_batches(streams: list[TokenStream], batch_size: int) -> Iterator[torch.Tensor]:
-    """Every batch holds rows of every domain in turn, so each step sees the mixture."""
-    while True:
-        rows = torch.cat([next(s) for s in streams])  # (n_domains * per_domain, T+1)
-        order = torch.arange(len(rows)).view(len(streams), -1).t().flatten()  # interleave domains
-        yield rows[order][:batch_size]
+from mode_edge.files import require_absent
 
 
 def compose(
@@ -46,11 +35,6 @@ def compose(
     loaded = [e for run in expert_runs for e in runs.load_run_experts(run, backbone)]
     layout = runs.check_same_blocks(loaded)
     corpora = [as_corpus(d) for d in data]
-    docs = [require_split(c, "train") for c in corpora]
-    per_domain = -(-cfg.batch_size // len(docs))
-    streams = [
-        TokenStream(d, backbone.tokenizer, per_domain, cfg.seq_len, seed=cfg.seed + i) for i, d in enumerate(docs)
-    ]
     experts = {e.name: e.expert for e in loaded}
     model = MoDEModel(backbone.decoder, layout, experts)
     data_paths = [str(c.path.resolve()) for c in corpora]
@@ -62,20 +46,17 @@ def compose(
         "train": cfg.to_dict(),
         "data": data_paths,
     }
-    if partial_path(out).exists():
-        console.print(f"resuming the interrupted run in {partial_path(out)}")
-    with atomic_dir(out, keep_partial_on_error=True) as work:
-        batches = mixed_batches(streams, cfg.batch_size)
-        label = f"compose {'+'.join(experts)}"
-        result = trainer.train(
-            model, experts, batches, cfg, work, train_layers=not freeze_experts, signature=signature, label=label
-        )
+    params = trainer.named_params(experts, keep=trainer.is_gate if freeze_experts else lambda name: True)
+    batches = mixed_batches(corpora, backbone.tokenizer, cfg)
+
+    def save(work: Path, result: dict) -> None:
         training = trainer.training_record("compose", data_paths, cfg, result, freeze_experts=freeze_experts)
         for e in loaded:
             record = {"expert_stage": e.meta["training"], "compose_stage": training}
             runs.save_expert(work / "experts" / e.name, e.name, e.expert, e.layout, backbone, record)
-        runs.save_model_record(
-            work, "composed", backbone, layout, list(experts), {"history": {"compose": result["history"]}}
-        )
-        trainer.clear_state(work)
-    return training
+        extra = {"training": training, "history": {"compose": result["history"]}}
+        runs.save_model_record(work, "composed", backbone, layout, list(experts), extra)
+
+    label = f"compose {'+'.join(experts)}"
+    result = trainer.train_into(out, model, params, batches, cfg, signature=signature, label=label, save=save)
+    return trainer.training_record("compose", data_paths, cfg, result, freeze_experts=freeze_experts)

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from mode_edge.training.sources import SOURCES, assign_splits
 
+from mode_edge.config import TrainConfig
 from mode_edge.errors import UserError
 from mode_edge.files import atomic_dir, write_json
 from mode_edge.tokenizer import TextTokenizer
-from mode_edge.training.sources import SOURCES, assign_splits
 
 SPLITS = ("train", "validation", "test")
 
@@ -158,6 +159,23 @@ class TokenStream:
         rows = [self.buffer[i * n : (i + 1) * n] for i in range(self.batch_size)]
         del self.buffer[: self.batch_size * n]
         return torch.tensor(rows, dtype=torch.long)  # (B, T+1)
+
+
+def mixed_batches(corpora: list[Corpus], tokenizer: TextTokenizer, cfg: TrainConfig) -> Iterator[torch.Tensor]:
+    """Training batches that hold rows of every corpus in turn, so each step sees the whole mixture."""
+    per_corpus = -(-cfg.batch_size // len(corpora))
+    streams = [
+        TokenStream(require_split(c, "train"), tokenizer, per_corpus, cfg.seq_len, seed=cfg.seed + i)
+        for i, c in enumerate(corpora)
+    ]
+    return _interleave(streams, cfg.batch_size)
+
+
+def _interleave(streams: list[TokenStream], batch_size: int) -> Iterator[torch.Tensor]:
+    while True:
+        rows = torch.cat([next(s) for s in streams])  # (n_corpora * per_corpus, T+1)
+        order = torch.arange(len(rows)).view(len(streams), -1).t().flatten()  # interleave the corpora
+        yield rows[order][:batch_size]
 
 
 def eval_windows(docs: list[tuple[str, str]], tokenizer: TextTokenizer, seq_len: int, max_tokens: int) -> torch.Tensor:

@@ -8,13 +8,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mode_edge.config import MoDELayout, TrainConfig
-from mode_edge.progress import console
 from mode_edge.training.backbones import load_backbone
 from mode_edge.training.compose import compose
 from mode_edge.training.data import prepare
 from mode_edge.training.evaluate import build_model, evaluate, print_scores
 from mode_edge.training.train_expert import train_expert
+
+from mode_edge.config import MoDELayout, TrainConfig
+from mode_edge.progress import console
 
 TARGETS = ("code", "math")
 DOMAINS = ("code", "math", "english")
@@ -85,7 +86,7 @@ def run_demo(out: Path, quick: bool = False, base: str = "smollm2") -> dict:
     t = time.perf_counter()
     for label, run, subset in [("backbone", None, []), *[(f"expert {d}", experts[d], None) for d in TARGETS],
                                ("composed " + "+".join(TARGETS), composed, None)]:  # fmt: skip
-        model, _ = build_model(backbone, run, subset)
+        model, _, _ = build_model(backbone, run, subset)
         rows[label] = evaluate(backbone, model, [data[d] for d in DOMAINS], max_tokens=settings.eval_tokens)
     timings["eval"] = round(time.perf_counter() - t, 1)
     timings["total"] = round(time.perf_counter() - t0, 1)

@@ -7,16 +7,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-from mode_edge.config import MoDELayout
-from mode_edge.errors import UserError
-from rich.table import Table
-
-from mode_edge.progress import results_console, task_progress
 from mode_edge.training import runs
 from mode_edge.training.backbones import Backbone
 from mode_edge.training.data import Corpus, as_corpus, eval_windows, require_split
 from mode_edge.training.model import MoDEModel
+from rich.table import Table
+
+from mode_edge.config import MoDELayout
+from mode_edge.errors import UserError
+from mode_edge.progress import results_console, task_progress
 
 
 @torch.no_grad()
@@ -37,15 +36,27 @@ def score(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8, la
     return {"accuracy": 100.0 * correct / count, "perplexity": math.exp(loss), "loss": loss, "tokens": count}
 
 
-def build_model(backbone: Backbone, run: Path | None, experts: list[str] | None) -> tuple[MoDEModel, list[str]]:
-    """The model to evaluate: a run's experts (all, a subset, or none: the bare backbone)."""
-    if run is None or experts == []:
-        if run is not None:
-            runs.read_model_record(run)
-        return MoDEModel(backbone.decoder, MoDELayout(n_blocks=1, expert_layers=1)), []  # a single plain block
+BASELINES = ("full-ft", "lora")
+
+
+def build_model(
+    backbone: Backbone, run: Path | None, experts: list[str] | None
+) -> tuple[torch.nn.Module, list[str], str]:
+    """The model to evaluate, its experts and a label: a run's experts (all, a subset, or none: the bare backbone),
+    or a baseline run's fine-tuned model."""
+    record = runs.read_model_record(run) if run is not None else None
+    if record is not None and record["kind"] in BASELINES:
+        if experts is not None:
+            raise UserError(f"--experts applies to MoDE runs; {run} is a {record['kind']} run")
+        from mode_edge.training.baselines import load_baseline
+
+        return load_baseline(run, record, backbone), [], record["kind"]
+    if record is None or experts == []:
+        return MoDEModel(backbone.decoder, MoDELayout(n_blocks=1, expert_layers=1)), [], "backbone"  # one plain block
     loaded = runs.load_run_experts(run, backbone, experts)
     layout = runs.check_same_blocks(loaded)
-    return MoDEModel(backbone.decoder, layout, {e.name: e.expert for e in loaded}), [e.name for e in loaded]
+    names = [e.name for e in loaded]
+    return MoDEModel(backbone.decoder, layout, {e.name: e.expert for e in loaded}), names, "+".join(names)
 
 
 def evaluate(

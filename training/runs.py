@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from mode_edge.training.backbones import Backbone
+from mode_edge.training.model import Expert
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mode_edge.config import MoDELayout
 from mode_edge.errors import UserError
 from mode_edge.files import read_json, write_json
-from mode_edge.training.backbones import Backbone
-from mode_edge.training.model import Expert
 
 EXPERT_FORMAT, MODEL_FORMAT, FORMAT_VERSION = "mode-edge-expert", "mode-edge-model", 1
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mode_edge.config import MoDELayout, TrainConfig
-from mode_edge.errors import UserError
-from mode_edge.files import atomic_dir, partial_path, require_absent
-from mode_edge.progress import console
 from mode_edge.training import runs, trainer
 from mode_edge.training.backbones import Backbone
 from mode_edge.training.data import Corpus, TokenStream, as_corpus, require_split
 from mode_edge.training.model import Expert, MoDEModel
+
+from mode_edge.config import MoDELayout, TrainConfig
+from mode_edge.errors import UserError
+from mode_edge.files import require_absent
 
 
 def check_name(name: str) -> str:
@@ -46,12 +46,15 @@ def train_expert(
         "train": cfg.to_dict(),
         "data": data_path,
     }
-    if partial_path(out).exists():
-        console.print(f"resuming the interrupted run in {partial_path(out)}")
-    with atomic_dir(out, keep_partial_on_error=True) as work:
-        result = trainer.train(model, {name: expert}, batches, cfg, work, signature=signature, label=f"expert {name}")
+    params = trainer.named_params({name: expert})
+
+    def save(work: Path, result: dict) -> None:
         training = trainer.training_record("expert", [data_path], cfg, result, domain=corpus.name)
         runs.save_expert(work / "experts" / name, name, expert, layout, backbone, training)
-        runs.save_model_record(work, "expert", backbone, layout, [name], {"history": {name: result["history"]}})
-        trainer.clear_state(work)
-    return training
+        extra = {"training": training, "history": {name: result["history"]}}
+        runs.save_model_record(work, "expert", backbone, layout, [name], extra)
+
+    result = trainer.train_into(
+        out, model, params, batches, cfg, signature=signature, label=f"expert {name}", save=save
+    )
+    return trainer.training_record("expert", [data_path], cfg, result, domain=corpus.name)

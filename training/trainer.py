@@ -1,17 +1,18 @@
-"""The training loop shared by expert training and composition.
+"""The training loop shared by MoDE expert training, composition and the baselines (full fine-tuning, LoRA).
 
 AdamW with linear warm-up and cosine decay, gradient accumulation, gradient clipping, and resumable checkpoints: the
 trainable tensors and the optimizer moments go to safetensors (never pickle), the step and loss history to JSON.
-Only the modules handed in as trainable learn; the backbone is frozen and never written.
+Only the parameters handed in learn; everything else (the frozen backbone above all) is never written.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from mode_edge.config import TrainConfig
 from mode_edge.errors import UserError
-from mode_edge.files import write_json
-from mode_edge.progress import training_progress
-from mode_edge.training.model import MoDEModel
+from mode_edge.files import atomic_dir, partial_path, write_json
+from mode_edge.memory import PeakRSS
+from mode_edge.progress import console, training_progress
 
 STATE_DIR = "train_state"
 
@@ -34,36 +35,26 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def param_groups(trainable: dict[str, torch.nn.Module], cfg: TrainConfig, train_layers: bool) -> list[dict]:
-    """Gate rows get their own fast learning rate; layer matrices get weight decay; norms and biases do not."""
-    gates, decay, no_decay = [], [], []
-    for module in trainable.values():
-        for name, p in module.named_parameters():
-            if ".gate." in f".{name}":
-                gates.append(p)
-            elif not train_layers:
-                continue
-            elif p.ndim >= 2:
-                decay.append(p)
-            else:
-                no_decay.append(p)
-    groups = [{"params": gates, "lr": cfg.gate_lr, "weight_decay": 0.0, "base_lr": cfg.gate_lr}]
-    if train_layers:
-        groups += [
-            {"params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
-            {"params": no_decay, "lr": cfg.lr, "weight_decay": 0.0, "base_lr": cfg.lr},
-        ]
-    for group in groups:
-        for p in group["params"]:
-            p.requires_grad_(True)
-    return groups
+def is_gate(name: str) -> bool:
+    return ".gate." in f".{name}"
 
 
-def _save_state(state_dir: Path, trainable, optimizer, step: int, history: list, signature: dict) -> None:
+def param_groups(params: dict[str, torch.nn.Parameter], cfg: TrainConfig) -> list[dict]:
+    """Gate rows get their own fast learning rate; matrices get weight decay; norms and biases do not."""
+    gates = [p for n, p in params.items() if is_gate(n)]
+    decay = [p for n, p in params.items() if not is_gate(n) and p.ndim >= 2]
+    no_decay = [p for n, p in params.items() if not is_gate(n) and p.ndim < 2]
+    groups = [
+        {"params": gates, "lr": cfg.gate_lr, "weight_decay": 0.0, "base_lr": cfg.gate_lr},
+        {"params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
+        {"params": no_decay, "lr": cfg.lr, "weight_decay": 0.0, "base_lr": cfg.lr},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _save_state(state_dir: Path, params, optimizer, step: int, history: list, signature: dict) -> None:
     state_dir.mkdir(exist_ok=True)
-    tensors = {
-        f"model.{p}.{k}": v.detach().cpu().contiguous() for p, m in trainable.items() for k, v in m.state_dict().items()
-    }
+    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in params.items()}
     for i, s in optimizer.state_dict()["state"].items():
         for k, v in s.items():
             tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
@@ -72,7 +63,7 @@ def _save_state(state_dir: Path, trainable, optimizer, step: int, history: list,
     write_json(state_dir / "state.json", {"step": step, "history": history, "signature": signature})
 
 
-def _load_state(state_dir: Path, trainable, optimizer, signature: dict) -> tuple[int, list]:
+def _load_state(state_dir: Path, params, optimizer, signature: dict) -> tuple[int, list]:
     meta = json.loads((state_dir / "state.json").read_text())
     if meta["signature"] != signature:
         raise UserError(
@@ -80,9 +71,9 @@ def _load_state(state_dir: Path, trainable, optimizer, signature: dict) -> tuple
             f"to resume it, or delete that folder to start afresh"
         )
     tensors = load_file(str(state_dir / "state.safetensors"))
-    for prefix, module in trainable.items():
-        sub = {k[len(f"model.{prefix}.") :]: v for k, v in tensors.items() if k.startswith(f"model.{prefix}.")}
-        module.load_state_dict(sub, strict=True)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"param.{n}"])
     opt_state = optimizer.state_dict()
     for key, v in tensors.items():
         if key.startswith("opt."):
@@ -93,34 +84,31 @@ def _load_state(state_dir: Path, trainable, optimizer, signature: dict) -> tuple
 
 
 def train(
-    model: MoDEModel,
-    trainable: dict[str, torch.nn.Module],
+    model: torch.nn.Module,
+    params: dict[str, torch.nn.Parameter],
     batches: Iterator[torch.Tensor],
     cfg: TrainConfig,
     work: Path,
     *,
-    train_layers: bool = True,
     signature: dict,
     label: str,
 ) -> dict:
-    """Train `trainable` (expert modules by name) inside `model`; returns the loss history and throughput."""
+    """Train the named `params` of `model` (a token-ids -> logits module); returns loss history and throughput."""
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but this torch has no CUDA device; use --device cpu")
     model.to(device)
-    groups = param_groups(trainable, cfg, train_layers)
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
+    for p in params.values():
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(param_groups(params, cfg), betas=(0.9, 0.95), eps=1e-8)
     state_dir = work / STATE_DIR
     step, history = 0, []
     if (state_dir / "state.json").exists():
-        step, history = _load_state(state_dir, trainable, optimizer, signature)
+        step, history = _load_state(state_dir, params, optimizer, signature)
         for _ in range(step * cfg.grad_accum):  # replay the deterministic data order up to the checkpoint
             next(batches)
-    params = [p for g in groups for p in g["params"]]
-    for m in trainable.values():
-        m.train()
     tokens, t0 = 0, time.perf_counter()
-    with training_progress(label, cfg.steps, start=step) as advance:
+    with PeakRSS() as memory, training_progress(label, cfg.steps, start=step) as advance:
         while step < cfg.steps:
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(step, cfg)
@@ -132,33 +120,55 @@ def train(
                 (loss / cfg.grad_accum).backward()
                 total += loss.item() / cfg.grad_accum
                 tokens += batch[:, 1:].numel()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             history.append(round(total, 5))
             advance(loss=total, tokens_per_s=tokens / (time.perf_counter() - t0))
             if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                _save_state(state_dir, trainable, optimizer, step, history, signature)
+                _save_state(state_dir, params, optimizer, step, history, signature)
     wall = time.perf_counter() - t0
-    for m in trainable.values():
-        m.eval().requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(False)
     model.to("cpu")
     return {
         "history": history,
         "tokens": tokens,
         "wall_s": round(wall, 2),
         "tokens_per_s": round(tokens / max(wall, 1e-9), 1),
+        "peak_rss_mb": round(memory.peak_mb, 1),
     }
 
 
-def clear_state(work: Path) -> None:
-    import shutil
-
-    shutil.rmtree(work / STATE_DIR, ignore_errors=True)
+def train_into(
+    out: Path,
+    model: torch.nn.Module,
+    params: dict[str, torch.nn.Parameter],
+    batches: Iterator[torch.Tensor],
+    cfg: TrainConfig,
+    *,
+    signature: dict,
+    label: str,
+    save: Callable[[Path, dict], None],
+) -> dict:
+    """Train, then let `save(work, result)` write the run, which appears as `out` only when complete. An interrupted
+    run keeps its checkpoint in the hidden partial folder, and the same call with the same settings resumes it."""
+    if partial_path(out).exists():
+        console.print(f"resuming the interrupted run in {partial_path(out)}")
+    with atomic_dir(out, keep_partial_on_error=True) as work:
+        result = train(model, params, batches, cfg, work, signature=signature, label=label)
+        save(work, result)
+        shutil.rmtree(work / STATE_DIR, ignore_errors=True)  # absent when no checkpoint was due
+    return result
 
 
 def training_record(stage: str, data: list[str], cfg: TrainConfig, result: dict, **extra) -> dict:
     """What a run records of how it was trained (the loss history goes to model.json)."""
-    throughput = {k: result[k] for k in ("tokens", "wall_s", "tokens_per_s")}
+    throughput = {k: result[k] for k in ("tokens", "wall_s", "tokens_per_s", "peak_rss_mb")}
     return {"stage": stage, **extra, "data": data, "config": cfg.to_dict(), **throughput}
+
+
+def named_params(modules: dict[str, torch.nn.Module], keep=lambda name: True) -> dict[str, torch.nn.Parameter]:
+    """Parameters of several modules under `prefix.name`, optionally filtered by name."""
+    return {f"{prefix}.{n}": p for prefix, m in modules.items() for n, p in m.named_parameters() if keep(n)}

@@ -4,10 +4,6 @@ import json
 
 import pytest
 import torch
-from torch.testing import assert_close
-
-from mode_edge.config import MoDELayout, TrainConfig
-from mode_edge.errors import UserError
 from mode_edge.training import runs
 from mode_edge.training.backbones import Backbone, tiny_decoder, weights_sha256
 from mode_edge.training.compose import compose
@@ -15,6 +11,10 @@ from mode_edge.training.data import TokenStream, load_corpus
 from mode_edge.training.evaluate import build_model, evaluate
 from mode_edge.training.model import Expert, MoDEModel
 from mode_edge.training.train_expert import train_expert
+from torch.testing import assert_close
+
+from mode_edge.config import MoDELayout, TrainConfig
+from mode_edge.errors import UserError
 
 LAYOUT = MoDELayout(n_blocks=3, expert_layers=2)
 CFG = TrainConfig(steps=6, batch_size=2, seq_len=64, warmup_steps=1, lr=1e-3, checkpoint_every=2)
@@ -66,7 +66,7 @@ def test_training_moves_the_expert_and_lowers_the_loss(expert_runs, tiny, code_d
 def test_reloaded_expert_reproduces_the_trained_model(expert_runs, tiny, code_data):
     """A composition of one expert (loaded back from disk) equals that expert's single-expert model."""
     loaded = runs.load_run_experts(expert_runs / "code", tiny)[0]
-    model, names = build_model(tiny, expert_runs / "code", None)
+    model, names, _ = build_model(tiny, expert_runs / "code", None)
     single = MoDEModel(tiny.decoder, LAYOUT, {"code": loaded.expert})
     idx = next(TokenStream(load_corpus(code_data).docs["test"], tiny.tokenizer, 2, 32, seed=0))
     with torch.no_grad():
@@ -125,13 +125,13 @@ def test_compose_trains_gates_and_optionally_experts(expert_runs, tiny, code_dat
 
 
 def test_eval_reports_accuracy_and_perplexity_per_domain(expert_runs, tiny, code_data, prose_data):
-    model, _ = build_model(tiny, expert_runs / "code", None)
+    model, _, _ = build_model(tiny, expert_runs / "code", None)
     results = evaluate(tiny, model, [code_data, prose_data], seq_len=32, max_tokens=256)
     assert set(results) == {"code", "prose"}
     for r in results.values():
         assert 0 <= r["accuracy"] <= 100 and r["perplexity"] > 1 and r["tokens"] == 256
-    bare, names = build_model(tiny, expert_runs / "code", [])
-    assert names == [] and len(list(bare.experts.parameters())) == 0
+    bare, names, label = build_model(tiny, expert_runs / "code", [])
+    assert names == [] and label == "backbone" and len(list(bare.experts.parameters())) == 0
 
 
 def test_an_expert_from_another_base_is_refused(expert_runs, tiny):

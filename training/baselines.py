@@ -1,0 +1,153 @@
+"""The baselines MoDE is measured against, trained on the same mixed data with the same loop and schedule:
+
+- full fine-tuning: every backbone weight learns (on a copy; the loaded backbone is never written);
+- LoRA (peft): low-rank adapters on the attention projections (rank 16 by default, as in the paper).
+
+Run folders hold model.json (kind `full-ft` or `lora`) and the learned weights only: weights.safetensors for full
+fine-tuning, adapter.safetensors for LoRA.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mode_edge.training import trainer
+from mode_edge.training.backbones import Backbone
+from mode_edge.training.data import Corpus, as_corpus, mixed_batches
+from mode_edge.training.model import Decoder
+from mode_edge.training.runs import FORMAT_VERSION, MODEL_FORMAT
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mode_edge.config import TrainConfig
+from mode_edge.errors import UserError
+from mode_edge.files import require_absent, write_json
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+TARGETS = ATTENTION + ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapter shape."""
+
+    rank: int = 16
+    """Rank of each adapter."""
+    alpha: float = 32.0
+    """Scale numerator: the update is (alpha / rank) * B @ A."""
+    targets: tuple[str, ...] = ATTENTION
+    """Linear layers that get adapters: any of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj."""
+
+    def __post_init__(self):
+        if self.rank <= 0:
+            raise UserError(f"--rank must be positive, got {self.rank}")
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            raise UserError(f"--targets {','.join(unknown) or '(none)'} unknown; choose from {','.join(TARGETS)}")
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.targets), lora_dropout=0.0)
+
+
+def _record(work: Path, kind: str, backbone: Backbone, training: dict, history: list, **extra) -> None:
+    write_json(
+        work / "model.json",
+        {
+            "format": MODEL_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": kind,
+            "base": {"spec": backbone.spec, "fingerprint": backbone.fingerprint(None)},
+            "experts": [],
+            **extra,
+            "training": training,
+            "history": {kind: history},
+        },
+    )
+
+
+def _train_baseline(
+    kind: str, backbone: Backbone, model: Decoder, params: dict, data: list, out: Path, cfg: TrainConfig, save, **extra
+) -> dict:
+    out = Path(out)
+    require_absent(out)
+    if not data:
+        raise UserError("--data needs at least one corpus folder")
+    corpora: list[Corpus] = [as_corpus(d) for d in data]
+    batches = mixed_batches(corpora, backbone.tokenizer, cfg)
+    data_paths = [str(c.path.resolve()) for c in corpora]
+    signature = {"stage": kind, "base": backbone.fingerprint(None), "train": cfg.to_dict(), "data": data_paths, **extra}
+
+    def save_run(work: Path, result: dict) -> None:
+        save(work)
+        training = trainer.training_record(kind, data_paths, cfg, result, trainable_parameters=n_trainable)
+        _record(work, kind, backbone, training, result["history"], **extra)
+
+    n_trainable = sum(p.numel() for p in params.values())
+    result = trainer.train_into(out, model, params, batches, cfg, signature=signature, label=kind, save=save_run)
+    return trainer.training_record(kind, data_paths, cfg, result, trainable_parameters=n_trainable)
+
+
+def train_full_ft(backbone: Backbone, data: list[Corpus | Path], out: Path, cfg: TrainConfig) -> dict:
+    """Fine-tune every weight of a copy of the backbone on the mixed data."""
+    model = copy.deepcopy(backbone.decoder)
+    params = dict(model.named_parameters())
+
+    def save(work: Path) -> None:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(work / "weights.safetensors"))
+
+    return _train_baseline("full-ft", backbone, model, params, data, out, cfg, save)
+
+
+def lora_model(backbone: Backbone, settings: LoraSettings) -> Decoder:
+    """A copy of the backbone with (zero-initialised, so initially exact) LoRA adapters injected."""
+    from peft import inject_adapter_in_model
+
+    model = copy.deepcopy(backbone.decoder)
+    return inject_adapter_in_model(settings.peft_config(), model)
+
+
+def train_lora(
+    backbone: Backbone, data: list[Corpus | Path], out: Path, cfg: TrainConfig, settings: LoraSettings
+) -> dict:
+    from peft import get_peft_model_state_dict
+
+    model = lora_model(backbone, settings)
+    params = {n: p for n, p in model.named_parameters() if "lora_" in n}
+
+    def save(work: Path) -> None:
+        adapter = {k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
+        save_file(adapter, str(work / "adapter.safetensors"))
+
+    lora = {**asdict(settings), "targets": list(settings.targets)}
+    return _train_baseline("lora", backbone, model, params, data, out, cfg, save, lora=lora)
+
+
+def load_baseline(run: Path, record: dict, backbone: Backbone) -> Decoder:
+    """The trained model of a full-ft or lora run, checked against the loaded backbone."""
+    have, want = backbone.fingerprint(None), record["base"]["fingerprint"]
+    if have != want:
+        raise UserError(
+            f"{run} was trained on base {record['base']['spec']!r} (fingerprint {want[:16]}), but the loaded base "
+            f"{backbone.spec!r} has fingerprint {have[:16]}; pass the right --base"
+        )
+    name = "weights.safetensors" if record["kind"] == "full-ft" else "adapter.safetensors"
+    try:
+        tensors = load_file(str(Path(run) / name))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{Path(run) / name} is unreadable or corrupt ({e}); retrain the run") from None
+    if record["kind"] == "full-ft":
+        model = copy.deepcopy(backbone.decoder)
+        model.load_state_dict(tensors, strict=True)
+    else:
+        from peft import set_peft_model_state_dict
+
+        lora = record["lora"]
+        model = lora_model(backbone, LoraSettings(lora["rank"], lora["alpha"], tuple(lora["targets"])))
+        result = set_peft_model_state_dict(model, tensors)
+        if result.unexpected_keys:
+            raise UserError(f"{Path(run) / name} does not fit its LoRA settings; retrain the run")
+    return model.requires_grad_(False).eval()

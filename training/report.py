@@ -1,0 +1,101 @@
+"""The comparison's outputs: table.md, table.csv and plots/*.png (accuracy per domain and method, loss curves,
+and with --sweep accuracy against trainable parameters)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+COLUMNS = ["method", "total params", "trainable params", "code", "math", "english", "avg", "train s", "peak RSS MB"]
+
+
+def table_rows(results: list[dict]) -> list[list]:
+    rows = []
+    for r in results:
+        acc = [r["scores"][d]["accuracy"] for d in ("code", "math", "english")]
+        peak = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] else "-"
+        rows.append(
+            [r["row"], r["total_params"], r["trainable_params"], *acc, sum(acc) / 3, r["train_s"], peak]
+        )  # fmt: skip
+    return rows
+
+
+def write_report(out: Path, results: list[dict], preset_name: str, preset) -> None:
+    rows = table_rows(results)
+    tokens = preset.budget_steps * preset.batch_size * preset.seq_len
+    header = (
+        f"Preset `{preset_name}`: every trained method gets {tokens:,} training tokens "
+        f"({preset.budget_steps} steps x {preset.batch_size} x {preset.seq_len}; MoDE: {preset.expert_steps} steps "
+        f"per expert + {preset.compose_steps} composition steps). Peak learning rates {preset.lr}. Next-token "
+        f"accuracy % on {preset.eval_tokens:,} held-out tokens per domain; targets code + math, retention English."
+    )
+    lines = [header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        name, total, trainable, *acc, train_s, peak = row
+        cells = [name, f"{total / 1e6:.1f}M", f"{trainable / 1e6:.2f}M", *(f"{a:.2f}" for a in acc), f"{train_s:.0f}"]
+        lines.append("| " + " | ".join([*cells, peak]) + " |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    with open(out / "table.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        writer.writerows(rows)
+    plot(out / "plots", results)
+
+
+def plot(folder: Path, results: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    domains = ("code", "math", "english")
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(results)), 4))
+    width = 0.8 / len(domains)
+    for i, d in enumerate(domains):
+        xs = [j + (i - 1) * width for j in range(len(results))]
+        ax.bar(xs, [r["scores"][d]["accuracy"] for r in results], width, label=d)
+    ax.set_xticks(range(len(results)), [r["row"] for r in results], rotation=30, ha="right")
+    ax.set_ylabel("next-token accuracy %")
+    low = min(r["scores"][d]["accuracy"] for r in results for d in domains)
+    ax.set_ylim(max(0, low - 5), None)
+    ax.legend()
+    ax.set_title("held-out accuracy per domain and method")
+    fig.tight_layout()
+    fig.savefig(folder / "accuracy.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    seen = set()
+    for r in results:
+        for name, losses in r["history"].items():
+            if name not in seen and losses:
+                seen.add(name)
+                ax.plot(range(1, len(losses) + 1), losses, label=name, linewidth=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title("training loss per run")
+    if seen:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "loss.png", dpi=120)
+    plt.close(fig)
+
+    families = {"MoDE (2 experts)": "mode-composed", "LoRA": "lora"}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, method in families.items():
+        pts = sorted(
+            (r["trainable_params"], (r["scores"]["code"]["accuracy"] + r["scores"]["math"]["accuracy"]) / 2)
+            for r in results
+            if r["method"] == method and not r["row"].endswith("frozen")
+        )
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("target accuracy % (code, math mean)")
+    ax.set_title("scaling with trainable parameters")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "scaling.png", dpi=120)
+    plt.close(fig)

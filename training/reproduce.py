@@ -1,0 +1,184 @@
+"""`mode-edge reproduce`: the paper's comparison (DESIGN §1, Table 1) on our own data and backbone.
+
+Targets code + math, retention English. Rows: the bare backbone, full fine-tuning, LoRA, one MoDE expert per target
+domain, and the two experts composed with experts frozen and unfrozen; `--sweep` adds MoDE at 1 and 4 expert layers
+per block and LoRA at ranks 8, 64 and 512. Every trained method gets the same token budget: the MoDE composition's
+(two expert runs plus the composition run); the baselines spend it on the mixed target data. Fixed seeds. Each row
+writes its own folder with its evaluation, so a rerun skips finished rows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from mode_edge.training.backbones import Backbone
+from mode_edge.training.baselines import LoraSettings, train_full_ft, train_lora
+from mode_edge.training.compose import compose
+from mode_edge.training.data import load_corpus, prepare
+from mode_edge.training.evaluate import build_model, evaluate
+from mode_edge.training.runs import read_model_record
+from mode_edge.training.train_expert import train_expert
+
+from mode_edge.config import MoDELayout, TrainConfig
+from mode_edge.errors import UserError
+from mode_edge.progress import console
+
+TARGETS, RETENTION = ("code", "math"), "english"
+DOMAINS = (*TARGETS, RETENTION)
+
+
+@dataclass(frozen=True)
+class Preset:
+    doc_limit: int | None
+    """Documents per corpus (None: all)."""
+    expert_steps: int
+    compose_steps: int
+    batch_size: int
+    seq_len: int
+    eval_tokens: int
+    """Held-out tokens per domain."""
+    lr: dict
+    """Peak learning rate per method: experts copy backbone layers; full FT moves every weight; LoRA starts at 0."""
+
+    @property
+    def budget_steps(self) -> int:
+        """Optimizer steps of every trained method: MoDE's two expert runs plus its composition."""
+        return len(TARGETS) * self.expert_steps + self.compose_steps
+
+    def train_config(self, steps: int, lr: float) -> TrainConfig:
+        return TrainConfig(
+            steps=steps,
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+            lr=lr,
+            warmup_steps=max(1, steps // 10),
+            checkpoint_every=max(1, steps // 4),
+        )
+
+
+LR = {"mode": 2e-4, "full-ft": 5e-5, "lora": 5e-4}
+PRESETS = {
+    "tiny": Preset(doc_limit=40, expert_steps=3, compose_steps=2, batch_size=2, seq_len=32, eval_tokens=128, lr=LR),
+    "quick": Preset(
+        doc_limit=200, expert_steps=20, compose_steps=10, batch_size=4, seq_len=256, eval_tokens=4096, lr=LR
+    ),
+    "paper": Preset(
+        doc_limit=None, expert_steps=200, compose_steps=60, batch_size=4, seq_len=256, eval_tokens=16384, lr=LR
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    """Row label in the table, also the run folder's name."""
+    method: str
+    """backbone | full-ft | lora | mode-expert | mode-composed."""
+    option: object = None
+    """The LoRA rank, the expert's domain, or the composition's (freeze_experts, expert_layers)."""
+
+
+def rows(sweep: bool) -> list[Row]:
+    out = [Row("backbone", "backbone"), Row("full-ft", "full-ft"), Row("lora-r16", "lora", 16)]
+    out += [Row(f"mode-{d}", "mode-expert", (d, 2)) for d in TARGETS]
+    out += [Row("mode-2x-frozen", "mode-composed", (True, 2)), Row("mode-2x", "mode-composed", (False, 2))]
+    if sweep:
+        out += [Row(f"mode-2x-{k}layers", "mode-composed", (False, k)) for k in (1, 4)]
+        out += [Row(f"lora-r{r}", "lora", r) for r in (8, 64, 512)]
+    return out
+
+
+class Reproduction:
+    def __init__(self, backbone: Backbone, out: Path, preset: Preset):
+        self.backbone, self.out, self.preset = backbone, Path(out), preset
+        self.data = {d: self.out / "data" / d for d in DOMAINS}
+        self.runs = self.out / "runs"
+
+    def prepare_data(self) -> None:
+        for d in DOMAINS:
+            if not (self.data[d] / "dataset.json").exists():
+                prepare(d, self.data[d], limit=self.preset.doc_limit)
+        self.corpora = {d: load_corpus(self.data[d]) for d in DOMAINS}
+
+    def expert_run(self, domain: str, layers: int) -> Path:
+        """Stage-1 expert, shared by the single-expert row and the compositions of that size."""
+        run = self.runs / f"expert-{domain}-{layers}layers"
+        if not (run / "model.json").exists():
+            cfg = self.preset.train_config(self.preset.expert_steps, self.preset.lr["mode"])
+            per_block = self.backbone.decoder.cfg.n_layers // MoDELayout().n_blocks
+            layout = MoDELayout(expert_layers=layers, init="copy" if layers <= per_block else "random")
+            train_expert(self.backbone, domain, self.corpora[domain], run, layout, cfg)
+        return run
+
+    def train_row(self, row: Row) -> list[Path]:
+        """Train one row (unless done); returns the run folders that went into it, the final one last."""
+        p, targets = self.preset, [self.corpora[d] for d in TARGETS]
+        run = self.runs / row.name
+        if row.method == "backbone":
+            return []
+        if row.method == "mode-expert":
+            return [self.expert_run(*row.option)]
+        if row.method == "mode-composed":
+            freeze, layers = row.option
+            experts = [self.expert_run(d, layers) for d in TARGETS]
+            if not (run / "model.json").exists():
+                compose(self.backbone, experts, targets, run, p.train_config(p.compose_steps, p.lr["mode"]), freeze)
+            return [*experts, run]
+        if not (run / "model.json").exists():
+            cfg = p.train_config(p.budget_steps, p.lr[row.method])
+            if row.method == "full-ft":
+                train_full_ft(self.backbone, targets, run, cfg)
+            else:
+                train_lora(self.backbone, targets, run, cfg, LoraSettings(rank=row.option, alpha=2.0 * row.option))
+        return [run]
+
+    def result(self, row: Row) -> dict:
+        """Train and evaluate one row, unless done before: the result is cached in runs/NAME.eval.json."""
+        cache = self.runs / f"{row.name}.eval.json"
+        if cache.exists():
+            return json.loads(cache.read_text())
+        console.print(f"[bold]{row.name}[/bold]")
+        stages = self.train_row(row)
+        model, _, _ = build_model(self.backbone, stages[-1] if stages else None, None)
+        scores = evaluate(self.backbone, model, list(self.corpora.values()), max_tokens=self.preset.eval_tokens)
+        result = {"row": row.name, "method": row.method, "scores": scores, **costs(stages, model)}
+        self.runs.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(result, indent=2) + "\n")
+        return result
+
+
+def costs(stages: list[Path], model) -> dict:
+    """Parameters, training wall time summed over all stages, the largest peak RSS, and the loss histories."""
+    records = [read_model_record(run) for run in stages]
+    if not records:
+        trainable = 0
+    elif records[-1]["kind"] in ("full-ft", "lora"):
+        trainable = records[-1]["training"]["trainable_parameters"]
+    else:
+        final = stages[-1] / "experts"
+        trainable = sum(
+            json.loads((final / n / "expert.json").read_text())["parameters"] for n in records[-1]["experts"]
+        )
+    return {
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": trainable,
+        "train_s": round(sum(r["training"]["wall_s"] for r in records), 1),
+        "peak_rss_mb": max((r["training"]["peak_rss_mb"] for r in records), default=None),
+        "tokens": sum(r["training"]["tokens"] for r in records),
+        "history": {k: v for r in records for k, v in r["history"].items()},
+    }
+
+
+def reproduce(backbone: Backbone, out: Path, preset_name: str, sweep: bool) -> list[dict]:
+    if preset_name not in PRESETS:
+        raise UserError(f"unknown --preset {preset_name!r}; choose one of {', '.join(PRESETS)}")
+    preset = PRESETS[preset_name]
+    r = Reproduction(backbone, out, preset)
+    r.prepare_data()
+    results = [r.result(row) for row in rows(sweep)]
+    from mode_edge.training.report import write_report
+
+    write_report(Path(out), results, preset_name, preset)
+    return results
