@@ -5,8 +5,8 @@ Time: variants timed round-robin in one process on the same token batch (machine
   expert_step   a MoDE expert-training step (3x2 expert): forward, backward through the frozen backbone, AdamW
   full_ft_step  a full fine-tuning step on a copy of the backbone
   lora_step     a LoRA step (rank 16, attention), the paper's baseline
-Memory: each training variant runs alone in a fresh subprocess, reporting its peak RSS (ru_maxrss) and what the step
-added on top of the loaded backbone.
+Memory: each training variant runs alone in a fresh subprocess that samples its RSS while the variant sets up and
+runs two steps: the peak, and what training added on top of the loaded backbone.
 
 Usage: python benchmarks/train_efficiency.py [--base smollm2] [--batch-size 4] [--seq-len 256] [--repeats 5]
 Writes benchmarks/results/train_efficiency.{json,md}.
@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import psutil  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from common import interleaved, machine, median, write  # noqa: E402
@@ -32,6 +32,7 @@ from mode_edge.training.model import Expert, MoDEModel  # noqa: E402
 from mode_edge.training.trainer import named_params, param_groups  # noqa: E402
 
 from mode_edge.config import MoDELayout, TrainConfig  # noqa: E402
+from mode_edge.memory import PeakRSS  # noqa: E402
 
 TRAINING = ("expert_step", "full_ft_step", "lora_step")
 
@@ -62,19 +63,18 @@ def make_step(backbone, variant: str, batch: torch.Tensor):
     return step, sum(p.numel() for p in params.values())
 
 
-def rss_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def memory_probe(args) -> None:
-    """Child process: load, note the peak so far, run a few steps of one variant, report the new peak."""
+    """Child process: load, then sample RSS while one variant builds its optimizer and runs a few steps."""
     backbone = load_backbone(args.base)
     batch = make_batch(backbone, args)
-    loaded = rss_peak_mb()
-    step, _ = make_step(backbone, args.memory_probe, batch)
-    for _ in range(2):
-        step()
-    print(json.dumps({"loaded_mb": loaded, "peak_mb": rss_peak_mb()}))
+    import peft  # noqa: F401  (imported before the reading, so the LoRA variant is not charged for the module)
+
+    before = psutil.Process().memory_info().rss / 2**20
+    with PeakRSS(interval_s=0.01) as peak:
+        step, _ = make_step(backbone, args.memory_probe, batch)
+        for _ in range(2):
+            step()
+    print(json.dumps({"loaded_mb": before, "peak_mb": peak.peak_mb}))
 
 
 def make_batch(backbone, args) -> torch.Tensor:

@@ -40,14 +40,17 @@ def csv_paths(value: str) -> list[Path]:
     return [Path(v) for v in value.split(",") if v.strip()]
 
 
-def train_options(f):
-    """Options shared by every training command (mode_edge.config.TrainConfig)."""
+def train_options(method: str):
+    """Options shared by every training command (mode_edge.config.TrainConfig); the learning rate's default is the
+    method's own (DEFAULT_LR)."""
+    from mode_edge.config import DEFAULT_LR
+
     options = [
         click.option("--steps", type=int, default=200, show_default=True, help="Optimizer steps."),
         click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per micro-batch."),
         click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per sequence."),
         click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step."),
-        click.option("--lr", type=float, default=2e-4, show_default=True,
+        click.option("--lr", type=float, default=DEFAULT_LR[method], show_default=True,
                      help="Peak learning rate of the weights that learn."),
         click.option("--gate-lr", type=float, default=5e-3, show_default=True, help="Peak learning rate of gate rows."),
         click.option("--warmup-steps", type=int, default=20, show_default=True, help="Linear warm-up steps."),
@@ -57,9 +60,13 @@ def train_options(f):
         click.option("--checkpoint-every", type=int, default=50, show_default=True,
                      help="Steps between resumable checkpoints; an interrupted run resumes when rerun."),
     ]  # fmt: skip
-    for option in reversed(options):
-        f = option(f)
-    return f
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
 
 
 def make_train_config(**kw):
@@ -110,7 +117,7 @@ def train():
     show_default=True,
     help="Expert layers start as copies of the block's last backbone layers, or random.",
 )
-@train_options
+@train_options("mode")
 def train_expert_cmd(base, domain, data, out, blocks, expert_layers, init, **train_kw):
     """Train one domain expert beside the frozen backbone; saves only the expert's layers and gate rows."""
     from mode_edge.config import MoDELayout
@@ -134,7 +141,7 @@ def train_expert_cmd(base, domain, data, out, blocks, expert_layers, init, **tra
 @click.option("--data", required=True, help="Comma-separated corpus folders; batches mix them evenly.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder to create.")
 @click.option("--freeze-experts", is_flag=True, help="Train the gate rows only.")
-@train_options
+@train_options("mode")
 def train_compose_cmd(base, experts, data, out, freeze_experts, **train_kw):
     """Compose trained experts and fine-tune the gate (and, by default, the experts) on mixed data."""
     from mode_edge.training.compose import compose
@@ -155,7 +162,7 @@ def train_compose_cmd(base, experts, data, out, freeze_experts, **train_kw):
 @click.option("--base", default="smollm2", show_default=True, help=BASE_HELP)
 @click.option("--data", required=True, help="Comma-separated corpus folders; batches mix them evenly.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder to create.")
-@train_options
+@train_options("full-ft")
 def train_full_ft_cmd(base, data, out, **train_kw):
     """Baseline: fine-tune every backbone weight (on a copy) on the mixed data."""
     from mode_edge.training.baselines import train_full_ft
@@ -176,7 +183,7 @@ def train_full_ft_cmd(base, data, out, **train_kw):
 @click.option("--alpha", type=float, default=32.0, show_default=True, help="Adapter scale numerator (alpha / rank).")
 @click.option("--targets", default="q_proj,k_proj,v_proj,o_proj", show_default=True,
               help="Linear layers that get adapters (attention only by default, as in the paper).")  # fmt: skip
-@train_options
+@train_options("lora")
 def train_lora_cmd(base, data, out, rank, alpha, targets, **train_kw):
     """Baseline: LoRA adapters (peft) on the frozen backbone, trained on the mixed data."""
     from mode_edge.training.baselines import LoraSettings, train_lora
@@ -243,8 +250,13 @@ def eval_cmd(run, base, data, experts, split, max_tokens, seq_len, json_out):
 @main.command("reproduce")
 @click.option("--base", default="smollm2", show_default=True, help=BASE_HELP)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for data, runs, table and plots.")
-@click.option("--preset", type=click.Choice(["tiny", "quick", "paper"]), default="quick", show_default=True,
-              help="Data size and token budget: tiny (tests), quick (minutes), paper (hours on a CPU).")  # fmt: skip
+@click.option(
+    "--preset",
+    type=click.Choice(["tiny", "quick", "paper"]),
+    default="quick",
+    show_default=True,
+    help="Data and token budget: tiny (tests), quick (~20 min on 2 cores), paper (all data, ~1 h).",
+)
 @click.option("--sweep", is_flag=True, help="Also MoDE at 1 and 4 expert layers per block, LoRA at ranks 8/64/512.")
 def reproduce_cmd(base, out, preset, sweep):
     """The paper's comparison on our data: backbone, full fine-tuning, LoRA, MoDE experts and compositions, with

@@ -6,14 +6,26 @@ from dataclasses import asdict, dataclass, fields
 
 from mode_edge.errors import UserError
 
+DEFAULT_LR = {"mode": 1e-3, "full-ft": 5e-5, "lora": 5e-4}
+"""Peak learning rate per method. MoDE experts are small copies of backbone layers beside a frozen backbone and take
+a high rate (1e-3 reached in 30 steps what 2e-4 reached in 110 on SmolLM2 code); full fine-tuning moves every weight
+and forgets at high rates; LoRA's adapters start at zero."""
 
-def _from_dict(cls, data: dict):
-    known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in data.items() if k in known})
+
+class _Serialisable:
+    """JSON round trip: configs are recorded in every run and read back from it."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass(frozen=True)
-class DecoderConfig:
+class DecoderConfig(_Serialisable):
     """Architecture of a Llama-family decoder-only backbone."""
 
     vocab_size: int
@@ -50,15 +62,9 @@ class DecoderConfig:
                 f"DecoderConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
             )
 
-    to_dict = asdict
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "DecoderConfig":
-        return _from_dict(cls, data)
-
 
 @dataclass(frozen=True)
-class MoDELayout:
+class MoDELayout(_Serialisable):
     """How the frozen backbone is cut into MoDE blocks and how large each expert is."""
 
     n_blocks: int = 3
@@ -97,15 +103,9 @@ class MoDELayout:
         per_block = n_layers // self.n_blocks
         return [(i * per_block, (i + 1) * per_block) for i in range(self.n_blocks)]
 
-    to_dict = asdict
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "MoDELayout":
-        return _from_dict(cls, data)
-
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Serialisable):
     """Optimisation settings shared by expert training and composition."""
 
     steps: int = 200
@@ -116,8 +116,8 @@ class TrainConfig:
     """Tokens per sequence."""
     grad_accum: int = 1
     """Micro-batches accumulated into one optimizer step."""
-    lr: float = 2e-4
-    """Peak learning rate of the expert layers (AdamW)."""
+    lr: float = DEFAULT_LR["mode"]
+    """Peak learning rate (AdamW) of the weights that learn, gate rows aside."""
     gate_lr: float = 5e-3
     """Peak learning rate of the gate parameters; a few weights per block that must move fast."""
     weight_decay: float = 0.01
@@ -149,9 +149,3 @@ class TrainConfig:
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len * self.grad_accum
-
-    to_dict = asdict
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        return _from_dict(cls, data)

@@ -13,6 +13,7 @@ import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from mode_edge.training import trainer
 from mode_edge.training.backbones import Backbone
 from mode_edge.training.data import Corpus, as_corpus, mixed_batches
@@ -102,12 +103,21 @@ def train_full_ft(backbone: Backbone, data: list[Corpus | Path], out: Path, cfg:
     return _train_baseline("full-ft", backbone, model, params, data, out, cfg, save)
 
 
+def shared_decoder(decoder: Decoder) -> Decoder:
+    """A new module tree over the same (frozen) weight tensors: adapters can be injected into it without touching
+    the loaded backbone's modules, and without a second copy of the weights in memory."""
+    with torch.device("meta"):
+        model = Decoder(decoder.cfg)
+    model.load_state_dict(decoder.state_dict(), assign=True)
+    model.rope = decoder.rope  # its tables are buffers outside the state dict
+    return model.requires_grad_(False)
+
+
 def lora_model(backbone: Backbone, settings: LoraSettings) -> Decoder:
-    """A copy of the backbone with (zero-initialised, so initially exact) LoRA adapters injected."""
+    """The backbone with LoRA adapters injected (B starts at zero, so the model starts exactly as the backbone)."""
     from peft import inject_adapter_in_model
 
-    model = copy.deepcopy(backbone.decoder)
-    return inject_adapter_in_model(settings.peft_config(), model)
+    return inject_adapter_in_model(settings.peft_config(), shared_decoder(backbone.decoder))
 
 
 def train_lora(

@@ -4,24 +4,24 @@ Targets code + math, retention English. Rows: the bare backbone, full fine-tunin
 domain, and the two experts composed with experts frozen and unfrozen; `--sweep` adds MoDE at 1 and 4 expert layers
 per block and LoRA at ranks 8, 64 and 512. Every trained method gets the same token budget: the MoDE composition's
 (two expert runs plus the composition run); the baselines spend it on the mixed target data. Fixed seeds. Each row
-writes its own folder with its evaluation, so a rerun skips finished rows.
+writes its own folder with its evaluation, so a rerun skips finished rows. Each training runs as its own
+`mode-edge train` process, so the peak memory recorded for it is its own.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from mode_edge.training.backbones import Backbone
-from mode_edge.training.baselines import LoraSettings, train_full_ft, train_lora
-from mode_edge.training.compose import compose
 from mode_edge.training.data import load_corpus, prepare
 from mode_edge.training.evaluate import build_model, evaluate
 from mode_edge.training.runs import read_model_record
-from mode_edge.training.train_expert import train_expert
 
-from mode_edge.config import MoDELayout, TrainConfig
+from mode_edge.config import DEFAULT_LR, MoDELayout, TrainConfig
 from mode_edge.errors import UserError
 from mode_edge.progress import console
 
@@ -58,14 +58,15 @@ class Preset:
         )
 
 
-LR = {"mode": 2e-4, "full-ft": 5e-5, "lora": 5e-4}
 PRESETS = {
-    "tiny": Preset(doc_limit=40, expert_steps=3, compose_steps=2, batch_size=2, seq_len=32, eval_tokens=128, lr=LR),
+    "tiny": Preset(
+        doc_limit=40, expert_steps=3, compose_steps=2, batch_size=2, seq_len=32, eval_tokens=128, lr=DEFAULT_LR
+    ),
     "quick": Preset(
-        doc_limit=200, expert_steps=20, compose_steps=10, batch_size=4, seq_len=256, eval_tokens=4096, lr=LR
+        doc_limit=200, expert_steps=20, compose_steps=10, batch_size=4, seq_len=256, eval_tokens=4096, lr=DEFAULT_LR
     ),
     "paper": Preset(
-        doc_limit=None, expert_steps=200, compose_steps=60, batch_size=4, seq_len=256, eval_tokens=16384, lr=LR
+        doc_limit=None, expert_steps=100, compose_steps=30, batch_size=4, seq_len=256, eval_tokens=8192, lr=DEFAULT_LR
     ),
 }
 
@@ -102,19 +103,30 @@ class Reproduction:
                 prepare(d, self.data[d], limit=self.preset.doc_limit)
         self.corpora = {d: load_corpus(self.data[d]) for d in DOMAINS}
 
+    def train(self, command: list[str], out: Path, steps: int, lr: float) -> None:
+        """Run one training as its own `mode-edge train` process, so that its peak memory is its own."""
+        cfg = self.preset.train_config(steps, lr)
+        options = {"base": self.backbone.spec, "out": out, "steps": cfg.steps, "batch-size": cfg.batch_size,
+                   "seq-len": cfg.seq_len, "lr": cfg.lr, "warmup-steps": cfg.warmup_steps,
+                   "checkpoint-every": cfg.checkpoint_every, "seed": cfg.seed}  # fmt: skip
+        args = [str(a) for k, v in options.items() for a in (f"--{k}", v)]
+        proc = subprocess.run([sys.executable, "-m", "mode_edge.cli", "train", *command, *args])
+        if proc.returncode != 0:
+            raise UserError(f"`mode-edge train {command[0]}` for {out.name} failed (exit {proc.returncode}), see above")
+
     def expert_run(self, domain: str, layers: int) -> Path:
         """Stage-1 expert, shared by the single-expert row and the compositions of that size."""
         run = self.runs / f"expert-{domain}-{layers}layers"
         if not (run / "model.json").exists():
-            cfg = self.preset.train_config(self.preset.expert_steps, self.preset.lr["mode"])
             per_block = self.backbone.decoder.cfg.n_layers // MoDELayout().n_blocks
-            layout = MoDELayout(expert_layers=layers, init="copy" if layers <= per_block else "random")
-            train_expert(self.backbone, domain, self.corpora[domain], run, layout, cfg)
+            init = "copy" if layers <= per_block else "random"  # experts larger than a block's slice start random
+            command = ["expert", "--domain", domain, "--data", str(self.data[domain]), "--expert-layers", str(layers)]
+            self.train([*command, "--init", init], run, self.preset.expert_steps, self.preset.lr["mode"])
         return run
 
     def train_row(self, row: Row) -> list[Path]:
         """Train one row (unless done); returns the run folders that went into it, the final one last."""
-        p, targets = self.preset, [self.corpora[d] for d in TARGETS]
+        p, targets = self.preset, ",".join(str(self.data[d]) for d in TARGETS)
         run = self.runs / row.name
         if row.method == "backbone":
             return []
@@ -124,14 +136,14 @@ class Reproduction:
             freeze, layers = row.option
             experts = [self.expert_run(d, layers) for d in TARGETS]
             if not (run / "model.json").exists():
-                compose(self.backbone, experts, targets, run, p.train_config(p.compose_steps, p.lr["mode"]), freeze)
+                command = ["compose", "--experts", ",".join(map(str, experts)), "--data", targets]
+                self.train(command + ["--freeze-experts"] * freeze, run, p.compose_steps, p.lr["mode"])
             return [*experts, run]
         if not (run / "model.json").exists():
-            cfg = p.train_config(p.budget_steps, p.lr[row.method])
-            if row.method == "full-ft":
-                train_full_ft(self.backbone, targets, run, cfg)
-            else:
-                train_lora(self.backbone, targets, run, cfg, LoraSettings(rank=row.option, alpha=2.0 * row.option))
+            command = [row.method, "--data", targets]
+            if row.method == "lora":
+                command += ["--rank", str(row.option), "--alpha", str(2.0 * row.option)]
+            self.train(command, run, p.budget_steps, p.lr[row.method])
         return [run]
 
     def result(self, row: Row) -> dict:

@@ -35,7 +35,14 @@ def test_lora_trains_only_adapters(tiny, code_data, prose_data, tmp_path):
     idx = torch.randint(0, 257, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert_close(fresh(idx), tiny.decoder(idx))  # B starts at zero: the adapter starts as a no-op
+    assert (
+        fresh.layers[0].self_attn.q_proj.base_layer.weight.data_ptr()
+        == tiny.decoder.layers[0].self_attn.q_proj.weight.data_ptr()
+    )
+    before = weights_sha256(tiny.decoder)
     record = train_lora(tiny, [code_data, prose_data], tmp_path / "lora", CFG, settings)
+    assert weights_sha256(tiny.decoder) == before  # shared, frozen, never written
+    assert type(tiny.decoder.layers[0].self_attn.q_proj) is torch.nn.Linear  # the backbone's own modules untouched
     per_layer = sum(4 * (m.in_features + m.out_features) for m in tiny.decoder.layers[0].self_attn.children())
     assert record["trainable_parameters"] == per_layer * tiny.decoder.cfg.n_layers
     model, _, label = build_model(tiny, tmp_path / "lora", None)
