@@ -96,12 +96,12 @@ def data_prepare(domain: str, out: Path, limit: int | None, overwrite: bool):
     click.echo(f"{domain}: {sizes} -> {out}")
 
 
-@main.group(cls=Group)
+@main.group(cls=Group, short_help="Train experts, compositions and baselines.")
 def train():
     """Train experts (stage 1), compose them (stage 2), and the baselines (full-ft, lora)."""
 
 
-@train.command("expert")
+@train.command("expert", short_help="Stage 1: train one domain expert.")
 @click.option("--base", default="smollm2", show_default=True, help=BASE_HELP)
 @click.option("--domain", required=True, help="Name of the expert (usually its domain).")
 @click.option(
@@ -135,7 +135,7 @@ def train_expert_cmd(base, domain, data, out, blocks, expert_layers, init, **tra
                f"({record['tokens_per_s']:.0f} tok/s) -> {out}")  # fmt: skip
 
 
-@train.command("compose")
+@train.command("compose", short_help="Stage 2: compose experts, train the gate.")
 @click.option("--base", default=None, help=BASE_HELP + " Default: the base the first expert was trained on.")
 @click.option("--experts", required=True, help="Comma-separated run folders of trained experts.")
 @click.option("--data", required=True, help="Comma-separated corpus folders; batches mix them evenly.")
@@ -158,7 +158,7 @@ def train_compose_cmd(base, experts, data, out, freeze_experts, **train_kw):
     click.echo(f"composed: {record['tokens']} tokens in {record['wall_s']:.0f}s -> {out}")
 
 
-@train.command("full-ft")
+@train.command("full-ft", short_help="Baseline: full fine-tuning.")
 @click.option("--base", default="smollm2", show_default=True, help=BASE_HELP)
 @click.option("--data", required=True, help="Comma-separated corpus folders; batches mix them evenly.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder to create.")
@@ -175,7 +175,7 @@ def train_full_ft_cmd(base, data, out, **train_kw):
     click.echo(f"full-ft: {record['tokens']} tokens in {record['wall_s']:.0f}s -> {out}")
 
 
-@train.command("lora")
+@train.command("lora", short_help="Baseline: LoRA adapters (peft).")
 @click.option("--base", default="smollm2", show_default=True, help=BASE_HELP)
 @click.option("--data", required=True, help="Comma-separated corpus folders; batches mix them evenly.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder to create.")
@@ -211,7 +211,7 @@ def load_base(spec: str):
         return load_backbone(spec)
 
 
-@main.command("eval")
+@main.command("eval", short_help="Held-out accuracy and perplexity per domain.")
 @click.option("--model", "run", type=click.Path(path_type=Path), default=None, help="Run folder (expert or composed).")
 @click.option("--base", default=None, help=BASE_HELP + " Default: the run's base.")
 @click.option("--data", required=True, help="Comma-separated corpus folders, one per domain.")
@@ -247,7 +247,7 @@ def eval_cmd(run, base, data, experts, split, max_tokens, seq_len, json_out):
         Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
 
 
-@main.command("reproduce")
+@main.command("reproduce", short_help="Compare MoDE with full fine-tuning and LoRA.")
 @click.option("--base", default="smollm2", show_default=True, help=BASE_HELP)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for data, runs, table and plots.")
 @click.option(
@@ -267,7 +267,7 @@ def reproduce_cmd(base, out, preset, sweep):
     click.echo((Path(out) / "table.md").read_text())
 
 
-@main.command("demo")
+@main.command("demo", short_help="Run the whole pipeline on the built-in backbone.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True)
 @click.option("--quick", is_flag=True, help="A small slice and few steps: the whole pipeline in about 3 minutes.")
 @click.option("--base", default="smollm2", show_default=True, help=BASE_HELP)

@@ -19,7 +19,7 @@ from mode_edge.training.sources import SOURCES, assign_splits
 
 from mode_edge.config import TrainConfig
 from mode_edge.errors import UserError
-from mode_edge.files import atomic_dir, write_json
+from mode_edge.files import atomic_dir, read_json, write_json
 from mode_edge.tokenizer import TextTokenizer
 
 SPLITS = ("train", "validation", "test")
@@ -93,7 +93,8 @@ def load_corpus(path: str | Path) -> Corpus:
             f"data folder {path} does not exist; run `mode-edge data prepare --domain NAME --out {path}` first"
         )
     if all((path / f"{s}.jsonl").is_file() for s in SPLITS):
-        meta = json.loads((path / "dataset.json").read_text()) if (path / "dataset.json").is_file() else {}
+        described = (path / "dataset.json").is_file()
+        meta = read_json(path / "dataset.json", "rerun `mode-edge data prepare --overwrite`") if described else {}
         docs = {s: list(_read_jsonl(path / f"{s}.jsonl")) for s in SPLITS}
         name = meta.get("domain", path.name)
     else:
