@@ -14,9 +14,7 @@ def table_rows(results: list[dict]) -> list[list]:
     for r in results:
         acc = [r["scores"][d]["accuracy"] for d in ("code", "math", "english")]
         peak = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] else "-"
-        rows.append(
-            [r["row"], r["total_params"], r["trainable_params"], *acc, sum(acc) / 3, r["train_s"], peak]
-        )  # fmt: skip
+        rows.append([r["row"], r["total_params"], r["trainable_params"], *acc, sum(acc) / 3, r["train_s"], peak])
     return rows
 
 
@@ -58,8 +56,9 @@ def plot(folder: Path, results: list[dict]) -> None:
     ax.set_xticks(range(len(results)), [r["row"] for r in results], rotation=30, ha="right")
     ax.set_ylabel("next-token accuracy %")
     low = min(r["scores"][d]["accuracy"] for r in results for d in domains)
-    ax.set_ylim(max(0, low - 5), None)
-    ax.legend()
+    high = max(r["scores"][d]["accuracy"] for r in results for d in domains)
+    ax.set_ylim(max(0, low - 5), high + 0.25 * (high - low + 5))
+    ax.legend(ncol=3, loc="upper center")
     ax.set_title("held-out accuracy per domain and method")
     fig.tight_layout()
     fig.savefig(folder / "accuracy.png", dpi=120)
@@ -71,9 +70,14 @@ def plot(folder: Path, results: list[dict]) -> None:
         for name, losses in r["history"].items():
             if name not in seen and losses:
                 seen.add(name)
-                ax.plot(range(1, len(losses) + 1), losses, label=name, linewidth=1)
+                w = max(1, len(losses) // 10)  # a moving average: single batches are noisy
+                smooth = [
+                    sum(losses[max(0, i - w + 1) : i + 1]) / len(losses[max(0, i - w + 1) : i + 1])
+                    for i in range(len(losses))
+                ]
+                ax.plot(range(1, len(losses) + 1), smooth, label=name, linewidth=1.2)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("training loss (moving average)")
     ax.set_title("training loss per run")
     if seen:
         ax.legend(fontsize=7)

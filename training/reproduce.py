@@ -179,7 +179,7 @@ def costs(stages: list[Path], model) -> dict:
         "train_s": round(sum(r["training"]["wall_s"] for r in records), 1),
         "peak_rss_mb": max((r["training"]["peak_rss_mb"] for r in records), default=None),
         "tokens": sum(r["training"]["tokens"] for r in records),
-        "history": {k: v for r in records for k, v in r["history"].items()},
+        "history": {run.name: h for run, r in zip(stages, records) for h in r["history"].values()},
     }
 
 

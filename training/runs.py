@@ -1,10 +1,12 @@
 """Run folders on disk: what expert training and composition write, and what eval and compose read.
 
-    RUN/model.json                     kind (expert | composed), base spec + fingerprint, layout, experts, history
+    RUN/model.json                     kind (expert | composed), base spec + fingerprint, layout, experts,
+                                       this run's training record (tokens, wall time, peak RSS) and loss history
     RUN/experts/NAME/expert.safetensors the expert's layers and gate rows, all blocks (never pickle)
     RUN/experts/NAME/expert.json       the expert's own record: base fingerprint, layout, how it was trained
 
-An expert folder is self-contained, so it can be copied into another run and composed there.
+An expert folder is self-contained, so it can be copied into another run and composed there. Baseline runs
+(full-ft, lora) share model.json's format and keep their weights beside it (training/baselines.py).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from mode_edge.training.backbones import Backbone
 from mode_edge.training.model import Expert
 from safetensors import SafetensorError
@@ -133,6 +134,3 @@ def check_same_blocks(experts: list[LoadedExpert]) -> MoDELayout | None:
         raise UserError(f"experts use different block counts {sorted(blocks)}; compose experts of one block layout")
     return experts[0].layout if experts else None
 
-
-def trainable_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
-    return {f"{p}.{k}": v for p, m in modules.items() for k, v in m.state_dict().items()}
