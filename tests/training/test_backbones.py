@@ -58,3 +58,12 @@ def test_smollm2_matches_transformers_on_real_weights():
     ids = torch.tensor([backbone.tokenizer.encode("import os\nfor name in os.listdir('.'):\n    print(name)")])
     with torch.no_grad():
         assert_close(backbone.decoder(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_gguf_file_or_a_folder_holding_one_resolves_to_it(tmp_path):
+    from mode_edge.training.backbones import SMOLLM2_GGUF, resolve_spec, smollm2_dir
+
+    assert resolve_spec("smollm2") == (smollm2_dir(), SMOLLM2_GGUF)
+    assert resolve_spec(str(smollm2_dir() / SMOLLM2_GGUF)) == (smollm2_dir(), SMOLLM2_GGUF)
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    assert resolve_spec(str(tmp_path)) == (tmp_path, "model.gguf")
