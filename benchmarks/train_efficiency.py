@@ -26,13 +26,13 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from common import interleaved, machine, median, write  # noqa: E402
+
+from mode_edge.config import MoDELayout, TrainConfig  # noqa: E402
+from mode_edge.memory import PeakRSS  # noqa: E402
 from mode_edge.training.backbones import load_backbone  # noqa: E402
 from mode_edge.training.baselines import LoraSettings, lora_model  # noqa: E402
 from mode_edge.training.model import Expert, MoDEModel  # noqa: E402
 from mode_edge.training.trainer import named_params, param_groups  # noqa: E402
-
-from mode_edge.config import MoDELayout, TrainConfig  # noqa: E402
-from mode_edge.memory import PeakRSS  # noqa: E402
 
 TRAINING = ("expert_step", "full_ft_step", "lora_step")
 

@@ -7,6 +7,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+
 from mode_edge.training.backbones import TINY_CONFIG, load_backbone
 
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from mode_edge.training.model import Decoder
 
 from mode_edge.config import DecoderConfig, MoDELayout
 from mode_edge.errors import UserError
 from mode_edge.tokenizer import TextTokenizer, byte_tokenizer
+from mode_edge.training.model import Decoder
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")

@@ -14,17 +14,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from mode_edge.training import trainer
-from mode_edge.training.backbones import Backbone
-from mode_edge.training.data import Corpus, as_corpus, mixed_batches
-from mode_edge.training.model import Decoder
-from mode_edge.training.runs import FORMAT_VERSION, MODEL_FORMAT
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mode_edge.config import TrainConfig
 from mode_edge.errors import UserError
-from mode_edge.files import require_absent, write_json
+from mode_edge.files import require_absent
+from mode_edge.training import runs, trainer
+from mode_edge.training.backbones import Backbone
+from mode_edge.training.data import Corpus, as_corpus, mixed_batches
+from mode_edge.training.model import Decoder
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 TARGETS = ATTENTION + ("gate_proj", "up_proj", "down_proj")
@@ -54,22 +53,6 @@ class LoraSettings:
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.targets), lora_dropout=0.0)
 
 
-def _record(work: Path, kind: str, backbone: Backbone, training: dict, history: list, **extra) -> None:
-    write_json(
-        work / "model.json",
-        {
-            "format": MODEL_FORMAT,
-            "format_version": FORMAT_VERSION,
-            "kind": kind,
-            "base": {"spec": backbone.spec, "fingerprint": backbone.fingerprint(None)},
-            "experts": [],
-            **extra,
-            "training": training,
-            "history": {kind: history},
-        },
-    )
-
-
 def _train_baseline(
     kind: str, backbone: Backbone, model: Decoder, params: dict, data: list, out: Path, cfg: TrainConfig, save, **extra
 ) -> dict:
@@ -85,7 +68,8 @@ def _train_baseline(
     def save_run(work: Path, result: dict) -> None:
         save(work)
         training = trainer.training_record(kind, data_paths, cfg, result, trainable_parameters=n_trainable)
-        _record(work, kind, backbone, training, result["history"], **extra)
+        record = {**extra, "training": training, "history": {kind: result["history"]}}
+        runs.save_model_record(work, kind, backbone, None, [], record)
 
     n_trainable = sum(p.numel() for p in params.values())
     result = trainer.train_into(out, model, params, batches, cfg, signature=signature, label=kind, save=save_run)
@@ -138,12 +122,7 @@ def train_lora(
 
 def load_baseline(run: Path, record: dict, backbone: Backbone) -> Decoder:
     """The trained model of a full-ft or lora run, checked against the loaded backbone."""
-    have, want = backbone.fingerprint(None), record["base"]["fingerprint"]
-    if have != want:
-        raise UserError(
-            f"{run} was trained on base {record['base']['spec']!r} (fingerprint {want[:16]}), but the loaded base "
-            f"{backbone.spec!r} has fingerprint {have[:16]}; pass the right --base"
-        )
+    runs.check_base(str(run), record["base"], backbone, None)
     name = "weights.safetensors" if record["kind"] == "full-ft" else "adapter.safetensors"
     try:
         tensors = load_file(str(Path(run) / name))

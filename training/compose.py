@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mode_edge.config import TrainConfig
+from mode_edge.errors import UserError
+from mode_edge.files import require_absent
 from mode_edge.training import runs, trainer
 from mode_edge.training.backbones import Backbone
 from mode_edge.training.data import Corpus, as_corpus, mixed_batches
 from mode_edge.training.model import MoDEModel
-
-from mode_edge.config import TrainConfig
-from mode_edge.errors import UserError
-from mode_edge.files import require_absent
 
 
 def compose(

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from mode_edge.training.sources import SOURCES, assign_splits
 
 from mode_edge.config import TrainConfig
 from mode_edge.errors import UserError
 from mode_edge.files import atomic_dir, read_json, write_json
 from mode_edge.tokenizer import TextTokenizer
+from mode_edge.training.sources import SOURCES, assign_splits
 
 SPLITS = ("train", "validation", "test")
 

@@ -8,14 +8,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mode_edge.config import MoDELayout, TrainConfig
+from mode_edge.progress import console
 from mode_edge.training.backbones import load_backbone
 from mode_edge.training.compose import compose
 from mode_edge.training.data import prepare
 from mode_edge.training.evaluate import build_model, evaluate, print_scores
 from mode_edge.training.train_expert import train_expert
-
-from mode_edge.config import MoDELayout, TrainConfig
-from mode_edge.progress import console
 
 TARGETS = ("code", "math")
 DOMAINS = ("code", "math", "english")

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from mode_edge.training import runs
-from mode_edge.training.backbones import Backbone
-from mode_edge.training.data import Corpus, as_corpus, eval_windows, require_split
-from mode_edge.training.model import MoDEModel
 from rich.table import Table
 
 from mode_edge.config import MoDELayout
 from mode_edge.errors import UserError
 from mode_edge.progress import results_console, task_progress
+from mode_edge.training import runs
+from mode_edge.training.backbones import Backbone
+from mode_edge.training.data import Corpus, as_corpus, eval_windows, require_split
+from mode_edge.training.model import MoDEModel
 
 
 @torch.no_grad()

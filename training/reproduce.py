@@ -16,14 +16,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mode_edge.config import DEFAULT_LR, MoDELayout, TrainConfig
+from mode_edge.errors import UserError
+from mode_edge.progress import console
 from mode_edge.training.backbones import Backbone
 from mode_edge.training.data import load_corpus, prepare
 from mode_edge.training.evaluate import build_model, evaluate
 from mode_edge.training.runs import read_model_record
-
-from mode_edge.config import DEFAULT_LR, MoDELayout, TrainConfig
-from mode_edge.errors import UserError
-from mode_edge.progress import console
 
 TARGETS, RETENTION = ("code", "math"), "english"
 DOMAINS = (*TARGETS, RETENTION)

@@ -14,14 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mode_edge.training.backbones import Backbone
-from mode_edge.training.model import Expert
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mode_edge.config import MoDELayout
 from mode_edge.errors import UserError
 from mode_edge.files import read_json, write_json
+from mode_edge.training.backbones import Backbone
+from mode_edge.training.model import Expert
 
 EXPERT_FORMAT, MODEL_FORMAT, FORMAT_VERSION = "mode-edge-expert", "mode-edge-model", 1
 
@@ -55,7 +55,10 @@ def save_expert(
     )
 
 
-def save_model_record(run: Path, kind: str, backbone: Backbone, layout: MoDELayout, experts: list[str], extra: dict):
+def save_model_record(
+    run: Path, kind: str, backbone: Backbone, layout: MoDELayout | None, experts: list[str], extra: dict
+) -> None:
+    """model.json of any run; baselines (full-ft, lora) have no block layout and no experts."""
     write_json(
         run / "model.json",
         {
@@ -63,11 +66,21 @@ def save_model_record(run: Path, kind: str, backbone: Backbone, layout: MoDELayo
             "format_version": FORMAT_VERSION,
             "kind": kind,
             "base": {"spec": backbone.spec, "fingerprint": backbone.fingerprint(layout)},
-            "layout": layout.to_dict(),
+            "layout": layout.to_dict() if layout else None,
             "experts": experts,
             **extra,
         },
     )
+
+
+def check_base(what: str, base: dict, backbone: Backbone, layout: MoDELayout | None) -> None:
+    """Refuse weights trained on another backbone, naming both fingerprints."""
+    have, want = backbone.fingerprint(layout), base["fingerprint"]
+    if have != want:
+        raise UserError(
+            f"{what} was trained on base {base['spec']!r} (fingerprint {want[:16]}), but the loaded base "
+            f"{backbone.spec!r} has fingerprint {have[:16]}; use it only with the backbone it was trained on (--base)"
+        )
 
 
 def read_model_record(run: Path) -> dict:
@@ -88,14 +101,7 @@ def load_expert(folder: Path, backbone: Backbone) -> LoadedExpert:
     if meta.get("format") != EXPERT_FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{folder}/expert.json is not a {EXPERT_FORMAT} v{FORMAT_VERSION} record")
     layout = MoDELayout.from_dict(meta["layout"])
-    have = backbone.fingerprint(layout)
-    want = meta["base"]["fingerprint"]
-    if have != want:
-        raise UserError(
-            f"expert {meta['name']!r} in {folder} was trained on base {meta['base']['spec']!r} "
-            f"(fingerprint {want[:16]}), but the loaded base {backbone.spec!r} has fingerprint {have[:16]}; "
-            "compose it only with the backbone it was trained on (--base)"
-        )
+    check_base(f"expert {meta['name']!r} in {folder}", meta["base"], backbone, layout)
     try:
         tensors = load_file(str(folder / "expert.safetensors"))
     except (SafetensorError, OSError, ValueError) as e:
@@ -133,4 +139,3 @@ def check_same_blocks(experts: list[LoadedExpert]) -> MoDELayout | None:
     if len(blocks) > 1:
         raise UserError(f"experts use different block counts {sorted(blocks)}; compose experts of one block layout")
     return experts[0].layout if experts else None
-

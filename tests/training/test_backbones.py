@@ -1,10 +1,10 @@
 import pytest
 import torch
-from mode_edge.training.backbones import load_backbone, tiny_decoder, weights_sha256
 from torch.testing import assert_close
 
 from mode_edge.config import MoDELayout
 from mode_edge.errors import UserError
+from mode_edge.training.backbones import load_backbone, tiny_decoder, weights_sha256
 
 
 def test_tiny_backbone_is_deterministic_and_frozen(tiny):
@@ -49,8 +49,9 @@ def test_a_broken_checkpoint_folder_is_refused(tmp_path):
 @pytest.mark.slow
 def test_smollm2_matches_transformers_on_real_weights():
     """The built-in backbone, loaded from its GGUF file, against transformers' own Llama on the same weights."""
-    from mode_edge.training.backbones import SMOLLM2_GGUF, smollm2_dir
     from transformers import AutoModelForCausalLM
+
+    from mode_edge.training.backbones import SMOLLM2_GGUF, smollm2_dir
 
     backbone = load_backbone("smollm2")
     assert backbone.decoder.cfg.n_layers == 30 and backbone.decoder.cfg.vocab_size == 49152

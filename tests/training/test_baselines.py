@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
-from mode_edge.training.backbones import Backbone, tiny_decoder, weights_sha256
-from mode_edge.training.baselines import LoraSettings, lora_model, train_full_ft, train_lora
-from mode_edge.training.evaluate import build_model, evaluate
 from torch.testing import assert_close
 
 from mode_edge.config import TrainConfig
 from mode_edge.errors import UserError
+from mode_edge.training.backbones import Backbone, tiny_decoder, weights_sha256
+from mode_edge.training.baselines import LoraSettings, lora_model, train_full_ft, train_lora
+from mode_edge.training.evaluate import build_model, evaluate
 
 CFG = TrainConfig(steps=4, batch_size=2, seq_len=32, warmup_steps=1, lr=1e-3)
 

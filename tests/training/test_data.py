@@ -2,11 +2,11 @@ import json
 
 import pytest
 import torch
-from mode_edge.training.data import SPLITS, TokenStream, eval_windows, load_corpus, prepare
-from mode_edge.training.sources import assign_splits
 
 from mode_edge.errors import UserError
 from mode_edge.tokenizer import byte_tokenizer
+from mode_edge.training.data import SPLITS, TokenStream, eval_windows, load_corpus, prepare
+from mode_edge.training.sources import assign_splits
 
 
 def read_ids(folder):

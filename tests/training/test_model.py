@@ -1,11 +1,11 @@
 import pytest
 import torch
-from mode_edge.training.backbones import decoder_from_hf
-from mode_edge.training.model import Expert, KVCache, MoDEModel
 from torch.testing import assert_close
 
 from mode_edge.config import MoDELayout
 from mode_edge.errors import UserError
+from mode_edge.training.backbones import decoder_from_hf
+from mode_edge.training.model import Expert, KVCache, MoDEModel
 
 LAYOUT = MoDELayout(n_blocks=3, expert_layers=2)
 

@@ -5,6 +5,7 @@ import csv
 import json
 
 import pytest
+
 from mode_edge.training.reproduce import PRESETS, reproduce, rows
 
 

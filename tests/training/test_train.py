@@ -4,6 +4,10 @@ import json
 
 import pytest
 import torch
+from torch.testing import assert_close
+
+from mode_edge.config import MoDELayout, TrainConfig
+from mode_edge.errors import UserError
 from mode_edge.training import runs
 from mode_edge.training.backbones import Backbone, tiny_decoder, weights_sha256
 from mode_edge.training.compose import compose
@@ -11,10 +15,6 @@ from mode_edge.training.data import TokenStream, load_corpus
 from mode_edge.training.evaluate import build_model, evaluate
 from mode_edge.training.model import Expert, MoDEModel
 from mode_edge.training.train_expert import train_expert
-from torch.testing import assert_close
-
-from mode_edge.config import MoDELayout, TrainConfig
-from mode_edge.errors import UserError
 
 LAYOUT = MoDELayout(n_blocks=3, expert_layers=2)
 CFG = TrainConfig(steps=6, batch_size=2, seq_len=64, warmup_steps=1, lr=1e-3, checkpoint_every=2)
