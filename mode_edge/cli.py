@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from mode_edge import cli_ship
 from mode_edge.errors import UserError
 from mode_edge.files import require_absent
 
@@ -33,7 +34,7 @@ class Group(click.Group):
 @click.version_option(package_name="mode-edge")
 def main():
     """Modular Domain Experts for small language models: train experts beside a frozen backbone, compose them,
-    evaluate them, and (soon) ship them to phones and boards as domain packs."""
+    evaluate them, export them as quantized graphs, and ship them to phones and boards as domain packs."""
 
 
 def csv_paths(value: str) -> list[Path]:
@@ -278,6 +279,9 @@ def demo_cmd(out, quick, base):
 
     run_demo(out, quick=quick, base=base)
 
+
+for command in cli_ship.COMMANDS:  # export, pack, install, uninstall, inspect, devices
+    main.add_command(command)
 
 if __name__ == "__main__":
     main()

@@ -149,3 +149,29 @@ class TrainConfig(_Serialisable):
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len * self.grad_accum
+
+
+@dataclass(frozen=True)
+class ExportConfig(_Serialisable):
+    """What `mode-edge export` writes."""
+
+    formats: tuple = ("onnx",)
+    """Graph formats: 'onnx' (onnxruntime) and/or 'executorch' (.pte, XNNPACK)."""
+    quant: str = "int8"
+    """Weight precision: 'fp32', 'int8' (ONNX: dynamic per-channel; .pte: int8 weight-only) or 'int4' (ONNX:
+    MatMulNBits weight-only; .pte: 8-bit dynamic activations with 4-bit weights)."""
+    block_size: int = 32
+    """Weights per quantization group for int4."""
+    experts: list | None = None
+    """Experts to export (None: all in the run)."""
+    overwrite: bool = False
+    """Replace an existing bundle."""
+
+    def __post_init__(self):
+        unknown = [f for f in self.formats if f not in ("onnx", "executorch")]
+        if unknown or not self.formats:
+            raise UserError(f"--format must list onnx and/or executorch, got {','.join(self.formats) or 'nothing'}")
+        if self.quant not in ("fp32", "int8", "int4"):
+            raise UserError(f"--quant must be fp32, int8 or int4, got {self.quant!r}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise UserError(f"--block-size must be a power of two >= 16, got {self.block_size}")

@@ -57,3 +57,40 @@ def task_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
     ) as progress:  # fmt: skip
         task = progress.add_task(label, total=total)
         yield lambda n=1: progress.update(task, advance=n)
+
+
+class Stages:
+    """A bar over the items of a staged job; `show("export base/block0")` names what runs now. Without a terminal,
+    one line per stage (the description's first word) instead of a bar."""
+
+    def __init__(self, progress: Progress | None, label: str):
+        self.progress, self.label, self.stage = progress, label, None
+        self.task = progress.add_task(label, total=None) if progress else None
+
+    def start(self, total: int) -> None:
+        if self.progress:
+            self.progress.update(self.task, total=total, completed=0)
+
+    def show(self, description: str) -> None:
+        stage = description.split()[0]
+        if self.progress:
+            self.progress.update(self.task, description=f"{self.label}: {description}")
+        elif stage != self.stage:
+            console.print(f"{self.label}: {stage}")
+        self.stage = stage
+
+    def advance(self) -> None:
+        if self.progress:
+            self.progress.advance(self.task)
+
+
+@contextlib.contextmanager
+def stage_progress(label: str) -> Iterator[Stages]:
+    if not console.is_terminal:
+        yield Stages(None, label)
+        return
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True,
+    ) as progress:  # fmt: skip
+        yield Stages(progress, label)

@@ -1,0 +1,151 @@
+"""Export-only rewrites of the MoDE model into the per-component graphs of a bundle (nn.Module -> nn.Module).
+
+The training model keeps its KV cache in a Python dict and branches on shapes; an exported graph cannot. Here every
+graph that holds attention layers takes the cache as tensors and returns the grown cache, positions come from the
+cached length, and one causal mask serves prefill (T tokens, empty cache) and decode (1 token, long cache) alike.
+
+    embed                 input_ids (B, T) int64                         -> hidden (B, T, d)
+    block{i}              hidden, past k/v per layer (B, Hkv, P, hd)     -> hidden, present k/v (B, Hkv, P+T, hd)
+    expert{i} (per expert) hidden, past k/v per expert layer             -> hidden, gate_logit (B, T), present k/v
+    head                  hidden                                         -> logits (B, T, V)
+
+The gate's softmax and the mix run in the runtime (numpy), over whichever experts are loaded.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mode_edge.config import DecoderConfig
+from mode_edge.training.model import Decoder, DecoderLayer, ExpertBlock, MoDEModel
+
+
+def kv_names(n_layers: int, prefix: str = "") -> tuple[list[str], list[str]]:
+    """Input and output names of a graph's cache tensors, k before v, layer by layer."""
+    past = [f"past_{kind}{k}" for k in range(n_layers) for kind in ("key", "value")]
+    return [prefix + n for n in past], [prefix + n.replace("past_", "present_") for n in past]
+
+
+def attend(layer: DecoderLayer, inv_freq: torch.Tensor, x, past_k, past_v):
+    """One decoder layer on x (B, T, d) after P cached positions; returns (y, k, v) with the grown cache."""
+    attn = layer.self_attn
+    B, T, _ = x.shape
+    P = past_k.shape[2]
+    h = layer.input_layernorm(x)
+    q = attn.q_proj(h).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)  # (B, H, T, hd)
+    k = attn.k_proj(h).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+    v = attn.v_proj(h).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+    positions = torch.arange(T, device=x.device) + P
+    # The rotary angles are computed for these positions rather than read from Rotary's table: a table for the
+    # longest context would weigh megabytes in every block graph.
+    freqs = positions[:, None].float() * inv_freq[None, :]  # (T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)  # (T, hd)
+
+    def rotate(t):
+        t1, t2 = t.chunk(2, dim=-1)
+        return t * cos + torch.cat([-t2, t1], dim=-1) * sin
+
+    q, k = rotate(q), rotate(k)
+    k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, Hkv, S, hd), S = P + T
+    rep = attn.n_heads // attn.n_kv_heads
+    kk = k.repeat_interleave(rep, dim=1) if rep > 1 else k  # (B, H, S, hd)
+    vv = v.repeat_interleave(rep, dim=1) if rep > 1 else v
+    mask = torch.arange(P + T, device=x.device)[None, :] <= positions[:, None]  # (T, S): query i sees keys <= P+i
+    y = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+    y = y.transpose(1, 2).reshape(B, T, attn.n_heads * attn.head_dim)
+    x = x + attn.o_proj(y)
+    return x + layer.mlp(layer.post_attention_layernorm(x)), k, v
+
+
+class LayerStack(nn.Module):
+    """A stack of decoder layers with the cache in and out as tensors."""
+
+    def __init__(self, layers: nn.ModuleList, cfg: DecoderConfig):
+        super().__init__()
+        self.layers = layers
+        self.max_seq_len = cfg.max_seq_len
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # the same frequencies as Rotary's
+
+    def run(self, x, past):
+        present = []
+        for j, layer in enumerate(self.layers):
+            x, k, v = attend(layer, self.inv_freq, x, past[2 * j], past[2 * j + 1])
+            present += [k, v]
+        return x, present
+
+
+class EmbedGraph(nn.Module):
+    def __init__(self, decoder: Decoder):
+        super().__init__()
+        self.embed_tokens = decoder.embed_tokens
+
+    def forward(self, input_ids):
+        return self.embed_tokens(input_ids)  # (B, T, d)
+
+
+class BackboneBlockGraph(LayerStack):
+    def forward(self, hidden, *past):
+        y, present = self.run(hidden, past)
+        return (y, *present)
+
+
+class ExpertBlockGraph(LayerStack):
+    """An expert's layers in one block together with its gate logit, both read from the block input."""
+
+    def __init__(self, block: ExpertBlock, cfg: DecoderConfig):
+        super().__init__(block.layers, cfg)
+        self.gate = block.gate
+
+    def forward(self, hidden, *past):
+        y, present = self.run(hidden, past)
+        return (y, self.gate(hidden), *present)
+
+
+class HeadGraph(nn.Module):
+    def __init__(self, decoder: Decoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, hidden):
+        return self.decoder.head(hidden)  # (B, T, V)
+
+
+def split(model: MoDEModel) -> dict[str, nn.Module]:
+    """Every graph of a bundle by its component path: base/embed, base/block{i}, base/head, experts/NAME/block{i}."""
+    bb, cfg = model.backbone, model.backbone.cfg
+    graphs: dict[str, nn.Module] = {"base/embed": EmbedGraph(bb)}
+    for i, block in enumerate(model.blocks):
+        graphs[f"base/block{i}"] = BackboneBlockGraph(block.backbone, cfg)
+        for name, expert in block.experts.items():
+            graphs[f"experts/{name}/block{i}"] = ExpertBlockGraph(expert, cfg)
+    graphs["base/head"] = HeadGraph(bb)
+    return {k: g.eval() for k, g in graphs.items()}
+
+
+def graph_layers(graph: nn.Module) -> int:
+    """Attention layers in a graph, i.e. the number of k/v pairs it takes and returns."""
+    return len(graph.layers) if isinstance(graph, LayerStack) else 0
+
+
+def example_inputs(graph: nn.Module, cfg, batch: int = 1, tokens: int = 3, past: int = 4) -> tuple:
+    """Inputs for tracing: sizes of at least 2 on every dynamic axis, so that the exporter keeps them symbolic."""
+    if isinstance(graph, EmbedGraph):
+        return (torch.randint(0, cfg.vocab_size, (batch, tokens)),)
+    hidden = torch.randn(batch, tokens, cfg.dim)
+    kv = [torch.randn(batch, cfg.n_kv_heads, past, cfg.head_dim) for _ in range(2 * graph_layers(graph))]
+    return (hidden, *kv)
+
+
+def io_names(graph: nn.Module) -> tuple[list[str], list[str]]:
+    past, present = kv_names(graph_layers(graph))
+    if isinstance(graph, EmbedGraph):
+        return ["input_ids"], ["hidden"]
+    if isinstance(graph, HeadGraph):
+        return ["hidden"], ["logits"]
+    if isinstance(graph, ExpertBlockGraph):
+        return ["hidden", *past], ["hidden_out", "gate_logit", *present]
+    return ["hidden", *past], ["hidden_out", *present]

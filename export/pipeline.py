@@ -1,0 +1,194 @@
+"""`mode-edge export`: a trained MoDE run -> a bundle of per-component graphs, one domain pack per expert.
+
+Stages, in order (each shown as a progress step):
+    load       the run's record, its backbone and the selected experts, checked against each other
+    transform  the model cut into graphs (export/graphs.py): embed, backbone blocks, expert blocks with gate, head
+    export     each graph to fp32 ONNX (torch.onnx, dynamo) and/or ExecuTorch (.pte, XNNPACK; torchao quantizes
+               before lowering, so a .pte is exported at its final precision)
+    quantize   ONNX graphs to int8 / int4 with onnxruntime.quantization
+    verify     every fp32 graph against its PyTorch module (max abs diff), quantized ones reported against fp32
+    write      gates, tokenizer, per-expert pack.json, manifest.json with every file's bytes and sha256; the bundle
+               appears under --out only when complete
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+
+from mode_edge.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, PACK_FORMAT, records, write_manifest
+from mode_edge.config import ExportConfig
+from mode_edge.errors import UserError
+from mode_edge.export.graphs import example_inputs, graph_layers, io_names, split
+from mode_edge.files import atomic_dir, require_absent, write_json
+from mode_edge.packs import expert_entry
+from mode_edge.progress import console, stage_progress
+from mode_edge.training.backbones import Backbone, load_backbone
+from mode_edge.training.model import MoDEModel
+from mode_edge.training.runs import check_same_blocks, load_run_experts, read_model_record
+
+SUFFIX = {"onnx": ".onnx", "executorch": ".pte"}
+
+
+def check_run(run: Path, only: list[str] | None) -> dict:
+    """The cheap checks of the run's record, before anything heavy loads."""
+    record = read_model_record(run)
+    if record.get("layout") is None:
+        raise UserError(
+            f"{run} is a {record.get('kind')} baseline run; export takes a MoDE run (`mode-edge train expert|compose`)"
+        )
+    unknown = [n for n in only or [] if n not in record["experts"]]
+    if unknown:
+        raise UserError(f"{run} has no expert named {', '.join(unknown)}; it has: {', '.join(record['experts'])}")
+    return record
+
+
+def load_model(run: Path, only: list[str] | None) -> tuple[Backbone, MoDEModel, dict]:
+    record = check_run(run, only)
+    backbone = load_backbone(record["base"]["spec"])
+    loaded = load_run_experts(run, backbone, only)
+    layout = check_same_blocks(loaded)
+    model = MoDEModel(backbone.decoder, layout, {e.name: e.expert for e in loaded}).eval()
+    return backbone, model, record
+
+
+def graph_files(rel: str, fmt: str) -> list[str]:
+    return [rel + ".onnx", rel + ".onnx.data"] if fmt == "onnx" else [rel + ".pte"]
+
+
+def gate_tensors(model: MoDEModel, name: str) -> dict[str, np.ndarray]:
+    """An expert's gate rows for all blocks (kilobytes): what `auto` routing scores prompts with."""
+    gates = [model.experts[name].blocks[i].gate for i in range(len(model.blocks))]
+    return {
+        "weight": np.stack([g.weight.detach().float().numpy() for g in gates]),  # (n_blocks, d)
+        "bias": np.array([float(g.bias) for g in gates], dtype=np.float32),  # (n_blocks,)
+        "eps": np.array([gates[0].eps], dtype=np.float32),
+    }
+
+
+def max_abs_diff(graph: torch.nn.Module, run_graph, inputs: tuple) -> float:
+    with torch.no_grad():
+        ref = graph(*inputs)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    got = run_graph([t.numpy() for t in inputs])
+    return max(float(np.abs(r.float().numpy() - g).max()) for r, g in zip(ref, got))
+
+
+def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
+    """Export RUN into the bundle OUT; returns the manifest."""
+    from mode_edge.export.onnx_graphs import export_onnx, quantize_onnx
+
+    started = time.perf_counter()
+    check_run(run, cfg.experts)
+    if not cfg.overwrite:
+        require_absent(out)
+    with stage_progress("export") as progress:
+        progress.show("load")
+        backbone, model, record = load_model(run, cfg.experts)
+        graphs = split(model)
+        dcfg = backbone.decoder.cfg
+        steps = len(graphs) * (len(cfg.formats) + 1)
+        progress.start(steps)
+        verify: dict[str, dict] = {}
+        with atomic_dir(out, overwrite=cfg.overwrite) as work:
+            fp32 = work / ".fp32"
+            for rel, graph in graphs.items():
+                for fmt in cfg.formats:
+                    progress.show(f"export {rel} ({fmt})")
+                    if fmt == "onnx":
+                        target = work / (rel + ".onnx") if cfg.quant == "fp32" else fp32 / (rel + ".onnx")
+                        export_onnx(graph, dcfg, target)
+                        if cfg.quant != "fp32":
+                            progress.show(f"quantize {rel} ({cfg.quant})")
+                            quantize_onnx(target, work / (rel + ".onnx"), cfg.quant, cfg.block_size)
+                    else:
+                        from mode_edge.export.executorch_graphs import export_pte
+
+                        export_pte(graph, dcfg, work / (rel + ".pte"), cfg.quant, cfg.block_size)
+                    progress.advance()
+                progress.show(f"verify {rel}")
+                verify[rel] = verify_graph(graph, dcfg, work, fp32, rel, cfg)
+                progress.advance()
+            shutil.rmtree(fp32, ignore_errors=True)
+            progress.show("write")
+            manifest = write_bundle(work, backbone, model, record, graphs, cfg, verify)
+            wall = time.perf_counter() - started
+            manifest["export"]["wall_s"] = round(wall, 1)
+            write_manifest(work, manifest)
+    console.print(f"exported {run} -> {out} ({cfg.quant}, {', '.join(cfg.formats)}) in {wall:.0f} s")
+    return manifest
+
+
+def verify_graph(graph, dcfg, work: Path, fp32: Path, rel: str, cfg: ExportConfig) -> dict:
+    """Max abs diff of each exported graph against PyTorch on a prefill after a short cache."""
+    from mode_edge.runtimes.backends import load_graph
+
+    inputs = example_inputs(graph, dcfg)
+    out = {}
+    for fmt in cfg.formats:
+        path = work / (rel + SUFFIX[fmt])
+        out[fmt] = max_abs_diff(graph, load_graph(path, threads=1), inputs)
+        if fmt == "onnx" and cfg.quant != "fp32":
+            out["onnx-fp32"] = max_abs_diff(graph, load_graph(fp32 / (rel + ".onnx"), threads=1), inputs)
+    return out
+
+
+def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict, graphs, cfg, verify) -> dict:
+    fingerprint = record["base"]["fingerprint"]
+    backbone.tokenizer.save(work / "tokenizer.json")
+    components = {}
+    for rel, graph in graphs.items():
+        inputs, outputs = io_names(graph)
+        components[rel] = {
+            "layers": graph_layers(graph), "inputs": inputs, "outputs": outputs,
+            **{fmt: rel + SUFFIX[fmt] for fmt in cfg.formats},
+        }  # fmt: skip
+    experts = {}
+    for name in model.experts:
+        folder = work / "experts" / name
+        save_file(gate_tensors(model, name), str(folder / "gate.safetensors"))
+        own = {k.split("/", 2)[2]: v for k, v in components.items() if k.startswith(f"experts/{name}/")}
+        files = ["gate.safetensors"] + [f for c in own for fmt in cfg.formats for f in graph_files(c, fmt)]
+        pack = {
+            "format": PACK_FORMAT, "format_version": BUNDLE_VERSION, "name": name, "base_fingerprint": fingerprint,
+            "quantization": quant_record(cfg), "formats": list(cfg.formats),
+            "parameters": sum(p.numel() for p in model.experts[name].parameters()),
+            "components": {c: {**v, **{f: c + SUFFIX[f] for f in cfg.formats}} for c, v in own.items()},
+            "gate": "gate.safetensors", "files": records(folder, files),
+        }  # fmt: skip
+        write_json(folder / "pack.json", pack)
+        experts[name] = expert_entry(work, name, pack)
+    base_files = ["tokenizer.json"] + [
+        f for c in components if c.startswith("base/") for fmt in cfg.formats for f in graph_files(c, fmt)
+    ]
+    return {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_VERSION,
+        "base": {
+            "spec": record["base"]["spec"],
+            "fingerprint": fingerprint,
+            "decoder": backbone.decoder.cfg.to_dict(),
+            "layout": record["layout"],
+            "block_ranges": model.ranges,
+        },  # fmt: skip
+        "tokenizer": {"file": "tokenizer.json", "eos_id": backbone.tokenizer.eos_id},
+        "quantization": quant_record(cfg),
+        "formats": list(cfg.formats),
+        "components": {k: v for k, v in components.items() if k.startswith("base/")},
+        "files": records(work, base_files),
+        "experts": experts,
+        "export": {"source": str(run_label(record)), "verify_max_abs_diff": verify},
+    }
+
+
+def quant_record(cfg: ExportConfig) -> dict:
+    return {"scheme": cfg.quant, **({"block_size": cfg.block_size} if cfg.quant == "int4" else {})}
+
+
+def run_label(record: dict) -> str:
+    return f"{record.get('kind')} run, experts {', '.join(record.get('experts', [])) or 'none'}"

@@ -1,0 +1,137 @@
+"""The bundle and domain-pack format (docs/bundle-format.md): manifests, file records and their checks.
+
+Pure Python: the device runtime reads bundles with it and never imports torch.
+
+    BUNDLE/manifest.json              format, base (fingerprint, decoder, layout), tokenizer, quantization, formats,
+                                      components, every base file with bytes + sha256, one entry per expert
+    BUNDLE/tokenizer.json
+    BUNDLE/base/{embed,block0..,head}.{onnx,onnx.data,pte}
+    BUNDLE/experts/NAME/pack.json     the expert's own manifest: the same base fingerprint, its files and checksums
+    BUNDLE/experts/NAME/gate.safetensors, block{i}.{onnx,onnx.data,pte}
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mode_edge.errors import UserError
+from mode_edge.files import read_json, sha256_file, write_json
+
+BUNDLE_FORMAT, PACK_FORMAT, BUNDLE_VERSION = "mode-edge-bundle", "mode-edge-pack", 1
+FORMATS = ("onnx", "executorch")
+QUANTS = ("fp32", "int8", "int4")
+MAX_FILE_BYTES = 64 << 30
+"""No component of a model that fits a phone or a board is larger; a bigger declared size is corrupt or hostile."""
+
+
+def file_record(root: Path, rel: str) -> dict:
+    path = Path(root) / rel
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def records(root: Path, rels: list[str]) -> dict[str, dict]:
+    return {rel: file_record(root, rel) for rel in sorted(rels)}
+
+
+def check_rel_path(rel: str, what: str) -> None:
+    """A listed file must stay inside its folder: no absolute paths, no '..', no backslashes."""
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
+        raise UserError(f"{what} lists the file {rel!r}, which would land outside its folder; the file is corrupt")
+
+
+def check_declared(files: dict, what: str) -> None:
+    if not isinstance(files, dict) or not files:
+        raise UserError(f"{what} lists no files; it is corrupt")
+    for rel, rec in files.items():
+        check_rel_path(rel, what)
+        size = rec.get("bytes") if isinstance(rec, dict) else None
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_FILE_BYTES:
+            raise UserError(f"{what} declares an absurd size {size!r} for {rel}; it is corrupt")
+        sha = rec.get("sha256")
+        if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            raise UserError(f"{what} declares no valid sha256 for {rel}; it is corrupt")
+
+
+def verify_files(root: Path, files: dict, what: str) -> None:
+    """Every listed file is present with its declared size and checksum; otherwise a clear refusal."""
+    check_declared(files, what)
+    for rel, rec in files.items():
+        path = Path(root) / rel
+        if path.is_symlink() or not path.is_file():
+            raise UserError(f"{what}: {rel} is missing; reinstall it")
+        size = path.stat().st_size
+        if size != rec["bytes"]:
+            raise UserError(f"{what}: {rel} has {size} bytes, the manifest says {rec['bytes']} (truncated?); reinstall")
+        if sha256_file(path) != rec["sha256"]:
+            raise UserError(f"{what}: {rel} does not match its sha256 (corrupted); reinstall it")
+
+
+def check_version(manifest: dict, fmt: str, what: str) -> None:
+    if manifest.get("format") != fmt:
+        raise UserError(f"{what} is not a {fmt} manifest (format {manifest.get('format')!r})")
+    version = manifest.get("format_version")
+    if version != BUNDLE_VERSION:
+        raise UserError(
+            f"{what} has format version {version!r}; this mode-edge reads version {BUNDLE_VERSION}. "
+            "Re-export it with this mode-edge, or upgrade mode-edge"
+        )
+
+
+def read_bundle(bundle: Path) -> dict:
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise UserError(f"bundle {bundle} does not exist; create one with `mode-edge export`")
+    manifest = read_json(bundle / "manifest.json", "this folder is not a mode-edge bundle (`mode-edge export`)")
+    check_version(manifest, BUNDLE_FORMAT, f"{bundle}/manifest.json")
+    return manifest
+
+
+def read_pack_manifest(folder: Path) -> dict:
+    manifest = read_json(Path(folder) / "pack.json", "the expert's manifest is missing; reinstall the pack")
+    check_version(manifest, PACK_FORMAT, f"{folder}/pack.json")
+    return manifest
+
+
+def check_pack_fits(pack: dict, bundle: dict, what: str) -> None:
+    """A pack joins a bundle only if it was made for the same base, layout, quantization and formats."""
+    if pack.get("base_fingerprint") != bundle["base"]["fingerprint"]:
+        raise UserError(
+            f"{what} was made for base fingerprint {str(pack.get('base_fingerprint'))[:16]}, this bundle's base is "
+            f"{bundle['base']['fingerprint'][:16]}; install it only into a bundle of the base it was trained on"
+        )
+    if pack.get("quantization") != bundle["quantization"]:
+        raise UserError(
+            f"{what} is quantized {quant_label(pack.get('quantization'))}, the bundle "
+            f"{quant_label(bundle['quantization'])}; export the expert with the bundle's --quant and --block-size"
+        )
+    missing = [f for f in bundle["formats"] if f not in pack.get("formats", [])]
+    if missing:
+        raise UserError(f"{what} has no {', '.join(missing)} graphs, which this bundle uses; re-export it")
+
+
+def quant_label(q: dict | None) -> str:
+    if not isinstance(q, dict):
+        return repr(q)
+    return q.get("scheme", "?") + (f" (block {q['block_size']})" if "block_size" in q else "")
+
+
+def write_manifest(bundle: Path, manifest: dict) -> None:
+    write_json(Path(bundle) / "manifest.json", manifest)
+
+
+def expert_folder(bundle: Path, name: str) -> Path:
+    return Path(bundle) / "experts" / name
+
+
+def total_bytes(files: dict) -> int:
+    return sum(rec["bytes"] for rec in files.values())
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush a freshly written folder before it is renamed into place, so a power cut cannot expose it half-written."""
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())

@@ -1,0 +1,166 @@
+"""The shipping half of the `mode-edge` command line: export, pack, install, uninstall, inspect, devices.
+mode_edge.cli registers COMMANDS on the main group; torch is imported only by `export`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from mode_edge.errors import UserError
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@click.command("export", short_help="Trained MoDE run -> quantized per-component graphs (a bundle).")
+@click.option("--model", "run", type=click.Path(path_type=Path), required=True, help="MoDE run (expert or composed).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder to create.")
+@click.option(
+    "--format",
+    "formats",
+    default=None,
+    help="Comma-separated graph formats: onnx, executorch. Default: the device profile's, else onnx.",
+)
+@click.option(
+    "--quant",
+    type=click.Choice(["fp32", "int8", "int4"]),
+    default=None,
+    help="Weight precision. Default: the device profile's, else int8.",
+)
+@click.option("--block-size", type=int, default=32, show_default=True, help="Weights per int4 quantization group.")
+@click.option("--device", default=None, help="Device profile whose defaults to use (`mode-edge devices list`).")
+@click.option("--experts", default=None, help="Comma-separated subset of the run's experts (default: all).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+def export_cmd(run, out, formats, quant, block_size, device, experts, overwrite):
+    """Split the model into graphs (embed, backbone blocks, each expert's blocks with its gate, head), export them to
+    ONNX and/or ExecuTorch, quantize, check each against PyTorch, and write OUT/manifest.json with every file's size
+    and sha256. Each expert lands in OUT/experts/NAME, ready for `mode-edge pack`."""
+    from mode_edge.config import ExportConfig
+    from mode_edge.devices.profiles import load_profile
+
+    defaults = load_profile(device).export if device else {}
+    fmts = tuple(f for f in (formats or ",".join(defaults.get("formats", ["onnx"]))).split(",") if f)
+    cfg = ExportConfig(
+        formats=fmts, quant=quant or defaults.get("quant", "int8"), block_size=block_size,
+        experts=[e for e in experts.split(",") if e] if experts else None, overwrite=overwrite,
+    )  # fmt: skip
+    if not overwrite and Path(out).exists():
+        raise UserError(f"{out} already exists; choose another --out or pass --overwrite")
+    from mode_edge.export.pipeline import export_bundle
+    from mode_edge.packs import describe
+
+    export_bundle(run, out, cfg)
+    print_description(describe(out))
+
+
+@click.command("pack", short_help="Cut one expert out of a bundle as a domain pack.")
+@click.option("--bundle", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
+@click.option("--expert", required=True, help="Name of the installed expert.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Archive to write (default: NAME.modepack).")
+def pack_cmd(bundle, expert, out):
+    """Write NAME.modepack: the expert's graphs, gate rows, manifest and checksums in one archive."""
+    from mode_edge.packs import make_pack
+
+    out = out or Path(f"{expert}.modepack")
+    pack = make_pack(bundle, expert, out)
+    click.echo(f"{out}: expert {expert}, {len(pack['files'])} files, {human_bytes(out.stat().st_size)}")
+
+
+@click.command("install", short_help="Install a domain pack into a bundle.")
+@click.option("--bundle", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
+@click.option("--replace", is_flag=True, help="Replace an installed expert of the same name.")
+@click.argument("pack", type=click.Path(path_type=Path))
+def install_cmd(bundle, replace, pack):
+    """Check PACK (format version, base fingerprint, every size and sha256, archive members) and add its expert to
+    the bundle atomically. A refused pack changes nothing."""
+    from mode_edge.packs import install
+
+    manifest = install(bundle, pack, replace=replace)
+    click.echo(f"installed expert {manifest['name']} into {bundle}")
+
+
+@click.command("uninstall", short_help="Remove one expert from a bundle.")
+@click.option("--bundle", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
+@click.argument("name")
+def uninstall_cmd(bundle, name):
+    """Remove expert NAME; the base and the other experts are not touched."""
+    from mode_edge.packs import uninstall
+
+    uninstall(bundle, name)
+    click.echo(f"removed expert {name} from {bundle}")
+
+
+@click.command("inspect", short_help="Show what a bundle or a pack holds.")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def inspect_cmd(path, as_json):
+    """Components and their bytes on disk, quantization, formats and base fingerprint of a bundle or a .modepack."""
+    from mode_edge.packs import describe
+
+    info = describe(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        print_description(info)
+
+
+def print_description(info: dict) -> None:
+    from rich.table import Table
+
+    from mode_edge.bundle import quant_label
+    from mode_edge.progress import results_console
+
+    results_console.print(
+        f"{info['kind']} {info['path']}: {quant_label(info['quantization'])}, {', '.join(info['formats'])}, "
+        f"base fingerprint {info['fingerprint'][:16]}"
+    )
+    table = Table("component", "bytes")
+    for comp, n in info["components"].items():
+        table.add_row(comp, human_bytes(n))
+    for name, e in info.get("experts", {}).items():
+        for comp, n in e["components"].items():
+            table.add_row(f"experts/{name}/{comp}", human_bytes(n))
+    total = info.get("bytes", info.get("base_bytes", 0)) + sum(e["bytes"] for e in info.get("experts", {}).values())
+    table.add_row("[bold]total (with tokenizer, gates, manifests)", f"[bold]{human_bytes(total)}")
+    results_console.print(table)
+
+
+@click.group("devices", short_help="Device profiles: list, show.")
+def devices():
+    """Profiles of target devices: RAM, cores, ISA, model memory budget, threads, transport."""
+
+
+@devices.command("list")
+def devices_list():
+    """The known profiles; `mode-edge devices show NAME` gives one in full."""
+    from rich.table import Table
+
+    from mode_edge.devices.profiles import load_profile, names
+    from mode_edge.progress import results_console
+
+    table = Table("name", "RAM", "model budget", "threads", "transport")
+    for n in names():
+        p = load_profile(n)
+        table.add_row(n, f"{p.ram_mb} MB", f"{p.memory_budget_mb} MB", str(p.threads), p.transport["kind"])
+    results_console.print(table)
+
+
+@devices.command("show")
+@click.argument("name")
+def devices_show(name):
+    """One profile in full, as JSON."""
+    from dataclasses import asdict
+
+    from mode_edge.devices.profiles import load_profile
+
+    click.echo(json.dumps(asdict(load_profile(name)), indent=2))
+
+
+COMMANDS = [export_cmd, pack_cmd, install_cmd, uninstall_cmd, inspect_cmd, devices]

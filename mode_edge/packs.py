@@ -1,0 +1,212 @@
+"""Domain packs: one expert cut out of a bundle as a single archive, installed into or removed from a bundle atomically.
+
+NAME.modepack is an uncompressed tar (weights do not compress) holding pack.json and the files it lists. An install
+checks everything before anything changes: the archive's members (regular files only, inside the target folder,
+exactly the listed files), the format version, the base fingerprint, every size and sha256 while extracting into a
+hidden staging folder. Only then is the folder renamed into place and the bundle manifest rewritten (atomically).
+Pure Python: a device installs packs without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tarfile
+from pathlib import Path
+
+from mode_edge.bundle import (
+    PACK_FORMAT,
+    check_declared,
+    check_pack_fits,
+    check_rel_path,
+    check_version,
+    expert_folder,
+    fsync_tree,
+    read_bundle,
+    read_pack_manifest,
+    verify_files,
+    write_manifest,
+)  # fmt: skip
+from mode_edge.errors import UserError
+from mode_edge.files import sha256_file
+
+PACK_MANIFEST = "pack.json"
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_name(name: str) -> None:
+    if not isinstance(name, str) or not NAME.match(name):
+        raise UserError(f"expert name {name!r} is not valid: use letters, digits, '_', '-', '.' (at most 64)")
+
+
+def make_pack(bundle: Path, name: str, out: Path) -> dict:
+    """Write the installed expert NAME of BUNDLE as the archive OUT; returns its pack manifest."""
+    manifest = read_bundle(bundle)
+    if name not in manifest["experts"]:
+        raise UserError(f"{bundle} has no expert {name!r}; it has: {', '.join(sorted(manifest['experts'])) or 'none'}")
+    folder = expert_folder(bundle, name)
+    pack = read_pack_manifest(folder)
+    verify_files(folder, pack["files"], f"expert {name!r} in {bundle}")
+    out = Path(out)
+    if out.exists():
+        raise UserError(f"{out} already exists; choose another --out or remove it first")
+    tmp = out.with_name(f".{out.name}.partial")
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            tar.add(folder / PACK_MANIFEST, arcname=PACK_MANIFEST, recursive=False)
+            for rel in pack["files"]:
+                tar.add(folder / rel, arcname=rel, recursive=False)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return pack
+
+
+def read_pack(path: Path) -> tuple[dict, dict[str, tarfile.TarInfo]]:
+    """The pack's manifest and its members, checked without extracting anything."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"pack {path} does not exist; make one with `mode-edge pack`")
+    try:
+        with tarfile.open(path, "r:") as tar:
+            members = tar.getmembers()
+            by_name: dict[str, tarfile.TarInfo] = {}
+            for m in members:
+                check_rel_path(m.name, f"pack {path}")
+                if not m.isfile():
+                    raise UserError(f"pack {path} holds {m.name!r}, which is not a regular file (a link?); refused")
+                if m.name in by_name:
+                    raise UserError(f"pack {path} holds {m.name!r} twice; refused")
+                by_name[m.name] = m
+            if PACK_MANIFEST not in by_name or by_name[PACK_MANIFEST].size > 1 << 20:
+                raise UserError(f"{path} is not a mode-edge pack: it has no {PACK_MANIFEST}")
+            raw = tar.extractfile(by_name[PACK_MANIFEST]).read()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise UserError(f"pack {path} is not a readable archive ({e}); it is truncated or corrupt") from None
+    try:
+        pack = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"pack {path}: {PACK_MANIFEST} is not valid JSON ({e}); the pack is corrupt") from None
+    check_version(pack, PACK_FORMAT, f"pack {path}")
+    check_name(pack.get("name"))
+    check_declared(pack.get("files"), f"pack {path}")
+    listed, present = set(pack["files"]), set(by_name) - {PACK_MANIFEST}
+    if listed - present:
+        raise UserError(f"pack {path} is missing {', '.join(sorted(listed - present))}; it is incomplete")
+    if present - listed:
+        raise UserError(f"pack {path} holds unlisted files {', '.join(sorted(present - listed))}; refused")
+    for rel, rec in pack["files"].items():
+        if by_name[rel].size != rec["bytes"]:
+            raise UserError(f"pack {path}: {rel} has {by_name[rel].size} bytes, its manifest says {rec['bytes']}")
+    return pack, by_name
+
+
+def install(bundle: Path, pack_path: Path, replace: bool = False) -> dict:
+    """Install the pack into the bundle atomically; returns its manifest. Nothing changes unless all checks pass."""
+    bundle = Path(bundle)
+    manifest = read_bundle(bundle)
+    pack, members = read_pack(pack_path)
+    name = pack["name"]
+    check_pack_fits(pack, manifest, f"pack {pack_path} ({name})")
+    if name in manifest["experts"] and not replace:
+        raise UserError(f"expert {name!r} is already installed in {bundle}; pass --replace to replace it")
+    experts = bundle / "experts"
+    staging, old = experts / f".{name}.installing", experts / f".{name}.old"
+    for leftover in (staging, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        with tarfile.open(pack_path, "r:") as tar:
+            for rel in [PACK_MANIFEST, *pack["files"]]:
+                extract_checked(tar, members[rel], staging / rel, pack["files"].get(rel), pack_path)
+        fsync_tree(staging)
+        target = expert_folder(bundle, name)
+        if target.exists():  # a replaced expert, or the folder of an install interrupted before its manifest entry
+            os.replace(target, old)
+        os.replace(staging, target)
+        manifest["experts"][name] = expert_entry(bundle, name, pack)
+        write_manifest(bundle, manifest)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise UserError(f"pack {pack_path} could not be read ({e}); it is truncated or corrupt") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return pack
+
+
+def extract_checked(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, rec: dict | None, pack_path) -> None:
+    """Copy one member out, hashing as it streams; a size or checksum mismatch refuses the pack."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    h, size = hashlib.sha256(), 0
+    src = tar.extractfile(member)
+    with open(dest, "wb") as f:
+        while block := src.read(1 << 20):
+            h.update(block)
+            size += len(block)
+            f.write(block)
+    if rec is not None and (size != rec["bytes"] or h.hexdigest() != rec["sha256"]):
+        raise UserError(f"pack {pack_path}: {member.name} does not match its sha256 or size (corrupted); refused")
+
+
+def expert_entry(bundle: Path, name: str, pack: dict) -> dict:
+    folder = expert_folder(bundle, name)
+    return {
+        "pack": f"experts/{name}/{PACK_MANIFEST}",
+        "pack_sha256": sha256_file(folder / PACK_MANIFEST),
+        "bytes": sum(rec["bytes"] for rec in pack["files"].values()),
+    }
+
+
+def uninstall(bundle: Path, name: str) -> None:
+    """Remove one expert: the manifest entry first (atomic), then its folder; other experts are not touched."""
+    bundle = Path(bundle)
+    manifest = read_bundle(bundle)
+    if name not in manifest["experts"]:
+        raise UserError(f"expert {name!r} is not installed in {bundle} (installed: "
+                        f"{', '.join(sorted(manifest['experts'])) or 'none'})")  # fmt: skip
+    del manifest["experts"][name]
+    write_manifest(bundle, manifest)
+    folder, trash = expert_folder(bundle, name), bundle / "experts" / f".{name}.removing"
+    if folder.exists():
+        os.replace(folder, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def component_bytes(components: dict, files: dict) -> dict[str, int]:
+    """Bytes on disk per component (graph + weights, every format), from the manifest's file records."""
+    out = {}
+    for comp, entry in components.items():
+        paths = [entry[f] for f in ("onnx", "executorch") if f in entry]
+        paths += [p + ".data" for p in paths if p.endswith(".onnx")]
+        out[comp] = sum(files[p]["bytes"] for p in paths if p in files)
+    return out
+
+
+def describe(path: Path) -> dict:
+    """What `mode-edge inspect` shows: a bundle folder or a .modepack archive."""
+    path = Path(path)
+    if path.is_dir():
+        m = read_bundle(path)
+        experts = {}
+        for name in sorted(m["experts"]):
+            pack = read_pack_manifest(expert_folder(path, name))
+            experts[name] = {
+                "parameters": pack.get("parameters"), "bytes": sum(r["bytes"] for r in pack["files"].values()),
+                "components": component_bytes(pack["components"], pack["files"]),
+            }  # fmt: skip
+        return {
+            "kind": "bundle", "path": str(path), "format_version": m["format_version"], "base": m["base"]["spec"],
+            "fingerprint": m["base"]["fingerprint"], "quantization": m["quantization"], "formats": m["formats"],
+            "components": component_bytes(m["components"], m["files"]),
+            "base_bytes": sum(r["bytes"] for r in m["files"].values()), "experts": experts,
+        }  # fmt: skip
+    pack, _ = read_pack(path)
+    return {
+        "kind": "pack", "path": str(path), "name": pack["name"], "format_version": pack["format_version"],
+        "fingerprint": pack["base_fingerprint"], "quantization": pack["quantization"], "formats": pack["formats"],
+        "parameters": pack.get("parameters"), "components": component_bytes(pack["components"], pack["files"]),
+        "bytes": sum(r["bytes"] for r in pack["files"].values()),
+    }  # fmt: skip

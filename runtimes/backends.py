@@ -1,0 +1,53 @@
+"""Graph backends of the device runtime: onnxruntime (default) and the ExecuTorch runtime (.pte), where installed.
+
+A loaded graph is a callable from a list of numpy arrays (in the graph's input order) to a list of numpy arrays.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mode_edge.errors import UserError
+
+
+class OnnxGraph:
+    def __init__(self, path: Path, threads: int | None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, dict(zip(self.inputs, arrays)))
+
+
+class PteGraph:
+    def __init__(self, path: Path):
+        try:
+            from executorch.runtime import Runtime
+        except ImportError:
+            raise UserError("the ExecuTorch backend needs `pip install executorch`; or use --backend onnx") from None
+        self.program = Runtime.get().load_program(str(path))
+        self.method = self.program.load_method("forward")
+
+    def __call__(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        import torch  # the ExecuTorch Python runtime exchanges torch tensors; the ONNX path never imports torch
+
+        # An empty cache has zero strides in numpy, which ExecuTorch refuses: give it a fresh, contiguous tensor.
+        tensors = [torch.from_numpy(np.ascontiguousarray(a)) if a.size else torch.empty(a.shape) for a in arrays]
+        return [o.numpy() for o in self.method.execute(tensors)]
+
+
+def load_graph(path: Path, threads: int | None = None):
+    path = Path(path)
+    if path.suffix == ".onnx":
+        return OnnxGraph(path, threads)
+    if path.suffix == ".pte":
+        return PteGraph(path)
+    raise ValueError(f"no backend for {path}")

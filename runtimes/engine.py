@@ -1,0 +1,185 @@
+"""The split model on the device: base graphs, the loaded experts' graphs, the gate's mix, a KV cache, generation.
+
+Works on token ids (tokenization sits at the edge, in the caller). No torch: numpy + onnxruntime.
+
+    h = embed(ids)
+    for each block i:  y_bb, kv = block_i(h, kv);  y_j, g_j, kv = expert_j,i(h, kv) for every loaded expert j
+                       a = softmax([0, g_1 .. g_N]);  h = a_0 * y_bb + sum_j a_j * y_j
+    logits = head(h)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from mode_edge.bundle import read_bundle, read_pack_manifest, verify_files
+from mode_edge.errors import UserError
+from mode_edge.runtimes.backends import load_graph
+
+SUFFIX = {"onnx": ".onnx", "executorch": ".pte"}
+
+
+@dataclass
+class Cache:
+    """Keys and values of every loaded graph's attention layers, by component, for the tokens seen so far."""
+
+    kv: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    pos: int = 0
+
+
+class LoadedExpert:
+    def __init__(self, name: str, folder: Path, pack: dict, blocks: list):
+        self.name, self.folder, self.pack, self.blocks = name, folder, pack, blocks
+
+
+class Engine:
+    """The bundle's base graphs, loaded once; experts come and go with `load_expert` / `unload_expert`."""
+
+    def __init__(self, bundle: Path, backend: str = "onnx", threads: int | None = None, verify: bool = True):
+        self.bundle = Path(bundle)
+        self.manifest = read_bundle(self.bundle)
+        if backend not in self.manifest["formats"]:
+            raise UserError(
+                f"bundle {bundle} has no {backend} graphs (it has {', '.join(self.manifest['formats'])}); "
+                f"re-export with --format {backend} or choose --backend {self.manifest['formats'][0]}"
+            )
+        if verify:
+            verify_files(self.bundle, self.manifest["files"], f"bundle {bundle}")
+        self.backend, self.threads = backend, threads
+        comps = self.manifest["components"]
+        self.n_blocks = len(self.manifest["base"]["block_ranges"])
+        self.embed = self._graph(comps["base/embed"][backend])
+        self.blocks = [self._graph(comps[f"base/block{i}"][backend]) for i in range(self.n_blocks)]
+        self.head = self._graph(comps["base/head"][backend])
+        self.block_layers = [comps[f"base/block{i}"]["layers"] for i in range(self.n_blocks)]
+        d = self.manifest["base"]["decoder"]
+        self.kv_shape = (d["n_kv_heads"], d["head_dim"])
+        self.experts: dict[str, LoadedExpert] = {}
+
+    def _graph(self, rel: str):
+        return load_graph(self.bundle / rel, self.threads)
+
+    @property
+    def installed(self) -> list[str]:
+        return sorted(self.manifest["experts"])
+
+    def load_expert(self, name: str, verify: bool = True) -> LoadedExpert:
+        if name in self.experts:
+            return self.experts[name]
+        if name not in self.manifest["experts"]:
+            raise UserError(
+                f"expert {name!r} is not installed in {self.bundle} (installed: {', '.join(self.installed) or 'none'});"
+                " install its pack with `mode-edge install`"
+            )
+        folder = self.bundle / "experts" / name
+        pack = read_pack_manifest(folder)
+        if verify:
+            verify_files(folder, pack["files"], f"expert {name!r}")
+        blocks = [load_graph(folder / pack["components"][f"block{i}"][self.backend], self.threads)
+                  for i in range(self.n_blocks)]  # fmt: skip
+        self.experts[name] = LoadedExpert(name, folder, pack, blocks)
+        return self.experts[name]
+
+    def unload_expert(self, name: str) -> None:
+        self.experts.pop(name, None)
+
+    def new_cache(self) -> Cache:
+        return Cache()
+
+    def _past(self, cache: Cache, key: str, layers: int) -> list[np.ndarray]:
+        if key not in cache.kv:
+            # An expert loaded mid-conversation starts with an empty cache: its layers would need the earlier
+            # tokens' keys, so a conversation keeps its expert set; Session.generate starts a fresh cache.
+            empty = np.zeros((1, self.kv_shape[0], 0, self.kv_shape[1]), dtype=np.float32)
+            return [empty] * (2 * layers)
+        return cache.kv[key]
+
+    def forward(self, ids: np.ndarray, cache: Cache, timer: Callable | None = None) -> np.ndarray:
+        """ids (1, T) int64 after cache.pos earlier tokens -> logits (1, T, V); grows the cache."""
+        timed = timer or (lambda _what, fn: fn())
+        (h,) = timed("embed", lambda: self.embed([ids]))  # (1, T, d)
+        for i, block in enumerate(self.blocks):
+            key = f"block{i}"
+            out = timed("backbone", lambda: block([h, *self._past(cache, key, self.block_layers[i])]))
+            y_bb, cache.kv[key] = out[0], out[1:]
+            if not self.experts:
+                h = y_bb
+                continue
+            ys, logits = [y_bb], [np.zeros(h.shape[:2], dtype=np.float32)]
+            for name, expert in self.experts.items():
+                key = f"{name}/block{i}"
+                layers = expert.pack["components"][f"block{i}"]["layers"]
+                out = timed("experts", lambda: expert.blocks[i]([h, *self._past(cache, key, layers)]))
+                ys.append(out[0])
+                logits.append(out[1])
+                cache.kv[key] = out[2:]
+            h = timed("gate+mix", lambda: mix(ys, logits))
+        cache.pos += ids.shape[1]
+        (logits,) = timed("head", lambda: self.head([h]))
+        return logits
+
+
+def mix(ys: list[np.ndarray], logits: list[np.ndarray]) -> np.ndarray:
+    """softmax over [backbone, experts...] per token, then the weighted sum of their outputs."""
+    g = np.stack(logits, axis=-1)  # (B, T, 1 + N)
+    a = np.exp(g - g.max(axis=-1, keepdims=True))
+    a /= a.sum(axis=-1, keepdims=True)
+    out = a[..., 0:1] * ys[0]
+    for j in range(1, len(ys)):
+        out += a[..., j : j + 1] * ys[j]
+    return out.astype(np.float32)
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0
+    """0: greedy."""
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise UserError("--temperature and --top-k must be >= 0, --top-p in (0, 1]")
+
+
+def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
+    if s.temperature == 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / s.temperature
+    if s.top_k:
+        kth = np.partition(z, -s.top_k)[-s.top_k]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if s.top_p < 1:
+        order = np.argsort(-p)
+        keep = np.cumsum(p[order]) - p[order] < s.top_p  # the smallest set whose mass reaches top_p
+        mask = np.zeros_like(p, dtype=bool)
+        mask[order[keep]] = True
+        p = np.where(mask, p, 0)
+        p /= p.sum()
+    return int(rng.choice(len(p), p=p))
+
+
+def generate(
+    engine: Engine, prompt: list[int], max_new_tokens: int, sampling: Sampling | None = None,
+    stop: int | None = None, timer: Callable | None = None,
+) -> Iterator[int]:  # fmt: skip
+    """Yield new token ids one at a time: one prefill over the prompt, then one-token decode steps."""
+    if not prompt:
+        raise UserError("the prompt is empty; give at least one token")
+    sampling = sampling or Sampling()
+    rng = np.random.default_rng(sampling.seed)
+    cache = engine.new_cache()
+    logits = engine.forward(np.array([prompt], dtype=np.int64), cache, timer)
+    for _ in range(max_new_tokens):
+        token = sample(logits[0, -1], sampling, rng)
+        yield token
+        if token == stop:
+            return
+        logits = engine.forward(np.array([[token]], dtype=np.int64), cache, timer)

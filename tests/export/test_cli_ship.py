@@ -1,0 +1,43 @@
+"""export, inspect, pack, install, uninstall and devices through the real command line, in subprocesses."""
+
+import json
+
+from tests.test_cli import assert_user_error, cli
+
+
+def test_export_inspect_pack_install_from_the_command_line(composed_run, tmp_path):
+    bundle = tmp_path / "bundle"
+    proc = cli("export", "--model", composed_run, "--out", bundle, "--quant", "int4", "--block-size", "16",
+               "--experts", "code")  # fmt: skip
+    assert "base/block0" in proc.stdout and "experts/code/block0" in proc.stdout
+    info = json.loads(cli("inspect", bundle, "--json").stdout)
+    assert info["quantization"] == {"scheme": "int4", "block_size": 16} and list(info["experts"]) == ["code"]
+    assert info["formats"] == ["onnx"] and len(info["fingerprint"]) == 64
+
+    pack = tmp_path / "code.modepack"
+    assert "expert code" in cli("pack", "--bundle", bundle, "--expert", "code", "--out", pack).stdout
+    assert "code" in cli("inspect", pack).stdout
+    assert_user_error(cli("install", "--bundle", bundle, pack, ok=False), "already installed")
+    cli("uninstall", "--bundle", bundle, "code")
+    assert_user_error(cli("uninstall", "--bundle", bundle, "code", ok=False), "not installed")
+    cli("install", "--bundle", bundle, pack)
+    assert list(json.loads(cli("inspect", bundle, "--json").stdout)["experts"]) == ["code"]
+
+
+def test_export_bad_input_is_one_line_and_leaves_nothing(composed_run, tmp_path):
+    out = tmp_path / "b"
+    assert_user_error(cli("export", "--model", tmp_path / "nope", "--out", out, ok=False), "does not exist")
+    assert_user_error(cli("export", "--model", composed_run, "--out", out, "--format", "tflite", ok=False), "--format")
+    assert_user_error(cli("export", "--model", composed_run, "--out", out, "--experts", "law", ok=False), "no expert")
+    assert_user_error(cli("export", "--model", composed_run, "--out", out, "--device", "nokia", ok=False), "pixel-8")
+    assert_user_error(cli("inspect", tmp_path, ok=False), "not a mode-edge bundle")
+    assert not out.exists() and not (tmp_path / ".b.partial").exists()
+
+
+def test_device_profiles():
+    listing = cli("devices", "list").stdout
+    for name in ("pixel-8", "galaxy-s24", "raspberry-pi-5", "jetson-orin-nano", "android-4gb", "host"):
+        assert name in listing
+    pi = json.loads(cli("devices", "show", "raspberry-pi-5").stdout)
+    assert pi["transport"]["kind"] == "ssh" and pi["ram_mb"] == 8192 and pi["memory_budget_mb"] < pi["ram_mb"]
+    assert json.loads(cli("devices", "show", "host").stdout)["cores"] >= 1

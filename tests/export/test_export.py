@@ -1,0 +1,125 @@
+"""Exported graphs against PyTorch: every fp32 graph, greedy generation through the runtime, quantized sizes."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mode_edge.bundle import read_bundle, read_pack_manifest, verify_files
+from mode_edge.config import ExportConfig
+from mode_edge.export.graphs import example_inputs, split
+from mode_edge.export.pipeline import export_bundle, load_model
+from mode_edge.runtimes.backends import load_graph
+from mode_edge.runtimes.engine import Engine, generate
+from mode_edge.training.model import KVCache
+
+SUFFIX = {"onnx": ".onnx", "executorch": ".pte"}
+
+
+def torch_greedy(model, prompt, n):
+    cache, out = KVCache(), []
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]), cache)
+        for _ in range(n):
+            out.append(int(logits[0, -1].argmax()))
+            logits = model(torch.tensor([[out[-1]]]), cache)
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "executorch"])
+def test_every_fp32_graph_matches_its_module(fp32_bundle, composed_run, fmt):
+    backbone, model, _ = load_model(composed_run, None)
+    torch.manual_seed(3)
+    for rel, graph in split(model).items():
+        exported = load_graph(fp32_bundle / (rel + SUFFIX[fmt]))
+        for tokens, past in ((5, 0), (1, 7), (3, 2)):  # prefill on an empty cache, one-token decode, a chunk
+            inputs = example_inputs(graph, backbone.decoder.cfg, tokens=tokens, past=past)
+            with torch.no_grad():
+                ref = graph(*inputs)
+            ref = ref if isinstance(ref, tuple) else (ref,)
+            got = exported([t.numpy() for t in inputs])
+            assert len(got) == len(ref)
+            for r, g in zip(ref, got):
+                assert r.shape == g.shape
+                assert np.abs(r.numpy() - g).max() < 1e-4, f"{rel} ({fmt}) at T={tokens}, P={past}"
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "executorch"])
+def test_greedy_generation_of_32_tokens_equals_pytorch(fp32_bundle, composed_run, fmt):
+    backbone, model, _ = load_model(composed_run, None)
+    prompt = backbone.tokenizer.encode("def parse(text):\n    return")
+    engine = Engine(fp32_bundle, backend=fmt)
+    for name in ("code", "prose"):
+        engine.load_expert(name)
+    assert list(generate(engine, prompt, 32)) == torch_greedy(model, prompt, 32)
+    engine.unload_expert("prose")  # a subset composes without retraining: the softmax runs over the experts present
+    backbone2, code_only, _ = load_model(composed_run, ["code"])
+    assert list(generate(engine, prompt, 32)) == torch_greedy(code_only, prompt, 32)
+
+
+def test_manifest_lists_every_file_with_size_and_checksum(fp32_bundle):
+    manifest = read_bundle(fp32_bundle)
+    assert manifest["formats"] == ["onnx", "executorch"] and manifest["quantization"] == {"scheme": "fp32"}
+    assert manifest["base"]["block_ranges"] == [[0, 3], [3, 6]]
+    verify_files(fp32_bundle, manifest["files"], "bundle")
+    assert "tokenizer.json" in manifest["files"] and "base/block1.onnx.data" in manifest["files"]
+    for name in ("code", "prose"):
+        pack = read_pack_manifest(fp32_bundle / "experts" / name)
+        assert pack["base_fingerprint"] == manifest["base"]["fingerprint"]
+        verify_files(fp32_bundle / "experts" / name, pack["files"], name)
+        assert set(pack["files"]) == {"gate.safetensors"} | {
+            f"block{i}{s}" for i in range(2) for s in (".onnx", ".onnx.data", ".pte")
+        }
+    every = {str(p.relative_to(fp32_bundle)) for p in fp32_bundle.rglob("*") if p.is_file()}
+    listed = set(manifest["files"]) | {f"experts/{n}/{f}" for n in ("code", "prose")
+                                       for f in read_pack_manifest(fp32_bundle / "experts" / n)["files"]}  # fmt: skip
+    assert every - listed == {"manifest.json", "experts/code/pack.json", "experts/prose/pack.json"}
+    verify = manifest["export"]["verify_max_abs_diff"]
+    assert all(v < 1e-4 for diffs in verify.values() for v in diffs.values())
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_onnx_quantization_shrinks_the_weights_and_stays_close(composed_run, fp32_bundle, tmp_path, quant):
+    out = tmp_path / quant
+    manifest = export_bundle(composed_run, out, ExportConfig(formats=("onnx",), quant=quant, block_size=16))
+    fp32 = read_bundle(fp32_bundle)
+    for rel in ("base/block0.onnx.data", "base/block1.onnx.data"):
+        assert manifest["files"][rel]["bytes"] < 0.5 * fp32["files"][rel]["bytes"], rel
+    diffs = manifest["export"]["verify_max_abs_diff"]
+    assert all(d["onnx-fp32"] < 1e-4 for d in diffs.values())  # the fp32 graph before quantization was exact
+    assert all(d["onnx"] < 0.5 for d in diffs.values()), diffs  # quantized: close, not exact
+    engine = Engine(out)
+    engine.load_expert("code")
+    assert len(list(generate(engine, [1, 2, 3], 4))) == 4
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_executorch_quantized_expert_block_runs_close_to_fp32(composed_run, fp32_bundle, tmp_path, quant):
+    from mode_edge.export.executorch_graphs import export_pte
+
+    backbone, model, _ = load_model(composed_run, ["code"])
+    graph = split(model)["experts/code/block0"]
+    export_pte(graph, backbone.decoder.cfg, tmp_path / "b.pte", quant, 32)
+    inputs = example_inputs(graph, backbone.decoder.cfg)
+    with torch.no_grad():
+        ref = graph(*inputs)
+    got = load_graph(tmp_path / "b.pte")([t.numpy() for t in inputs])
+    scale = float(ref[0].abs().max())
+    assert np.abs(ref[0].numpy() - got[0]).max() < 0.1 * scale
+    assert np.abs(ref[0].numpy() - got[0]).max() > 0  # it was quantized
+    assert (tmp_path / "b.pte").stat().st_size < 0.5 * (fp32_bundle / "experts/code/block0.pte").stat().st_size
+
+
+def test_export_refuses_a_baseline_run_and_an_existing_bundle(composed_run, fp32_bundle, tmp_path):
+    from mode_edge.errors import UserError
+
+    with pytest.raises(UserError, match="already exists"):
+        export_bundle(composed_run, fp32_bundle, ExportConfig(quant="fp32"))
+    record = json.loads((composed_run / "model.json").read_text())
+    baseline = tmp_path / "lora"
+    baseline.mkdir()
+    (baseline / "model.json").write_text(json.dumps({**record, "kind": "lora", "layout": None}))
+    with pytest.raises(UserError, match="baseline run"):
+        export_bundle(baseline, tmp_path / "out", ExportConfig(quant="fp32"))
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,58 @@
+"""The export-only rewrite (explicit KV tensors, one causal mask) against the training model it was cut from."""
+
+import torch
+from torch.testing import assert_close
+
+from mode_edge.config import MoDELayout
+from mode_edge.export.graphs import graph_layers, split
+from mode_edge.runtimes.engine import mix
+from mode_edge.training.model import Expert, KVCache, MoDEModel
+
+
+def run_split(graphs, n_blocks, experts, ids, cache):
+    """Drive the split graphs in PyTorch the way the runtime does, with the mix in numpy."""
+    h = graphs["base/embed"](ids)
+    for i in range(n_blocks):
+        comps = [f"base/block{i}"] + [f"experts/{n}/block{i}" for n in experts]
+        ys, logits = [], [torch.zeros(h.shape[:2])]
+        for comp in comps:
+            past = cache.get(comp) or [torch.zeros(1, 2, 0, 16)] * (2 * graph_layers(graphs[comp]))
+            out = graphs[comp](h, *past)
+            if comp.startswith("experts/"):
+                ys.append(out[0])
+                logits.append(out[1])
+                cache[comp] = list(out[2:])
+            else:
+                ys.append(out[0])
+                cache[comp] = list(out[1:])
+        h = torch.from_numpy(mix([y.numpy() for y in ys], [g.numpy() for g in logits]))
+    return graphs["base/head"](h)
+
+
+@torch.no_grad()
+def test_split_graphs_match_the_model_over_prefill_and_decode(tiny):
+    layout = MoDELayout(n_blocks=3, expert_layers=2, init="random", gate_bias=0.5)
+    experts = {n: Expert.init_from(tiny.decoder, layout, seed=s) for s, n in enumerate(["a", "b"])}
+    for e in experts.values():
+        for blk in e.blocks:
+            blk.gate.weight.normal_()  # non-trivial, token-dependent gate weights
+    model = MoDEModel(tiny.decoder, layout, experts).eval()
+    graphs = split(model)
+    assert sorted(graphs) == sorted(
+        ["base/embed", "base/head"] + [f"base/block{i}" for i in range(3)]
+        + [f"experts/{n}/block{i}" for n in "ab" for i in range(3)]
+    )  # fmt: skip
+    ids = torch.randint(0, 256, (1, 12))
+    ref_cache, cache = KVCache(), {}
+    for chunk in (ids[:, :7], ids[:, 7:8], ids[:, 8:11], ids[:, 11:]):  # prefill, decode, a chunk, decode
+        ref = model(chunk, ref_cache)
+        got = run_split(graphs, 3, ["a", "b"], chunk, cache)
+        assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_backbone_only_split_is_the_backbone(tiny):
+    model = MoDEModel(tiny.decoder, MoDELayout()).eval()
+    graphs = split(model)
+    ids = torch.randint(0, 256, (1, 9))
+    assert_close(run_split(graphs, 3, [], ids, {}), tiny.decoder(ids), atol=1e-5, rtol=1e-5)

@@ -1,0 +1,175 @@
+"""Domain packs: cut, install, uninstall, inspect; and every way a bad pack is refused with nothing changed."""
+
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+
+import pytest
+
+from mode_edge.bundle import read_bundle
+from mode_edge.errors import UserError
+from mode_edge.packs import describe, install, make_pack, uninstall
+from mode_edge.runtimes.engine import Engine, generate
+
+
+@pytest.fixture
+def bundle(int8_bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(int8_bundle, copy)
+    return copy
+
+
+@pytest.fixture
+def code_pack(int8_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("packs") / "code.modepack"
+    if not out.exists():
+        make_pack(int8_bundle, "code", out)
+    return out
+
+
+def tree(folder):
+    """Every file under the folder with its content hash: 'nothing changed' means this is equal."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def members(pack):
+    with tarfile.open(pack) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def write_tar(path, files: dict, extra=()):
+    with tarfile.open(path, "w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for info in extra:
+            tar.addfile(info)
+    return path
+
+
+def test_pack_uninstall_install_round_trip(bundle, code_pack, tmp_path):
+    prompt = [5, 6, 7, 8]
+    engine = Engine(bundle)
+    engine.load_expert("code")
+    before = list(generate(engine, prompt, 8))
+    prose_files = tree(bundle / "experts" / "prose")
+
+    uninstall(bundle, "code")
+    assert sorted(read_bundle(bundle)["experts"]) == ["prose"]
+    assert not (bundle / "experts" / "code").exists()
+    assert tree(bundle / "experts" / "prose") == prose_files  # the other pack is never touched
+    with pytest.raises(UserError, match="not installed"):
+        Engine(bundle).load_expert("code")
+
+    install(bundle, code_pack)
+    assert sorted(read_bundle(bundle)["experts"]) == ["code", "prose"]
+    engine = Engine(bundle)
+    engine.load_expert("code")
+    assert list(generate(engine, prompt, 8)) == before
+    with pytest.raises(UserError, match="already installed"):
+        install(bundle, code_pack)
+    install(bundle, code_pack, replace=True)
+
+    info = describe(code_pack)
+    assert info["kind"] == "pack" and info["name"] == "code" and set(info["components"]) == {"block0", "block1"}
+    assert info["bytes"] == sum(len(v) for k, v in members(code_pack).items() if k != "pack.json")
+    assert set(describe(bundle)["experts"]) == {"code", "prose"}
+
+
+def test_an_install_interrupted_before_its_manifest_entry_is_replaced_by_the_next(bundle, code_pack):
+    uninstall(bundle, "code")
+    shutil.copytree(bundle / "experts" / "prose", bundle / "experts" / "code")  # an orphan folder, not in the manifest
+    install(bundle, code_pack)
+    assert json.loads((bundle / "experts/code/pack.json").read_text())["name"] == "code"
+    Engine(bundle).load_expert("code")
+
+
+def tamper(code_pack, tmp_path, edit_manifest=None, edit_files=None, extra=()):
+    files = members(code_pack)
+    manifest = json.loads(files["pack.json"])
+    if edit_manifest:
+        edit_manifest(manifest)
+    files["pack.json"] = json.dumps(manifest).encode()
+    if edit_files:
+        edit_files(files)
+    return write_tar(tmp_path / "bad.modepack", files, extra)
+
+
+def flip_byte(files):
+    data = bytearray(files["block0.onnx.data"])
+    data[len(data) // 2] ^= 0xFF
+    files["block0.onnx.data"] = bytes(data)
+
+
+def symlink_member():
+    info = tarfile.TarInfo("block9.onnx")
+    info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    return info
+
+
+CASES = {
+    "checksum": (dict(edit_files=flip_byte), "sha256"),
+    "fingerprint": (dict(edit_manifest=lambda m: m.update(base_fingerprint="0" * 64)), "base fingerprint"),
+    "version": (dict(edit_manifest=lambda m: m.update(format_version=99)), "format version 99"),
+    "outside": (
+        dict(
+            edit_manifest=lambda m: m["files"].update({"../evil.py": {"bytes": 3, "sha256": "a" * 64}}),
+            edit_files=lambda f: f.update({"../evil.py": b"bad"}),
+        ),
+        "outside",
+    ),  # fmt: skip
+    "absolute": (dict(edit_files=lambda f: f.update({"/tmp/evil": b"x"})), "outside"),
+    "link": (dict(extra=[symlink_member()]), "not a regular file"),
+    "missing": (dict(edit_files=lambda f: f.pop("block1.onnx")), "missing block1.onnx"),
+    "unlisted": (dict(edit_files=lambda f: f.update({"extra.bin": b"x"})), "unlisted"),
+    "size": (dict(edit_manifest=lambda m: m["files"]["gate.safetensors"].update(bytes=1 << 50)), "absurd size"),
+    "negative": (dict(edit_manifest=lambda m: m["files"]["gate.safetensors"].update(bytes=-1)), "absurd size"),
+    "truncated-member": (dict(edit_files=lambda f: f.update({"block0.onnx": f["block0.onnx"][:100]})), "bytes"),
+    "name": (dict(edit_manifest=lambda m: m.update(name="../../x")), "not valid"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_bad_pack_is_refused_and_nothing_changes(bundle, code_pack, tmp_path, case):
+    kwargs, message = CASES[case]
+    bad = tamper(code_pack, tmp_path, **kwargs)
+    uninstall(bundle, "code")
+    before = tree(bundle)
+    with pytest.raises(UserError, match=message):
+        install(bundle, bad)
+    assert tree(bundle) == before
+    assert not (tmp_path / "evil.py").exists() and not (bundle / "evil.py").exists()
+
+
+def test_a_truncated_archive_and_a_non_archive_are_refused(bundle, code_pack, tmp_path):
+    raw = code_pack.read_bytes()
+    cut = tmp_path / "cut.modepack"
+    cut.write_bytes(raw[: len(raw) // 2])
+    before = tree(bundle)
+    with pytest.raises(UserError, match="truncated or corrupt|missing|bytes"):
+        install(bundle, cut, replace=True)
+    junk = tmp_path / "junk.modepack"
+    junk.write_bytes(b"this is not a tar file" * 100)
+    with pytest.raises(UserError, match="not a readable archive|not a mode-edge pack"):
+        install(bundle, junk, replace=True)
+    assert tree(bundle) == before
+
+
+def test_a_pack_of_another_quantization_is_refused(bundle, code_pack):
+    manifest = read_bundle(bundle)
+    manifest["quantization"] = {"scheme": "int4", "block_size": 32}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    uninstall(bundle, "code")
+    with pytest.raises(UserError, match="quantized int8, the bundle int4"):
+        install(bundle, code_pack)
+
+
+def test_a_corrupted_installed_file_is_refused_at_load(bundle):
+    path = bundle / "experts/prose/block1.onnx.data"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(UserError, match="truncated"):
+        Engine(bundle).load_expert("prose")
