@@ -59,6 +59,8 @@ class Engine:
         d = self.manifest["base"]["decoder"]
         self.kv_shape = (d["n_kv_heads"], d["head_dim"])
         self.experts: dict[str, LoadedExpert] = {}
+        self.active: list[str] | None = None
+        """The experts a forward mixes, in order; None: every loaded expert (a Session keeps others warm)."""
 
     def _graph(self, rel: str):
         return load_graph(self.bundle / rel, self.threads)
@@ -86,6 +88,17 @@ class Engine:
 
     def unload_expert(self, name: str) -> None:
         self.experts.pop(name, None)
+        if self.active is not None and name in self.active:
+            self.active.remove(name)
+
+    def block_inputs(self, ids: np.ndarray) -> list[np.ndarray]:
+        """The input of every block on the backbone-only path (what prompt routing scores), one pass, no cache kept."""
+        (h,) = self.embed([ids])
+        inputs = []
+        for i, block in enumerate(self.blocks):
+            inputs.append(h)
+            h = block([h, *self._past(Cache(), f"block{i}", self.block_layers[i])])[0]
+        return inputs
 
     def new_cache(self) -> Cache:
         return Cache()
@@ -101,16 +114,18 @@ class Engine:
     def forward(self, ids: np.ndarray, cache: Cache, timer: Callable | None = None) -> np.ndarray:
         """ids (1, T) int64 after cache.pos earlier tokens -> logits (1, T, V); grows the cache."""
         timed = timer or (lambda _what, fn: fn())
+        active = [self.experts[n] for n in (self.active if self.active is not None else self.experts)]
         (h,) = timed("embed", lambda: self.embed([ids]))  # (1, T, d)
         for i, block in enumerate(self.blocks):
             key = f"block{i}"
             out = timed("backbone", lambda: block([h, *self._past(cache, key, self.block_layers[i])]))
             y_bb, cache.kv[key] = out[0], out[1:]
-            if not self.experts:
+            if not active:
                 h = y_bb
                 continue
             ys, logits = [y_bb], [np.zeros(h.shape[:2], dtype=np.float32)]
-            for name, expert in self.experts.items():
+            for expert in active:
+                name = expert.name
                 key = f"{name}/block{i}"
                 layers = expert.pack["components"][f"block{i}"]["layers"]
                 out = timed("experts", lambda: expert.blocks[i]([h, *self._past(cache, key, layers)]))

@@ -1,0 +1,71 @@
+"""`mode-edge run`: one prompt through a Session, tokens printed as they come, with a latency and memory profile."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from tokenizers import Tokenizer
+
+from mode_edge.bundle import read_bundle, total_bytes
+from mode_edge.runtimes.engine import Sampling
+from mode_edge.runtimes.profiler import Profile, Sampler
+from mode_edge.runtimes.session import Session
+from mode_edge.tokenizer import TextTokenizer
+
+
+def load_tokenizer(bundle: Path) -> TextTokenizer:
+    manifest = read_bundle(bundle)
+    tok = Tokenizer.from_file(str(Path(bundle) / manifest["tokenizer"]["file"]))
+    return TextTokenizer(tok, eos_id=manifest["tokenizer"]["eos_id"])
+
+
+def parse_experts(value: str) -> list[str] | str:
+    if value in ("auto", "none"):
+        return value
+    return [e for e in value.split(",") if e]
+
+
+def run(
+    bundle: Path, experts: list[str] | str, prompt: str, max_new_tokens: int, sampling: Sampling,
+    backend: str = "onnx", threads: int | None = None, budget_mb: float | None = None, route_top_k: int = 1,
+    on_text: Callable[[str], None] | None = None,
+) -> tuple[str, dict, Profile]:  # fmt: skip
+    """Generate; returns the new text, the profile summary (with the chosen experts) and the raw profile."""
+    profile = Profile()
+    profile.mark("start")
+    with Sampler(profile):
+        base_bytes = total_bytes(read_bundle(bundle)["files"])
+        session = profile.load("base", lambda: Session(bundle, backend, threads, budget_mb), base_bytes)
+        session.loader = lambda name, load: profile.load(f"expert {name}", load, session.expert_bytes(name))
+        tokenizer = load_tokenizer(bundle)
+        ids = tokenizer.encode(prompt)
+        profile.prompt_tokens = len(ids)
+        t = time.perf_counter()
+        chosen = session.route(ids, route_top_k) if experts == "auto" else [] if experts == "none" else experts
+        profile.route_s = time.perf_counter() - t if experts == "auto" else 0.0
+        session.select(chosen)
+        profile.mark("experts selected")
+        out: list[int] = []
+        text = ""
+        t = time.perf_counter()
+        for token in session.generate(ids, chosen, max_new_tokens, sampling, timer=profile.timer):
+            now = time.perf_counter()
+            profile.token_s.append(now - t)
+            if len(profile.token_s) == 1:
+                profile.prefill_s = now - t
+                profile.mark("prefill done")
+            out.append(token)
+            new = tokenizer.decode(out)
+            if on_text and new.startswith(text) and not new.endswith("\ufffd"):  # whole characters only
+                on_text(new[len(text) :])
+                text = new
+            t = time.perf_counter()  # printing is not the model's time
+        profile.mark("decode done")
+    final = tokenizer.decode(out)
+    if on_text and final != text and final.startswith(text):
+        on_text(final[len(text) :])
+    summary = {"experts": chosen, "route_scores": getattr(session, "last_scores", None), "backend": backend,
+               "new_tokens": len(out), **profile.summary()}  # fmt: skip
+    return final, summary, profile

@@ -1,0 +1,136 @@
+"""A serving session: the base loaded once, experts loaded on demand and evicted least-recently-used within the
+device's memory budget, prompt routing from the gate rows of every installed pack.
+
+Budget accounting uses each component's weight bytes on disk (what it costs to hold it resident); the memory
+profiler measures what loading really adds. No torch: numpy + onnxruntime.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from mode_edge.bundle import read_pack_manifest, total_bytes
+from mode_edge.errors import UserError
+from mode_edge.runtimes.engine import Engine, Sampling, generate
+
+MB = 1 << 20
+
+
+class Session:
+    def __init__(self, bundle: Path, backend: str = "onnx", threads: int | None = None,
+                 budget_mb: float | None = None, verify: bool = True):  # fmt: skip
+        self.bundle = Path(bundle)
+        self.budget = None if budget_mb is None else int(budget_mb * MB)
+        self.engine = Engine(self.bundle, backend=backend, threads=threads, verify=verify)
+        self.base_bytes = total_bytes(self.engine.manifest["files"])
+        if self.budget is not None and self.base_bytes > self.budget:
+            raise UserError(
+                f"the base alone needs {self.base_bytes / MB:.0f} MB, more than the memory budget of "
+                f"{self.budget / MB:.0f} MB; export with a smaller --quant (int4) or use a device with a larger budget"
+            )
+        self.verify = verify
+        self.lru: OrderedDict[str, int] = OrderedDict()  # loaded expert -> its bytes, least recently used first
+        self.loader = lambda name, load: load()
+        """Wraps every expert load: the profiler times it and measures the memory it adds."""
+        self.gates = {name: self._gate(name) for name in self.engine.installed}
+
+    def _gate(self, name: str) -> dict[str, np.ndarray]:
+        pack = read_pack_manifest(self.bundle / "experts" / name)
+        return load_file(str(self.bundle / "experts" / name / pack["gate"]))
+
+    def refresh(self) -> None:
+        """Re-read the manifest after an install or uninstall; the base stays loaded."""
+        from mode_edge.bundle import read_bundle
+
+        self.engine.manifest["experts"] = read_bundle(self.bundle)["experts"]
+        self.gates = {name: self._gate(name) for name in self.engine.installed}
+        for name in [n for n in self.lru if n not in self.gates]:
+            self.evict(name)
+
+    @property
+    def loaded(self) -> list[str]:
+        return list(self.lru)
+
+    def expert_bytes(self, name: str) -> int:
+        if name not in self.engine.manifest["experts"]:
+            raise UserError(
+                f"expert {name!r} is not installed in {self.bundle} (installed: "
+                f"{', '.join(self.engine.installed) or 'none'}); install its pack or pass --pack-source"
+            )
+        return self.engine.manifest["experts"][name]["bytes"]
+
+    def used_bytes(self) -> int:
+        return self.base_bytes + sum(self.lru.values())
+
+    def plan(self, names: list[str]) -> tuple[list[str], list[str]]:
+        """What selecting `names` would load and evict (least recently used first), without doing it."""
+        need = {n: self.expert_bytes(n) for n in names}
+        if self.budget is not None and self.base_bytes + sum(need.values()) > self.budget:
+            raise UserError(
+                f"base ({self.base_bytes / MB:.0f} MB) + experts {', '.join(names)} "
+                f"({sum(need.values()) / MB:.0f} MB) exceed the memory budget of {self.budget / MB:.0f} MB; "
+                "select fewer experts"
+            )
+        load = [n for n in names if n not in self.lru]
+        used = self.used_bytes() + sum(need[n] for n in load)
+        evict = []
+        for victim in self.lru:
+            if self.budget is None or used <= self.budget:
+                break
+            if victim not in need:
+                evict.append(victim)
+                used -= self.lru[victim]
+        return load, evict
+
+    def select(self, names: list[str]) -> list[str]:
+        """Make exactly `names` the active experts, loading what is missing; returns the evicted ones."""
+        load, evict = self.plan(names)
+        for name in evict:
+            self.evict(name)
+        for name in load:
+            self.loader(name, lambda name=name: self.engine.load_expert(name, verify=self.verify))
+            self.lru[name] = self.expert_bytes(name)
+        for name in names:
+            self.lru.move_to_end(name)
+        self.engine.active = list(names)
+        return evict
+
+    def evict(self, name: str) -> None:
+        self.engine.unload_expert(name)
+        self.lru.pop(name, None)
+
+    def route(self, prompt: list[int], top_k: int = 1) -> list[str]:
+        """The top-k installed experts for this prompt: each scored by its gate rows on the backbone's block inputs
+        (mean logit over blocks and tokens); one backbone-only pass over the prompt."""
+        if not self.gates:
+            return []
+        inputs = self.engine.block_inputs(np.array([prompt], dtype=np.int64))  # per block (1, T, d)
+        scores = {}
+        for name, g in self.gates.items():
+            logits = []
+            for i, h in enumerate(inputs):
+                hn = h * (1.0 / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + g["eps"][0]))
+                logits.append(hn @ g["weight"][i] + g["bias"][i])  # (1, T)
+            scores[name] = float(np.mean(logits))
+        self.last_scores = scores
+        return sorted(scores, key=scores.get, reverse=True)[:top_k]
+
+    def generate(self, prompt: list[int], experts: list[str] | str = "auto", max_new_tokens: int = 64,
+                 sampling: Sampling | None = None, top_k_experts: int = 1, timer=None) -> Iterator[int]:  # fmt: skip
+        """Token ids as they come. `experts`: a list of names, 'auto' (route on the prompt) or 'none'."""
+        if experts == "auto":
+            experts = self.route(prompt, top_k_experts)
+        elif experts == "none":
+            experts = []
+        self.select(list(experts))
+        limit = self.engine.manifest["base"]["decoder"]["max_seq_len"]
+        if len(prompt) + max_new_tokens > limit:
+            raise UserError(f"prompt ({len(prompt)} tokens) + --max-new-tokens {max_new_tokens} exceed the model's "
+                            f"context of {limit} tokens; shorten one of them")  # fmt: skip
+        eos = self.engine.manifest["tokenizer"].get("eos_id")
+        return generate(self.engine, prompt, max_new_tokens, sampling, stop=eos, timer=timer)
