@@ -210,3 +210,21 @@ def describe(path: Path) -> dict:
         "parameters": pack.get("parameters"), "components": component_bytes(pack["components"], pack["files"]),
         "bytes": sum(r["bytes"] for r in pack["files"].values()),
     }  # fmt: skip
+
+
+def install_copy(bundle: Path, name: str, new_name: str) -> None:
+    """Install expert NAME again as NEW_NAME (same weights): how benchmarks and tests fill a bundle with many packs."""
+    import tempfile
+
+    check_name(new_name)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / new_name
+        shutil.copytree(expert_folder(bundle, name), folder)
+        manifest = json.loads((folder / PACK_MANIFEST).read_text())
+        manifest["name"] = new_name
+        (folder / PACK_MANIFEST).write_text(json.dumps(manifest, indent=2))
+        archive = Path(tmp) / f"{new_name}.modepack"
+        with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+            for rel in [PACK_MANIFEST, *manifest["files"]]:
+                tar.add(folder / rel, arcname=rel, recursive=False)
+        install(bundle, archive)

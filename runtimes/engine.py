@@ -59,6 +59,7 @@ class Engine:
         d = self.manifest["base"]["decoder"]
         self.kv_shape = (d["n_kv_heads"], d["head_dim"])
         self.experts: dict[str, LoadedExpert] = {}
+        self._verified: dict[str, list] = {}
         self.active: list[str] | None = None
         """The experts a forward mixes, in order; None: every loaded expert (a Session keeps others warm)."""
 
@@ -80,7 +81,12 @@ class Engine:
         folder = self.bundle / "experts" / name
         pack = read_pack_manifest(folder)
         if verify:
-            verify_files(folder, pack["files"], f"expert {name!r}")
+            # Hash a pack's files once; reloads after an eviction re-check only that no file changed size or time.
+            stamp = [(rel, (folder / rel).stat().st_size, (folder / rel).stat().st_mtime_ns)
+                     for rel in pack["files"] if (folder / rel).is_file()]  # fmt: skip
+            if self._verified.get(name) != stamp:
+                verify_files(folder, pack["files"], f"expert {name!r}")
+                self._verified[name] = stamp
         blocks = [load_graph(folder / pack["components"][f"block{i}"][self.backend], self.threads)
                   for i in range(self.n_blocks)]  # fmt: skip
         self.experts[name] = LoadedExpert(name, folder, pack, blocks)

@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny backbone, small real corpora, a tiny Hugging Face checkpoint on disk."""
+"""Shared fixtures: the tiny backbone, small real corpora, a tiny Hugging Face checkpoint on disk, and a composed
+two-expert MoDE run on the tiny backbone (2 blocks, so that exports stay quick) with bundles of it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from mode_edge.config import ExportConfig, MoDELayout, TrainConfig
 from mode_edge.training.backbones import TINY_CONFIG, load_backbone
 
 
@@ -69,3 +71,47 @@ def save_tiny_hf_checkpoint(path: Path, model_type: str = "llama", seed: int = 1
 def hf_checkpoint(tmp_path_factory) -> tuple[Path, object]:
     path = tmp_path_factory.mktemp("hf") / "tiny-llama"
     return path, save_tiny_hf_checkpoint(path)
+
+
+EXPORT_LAYOUT = MoDELayout(n_blocks=2, expert_layers=2, gate_bias=0.0)
+EXPORT_TRAIN = TrainConfig(steps=4, batch_size=2, seq_len=32, warmup_steps=1, lr=1e-2, checkpoint_every=4)
+
+
+@pytest.fixture(scope="session")
+def composed_run(tiny, code_data, prose_data, tmp_path_factory):
+    """Experts trained at a high rate, so that they differ from the backbone and the gate mixes them for real."""
+    from mode_edge.training.compose import compose
+    from mode_edge.training.train_expert import train_expert
+
+    root = tmp_path_factory.mktemp("export-runs")
+    train_expert(tiny, "code", code_data, root / "code", EXPORT_LAYOUT, EXPORT_TRAIN)
+    train_expert(tiny, "prose", prose_data, root / "prose", EXPORT_LAYOUT, EXPORT_TRAIN)
+    compose(
+        tiny,
+        [root / "code", root / "prose"],
+        [code_data, prose_data],
+        root / "both",
+        EXPORT_TRAIN,
+        freeze_experts=False,
+    )
+    return root / "both"
+
+
+@pytest.fixture(scope="session")
+def fp32_bundle(composed_run, tmp_path_factory):
+    """Both formats at fp32: what the parity tests drive."""
+    from mode_edge.export.pipeline import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "fp32"
+    export_bundle(composed_run, out, ExportConfig(formats=("onnx", "executorch"), quant="fp32"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def int8_bundle(composed_run, tmp_path_factory):
+    """ONNX int8: the bundle the pack tests install into and remove from (copied per test)."""
+    from mode_edge.export.pipeline import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "int8"
+    export_bundle(composed_run, out, ExportConfig(formats=("onnx",), quant="int8"))
+    return out
