@@ -29,11 +29,17 @@ BUNDLE = click.option("--bundle", type=click.Path(path_type=Path), required=True
 @click.option("--route-top-k", type=int, default=1, show_default=True, help="Experts 'auto' loads.")
 @click.option("--backend", type=click.Choice(["onnx", "executorch"]), default="onnx", show_default=True)
 @click.option("--device", default="host", show_default=True, help="Device profile: threads and memory budget.")
+@click.option(
+    "--pack-source",
+    default=None,
+    help="Folder or http(s) URL holding NAME.modepack files: selected experts that are not installed are "
+    "downloaded (resuming a broken download), verified and installed first.",
+)
 @click.option("--profile", "show_profile", is_flag=True, help="Print the latency and memory profile afterwards.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the profile as JSON.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a PNG timeline (needs matplotlib).")
 def run_cmd(bundle, experts, prompt, max_new_tokens, temperature, top_k, top_p, seed, route_top_k, backend, device,
-            show_profile, json_out, plot):  # fmt: skip
+            pack_source, show_profile, json_out, plot):  # fmt: skip
     """Load the base, select experts (or route to them), and print the continuation of --prompt as it is generated.
     Only the selected experts' graphs are loaded."""
     from mode_edge.devices.profiles import load_profile
@@ -50,7 +56,7 @@ def run_cmd(bundle, experts, prompt, max_new_tokens, temperature, top_k, top_p, 
 
     _, summary, profile = run(bundle, parse_experts(experts), prompt, max_new_tokens, sampling, backend=backend,
                               threads=prof.threads, budget_mb=prof.memory_budget_mb, route_top_k=route_top_k,
-                              on_text=emit)  # fmt: skip
+                              pack_source=pack_source, on_text=emit)  # fmt: skip
     sys.stdout.write("\n")
     click.echo(f"[experts: {', '.join(summary['experts']) or 'none'}; {summary['new_tokens']} tokens, "
                f"{summary['decode_tokens_per_s'] or 0:.1f} tok/s decode]", err=True)  # fmt: skip

@@ -30,14 +30,16 @@ def parse_experts(value: str) -> list[str] | str:
 def run(
     bundle: Path, experts: list[str] | str, prompt: str, max_new_tokens: int, sampling: Sampling,
     backend: str = "onnx", threads: int | None = None, budget_mb: float | None = None, route_top_k: int = 1,
-    on_text: Callable[[str], None] | None = None,
+    pack_source: str | None = None, on_text: Callable[[str], None] | None = None,
 ) -> tuple[str, dict, Profile]:  # fmt: skip
     """Generate; returns the new text, the profile summary (with the chosen experts) and the raw profile."""
     profile = Profile()
     profile.mark("start")
     with Sampler(profile):
         base_bytes = total_bytes(read_bundle(bundle)["files"])
-        session = profile.load("base", lambda: Session(bundle, backend, threads, budget_mb), base_bytes)
+        session = profile.load(
+            "base", lambda: Session(bundle, backend, threads, budget_mb, pack_source=pack_source), base_bytes
+        )
         session.loader = lambda name, load: profile.load(f"expert {name}", load, session.expert_bytes(name))
         tokenizer = load_tokenizer(bundle)
         ids = tokenizer.encode(prompt)

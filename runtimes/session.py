@@ -23,7 +23,7 @@ MB = 1 << 20
 
 class Session:
     def __init__(self, bundle: Path, backend: str = "onnx", threads: int | None = None,
-                 budget_mb: float | None = None, verify: bool = True):  # fmt: skip
+                 budget_mb: float | None = None, verify: bool = True, pack_source: str | None = None):  # fmt: skip
         self.bundle = Path(bundle)
         self.budget = None if budget_mb is None else int(budget_mb * MB)
         self.engine = Engine(self.bundle, backend=backend, threads=threads, verify=verify)
@@ -33,7 +33,7 @@ class Session:
                 f"the base alone needs {self.base_bytes / MB:.0f} MB, more than the memory budget of "
                 f"{self.budget / MB:.0f} MB; export with a smaller --quant (int4) or use a device with a larger budget"
             )
-        self.verify = verify
+        self.verify, self.pack_source = verify, pack_source
         self.lru: OrderedDict[str, int] = OrderedDict()  # loaded expert -> its bytes, least recently used first
         self.loader = lambda name, load: load()
         """Wraps every expert load: the profiler times it and measures the memory it adds."""
@@ -87,8 +87,25 @@ class Session:
                 used -= self.lru[victim]
         return load, evict
 
+    def fetch_missing(self, names: list[str]) -> None:
+        """Install selected packs that are missing from the pack source (folder or URL), verified, atomically."""
+        missing = [n for n in names if n not in self.engine.manifest["experts"]]
+        if not missing or self.pack_source is None:
+            return
+        from mode_edge.packs import install
+        from mode_edge.runtimes.fetch import fetch_pack
+
+        downloads = self.bundle / ".downloads"
+        for name in missing:
+            path = fetch_pack(self.pack_source, name, downloads)
+            install(self.bundle, path)
+            if path.parent == downloads:
+                path.unlink()
+        self.refresh()
+
     def select(self, names: list[str]) -> list[str]:
         """Make exactly `names` the active experts, loading what is missing; returns the evicted ones."""
+        self.fetch_missing(names)
         load, evict = self.plan(names)
         for name in evict:
             self.evict(name)
