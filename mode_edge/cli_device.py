@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from mode_edge.errors import UserError
+
 BUNDLE = click.option("--bundle", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
 
 
@@ -68,4 +70,68 @@ def run_cmd(bundle, experts, prompt, max_new_tokens, temperature, top_k, top_p, 
         click.echo("no plot: matplotlib is not installed here", err=True)
 
 
-COMMANDS = [run_cmd]
+@click.command("bench", short_help="Benchmark a bundle here or on a device (ssh, adb).")
+@BUNDLE
+@click.option(
+    "--device",
+    default="host",
+    show_default=True,
+    help="Device profile (`mode-edge devices list`) or a profile .json; its transport says where it runs.",
+)
+@click.option("--experts", default=None, help="Comma-separated experts to run one at a time (default: every one).")
+@click.option("--new-tokens", type=int, default=32, show_default=True, help="Tokens generated per run.")
+@click.option("--backend", type=click.Choice(["onnx", "executorch"]), default="onnx", show_default=True)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the results here.")
+def bench_cmd(bundle, device, experts, new_tokens, backend, json_out):
+    """Generate --new-tokens with the bare base and with each expert, profiling latency and memory. On a device
+    with an ssh or adb transport, the bundle and the runtime are pushed there, the benchmark runs there, and the
+    JSON comes back."""
+    from mode_edge.devices.profiles import load_profile
+    from mode_edge.runtimes.bench import print_bench, run_bench
+
+    profile = load_profile(device)
+    names = None if experts is None else [] if experts == "none" else [e for e in experts.split(",") if e]
+    if profile.transport["kind"] == "local":
+        result = run_bench(bundle, profile, names, new_tokens, backend)
+    else:
+        from mode_edge.bundle import read_bundle
+        from mode_edge.devices.transports import remote_bench
+
+        read_bundle(bundle)  # a clear error here rather than on the device
+        result = remote_bench(profile, bundle, names, new_tokens)
+    print_bench(result)
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+@click.command("plan", short_help="What fits in a device's memory budget.")
+@BUNDLE
+@click.option("--device", required=True, help="Device profile or a profile .json.")
+@click.option("--experts", required=True, help="Comma-separated experts to hold at once.")
+@click.option("--loaded", default="", help="Experts already loaded, least recently used first (to see evictions).")
+def plan_cmd(bundle, device, experts, loaded):
+    """Bytes of the base and of each expert against the profile's budget: what would load, what would be evicted,
+    or why it does not fit."""
+    from mode_edge.bundle import read_bundle, total_bytes
+    from mode_edge.devices.profiles import load_profile
+    from mode_edge.runtimes.session import MB, plan_budget
+
+    profile = load_profile(device)
+    manifest = read_bundle(bundle)
+    names = [e for e in experts.split(",") if e]
+    warm = [e for e in loaded.split(",") if e]
+    unknown = [n for n in names + warm if n not in manifest["experts"]]
+    if unknown:
+        raise UserError(f"{bundle} has no expert {', '.join(unknown)}; installed: {', '.join(manifest['experts'])}")
+    load, evict, fits = plan_budget(manifest, profile.memory_budget_mb, names, warm)
+    base = total_bytes(manifest["files"])
+    click.echo(f"{profile.name}: budget {profile.memory_budget_mb} MB; base {base / MB:.1f} MB")
+    for n in names:
+        click.echo(f"  {n}: {manifest['experts'][n]['bytes'] / MB:.1f} MB" + ("  (loaded)" if n in warm else ""))
+    click.echo(f"load: {', '.join(load) or 'nothing'}; evict: {', '.join(evict) or 'nothing'}; "
+               + ("fits" if fits else "does NOT fit"))  # fmt: skip
+    if not fits:
+        raise SystemExit(1)
+
+
+COMMANDS = [run_cmd, bench_cmd, plan_cmd]

@@ -21,6 +21,25 @@ from mode_edge.runtimes.engine import Engine, Sampling, generate
 MB = 1 << 20
 
 
+def plan_budget(manifest: dict, budget_mb: float | None, names: list[str], loaded: list[str]):
+    """(load, evict, fits) for holding `names` with `loaded` resident (least recently used first), by weight bytes."""
+    size = {n: manifest["experts"][n]["bytes"] for n in {*names, *loaded}}
+    base = total_bytes(manifest["files"])
+    budget = None if budget_mb is None else budget_mb * MB
+    if budget is not None and base + sum(size[n] for n in names) > budget:
+        return [], [], False
+    load = [n for n in names if n not in loaded]
+    used = base + sum(size[n] for n in loaded) + sum(size[n] for n in load)
+    evict = []
+    for victim in loaded:
+        if budget is None or used <= budget:
+            break
+        if victim not in names:
+            evict.append(victim)
+            used -= size[victim]
+    return load, evict, True
+
+
 class Session:
     def __init__(self, bundle: Path, backend: str = "onnx", threads: int | None = None,
                  budget_mb: float | None = None, verify: bool = True, pack_source: str | None = None):  # fmt: skip
@@ -64,27 +83,18 @@ class Session:
             )
         return self.engine.manifest["experts"][name]["bytes"]
 
-    def used_bytes(self) -> int:
-        return self.base_bytes + sum(self.lru.values())
-
     def plan(self, names: list[str]) -> tuple[list[str], list[str]]:
         """What selecting `names` would load and evict (least recently used first), without doing it."""
-        need = {n: self.expert_bytes(n) for n in names}
-        if self.budget is not None and self.base_bytes + sum(need.values()) > self.budget:
+        for n in names:
+            self.expert_bytes(n)  # a clear error for an expert that is not installed
+        budget = None if self.budget is None else self.budget / MB
+        load, evict, fits = plan_budget(self.engine.manifest, budget, names, list(self.lru))
+        if not fits:
+            need = sum(self.expert_bytes(n) for n in names)
             raise UserError(
-                f"base ({self.base_bytes / MB:.0f} MB) + experts {', '.join(names)} "
-                f"({sum(need.values()) / MB:.0f} MB) exceed the memory budget of {self.budget / MB:.0f} MB; "
-                "select fewer experts"
+                f"base ({self.base_bytes / MB:.0f} MB) + experts {', '.join(names)} ({need / MB:.0f} MB) exceed "
+                f"the memory budget of {self.budget / MB:.0f} MB; select fewer experts"
             )
-        load = [n for n in names if n not in self.lru]
-        used = self.used_bytes() + sum(need[n] for n in load)
-        evict = []
-        for victim in self.lru:
-            if self.budget is None or used <= self.budget:
-                break
-            if victim not in need:
-                evict.append(victim)
-                used -= self.lru[victim]
         return load, evict
 
     def fetch_missing(self, names: list[str]) -> None:
