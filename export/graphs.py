@@ -128,11 +128,14 @@ def split(model: MoDEModel) -> dict[str, nn.Module]:
 
 def graph_layers(graph: nn.Module) -> int:
     """Attention layers in a graph, i.e. the number of k/v pairs it takes and returns."""
-    return len(graph.layers) if isinstance(graph, LayerStack) else 0
+    return len(graph.layers) if isinstance(graph, (LayerStack, FusedGraph)) else 0
 
 
 def example_inputs(graph: nn.Module, cfg, batch: int = 1, tokens: int = 3, past: int = 4) -> tuple:
     """Inputs for tracing: sizes of at least 2 on every dynamic axis, so that the exporter keeps them symbolic."""
+    if isinstance(graph, FusedGraph):
+        kv = [torch.randn(batch, cfg.n_kv_heads, past, cfg.head_dim) for _ in range(2 * graph_layers(graph))]
+        return (torch.randint(0, cfg.vocab_size, (batch, tokens)), *kv)
     if isinstance(graph, EmbedGraph):
         return (torch.randint(0, cfg.vocab_size, (batch, tokens)),)
     hidden = torch.randn(batch, tokens, cfg.dim)
@@ -142,6 +145,8 @@ def example_inputs(graph: nn.Module, cfg, batch: int = 1, tokens: int = 3, past:
 
 def io_names(graph: nn.Module) -> tuple[list[str], list[str]]:
     past, present = kv_names(graph_layers(graph))
+    if isinstance(graph, FusedGraph):
+        return ["input_ids", *past], ["logits", *present]
     if isinstance(graph, EmbedGraph):
         return ["input_ids"], ["hidden"]
     if isinstance(graph, HeadGraph):
@@ -149,3 +154,39 @@ def io_names(graph: nn.Module) -> tuple[list[str], list[str]]:
     if isinstance(graph, ExpertBlockGraph):
         return ["hidden", *past], ["hidden_out", "gate_logit", *present]
     return ["hidden", *past], ["hidden_out", *present]
+
+
+class FusedGraph(nn.Module):
+    """The whole composed model as one graph (embed, every block with its experts and gate, head): the reference the
+    runtime benchmark holds the split runtime against. Cache: per block, the backbone's layers, then each expert's."""
+
+    def __init__(self, model: MoDEModel):
+        super().__init__()
+        self.model = model
+        self.stacks = nn.ModuleList()
+        for block in model.blocks:
+            self.stacks.append(LayerStack(block.backbone, model.backbone.cfg))
+            for expert in block.experts.values():
+                self.stacks.append(ExpertBlockGraph(expert, model.backbone.cfg))
+        self.layers = [layer for stack in self.stacks for layer in stack.layers]  # for graph_layers()
+        self.max_seq_len = model.backbone.cfg.max_seq_len
+
+    def forward(self, input_ids, *past):
+        h = self.model.backbone.embed_tokens(input_ids)
+        present, k, stacks = [], 0, iter(self.stacks)
+        for block in self.model.blocks:
+            stack = next(stacks)
+            n = 2 * len(stack.layers)
+            y, kv = stack.run(h, past[k : k + n])
+            k, present = k + n, present + kv
+            ys, logits = [y], [torch.zeros(h.shape[:2], dtype=h.dtype)]
+            for _ in block.experts:
+                expert = next(stacks)
+                n = 2 * len(expert.layers)
+                out = expert(h, *past[k : k + n])
+                k, present = k + n, present + list(out[2:])
+                ys.append(out[0])
+                logits.append(out[1])
+            a = torch.softmax(torch.stack(logits, dim=-1), dim=-1)  # (B, T, 1 + N)
+            h = sum(a[..., j : j + 1] * y for j, y in enumerate(ys))
+        return (self.model.backbone.head(h), *present)

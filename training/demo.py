@@ -1,5 +1,6 @@
-"""`mode-edge demo`: the whole workstation pipeline on the built-in backbone, in one process (the backbone loads
-once). Each step writes its own folder under --out, and a rerun reuses the steps already finished."""
+"""`mode-edge demo`: the whole pipeline on the built-in backbone, in one process (the backbone loads once): data,
+experts, composition, evaluation, then export to an int8 ONNX bundle, one domain pack per expert, and the device
+benchmark on this host. Each step writes its own folder under --out, and a rerun reuses the steps already finished."""
 
 from __future__ import annotations
 
@@ -88,7 +89,6 @@ def run_demo(out: Path, quick: bool = False, base: str = "smollm2") -> dict:
         model, _, _ = build_model(backbone, run, subset)
         rows[label] = evaluate(backbone, model, [data[d] for d in DOMAINS], max_tokens=settings.eval_tokens)
     timings["eval"] = round(time.perf_counter() - t, 1)
-    timings["total"] = round(time.perf_counter() - t0, 1)
 
     print_scores(rows)
     expert_tps = {
@@ -102,6 +102,40 @@ def run_demo(out: Path, quick: bool = False, base: str = "smollm2") -> dict:
         "timings_s": timings,
         "expert_tokens_per_s": expert_tps,
     }
+    ship(out, composed, report, timings)
+    timings["total"] = round(time.perf_counter() - t0, 1)
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     console.print(f"demo finished in {timings['total']:.0f}s; results in {out / 'results.json'}")
     return report
+
+
+def ship(out: Path, composed: Path, report: dict, timings: dict) -> None:
+    """Export the composed model for the host profile, cut a pack per expert, and benchmark the bundle here."""
+    from mode_edge.cli_ship import print_description
+    from mode_edge.config import ExportConfig
+    from mode_edge.devices.profiles import load_profile
+    from mode_edge.export.pipeline import export_bundle
+    from mode_edge.packs import describe, make_pack
+    from mode_edge.runtimes.bench import print_bench, run_bench
+
+    bundle, packs, host = out / "bundle", out / "packs", load_profile("host")
+    if not (bundle / "manifest.json").exists():
+        t = time.perf_counter()
+        export_bundle(composed, bundle, ExportConfig(formats=tuple(host.export["formats"]), quant=host.export["quant"]))
+        timings["export"] = round(time.perf_counter() - t, 1)
+    info = describe(bundle)
+    print_description(info)
+    packs.mkdir(exist_ok=True)
+    for name in info["experts"]:
+        if not (packs / f"{name}.modepack").exists():
+            make_pack(bundle, name, packs / f"{name}.modepack")
+    t = time.perf_counter()
+    bench = run_bench(bundle, host)
+    timings["device bench"] = round(time.perf_counter() - t, 1)
+    print_bench(bench)
+    (out / "bench-host.json").write_text(json.dumps(bench, indent=2) + "\n")
+    report["bundle"] = {"path": str(bundle), "components": info["components"], "base_bytes": info["base_bytes"],
+                        "expert_bytes": {n: e["bytes"] for n, e in info["experts"].items()}}  # fmt: skip
+    report["device_bench"] = {"path": str(out / "bench-host.json"),
+                              "decode_tokens_per_s": {", ".join(r["selection"]) or "none": r["decode_tokens_per_s"]
+                                                      for r in bench["runs"]}}  # fmt: skip

@@ -56,3 +56,21 @@ def test_backbone_only_split_is_the_backbone(tiny):
     graphs = split(model)
     ids = torch.randint(0, 256, (1, 9))
     assert_close(run_split(graphs, 3, [], ids, {}), tiny.decoder(ids), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_fused_graph_is_the_composed_model_with_an_explicit_cache(tiny):
+    from mode_edge.export.graphs import FusedGraph
+
+    layout = MoDELayout(n_blocks=3, expert_layers=2, init="random", gate_bias=0.5)
+    experts = {n: Expert.init_from(tiny.decoder, layout, seed=s) for s, n in enumerate(["a", "b"])}
+    model = MoDEModel(tiny.decoder, layout, experts).eval()
+    fused = FusedGraph(model)
+    assert graph_layers(fused) == 6 + 2 * 3 * 2
+    ids = torch.randint(0, 256, (1, 10))
+    past = [torch.zeros(1, 2, 0, 16)] * (2 * graph_layers(fused))
+    ref_cache = KVCache()
+    for chunk in (ids[:, :7], ids[:, 7:8], ids[:, 8:]):
+        out = fused(chunk, *past)
+        past = list(out[1:])
+        assert_close(out[0], model(chunk, ref_cache), atol=1e-5, rtol=1e-5)
