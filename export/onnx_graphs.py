@@ -1,8 +1,12 @@
 """ONNX graphs: torch.onnx (dynamo) export with external weights, onnx.checker, onnxruntime quantization.
 
-Weights live in a `.onnx.data` file beside each graph, so onnxruntime can memory-map them. int8 is dynamic, per
-channel (onnxruntime.quantization.quantize_dynamic); int4 is weight-only MatMulNBits with a configurable block size
-(the embedding's Gather becomes GatherBlockQuantized).
+Weights live in a `.onnx.data` file beside each graph, so onnxruntime can memory-map them. int8 and int4 are
+weight-only, in groups of `block_size` weights (MatMulNBits; the embedding's Gather becomes GatherBlockQuantized).
+
+Why weight-only int8 rather than dynamic (quantize_dynamic, per-channel): dynamic quantization also rounds the
+activations to 8 bits per tensor, and SmolLM2's activations carry outliers. Measured on the demo model (code, 512
+held-out tokens): dynamic per-channel int8 agreed with PyTorch's top-1 token on 51% of positions and lost 9 points
+of accuracy; weight-only 8-bit agreed on 97% and lost 0.4.
 """
 
 from __future__ import annotations
@@ -10,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -66,35 +69,17 @@ def save_external(model: onnx.ModelProto, path: Path) -> None:
                     location=path.name + ".data", size_threshold=1024)  # fmt: skip
 
 
-def vector_matmuls(path: Path) -> list[str]:
-    """MatMuls by a constant vector: the gate's logit. It is a few hundred weights, and onnxruntime's per-channel
-    integer MatMul rejects a 1-D weight, so it stays fp32."""
-    model = onnx.load(str(path), load_external_data=False)
-    vectors = {t.name for t in model.graph.initializer if len(t.dims) == 1}
-    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in vectors]
-
-
 def quantize_onnx(src: Path, dst: Path, quant: str, block_size: int) -> None:
-    """src (fp32, external data) -> dst quantized, with its weights in dst.data."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    """src (fp32, external data) -> dst with weight-only int8 or int4 MatMulNBits (and the embedding's Gather as
+    GatherBlockQuantized), its weights in dst.data. Activations stay fp32: see the module docstring for why."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    bits = {"int8": 8, "int4": 4}[quant]
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quantize-") as tmp, quiet():
-        if quant == "int8":
-            out = Path(tmp) / "model.onnx"
-            quantize_dynamic(
-                src, out, weight_type=QuantType.QInt8, per_channel=True, use_external_data_format=True,
-                nodes_to_exclude=vector_matmuls(src), extra_options={"MatMulConstBOnly": True},
-            )  # fmt: skip
-            model = onnx.load(str(out), load_external_data=True)
-        elif quant == "int4":
-            quantizer = MatMulNBitsQuantizer(
-                onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=True,
-                op_types_to_quantize=("MatMul", "Gather"),
-            )  # fmt: skip
-            quantizer.process()
-            model = quantizer.model.model
-        else:
-            raise ValueError(f"unknown ONNX quantization {quant!r}")
-        save_external(model, dst)
+    with quiet():
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(str(src)), bits=bits, block_size=block_size, is_symmetric=True,
+            op_types_to_quantize=("MatMul", "Gather"),
+        )  # fmt: skip
+        quantizer.process()
+        save_external(quantizer.model.model, dst)

@@ -187,7 +187,7 @@ def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict,
 
 
 def quant_record(cfg: ExportConfig) -> dict:
-    return {"scheme": cfg.quant, **({"block_size": cfg.block_size} if cfg.quant == "int4" else {})}
+    return {"scheme": cfg.quant, **({"block_size": cfg.block_size} if cfg.quant != "fp32" else {})}
 
 
 def run_label(record: dict) -> str:

@@ -158,10 +158,10 @@ class ExportConfig(_Serialisable):
     formats: tuple = ("onnx",)
     """Graph formats: 'onnx' (onnxruntime) and/or 'executorch' (.pte, XNNPACK)."""
     quant: str = "int8"
-    """Weight precision: 'fp32', 'int8' (ONNX: dynamic per-channel; .pte: int8 weight-only) or 'int4' (ONNX:
-    MatMulNBits weight-only; .pte: 8-bit dynamic activations with 4-bit weights)."""
+    """Weight precision: 'fp32', 'int8' or 'int4'. ONNX: weight-only in groups of block_size (MatMulNBits). .pte:
+    8-bit dynamic per-token activations with 8-bit per-channel or 4-bit grouped weights (XNNPACK)."""
     block_size: int = 32
-    """Weights per quantization group for int4."""
+    """Weights per quantization group (ONNX int8 and int4, .pte int4)."""
     experts: list | None = None
     """Experts to export (None: all in the run)."""
     overwrite: bool = False

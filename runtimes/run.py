@@ -9,6 +9,7 @@ from typing import Callable
 from tokenizers import Tokenizer
 
 from mode_edge.bundle import read_bundle, total_bytes
+from mode_edge.errors import UserError
 from mode_edge.runtimes.engine import Sampling
 from mode_edge.runtimes.profiler import Profile, Sampler
 from mode_edge.runtimes.session import Session
@@ -43,6 +44,8 @@ def run(
         session.loader = lambda name, load: profile.load(f"expert {name}", load, session.expert_bytes(name))
         tokenizer = load_tokenizer(bundle)
         ids = tokenizer.encode(prompt)
+        if not ids:
+            raise UserError("the prompt is empty (no tokens); pass some text with --prompt")
         profile.prompt_tokens = len(ids)
         t = time.perf_counter()
         chosen = session.route(ids, route_top_k) if experts == "auto" else [] if experts == "none" else experts

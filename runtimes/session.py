@@ -134,6 +134,8 @@ class Session:
     def route(self, prompt: list[int], top_k: int = 1) -> list[str]:
         """The top-k installed experts for this prompt: each scored by its gate rows on the backbone's block inputs
         (mean logit over blocks and tokens); one backbone-only pass over the prompt."""
+        if not prompt:
+            raise UserError("the prompt is empty; routing needs at least one token")
         if not self.gates:
             return []
         inputs = self.engine.block_inputs(np.array([prompt], dtype=np.int64))  # per block (1, T, d)

@@ -164,7 +164,7 @@ def test_a_pack_of_another_quantization_is_refused(bundle, code_pack):
     manifest["quantization"] = {"scheme": "int4", "block_size": 32}
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     uninstall(bundle, "code")
-    with pytest.raises(UserError, match="quantized int8, the bundle int4"):
+    with pytest.raises(UserError, match=r"quantized int8 \(block 32\), the bundle int4"):
         install(bundle, code_pack)
 
 

@@ -1,0 +1,36 @@
+"""`mode-edge run` end to end in a subprocess: streamed text, the profile as table, JSON and PNG; bad input."""
+
+import json
+
+from tests.test_cli import assert_user_error, cli
+
+
+def test_run_prints_text_and_writes_the_profile(int8_bundle, tmp_path):
+    out, png = tmp_path / "profile.json", tmp_path / "timeline.png"
+    proc = cli("run", "--bundle", int8_bundle, "--experts", "code", "--prompt", "def f(x):", "--max-new-tokens", "8",
+               "--profile", "--json", out, "--plot", png)  # fmt: skip
+    assert "generation profile" in proc.stdout and "memory by phase" in proc.stdout
+    assert "[experts: code; 8 tokens" in proc.stderr
+    summary = json.loads(out.read_text())
+    assert summary["experts"] == ["code"] and summary["new_tokens"] == 8 and summary["decode_tokens"] == 7
+    assert set(summary["graph_s"]) == {"embed", "backbone", "experts", "gate+mix", "head"}
+    assert summary["memory"]["added_by"]["expert code"]["disk_mb"] > 0
+    assert [p["phase"] for p in summary["memory"]["phases"]][:3] == ["start", "loaded base", "loaded expert code"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    auto = cli("run", "--bundle", int8_bundle, "--prompt", "The", "--max-new-tokens", "2", "--temperature", "0.7",
+               "--top-p", "0.9", "--json", out)  # fmt: skip
+    assert json.loads(out.read_text())["route_scores"].keys() == {"code", "prose"}
+    assert "[experts: " in auto.stderr
+
+
+def test_run_bad_input(int8_bundle, tmp_path):
+    assert_user_error(cli("run", "--bundle", int8_bundle, "--experts", "law", "--prompt", "x", ok=False),
+                      "not installed")  # fmt: skip
+    assert_user_error(cli("run", "--bundle", tmp_path, "--prompt", "x", ok=False), "not a mode-edge bundle")
+    assert_user_error(cli("run", "--bundle", int8_bundle, "--prompt", "", ok=False), "prompt is empty")
+    assert_user_error(cli("run", "--bundle", int8_bundle, "--prompt", "x", "--top-p", "0", ok=False), "--top-p")
+    assert_user_error(cli("run", "--bundle", int8_bundle, "--prompt", "x", "--max-new-tokens", "5000", ok=False),
+                      "context")  # fmt: skip
+    assert_user_error(cli("run", "--bundle", int8_bundle, "--prompt", "x", "--backend", "executorch", ok=False),
+                      "no executorch graphs")  # fmt: skip
