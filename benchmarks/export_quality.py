@@ -53,7 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=Path("runs/demo/composed"))
     ap.add_argument("--data", type=Path, default=Path("runs/demo/data"), help="Folder of the domain corpora.")
-    ap.add_argument("--formats", default="onnx")
+    ap.add_argument("--formats", default="onnx", help="onnx or executorch; the first one is what the runtime runs.")
     ap.add_argument("--quants", default="fp32,int8,int4")
     ap.add_argument("--eval-tokens", type=int, default=2048, help="Held-out tokens per domain.")
     ap.add_argument("--seq-len", type=int, default=256)
@@ -78,7 +78,7 @@ def main() -> None:
             export_bundle(args.model, out, ExportConfig(formats=tuple(args.formats.split(",")), quant=quant))
             wall = time.perf_counter() - t0
             info = describe(out)
-            engine = Engine(out)
+            engine = Engine(out, backend=args.formats.split(",")[0])
             for name in engine.installed:
                 engine.load_expert(name)
             row = {"export_s": round(wall, 1), "components": info["components"], "base_bytes": info["base_bytes"],
@@ -99,7 +99,8 @@ def main() -> None:
 
     data = {"machine": machine(), "model": str(args.model), "base": backbone.spec, "formats": args.formats,
             "eval_tokens_per_domain": args.eval_tokens, "rows": rows}  # fmt: skip
-    write("export_quality", data, markdown(data, domains))
+    name = "export_quality" if args.formats == "onnx" else f"export_quality_{args.formats.replace(',', '_')}"
+    write(name, data, markdown(data, domains))
 
 
 def acc(logits: list[np.ndarray], windows: np.ndarray) -> float:
