@@ -79,10 +79,26 @@ def max_abs_diff(graph: torch.nn.Module, run_graph, inputs: tuple) -> float:
     return max(float(np.abs(r.float().numpy() - g).max()) for r, g in zip(ref, got))
 
 
-def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
-    """Export RUN into the bundle OUT; returns the manifest."""
+def export_graph(rel: str, graph, fmt: str, dcfg, work: Path, fp32: Path, cfg: ExportConfig, progress) -> None:
+    """One graph in one format at the bundle's precision; an ONNX graph passes through fp32 first (kept in `fp32`
+    for the verify stage)."""
+    progress.show(f"export {rel} ({fmt})")
+    if fmt == "executorch":
+        from mode_edge.export.executorch_graphs import export_pte
+
+        export_pte(graph, dcfg, work / (rel + ".pte"), cfg.quant, cfg.block_size)
+        return
     from mode_edge.export.onnx_graphs import export_onnx, quantize_onnx
 
+    target = work / (rel + ".onnx") if cfg.quant == "fp32" else fp32 / (rel + ".onnx")
+    export_onnx(graph, dcfg, target)
+    if cfg.quant != "fp32":
+        progress.show(f"quantize {rel} ({cfg.quant})")
+        quantize_onnx(target, work / (rel + ".onnx"), cfg.quant, cfg.block_size)
+
+
+def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
+    """Export RUN into the bundle OUT; returns the manifest."""
     started = time.perf_counter()
     check_run(run, cfg.experts)
     if not cfg.overwrite:
@@ -99,17 +115,7 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
             fp32 = work / ".fp32"
             for rel, graph in graphs.items():
                 for fmt in cfg.formats:
-                    progress.show(f"export {rel} ({fmt})")
-                    if fmt == "onnx":
-                        target = work / (rel + ".onnx") if cfg.quant == "fp32" else fp32 / (rel + ".onnx")
-                        export_onnx(graph, dcfg, target)
-                        if cfg.quant != "fp32":
-                            progress.show(f"quantize {rel} ({cfg.quant})")
-                            quantize_onnx(target, work / (rel + ".onnx"), cfg.quant, cfg.block_size)
-                    else:
-                        from mode_edge.export.executorch_graphs import export_pte
-
-                        export_pte(graph, dcfg, work / (rel + ".pte"), cfg.quant, cfg.block_size)
+                    export_graph(rel, graph, fmt, dcfg, work, fp32, cfg, progress)
                     progress.advance()
                 progress.show(f"verify {rel}")
                 verify[rel] = verify_graph(graph, dcfg, work, fp32, rel, cfg)
