@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
-from mode_edge.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, PACK_FORMAT, records, write_manifest
+from mode_edge.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, GRAPH_SUFFIX, PACK_FORMAT, records, write_manifest
 from mode_edge.config import ExportConfig
 from mode_edge.errors import UserError
 from mode_edge.export.graphs import example_inputs, graph_layers, io_names, split
@@ -31,8 +31,6 @@ from mode_edge.progress import console, stage_progress
 from mode_edge.training.backbones import Backbone, load_backbone
 from mode_edge.training.model import MoDEModel
 from mode_edge.training.runs import check_same_blocks, load_run_experts, read_model_record
-
-SUFFIX = {"onnx": ".onnx", "executorch": ".pte"}
 
 
 def check_run(run: Path, only: list[str] | None) -> dict:
@@ -137,7 +135,7 @@ def verify_graph(graph, dcfg, work: Path, fp32: Path, rel: str, cfg: ExportConfi
     inputs = example_inputs(graph, dcfg)
     out = {}
     for fmt in cfg.formats:
-        path = work / (rel + SUFFIX[fmt])
+        path = work / (rel + GRAPH_SUFFIX[fmt])
         out[fmt] = max_abs_diff(graph, load_graph(path, threads=1), inputs)
         if fmt == "onnx" and cfg.quant != "fp32":
             out["onnx-fp32"] = max_abs_diff(graph, load_graph(fp32 / (rel + ".onnx"), threads=1), inputs)
@@ -152,7 +150,7 @@ def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict,
         inputs, outputs = io_names(graph)
         components[rel] = {
             "layers": graph_layers(graph), "inputs": inputs, "outputs": outputs,
-            **{fmt: rel + SUFFIX[fmt] for fmt in cfg.formats},
+            **{fmt: rel + GRAPH_SUFFIX[fmt] for fmt in cfg.formats},
         }  # fmt: skip
     experts = {}
     for name in model.experts:
@@ -164,7 +162,7 @@ def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict,
             "format": PACK_FORMAT, "format_version": BUNDLE_VERSION, "name": name, "base_fingerprint": fingerprint,
             "quantization": quant_record(cfg), "formats": list(cfg.formats),
             "parameters": sum(p.numel() for p in model.experts[name].parameters()),
-            "components": {c: {**v, **{f: c + SUFFIX[f] for f in cfg.formats}} for c, v in own.items()},
+            "components": {c: {**v, **{f: c + GRAPH_SUFFIX[f] for f in cfg.formats}} for c, v in own.items()},
             "gate": "gate.safetensors", "files": records(folder, files),
         }  # fmt: skip
         write_json(folder / "pack.json", pack)

@@ -20,6 +20,7 @@ from mode_edge.files import read_json, sha256_file, write_json
 
 BUNDLE_FORMAT, PACK_FORMAT, BUNDLE_VERSION = "mode-edge-bundle", "mode-edge-pack", 1
 FORMATS = ("onnx", "executorch")
+GRAPH_SUFFIX = {"onnx": ".onnx", "executorch": ".pte"}
 QUANTS = ("fp32", "int8", "int4")
 MAX_FILE_BYTES = 64 << 30
 """No component of a model that fits a phone or a board is larger; a bigger declared size is corrupt or hostile."""

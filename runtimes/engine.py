@@ -16,11 +16,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from mode_edge.bundle import read_bundle, read_pack_manifest, verify_files
+from mode_edge.bundle import check_pack_fits, read_bundle, read_pack_manifest, verify_files
 from mode_edge.errors import UserError
 from mode_edge.runtimes.backends import load_graph
-
-SUFFIX = {"onnx": ".onnx", "executorch": ".pte"}
 
 
 @dataclass
@@ -80,6 +78,7 @@ class Engine:
             )
         folder = self.bundle / "experts" / name
         pack = read_pack_manifest(folder)
+        check_pack_fits(pack, self.manifest, f"expert {name!r} in {self.bundle}")
         if verify:
             # Hash a pack's files once; reloads after an eviction re-check only that no file changed size or time.
             stamp = [(rel, (folder / rel).stat().st_size, (folder / rel).stat().st_mtime_ns)
@@ -110,9 +109,7 @@ class Engine:
         return Cache()
 
     def _past(self, cache: Cache, key: str, layers: int) -> list[np.ndarray]:
-        if key not in cache.kv:
-            # An expert loaded mid-conversation starts with an empty cache: its layers would need the earlier
-            # tokens' keys, so a conversation keeps its expert set; Session.generate starts a fresh cache.
+        if key not in cache.kv:  # the prefill: nothing cached yet (the expert set is fixed for a cache's lifetime)
             empty = np.zeros((1, self.kv_shape[0], 0, self.kv_shape[1]), dtype=np.float32)
             return [empty] * (2 * layers)
         return cache.kv[key]

@@ -6,15 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from mode_edge.bundle import read_bundle, read_pack_manifest, verify_files
+from mode_edge.bundle import GRAPH_SUFFIX, read_bundle, read_pack_manifest, verify_files
 from mode_edge.config import ExportConfig
 from mode_edge.export.graphs import example_inputs, split
 from mode_edge.export.pipeline import export_bundle, load_model
 from mode_edge.runtimes.backends import load_graph
 from mode_edge.runtimes.engine import Engine, generate
 from mode_edge.training.model import KVCache
-
-SUFFIX = {"onnx": ".onnx", "executorch": ".pte"}
 
 
 def torch_greedy(model, prompt, n):
@@ -32,7 +30,7 @@ def test_every_fp32_graph_matches_its_module(fp32_bundle, composed_run, fmt):
     backbone, model, _ = load_model(composed_run, None)
     torch.manual_seed(3)
     for rel, graph in split(model).items():
-        exported = load_graph(fp32_bundle / (rel + SUFFIX[fmt]))
+        exported = load_graph(fp32_bundle / (rel + GRAPH_SUFFIX[fmt]))
         for tokens, past in ((5, 0), (1, 7), (3, 2)):  # prefill on an empty cache, one-token decode, a chunk
             inputs = example_inputs(graph, backbone.decoder.cfg, tokens=tokens, past=past)
             with torch.no_grad():
