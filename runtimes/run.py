@@ -71,6 +71,6 @@ def run(
     final = tokenizer.decode(out)
     if on_text and final != text and final.startswith(text):
         on_text(final[len(text) :])
-    summary = {"experts": chosen, "route_scores": getattr(session, "last_scores", None), "backend": backend,
+    summary = {"experts": chosen, "route_scores": session.last_scores, "backend": backend,
                "new_tokens": len(out), **profile.summary()}  # fmt: skip
     return final, summary, profile

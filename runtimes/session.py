@@ -57,6 +57,8 @@ class Session:
         self.loader = lambda name, load: load()
         """Wraps every expert load: the profiler times it and measures the memory it adds."""
         self.gates = {name: self._gate(name) for name in self.engine.installed}
+        self.last_scores: dict[str, float] | None = None
+        """The routing scores of the last `route` call, by expert."""
 
     def _gate(self, name: str) -> dict[str, np.ndarray]:
         pack = read_pack_manifest(self.bundle / "experts" / name)
