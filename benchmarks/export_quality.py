@@ -29,17 +29,7 @@ from mode_edge.export.pipeline import export_bundle, load_model  # noqa: E402
 from mode_edge.packs import describe  # noqa: E402
 from mode_edge.runtimes.engine import Engine, generate  # noqa: E402
 from mode_edge.training.data import eval_windows, load_corpus, require_split  # noqa: E402
-from mode_edge.training.model import KVCache  # noqa: E402
-
-
-def torch_greedy(model, prompt: list[int], n: int) -> list[int]:
-    cache, out = KVCache(), []
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt]), cache)
-        for _ in range(n):
-            out.append(int(logits[0, -1].argmax()))
-            logits = model(torch.tensor([[out[-1]]]), cache)
-    return out
+from mode_edge.training.evaluate import greedy  # noqa: E402
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -67,7 +57,7 @@ def main() -> None:
     with torch.no_grad():
         ref_logits = {d: [model(torch.from_numpy(w[None, :-1])).numpy()[0] for w in windows[d]] for d in domains}
     prompts = {d: [w[:32].tolist() for w in windows[d][: args.prompts]] for d in domains}
-    ref_greedy = {d: [torch_greedy(model, p, 32) for p in prompts[d]] for d in domains}
+    ref_greedy = {d: [greedy(model, p, 32) for p in prompts[d]] for d in domains}
     rows = {"pytorch": {"accuracy": {d: acc(ref_logits[d], windows[d]) for d in domains}}}
 
     work = Path(tempfile.mkdtemp(prefix="export-bench-"))
@@ -89,9 +79,9 @@ def main() -> None:
                 row["accuracy"][d] = acc(got, windows[d])
                 row["top1_agreement"][d] = 100.0 * float(np.mean(
                     [np.mean(g.argmax(-1) == r.argmax(-1)) for g, r in zip(got, ref_logits[d])]))  # fmt: skip
-                greedy = [list(generate(engine, p, 32)) for p in prompts[d]]
-                row["greedy_identical"][d] = 100.0 * float(np.mean([g == r for g, r in zip(greedy, ref_greedy[d])]))
-                row["greedy_prefix"][d] = float(np.mean([common_prefix(g, r) for g, r in zip(greedy, ref_greedy[d])]))
+                pairs = list(zip([list(generate(engine, p, 32)) for p in prompts[d]], ref_greedy[d]))
+                row["greedy_identical"][d] = 100.0 * float(np.mean([g == r for g, r in pairs]))
+                row["greedy_prefix"][d] = float(np.mean([common_prefix(g, r) for g, r in pairs]))
             rows[quant] = row
             print(f"{quant}: {row['accuracy']} agreement {row['top1_agreement']}", flush=True)
     finally:

@@ -88,3 +88,16 @@ def print_scores(rows: dict[str, dict[str, dict]]) -> None:
     for name, r in rows.items():
         table.add_row(name, *(f"{r[d]['accuracy']:.2f} ({r[d]['perplexity']:.2f})" if d in r else "-" for d in domains))
     results_console.print(table)
+
+
+@torch.no_grad()
+def greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens after the prompt with a KV cache: the reference exported graphs are held against."""
+    from mode_edge.training.model import KVCache
+
+    cache, out = KVCache(), []
+    logits = model(torch.tensor([prompt]), cache)
+    for _ in range(n):
+        out.append(int(logits[0, -1].argmax()))
+        logits = model(torch.tensor([[out[-1]]]), cache)
+    return out

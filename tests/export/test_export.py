@@ -12,17 +12,7 @@ from mode_edge.export.graphs import example_inputs, split
 from mode_edge.export.pipeline import export_bundle, load_model
 from mode_edge.runtimes.backends import load_graph
 from mode_edge.runtimes.engine import Engine, generate
-from mode_edge.training.model import KVCache
-
-
-def torch_greedy(model, prompt, n):
-    cache, out = KVCache(), []
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt]), cache)
-        for _ in range(n):
-            out.append(int(logits[0, -1].argmax()))
-            logits = model(torch.tensor([[out[-1]]]), cache)
-    return out
+from mode_edge.training.evaluate import greedy
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "executorch"])
@@ -50,10 +40,10 @@ def test_greedy_generation_of_32_tokens_equals_pytorch(fp32_bundle, composed_run
     engine = Engine(fp32_bundle, backend=fmt)
     for name in ("code", "prose"):
         engine.load_expert(name)
-    assert list(generate(engine, prompt, 32)) == torch_greedy(model, prompt, 32)
+    assert list(generate(engine, prompt, 32)) == greedy(model, prompt, 32)
     engine.unload_expert("prose")  # a subset composes without retraining: the softmax runs over the experts present
     backbone2, code_only, _ = load_model(composed_run, ["code"])
-    assert list(generate(engine, prompt, 32)) == torch_greedy(code_only, prompt, 32)
+    assert list(generate(engine, prompt, 32)) == greedy(code_only, prompt, 32)
 
 
 def test_manifest_lists_every_file_with_size_and_checksum(fp32_bundle):
