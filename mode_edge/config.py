@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from mode_edge.bundle import FORMATS, QUANTS
 from mode_edge.errors import UserError
 
 DEFAULT_LR = {"mode": 1e-3, "full-ft": 5e-5, "lora": 5e-4}
@@ -168,10 +169,10 @@ class ExportConfig(_Serialisable):
     """Replace an existing bundle."""
 
     def __post_init__(self):
-        unknown = [f for f in self.formats if f not in ("onnx", "executorch")]
+        unknown = [f for f in self.formats if f not in FORMATS]
         if unknown or not self.formats:
             raise UserError(f"--format must list onnx and/or executorch, got {','.join(self.formats) or 'nothing'}")
-        if self.quant not in ("fp32", "int8", "int4"):
+        if self.quant not in QUANTS:
             raise UserError(f"--quant must be fp32, int8 or int4, got {self.quant!r}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise UserError(f"--block-size must be a power of two >= 16, got {self.block_size}")

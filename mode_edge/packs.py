@@ -27,6 +27,7 @@ from mode_edge.bundle import (
     fsync_tree,
     read_bundle,
     read_pack_manifest,
+    total_bytes,
     verify_files,
     write_manifest,
 )  # fmt: skip
@@ -156,7 +157,7 @@ def expert_entry(bundle: Path, name: str, pack: dict) -> dict:
     return {
         "pack": f"experts/{name}/{PACK_MANIFEST}",
         "pack_sha256": sha256_file(folder / PACK_MANIFEST),
-        "bytes": sum(rec["bytes"] for rec in pack["files"].values()),
+        "bytes": total_bytes(pack["files"]),
     }
 
 
@@ -194,21 +195,21 @@ def describe(path: Path) -> dict:
         for name in sorted(m["experts"]):
             pack = read_pack_manifest(expert_folder(path, name))
             experts[name] = {
-                "parameters": pack.get("parameters"), "bytes": sum(r["bytes"] for r in pack["files"].values()),
+                "parameters": pack.get("parameters"), "bytes": total_bytes(pack["files"]),
                 "components": component_bytes(pack["components"], pack["files"]),
             }  # fmt: skip
         return {
             "kind": "bundle", "path": str(path), "format_version": m["format_version"], "base": m["base"]["spec"],
             "fingerprint": m["base"]["fingerprint"], "quantization": m["quantization"], "formats": m["formats"],
             "components": component_bytes(m["components"], m["files"]),
-            "base_bytes": sum(r["bytes"] for r in m["files"].values()), "experts": experts,
+            "base_bytes": total_bytes(m["files"]), "experts": experts,
         }  # fmt: skip
     pack, _ = read_pack(path)
     return {
         "kind": "pack", "path": str(path), "name": pack["name"], "format_version": pack["format_version"],
         "fingerprint": pack["base_fingerprint"], "quantization": pack["quantization"], "formats": pack["formats"],
         "parameters": pack.get("parameters"), "components": component_bytes(pack["components"], pack["files"]),
-        "bytes": sum(r["bytes"] for r in pack["files"].values()),
+        "bytes": total_bytes(pack["files"]),
     }  # fmt: skip
 
 
