@@ -12,6 +12,13 @@ import click
 from mode_edge.errors import UserError
 
 BUNDLE = click.option("--bundle", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
+BACKEND = click.option(
+    "--backend",
+    type=click.Choice(["onnx", "executorch"]),
+    default="onnx",
+    show_default=True,
+    help="Graph runtime: onnxruntime, or ExecuTorch's Python runtime where installed.",
+)
 
 
 @click.command("run", short_help="Generate text on this machine from a bundle.")
@@ -29,7 +36,7 @@ BUNDLE = click.option("--bundle", type=click.Path(path_type=Path), required=True
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--route-top-k", type=int, default=1, show_default=True, help="Experts 'auto' loads.")
-@click.option("--backend", type=click.Choice(["onnx", "executorch"]), default="onnx", show_default=True)
+@BACKEND
 @click.option("--device", default="host", show_default=True, help="Device profile: threads and memory budget.")
 @click.option(
     "--pack-source",
@@ -80,7 +87,7 @@ def run_cmd(bundle, experts, prompt, max_new_tokens, temperature, top_k, top_p, 
 )
 @click.option("--experts", default=None, help="Comma-separated experts to run one at a time (default: every one).")
 @click.option("--new-tokens", type=int, default=32, show_default=True, help="Tokens generated per run.")
-@click.option("--backend", type=click.Choice(["onnx", "executorch"]), default="onnx", show_default=True)
+@BACKEND
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the results here.")
 def bench_cmd(bundle, device, experts, new_tokens, backend, json_out):
     """Generate --new-tokens with the bare base and with each expert, profiling latency and memory. On a device

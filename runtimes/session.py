@@ -53,7 +53,7 @@ class Session:
                 f"{self.budget / MB:.0f} MB; export with a smaller --quant (int4) or use a device with a larger budget"
             )
         self.verify, self.pack_source = verify, pack_source
-        self.lru: OrderedDict[str, int] = OrderedDict()  # loaded expert -> its bytes, least recently used first
+        self.lru: OrderedDict[str, None] = OrderedDict()  # loaded experts, least recently used first
         self.loader = lambda name, load: load()
         """Wraps every expert load: the profiler times it and measures the memory it adds."""
         self.gates = {name: self._gate(name) for name in self.engine.installed}
@@ -123,7 +123,7 @@ class Session:
             self.evict(name)
         for name in load:
             self.loader(name, lambda name=name: self.engine.load_expert(name, verify=self.verify))
-            self.lru[name] = self.expert_bytes(name)
+            self.lru[name] = None
         for name in names:
             self.lru.move_to_end(name)
         self.engine.active = list(names)
