@@ -25,6 +25,7 @@ from mode_edge.memory import PeakRSS
 from mode_edge.progress import console, training_progress
 
 STATE_DIR = "train_state"
+NOTHING_DONE = {"step": 0, "history": [], "tokens": 0, "wall_s": 0.0, "peak_rss_mb": 0.0}
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -52,7 +53,8 @@ def param_groups(params: dict[str, torch.nn.Parameter], cfg: TrainConfig) -> lis
     return [g for g in groups if g["params"]]
 
 
-def _save_state(state_dir: Path, params, optimizer, step: int, history: list, signature: dict) -> None:
+def _save_state(state_dir: Path, params, optimizer, done: dict, signature: dict) -> None:
+    """`done`: the step reached, the loss history, and the tokens, wall seconds and peak RSS spent so far."""
     state_dir.mkdir(exist_ok=True)
     tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in params.items()}
     for i, s in optimizer.state_dict()["state"].items():
@@ -60,10 +62,10 @@ def _save_state(state_dir: Path, params, optimizer, step: int, history: list, si
             tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
     save_file(tensors, str(state_dir / "state.tmp.safetensors"))
     (state_dir / "state.tmp.safetensors").replace(state_dir / "state.safetensors")
-    write_json(state_dir / "state.json", {"step": step, "history": history, "signature": signature})
+    write_json(state_dir / "state.json", {**done, "signature": signature})
 
 
-def _load_state(state_dir: Path, params, optimizer, signature: dict) -> tuple[int, list]:
+def _load_state(state_dir: Path, params, optimizer, signature: dict) -> dict:
     meta = json.loads((state_dir / "state.json").read_text())
     if meta["signature"] != signature:
         raise UserError(
@@ -80,7 +82,7 @@ def _load_state(state_dir: Path, params, optimizer, signature: dict) -> tuple[in
             _, i, name = key.split(".", 2)
             opt_state["state"].setdefault(int(i), {})[name] = v
     optimizer.load_state_dict(opt_state)
-    return meta["step"], meta["history"]
+    return {**NOTHING_DONE, **{k: v for k, v in meta.items() if k != "signature"}}
 
 
 def train(
@@ -102,12 +104,19 @@ def train(
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(param_groups(params, cfg), betas=(0.9, 0.95), eps=1e-8)
     state_dir = work / STATE_DIR
-    step, history = 0, []
+    before = NOTHING_DONE  # what a resumed run spent before its checkpoint, so that the record covers the whole run
     if (state_dir / "state.json").exists():
-        step, history = _load_state(state_dir, params, optimizer, signature)
-        for _ in range(step * cfg.grad_accum):  # replay the deterministic data order up to the checkpoint
+        before = _load_state(state_dir, params, optimizer, signature)
+        for _ in range(before["step"] * cfg.grad_accum):  # replay the deterministic data order up to the checkpoint
             next(batches)
+    step, history = before["step"], list(before["history"])
     tokens, t0 = 0, time.perf_counter()
+
+    def spent(peak_mb: float) -> dict:
+        wall = before["wall_s"] + time.perf_counter() - t0
+        return {"step": step, "history": history, "tokens": before["tokens"] + tokens, "wall_s": round(wall, 2),
+                "peak_rss_mb": round(max(before["peak_rss_mb"], peak_mb), 1)}  # fmt: skip
+
     with PeakRSS() as memory, training_progress(label, cfg.steps, start=step) as advance:
         while step < cfg.steps:
             for group in optimizer.param_groups:
@@ -127,18 +136,13 @@ def train(
             history.append(round(total, 5))
             advance(loss=total, tokens_per_s=tokens / (time.perf_counter() - t0))
             if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                _save_state(state_dir, params, optimizer, step, history, signature)
-    wall = time.perf_counter() - t0
+                _save_state(state_dir, params, optimizer, spent(memory.peak_mb), signature)
+    result = spent(memory.peak_mb)
     for p in params.values():
         p.requires_grad_(False)
     model.to("cpu")
-    return {
-        "history": history,
-        "tokens": tokens,
-        "wall_s": round(wall, 2),
-        "tokens_per_s": round(tokens / max(wall, 1e-9), 1),
-        "peak_rss_mb": round(memory.peak_mb, 1),
-    }
+    del result["step"]
+    return {**result, "tokens_per_s": round(result["tokens"] / max(result["wall_s"], 1e-9), 1)}
 
 
 def train_into(

@@ -106,6 +106,9 @@ def test_interrupted_training_resumes_to_the_same_weights(tiny, code_data, tmp_p
     h1 = json.loads((tmp_path / "resumed/model.json").read_text())["history"]["code"]
     h2 = json.loads((tmp_path / "straight/model.json").read_text())["history"]["code"]
     assert len(h1) == 6 and h1 == pytest.approx(h2, rel=1e-4)
+    spent = [runs.read_model_record(tmp_path / r)["training"] for r in ("resumed", "straight")]
+    assert spent[0]["tokens"] == spent[1]["tokens"] > 0  # the record covers the steps before the checkpoint too
+    assert spent[0]["wall_s"] > 0 and spent[0]["peak_rss_mb"] > 0
 
 
 @pytest.mark.parametrize("freeze", [False, True])
