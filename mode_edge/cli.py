@@ -224,9 +224,10 @@ def load_base(spec: str):
 @click.option("--seq-len", type=int, default=256, show_default=True)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
 def eval_cmd(run, base, data, experts, split, max_tokens, seq_len, json_out):
-    """Next-token accuracy and perplexity per domain on the held-out split."""
+    """Next-token accuracy and perplexity per domain on the held-out split; for a MoDE model also the mean gate
+    weight of the backbone and each expert per domain (per block in the --json file)."""
     from mode_edge.training.data import load_corpus
-    from mode_edge.training.evaluate import build_model, evaluate, print_scores
+    from mode_edge.training.evaluate import build_model, evaluate, print_gates, print_scores
 
     if run is None and base is None:
         raise UserError("pass --model RUN (a trained run) or --base B (to evaluate the bare backbone)")
@@ -244,6 +245,7 @@ def eval_cmd(run, base, data, experts, split, max_tokens, seq_len, json_out):
         "domains": results,
     }
     print_scores({label: results})
+    print_gates({label: results})
     if json_out:
         Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
 

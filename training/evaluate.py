@@ -18,12 +18,49 @@ from mode_edge.training.data import Corpus, as_corpus, eval_windows, require_spl
 from mode_edge.training.model import MoDEModel
 
 
+class GateUsage:
+    """Mean gate weight of the backbone and of each expert per MoDE block, over every token the model reads.
+
+    It shows what a score alone hides: whether an expert opens on the domains it was not trained for (retention
+    lost), or stays shut on its own (no gain)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.blocks = [b for b in getattr(model, "blocks", []) if b.experts]
+        self.sums = [None] * len(self.blocks)
+        self.tokens = 0
+
+    def __enter__(self) -> "GateUsage":
+        self.hooks = [b.register_forward_pre_hook(self._hook(i)) for i, b in enumerate(self.blocks)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.hooks:
+            h.remove()
+
+    def _hook(self, i: int):
+        def record(block, args):
+            weights = block.gate_weights(args[0]).flatten(0, 1).sum(0)  # (1 + N,)
+            self.sums[i] = weights if self.sums[i] is None else self.sums[i] + weights
+            if i == 0:
+                self.tokens += args[0].shape[0] * args[0].shape[1]
+
+        return record
+
+    def summary(self) -> dict | None:
+        """{"backbone": [per block], expert: [per block]}, or None for a model without experts."""
+        if not self.blocks or not self.tokens:
+            return None
+        names = ["backbone", *self.blocks[0].experts]
+        return {n: [round(float(s[j]) / self.tokens, 4) for s in self.sums] for j, n in enumerate(names)}
+
+
 @torch.no_grad()
 def score(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8, label: str = "eval") -> dict:
-    """Accuracy of the argmax prediction and mean cross-entropy over every position of (N, T+1) windows."""
+    """Accuracy of the argmax prediction and mean cross-entropy over every position of (N, T+1) windows, and for a
+    MoDE model the mean gate weights per block (`gates`)."""
     model.eval()
     correct, loss_sum, count = 0, 0.0, 0
-    with task_progress(label, len(windows)) as advance:
+    with task_progress(label, len(windows)) as advance, GateUsage(model) as gates:
         for i in range(0, len(windows), batch_size):
             batch = windows[i : i + batch_size]
             logits = model(batch[:, :-1]).float()  # (b, T, V)
@@ -33,7 +70,8 @@ def score(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8, la
             count += targets.numel()
             advance(len(batch))
     loss = loss_sum / count
-    return {"accuracy": 100.0 * correct / count, "perplexity": math.exp(loss), "loss": loss, "tokens": count}
+    result = {"accuracy": 100.0 * correct / count, "perplexity": math.exp(loss), "loss": loss, "tokens": count}
+    return {**result, "gates": gates.summary()} if gates.blocks else result
 
 
 BASELINES = ("full-ft", "lora")
@@ -88,6 +126,22 @@ def print_scores(rows: dict[str, dict[str, dict]]) -> None:
     for name, r in rows.items():
         table.add_row(name, *(f"{r[d]['accuracy']:.2f} ({r[d]['perplexity']:.2f})" if d in r else "-" for d in domains))
     results_console.print(table)
+
+
+def print_gates(rows: dict[str, dict[str, dict]]) -> None:
+    """Mean gate weight of each expert per domain, averaged over blocks (MoDE models only)."""
+    for name, r in rows.items():
+        usage = {d: s["gates"] for d, s in r.items() if s.get("gates")}
+        if not usage:
+            continue
+        parts = list(next(iter(usage.values())))
+        table = Table(title=f"{name}: mean gate weight")
+        table.add_column("domain")
+        for part in parts:
+            table.add_column(part, justify="right")
+        for d, g in usage.items():
+            table.add_row(d, *(f"{sum(g[p]) / len(g[p]):.3f}" for p in parts))
+        results_console.print(table)
 
 
 @torch.no_grad()

@@ -133,8 +133,13 @@ def test_eval_reports_accuracy_and_perplexity_per_domain(expert_runs, tiny, code
     assert set(results) == {"code", "prose"}
     for r in results.values():
         assert 0 <= r["accuracy"] <= 100 and r["perplexity"] > 1 and r["tokens"] == 256
+        gates = r["gates"]  # mean weight per block of the backbone and the expert: each block's weights sum to 1
+        assert set(gates) == {"backbone", "code"} and len(gates["code"]) == len(model.blocks)
+        assert all(0 < w < 1 for w in gates["code"])
+        assert [a + b for a, b in zip(gates["backbone"], gates["code"])] == pytest.approx([1.0] * len(model.blocks))
     bare, names, label = build_model(tiny, expert_runs / "code", [])
     assert names == [] and label == "backbone" and len(list(bare.experts.parameters())) == 0
+    assert "gates" not in evaluate(tiny, bare, [code_data], seq_len=32, max_tokens=64)["code"]
 
 
 def test_an_expert_from_another_base_is_refused(expert_runs, tiny):
