@@ -76,9 +76,11 @@ def test_end_to_end_workflow(workflow):
         root / "composed.json",
     )
     assert "code+prose" in full.stdout + full.stderr
+    assert "code+prose: mean gate weight" in full.stdout  # the gate table, a column per expert
     report = json.loads((root / "composed.json").read_text())
     assert report["experts"] == ["code", "prose"] and report["base"] == "tiny"
     assert set(report["domains"]) == {"code", "prose"}
+    assert set(report["domains"]["code"]["gates"]) == {"backbone", "code", "prose"}
     cli(
         "eval",
         "--model",
