@@ -14,7 +14,7 @@ from mode_edge.progress import console
 from mode_edge.training.backbones import load_backbone
 from mode_edge.training.compose import compose
 from mode_edge.training.data import prepare
-from mode_edge.training.evaluate import build_model, evaluate, print_scores
+from mode_edge.training.evaluate import build_model, evaluate, print_gates, print_scores
 from mode_edge.training.train_expert import train_expert
 
 TARGETS = ("code", "math")
@@ -91,6 +91,7 @@ def run_demo(out: Path, quick: bool = False, base: str = "smollm2") -> dict:
     timings["eval"] = round(time.perf_counter() - t, 1)
 
     print_scores(rows)
+    print_gates({k: v for k, v in rows.items() if k.startswith("composed")})  # where the composition's gates open
     expert_tps = {
         d: json.loads((experts[d] / "experts" / d / "expert.json").read_text())["training"]["tokens_per_s"]
         for d in TARGETS
