@@ -258,7 +258,7 @@ def eval_cmd(run, base, data, experts, split, max_tokens, seq_len, json_out):
     type=click.Choice(["tiny", "quick", "paper"]),
     default="quick",
     show_default=True,
-    help="Data and token budget: tiny (tests), quick (~20 min on 2 cores), paper (all data, ~1 h).",
+    help="Data and token budget: tiny (tests), quick (~20 min on 2 cores), paper (all data, ~1 h; --sweep adds ~1 h).",
 )
 @click.option("--sweep", is_flag=True, help="Also MoDE at 1 and 4 expert layers per block, LoRA at ranks 8/64/512.")
 def reproduce_cmd(base, out, preset, sweep):
