@@ -60,7 +60,7 @@ def score(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8, la
     MoDE model the mean gate weights per block (`gates`)."""
     model.eval()
     correct, loss_sum, count = 0, 0.0, 0
-    with task_progress(label, len(windows)) as advance, GateUsage(model) as gates:
+    with task_progress(label, len(windows)) as advance, GateUsage(model) as usage:
         for i in range(0, len(windows), batch_size):
             batch = windows[i : i + batch_size]
             logits = model(batch[:, :-1]).float()  # (b, T, V)
@@ -71,7 +71,8 @@ def score(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8, la
             advance(len(batch))
     loss = loss_sum / count
     result = {"accuracy": 100.0 * correct / count, "perplexity": math.exp(loss), "loss": loss, "tokens": count}
-    return {**result, "gates": gates.summary()} if gates.blocks else result
+    gates = usage.summary()
+    return {**result, "gates": gates} if gates else result
 
 
 BASELINES = ("full-ft", "lora")
