@@ -30,6 +30,7 @@ from mode_edge.packs import expert_entry
 from mode_edge.progress import console, stage_progress
 from mode_edge.training.backbones import Backbone, load_backbone
 from mode_edge.training.model import MoDEModel
+from mode_edge.training.router import load_router, routing_tensors
 from mode_edge.training.runs import check_same_blocks, load_run_experts, read_model_record
 
 
@@ -57,16 +58,6 @@ def load_model(run: Path, only: list[str] | None) -> tuple[Backbone, MoDEModel, 
 
 def graph_files(rel: str, fmt: str) -> list[str]:
     return [rel + ".onnx", rel + ".onnx.data"] if fmt == "onnx" else [rel + ".pte"]
-
-
-def gate_tensors(model: MoDEModel, name: str) -> dict[str, np.ndarray]:
-    """An expert's gate rows for all blocks (kilobytes): what `auto` routing scores prompts with."""
-    gates = [model.experts[name].blocks[i].gate for i in range(len(model.blocks))]
-    return {
-        "weight": np.stack([g.weight.detach().float().numpy() for g in gates]),  # (n_blocks, d)
-        "bias": np.array([float(g.bias) for g in gates], dtype=np.float32),  # (n_blocks,)
-        "eps": np.array([gates[0].eps], dtype=np.float32),
-    }
 
 
 def max_abs_diff(graph: torch.nn.Module, run_graph, inputs: tuple) -> float:
@@ -104,6 +95,7 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
     with stage_progress("export") as progress:
         progress.show("load")
         backbone, model, record = load_model(run, cfg.experts)
+        routers = {name: load_router(Path(run) / "experts" / name) for name in model.experts}
         graphs = split(model)
         dcfg = backbone.decoder.cfg
         steps = len(graphs) * (len(cfg.formats) + 1)
@@ -120,7 +112,7 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
                 progress.advance()
             shutil.rmtree(fp32, ignore_errors=True)
             progress.show("write")
-            manifest = write_bundle(work, backbone, model, record, graphs, cfg, verify)
+            manifest = write_bundle(work, backbone, model, record, graphs, cfg, verify, routers)
             wall = time.perf_counter() - started
             manifest["export"]["wall_s"] = round(wall, 1)
             write_manifest(work, manifest)
@@ -142,7 +134,8 @@ def verify_graph(graph, dcfg, work: Path, fp32: Path, rel: str, cfg: ExportConfi
     return out
 
 
-def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict, graphs, cfg, verify) -> dict:
+def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict, graphs, cfg, verify,
+                 routers: dict[str, dict | None]) -> dict:  # fmt: skip
     fingerprint = record["base"]["fingerprint"]
     backbone.tokenizer.save(work / "tokenizer.json")
     components = {}
@@ -155,7 +148,7 @@ def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict,
     experts = {}
     for name in model.experts:
         folder = work / "experts" / name
-        save_file(gate_tensors(model, name), str(folder / "gate.safetensors"))
+        save_file(routing_tensors(model.experts[name], routers[name]), str(folder / "gate.safetensors"))
         own = {k.split("/", 2)[2]: v for k, v in components.items() if k.startswith(f"experts/{name}/")}
         files = ["gate.safetensors"] + [f for c in own for fmt in cfg.formats for f in graph_files(c, fmt)]
         pack = {

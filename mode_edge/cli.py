@@ -118,20 +118,38 @@ def train():
     show_default=True,
     help="Expert layers start as copies of the block's last backbone layers, or random.",
 )
+@click.option("--general", type=click.Path(path_type=Path), default=None,
+              help="General-text corpus (e.g. from `data prepare --domain general`): a share of each batch comes from "
+                   "it and teaches the expert to stay out of text that is not its domain.")
+@click.option("--general-share", type=float, default=0.25, show_default=True,
+              help="Fraction of training rows drawn from --general.")
+@click.option("--stay-out-weight", type=float, default=1.0, show_default=True,
+              help="Weight of the stay-out penalty on general rows against the domain's cross-entropy.")
+@click.option("--stay-out", "penalty", type=click.Choice(["kl", "delta"]), default="kl", show_default=True,
+              help="Penalty on general rows: kl = KL divergence from the frozen backbone's next-token distribution; "
+                   "delta = relative L1 size of each block's change to the backbone's block output.")
+@click.option("--gate-init", type=click.Choice(["zero", "data"]), default=None,
+              help="Gate rows start at zero (same weight on every token), or from the difference of mean block inputs "
+                   "on the domain and on --general (shut on general text, open on the domain). "
+                   "Default: data with --general, zero without.")
 @train_options("mode")
-def train_expert_cmd(base, domain, data, out, blocks, expert_layers, init, **train_kw):
+def train_expert_cmd(base, domain, data, out, blocks, expert_layers, init, general, general_share, stay_out_weight,
+                     penalty, gate_init, **train_kw):  # fmt: skip
     """Train one domain expert beside the frozen backbone; saves only the expert's layers and gate rows."""
-    from mode_edge.config import MoDELayout
+    from mode_edge.config import MoDELayout, StayOutConfig
     from mode_edge.training.data import load_corpus
     from mode_edge.training.train_expert import check_name, train_expert
 
     cfg = make_train_config(**train_kw)
-    layout = MoDELayout(n_blocks=blocks, expert_layers=expert_layers, init=init)
+    gate_init = gate_init or ("data" if general else "zero")
+    layout = MoDELayout(n_blocks=blocks, expert_layers=expert_layers, init=init, gate_init=gate_init)
+    stay_out = StayOutConfig(share=general_share, weight=stay_out_weight, penalty=penalty)
     check_name(domain)
     require_absent(out)
     corpus = load_corpus(data)  # fail on bad data before the backbone's load
+    general_corpus = load_corpus(general) if general else None
     backbone = load_base(base)
-    record = train_expert(backbone, domain, corpus, out, layout, cfg)
+    record = train_expert(backbone, domain, corpus, out, layout, cfg, general_corpus, stay_out)
     click.echo(f"expert {domain}: {record['tokens']} tokens in {record['wall_s']:.0f}s "
                f"({record['tokens_per_s']:.0f} tok/s) -> {out}")  # fmt: skip
 
@@ -223,9 +241,17 @@ def load_base(spec: str):
 @click.option("--max-tokens", type=int, default=8192, show_default=True, help="Held-out tokens per domain.")
 @click.option("--seq-len", type=int, default=256, show_default=True)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
-def eval_cmd(run, base, data, experts, split, max_tokens, seq_len, json_out):
-    """Next-token accuracy and perplexity per domain on the held-out split; for a MoDE model also the mean gate
-    weight of the backbone and each expert per domain (per block in the --json file)."""
+@click.option("--routing", is_flag=True,
+              help="Evaluate prompt routing instead: for held-out prompts of each domain (16, 64 and 256 tokens), "
+                   "which expert (or none) each router picks, the confusion matrix, and the accuracy of the routed "
+                   "model on the continuation beside the oracle choice and the composition of all experts. An "
+                   "expert is expected for its own domain (same name), none for the others.")
+@click.option("--prompts", type=click.IntRange(min=1), default=48, show_default=True,
+              help="With --routing: held-out prompts per domain (one per document).")
+def eval_cmd(run, base, data, experts, split, max_tokens, seq_len, json_out, routing, prompts):
+    """Next-token accuracy and perplexity per domain on the held-out split, with 95% intervals from resampling
+    documents; for a MoDE model also the mean gate weight of the backbone and each expert per domain (per block in
+    the --json file). With --routing: prompt routing accuracy and the routed model's accuracy."""
     from mode_edge.training.data import load_corpus
     from mode_edge.training.evaluate import build_model, evaluate, print_gates, print_scores
 
@@ -233,7 +259,17 @@ def eval_cmd(run, base, data, experts, split, max_tokens, seq_len, json_out):
         raise UserError("pass --model RUN (a trained run) or --base B (to evaluate the bare backbone)")
     subset = None if experts is None else [] if experts == "none" else [e for e in experts.split(",") if e]
     corpora = [load_corpus(d) for d in csv_paths(data)]  # fail on bad data before the backbone's load
+    if routing and run is None:
+        raise UserError("--routing needs --model RUN, a MoDE run with the experts to route to")
     backbone = load_base(base or base_of(run))
+    if routing:
+        from mode_edge.training.eval_routing import print_routing, routing_for_run
+
+        result = routing_for_run(backbone, run, subset, corpora, prompts)
+        print_routing(result)
+        if json_out:
+            Path(json_out).write_text(json.dumps({"model": str(run), "routing": result}, indent=2) + "\n")
+        return
     model, names, label = build_model(backbone, run, subset)
     results = evaluate(backbone, model, corpora, seq_len=seq_len, max_tokens=max_tokens, split=split)
     report = {

@@ -35,7 +35,10 @@ BACKEND = click.option(
 @click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k likeliest tokens (0: all).")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--route-top-k", type=int, default=1, show_default=True, help="Experts 'auto' loads.")
+@click.option("--route-top-k", type=int, default=1, show_default=True, help="Experts 'auto' loads at most.")
+@click.option("--router", type=click.Choice(["centroid", "gate"]), default="centroid", show_default=True,
+              help="How 'auto' chooses: centroid = nearest class among the packs' domains and general text (may "
+                   "choose none: the bare backbone); gate = the highest mean gate logit (always an expert).")
 @BACKEND
 @click.option("--device", default="host", show_default=True, help="Device profile: threads and memory budget.")
 @click.option(
@@ -47,8 +50,8 @@ BACKEND = click.option(
 @click.option("--profile", "show_profile", is_flag=True, help="Print the latency and memory profile afterwards.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the profile as JSON.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a PNG timeline (needs matplotlib).")
-def run_cmd(bundle, experts, prompt, max_new_tokens, temperature, top_k, top_p, seed, route_top_k, backend, device,
-            pack_source, show_profile, json_out, plot):  # fmt: skip
+def run_cmd(bundle, experts, prompt, max_new_tokens, temperature, top_k, top_p, seed, route_top_k, router, backend,
+            device, pack_source, show_profile, json_out, plot):  # fmt: skip
     """Load the base, select experts (or route to them), and print the continuation of --prompt as it is generated.
     Only the selected experts' graphs are loaded."""
     from mode_edge.devices.profiles import load_profile
@@ -65,7 +68,7 @@ def run_cmd(bundle, experts, prompt, max_new_tokens, temperature, top_k, top_p, 
 
     _, summary, profile = run(bundle, parse_experts(experts), prompt, max_new_tokens, sampling, backend=backend,
                               threads=prof.threads, budget_mb=prof.memory_budget_mb, route_top_k=route_top_k,
-                              pack_source=pack_source, on_text=emit)  # fmt: skip
+                              router=router, pack_source=pack_source, on_text=emit)  # fmt: skip
     sys.stdout.write("\n")
     click.echo(f"[experts: {', '.join(summary['experts']) or 'none'}; {summary['new_tokens']} tokens, "
                f"{summary['decode_tokens_per_s'] or 0:.1f} tok/s decode]", err=True)  # fmt: skip

@@ -76,6 +76,10 @@ class MoDELayout(_Serialisable):
     """'copy': expert layers start as copies of the last layers of their block's backbone slice; 'random'."""
     gate_bias: float = -2.0
     """Initial gate logit of an expert; the backbone's logit is pinned at 0, so the backbone dominates at the start."""
+    gate_init: str = "zero"
+    """'zero': gate rows start at zero with bias gate_bias (the same weight on every token); 'data': each block's row
+    starts from the difference of the mean normalised block input on the domain and on general text, scaled so the
+    gate starts nearly shut on general text and open on the domain (FlexOlmo, arXiv 2507.07024, §3.3)."""
 
     def __post_init__(self):
         if self.n_blocks <= 0:
@@ -84,6 +88,8 @@ class MoDELayout(_Serialisable):
             raise UserError(f"--expert-layers must be positive, got {self.expert_layers}")
         if self.init not in ("copy", "random"):
             raise UserError(f"--init must be 'copy' or 'random', got {self.init!r}")
+        if self.gate_init not in ("zero", "data"):
+            raise UserError(f"--gate-init must be 'zero' or 'data', got {self.gate_init!r}")
 
     def check_backbone(self, n_layers: int) -> None:
         if n_layers % self.n_blocks:
@@ -150,6 +156,30 @@ class TrainConfig(_Serialisable):
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len * self.grad_accum
+
+
+@dataclass(frozen=True)
+class StayOutConfig(_Serialisable):
+    """Stage-1 training that also teaches an expert where to stay out (DESIGN §6): a share of the rows of each batch
+    comes from general text, and on those rows a penalty pulls the model back to the frozen backbone while the
+    domain rows train with the ordinary language-model loss (Neutral Residues, arXiv 2410.02744; CITI, 2409.13202)."""
+
+    share: float = 0.25
+    """Fraction of training rows drawn from the general corpus (spread evenly over the steps)."""
+    weight: float = 1.0
+    """Weight of the stay-out penalty against the domain rows' cross-entropy."""
+    penalty: str = "kl"
+    """'kl': KL divergence from the frozen backbone's next-token distribution on general rows (one extra backbone
+    forward over those rows); 'delta': relative L1 size of each block's change to the backbone's block output,
+    sum_j a_j * (f_j(x) - f_bb(x)), on general tokens (no extra forward)."""
+
+    def __post_init__(self):
+        if not 0 < self.share < 1:
+            raise UserError(f"--general-share must lie strictly between 0 and 1, got {self.share}")
+        if not 0 <= self.weight < float("inf"):
+            raise UserError(f"--stay-out-weight must be a finite number >= 0, got {self.weight}")
+        if self.penalty not in ("kl", "delta"):
+            raise UserError(f"--stay-out must be 'kl' or 'delta', got {self.penalty!r}")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ def parse_experts(value: str) -> list[str] | str:
 def run(
     bundle: Path, experts: list[str] | str, prompt: str, max_new_tokens: int, sampling: Sampling,
     backend: str = "onnx", threads: int | None = None, budget_mb: float | None = None, route_top_k: int = 1,
-    pack_source: str | None = None, on_text: Callable[[str], None] | None = None,
+    router: str = "centroid", pack_source: str | None = None, on_text: Callable[[str], None] | None = None,
 ) -> tuple[str, dict, Profile]:  # fmt: skip
     """Generate; returns the new text, the profile summary (with the chosen experts) and the raw profile."""
     profile = Profile()
@@ -48,7 +48,7 @@ def run(
             raise UserError("the prompt is empty (no tokens); pass some text with --prompt")
         profile.prompt_tokens = len(ids)
         t = time.perf_counter()
-        chosen = session.route(ids, route_top_k) if experts == "auto" else [] if experts == "none" else experts
+        chosen = session.route(ids, route_top_k, router) if experts == "auto" else [] if experts == "none" else experts
         profile.route_s = time.perf_counter() - t if experts == "auto" else 0.0
         session.select(chosen)
         profile.mark("experts selected")

@@ -1,5 +1,5 @@
 """A serving session: the base loaded once, experts loaded on demand and evicted least-recently-used within the
-device's memory budget, prompt routing from the gate rows of every installed pack.
+device's memory budget, prompt routing over every installed pack (runtimes/routing.py), which may answer "none".
 
 Budget accounting uses each component's weight bytes on disk (what it costs to hold it resident); the memory
 profiler measures what loading really adds. No torch: numpy + onnxruntime.
@@ -16,7 +16,9 @@ from safetensors.numpy import load_file
 
 from mode_edge.bundle import read_pack_manifest, total_bytes
 from mode_edge.errors import UserError
+from mode_edge.runtimes import routing
 from mode_edge.runtimes.engine import Engine, Sampling, generate
+from mode_edge.runtimes.routing import ROUTERS
 
 MB = 1 << 20
 
@@ -133,29 +135,26 @@ class Session:
         self.engine.unload_expert(name)
         self.lru.pop(name, None)
 
-    def route(self, prompt: list[int], top_k: int = 1) -> list[str]:
-        """The top-k installed experts for this prompt: each scored by its gate rows on the backbone's block inputs
-        (mean logit over blocks and tokens); one backbone-only pass over the prompt."""
+    def route(self, prompt: list[int], top_k: int = 1, router: str = "centroid") -> list[str]:
+        """The experts this prompt should run with: at most top_k installed experts, or [] when general text wins
+        (the bare backbone). One backbone-only pass over the prompt; see runtimes/routing.py for the routers."""
         if not prompt:
             raise UserError("the prompt is empty; routing needs at least one token")
+        if router not in ROUTERS:
+            raise UserError(f"--router must be one of {', '.join(ROUTERS)}, got {router!r}")
         if not self.gates:
             return []
         inputs = self.engine.block_inputs(np.array([prompt], dtype=np.int64))  # per block (1, T, d)
-        scores = {}
-        for name, g in self.gates.items():
-            logits = []
-            for i, h in enumerate(inputs):
-                hn = h * (1.0 / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + g["eps"][0]))
-                logits.append(hn @ g["weight"][i] + g["bias"][i])  # (1, T)
-            scores[name] = float(np.mean(logits))
-        self.last_scores = scores
-        return sorted(scores, key=scores.get, reverse=True)[:top_k]
+        choices, scores = routing.route(inputs, self.gates, router, top_k)
+        self.last_scores = {name: float(v[0]) for name, v in scores.items()}
+        return choices[0]
 
     def generate(self, prompt: list[int], experts: list[str] | str = "auto", max_new_tokens: int = 64,
-                 sampling: Sampling | None = None, top_k_experts: int = 1, timer=None) -> Iterator[int]:  # fmt: skip
+                 sampling: Sampling | None = None, top_k_experts: int = 1, timer=None,
+                 router: str = "centroid") -> Iterator[int]:  # fmt: skip
         """Token ids as they come. `experts`: a list of names, 'auto' (route on the prompt) or 'none'."""
         if experts == "auto":
-            experts = self.route(prompt, top_k_experts)
+            experts = self.route(prompt, top_k_experts, router)
         elif experts == "none":
             experts = []
         self.select(list(experts))

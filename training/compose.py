@@ -52,7 +52,7 @@ def compose(
         training = trainer.training_record("compose", data_paths, cfg, result, freeze_experts=freeze_experts)
         for e in loaded:
             record = {"expert_stage": e.meta["training"], "compose_stage": training}
-            runs.save_expert(work / "experts" / e.name, e.name, e.expert, e.layout, backbone, record)
+            runs.save_expert(work / "experts" / e.name, e.name, e.expert, e.layout, backbone, record, e.router)
         extra = {"training": training, "history": {"compose": result["history"]}}
         runs.save_model_record(work, "composed", backbone, layout, list(experts), extra)
 

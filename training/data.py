@@ -35,7 +35,7 @@ def prepare(domain: str, out: Path, limit: int | None = None, overwrite: bool = 
         raise UserError(f"--limit {limit} is too small to give every split a document; use at least 20")
     source = SOURCES[domain]
     documents = list(source.documents(limit))
-    split = assign_splits([doc_id for doc_id, _ in documents])
+    split = assign_splits([doc_id for doc_id, _ in documents], group=source.group)
     with atomic_dir(Path(out), overwrite=overwrite) as work:
         sizes = {s: {"documents": 0, "characters": 0} for s in SPLITS}
         files = {s: open(work / f"{s}.jsonl", "w") for s in SPLITS}
@@ -52,7 +52,8 @@ def prepare(domain: str, out: Path, limit: int | None = None, overwrite: bool = 
             "domain": domain,
             "source": source.description,
             "licence": source.licence,
-            "split_rule": "documents ordered by sha256(id): first 5% test, next 5% validation, rest train",
+            "split_rule": "documents ordered by sha256(id), sections of one source document together: first 5% "
+            "test, next 5% validation, rest train",
             "limit": limit,
             "splits": sizes,
         }
@@ -179,14 +180,30 @@ def _interleave(streams: list[TokenStream], batch_size: int) -> Iterator[torch.T
         yield rows[order][:batch_size]
 
 
-def eval_windows(docs: list[tuple[str, str]], tokenizer: TextTokenizer, seq_len: int, max_tokens: int) -> torch.Tensor:
-    """The first `max_tokens` tokens of a split in file order, cut into (N, T+1) windows: the held-out set."""
+@dataclass
+class HeldOut:
+    """A held-out sample: token windows and, for every predicted token, the index of the document it belongs to
+    (so that confidence intervals can resample documents, not tokens)."""
+
+    windows: torch.Tensor
+    """(N, T+1) token ids."""
+    doc: torch.Tensor
+    """(N, T) document index (into the split's documents) of each window's targets, windows[:, 1:]."""
+
+
+def held_out(
+    docs: list[tuple[str, str]], tokenizer: TextTokenizer, seq_len: int, max_tokens: int, doc_tokens: int | None = 512
+) -> HeldOut:
+    """The first `max_tokens` tokens of a split in file order, each document cut to its first `doc_tokens` tokens
+    (None: whole documents) so that the sample spans many documents, packed into (N, T+1) windows."""
     buffer: list[int] = []
+    owner: list[int] = []
     n = seq_len + 1
     for i in range(0, len(docs), 32):
-        for ids in tokenizer.encode_batch([text for _, text in docs[i : i + 32]]):
+        for k, ids in enumerate(tokenizer.encode_batch([text for _, text in docs[i : i + 32]])):
+            ids = (ids + [tokenizer.eos_id])[:doc_tokens] if doc_tokens else ids + [tokenizer.eos_id]
             buffer.extend(ids)
-            buffer.append(tokenizer.eos_id)
+            owner.extend([i + k] * len(ids))
         if len(buffer) >= max_tokens + n:
             break
     n_windows = min(len(buffer) // n, max(1, max_tokens // seq_len))
@@ -194,4 +211,11 @@ def eval_windows(docs: list[tuple[str, str]], tokenizer: TextTokenizer, seq_len:
         raise UserError(
             f"the held-out split has only {len(buffer)} tokens, fewer than one window of {n}; lower --seq-len"
         )
-    return torch.tensor(buffer[: n_windows * n], dtype=torch.long).view(n_windows, n)
+    windows = torch.tensor(buffer[: n_windows * n], dtype=torch.long).view(n_windows, n)
+    doc = torch.tensor(owner[: n_windows * n], dtype=torch.long).view(n_windows, n)[:, 1:]
+    return HeldOut(windows, doc)
+
+
+def eval_windows(docs: list[tuple[str, str]], tokenizer: TextTokenizer, seq_len: int, max_tokens: int) -> torch.Tensor:
+    """The first `max_tokens` tokens of a split in file order, whole documents, cut into (N, T+1) windows."""
+    return held_out(docs, tokenizer, seq_len, max_tokens, doc_tokens=None).windows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.table import Table
@@ -14,7 +15,7 @@ from mode_edge.errors import UserError
 from mode_edge.progress import results_console, task_progress
 from mode_edge.training import runs
 from mode_edge.training.backbones import Backbone
-from mode_edge.training.data import Corpus, as_corpus, eval_windows, require_split
+from mode_edge.training.data import Corpus, HeldOut, as_corpus, held_out, require_split
 from mode_edge.training.model import MoDEModel
 
 
@@ -54,23 +55,51 @@ class GateUsage:
         return {n: [round(float(s[j]) / self.tokens, 4) for s in self.sums] for j, n in enumerate(names)}
 
 
+def bootstrap_ci(
+    correct: np.ndarray, loss: np.ndarray, count: np.ndarray, resamples: int = 1000, seed: int = 0
+) -> dict:
+    """95% percentile intervals of accuracy (%) and perplexity, resampling documents with replacement.
+
+    correct, loss, count: (D,) per-document sums of correct predictions, cross-entropy (nats) and tokens. Documents,
+    not tokens, are the unit: tokens of one document are not independent. With one document the interval is a point.
+    """
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(count), size=(resamples, len(count)))  # (R, D)
+    n = count[picks].sum(1)
+    acc = 100.0 * correct[picks].sum(1) / n
+    ppl = np.exp(loss[picks].sum(1) / n)
+    return {
+        "accuracy_ci": [round(float(v), 2) for v in np.percentile(acc, [2.5, 97.5])],
+        "perplexity_ci": [round(float(v), 3) for v in np.percentile(ppl, [2.5, 97.5])],
+        "documents": int(len(count)),
+    }
+
+
 @torch.no_grad()
-def score(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8, label: str = "eval") -> dict:
-    """Accuracy of the argmax prediction and mean cross-entropy over every position of (N, T+1) windows, and for a
-    MoDE model the mean gate weights per block (`gates`)."""
+def score(model: torch.nn.Module, sample: HeldOut | torch.Tensor, batch_size: int = 8, label: str = "eval") -> dict:
+    """Accuracy of the argmax prediction and mean cross-entropy over every position of (N, T+1) windows, with 95%
+    bootstrap intervals over documents when the sample knows its documents (HeldOut), and for a MoDE model the mean
+    gate weights per block (`gates`)."""
     model.eval()
-    correct, loss_sum, count = 0, 0.0, 0
+    windows = sample.windows if isinstance(sample, HeldOut) else sample
+    doc = sample.doc if isinstance(sample, HeldOut) else torch.zeros_like(windows[:, 1:])
+    hits, losses = [], []
     with task_progress(label, len(windows)) as advance, GateUsage(model) as usage:
         for i in range(0, len(windows), batch_size):
             batch = windows[i : i + batch_size]
             logits = model(batch[:, :-1]).float()  # (b, T, V)
             targets = batch[:, 1:]
-            correct += (logits.argmax(-1) == targets).sum().item()
-            loss_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
-            count += targets.numel()
+            hits.append((logits.argmax(-1) == targets).flatten())
+            losses.append(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none"))
             advance(len(batch))
-    loss = loss_sum / count
-    result = {"accuracy": 100.0 * correct / count, "perplexity": math.exp(loss), "loss": loss, "tokens": count}
+    hit, loss_tok = torch.cat(hits).double().numpy(), torch.cat(losses).double().numpy()
+    _, owner = np.unique(doc.flatten().numpy(), return_inverse=True)  # (N*T,) dense document index
+    per_doc = [np.bincount(owner, weights=w) for w in (hit, loss_tok, np.ones_like(hit))]
+    count = hit.size
+    loss = float(loss_tok.sum()) / count
+    result = {"accuracy": 100.0 * float(hit.sum()) / count, "perplexity": math.exp(loss), "loss": loss, "tokens": count}
+    if isinstance(sample, HeldOut):
+        result.update(bootstrap_ci(*per_doc))
     gates = usage.summary()
     return {**result, "gates": gates} if gates else result
 
@@ -112,21 +141,27 @@ def evaluate(
         corpus = as_corpus(path)
         if corpus.name in results:
             raise UserError(f"two --data folders are both named {corpus.name!r}; evaluate each domain once")
-        windows = eval_windows(require_split(corpus, split), backbone.tokenizer, seq_len, max_tokens)
-        results[corpus.name] = score(model, windows, label=f"eval {corpus.name}")
+        sample = held_out(require_split(corpus, split), backbone.tokenizer, seq_len, max_tokens)
+        results[corpus.name] = score(model, sample, label=f"eval {corpus.name}")
     return results
 
 
 def print_scores(rows: dict[str, dict[str, dict]]) -> None:
     """One table: a row per model, accuracy (and perplexity) per domain."""
     domains = list(dict.fromkeys(d for r in rows.values() for d in r))
-    table = Table(title="next-token accuracy % (perplexity)")
+    table = Table(title="next-token accuracy % [95% interval over documents] (perplexity)")
     table.add_column("model")
     for d in domains:
         table.add_column(d, justify="right")
     for name, r in rows.items():
-        table.add_row(name, *(f"{r[d]['accuracy']:.2f} ({r[d]['perplexity']:.2f})" if d in r else "-" for d in domains))
+        table.add_row(name, *(_cell(r[d]) if d in r else "-" for d in domains))
     results_console.print(table)
+
+
+def _cell(s: dict) -> str:
+    """'acc [lo, hi] (ppl)' for a table cell."""
+    ci = f" [{s['accuracy_ci'][0]:.1f}, {s['accuracy_ci'][1]:.1f}]" if "accuracy_ci" in s else ""
+    return f"{s['accuracy']:.2f}{ci} ({s['perplexity']:.2f})"
 
 
 def print_gates(rows: dict[str, dict[str, dict]]) -> None:

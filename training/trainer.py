@@ -36,6 +36,17 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of token windows (B, T+1): the ordinary language-model loss."""
+    logits = model(batch[:, :-1])  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+
+
+def _to(batch, device: torch.device):
+    """A batch is token windows (B, T+1), or a tuple whose first item they are (with per-row tensors after them)."""
+    return tuple(t.to(device) for t in batch) if isinstance(batch, tuple) else batch.to(device)
+
+
 def is_gate(name: str) -> bool:
     return ".gate." in f".{name}"
 
@@ -94,8 +105,10 @@ def train(
     *,
     signature: dict,
     label: str,
+    loss_fn: Callable = lm_loss,
 ) -> dict:
-    """Train the named `params` of `model` (a token-ids -> logits module); returns loss history and throughput."""
+    """Train the named `params` of `model` (a token-ids -> logits module) on `loss_fn(model, batch)`; returns loss
+    history and throughput."""
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but this torch has no CUDA device; use --device cpu")
@@ -123,12 +136,11 @@ def train(
                 group["lr"] = group["base_lr"] * lr_factor(step, cfg)
             total = 0.0
             for _ in range(cfg.grad_accum):
-                batch = next(batches).to(device)
-                logits = model(batch[:, :-1])  # (B, T, V)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+                batch = _to(next(batches), device)
+                loss = loss_fn(model, batch)
                 (loss / cfg.grad_accum).backward()
                 total += loss.item() / cfg.grad_accum
-                tokens += batch[:, 1:].numel()
+                tokens += (batch[0] if isinstance(batch, tuple) else batch)[:, 1:].numel()
             torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -155,13 +167,14 @@ def train_into(
     signature: dict,
     label: str,
     save: Callable[[Path, dict], None],
+    loss_fn: Callable = lm_loss,
 ) -> dict:
     """Train, then let `save(work, result)` write the run, which appears as `out` only when complete. An interrupted
     run keeps its checkpoint in the hidden partial folder, and the same call with the same settings resumes it."""
     if partial_path(out).exists():
         console.print(f"resuming the interrupted run in {partial_path(out)}")
     with atomic_dir(out, keep_partial_on_error=True) as work:
-        result = train(model, params, batches, cfg, work, signature=signature, label=label)
+        result = train(model, params, batches, cfg, work, signature=signature, label=label, loss_fn=loss_fn)
         save(work, result)
         shutil.rmtree(work / STATE_DIR, ignore_errors=True)  # absent when no checkpoint was due
     return result

@@ -1,0 +1,161 @@
+"""`mode-edge eval --routing`: how well prompt-level routing picks an expert (or none), and what it costs.
+
+For each domain's held-out documents: a window of CONTEXT + CONTINUATION tokens from the start of each document long
+enough. The router sees the first L tokens (L = 16, 64, 256) and chooses at most one expert or none; the
+continuation (the last CONTINUATION tokens, read with the whole window as context) is then scored with
+
+- routed: only the chosen expert (or the bare backbone), as a device would run it;
+- oracle: the domain's own expert (the expert named like the domain), or the backbone for a domain no expert owns;
+- composed: every expert at once, mixed token by token by their gates;
+- backbone: no expert.
+
+The expected answer for a domain is its own expert, or "none" when no expert carries its name (general text).
+Routing runs through runtimes/routing.py, the device's code, on the PyTorch backbone's block inputs (--model) or
+on the bundle's graphs (--bundle).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.table import Table
+
+from mode_edge.errors import UserError
+from mode_edge.progress import results_console, task_progress
+from mode_edge.runtimes.routing import NONE, ROUTERS, route
+from mode_edge.training.data import Corpus, require_split
+from mode_edge.training.model import MoDEModel
+from mode_edge.training.router import block_inputs, routing_tensors
+
+PROMPT_LENGTHS = (16, 64, 256)
+CONTEXT, CONTINUATION = 256, 64
+
+
+def windows(corpus: Corpus, tokenizer, n: int) -> torch.Tensor:
+    """(n', CONTEXT + CONTINUATION) token ids: the start of each held-out document that is long enough, in file
+    order, at most n of them."""
+    rows = []
+    for _, text in require_split(corpus, "test"):
+        ids = tokenizer.encode(text)
+        if len(ids) >= CONTEXT + CONTINUATION:
+            rows.append(ids[: CONTEXT + CONTINUATION])
+        if len(rows) == n:
+            break
+    if not rows:
+        raise UserError(f"{corpus.path}: no test document holds {CONTEXT + CONTINUATION} tokens; routing needs longer")
+    return torch.tensor(rows, dtype=torch.long)
+
+
+@torch.no_grad()
+def continuation_hits(model: MoDEModel, w: torch.Tensor, label: str) -> np.ndarray:
+    """(n, CONTINUATION) bool: whether the argmax prediction of each continuation token is right."""
+    hits = []
+    with task_progress(label, len(w)) as advance:
+        for i in range(0, len(w), 8):
+            batch = w[i : i + 8]
+            logits = model(batch[:, :-1])  # (b, T, V)
+            hits.append((logits[:, CONTEXT - 1 :].argmax(-1) == batch[:, CONTEXT:]).numpy())
+            advance(len(batch))
+    return np.concatenate(hits)
+
+
+def _ci(values: np.ndarray, resamples: int = 1000, seed: int = 0) -> list[float]:
+    """95% percentile interval of the mean of per-prompt values (one prompt per document)."""
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(1)
+    return [round(float(v), 2) for v in np.percentile(means, [2.5, 97.5])]
+
+
+def evaluate_routing(backbone, loaded: list, layout, corpora: list[Corpus], n_prompts: int = 48,
+                     routers: tuple = ROUTERS) -> dict:  # fmt: skip
+    """Routing accuracy, confusion and routed-model accuracy per router, prompt length and domain.
+
+    loaded: runs.LoadedExpert list (the candidates); corpora: held-out domains, general text included. Returns
+    {"experts", "domains", "prompts", "routers": {router: {L: {"accuracy", "confusion", "per_domain"}}},
+    "scores": {domain: {"backbone", "oracle", "composed", "routed": {router: {L: ...}}}}} with accuracies in %."""
+    names = [e.name for e in loaded]
+    gates = {e.name: routing_tensors(e.expert, e.router) for e in loaded}
+    experts = {e.name: e.expert for e in loaded}
+    subsets = {NONE: [], **{n: [n] for n in names}, "composed": names}
+    out = {"experts": names, "domains": [c.name for c in corpora], "prompts": {}, "routers": {}, "scores": {}}
+    choices: dict[str, dict[str, dict[int, list[str]]]] = {r: {} for r in routers}
+    hits: dict[str, dict[str, np.ndarray]] = {}
+    for corpus in corpora:
+        w = windows(corpus, backbone.tokenizer, n_prompts)
+        out["prompts"][corpus.name] = len(w)
+        inputs = [block_inputs(backbone.decoder, layout, w[i : i + 8, :CONTEXT]) for i in range(0, len(w), 8)]
+        for r in routers:
+            choices[r][corpus.name] = {}
+            for length in PROMPT_LENGTHS:
+                picked = []
+                for chunk in inputs:
+                    picked += route([h[:, :length] for h in chunk], gates, r, top_k=1)[0]
+                choices[r][corpus.name][length] = [c[0] if c else NONE for c in picked]
+        hits[corpus.name] = {
+            key: continuation_hits(MoDEModel(backbone.decoder, layout, {n: experts[n] for n in subset}), w,
+                                   f"{corpus.name}: {key}")
+            for key, subset in subsets.items()
+        }  # fmt: skip
+    for corpus in corpora:
+        d, h = corpus.name, hits[corpus.name]
+        oracle = d if d in names else NONE
+        per_prompt = {k: v.mean(1) * 100 for k, v in h.items()}  # (n,) accuracy % of each prompt's continuation
+        scores = {"backbone": per_prompt[NONE], "oracle": per_prompt[oracle], "composed": per_prompt["composed"]}
+        out["scores"][d] = {k: {"accuracy": round(float(v.mean()), 2), "ci": _ci(v)} for k, v in scores.items()}
+        out["scores"][d]["expected"] = oracle
+        out["scores"][d]["routed"] = {}
+        for r in routers:
+            out["scores"][d]["routed"][r] = {}
+            for length in PROMPT_LENGTHS:
+                picked = choices[r][d][length]
+                v = np.array([per_prompt[c][i] for i, c in enumerate(picked)])
+                out["scores"][d]["routed"][r][length] = {"accuracy": round(float(v.mean()), 2), "ci": _ci(v)}
+    for r in routers:
+        out["routers"][r] = {}
+        for length in PROMPT_LENGTHS:
+            labels = [*names, NONE]
+            confusion = {d: {c: choices[r][d][length].count(c) for c in labels} for d in out["domains"]}
+            right = {d: confusion[d][d if d in names else NONE] for d in out["domains"]}
+            total = sum(out["prompts"].values())
+            out["routers"][r][length] = {
+                "accuracy": round(100.0 * sum(right.values()) / total, 2),
+                "per_domain": {d: round(100.0 * right[d] / out["prompts"][d], 2) for d in out["domains"]},
+                "confusion": confusion,
+            }
+    return out
+
+
+def print_routing(result: dict) -> None:
+    """Routing accuracy and confusion per router and prompt length; routed vs oracle vs composed per domain."""
+    labels = [*result["experts"], NONE]
+    for r, by_length in result["routers"].items():
+        for length, res in by_length.items():
+            table = Table(title=f"router {r}, {length}-token prompts: {res['accuracy']:.1f}% right (rows: domain)")
+            table.add_column("domain")
+            for c in labels:
+                table.add_column(c, justify="right")
+            for d, row in res["confusion"].items():
+                table.add_row(d, *(str(row[c]) for c in labels))
+            results_console.print(table)
+    table = Table(title="continuation accuracy % [95% interval over prompts]")
+    columns = ["backbone", "oracle", "composed"] + [f"{r} @{n}" for r in result["routers"] for n in PROMPT_LENGTHS]
+    table.add_column("domain")
+    for c in columns:
+        table.add_column(c, justify="right")
+    for d, s in result["scores"].items():
+        cells = [s[k] for k in ("backbone", "oracle", "composed")]
+        cells += [s["routed"][r][n] for r in result["routers"] for n in PROMPT_LENGTHS]
+        table.add_row(d, *(f"{c['accuracy']:.2f} [{c['ci'][0]:.1f}, {c['ci'][1]:.1f}]" for c in cells))
+    results_console.print(table)
+
+
+def routing_for_run(backbone, run: Path, experts: list[str] | None, corpora: list[Corpus], n_prompts: int) -> dict:
+    """evaluate_routing over a run's experts (all, or the named subset)."""
+    from mode_edge.training.runs import check_same_blocks, load_run_experts
+
+    loaded = load_run_experts(run, backbone, experts)
+    if not loaded:
+        raise UserError(f"{run} has no experts to route to; --routing needs a MoDE run with experts")
+    return evaluate_routing(backbone, loaded, check_same_blocks(loaded), corpora, n_prompts)

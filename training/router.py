@@ -1,0 +1,107 @@
+"""Router statistics of an expert: what the centroid router (runtimes/routing.py) needs to know about its domain.
+
+Fitted once, at the end of stage 1, from the frozen backbone alone (so they do not depend on the expert's weights):
+the mean and variance of the mean-pooled, RMS-normalised block inputs over prompts of the expert's training text
+and of general text, at prompt lengths 16, 64 and 256 tokens. Stored beside the expert (router.safetensors) and
+carried into its pack's gate file, a few kilobytes.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from mode_edge.config import MoDELayout
+from mode_edge.errors import UserError
+from mode_edge.runtimes.routing import ROUTER_KEYS, pooled_features
+from mode_edge.tokenizer import TextTokenizer
+from mode_edge.training.model import Decoder, Expert, run_layers
+
+PROMPT_LENGTHS = (16, 64, 256)
+ROUTER_FILE = "router.safetensors"
+
+
+@torch.no_grad()
+def block_inputs(decoder: Decoder, layout: MoDELayout, ids: torch.Tensor) -> list[np.ndarray]:
+    """The backbone's input to each MoDE block for token ids (B, T): per block (B, T, d), as numpy."""
+    x = decoder.embed_tokens(ids)  # (B, T, d)
+    out = []
+    for start, end in layout.block_ranges(decoder.cfg.n_layers):
+        out.append(x.float().numpy())
+        x = run_layers(decoder.layers[start:end], x, decoder.rope, None, [f"bb.{k}" for k in range(start, end)])
+    return out
+
+
+def prompts(docs: list[tuple[str, str]], tokenizer: TextTokenizer, length: int, n: int, seed: int) -> torch.Tensor:
+    """n prompts of `length` tokens, each the start of a randomly chosen document long enough (a shorter document is
+    skipped): (n', length) with n' <= n."""
+    rng = random.Random(seed)
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    rows = []
+    for i in order:
+        ids = tokenizer.encode(docs[i][1])
+        if len(ids) >= length:
+            rows.append(ids[:length])
+        if len(rows) == n:
+            break
+    return torch.tensor(rows, dtype=torch.long).view(-1, length)
+
+
+def features(decoder: Decoder, layout: MoDELayout, docs, tokenizer, per_length: int, seed: int) -> np.ndarray:
+    """Pooled block-input features of prompts at every PROMPT_LENGTHS: (n, n_blocks, d)."""
+    eps = decoder.cfg.norm_eps
+    out = []
+    for length in PROMPT_LENGTHS:
+        ids = prompts(docs, tokenizer, length, per_length, seed + length)
+        for i in range(0, len(ids), 8):
+            out.append(pooled_features(block_inputs(decoder, layout, ids[i : i + 8]), eps))
+    if not out:
+        raise UserError(f"no document holds {PROMPT_LENGTHS[0]} tokens; the router needs longer documents")
+    return np.concatenate(out)
+
+
+def fit_router(decoder: Decoder, layout: MoDELayout, tokenizer: TextTokenizer, domain_docs, general_docs,
+               per_length: int = 32, seed: int = 0) -> dict[str, np.ndarray]:  # fmt: skip
+    """Means and variances, (n_blocks, d) each, of the pooled features on the domain and on general text."""
+    dom = features(decoder, layout, domain_docs, tokenizer, per_length, seed)
+    gen = features(decoder, layout, general_docs, tokenizer, per_length, seed + 1)
+    stats = {"router_mean": dom.mean(0), "router_var": dom.var(0), "general_mean": gen.mean(0),
+             "general_var": gen.var(0)}  # fmt: skip
+    stats = {k: v.astype(np.float32) for k, v in stats.items()}
+    stats["router_count"] = np.array([len(dom), len(gen)], dtype=np.int64)
+    return stats
+
+
+def routing_tensors(expert: Expert, router: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """What a pack's gate file holds (kilobytes): the expert's gate rows for all blocks, weight (n_blocks, d), bias
+    (n_blocks,), eps (1,), and its router statistics when it has them (ROUTER_KEYS, (n_blocks, d) each)."""
+    gates = [block.gate for block in expert.blocks]
+    return {
+        "weight": np.stack([g.weight.detach().float().numpy() for g in gates]),
+        "bias": np.array([float(g.bias) for g in gates], dtype=np.float32),
+        "eps": np.array([gates[0].eps], dtype=np.float32),
+        **(router or {}),
+    }
+
+
+def save_router(folder: Path, stats: dict[str, np.ndarray]) -> None:
+    save_file(stats, str(Path(folder) / ROUTER_FILE))
+
+
+def load_router(folder: Path) -> dict[str, np.ndarray] | None:
+    """The expert's router statistics, or None when it was trained without them."""
+    path = Path(folder) / ROUTER_FILE
+    if not path.exists():
+        return None
+    try:
+        stats = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for a cut or corrupted file
+        raise UserError(f"{path} is unreadable ({e}); delete it to route by gate rows, or retrain the expert") from None
+    if not all(k in stats for k in ROUTER_KEYS):
+        raise UserError(f"{path} lacks {', '.join(k for k in ROUTER_KEYS if k not in stats)}; retrain the expert")
+    return stats

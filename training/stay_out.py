@@ -1,0 +1,133 @@
+"""Experts that stay out of other domains (DESIGN §6): general rows in stage-1 batches, a stay-out penalty on them,
+and gate rows initialised from data.
+
+An expert trained on its domain alone has no reason to keep its gate shut elsewhere. Here a share of every batch's
+rows is general text; the domain rows train with the ordinary language-model loss, and on the general rows a penalty
+pulls the model back to the frozen backbone, either the KL divergence from the backbone's next-token distribution or
+the relative size of each block's change to the backbone's block output. Sources: Neutral Residues (arXiv
+2410.02744: general data plus a penalty on the added branch), CITI (arXiv 2409.13202), FlexOlmo (arXiv 2507.07024
+§3.3: router rows from domain embeddings, a negative bias so the expert can be skipped).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from mode_edge.config import MoDELayout, StayOutConfig
+from mode_edge.training.data import TokenStream
+from mode_edge.training.model import Decoder, Expert, MoDEModel, run_layers
+
+OPEN_LOGIT, SHUT_LOGIT = -1.0, -4.0
+"""Gate logits that data initialisation gives the mean domain and the mean general block input: a weight of about
+0.27 on the domain and 0.02 on general text (the backbone's logit is 0)."""
+
+
+def mixed_rows(domain: TokenStream, general: TokenStream, share: float) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of domain rows with a `share` of general rows spread evenly over the stream: row k is general when
+    floor((k + 1) * share) > floor(k * share). Yields (tokens (B, T+1), is_general (B,) bool); deterministic."""
+    k = 0
+    while True:
+        rows_domain, rows_general = next(domain), next(general)  # (B, T+1) each
+        is_general = torch.tensor([int((k + i + 1) * share) > int((k + i) * share) for i in range(len(rows_domain))])
+        k += len(rows_domain)
+        yield torch.where(is_general[:, None], rows_general, rows_domain), is_general
+
+
+class StayOutLoss:
+    """Cross-entropy on the domain rows plus `weight` x the stay-out penalty on the general rows.
+
+    Called with a model and a batch (tokens (B, T+1), is_general (B,)); returns the scalar loss. The 'delta' penalty
+    reads each block's output and its backbone slice's output through forward hooks, so it costs no extra forward;
+    'kl' runs the bare backbone over the general rows without gradients."""
+
+    def __init__(self, model: MoDEModel, cfg: StayOutConfig):
+        self.model, self.cfg = model, cfg
+        self.outputs: dict[tuple[str, int], torch.Tensor] = {}
+        self.hooks = []
+        if cfg.penalty == "delta":
+            for i, (block, (_, end)) in enumerate(zip(model.blocks, model.ranges)):
+                self.hooks.append(block.register_forward_hook(self._keep("mix", i)))
+                self.hooks.append(model.backbone.layers[end - 1].register_forward_hook(self._keep("backbone", i)))
+
+    def _keep(self, kind: str, i: int):
+        def hook(module, args, output):
+            self.outputs[(kind, i)] = output
+
+        return hook
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+    def __call__(self, model: MoDEModel, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        tokens, is_general = batch
+        logits = model(tokens[:, :-1])  # (B, T, V)
+        domain = ~is_general
+        loss = torch.zeros((), device=tokens.device)
+        if domain.any():
+            loss = F.cross_entropy(logits[domain].flatten(0, 1).float(), tokens[domain, 1:].flatten())
+        if is_general.any() and self.cfg.weight > 0:
+            loss = loss + self.cfg.weight * self.penalty(logits, tokens, is_general)
+        self.outputs.clear()
+        return loss
+
+    def penalty(self, logits: torch.Tensor, tokens: torch.Tensor, is_general: torch.Tensor) -> torch.Tensor:
+        if self.cfg.penalty == "kl":
+            with torch.no_grad():
+                reference = self.model.backbone(tokens[is_general, :-1]).float()  # (b, T, V)
+            log_p = F.log_softmax(logits[is_general].float(), dim=-1)
+            log_q = F.log_softmax(reference, dim=-1)
+            return F.kl_div(log_p.flatten(0, 1), log_q.flatten(0, 1), log_target=True, reduction="batchmean")
+        changes = []
+        for i in range(len(self.model.blocks)):
+            y, y_bb = self.outputs[("mix", i)][is_general], self.outputs[("backbone", i)][is_general]  # (b, T, d)
+            changes.append((y - y_bb).abs().mean(-1) / y_bb.abs().mean(-1).clamp_min(1e-6))  # (b, T)
+        return torch.stack(changes).mean()
+
+
+@torch.no_grad()
+def data_gate_init(
+    decoder: Decoder,
+    layout: MoDELayout,
+    expert: Expert,
+    domain: TokenStream,
+    general: TokenStream,
+    n_batches: int = 8,
+) -> dict:
+    """Set each block's gate row from data (FlexOlmo-style): w = s * (mu_domain - mu_general), where mu is the mean
+    RMS-normalised block input of the frozen backbone, with s and the bias chosen so the mean domain input gets
+    logit OPEN_LOGIT and the mean general input SHUT_LOGIT. Reads n_batches of each stream; returns, per block, the
+    mean initial gate weight on the domain and on general text (measured on the same tokens)."""
+    ranges = layout.block_ranges(decoder.cfg.n_layers)
+    sums = {"domain": [None] * len(ranges), "general": [None] * len(ranges)}
+    inputs = {"domain": [], "general": []}
+    for kind, stream in (("domain", domain), ("general", general)):
+        for _ in range(n_batches):
+            x = decoder.embed_tokens(next(stream)[:, :-1])  # (B, T, d)
+            for i, (start, end) in enumerate(ranges):
+                x_hat = _normalised(x, expert.blocks[i].gate.eps).flatten(0, 1)  # (B*T, d)
+                sums[kind][i] = x_hat.sum(0) if sums[kind][i] is None else sums[kind][i] + x_hat.sum(0)
+                inputs[kind].append((i, x_hat))
+                names = [f"bb.{k}" for k in range(start, end)]
+                x = run_layers(decoder.layers[start:end], x, decoder.rope, None, names)
+    opened = {"domain": [], "general": []}
+    for i, block in enumerate(expert.blocks):
+        mu = {k: sums[k][i] / sum(len(h) for j, h in inputs[k] if j == i) for k in sums}
+        direction = mu["domain"] - mu["general"]  # (d,)
+        p_domain, p_general = mu["domain"] @ direction, mu["general"] @ direction  # p_domain - p_general = |u|^2 > 0
+        scale = (OPEN_LOGIT - SHUT_LOGIT) / (p_domain - p_general).clamp_min(1e-8)
+        block.gate.weight.copy_(scale * direction)
+        block.gate.bias.fill_(float(SHUT_LOGIT - scale * p_general))
+        for k in opened:
+            logits = torch.cat([h for j, h in inputs[k] if j == i]) @ block.gate.weight + block.gate.bias
+            opened[k].append(round(float(torch.sigmoid(logits).mean()), 4))  # softmax over [0, logit]
+    return opened
+
+
+def _normalised(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """The gate's view of a block input: RMS-normalised without a learned scale, as in model.Gate."""
+    xf = x.float()
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
