@@ -115,3 +115,42 @@ def int8_bundle(composed_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "int8"
     export_bundle(composed_run, out, ExportConfig(formats=("onnx",), quant="int8"))
     return out
+
+
+def _write_corpus(folder: Path, texts: list[str]) -> Path:
+    folder.mkdir(parents=True)
+    with open(folder / "docs.jsonl", "w") as f:
+        for i, text in enumerate(texts):
+            f.write(json.dumps({"id": f"{folder.name}-{i}", "text": text}) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def toy_domains(tmp_path_factory) -> dict[str, Path]:
+    """Four corpora whose routing answer is known, 200 documents of ~700 characters each: 'code' (Python standard
+    library sources), 'digits' (seeded arithmetic), 'records' (seeded JSON records) and 'general' (the English prose
+    of Python's own help topics)."""
+    import random
+
+    from pydoc_data.topics import topics
+
+    root = tmp_path_factory.mktemp("toy")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    source = "".join(p.read_text() for p in sorted(stdlib.glob("[a-c]*.py"))[:30])
+    prose = " ".join(" ".join(t.split()) for t in topics.values())
+    rng = random.Random(0)
+    arithmetic = [
+        " ".join(f"{a} + {b} = {a + b}." for a, b in ((rng.randint(0, 999), rng.randint(0, 999)) for _ in range(40)))
+        for _ in range(200)
+    ]
+    records = [
+        "\n".join(json.dumps({"id": rng.randint(0, 10**6), "ok": rng.random() < 0.5, "tags": ["x"] * rng.randint(0, 3)})
+                  for _ in range(14))
+        for _ in range(200)
+    ]  # fmt: skip
+    return {
+        "code": _write_corpus(root / "code", [source[i * 700 : (i + 1) * 700] for i in range(200)]),
+        "records": _write_corpus(root / "records", [r[:700] for r in records]),
+        "digits": _write_corpus(root / "digits", [a[:700] for a in arithmetic]),
+        "general": _write_corpus(root / "general", [prose[i * 700 : (i + 1) * 700] for i in range(200)]),
+    }

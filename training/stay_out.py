@@ -20,9 +20,8 @@ from mode_edge.config import MoDELayout, StayOutConfig
 from mode_edge.training.data import TokenStream
 from mode_edge.training.model import Decoder, Expert, MoDEModel, run_layers
 
-OPEN_LOGIT, SHUT_LOGIT = -1.0, -4.0
-"""Gate logits that data initialisation gives the mean domain and the mean general block input: a weight of about
-0.27 on the domain and 0.02 on general text (the backbone's logit is 0)."""
+SHUT_WEIGHT = 0.05
+"""Mean gate weight that data initialisation leaves on general text: nearly shut (the backbone's logit is 0)."""
 
 
 def mixed_rows(domain: TokenStream, general: TokenStream, share: float) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -96,35 +95,48 @@ def data_gate_init(
     domain: TokenStream,
     general: TokenStream,
     n_batches: int = 8,
+    shrinkage: float = 0.1,
 ) -> dict:
-    """Set each block's gate row from data (FlexOlmo-style): w = s * (mu_domain - mu_general), where mu is the mean
-    RMS-normalised block input of the frozen backbone, with s and the bias chosen so the mean domain input gets
-    logit OPEN_LOGIT and the mean general input SHUT_LOGIT. Reads n_batches of each stream; returns, per block, the
-    mean initial gate weight on the domain and on general text (measured on the same tokens)."""
+    """Set each block's gate row from data: the direction that best tells the frozen backbone's RMS-normalised block
+    inputs on the domain from those on general text, w ~ S^-1 (mu_domain - mu_general) with S their pooled covariance
+    shrunk towards a multiple of the identity (a linear discriminant; FlexOlmo, arXiv 2507.07024 §3.3, starts router
+    rows from the plain mean difference). Its scale is the discriminant's log-odds slope, (m_domain - m_general) /
+    var, on the projections; the bias leaves a mean weight of SHUT_WEIGHT on general text, so how far the gate opens
+    on the domain at the start is what the data can tell apart. Reads n_batches of each stream; returns, per block,
+    the mean initial gate weight on the domain and on general text over those tokens."""
     ranges = layout.block_ranges(decoder.cfg.n_layers)
-    sums = {"domain": [None] * len(ranges), "general": [None] * len(ranges)}
-    inputs = {"domain": [], "general": []}
+    inputs: dict[str, list[list[torch.Tensor]]] = {"domain": [[] for _ in ranges], "general": [[] for _ in ranges]}
     for kind, stream in (("domain", domain), ("general", general)):
         for _ in range(n_batches):
             x = decoder.embed_tokens(next(stream)[:, :-1])  # (B, T, d)
             for i, (start, end) in enumerate(ranges):
-                x_hat = _normalised(x, expert.blocks[i].gate.eps).flatten(0, 1)  # (B*T, d)
-                sums[kind][i] = x_hat.sum(0) if sums[kind][i] is None else sums[kind][i] + x_hat.sum(0)
-                inputs[kind].append((i, x_hat))
-                names = [f"bb.{k}" for k in range(start, end)]
-                x = run_layers(decoder.layers[start:end], x, decoder.rope, None, names)
+                inputs[kind][i].append(_normalised(x, expert.blocks[i].gate.eps).flatten(0, 1))  # (B*T, d)
+                x = run_layers(decoder.layers[start:end], x, decoder.rope, None, [f"bb.{k}" for k in range(start, end)])
     opened = {"domain": [], "general": []}
     for i, block in enumerate(expert.blocks):
-        mu = {k: sums[k][i] / sum(len(h) for j, h in inputs[k] if j == i) for k in sums}
-        direction = mu["domain"] - mu["general"]  # (d,)
-        p_domain, p_general = mu["domain"] @ direction, mu["general"] @ direction  # p_domain - p_general = |u|^2 > 0
-        scale = (OPEN_LOGIT - SHUT_LOGIT) / (p_domain - p_general).clamp_min(1e-8)
-        block.gate.weight.copy_(scale * direction)
-        block.gate.bias.fill_(float(SHUT_LOGIT - scale * p_general))
+        h = {k: torch.cat(v[i]).double() for k, v in inputs.items()}  # (n, d) each
+        mu = {k: v.mean(0) for k, v in h.items()}
+        cov = sum(torch.cov(v.T) for v in h.values()) / 2  # (d, d) pooled within-class covariance
+        cov = (1 - shrinkage) * cov + shrinkage * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
+        direction = torch.linalg.solve(cov, mu["domain"] - mu["general"])  # (d,)
+        p = {k: v @ direction for k, v in h.items()}  # (n,) projections; the domain's mean is the larger (S is SPD)
+        spread = (p["domain"].var() + p["general"].var()) / 2
+        scale = (p["domain"].mean() - p["general"].mean()) / spread.clamp_min(1e-12)
+        block.gate.weight.copy_((scale * direction).float())
+        block.gate.bias.fill_(_bias_for(scale * p["general"], SHUT_WEIGHT))
         for k in opened:
-            logits = torch.cat([h for j, h in inputs[k] if j == i]) @ block.gate.weight + block.gate.bias
+            logits = h[k].float() @ block.gate.weight + block.gate.bias
             opened[k].append(round(float(torch.sigmoid(logits).mean()), 4))  # softmax over [0, logit]
     return opened
+
+
+def _bias_for(logits: torch.Tensor, mean_weight: float) -> float:
+    """The bias b with mean(sigmoid(logits + b)) = mean_weight, by bisection (the mean is increasing in b)."""
+    lo, hi = -50.0 - float(logits.max()), 50.0 - float(logits.min())
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if float(torch.sigmoid(logits + mid).mean()) < mean_weight else (lo, mid)
+    return (lo + hi) / 2
 
 
 def _normalised(x: torch.Tensor, eps: float) -> torch.Tensor:
