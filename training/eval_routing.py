@@ -25,7 +25,8 @@ from rich.table import Table
 from mode_edge.errors import UserError
 from mode_edge.progress import results_console, task_progress
 from mode_edge.runtimes.routing import NONE, ROUTERS, route
-from mode_edge.training.data import Corpus, require_split
+from mode_edge.training.data import Corpus, held_out, require_split
+from mode_edge.training.evaluate import summarize, token_stats
 from mode_edge.training.model import MoDEModel
 from mode_edge.training.router import block_inputs, routing_tensors
 
@@ -125,6 +126,31 @@ def evaluate_routing(backbone, loaded: list, layout, corpora: list[Corpus], n_pr
                 "confusion": confusion,
             }
     return out
+
+
+def routed_scores(backbone, loaded: list, layout, corpora: list[Corpus], max_tokens: int, route_tokens: int = 64,
+                  router: str = "centroid", seq_len: int = 256) -> dict[str, dict]:  # fmt: skip
+    """Held-out scores (as evaluate.evaluate) of the routed model: each window of the held-out sample runs with at
+    most one expert, chosen by `router` on its first `route_tokens` tokens (or with none). Adds `routes`, the count
+    of windows per choice."""
+    gates = {e.name: routing_tensors(e.expert, e.router) for e in loaded}
+    experts = {e.name: e.expert for e in loaded}
+    results = {}
+    for corpus in corpora:
+        sample = held_out(require_split(corpus, "test"), backbone.tokenizer, seq_len, max_tokens)
+        w = sample.windows
+        picked = []
+        for i in range(0, len(w), 8):
+            picked += route(block_inputs(backbone.decoder, layout, w[i : i + 8, :route_tokens]), gates, router)[0]
+        choice = [c[0] if c else NONE for c in picked]
+        hit = torch.zeros(w[:, 1:].shape, dtype=torch.bool)
+        loss = torch.zeros(w[:, 1:].shape)
+        for key in sorted(set(choice)):
+            rows = torch.tensor([i for i, c in enumerate(choice) if c == key])
+            model = MoDEModel(backbone.decoder, layout, {} if key == NONE else {key: experts[key]})
+            hit[rows], loss[rows], _ = token_stats(model, w[rows], label=f"{corpus.name}: routed to {key}")
+        results[corpus.name] = {**summarize(hit, loss, sample.doc), "routes": {c: choice.count(c) for c in set(choice)}}
+    return results
 
 
 def print_routing(result: dict) -> None:

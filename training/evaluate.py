@@ -90,33 +90,44 @@ def paired_ci(a: dict, b: dict, resamples: int = 1000, seed: int = 0) -> dict:
 
 
 @torch.no_grad()
-def score(model: torch.nn.Module, sample: HeldOut | torch.Tensor, batch_size: int = 8, label: str = "eval") -> dict:
-    """Accuracy of the argmax prediction and mean cross-entropy over every position of (N, T+1) windows, with 95%
-    bootstrap intervals over documents when the sample knows its documents (HeldOut), and for a MoDE model the mean
-    gate weights per block (`gates`)."""
+def token_stats(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8, label: str = "eval"):
+    """Per predicted token of (N, T+1) windows: whether the argmax is right and the cross-entropy, each (N, T); and
+    for a MoDE model the mean gate weights per block (None otherwise)."""
     model.eval()
-    windows = sample.windows if isinstance(sample, HeldOut) else sample
-    doc = sample.doc if isinstance(sample, HeldOut) else torch.zeros_like(windows[:, 1:])
     hits, losses = [], []
     with task_progress(label, len(windows)) as advance, GateUsage(model) as usage:
         for i in range(0, len(windows), batch_size):
             batch = windows[i : i + batch_size]
             logits = model(batch[:, :-1]).float()  # (b, T, V)
             targets = batch[:, 1:]
-            hits.append((logits.argmax(-1) == targets).flatten())
-            losses.append(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none"))
+            hits.append(logits.argmax(-1) == targets)
+            losses.append(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets))
             advance(len(batch))
-    hit, loss_tok = torch.cat(hits).double().numpy(), torch.cat(losses).double().numpy()
-    _, owner = np.unique(doc.flatten().numpy(), return_inverse=True)  # (N*T,) dense document index
-    per_doc = [np.bincount(owner, weights=w) for w in (hit, loss_tok, np.ones_like(hit))]
+    return torch.cat(hits), torch.cat(losses), usage.summary()
+
+
+def summarize(hit: torch.Tensor, loss_tok: torch.Tensor, doc: torch.Tensor | None) -> dict:
+    """Accuracy %, perplexity and mean loss of per-token results (N, T); with the document of each token, also 95%
+    bootstrap intervals over documents and the per-document sums (for paired comparisons)."""
+    hit, loss_tok = hit.flatten().double().numpy(), loss_tok.flatten().double().numpy()
     count = hit.size
     loss = float(loss_tok.sum()) / count
     result = {"accuracy": 100.0 * float(hit.sum()) / count, "perplexity": math.exp(loss), "loss": loss, "tokens": count}
-    if isinstance(sample, HeldOut):
+    if doc is not None:
+        _, owner = np.unique(doc.flatten().numpy(), return_inverse=True)  # (N*T,) dense document index
+        per_doc = [np.bincount(owner, weights=w) for w in (hit, loss_tok, np.ones_like(hit))]
         result.update(bootstrap_ci(*per_doc))
-        # per-document sums, so that two models scored on the same sample compare pairwise (paired_ci)
         result["per_doc"] = {k: [round(float(v), 4) for v in a] for k, a in zip(("correct", "loss", "count"), per_doc)}
-    gates = usage.summary()
+    return result
+
+
+def score(model: torch.nn.Module, sample: HeldOut | torch.Tensor, batch_size: int = 8, label: str = "eval") -> dict:
+    """Accuracy of the argmax prediction and mean cross-entropy over every position of (N, T+1) windows, with 95%
+    bootstrap intervals over documents when the sample knows its documents (HeldOut), and for a MoDE model the mean
+    gate weights per block (`gates`)."""
+    windows = sample.windows if isinstance(sample, HeldOut) else sample
+    hit, loss, gates = token_stats(model, windows, batch_size, label)
+    result = summarize(hit, loss, sample.doc if isinstance(sample, HeldOut) else None)
     return {**result, "gates": gates} if gates else result
 
 

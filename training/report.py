@@ -6,16 +6,43 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-COLUMNS = ["method", "total params", "trainable params", "code", "math", "english", "avg", "train s", "peak RSS MB"]
+DOMAINS = ("code", "math", "english", "general")
+COLUMNS = ["method", "total params", "trainable params", *DOMAINS, "avg", "train s", "peak RSS MB"]
 
 
 def table_rows(results: list[dict]) -> list[list]:
+    """One CSV row per method: parameters, accuracy per domain (and its 95% interval), their mean, cost."""
     rows = []
     for r in results:
-        acc = [r["scores"][d]["accuracy"] for d in ("code", "math", "english")]
+        acc = [r["scores"][d]["accuracy"] for d in DOMAINS]
         peak = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] else "-"
-        rows.append([r["row"], r["total_params"], r["trainable_params"], *acc, sum(acc) / 3, r["train_s"], peak])
+        rows.append([r["row"], r["total_params"], r["trainable_params"], *acc, sum(acc) / len(acc), r["train_s"], peak])
     return rows
+
+
+def _cell(score: dict) -> str:
+    ci = score.get("accuracy_ci")
+    return f"{score['accuracy']:.2f}" + (f" ({ci[0]:.1f}-{ci[1]:.1f})" if ci else "")
+
+
+def off_domain_lines(results: list[dict]) -> list[str]:
+    """Each single expert's change against the backbone on every domain, in points, with a paired 95% interval (the
+    same documents resampled for both): what an expert costs where it was not trained."""
+    from mode_edge.training.evaluate import paired_ci
+
+    base = next((r for r in results if r["method"] == "backbone"), None)
+    rows = [r for r in results if r["method"] in ("mode-expert", "mode-routed", "mode-composed")]
+    if base is None or not rows or "per_doc" not in base["scores"][DOMAINS[0]]:
+        return []
+    lines = ["", "Change against the backbone, points (paired 95% interval over documents):", "",
+             "| method | " + " | ".join(DOMAINS) + " |", "|" + "---|" * (len(DOMAINS) + 1)]  # fmt: skip
+    for r in rows:
+        cells = []
+        for d in DOMAINS:
+            p = paired_ci(r["scores"][d], base["scores"][d])
+            cells.append(f"{p['delta']:+.2f} ({p['ci'][0]:+.1f}, {p['ci'][1]:+.1f})")
+        lines.append(f"| {r['row']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_report(out: Path, results: list[dict], preset_name: str, preset) -> None:
@@ -24,14 +51,17 @@ def write_report(out: Path, results: list[dict], preset_name: str, preset) -> No
     header = (
         f"Preset `{preset_name}`: every trained method gets {tokens:,} training tokens "
         f"({preset.budget_steps} steps x {preset.batch_size} x {preset.seq_len}; MoDE: {preset.expert_steps} steps "
-        f"per expert + {preset.compose_steps} composition steps). Peak learning rates {preset.lr}. Next-token "
-        f"accuracy % on {preset.eval_tokens:,} held-out tokens per domain; targets code + math, retention English."
+        f"per expert + {preset.compose_steps} composition steps; -so experts spend a quarter of their rows on general "
+        f"text). Peak learning rates {preset.lr}. Next-token accuracy % on up to {preset.eval_tokens:,} held-out "
+        f"tokens per domain (at most 512 per document), 95% interval over documents in parentheses; targets code + math, "
+        f"retention English (KJV, never trained on) and general (State of the Union test split)."
     )
     lines = [header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for row in rows:
-        name, total, trainable, *acc, train_s, peak = row
-        cells = [name, f"{total / 1e6:.1f}M", f"{trainable / 1e6:.2f}M", *(f"{a:.2f}" for a in acc), f"{train_s:.0f}"]
-        lines.append("| " + " | ".join([*cells, peak]) + " |")
+    for row, r in zip(rows, results):
+        name, total, trainable, *_, avg, train_s, peak = row
+        cells = [name, f"{total / 1e6:.1f}M", f"{trainable / 1e6:.2f}M", *(_cell(r["scores"][d]) for d in DOMAINS)]
+        lines.append("| " + " | ".join([*cells, f"{avg:.2f}", f"{train_s:.0f}", peak]) + " |")
+    lines += off_domain_lines(results)
     (out / "table.md").write_text("\n".join(lines) + "\n")
     with open(out / "table.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -47,18 +77,18 @@ def plot(folder: Path, results: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    domains = ("code", "math", "english")
+    domains = DOMAINS
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(results)), 4))
     width = 0.8 / len(domains)
     for i, d in enumerate(domains):
-        xs = [j + (i - 1) * width for j in range(len(results))]
+        xs = [j + (i - (len(domains) - 1) / 2) * width for j in range(len(results))]
         ax.bar(xs, [r["scores"][d]["accuracy"] for r in results], width, label=d)
     ax.set_xticks(range(len(results)), [r["row"] for r in results], rotation=30, ha="right")
     ax.set_ylabel("next-token accuracy %")
     low = min(r["scores"][d]["accuracy"] for r in results for d in domains)
     high = max(r["scores"][d]["accuracy"] for r in results for d in domains)
     ax.set_ylim(max(0, low - 5), high + 0.25 * (high - low + 5))
-    ax.legend(ncol=3, loc="upper center")
+    ax.legend(ncol=len(domains), loc="upper center")
     ax.set_title("held-out accuracy per domain and method")
     fig.tight_layout()
     fig.savefig(folder / "accuracy.png", dpi=120)
@@ -91,7 +121,7 @@ def plot(folder: Path, results: list[dict]) -> None:
         pts = sorted(
             (r["trainable_params"], (r["scores"]["code"]["accuracy"] + r["scores"]["math"]["accuracy"]) / 2)
             for r in results
-            if r["method"] == method and not r["row"].endswith("frozen")
+            if r["method"] == method and not r["row"].endswith(("frozen", "-so"))
         )
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
