@@ -131,7 +131,6 @@ def toy_domains(tmp_path_factory) -> dict[str, Path]:
     library sources), 'digits' (seeded arithmetic), 'records' (seeded JSON records) and 'general' (the English prose
     of Python's own help topics)."""
     import random
-
     from pydoc_data.topics import topics
 
     root = tmp_path_factory.mktemp("toy")

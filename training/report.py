@@ -53,8 +53,8 @@ def write_report(out: Path, results: list[dict], preset_name: str, preset) -> No
         f"({preset.budget_steps} steps x {preset.batch_size} x {preset.seq_len}; MoDE: {preset.expert_steps} steps "
         f"per expert + {preset.compose_steps} composition steps; -so experts spend a quarter of their rows on general "
         f"text). Peak learning rates {preset.lr}. Next-token accuracy % on up to {preset.eval_tokens:,} held-out "
-        f"tokens per domain (at most 512 per document), 95% interval over documents in parentheses; targets code + math, "
-        f"retention English (KJV, never trained on) and general (State of the Union test split)."
+        f"tokens per domain (at most 512 per document), 95% interval over documents in parentheses; targets code + "
+        f"math, retention English (KJV, never trained on) and general (State of the Union test split)."
     )
     lines = [header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row, r in zip(rows, results):
