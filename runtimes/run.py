@@ -10,6 +10,8 @@ from tokenizers import Tokenizer
 
 from mode_edge.bundle import read_bundle, total_bytes
 from mode_edge.errors import UserError
+from mode_edge.names import check_names, split_names
+from mode_edge.ranges import check_number
 from mode_edge.runtimes.engine import Sampling
 from mode_edge.runtimes.profiler import Profile, Sampler
 from mode_edge.runtimes.session import Session
@@ -23,9 +25,8 @@ def load_tokenizer(bundle: Path) -> TextTokenizer:
 
 
 def parse_experts(value: str) -> list[str] | str:
-    if value in ("auto", "none"):
-        return value
-    return [e for e in value.split(",") if e]
+    """`--experts`: 'auto', 'none', or comma-separated expert names (each checked before any file is touched)."""
+    return split_names(value, "--experts", keywords=("auto", "none"))
 
 
 def run(
@@ -34,6 +35,10 @@ def run(
     pack_source: str | None = None, on_text: Callable[[str], None] | None = None,
 ) -> tuple[str, dict, Profile]:  # fmt: skip
     """Generate; returns the new text, the profile summary (with the chosen experts) and the raw profile."""
+    check_number("--max-new-tokens", max_new_tokens, lo=1, integer=True)
+    check_number("--route-top-k", route_top_k, lo=1, integer=True)
+    if experts not in ("auto", "none"):
+        check_names(experts if not isinstance(experts, str) else [experts], "--experts")
     profile = Profile()
     profile.mark("start")
     with Sampler(profile):

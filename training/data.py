@@ -31,8 +31,8 @@ def prepare(domain: str, out: Path, limit: int | None = None, overwrite: bool = 
         raise UserError(
             f"unknown domain {domain!r}; choose one of {', '.join(SOURCES)} (or pass your own folder as --data)"
         )
-    if limit is not None and limit < 20:
-        raise UserError(f"--limit {limit} is too small to give every split a document; use at least 20")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 20):
+        raise UserError(f"--limit {limit!r} is too small to give every split a document; use an integer >= 20")
     source = SOURCES[domain]
     documents = list(source.documents(limit))
     split = assign_splits([doc_id for doc_id, _ in documents])

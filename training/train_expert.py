@@ -9,18 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from mode_edge.config import MoDELayout, TrainConfig
-from mode_edge.errors import UserError
 from mode_edge.files import require_absent
+from mode_edge.names import check_name
 from mode_edge.training import runs, trainer
 from mode_edge.training.backbones import Backbone
 from mode_edge.training.data import Corpus, TokenStream, as_corpus, require_split
 from mode_edge.training.model import Expert, MoDEModel
-
-
-def check_name(name: str) -> str:
-    if not name or not all(c.isalnum() or c in "-_" for c in name):
-        raise UserError(f"expert name {name!r} must be letters, digits, '-' or '_' (it names files and packs)")
-    return name
 
 
 def train_expert(
@@ -31,6 +25,7 @@ def train_expert(
     out = Path(out)
     require_absent(out)
     layout.check_backbone(backbone.decoder.cfg.n_layers)
+    cfg.check_context(backbone.decoder.cfg.max_seq_len)
     corpus = as_corpus(data)
     docs = require_split(corpus, "train")
     expert = Expert.init_from(backbone.decoder, layout, seed=cfg.seed)
