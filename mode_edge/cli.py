@@ -192,7 +192,8 @@ def train_full_ft_cmd(base, data, out, **train_kw):
 @click.option("--data", required=True, help="Comma-separated corpus folders; batches mix them evenly.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder to create.")
 @click.option("--rank", type=POSITIVE, default=16, show_default=True, help="Adapter rank.")
-@click.option("--alpha", type=Float(0, lo_open=True), default=32.0, show_default=True, help="Adapter scale numerator (alpha / rank).")
+@click.option("--alpha", type=Float(0, lo_open=True), default=32.0, show_default=True,
+              help="Adapter scale numerator (alpha / rank).")
 @click.option("--targets", default="q_proj,k_proj,v_proj,o_proj", show_default=True,
               help="Linear layers that get adapters (attention only by default, as in the paper).")  # fmt: skip
 @train_options("lora")
