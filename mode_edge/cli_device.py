@@ -11,6 +11,7 @@ import click
 
 from mode_edge.errors import UserError
 from mode_edge.names import expert_list
+from mode_edge.text import CleanText
 from mode_edge.ranges import POSITIVE, SEED, Float, Int
 
 BUNDLE = click.option("--bundle", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
@@ -31,7 +32,8 @@ BACKEND = click.option(
     show_default=True,
     help="Comma-separated expert names, 'auto' (route on the prompt) or 'none' (the bare base).",
 )
-@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--prompt", type=CleanText(), required=True,
+              help="Text to continue; bytes that are not UTF-8 become U+FFFD (with a warning).")
 @click.option("--max-new-tokens", type=POSITIVE, default=64, show_default=True,
               help="Tokens to generate at most; prompt + these must fit the model's context.")
 @click.option("--temperature", type=Float(0), default=0.0, show_default=True,

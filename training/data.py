@@ -19,6 +19,7 @@ import torch
 from mode_edge.config import TrainConfig
 from mode_edge.errors import UserError
 from mode_edge.files import atomic_dir, read_json, write_json
+from mode_edge.text import clean, decode, warn_replaced
 from mode_edge.tokenizer import TextTokenizer
 from mode_edge.training.sources import SOURCES, assign_splits
 
@@ -69,9 +70,13 @@ class Corpus:
     """Documents (id, text) of each split."""
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[str, str]]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+def _read_jsonl(path: Path) -> list[tuple[str, str]]:
+    """The (id, text) documents of a .jsonl file; broken UTF-8 and lone surrogates become U+FFFD (one warning)."""
+    docs, replaced = [], 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            line, bad = decode(raw)
+            line = line.removeprefix("\ufeff") if n == 1 else line  # a byte-order mark some editors write
             if not line.strip():
                 continue
             try:
@@ -82,7 +87,18 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, str]]:
                 ) from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise UserError(f'{path}:{n} has no string \'text\' field; each line must look like {{"text": "..."}}')
-            yield str(obj.get("id", f"{path.name}:{n}")), obj["text"]
+            doc_id, (text, bad_text) = clean(str(obj.get("id", f"{path.name}:{n}")))[0], clean(obj["text"])
+            replaced += bad + bad_text
+            docs.append((doc_id, text))
+    warn_replaced(str(path), replaced)
+    return docs
+
+
+def _read_txt(path: Path) -> str:
+    """A .txt file as one document; broken UTF-8 becomes U+FFFD (one warning)."""
+    text, replaced = decode(path.read_bytes())
+    warn_replaced(str(path), replaced)
+    return text.removeprefix("\ufeff")
 
 
 def load_corpus(path: str | Path) -> Corpus:
@@ -100,12 +116,8 @@ def load_corpus(path: str | Path) -> Corpus:
     else:
         found: dict[str, tuple[str, str]] = {}
         for file in sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file()):
-            rel = str(file.relative_to(path))
-            items = (
-                _read_jsonl(file)
-                if file.suffix == ".jsonl"
-                else [(rel, file.read_text(encoding="utf-8", errors="replace"))]
-            )
+            rel = clean(str(file.relative_to(path)))[0]  # a file name that is not UTF-8 comes as surrogates
+            items = _read_jsonl(file) if file.suffix == ".jsonl" else [(rel, _read_txt(file))]
             for doc_id, text in items:
                 if text.strip():
                     found[f"{rel}/{doc_id}"] = (doc_id, text)
