@@ -12,6 +12,8 @@ import click
 from mode_edge import cli_device, cli_ship
 from mode_edge.errors import UserError
 from mode_edge.files import require_absent
+from mode_edge.logs import VERBOSE_ENV
+from mode_edge.logs import configure as configure_logging
 from mode_edge.names import check_name, expert_list
 from mode_edge.ranges import POSITIVE, SEED, Float, Int
 
@@ -39,9 +41,13 @@ class Group(click.Group):
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="mode-edge")
-def main():
+@click.option("-v", "--verbose", is_flag=True, envvar=VERBOSE_ENV,
+              help="Also show the libraries' own log lines below WARNING (onnx_ir, onnxscript, torch, executorch, "
+              "transformers ...) and their Python warnings.")  # fmt: skip
+def main(verbose: bool):
     """Modular Domain Experts for small language models: train experts beside a frozen backbone, compose them,
     evaluate them, export them as quantized graphs, and ship them to phones and boards as domain packs."""
+    configure_logging(verbose)
 
 
 def csv_paths(value: str) -> list[Path]:
