@@ -19,9 +19,16 @@ from mode_edge.tokenizer import TextTokenizer
 
 
 def load_tokenizer(bundle: Path) -> TextTokenizer:
+    """The bundle's tokenizer, encoding as training did: `prefix_ids` from the manifest (absent in older bundles,
+    whose models were trained without one: no prefix)."""
     manifest = read_bundle(bundle)
-    tok = Tokenizer.from_file(str(Path(bundle) / manifest["tokenizer"]["file"]))
-    return TextTokenizer(tok, eos_id=manifest["tokenizer"]["eos_id"])
+    entry = manifest["tokenizer"]
+    tok = Tokenizer.from_file(str(Path(bundle) / entry["file"]))
+    prefix = entry.get("prefix_ids", [])
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    if not isinstance(prefix, list) or not all(isinstance(i, int) and 0 <= i < vocab for i in prefix):
+        raise UserError(f"{bundle}/manifest.json has an invalid tokenizer.prefix_ids {prefix!r}; re-export the bundle")
+    return TextTokenizer(tok, eos_id=entry["eos_id"], prefix_ids=tuple(prefix))
 
 
 def parse_experts(value: str) -> list[str] | str:
@@ -48,9 +55,10 @@ def run(
         )
         session.loader = lambda name, load: profile.load(f"expert {name}", load, session.expert_bytes(name))
         tokenizer = load_tokenizer(bundle)
-        ids = tokenizer.encode(prompt)
+        ids = tokenizer.encode(prompt, prefix=False)
         if not ids:
             raise UserError("the prompt is empty (no tokens); pass some text with --prompt")
+        ids = [*tokenizer.prefix_ids, *ids]  # the checkpoint's BOS, as in training
         profile.prompt_tokens = len(ids)
         t = time.perf_counter()
         chosen = session.route(ids, route_top_k) if experts == "auto" else [] if experts == "none" else experts
