@@ -31,12 +31,26 @@ class Group(click.Group):
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(2)
         except click.UsageError as e:
-            where = e.ctx.command_path if e.ctx else ctx.command_path
-            click.secho(f"error: {e.format_message()} (see `{where} --help`)", fg="red", err=True)
-            sys.exit(2)
+            usage_error(e, ctx.command_path)
         except KeyboardInterrupt:
             click.echo("interrupted; rerun the same command to resume where a checkpoint was saved", err=True)
             sys.exit(130)
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:  # the group's own options (`mode-edge --bogus`)
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            usage_error(e, info_name or "mode-edge")
+
+
+def usage_error(e: click.UsageError, where: str):
+    """click's usage errors (a bad or missing option) as one line, like ours, with where to find the help; a group
+    called without a command still shows its help."""
+    if type(e).__name__ == "NoArgsIsHelpError":
+        raise e
+    where = e.ctx.command_path if e.ctx else where
+    click.secho(f"error: {e.format_message()} (see `{where} --help`)", fg="red", err=True)
+    sys.exit(2)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

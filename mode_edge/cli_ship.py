@@ -36,8 +36,8 @@ def human_bytes(n: int) -> str:
     default=None,
     help="Weight precision. Default: the device profile's, else int8.",
 )
-@click.option("--block-size", type=Int(16), default=32, show_default=True,
-              help="Weights per int8 / int4 quantization group: a power of two.")
+@click.option("--block-size", type=Int(16, 256), default=32, show_default=True,
+              help="Weights per int8 / int4 quantization group: 16, 32, 64, 128 or 256.")
 @click.option("--device", default=None, help="Device profile whose defaults to use (`mode-edge devices list`).")
 @click.option("--experts", default=None, help="Comma-separated subset of the run's experts (default: all).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")

@@ -9,6 +9,8 @@ from mode_edge.errors import UserError
 from mode_edge.names import check_names
 from mode_edge.ranges import check_number, check_seed
 
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+"""Quantization group sizes onnxruntime's blockwise quantizer supports."""
 DEFAULT_LR = {"mode": 1e-3, "full-ft": 5e-5, "lora": 5e-4}
 """Peak learning rate per method. MoDE experts are small copies of backbone layers beside a frozen backbone and take
 a high rate (1e-3 reached in 30 steps what 2e-4 reached in 110 on SmolLM2 code); full fine-tuning moves every weight
@@ -170,7 +172,7 @@ class ExportConfig(_Serialisable):
     """Weight precision: 'fp32', 'int8' or 'int4'. ONNX: weight-only in groups of block_size (MatMulNBits). .pte:
     8-bit dynamic per-token activations with 8-bit per-channel or 4-bit grouped weights (XNNPACK)."""
     block_size: int = 32
-    """Weights per quantization group (ONNX int8 and int4, .pte int4)."""
+    """Weights per quantization group (ONNX int8 and int4, .pte int4): 16, 32, 64, 128 or 256."""
     experts: list | None = None
     """Experts to export (None: all in the run)."""
     overwrite: bool = False
@@ -184,9 +186,9 @@ class ExportConfig(_Serialisable):
             raise UserError(f"--quant must be fp32, int8 or int4, got {self.quant!r}")
         if self.experts is not None:
             check_names(self.experts, "--experts")
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 16 \
-                or self.block_size & (self.block_size - 1):  # fmt: skip
-            raise UserError(f"--block-size must be a power of two >= 16, got {self.block_size}")
+        if self.block_size not in BLOCK_SIZES or isinstance(self.block_size, bool):
+            raise UserError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))} (a power of two that "
+                            f"onnxruntime's quantizer takes), got {self.block_size!r}")  # fmt: skip
 
 
 def check_seq_len(seq_len: int, max_seq_len: int, option: str = "--seq-len") -> None:

@@ -64,9 +64,15 @@ class FiniteFloat(click.FloatRange):
         return rv
 
 
+class IntInRange(click.IntRange):
+    """click.IntRange that calls itself 'integer' in its messages ("'x' is not a valid integer")."""
+
+    name = "integer"
+
+
 def Int(lo: int | None = None, hi: int | None = None) -> click.IntRange:
     """An integer option in [lo, hi]; `--help` shows the range."""
-    return click.IntRange(lo, hi)
+    return IntInRange(lo, hi)
 
 
 def Float(lo: float | None = None, hi: float | None = None, lo_open=False, hi_open=False) -> FiniteFloat:
@@ -74,5 +80,5 @@ def Float(lo: float | None = None, hi: float | None = None, lo_open=False, hi_op
     return FiniteFloat(lo, hi, min_open=lo_open, max_open=hi_open)
 
 
-SEED = click.IntRange(0, SEED_MAX)
-POSITIVE = click.IntRange(1)
+SEED = Int(0, SEED_MAX)
+POSITIVE = Int(1)
