@@ -49,6 +49,7 @@ def check_optional(option: str, value, **limits):
 
 
 def check_seed(value, option: str = "--seed") -> int:
+    """A seed: an integer in 0 .. 2**32-1."""
     return check_number(option, value, lo=0, hi=SEED_MAX, integer=True)
 
 

@@ -76,3 +76,12 @@ def test_tokenizer_encodes_lone_surrogates_as_replacement_characters():
     assert tok.encode("ok \ud800 bad") == tok.encode("ok \ufffd bad")
     assert tok.encode_batch(["\udcff", "fine"]) == [tok.encode("\ufffd"), tok.encode("fine")]
     json.dumps(tok.decode(tok.encode("a\ud800")))  # what comes back is valid text
+
+
+def test_a_data_folder_whose_name_is_not_utf8(prose_data, tmp_path):
+    data = tmp_path / os.fsdecode(b"caf\xe9")
+    data.mkdir()
+    for f in prose_data.iterdir():
+        (data / f.name).write_bytes(f.read_bytes())
+    result = invoke("eval", "--base", "tiny", "--data", data, "--seq-len", "16", "--max-tokens", "32")
+    assert "caf\ufffd" in result.stdout  # the domain's name in the table, printable

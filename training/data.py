@@ -112,7 +112,7 @@ def load_corpus(path: str | Path) -> Corpus:
         described = (path / "dataset.json").is_file()
         meta = read_json(path / "dataset.json", "rerun `mode-edge data prepare --overwrite`") if described else {}
         docs = {s: list(_read_jsonl(path / f"{s}.jsonl")) for s in SPLITS}
-        name = meta.get("domain", path.name)
+        name = clean(str(meta.get("domain", path.name)))[0]
     else:
         found: dict[str, tuple[str, str]] = {}
         for file in sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file()):
@@ -123,7 +123,7 @@ def load_corpus(path: str | Path) -> Corpus:
                     found[f"{rel}/{doc_id}"] = (doc_id, text)
         split = assign_splits(list(found))
         docs = {s: [doc for key, doc in found.items() if split[key] == s] for s in SPLITS}
-        name = path.name
+        name = clean(path.name)[0]  # a folder name that is not UTF-8 would break every table it is printed in
     if not docs["train"] and not docs["test"]:
         raise UserError(
             f"data folder {path} holds no documents; add .txt or .jsonl files, or run `mode-edge data prepare`"
