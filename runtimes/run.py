@@ -44,8 +44,10 @@ def run(
     """Generate; returns the new text, the profile summary (with the chosen experts) and the raw profile."""
     check_number("--max-new-tokens", max_new_tokens, lo=1, integer=True)
     check_number("--route-top-k", route_top_k, lo=1, integer=True)
-    if experts not in ("auto", "none"):
-        check_names(experts if not isinstance(experts, str) else [experts], "--experts")
+    if isinstance(experts, str):  # 'auto', 'none' or comma-separated names, as on the command line
+        experts = parse_experts(experts)
+    else:
+        experts = check_names(experts, "--experts")
     profile = Profile()
     profile.mark("start")
     with Sampler(profile):
