@@ -23,7 +23,7 @@ def check_name(name: object, where: str = "") -> str:
     from mode_edge.errors import UserError
 
     if not isinstance(name, str) or not NAME.fullmatch(name) or name.lower() in RESERVED:
-        raise UserError(f"{where + ': ' if where else ''}{name!r} is not a plain expert name; {RULE}")
+        raise UserError(f"{where + ': ' if where else ''}expert name {name!r} is not a plain name; {RULE}")
     return name
 
 

@@ -93,7 +93,7 @@ def test_baselines_compose_and_eval_refuse_bad_numbers(prose_data, tmp_path):
     lambda: ExportConfig(block_size=48), lambda: ExportConfig(experts=["../x"]),
 ])  # fmt: skip
 def test_configs_refuse_bad_numbers(make):
-    with pytest.raises(UserError, match="must be|not a plain expert name"):
+    with pytest.raises(UserError, match="must be|is not a plain name"):
         make()
 
 

@@ -18,7 +18,7 @@ BAD = ["../../escaped", "../outside", "a/b", "/tmp/abs", ".", "..", "", "a\x00b"
 
 @pytest.mark.parametrize("name", BAD)
 def test_check_name_refuses_paths_and_odd_names(name):
-    with pytest.raises(UserError, match="not a plain expert name"):
+    with pytest.raises(UserError, match="is not a plain name"):
         check_name(name)
 
 
@@ -64,7 +64,7 @@ def test_run_refuses_path_names_before_any_fetch(bundle, int8_bundle, tmp_path, 
         for name, source in [("../../escaped", url), ("../outside", str(tmp_path / "src")), ("a/b", url),
                              ("code,../x", url), ("/etc/passwd", str(tmp_path / "src"))]:  # fmt: skip
             refused("run", "--bundle", bundle, "--experts", name, "--pack-source", source, "--prompt", "x",
-                    message=("--experts", "not a plain expert name"))  # fmt: skip
+                    message=("--experts", "is not a plain name"))  # fmt: skip
     finally:
         server.shutdown()
     assert AnyPathServer.asked == []  # nothing fetched
@@ -91,7 +91,7 @@ def test_every_command_refuses_path_names(bundle, composed_run, prose_data, tmp_
         ["run", "--bundle", bundle, "--experts", "ok,a\x01b", "--prompt", "x"],
     ]
     for args in cases:
-        refused(*args, message="not a plain expert name")
+        refused(*args, message="is not a plain name")
     assert tree(bundle) == before and list(work.iterdir()) == [] and not (tmp_path / "x.modepack").exists()
 
 
@@ -103,12 +103,12 @@ def test_api_and_files_refuse_path_names(bundle, composed_run, prose_data, tmp_p
     session = Session(bundle, pack_source=str(tmp_path))
     for call in (lambda: session.select(["../x"]), lambda: session.plan(["a/b"]),
                  lambda: list(session.generate([1, 2], ["../../x"], 2)), lambda: Engine(bundle).load_expert("..")):
-        with pytest.raises(UserError, match="not a plain expert name"):  # fmt: skip
+        with pytest.raises(UserError, match="is not a plain name"):  # fmt: skip
             call()
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["experts"]["../evil"] = manifest["experts"]["code"]
     (bundle / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(UserError, match="manifest.json .corrupt.*not a plain expert name"):
+    with pytest.raises(UserError, match="manifest.json .corrupt.*is not a plain name"):
         read_bundle(bundle)
     run = tmp_path / "run"
     shutil.copytree(composed_run, run)
