@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 from mode_edge.bundle import FORMATS, QUANTS
@@ -186,7 +187,7 @@ class ExportConfig(_Serialisable):
             raise UserError(f"--quant must be fp32, int8 or int4, got {self.quant!r}")
         if self.experts is not None:
             check_names(self.experts, "--experts")
-        if self.block_size not in BLOCK_SIZES or isinstance(self.block_size, bool):
+        if not isinstance(self.block_size, numbers.Integral) or self.block_size not in BLOCK_SIZES:
             raise UserError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))} (a power of two that "
                             f"onnxruntime's quantizer takes), got {self.block_size!r}")  # fmt: skip
 
