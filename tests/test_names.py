@@ -11,7 +11,7 @@ import pytest
 from mode_edge.errors import UserError
 from mode_edge.names import check_name
 from mode_edge.packs import make_pack
-from tests.cli_runner import invoke, refused, tree
+from tests.cli_runner import refused, tree
 
 BAD = ["../../escaped", "../outside", "a/b", "/tmp/abs", ".", "..", "", "a\x00b", "tab\tname", "auto", "x" * 65]
 
