@@ -167,3 +167,20 @@ def test_run_prints_no_control_tokens_and_reads_special_text_as_text(int8_bundle
     assert "<|endoftext|>" not in result.stdout
     tok = byte_tokenizer()
     assert tok.decode([*tok.encode("ok"), tok.eos_id]) == "ok"
+
+
+def test_a_bos_checkpoint_through_train_export_and_run(tmp_path, prose_data):
+    """The issue's example end to end: with a Llama-style checkpoint, `run --prompt hello` feeds the model the same
+    ids as AutoTokenizer("hello"), <s> first, because the bundle says so."""
+    from tests.cli_runner import invoke
+
+    tok, config, _ = llama2_style()
+    ckpt = save_checkpoint(tmp_path / "ckpt", tok, config)
+    train = ["--steps", "1", "--batch-size", "1", "--seq-len", "16", "--warmup-steps", "0"]
+    invoke("train", "expert", "--base", ckpt, "--domain", "code", "--data", prose_data, "--out", tmp_path / "run",
+           "--blocks", "2", "--expert-layers", "1", *train)  # fmt: skip
+    invoke("export", "--model", tmp_path / "run", "--out", tmp_path / "bundle", "--quant", "fp32")
+    assert json.loads((tmp_path / "bundle/manifest.json").read_text())["tokenizer"]["prefix_ids"] == [1]
+    out = tmp_path / "p.json"
+    invoke("run", "--bundle", tmp_path / "bundle", "--prompt", "hello", "--max-new-tokens", "2", "--json", out)
+    assert json.loads(out.read_text())["prompt_tokens"] == len(reference(ckpt)("hello")["input_ids"]) == 2
