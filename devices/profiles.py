@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mode_edge.errors import UserError
+from mode_edge.ranges import check_number
 
 PROFILES = Path(__file__).parent / "profiles"
 
@@ -34,8 +35,8 @@ class DeviceProfile:
     """Defaults of `mode-edge export --device`: quant, formats."""
 
     def __post_init__(self):
-        if self.memory_budget_mb <= 0 or self.threads <= 0:
-            raise UserError(f"device profile {self.name}: memory_budget_mb and threads must be positive")
+        for key in ("ram_mb", "cores", "memory_budget_mb", "threads"):
+            check_number(f"device profile {self.name}: {key}", getattr(self, key), lo=1, integer=True)
         if self.transport.get("kind") not in ("local", "ssh", "adb"):
             raise UserError(f"device profile {self.name}: transport kind must be local, ssh or adb")
 

@@ -173,7 +173,8 @@ def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict,
             "layout": record["layout"],
             "block_ranges": model.ranges,
         },  # fmt: skip
-        "tokenizer": {"file": "tokenizer.json", "eos_id": backbone.tokenizer.eos_id},
+        "tokenizer": {"file": "tokenizer.json", "eos_id": backbone.tokenizer.eos_id,
+                      "prefix_ids": list(backbone.tokenizer.prefix_ids)},  # fmt: skip
         "quantization": quant_record(cfg),
         "formats": list(cfg.formats),
         "components": {k: v for k, v in components.items() if k.startswith("base/")},

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mode_edge.errors import UserError
 from mode_edge.files import read_json, sha256_file, write_json
+from mode_edge.names import check_names
 
 BUNDLE_FORMAT, PACK_FORMAT, BUNDLE_VERSION = "mode-edge-bundle", "mode-edge-pack", 1
 FORMATS = ("onnx", "executorch")
@@ -86,6 +87,7 @@ def read_bundle(bundle: Path) -> dict:
         raise UserError(f"bundle {bundle} does not exist; create one with `mode-edge export`")
     manifest = read_json(bundle / "manifest.json", "this folder is not a mode-edge bundle (`mode-edge export`)")
     check_version(manifest, BUNDLE_FORMAT, f"{bundle}/manifest.json")
+    check_names(manifest.get("experts", {}), f"{bundle}/manifest.json (corrupt?)")
     return manifest
 
 

@@ -12,12 +12,17 @@ import click
 from mode_edge import cli_device, cli_ship
 from mode_edge.errors import UserError
 from mode_edge.files import require_absent
+from mode_edge.logs import VERBOSE_ENV
+from mode_edge.logs import configure as configure_logging
+from mode_edge.names import check_name, expert_list
+from mode_edge.ranges import POSITIVE, SEED, Float, Int
 
 BASE_HELP = "Backbone: 'smollm2' (built in), 'tiny' (tests), a Hugging Face checkpoint folder or a .gguf file."
 
 
 class Group(click.Group):
-    """Turns user mistakes into one line on stderr and exit code 2, and Ctrl-C into exit code 130."""
+    """Turns user mistakes (our UserError, click's bad or missing options) into one line on stderr and exit code 2,
+    and Ctrl-C into exit code 130."""
 
     def invoke(self, ctx):
         try:
@@ -25,16 +30,38 @@ class Group(click.Group):
         except UserError as e:
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(2)
+        except click.UsageError as e:
+            usage_error(e, ctx.command_path)
         except KeyboardInterrupt:
             click.echo("interrupted; rerun the same command to resume where a checkpoint was saved", err=True)
             sys.exit(130)
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:  # the group's own options (`mode-edge --bogus`)
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            usage_error(e, info_name or "mode-edge")
+
+
+def usage_error(e: click.UsageError, where: str):
+    """click's usage errors (a bad or missing option) as one line, like ours, with where to find the help; a group
+    called without a command still shows its help."""
+    if type(e).__name__ == "NoArgsIsHelpError":
+        raise e
+    where = e.ctx.command_path if e.ctx else where
+    click.secho(f"error: {e.format_message()} (see `{where} --help`)", fg="red", err=True)
+    sys.exit(2)
+
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="mode-edge")
-def main():
+@click.option("-v", "--verbose", is_flag=True, envvar=VERBOSE_ENV,
+              help="Also show the libraries' own log lines below WARNING (onnx_ir, onnxscript, torch, executorch, "
+              "transformers ...) and their Python warnings.")  # fmt: skip
+def main(verbose: bool):
     """Modular Domain Experts for small language models: train experts beside a frozen backbone, compose them,
     evaluate them, export them as quantized graphs, and ship them to phones and boards as domain packs."""
+    configure_logging(verbose)
 
 
 def csv_paths(value: str) -> list[Path]:
@@ -47,18 +74,21 @@ def train_options(method: str):
     from mode_edge.config import DEFAULT_LR
 
     options = [
-        click.option("--steps", type=int, default=200, show_default=True, help="Optimizer steps."),
-        click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per micro-batch."),
-        click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per sequence."),
-        click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step."),
-        click.option("--lr", type=float, default=DEFAULT_LR[method], show_default=True,
+        click.option("--steps", type=POSITIVE, default=200, show_default=True, help="Optimizer steps."),
+        click.option("--batch-size", type=POSITIVE, default=4, show_default=True, help="Sequences per micro-batch."),
+        click.option("--seq-len", type=POSITIVE, default=256, show_default=True,
+                     help="Tokens per sequence; at most the backbone's context (max positions)."),
+        click.option("--grad-accum", type=POSITIVE, default=1, show_default=True,
+                     help="Micro-batches per optimizer step."),
+        click.option("--lr", type=Float(0, lo_open=True), default=DEFAULT_LR[method], show_default=True,
                      help="Peak learning rate of the weights that learn."),
-        click.option("--gate-lr", type=float, default=5e-3, show_default=True, help="Peak learning rate of gate rows."),
-        click.option("--warmup-steps", type=int, default=20, show_default=True, help="Linear warm-up steps."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed for initialisation and data order."),
+        click.option("--gate-lr", type=Float(0, lo_open=True), default=5e-3, show_default=True,
+                     help="Peak learning rate of gate rows."),
+        click.option("--warmup-steps", type=Int(0), default=20, show_default=True, help="Linear warm-up steps."),
+        click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for initialisation and data order."),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
                      help="Where to train: cpu, or cuda where a GPU is present."),
-        click.option("--checkpoint-every", type=int, default=50, show_default=True,
+        click.option("--checkpoint-every", type=POSITIVE, default=50, show_default=True,
                      help="Steps between resumable checkpoints; an interrupted run resumes when rerun."),
     ]  # fmt: skip
 
@@ -86,7 +116,7 @@ def data():
     "--domain", required=True, help="code (Python stdlib), math (mathematics-dataset) or english (KJV Bible)."
 )
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to create.")
-@click.option("--limit", type=int, default=None, help="Keep at most this many documents (a small slice).")
+@click.option("--limit", type=Int(20), default=None, help="Keep at most this many documents (a small slice).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 def data_prepare(domain: str, out: Path, limit: int | None, overwrite: bool):
     """Build train / validation / test splits (by document) and dataset.json with sizes, source and licence."""
@@ -109,8 +139,9 @@ def train():
     "--data", type=click.Path(path_type=Path), required=True, help="Corpus folder (prepared, or .txt/.jsonl files)."
 )
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder to create.")
-@click.option("--blocks", type=int, default=3, show_default=True, help="MoDE blocks the backbone is cut into.")
-@click.option("--expert-layers", type=int, default=2, show_default=True, help="Expert layers per block.")
+@click.option("--blocks", type=POSITIVE, default=3, show_default=True,
+              help="MoDE blocks the backbone is cut into; must divide its layers.")
+@click.option("--expert-layers", type=POSITIVE, default=2, show_default=True, help="Expert layers per block.")
 @click.option(
     "--init",
     type=click.Choice(["copy", "random"]),
@@ -120,31 +151,32 @@ def train():
 )
 @click.option("--general", type=click.Path(path_type=Path), default=None,
               help="General-text corpus (e.g. from `data prepare --domain general`): a share of each batch comes from "
-                   "it and teaches the expert to stay out of text that is not its domain.")
-@click.option("--general-share", type=float, default=0.25, show_default=True,
+                   "it and teaches the expert to stay out of text that is not its domain; it also fits the router "
+                   "that lets `run --experts auto` tell this domain from general text.")
+@click.option("--general-share", type=Float(0, 1, lo_open=True, hi_open=True), default=0.25, show_default=True,
               help="Fraction of training rows drawn from --general.")
-@click.option("--stay-out-weight", type=float, default=1.0, show_default=True,
+@click.option("--stay-out-weight", type=Float(0), default=1.0, show_default=True,
               help="Weight of the stay-out penalty on general rows against the domain's cross-entropy.")
 @click.option("--stay-out", "penalty", type=click.Choice(["kl", "delta"]), default="kl", show_default=True,
               help="Penalty on general rows: kl = KL divergence from the frozen backbone's next-token distribution; "
                    "delta = relative L1 size of each block's change to the backbone's block output.")
 @click.option("--gate-init", type=click.Choice(["zero", "data"]), default=None,
-              help="Gate rows start at zero (same weight on every token), or from the difference of mean block inputs "
-                   "on the domain and on --general (shut on general text, open on the domain). "
-                   "Default: data with --general, zero without.")
+              help="Gate rows start at zero (same weight on every token), or from the direction that tells the "
+                   "domain's block inputs from --general's (nearly shut on general text, open as far as the data "
+                   "tells the domain apart). Default: data with --general, zero without.")
 @train_options("mode")
 def train_expert_cmd(base, domain, data, out, blocks, expert_layers, init, general, general_share, stay_out_weight,
                      penalty, gate_init, **train_kw):  # fmt: skip
     """Train one domain expert beside the frozen backbone; saves only the expert's layers and gate rows."""
     from mode_edge.config import MoDELayout, StayOutConfig
     from mode_edge.training.data import load_corpus
-    from mode_edge.training.train_expert import check_name, train_expert
+    from mode_edge.training.train_expert import train_expert
 
     cfg = make_train_config(**train_kw)
     gate_init = gate_init or ("data" if general else "zero")
     layout = MoDELayout(n_blocks=blocks, expert_layers=expert_layers, init=init, gate_init=gate_init)
     stay_out = StayOutConfig(share=general_share, weight=stay_out_weight, penalty=penalty)
-    check_name(domain)
+    check_name(domain, "--domain")
     require_absent(out)
     corpus = load_corpus(data)  # fail on bad data before the backbone's load
     general_corpus = load_corpus(general) if general else None
@@ -198,8 +230,9 @@ def train_full_ft_cmd(base, data, out, **train_kw):
 @click.option("--base", default="smollm2", show_default=True, help=BASE_HELP)
 @click.option("--data", required=True, help="Comma-separated corpus folders; batches mix them evenly.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder to create.")
-@click.option("--rank", type=int, default=16, show_default=True, help="Adapter rank.")
-@click.option("--alpha", type=float, default=32.0, show_default=True, help="Adapter scale numerator (alpha / rank).")
+@click.option("--rank", type=POSITIVE, default=16, show_default=True, help="Adapter rank.")
+@click.option("--alpha", type=Float(0, lo_open=True), default=32.0, show_default=True,
+              help="Adapter scale numerator (alpha / rank).")
 @click.option("--targets", default="q_proj,k_proj,v_proj,o_proj", show_default=True,
               help="Linear layers that get adapters (attention only by default, as in the paper).")  # fmt: skip
 @train_options("lora")
@@ -238,8 +271,9 @@ def load_base(spec: str):
     "--experts", default=None, help="Subset of the run's experts, comma-separated; 'none' for the bare backbone."
 )
 @click.option("--split", type=click.Choice(["test", "validation"]), default="test", show_default=True)
-@click.option("--max-tokens", type=int, default=8192, show_default=True, help="Held-out tokens per domain.")
-@click.option("--seq-len", type=int, default=256, show_default=True)
+@click.option("--max-tokens", type=POSITIVE, default=8192, show_default=True, help="Held-out tokens per domain.")
+@click.option("--seq-len", type=POSITIVE, default=256, show_default=True,
+              help="Tokens per window; at most the backbone's context (max positions).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
 @click.option("--routing", is_flag=True,
               help="Evaluate prompt routing instead: for held-out prompts of each domain (16, 64 and 256 tokens), "
@@ -257,7 +291,7 @@ def eval_cmd(run, base, data, experts, split, max_tokens, seq_len, json_out, rou
 
     if run is None and base is None:
         raise UserError("pass --model RUN (a trained run) or --base B (to evaluate the bare backbone)")
-    subset = None if experts is None else [] if experts == "none" else [e for e in experts.split(",") if e]
+    subset = None if experts is None else expert_list(experts, "--experts")
     corpora = [load_corpus(d) for d in csv_paths(data)]  # fail on bad data before the backbone's load
     if routing and run is None:
         raise UserError("--routing needs --model RUN, a MoDE run with the experts to route to")

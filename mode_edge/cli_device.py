@@ -10,6 +10,9 @@ from pathlib import Path
 import click
 
 from mode_edge.errors import UserError
+from mode_edge.names import expert_list
+from mode_edge.ranges import POSITIVE, SEED, Float, Int
+from mode_edge.text import CleanText
 
 BUNDLE = click.option("--bundle", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
 BACKEND = click.option(
@@ -29,13 +32,20 @@ BACKEND = click.option(
     show_default=True,
     help="Comma-separated expert names, 'auto' (route on the prompt) or 'none' (the bare base).",
 )
-@click.option("--prompt", required=True, help="Text to continue.")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
-@click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k likeliest tokens (0: all).")
-@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--route-top-k", type=int, default=1, show_default=True, help="Experts 'auto' loads at most.")
+@click.option("--prompt", type=CleanText(), required=True,
+              help="Text to continue; bytes that are not UTF-8 become U+FFFD (with a warning).")
+@click.option("--max-new-tokens", type=POSITIVE, default=64, show_default=True,
+              help="Tokens to generate at most; prompt + these must fit the model's context.")
+@click.option("--temperature", type=Float(0), default=0.0, show_default=True,
+              help="Softmax temperature; 0: greedy (the likeliest token, no sampling).")
+@click.option("--top-k", type=Int(0), default=0, show_default=True,
+              help="Sample among the k likeliest tokens; 0 turns it off and a k above the vocabulary means all "
+              "(as in Hugging Face).")
+@click.option("--top-p", type=Float(0, 1, lo_open=True), default=1.0, show_default=True,
+              help="Nucleus sampling: the smallest set of tokens holding this much probability; 1: all.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the sampler.")
+@click.option("--route-top-k", type=POSITIVE, default=1, show_default=True,
+              help="Experts 'auto' loads; more than are installed means all of them.")
 @click.option("--router", type=click.Choice(["centroid", "gate"]), default="centroid", show_default=True,
               help="How 'auto' chooses: centroid = nearest class among the packs' domains and general text (may "
                    "choose none: the bare backbone); gate = the highest mean gate logit (always an expert).")
@@ -89,7 +99,7 @@ def run_cmd(bundle, experts, prompt, max_new_tokens, temperature, top_k, top_p, 
     help="Device profile (`mode-edge devices list`) or a profile .json; its transport says where it runs.",
 )
 @click.option("--experts", default=None, help="Comma-separated experts to run one at a time (default: every one).")
-@click.option("--new-tokens", type=int, default=32, show_default=True, help="Tokens generated per run.")
+@click.option("--new-tokens", type=POSITIVE, default=32, show_default=True, help="Tokens generated per run.")
 @BACKEND
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the results here.")
 def bench_cmd(bundle, device, experts, new_tokens, backend, json_out):
@@ -99,8 +109,8 @@ def bench_cmd(bundle, device, experts, new_tokens, backend, json_out):
     from mode_edge.devices.profiles import load_profile
     from mode_edge.runtimes.bench import print_bench, run_bench
 
+    names = None if experts is None else expert_list(experts, "--experts")
     profile = load_profile(device)
-    names = None if experts is None else [] if experts == "none" else [e for e in experts.split(",") if e]
     if profile.transport["kind"] == "local":
         result = run_bench(bundle, profile, names, new_tokens, backend)
     else:
@@ -126,10 +136,9 @@ def plan_cmd(bundle, device, experts, loaded):
     from mode_edge.devices.profiles import load_profile
     from mode_edge.runtimes.session import MB, plan_budget
 
+    names, warm = expert_list(experts, "--experts"), expert_list(loaded, "--loaded")
     profile = load_profile(device)
     manifest = read_bundle(bundle)
-    names = [e for e in experts.split(",") if e]
-    warm = [e for e in loaded.split(",") if e]
     unknown = [n for n in names + warm if n not in manifest["experts"]]
     if unknown:
         raise UserError(f"{bundle} has no expert {', '.join(unknown)}; installed: {', '.join(manifest['experts'])}")

@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 
 from mode_edge.errors import UserError
+from mode_edge.names import check_name, split_names
+from mode_edge.ranges import Int
 
 
 def human_bytes(n: int) -> str:
@@ -34,7 +36,8 @@ def human_bytes(n: int) -> str:
     default=None,
     help="Weight precision. Default: the device profile's, else int8.",
 )
-@click.option("--block-size", type=int, default=32, show_default=True, help="Weights per int4 quantization group.")
+@click.option("--block-size", type=Int(16, 256), default=32, show_default=True,
+              help="Weights per int8 / int4 quantization group: 16, 32, 64, 128 or 256.")
 @click.option("--device", default=None, help="Device profile whose defaults to use (`mode-edge devices list`).")
 @click.option("--experts", default=None, help="Comma-separated subset of the run's experts (default: all).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
@@ -49,7 +52,7 @@ def export_cmd(run, out, formats, quant, block_size, device, experts, overwrite)
     fmts = tuple(f for f in (formats or ",".join(defaults.get("formats", ["onnx"]))).split(",") if f)
     cfg = ExportConfig(
         formats=fmts, quant=quant or defaults.get("quant", "int8"), block_size=block_size,
-        experts=[e for e in experts.split(",") if e] if experts else None, overwrite=overwrite,
+        experts=split_names(experts, "--experts") if experts else None, overwrite=overwrite,
     )  # fmt: skip
     if not overwrite and Path(out).exists():
         raise UserError(f"{out} already exists; choose another --out or pass --overwrite")
@@ -68,7 +71,7 @@ def pack_cmd(bundle, expert, out):
     """Write NAME.modepack: the expert's graphs, gate rows, manifest and checksums in one archive."""
     from mode_edge.packs import make_pack
 
-    out = out or Path(f"{expert}.modepack")
+    out = out or Path(f"{check_name(expert, '--expert')}.modepack")
     pack = make_pack(bundle, expert, out)
     click.echo(f"{out}: expert {expert}, {len(pack['files'])} files, {human_bytes(out.stat().st_size)}")
 
@@ -93,7 +96,7 @@ def uninstall_cmd(bundle, name):
     """Remove expert NAME; the base and the other experts are not touched."""
     from mode_edge.packs import uninstall
 
-    uninstall(bundle, name)
+    uninstall(bundle, check_name(name, "NAME"))
     click.echo(f"removed expert {name} from {bundle}")
 
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 from mode_edge.bundle import FORMATS, QUANTS
 from mode_edge.errors import UserError
+from mode_edge.names import check_names
+from mode_edge.ranges import check_number, check_seed
 
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+"""Quantization group sizes onnxruntime's blockwise quantizer supports."""
 DEFAULT_LR = {"mode": 1e-3, "full-ft": 5e-5, "lora": 5e-4}
 """Peak learning rate per method. MoDE experts are small copies of backbone layers beside a frozen backbone and take
 a high rate (1e-3 reached in 30 steps what 2e-4 reached in 110 on SmolLM2 code); full fine-tuning moves every weight
@@ -56,8 +61,9 @@ class DecoderConfig(_Serialisable):
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "head_dim", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"DecoderConfig.{name} must be positive, got {getattr(self, name)}")
+            check_number(f"DecoderConfig.{name}", getattr(self, name), lo=1, integer=True)
+        for name in ("rope_theta", "norm_eps"):
+            check_number(f"DecoderConfig.{name}", getattr(self, name), lo=0, lo_open=True)
         if self.n_heads % self.n_kv_heads:
             raise UserError(
                 f"DecoderConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
@@ -82,10 +88,9 @@ class MoDELayout(_Serialisable):
     gate starts nearly shut on general text and open on the domain (FlexOlmo, arXiv 2507.07024, §3.3)."""
 
     def __post_init__(self):
-        if self.n_blocks <= 0:
-            raise UserError(f"--blocks must be positive, got {self.n_blocks}")
-        if self.expert_layers <= 0:
-            raise UserError(f"--expert-layers must be positive, got {self.expert_layers}")
+        check_number("--blocks", self.n_blocks, lo=1, integer=True)
+        check_number("--expert-layers", self.expert_layers, lo=1, integer=True)
+        check_number("gate_bias", self.gate_bias)
         if self.init not in ("copy", "random"):
             raise UserError(f"--init must be 'copy' or 'random', got {self.init!r}")
         if self.gate_init not in ("zero", "data"):
@@ -144,14 +149,20 @@ class TrainConfig(_Serialisable):
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0 or self.gate_lr <= 0:
-            raise UserError("--lr and --gate-lr must be positive")
-        if self.warmup_steps < 0:
-            raise UserError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+            check_number(f"--{name.replace('_', '-')}", getattr(self, name), lo=1, integer=True)
+        check_number("--lr", self.lr, lo=0, lo_open=True)
+        check_number("--gate-lr", self.gate_lr, lo=0, lo_open=True)
+        check_number("weight_decay", self.weight_decay, lo=0)
+        check_number("--warmup-steps", self.warmup_steps, lo=0, integer=True)
+        check_number("min_lr_ratio", self.min_lr_ratio, lo=0, hi=1)
+        check_number("grad_clip", self.grad_clip, lo=0, lo_open=True)
+        check_seed(self.seed)
         if self.device not in ("cpu", "cuda"):
             raise UserError(f"--device must be 'cpu' or 'cuda', got {self.device!r}")
+
+    def check_context(self, max_seq_len: int) -> None:
+        """Refuse a --seq-len longer than the backbone's context (its max positions)."""
+        check_seq_len(self.seq_len, max_seq_len)
 
     @property
     def tokens_per_step(self) -> int:
@@ -192,7 +203,7 @@ class ExportConfig(_Serialisable):
     """Weight precision: 'fp32', 'int8' or 'int4'. ONNX: weight-only in groups of block_size (MatMulNBits). .pte:
     8-bit dynamic per-token activations with 8-bit per-channel or 4-bit grouped weights (XNNPACK)."""
     block_size: int = 32
-    """Weights per quantization group (ONNX int8 and int4, .pte int4)."""
+    """Weights per quantization group (ONNX int8 and int4, .pte int4): 16, 32, 64, 128 or 256."""
     experts: list | None = None
     """Experts to export (None: all in the run)."""
     overwrite: bool = False
@@ -204,5 +215,16 @@ class ExportConfig(_Serialisable):
             raise UserError(f"--format must list onnx and/or executorch, got {','.join(self.formats) or 'nothing'}")
         if self.quant not in QUANTS:
             raise UserError(f"--quant must be fp32, int8 or int4, got {self.quant!r}")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise UserError(f"--block-size must be a power of two >= 16, got {self.block_size}")
+        if self.experts is not None:
+            check_names(self.experts, "--experts")
+        if not isinstance(self.block_size, numbers.Integral) or self.block_size not in BLOCK_SIZES:
+            raise UserError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))} (a power of two that "
+                            f"onnxruntime's quantizer takes), got {self.block_size!r}")  # fmt: skip
+
+
+def check_seq_len(seq_len: int, max_seq_len: int, option: str = "--seq-len") -> None:
+    """A window of `seq_len` tokens must fit the backbone's rotary table (its max positions)."""
+    check_number(option, seq_len, lo=1, integer=True)
+    if seq_len > max_seq_len:
+        raise UserError(f"{option} {seq_len} exceeds the backbone's context of {max_seq_len} tokens; "
+                        f"use {option} 1..{max_seq_len}")  # fmt: skip

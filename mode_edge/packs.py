@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -33,18 +32,14 @@ from mode_edge.bundle import (
 )  # fmt: skip
 from mode_edge.errors import UserError
 from mode_edge.files import sha256_file
+from mode_edge.names import check_name
 
 PACK_MANIFEST = "pack.json"
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-def check_name(name: str) -> None:
-    if not isinstance(name, str) or not NAME.match(name):
-        raise UserError(f"expert name {name!r} is not valid: use letters, digits, '_', '-', '.' (at most 64)")
 
 
 def make_pack(bundle: Path, name: str, out: Path) -> dict:
     """Write the installed expert NAME of BUNDLE as the archive OUT; returns its pack manifest."""
+    check_name(name, "--expert")
     manifest = read_bundle(bundle)
     if name not in manifest["experts"]:
         raise UserError(f"{bundle} has no expert {name!r}; it has: {', '.join(sorted(manifest['experts'])) or 'none'}")
@@ -92,7 +87,7 @@ def read_pack(path: Path) -> tuple[dict, dict[str, tarfile.TarInfo]]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"pack {path}: {PACK_MANIFEST} is not valid JSON ({e}); the pack is corrupt") from None
     check_version(pack, PACK_FORMAT, f"pack {path}")
-    check_name(pack.get("name"))
+    check_name(pack.get("name"), f"pack {path}")
     check_declared(pack.get("files"), f"pack {path}")
     listed, present = set(pack["files"]), set(by_name) - {PACK_MANIFEST}
     if listed - present:
@@ -163,6 +158,7 @@ def expert_entry(bundle: Path, name: str, pack: dict) -> dict:
 
 def uninstall(bundle: Path, name: str) -> None:
     """Remove one expert: the manifest entry first (atomic), then its folder; other experts are not touched."""
+    check_name(name)
     bundle = Path(bundle)
     manifest = read_bundle(bundle)
     if name not in manifest["experts"]:

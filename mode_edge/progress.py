@@ -61,10 +61,11 @@ def task_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
 
 class Stages:
     """A bar over the items of a staged job; `show("export base/block0")` names what runs now. Without a terminal,
-    one line per stage (the description's first word) instead of a bar."""
+    one line per stage (the description's first word, the first time it comes) instead of a bar."""
 
     def __init__(self, progress: Progress | None, label: str):
         self.progress, self.label, self.stage = progress, label, None
+        self.seen: set[str] = set()
         self.task = progress.add_task(label, total=None) if progress else None
 
     def start(self, total: int) -> None:
@@ -75,8 +76,9 @@ class Stages:
         stage = description.split()[0]
         if self.progress:
             self.progress.update(self.task, description=f"{self.label}: {description}")
-        elif stage != self.stage:
+        elif stage not in self.seen:
             console.print(f"{self.label}: {stage}")
+            self.seen.add(stage)
         self.stage = stage
 
     def advance(self) -> None:

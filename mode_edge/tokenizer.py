@@ -1,4 +1,11 @@
-"""Text <-> token ids, at the edge of the system. Wraps a `tokenizers.Tokenizer` (no torch, no transformers)."""
+"""Text <-> token ids, at the edge of the system. Wraps a `tokenizers.Tokenizer` (no torch, no transformers).
+
+Encoding follows the checkpoint's own tokenizer: every text starts as its post-processor starts it (`prefix_ids`:
+Llama and Mistral put `<s>` first; SmolLM2 and Qwen2 nothing), and text that looks like a control token
+("<|endoftext|>", "<s>") is tokenized as the text it is. Decoding drops the control tokens: what is printed or
+returned never contains them. The prefix is recorded in the bundle manifest (`tokenizer.prefix_ids`), so the device
+encodes as training did; a manifest without it (older bundles) means no prefix.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +15,38 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from mode_edge.text import clean
+
+PROBE = "a"
+"""Any short text: the ids the post-processor adds around its ids are the checkpoint's prefix (and suffix)."""
+
 
 @dataclass
 class TextTokenizer:
     tokenizer: Tokenizer
     eos_id: int
     """Appended after every document in training streams, and the stop token of generation."""
+    prefix_ids: tuple[int, ...] = ()
+    """Put before every text, as the checkpoint's tokenizer does (its BOS); see `checkpoint_prefix`."""
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+    def __post_init__(self):
+        self.prefix_ids = tuple(int(i) for i in self.prefix_ids)
+        self.tokenizer.encode_special_tokens = True  # "<s>" in a text is three characters, not a control token
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+    def encode(self, text: str, prefix: bool = True) -> list[int]:
+        """Token ids of `text`, after the checkpoint's prefix (its BOS, if any) unless `prefix` is False."""
+        ids = self.tokenizer.encode(clean(text)[0], add_special_tokens=False).ids
+        return [*self.prefix_ids, *ids] if prefix else ids
+
+    def encode_batch(self, texts: list[str], prefix: bool = True) -> list[list[int]]:
+        """`encode` of each text: how training and evaluation start every document."""
+        head = list(self.prefix_ids) if prefix else []
+        encodings = self.tokenizer.encode_batch([clean(t)[0] for t in texts], add_special_tokens=False)
+        return [head + e.ids for e in encodings]
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+        """The text of `ids` without control tokens (BOS, EOS, chat markers)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     @property
     def vocab_size(self) -> int:
@@ -33,6 +57,18 @@ class TextTokenizer:
 
     def save(self, path: Path) -> None:
         self.tokenizer.save(str(path))
+
+
+def checkpoint_prefix(tokenizer: Tokenizer) -> tuple[int, ...]:
+    """The ids the tokenizer's post-processor puts before a text (Llama: (<s>,); SmolLM2, Qwen2: ()). What it puts
+    after (an EOS, for the few that add one) is left out: training ends each document with EOS itself, and a prompt
+    is continued, not closed."""
+    bare = tokenizer.encode(PROBE, add_special_tokens=False).ids
+    full = tokenizer.encode(PROBE, add_special_tokens=True).ids
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return tuple(full[:start])
+    return ()
 
 
 def byte_tokenizer() -> TextTokenizer:

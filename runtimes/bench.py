@@ -12,6 +12,7 @@ import psutil
 
 from mode_edge.bundle import read_bundle
 from mode_edge.devices.profiles import DeviceProfile
+from mode_edge.names import check_names
 from mode_edge.runtimes.engine import Sampling
 from mode_edge.runtimes.run import run
 
@@ -21,6 +22,7 @@ PROMPT = "def fibonacci(n):\n    "
 def run_bench(bundle: Path, profile: DeviceProfile, experts: list[str] | None = None, new_tokens: int = 32,
               backend: str = "onnx") -> dict:  # fmt: skip
     """One run with no expert, then one per expert (default: every installed one); returns the JSON document."""
+    experts = None if experts is None else check_names(experts, "--experts")
     manifest = read_bundle(bundle)
     experts = sorted(manifest["experts"]) if experts is None else experts
     runs = []

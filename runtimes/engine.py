@@ -18,6 +18,8 @@ import numpy as np
 
 from mode_edge.bundle import check_pack_fits, read_bundle, read_pack_manifest, verify_files
 from mode_edge.errors import UserError
+from mode_edge.names import check_name
+from mode_edge.ranges import check_number, check_optional, check_seed
 from mode_edge.runtimes.backends import load_graph
 
 
@@ -38,6 +40,7 @@ class Engine:
     """The bundle's base graphs, loaded once; experts come and go with `load_expert` / `unload_expert`."""
 
     def __init__(self, bundle: Path, backend: str = "onnx", threads: int | None = None, verify: bool = True):
+        check_optional("threads", threads, lo=1, integer=True)
         self.bundle = Path(bundle)
         self.manifest = read_bundle(self.bundle)
         if backend not in self.manifest["formats"]:
@@ -71,6 +74,7 @@ class Engine:
     def load_expert(self, name: str, verify: bool = True) -> LoadedExpert:
         if name in self.experts:
             return self.experts[name]
+        check_name(name)
         if name not in self.manifest["experts"]:
             raise UserError(
                 f"expert {name!r} is not installed in {self.bundle} (installed: {', '.join(self.installed) or 'none'});"
@@ -154,25 +158,34 @@ def mix(ys: list[np.ndarray], logits: list[np.ndarray]) -> np.ndarray:
 
 @dataclass
 class Sampling:
+    """How the next token is drawn from the logits (the conventions of Hugging Face's generate)."""
+
     temperature: float = 0.0
-    """0: greedy."""
+    """Softmax temperature, finite and >= 0; 0: greedy (argmax, no randomness)."""
     top_k: int = 0
+    """Keep the k likeliest tokens; 0 turns it off, and a k at or above the vocabulary keeps all."""
     top_p: float = 1.0
+    """Nucleus: keep the smallest set of likeliest tokens whose probability reaches top_p, in (0, 1]; 1: all."""
     seed: int = 0
+    """Seed of the sampler, 0 .. 2**32-1."""
 
     def __post_init__(self):
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise UserError("--temperature and --top-k must be >= 0, --top-p in (0, 1]")
+        check_number("--temperature", self.temperature, lo=0)
+        check_number("--top-k", self.top_k, lo=0, integer=True)
+        check_number("--top-p", self.top_p, lo=0, hi=1, lo_open=True)
+        check_seed(self.seed)
 
 
 def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
+    """One token id drawn from the last position's logits (V,) under `s`."""
     if s.temperature == 0:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / s.temperature
-    if s.top_k:
+    z = logits.astype(np.float64)
+    z = (z - z.max()) / s.temperature  # the largest is 0, so no temperature overflows exp (tiny ones -> greedy)
+    if 0 < s.top_k < len(z):  # 0: off; k >= vocabulary: every token (clamped, as Hugging Face and vLLM do)
         kth = np.partition(z, -s.top_k)[-s.top_k]
         z = np.where(z < kth, -np.inf, z)
-    p = np.exp(z - z.max())
+    p = np.exp(z)
     p /= p.sum()
     if s.top_p < 1:
         order = np.argsort(-p)
@@ -191,6 +204,7 @@ def generate(
     """Yield new token ids one at a time: one prefill over the prompt, then one-token decode steps."""
     if not prompt:
         raise UserError("the prompt is empty; give at least one token")
+    check_number("--max-new-tokens", max_new_tokens, lo=1, integer=True)
     sampling = sampling or Sampling()
     rng = np.random.default_rng(sampling.seed)
     cache = engine.new_cache()

@@ -10,6 +10,8 @@ from tokenizers import Tokenizer
 
 from mode_edge.bundle import read_bundle, total_bytes
 from mode_edge.errors import UserError
+from mode_edge.names import check_names, split_names
+from mode_edge.ranges import check_number
 from mode_edge.runtimes.engine import Sampling
 from mode_edge.runtimes.profiler import Profile, Sampler
 from mode_edge.runtimes.session import Session
@@ -17,15 +19,21 @@ from mode_edge.tokenizer import TextTokenizer
 
 
 def load_tokenizer(bundle: Path) -> TextTokenizer:
+    """The bundle's tokenizer, encoding as training did: `prefix_ids` from the manifest (absent in older bundles,
+    whose models were trained without one: no prefix)."""
     manifest = read_bundle(bundle)
-    tok = Tokenizer.from_file(str(Path(bundle) / manifest["tokenizer"]["file"]))
-    return TextTokenizer(tok, eos_id=manifest["tokenizer"]["eos_id"])
+    entry = manifest["tokenizer"]
+    tok = Tokenizer.from_file(str(Path(bundle) / entry["file"]))
+    prefix = entry.get("prefix_ids", [])
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    if not isinstance(prefix, list) or not all(isinstance(i, int) and 0 <= i < vocab for i in prefix):
+        raise UserError(f"{bundle}/manifest.json has an invalid tokenizer.prefix_ids {prefix!r}; re-export the bundle")
+    return TextTokenizer(tok, eos_id=entry["eos_id"], prefix_ids=tuple(prefix))
 
 
 def parse_experts(value: str) -> list[str] | str:
-    if value in ("auto", "none"):
-        return value
-    return [e for e in value.split(",") if e]
+    """`--experts`: 'auto', 'none', or comma-separated expert names (each checked before any file is touched)."""
+    return split_names(value, "--experts", keywords=("auto", "none"))
 
 
 def run(
@@ -34,6 +42,12 @@ def run(
     router: str = "centroid", pack_source: str | None = None, on_text: Callable[[str], None] | None = None,
 ) -> tuple[str, dict, Profile]:  # fmt: skip
     """Generate; returns the new text, the profile summary (with the chosen experts) and the raw profile."""
+    check_number("--max-new-tokens", max_new_tokens, lo=1, integer=True)
+    check_number("--route-top-k", route_top_k, lo=1, integer=True)
+    if isinstance(experts, str):  # 'auto', 'none' or comma-separated names, as on the command line
+        experts = parse_experts(experts)
+    else:
+        experts = check_names(experts, "--experts")
     profile = Profile()
     profile.mark("start")
     with Sampler(profile):
@@ -43,9 +57,10 @@ def run(
         )
         session.loader = lambda name, load: profile.load(f"expert {name}", load, session.expert_bytes(name))
         tokenizer = load_tokenizer(bundle)
-        ids = tokenizer.encode(prompt)
+        ids = tokenizer.encode(prompt, prefix=False)
         if not ids:
             raise UserError("the prompt is empty (no tokens); pass some text with --prompt")
+        ids = [*tokenizer.prefix_ids, *ids]  # the checkpoint's BOS, as in training
         profile.prompt_tokens = len(ids)
         t = time.perf_counter()
         chosen = session.route(ids, route_top_k, router) if experts == "auto" else [] if experts == "none" else experts

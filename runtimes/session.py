@@ -16,6 +16,8 @@ from safetensors.numpy import load_file
 
 from mode_edge.bundle import read_pack_manifest, total_bytes
 from mode_edge.errors import UserError
+from mode_edge.names import check_names
+from mode_edge.ranges import check_number, check_optional
 from mode_edge.runtimes import routing
 from mode_edge.runtimes.engine import Engine, Sampling, generate
 from mode_edge.runtimes.routing import ROUTERS
@@ -45,6 +47,7 @@ def plan_budget(manifest: dict, budget_mb: float | None, names: list[str], loade
 class Session:
     def __init__(self, bundle: Path, backend: str = "onnx", threads: int | None = None,
                  budget_mb: float | None = None, verify: bool = True, pack_source: str | None = None):  # fmt: skip
+        check_optional("memory budget (MB)", budget_mb, lo=0, lo_open=True)
         self.bundle = Path(bundle)
         self.budget = None if budget_mb is None else int(budget_mb * MB)
         self.engine = Engine(self.bundle, backend=backend, threads=threads, verify=verify)
@@ -89,6 +92,7 @@ class Session:
 
     def plan(self, names: list[str]) -> tuple[list[str], list[str]]:
         """What selecting `names` would load and evict (least recently used first), without doing it."""
+        check_names(names)
         for n in names:
             self.expert_bytes(n)  # a clear error for an expert that is not installed
         budget = None if self.budget is None else self.budget / MB
@@ -103,6 +107,7 @@ class Session:
 
     def fetch_missing(self, names: list[str]) -> None:
         """Install selected packs that are missing from the pack source (folder or URL), verified, atomically."""
+        check_names(names)
         missing = [n for n in names if n not in self.engine.manifest["experts"]]
         if not missing or self.pack_source is None:
             return
@@ -119,6 +124,7 @@ class Session:
 
     def select(self, names: list[str]) -> list[str]:
         """Make exactly `names` the active experts, loading what is missing; returns the evicted ones."""
+        check_names(names)  # before any fetch, read or write
         self.fetch_missing(names)
         load, evict = self.plan(names)
         for name in evict:
@@ -142,6 +148,7 @@ class Session:
             raise UserError("the prompt is empty; routing needs at least one token")
         if router not in ROUTERS:
             raise UserError(f"--router must be one of {', '.join(ROUTERS)}, got {router!r}")
+        check_number("--route-top-k", top_k, lo=1, integer=True)  # above the installed count: all of them
         if not self.gates:
             return []
         inputs = self.engine.block_inputs(np.array([prompt], dtype=np.int64))  # per block (1, T, d)
@@ -157,6 +164,9 @@ class Session:
             experts = self.route(prompt, top_k_experts, router)
         elif experts == "none":
             experts = []
+        elif isinstance(experts, str):
+            raise UserError(f"experts must be a list of names, 'auto' or 'none', got {experts!r}")
+        check_number("--max-new-tokens", max_new_tokens, lo=1, integer=True)
         self.select(list(experts))
         limit = self.engine.manifest["base"]["decoder"]["max_seq_len"]
         if len(prompt) + max_new_tokens > limit:

@@ -20,7 +20,7 @@ import torch
 
 from mode_edge.config import DecoderConfig, MoDELayout
 from mode_edge.errors import UserError
-from mode_edge.tokenizer import TextTokenizer, byte_tokenizer
+from mode_edge.tokenizer import TextTokenizer, byte_tokenizer, checkpoint_prefix
 from mode_edge.training.model import Decoder
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -130,7 +130,8 @@ def _load_hf(directory: Path, gguf_file: str | None) -> tuple[Decoder, TextToken
     eos = (
         hf_tok.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in hf_tok.get_vocab() else hf_tok.eos_token_id
     )
-    return decoder, TextTokenizer(hf_tok.backend_tokenizer, eos_id=int(eos))
+    backend = hf_tok.backend_tokenizer
+    return decoder, TextTokenizer(backend, eos_id=int(eos), prefix_ids=checkpoint_prefix(backend))
 
 
 def tiny_decoder(seed: int = 0) -> Decoder:

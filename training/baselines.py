@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from mode_edge.config import TrainConfig
 from mode_edge.errors import UserError
 from mode_edge.files import require_absent
+from mode_edge.ranges import check_number
 from mode_edge.training import runs, trainer
 from mode_edge.training.backbones import Backbone
 from mode_edge.training.data import Corpus, as_corpus, mixed_batches
@@ -41,8 +42,8 @@ class LoraSettings:
     """Linear layers that get adapters: any of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj."""
 
     def __post_init__(self):
-        if self.rank <= 0:
-            raise UserError(f"--rank must be positive, got {self.rank}")
+        check_number("--rank", self.rank, lo=1, integer=True)
+        check_number("--alpha", self.alpha, lo=0, lo_open=True)
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets:
             raise UserError(f"--targets {','.join(unknown) or '(none)'} unknown; choose from {','.join(TARGETS)}")
@@ -58,6 +59,7 @@ def _train_baseline(
 ) -> dict:
     out = Path(out)
     require_absent(out)
+    cfg.check_context(backbone.decoder.cfg.max_seq_len)
     if not data:
         raise UserError("--data needs at least one corpus folder")
     corpora: list[Corpus] = [as_corpus(d) for d in data]

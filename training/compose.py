@@ -27,6 +27,7 @@ def compose(
 ) -> dict:
     out = Path(out)
     require_absent(out)
+    cfg.check_context(backbone.decoder.cfg.max_seq_len)
     if not expert_runs:
         raise UserError("--experts needs at least one expert run folder")
     if not data:

@@ -19,6 +19,7 @@ import torch
 from mode_edge.config import TrainConfig
 from mode_edge.errors import UserError
 from mode_edge.files import atomic_dir, read_json, write_json
+from mode_edge.text import clean, decode, warn_replaced
 from mode_edge.tokenizer import TextTokenizer
 from mode_edge.training.sources import SOURCES, assign_splits
 
@@ -31,8 +32,8 @@ def prepare(domain: str, out: Path, limit: int | None = None, overwrite: bool = 
         raise UserError(
             f"unknown domain {domain!r}; choose one of {', '.join(SOURCES)} (or pass your own folder as --data)"
         )
-    if limit is not None and limit < 20:
-        raise UserError(f"--limit {limit} is too small to give every split a document; use at least 20")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 20):
+        raise UserError(f"--limit {limit!r} is too small to give every split a document; use an integer >= 20")
     source = SOURCES[domain]
     documents = list(source.documents(limit))
     split = assign_splits([doc_id for doc_id, _ in documents], group=source.group)
@@ -70,9 +71,13 @@ class Corpus:
     """Documents (id, text) of each split."""
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[str, str]]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+def _read_jsonl(path: Path) -> list[tuple[str, str]]:
+    """The (id, text) documents of a .jsonl file; broken UTF-8 and lone surrogates become U+FFFD (one warning)."""
+    docs, replaced = [], 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            line, bad = decode(raw)
+            line = line.removeprefix("\ufeff") if n == 1 else line  # a byte-order mark some editors write
             if not line.strip():
                 continue
             try:
@@ -83,7 +88,18 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, str]]:
                 ) from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise UserError(f'{path}:{n} has no string \'text\' field; each line must look like {{"text": "..."}}')
-            yield str(obj.get("id", f"{path.name}:{n}")), obj["text"]
+            doc_id, (text, bad_text) = clean(str(obj.get("id", f"{path.name}:{n}")))[0], clean(obj["text"])
+            replaced += bad + bad_text
+            docs.append((doc_id, text))
+    warn_replaced(str(path), replaced)
+    return docs
+
+
+def _read_txt(path: Path) -> str:
+    """A .txt file as one document; broken UTF-8 becomes U+FFFD (one warning)."""
+    text, replaced = decode(path.read_bytes())
+    warn_replaced(str(path), replaced)
+    return text.removeprefix("\ufeff")
 
 
 def load_corpus(path: str | Path) -> Corpus:
@@ -97,22 +113,18 @@ def load_corpus(path: str | Path) -> Corpus:
         described = (path / "dataset.json").is_file()
         meta = read_json(path / "dataset.json", "rerun `mode-edge data prepare --overwrite`") if described else {}
         docs = {s: list(_read_jsonl(path / f"{s}.jsonl")) for s in SPLITS}
-        name = meta.get("domain", path.name)
+        name = clean(str(meta.get("domain", path.name)))[0]
     else:
         found: dict[str, tuple[str, str]] = {}
         for file in sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file()):
-            rel = str(file.relative_to(path))
-            items = (
-                _read_jsonl(file)
-                if file.suffix == ".jsonl"
-                else [(rel, file.read_text(encoding="utf-8", errors="replace"))]
-            )
+            rel = clean(str(file.relative_to(path)))[0]  # a file name that is not UTF-8 comes as surrogates
+            items = _read_jsonl(file) if file.suffix == ".jsonl" else [(rel, _read_txt(file))]
             for doc_id, text in items:
                 if text.strip():
                     found[f"{rel}/{doc_id}"] = (doc_id, text)
         split = assign_splits(list(found))
         docs = {s: [doc for key, doc in found.items() if split[key] == s] for s in SPLITS}
-        name = path.name
+        name = clean(path.name)[0]  # a folder name that is not UTF-8 would break every table it is printed in
     if not docs["train"] and not docs["test"]:
         raise UserError(
             f"data folder {path} holds no documents; add .txt or .jsonl files, or run `mode-edge data prepare`"

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from rich.table import Table
 
-from mode_edge.config import MoDELayout
+from mode_edge.config import MoDELayout, check_seq_len
 from mode_edge.errors import UserError
 from mode_edge.progress import results_console, task_progress
+from mode_edge.ranges import check_number
 from mode_edge.training import runs
 from mode_edge.training.backbones import Backbone
 from mode_edge.training.data import Corpus, HeldOut, as_corpus, held_out, require_split
@@ -163,6 +164,8 @@ def evaluate(
     split: str = "test",
 ) -> dict[str, dict]:
     """Scores per domain, keyed by the corpus name."""
+    check_seq_len(seq_len, backbone.decoder.cfg.max_seq_len)
+    check_number("--max-tokens", max_tokens, lo=1, integer=True)
     results = {}
     for path in data:
         corpus = as_corpus(path)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from mode_edge.config import MoDELayout
 from mode_edge.errors import UserError
 from mode_edge.files import read_json, write_json
+from mode_edge.names import check_name, check_names
 from mode_edge.training.backbones import Backbone
 from mode_edge.training.model import Expert
 from mode_edge.training.router import load_router, save_router
@@ -107,6 +108,7 @@ def load_expert(folder: Path, backbone: Backbone) -> LoadedExpert:
     meta = read_json(folder / "expert.json", "the expert's record is missing; retrain the expert")
     if meta.get("format") != EXPERT_FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{folder}/expert.json is not a {EXPERT_FORMAT} v{FORMAT_VERSION} record")
+    check_name(meta.get("name"), f"{folder}/expert.json (corrupt?)")
     layout = MoDELayout.from_dict(meta["layout"])
     check_base(f"expert {meta['name']!r} in {folder}", meta["base"], backbone, layout)
     try:
@@ -128,8 +130,9 @@ def load_expert(folder: Path, backbone: Backbone) -> LoadedExpert:
 def load_run_experts(run: Path, backbone: Backbone, only: list[str] | None = None) -> list[LoadedExpert]:
     """The experts of a finished run (all, or the named subset), checked against the loaded backbone."""
     record = read_model_record(run)
-    names = record["experts"]
+    names = check_names(record["experts"], f"{run}/model.json (corrupt?)")
     if only is not None:
+        check_names(only, "--experts")
         unknown = [n for n in only if n not in names]
         if unknown:
             raise UserError(f"{run} has no expert named {', '.join(unknown)}; it has: {', '.join(names) or 'none'}")

@@ -146,7 +146,7 @@ def _bible_jsonl() -> Path:
 def english_documents(limit: int | None) -> Iterator[tuple[str, str]]:
     """The King James Bible (public domain), one chapter per document, verses as paragraphs."""
     chapters: dict[str, list[str]] = {}
-    with open(_bible_jsonl()) as f:
+    with open(_bible_jsonl(), encoding="utf-8") as f:
         for line in f:
             v = json.loads(line)
             chapters.setdefault(f"{v['book']} {v['chapter']}", []).append(v["text"])
@@ -233,7 +233,7 @@ SOURCES = {
 
 
 def doc_rank(doc_id: str) -> int:
-    return int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big")
+    return int.from_bytes(hashlib.sha256(doc_id.encode("utf-8", "surrogatepass")).digest()[:8], "big")
 
 
 def assign_splits(doc_ids: list[str], held_out: float = 0.05, group=lambda doc_id: doc_id) -> dict[str, str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from mode_edge.config import MoDELayout, StayOutConfig, TrainConfig
 from mode_edge.errors import UserError
 from mode_edge.files import require_absent
+from mode_edge.names import check_name
 from mode_edge.progress import console
 from mode_edge.training import runs, trainer
 from mode_edge.training.backbones import Backbone
@@ -19,12 +20,6 @@ from mode_edge.training.data import Corpus, TokenStream, as_corpus, require_spli
 from mode_edge.training.model import Expert, MoDEModel
 from mode_edge.training.router import fit_router
 from mode_edge.training.stay_out import StayOutLoss, data_gate_init, mixed_rows
-
-
-def check_name(name: str) -> str:
-    if not name or not all(c.isalnum() or c in "-_" for c in name):
-        raise UserError(f"expert name {name!r} must be letters, digits, '-' or '_' (it names files and packs)")
-    return name
 
 
 def train_expert(
@@ -48,6 +43,7 @@ def train_expert(
     layout.check_backbone(backbone.decoder.cfg.n_layers)
     if layout.gate_init == "data" and general is None:
         raise UserError("--gate-init data compares the domain with general text; pass --general DATA as well")
+    cfg.check_context(backbone.decoder.cfg.max_seq_len)
     corpus = as_corpus(data)
     docs = require_split(corpus, "train")
     general = as_corpus(general) if general is not None else None

@@ -129,7 +129,7 @@ CASES = {
     "size": (dict(edit_manifest=lambda m: m["files"]["gate.safetensors"].update(bytes=1 << 50)), "absurd size"),
     "negative": (dict(edit_manifest=lambda m: m["files"]["gate.safetensors"].update(bytes=-1)), "absurd size"),
     "truncated-member": (dict(edit_files=lambda f: f.update({"block0.onnx": f["block0.onnx"][:100]})), "bytes"),
-    "name": (dict(edit_manifest=lambda m: m.update(name="../../x")), "not valid"),
+    "name": (dict(edit_manifest=lambda m: m.update(name="../../x")), "is not a plain name"),
 }
 
 

@@ -56,7 +56,7 @@ def test_lora_trains_only_adapters(tiny, code_data, prose_data, tmp_path):
 def test_baseline_errors(tiny, code_data, tmp_path):
     with pytest.raises(UserError, match="--targets qkv unknown"):
         LoraSettings(targets=("qkv",))
-    with pytest.raises(UserError, match="--rank must be positive"):
+    with pytest.raises(UserError, match="--rank must be an integer >= 1"):
         LoraSettings(rank=0)
     train_full_ft(tiny, [code_data], tmp_path / "ft", TrainConfig(steps=1, batch_size=1, seq_len=16, warmup_steps=0))
     with pytest.raises(UserError, match="--experts applies to MoDE runs"):

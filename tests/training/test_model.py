@@ -112,7 +112,7 @@ def test_set_experts_swaps_without_touching_the_backbone(tiny):
     [
         (dict(n_blocks=4), "does not divide the backbone's 6 layers; choose one of [1, 2, 3, 6]"),
         (dict(n_blocks=3, expert_layers=3), "exceeds the 2 backbone layers per block"),
-        (dict(n_blocks=0), "--blocks must be positive"),
+        (dict(n_blocks=0), "--blocks must be an integer >= 1, got 0"),
         (dict(init="zeros"), "--init must be 'copy' or 'random'"),
     ],
 )
