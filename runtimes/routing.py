@@ -5,6 +5,9 @@ Two routers, both over the frozen backbone's block inputs for the prompt (one ba
 
 - `gate`: each expert's gate rows scored on the prompt (mean logit over blocks and tokens), the highest wins. It
   compares how each expert was trained as much as what the prompt is about, and never answers "none".
+- `logistic`: each pack's own logistic regression, its domain against general text, on the same pooled features
+  (fitted at the end of stage 1); a pack claims a prompt with a positive logit, the most confident claim wins, and
+  a prompt no pack claims runs on the backbone alone.
 - `centroid`: a nearest-centroid classifier on the mean-pooled, RMS-normalised block inputs. Each pack carries the
   mean and variance of those features on its own training text and on general text (kilobytes, in its gate file);
   the classes present are compared by their squared distance scaled by the variance shared across them (a diagonal
@@ -18,16 +21,20 @@ import numpy as np
 
 NONE = "none"
 """The routing answer that selects no expert: the bare backbone."""
-ROUTERS = ("centroid", "gate")
-ROUTER_KEYS = ("router_mean", "router_var", "general_mean", "general_var")
-"""Tensors a pack's gate file holds when its expert was trained with a router fitted; each (n_blocks, d)."""
+ROUTERS = ("centroid", "logistic", "gate")
+ROUTER_KEYS = ("router_mean", "router_var", "general_mean", "general_var", "router_weight", "router_bias")
+"""Tensors a pack's gate file holds when its expert was trained with a router fitted; (n_blocks, d) each, the bias
+(1,)."""
 
 
 def pooled_features(block_inputs: list[np.ndarray], eps: float) -> np.ndarray:
     """block_inputs: per block (B, T, d) -> (B, n_blocks, d): each token RMS-normalised (as the gate sees it), then
-    averaged over the prompt's tokens."""
+    averaged over the prompt's tokens after the first. The first position is left out (when there are others): with
+    no context before it, its hidden state is unlike any other (decoders park attention there), and its share of
+    the mean would shift the features with the prompt's length."""
     pooled = []
     for h in block_inputs:
+        h = h[:, 1:] if h.shape[1] > 1 else h
         h = h.astype(np.float64)
         hn = h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + eps)
         pooled.append(hn.mean(axis=1))  # (B, d)
@@ -55,6 +62,18 @@ def centroid_scores(features: np.ndarray, gates: dict[str, dict[str, np.ndarray]
     return {n: -0.5 * np.sum((f - m) ** 2 / var, axis=(1, 2)) for n, m in means.items()}
 
 
+def logistic_scores(features: np.ndarray, gates: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Each pack's own domain-vs-general logistic regression on the pooled features: name -> (B,) logits, plus
+    NONE -> 0 (a pack claims a prompt when its logit is positive; the most confident claim wins)."""
+    routed = {n: g for n, g in gates.items() if has_router(g)}
+    if not routed:
+        raise ValueError("no installed pack carries router statistics")
+    f = features.astype(np.float64)
+    scores = {n: np.sum(f * g["router_weight"], axis=(1, 2)) + g["router_bias"][0] for n, g in routed.items()}
+    scores[NONE] = np.zeros(len(f))
+    return scores
+
+
 def gate_scores(block_inputs: list[np.ndarray], gates: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Mean gate logit of every expert over blocks and tokens, per prompt: name -> (B,)."""
     scores = {}
@@ -79,9 +98,10 @@ def route(block_inputs: list[np.ndarray], gates: dict[str, dict[str, np.ndarray]
         raise ValueError(f"unknown router {router!r}; choose one of {', '.join(ROUTERS)}")
     if not gates:
         return [[] for _ in range(len(block_inputs[0]))], {}
-    if router == "centroid" and any(has_router(g) for g in gates.values()):
+    if router in ("centroid", "logistic") and any(has_router(g) for g in gates.values()):
         eps = float(next(iter(gates.values()))["eps"][0])
-        scores = centroid_scores(pooled_features(block_inputs, eps), gates)
+        pick = centroid_scores if router == "centroid" else logistic_scores
+        scores = pick(pooled_features(block_inputs, eps), gates)
     else:
         scores = gate_scores(block_inputs, gates)
     names = list(scores)

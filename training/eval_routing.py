@@ -153,26 +153,32 @@ def routed_scores(backbone, loaded: list, layout, corpora: list[Corpus], max_tok
     return results
 
 
-def print_routing(result: dict) -> None:
-    """Routing accuracy and confusion per router and prompt length; routed vs oracle vs composed per domain."""
-    labels = [*result["experts"], NONE]
+def print_routing(result: dict, router: str = "centroid", length: int = 64) -> None:
+    """Three tables: how often each router sends a domain's prompts where expected (per prompt length); the
+    confusion of `router` at `length` tokens; and the continuation accuracy of the model it routes to, beside the
+    backbone, the oracle choice and the composition of all experts. Everything else is in the --json file."""
+    domains = result["domains"]
+    table = Table(title="routing accuracy % (prompts sent to their domain's expert, or to none)")
+    table.add_column("router @ tokens")
+    for d in [*domains, "all"]:
+        table.add_column(d, justify="right")
     for r, by_length in result["routers"].items():
-        for length, res in by_length.items():
-            table = Table(title=f"router {r}, {length}-token prompts: {res['accuracy']:.1f}% right (rows: domain)")
-            table.add_column("domain")
-            for c in labels:
-                table.add_column(c, justify="right")
-            for d, row in res["confusion"].items():
-                table.add_row(d, *(str(row[c]) for c in labels))
-            results_console.print(table)
-    table = Table(title="continuation accuracy % [95% interval over prompts]")
-    columns = ["backbone", "oracle", "composed"] + [f"{r} @{n}" for r in result["routers"] for n in PROMPT_LENGTHS]
+        for n, res in by_length.items():
+            table.add_row(f"{r} @{n}", *(f"{res['per_domain'][d]:.0f}" for d in domains), f"{res['accuracy']:.1f}")
+    results_console.print(table)
+    labels = [*result["experts"], NONE]
+    table = Table(title=f"{router} router, {length}-token prompts (rows: domain, columns: choice)")
     table.add_column("domain")
-    for c in columns:
+    for c in labels:
         table.add_column(c, justify="right")
+    for d, row in result["routers"][router][length]["confusion"].items():
+        table.add_row(d, *(str(row[c]) for c in labels))
+    results_console.print(table)
+    table = Table(title=f"continuation accuracy % [95% interval over prompts]; routed: {router} @{length}")
+    for c in ("domain", "backbone", "oracle", "composed", "routed"):
+        table.add_column(c, justify="right" if c != "domain" else "left")
     for d, s in result["scores"].items():
-        cells = [s[k] for k in ("backbone", "oracle", "composed")]
-        cells += [s["routed"][r][n] for r in result["routers"] for n in PROMPT_LENGTHS]
+        cells = [s["backbone"], s["oracle"], s["composed"], s["routed"][router][length]]
         table.add_row(d, *(f"{c['accuracy']:.2f} [{c['ci'][0]:.1f}, {c['ci'][1]:.1f}]" for c in cells))
     results_console.print(table)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
 
 from mode_edge.config import MoDELayout
@@ -72,6 +73,7 @@ def fit_router(decoder: Decoder, layout: MoDELayout, tokenizer: TextTokenizer, d
     gen = features(decoder, layout, general_docs, tokenizer, per_length, seed + 1)
     stats = {"router_mean": dom.mean(0), "router_var": dom.var(0), "general_mean": gen.mean(0),
              "general_var": gen.var(0)}  # fmt: skip
+    stats["router_weight"], stats["router_bias"] = logistic(dom, gen)
     stats = {k: v.astype(np.float32) for k, v in stats.items()}
     stats["router_count"] = np.array([len(dom), len(gen)], dtype=np.int64)
     return stats
@@ -87,6 +89,32 @@ def routing_tensors(expert: Expert, router: dict[str, np.ndarray] | None) -> dic
         "eps": np.array([gates[0].eps], dtype=np.float32),
         **(router or {}),
     }
+
+
+def logistic(domain: np.ndarray, general: np.ndarray, l2: float = 1e-2) -> tuple[np.ndarray, np.ndarray]:
+    """An L2-regularised logistic regression telling domain features (1) from general ones (0), classes weighted
+    equally. domain, general: (n, n_blocks, d). Returns weight (n_blocks, d) and bias (1,) on the raw features, so
+    that logit = sum(weight * f) + bias."""
+    x = torch.from_numpy(np.concatenate([domain, general])).double().flatten(1)  # (n, n_blocks * d)
+    y = torch.cat([torch.ones(len(domain)), torch.zeros(len(general))]).double()
+    weight = torch.cat([torch.full((len(domain),), 0.5 / len(domain)), torch.full((len(general),), 0.5 / len(general))])
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mu) / sd  # standardised, so one l2 suits every feature
+    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = (weight.double() * F.binary_cross_entropy_with_logits(z @ w + b, y, reduction="none")).sum()
+        loss = loss + 0.5 * l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    raw_w = (w / sd).detach()  # back to raw features: w.(x - mu)/sd + b = (w/sd).x + (b - (w/sd).mu)
+    raw_b = (b - raw_w @ mu).detach()
+    return raw_w.view(domain.shape[1:]).numpy(), raw_b.view(1).numpy()
 
 
 def save_router(folder: Path, stats: dict[str, np.ndarray]) -> None:

@@ -31,7 +31,7 @@ def kl_from_backbone(tiny, run, corpus) -> float:
 @pytest.fixture(scope="module")
 def plain_run(tiny, toy_domains, tmp_path_factory):
     out = tmp_path_factory.mktemp("stay-out") / "plain"
-    train_expert(tiny, "code", toy_domains["code"], out, LAYOUT, CFG)
+    train_expert(tiny, "hex", toy_domains["hex"], out, LAYOUT, CFG)
     return out
 
 
@@ -39,42 +39,42 @@ def plain_run(tiny, toy_domains, tmp_path_factory):
 def test_stay_out_expert_leaves_general_text_to_the_backbone(tiny, toy_domains, plain_run, tmp_path, penalty):
     out = tmp_path / penalty
     layout = MoDELayout(n_blocks=2, expert_layers=1, gate_init="data")
-    train_expert(tiny, "code", toy_domains["code"], out, layout, CFG, toy_domains["general"],
+    train_expert(tiny, "hex", toy_domains["hex"], out, layout, CFG, toy_domains["general"],
                  StayOutConfig(weight=10.0, penalty=penalty))  # fmt: skip
     plain = kl_from_backbone(tiny, plain_run, toy_domains["general"])
     stay_out = kl_from_backbone(tiny, out, toy_domains["general"])
     assert plain > 2 * TOLERANCE  # without general rows the expert changes general text: the check can fail
     assert stay_out < TOLERANCE
-    assert kl_from_backbone(tiny, out, toy_domains["code"]) > 2 * stay_out  # it still acts on its own domain
+    assert kl_from_backbone(tiny, out, toy_domains["hex"]) > 2 * stay_out  # it still acts on its own domain
 
 
 def test_data_gate_init_opens_on_the_domain_and_shuts_on_general_text(tiny, toy_domains):
     expert = Expert.init_from(tiny.decoder, LAYOUT)
-    code, general = (load_corpus(toy_domains[d]) for d in ("code", "general"))
+    domain, general = (load_corpus(toy_domains[d]) for d in ("hex", "general"))
 
     def stream(corpus, split, seed):
         return TokenStream(corpus.docs[split], tiny.tokenizer, 4, 64, seed=seed)
 
-    data_gate_init(tiny.decoder, LAYOUT, expert, stream(code, "train", 1), stream(general, "train", 2))
-    model = MoDEModel(tiny.decoder, LAYOUT, {"code": expert})
+    data_gate_init(tiny.decoder, LAYOUT, expert, stream(domain, "train", 1), stream(general, "train", 2))
+    model = MoDEModel(tiny.decoder, LAYOUT, {"hex": expert})
     opened = {}
-    for name, corpus in (("code", code), ("general", general)):  # measured on held-out text, before any step
+    for name, corpus in (("hex", domain), ("general", general)):  # measured on held-out text, before any step
         x = tiny.decoder.embed_tokens(held_out(corpus.docs["validation"], tiny.tokenizer, 64, 512).windows)
         weights = []
         for block in model.blocks:  # each gate reads the backbone's block input, as at initialisation
             weights.append(block.gate_weights(x)[..., 1].mean().item())
             x = run_layers(block.backbone, x, tiny.decoder.rope, None, block.backbone_names)
         opened[name] = weights
-    for on_domain, on_general in zip(opened["code"], opened["general"]):
+    for on_domain, on_general in zip(opened["hex"], opened["general"]):
         assert on_domain > on_general and on_general < 0.08  # nearly shut on held-out general text (0.05 on fit)
-    assert opened["code"][-1] > 2 * opened["general"][-1]  # the deeper block tells the domains apart clearly
+    assert opened["hex"][-1] > 2 * opened["general"][-1]  # the deeper block tells the domains apart clearly
     zero = Expert.init_from(tiny.decoder, LAYOUT)  # the zero init: the same weight on every token
     assert torch.all(zero.blocks[0].gate.weight == 0)
 
 
 def test_general_rows_make_up_the_share_evenly(tiny, toy_domains):
-    code, general = (load_corpus(toy_domains[d]).docs["train"] for d in ("code", "general"))
-    rows = mixed_rows(TokenStream(code, tiny.tokenizer, 4, 16, 0), TokenStream(general, tiny.tokenizer, 4, 16, 1), 0.25)
+    domain, general = (load_corpus(toy_domains[d]).docs["train"] for d in ("hex", "general"))
+    rows = mixed_rows(TokenStream(domain, tiny.tokenizer, 4, 16, 0), TokenStream(general, tiny.tokenizer, 4, 16, 1), 0.25)
     flags = [next(rows)[1] for _ in range(10)]
     assert sum(int(f.sum()) for f in flags) == 10  # 40 rows x 0.25
     assert all(int(f.sum()) == 1 for f in flags)  # one per batch of four: spread, not bunched

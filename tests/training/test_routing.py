@@ -1,0 +1,88 @@
+"""Prompt routing that can answer "none", on toy domains whose answer is known: the centroid router's statistics
+fitted at the end of stage 1, carried into packs, merged by installing, and read by a fresh device Session."""
+
+import json
+
+import pytest
+from safetensors.numpy import load_file
+
+from mode_edge.config import ExportConfig, MoDELayout, StayOutConfig, TrainConfig
+from mode_edge.packs import install, make_pack, uninstall
+from mode_edge.runtimes.routing import NONE, ROUTER_KEYS
+from mode_edge.runtimes.session import Session
+from mode_edge.training.data import load_corpus
+from mode_edge.training.eval_routing import PROMPT_LENGTHS, routing_for_run, windows
+from tests.cli_runner import invoke
+
+LAYOUT = MoDELayout(n_blocks=2, expert_layers=1, gate_init="data")
+CFG = TrainConfig(steps=3, batch_size=2, seq_len=64, warmup_steps=1, lr=1e-3, checkpoint_every=100)
+
+
+@pytest.fixture(scope="module")
+def routed(tiny, toy_domains, tmp_path_factory):
+    """Experts 'hex' and 'digits' trained with general text and composed; 'records' trained alone, later."""
+    from mode_edge.training.compose import compose
+    from mode_edge.training.train_expert import train_expert
+
+    root = tmp_path_factory.mktemp("routing")
+    for name in ("hex", "digits", "records"):
+        train_expert(tiny, name, toy_domains[name], root / name, LAYOUT, CFG, toy_domains["general"], StayOutConfig())
+    compose(tiny, [root / "hex", root / "digits"], [toy_domains["hex"], toy_domains["digits"]], root / "both",
+            CFG, freeze_experts=True)  # fmt: skip
+    return root
+
+
+def test_centroid_router_answers_none_for_general_text_and_the_expert_for_its_domain(tiny, toy_domains, routed):
+    corpora = [load_corpus(toy_domains[d]) for d in ("hex", "digits", "general")]
+    result = routing_for_run(tiny, routed / "both", None, corpora, n_prompts=8)
+    assert result["prompts"] == {"hex": 8, "digits": 8, "general": 8}
+    centroid = result["routers"]["centroid"]
+    # on the tiny random backbone a prose chunk about string escapes can look like hex: one miss of 24 is allowed
+    assert centroid[256]["accuracy"] >= 95.0, centroid[256]["confusion"]
+    assert centroid[64]["accuracy"] >= 90.0, centroid[64]["confusion"]
+    assert centroid[256]["confusion"]["general"][NONE] >= 7
+    assert result["routers"]["gate"][256]["confusion"]["general"][NONE] == 0  # the gate router cannot say "none"
+    scores = result["scores"]
+    assert scores["general"]["expected"] == NONE and scores["hex"]["expected"] == "hex"
+    for d in ("hex", "digits"):  # routing right on these: the routed model is the oracle choice
+        assert scores[d]["routed"]["centroid"][256]["accuracy"] == scores[d]["oracle"]["accuracy"]
+    assert scores["general"]["oracle"]["accuracy"] == scores["general"]["backbone"]["accuracy"]
+
+
+def test_eval_routing_through_the_cli(toy_domains, routed, tmp_path):
+    data = ",".join(str(toy_domains[d]) for d in ("hex", "digits", "general"))
+    out = tmp_path / "routing.json"
+    result = invoke("eval", "--routing", "--model", routed / "both", "--data", data, "--prompts", 4, "--json", out)
+    assert "routing accuracy" in result.output and "centroid router, 64-token prompts" in result.output
+    report = json.loads(out.read_text())["routing"]
+    assert report["experts"] == ["hex", "digits"]
+    for by_length in report["routers"].values():
+        for res in by_length.values():
+            assert {d: sum(row.values()) for d, row in res["confusion"].items()} == report["prompts"]
+
+
+def test_router_travels_in_packs_and_a_pack_trained_alone_claims_only_its_domain(tiny, toy_domains, routed, tmp_path):
+    from mode_edge.export.pipeline import export_bundle
+
+    bundle, alone = tmp_path / "bundle", tmp_path / "alone"
+    export_bundle(routed / "both", bundle, ExportConfig(formats=("onnx",), quant="int8"))
+    export_bundle(routed / "records", alone, ExportConfig(formats=("onnx",), quant="int8"))
+    gate = load_file(str(bundle / "experts" / "hex" / "gate.safetensors"))
+    assert all(k in gate for k in ROUTER_KEYS) and gate["router_mean"].shape == (2, tiny.decoder.cfg.dim)
+    make_pack(alone, "records", tmp_path / "records.modepack")
+    install(bundle, tmp_path / "records.modepack")  # trained alone, installed later: nothing retrained
+
+    prompts = {d: windows(load_corpus(toy_domains[d]), tiny.tokenizer, 6).tolist()  # 320-token prompts
+               for d in ("hex", "digits", "records", "general")}  # fmt: skip
+    expected = {"hex": ["hex"], "digits": ["digits"], "records": ["records"], "general": []}
+
+    def choices(session):
+        return {d: [session.route(p) for p in ps] for d, ps in prompts.items()}
+
+    session = Session(bundle)
+    assert choices(session) == {d: [expected[d]] * 6 for d in prompts}
+    uninstall(bundle, "records")
+    session.refresh()
+    assert all(c != ["records"] for c in choices(session)["records"])
+    install(bundle, tmp_path / "records.modepack")
+    assert choices(Session(bundle)) == {d: [expected[d]] * 6 for d in prompts}  # a fresh session reads the packs
