@@ -131,7 +131,6 @@ def toy_domains(tmp_path_factory) -> dict[str, Path]:
     arithmetic), 'hex' (seeded hex dumps), 'records' (seeded JSON records) and 'general' (the English prose of
     Python's own help topics, code examples left out)."""
     import random
-
     from pydoc_data.topics import topics
 
     root = tmp_path_factory.mktemp("toy")

@@ -11,7 +11,7 @@ from mode_edge.packs import install, make_pack, uninstall
 from mode_edge.runtimes.routing import NONE, ROUTER_KEYS
 from mode_edge.runtimes.session import Session
 from mode_edge.training.data import load_corpus
-from mode_edge.training.eval_routing import PROMPT_LENGTHS, routing_for_run, windows
+from mode_edge.training.eval_routing import routing_for_run, windows
 from tests.cli_runner import invoke
 
 LAYOUT = MoDELayout(n_blocks=2, expert_layers=1, gate_init="data")
