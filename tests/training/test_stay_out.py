@@ -74,7 +74,8 @@ def test_data_gate_init_opens_on_the_domain_and_shuts_on_general_text(tiny, toy_
 
 def test_general_rows_make_up_the_share_evenly(tiny, toy_domains):
     domain, general = (load_corpus(toy_domains[d]).docs["train"] for d in ("hex", "general"))
-    rows = mixed_rows(TokenStream(domain, tiny.tokenizer, 4, 16, 0), TokenStream(general, tiny.tokenizer, 4, 16, 1), 0.25)
+    streams = TokenStream(domain, tiny.tokenizer, 4, 16, 0), TokenStream(general, tiny.tokenizer, 4, 16, 1)
+    rows = mixed_rows(*streams, 0.25)
     flags = [next(rows)[1] for _ in range(10)]
     assert sum(int(f.sum()) for f in flags) == 10  # 40 rows x 0.25
     assert all(int(f.sum()) == 1 for f in flags)  # one per batch of four: spread, not bunched
