@@ -1,6 +1,7 @@
 """`mode-edge demo`: the whole pipeline on the built-in backbone, in one process (the backbone loads once): data,
-experts, composition, evaluation, then export to an int8 ONNX bundle, one domain pack per expert, and the device
-benchmark on this host. Each step writes its own folder under --out, and a rerun reuses the steps already finished."""
+experts (trained to stay out of general text, with their routers), composition, evaluation, then export to an int8
+ONNX bundle, one domain pack per expert, and the device benchmark on this host. Each step writes its own folder
+under --out, and a rerun reuses the steps already finished."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mode_edge.config import MoDELayout, TrainConfig
+from mode_edge.config import MoDELayout, StayOutConfig, TrainConfig
 from mode_edge.progress import console
 from mode_edge.training.backbones import load_backbone
 from mode_edge.training.compose import compose
@@ -18,7 +19,9 @@ from mode_edge.training.evaluate import build_model, evaluate, print_gates, prin
 from mode_edge.training.train_expert import train_expert
 
 TARGETS = ("code", "math")
-DOMAINS = ("code", "math", "english")
+DOMAINS = ("code", "math", "english", "general")
+"""English (KJV) is read by no training; general (State of the Union) trains the experts to stay out (its train
+split) and measures retention (its test split)."""
 
 
 @dataclass(frozen=True)
@@ -31,13 +34,13 @@ class DemoSettings:
 
 
 FULL = DemoSettings(
-    doc_limit={"code": None, "math": 1200, "english": None},
+    doc_limit={"code": None, "math": 1200, "english": None, "general": None},
     expert=TrainConfig(steps=110, batch_size=4, seq_len=256, warmup_steps=10, checkpoint_every=20),
     compose=TrainConfig(steps=30, batch_size=4, seq_len=256, warmup_steps=3, checkpoint_every=10),
     eval_tokens=8192,
 )
 QUICK = DemoSettings(
-    doc_limit={"code": 120, "math": 120, "english": 120},
+    doc_limit={"code": 120, "math": 120, "english": 120, "general": 240},
     expert=TrainConfig(steps=10, batch_size=2, seq_len=256, warmup_steps=2),
     compose=TrainConfig(steps=6, batch_size=2, seq_len=256, warmup_steps=1),
     eval_tokens=1024,
@@ -69,11 +72,12 @@ def run_demo(out: Path, quick: bool = False, base: str = "smollm2") -> dict:
         t = time.perf_counter()
         backbone = load_backbone(base)
         timings["load backbone"] = round(time.perf_counter() - t, 1)
-    layout = MoDELayout()
+    layout = MoDELayout(gate_init="data")  # experts that stay out of general text (DESIGN §6), with their router
     experts = {d: out / f"expert-{d}" for d in TARGETS}
     for d in TARGETS:
         step(f"train expert {d}", (experts[d] / "model.json").exists(),
-             lambda d=d: train_expert(backbone, d, data[d], experts[d], layout, settings.expert))  # fmt: skip
+             lambda d=d: train_expert(backbone, d, data[d], experts[d], layout, settings.expert, data["general"],
+                                      StayOutConfig()))  # fmt: skip
     composed = out / "composed"
     target_data = [data[d] for d in TARGETS]
     step(
