@@ -12,8 +12,10 @@ Pure Python: the device runtime reads bundles with it and never imports torch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 from mode_edge.errors import UserError
 from mode_edge.files import read_json, sha256_file, write_json
@@ -119,7 +121,32 @@ def quant_label(q: dict | None) -> str:
 
 
 def write_manifest(bundle: Path, manifest: dict) -> None:
+    """Replace BUNDLE/manifest.json atomically; callers that read, modify and write it hold `bundle_lock`."""
     write_json(Path(bundle) / "manifest.json", manifest)
+
+
+LOCK_FILE = ".lock"
+LOCK_TIMEOUT_S = 600.0
+
+
+@contextlib.contextmanager
+def bundle_lock(bundle: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold the bundle's lock (BUNDLE/.lock, an OS file lock that dies with its process) across a read-modify-write
+    of its manifest: install, uninstall, fetch-and-install, export over it. Callers re-read the manifest inside.
+
+    Not reentrant across calls: a holder must not take it again (the OS lock is per open file)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(Path(bundle) / LOCK_FILE))
+    try:
+        lock.acquire(timeout=timeout_s)
+    except Timeout:
+        raise UserError(f"bundle {bundle} stayed locked by another mode-edge process for {timeout_s:.0f} s; "
+                        "wait for it to finish and retry") from None  # fmt: skip
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def expert_folder(bundle: Path, name: str) -> Path:

@@ -15,10 +15,12 @@ import os
 import re
 import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 from mode_edge.bundle import (
     PACK_FORMAT,
+    bundle_lock,
     check_declared,
     check_pack_fits,
     check_rel_path,
@@ -106,19 +108,56 @@ def read_pack(path: Path) -> tuple[dict, dict[str, tarfile.TarInfo]]:
 
 
 def install(bundle: Path, pack_path: Path, replace: bool = False) -> dict:
-    """Install the pack into the bundle atomically; returns its manifest. Nothing changes unless all checks pass."""
+    """Install the pack into the bundle atomically; returns its manifest. Nothing changes unless all checks pass.
+
+    The bundle's lock is held from reading its manifest to writing it back, so concurrent installs and uninstalls of
+    other packs are never lost. The same pack (same pack.json sha256) already installed and intact is a success
+    without change; installed but damaged, it is repaired (reinstalling is the fix for a damaged pack)."""
     bundle = Path(bundle)
-    manifest = read_bundle(bundle)
+    read_bundle(bundle)  # a clear error for a folder that is no bundle, before the pack is read
     pack, members = read_pack(pack_path)
     name = pack["name"]
-    check_pack_fits(pack, manifest, f"pack {pack_path} ({name})")
-    if name in manifest["experts"] and not replace:
-        raise UserError(f"expert {name!r} is already installed in {bundle}; pass --replace to replace it")
-    experts = bundle / "experts"
-    staging, old = experts / f".{name}.installing", experts / f".{name}.old"
-    for leftover in (staging, old):
+    pack_sha = member_sha256(pack_path, members[PACK_MANIFEST])
+    with bundle_lock(bundle):
+        manifest = read_bundle(bundle)  # again under the lock: another process may have changed it meanwhile
+        check_pack_fits(pack, manifest, f"pack {pack_path} ({name})")
+        entry = manifest["experts"].get(name)
+        if entry is not None and entry.get("pack_sha256") == pack_sha and installed_intact(bundle, name):
+            return pack
+        if entry is not None and entry.get("pack_sha256") != pack_sha and not replace:
+            raise UserError(f"expert {name!r} is already installed in {bundle} (another version); "
+                            "pass --replace to replace it")  # fmt: skip
+        install_locked(bundle, manifest, pack, members, pack_path)
+    return pack
+
+
+def member_sha256(pack_path: Path, member: tarfile.TarInfo) -> str:
+    """sha256 of one member of a pack archive (already checked by `read_pack`)."""
+    try:
+        with tarfile.open(pack_path, "r:") as tar:
+            return hashlib.sha256(tar.extractfile(member).read()).hexdigest()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise UserError(f"pack {pack_path} could not be read ({e}); it is truncated or corrupt") from None
+
+
+def installed_intact(bundle: Path, name: str) -> bool:
+    """Whether the installed expert's pack.json and every file it lists match their records."""
+    try:
+        verify_files(expert_folder(bundle, name), read_pack_manifest(expert_folder(bundle, name))["files"], name)
+        return True
+    except UserError:
+        return False
+
+
+def install_locked(bundle: Path, manifest: dict, pack: dict, members: dict, pack_path: Path) -> None:
+    """Extract into a uniquely named staging folder, swap it into place, rewrite the manifest; the caller holds
+    the bundle lock."""
+    name, experts = pack["name"], bundle / "experts"
+    experts.mkdir(exist_ok=True)
+    for leftover in [*experts.glob(f".{name}.installing*"), *experts.glob(f".{name}.old*")]:  # killed installs
         shutil.rmtree(leftover, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = Path(tempfile.mkdtemp(dir=experts, prefix=f".{name}.installing-"))
+    old = Path(tempfile.mkdtemp(dir=experts, prefix=f".{name}.old-")) / name
     try:
         with tarfile.open(pack_path, "r:") as tar:
             for rel in [PACK_MANIFEST, *pack["files"]]:
@@ -134,8 +173,7 @@ def install(bundle: Path, pack_path: Path, replace: bool = False) -> dict:
         raise UserError(f"pack {pack_path} could not be read ({e}); it is truncated or corrupt") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return pack
+        shutil.rmtree(old.parent, ignore_errors=True)
 
 
 def extract_checked(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, rec: dict | None, pack_path) -> None:
@@ -164,16 +202,19 @@ def expert_entry(bundle: Path, name: str, pack: dict) -> dict:
 def uninstall(bundle: Path, name: str) -> None:
     """Remove one expert: the manifest entry first (atomic), then its folder; other experts are not touched."""
     bundle = Path(bundle)
-    manifest = read_bundle(bundle)
-    if name not in manifest["experts"]:
-        raise UserError(f"expert {name!r} is not installed in {bundle} (installed: "
-                        f"{', '.join(sorted(manifest['experts'])) or 'none'})")  # fmt: skip
-    del manifest["experts"][name]
-    write_manifest(bundle, manifest)
-    folder, trash = expert_folder(bundle, name), bundle / "experts" / f".{name}.removing"
-    if folder.exists():
-        os.replace(folder, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+    read_bundle(bundle)
+    with bundle_lock(bundle):
+        manifest = read_bundle(bundle)  # under the lock: what is installed now
+        if name not in manifest["experts"]:
+            raise UserError(f"expert {name!r} is not installed in {bundle} (installed: "
+                            f"{', '.join(sorted(manifest['experts'])) or 'none'})")  # fmt: skip
+        del manifest["experts"][name]
+        write_manifest(bundle, manifest)
+        folder = expert_folder(bundle, name)
+        if folder.exists():
+            trash = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{name}.removing-"))
+            os.replace(folder, trash / name)
+            shutil.rmtree(trash, ignore_errors=True)
 
 
 def component_bytes(components: dict, files: dict) -> dict[str, int]:
@@ -215,8 +256,6 @@ def describe(path: Path) -> dict:
 
 def install_copy(bundle: Path, name: str, new_name: str) -> None:
     """Install expert NAME again as NEW_NAME (same weights): how benchmarks and tests fill a bundle with many packs."""
-    import tempfile
-
     check_name(new_name)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / new_name

@@ -104,15 +104,10 @@ class Session:
         missing = [n for n in names if n not in self.engine.manifest["experts"]]
         if not missing or self.pack_source is None:
             return
-        from mode_edge.packs import install
-        from mode_edge.runtimes.fetch import fetch_pack
+        from mode_edge.runtimes.fetch import fetch_and_install
 
-        downloads = self.bundle / ".downloads"
         for name in missing:
-            path = fetch_pack(self.pack_source, name, downloads)
-            install(self.bundle, path)
-            if path.parent == downloads:
-                path.unlink()
+            fetch_and_install(self.bundle, self.pack_source, name)
         self.refresh()
 
     def select(self, names: list[str]) -> list[str]:
