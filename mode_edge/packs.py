@@ -29,12 +29,14 @@ from mode_edge.bundle import (
     fsync_tree,
     read_bundle,
     read_pack_manifest,
+    reinstall_fix,
     total_bytes,
     verify_files,
     write_manifest,
 )  # fmt: skip
 from mode_edge.errors import UserError
 from mode_edge.files import sha256_file
+from mode_edge.integrity import check_pack_shape
 
 PACK_MANIFEST = "pack.json"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -51,8 +53,8 @@ def make_pack(bundle: Path, name: str, out: Path) -> dict:
     if name not in manifest["experts"]:
         raise UserError(f"{bundle} has no expert {name!r}; it has: {', '.join(sorted(manifest['experts'])) or 'none'}")
     folder = expert_folder(bundle, name)
-    pack = read_pack_manifest(folder)
-    verify_files(folder, pack["files"], f"expert {name!r} in {bundle}")
+    pack = read_pack_manifest(folder, manifest["experts"][name]["pack_sha256"])
+    verify_files(folder, pack["files"], f"expert {name!r} in {bundle}", reinstall_fix(folder))
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} already exists; choose another --out or remove it first")
@@ -95,6 +97,7 @@ def read_pack(path: Path) -> tuple[dict, dict[str, tarfile.TarInfo]]:
         raise UserError(f"pack {path}: {PACK_MANIFEST} is not valid JSON ({e}); the pack is corrupt") from None
     check_version(pack, PACK_FORMAT, f"pack {path}")
     check_name(pack.get("name"))
+    check_pack_shape(pack, None, f"pack {path}", "the pack is corrupt; download or make it again")
     check_declared(pack.get("files"), f"pack {path}")
     listed, present = set(pack["files"]), set(by_name) - {PACK_MANIFEST}
     if listed - present:
@@ -142,8 +145,10 @@ def member_sha256(pack_path: Path, member: tarfile.TarInfo) -> str:
 
 def installed_intact(bundle: Path, name: str) -> bool:
     """Whether the installed expert's pack.json and every file it lists match their records."""
+    folder = expert_folder(bundle, name)
     try:
-        verify_files(expert_folder(bundle, name), read_pack_manifest(expert_folder(bundle, name))["files"], name)
+        sha = read_bundle(bundle)["experts"][name]["pack_sha256"]
+        verify_files(folder, read_pack_manifest(folder, sha)["files"], name, cached=False)
         return True
     except UserError:
         return False
@@ -234,7 +239,7 @@ def describe(path: Path) -> dict:
         m = read_bundle(path)
         experts = {}
         for name in sorted(m["experts"]):
-            pack = read_pack_manifest(expert_folder(path, name))
+            pack = read_pack_manifest(expert_folder(path, name), m["experts"][name]["pack_sha256"])
             experts[name] = {
                 "parameters": pack.get("parameters"), "bytes": total_bytes(pack["files"]),
                 "components": component_bytes(pack["components"], pack["files"]),

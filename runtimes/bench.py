@@ -30,12 +30,18 @@ def run_bench(bundle: Path, profile: DeviceProfile, experts: list[str] | None = 
     """One run with no expert, then one per expert (default: every installed one), each in a fresh process;
     returns the JSON document."""
     manifest = read_bundle(bundle)
-    experts = sorted(manifest["experts"]) if experts is None else experts
-    runs = []
+    every = experts is None
+    experts = sorted(manifest["experts"]) if every else experts
+    runs, seen = [], set()
     for selection in [[]] + [[e] for e in experts]:
-        summary = in_fresh_process(dict(bundle=str(bundle), selection=selection, new_tokens=new_tokens,
-                                        backend=backend, threads=profile.threads,
-                                        budget_mb=profile.memory_budget_mb))  # fmt: skip
+        try:
+            summary = in_fresh_process(dict(bundle=str(bundle), selection=selection, new_tokens=new_tokens,
+                                            backend=backend, threads=profile.threads,
+                                            budget_mb=profile.memory_budget_mb), seen)  # fmt: skip
+        except UserError:
+            if every and selection and f"expert {selection[0]!r} is damaged" in "".join(seen):
+                continue  # warned above; the other experts still run
+            raise
         runs.append({"selection": selection, **summary})
     return {
         "device": profile.name,
@@ -55,11 +61,16 @@ def run_bench(bundle: Path, profile: DeviceProfile, experts: list[str] | None = 
     }
 
 
-def in_fresh_process(args: dict) -> dict:
-    """One configuration's run summary, measured in a new Python process (same interpreter and import path)."""
+def in_fresh_process(args: dict, seen: set[str]) -> dict:
+    """One configuration's run summary, measured in a new Python process (same interpreter and import path); its
+    warnings are passed on once (`seen`)."""
     proc = subprocess.run([sys.executable, "-m", "mode_edge.runtimes.bench", "--worker", json.dumps(args)],
                           capture_output=True, text=True)  # fmt: skip
     lines = proc.stderr.strip().splitlines()
+    for line in lines:
+        if line.startswith("warning: ") and line not in seen:
+            seen.add(line)
+            print(line, file=sys.stderr)
     if proc.returncode == 2 and lines and lines[-1].startswith("error: "):
         raise UserError(lines[-1][len("error: ") :])
     if proc.returncode != 0:

@@ -8,17 +8,20 @@ from typing import Callable
 
 from tokenizers import Tokenizer
 
-from mode_edge.bundle import read_bundle, total_bytes
+from mode_edge.bundle import REEXPORT, read_bundle, total_bytes
 from mode_edge.errors import UserError
+from mode_edge.integrity import checked_load
 from mode_edge.runtimes.engine import Sampling
 from mode_edge.runtimes.profiler import Profile, Sampler
-from mode_edge.runtimes.session import Session
+from mode_edge.runtimes.session import Session, warn_stderr
 from mode_edge.tokenizer import TextTokenizer
 
 
 def load_tokenizer(bundle: Path) -> TextTokenizer:
+    """The bundle's tokenizer (its file is verified with the base's files when the session starts)."""
     manifest = read_bundle(bundle)
-    tok = Tokenizer.from_file(str(Path(bundle) / manifest["tokenizer"]["file"]))
+    path = Path(bundle) / manifest["tokenizer"]["file"]
+    tok = checked_load(path, lambda: Tokenizer.from_file(str(path)), REEXPORT)
     return TextTokenizer(tok, eos_id=manifest["tokenizer"]["eos_id"])
 
 
@@ -36,10 +39,12 @@ def run(
     """Generate; returns the new text, the profile summary (with the chosen experts) and the raw profile."""
     profile = Profile()
     profile.mark("start")
+    warnings: list[str] = []  # damaged packs, reported once the selection stands (asking for one is the error alone)
     with Sampler(profile):
         base_bytes = total_bytes(read_bundle(bundle)["files"])
         session = profile.load(
-            "base", lambda: Session(bundle, backend, threads, budget_mb, pack_source=pack_source), base_bytes
+            "base", lambda: Session(bundle, backend, threads, budget_mb, pack_source=pack_source,
+                                    warn=warnings.append), base_bytes  # fmt: skip
         )
         session.loader = lambda name, load: profile.load(f"expert {name}", load, session.expert_bytes(name))
         tokenizer = load_tokenizer(bundle)
@@ -51,6 +56,8 @@ def run(
         chosen = session.route(ids, route_top_k) if experts == "auto" else [] if experts == "none" else experts
         profile.route_s = time.perf_counter() - t if experts == "auto" else 0.0
         session.select(chosen)
+        for message in warnings:
+            warn_stderr(message)
         profile.mark("experts selected")
         out: list[int] = []
         text = ""

@@ -7,15 +7,17 @@ profiler measures what loading really adds. No torch: numpy + onnxruntime.
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from safetensors.numpy import load_file
 
-from mode_edge.bundle import read_pack_manifest, total_bytes
+from mode_edge.bundle import reinstall_fix, total_bytes
 from mode_edge.errors import UserError
+from mode_edge.integrity import checked_load
 from mode_edge.runtimes.engine import Engine, Sampling, generate
 
 MB = 1 << 20
@@ -40,9 +42,20 @@ def plan_budget(manifest: dict, budget_mb: float | None, names: list[str], loade
     return load, evict, True
 
 
+def warn_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 class Session:
+    """A loaded base with experts selected, routed and evicted on demand.
+
+    Every installed expert is checked before its gate rows are read; a damaged one is reported once through `warn`
+    (one line), kept out of routing and selection (`damaged`), and everything else runs. Asking for it by name is a
+    UserError naming the damaged file and the fix."""
+
     def __init__(self, bundle: Path, backend: str = "onnx", threads: int | None = None,
-                 budget_mb: float | None = None, verify: bool = True, pack_source: str | None = None):  # fmt: skip
+                 budget_mb: float | None = None, verify: bool = True, pack_source: str | None = None,
+                 warn: Callable[[str], None] = warn_stderr):  # fmt: skip
         self.bundle = Path(bundle)
         self.budget = None if budget_mb is None else int(budget_mb * MB)
         self.engine = Engine(self.bundle, backend=backend, threads=threads, verify=verify)
@@ -56,20 +69,43 @@ class Session:
         self.lru: OrderedDict[str, None] = OrderedDict()  # loaded experts, least recently used first
         self.loader = lambda name, load: load()
         """Wraps every expert load: the profiler times it and measures the memory it adds."""
-        self.gates = {name: self._gate(name) for name in self.engine.installed}
+        self.warn = warn
+        self.damaged: dict[str, str] = {}
+        """Installed experts that failed their checks, with the one-line reason."""
+        self.gates = self._gates()
         self.last_scores: dict[str, float] | None = None
         """The routing scores of the last `route` call, by expert."""
 
+    def _gates(self) -> dict[str, dict[str, np.ndarray]]:
+        """Gate rows of every installed expert that passes its checks; the others go to `damaged`, warned once."""
+        gates, damaged = {}, {}
+        for name in self.engine.installed:
+            try:
+                gates[name] = self._gate(name)
+            except UserError as e:
+                damaged[name] = str(e)
+                if name not in self.damaged:
+                    self.warn(f"{e}; it is left out until then")
+        self.damaged = damaged
+        return gates
+
     def _gate(self, name: str) -> dict[str, np.ndarray]:
-        pack = read_pack_manifest(self.bundle / "experts" / name)
-        return load_file(str(self.bundle / "experts" / name / pack["gate"]))
+        folder = self.bundle / "experts" / name
+        pack = self.engine.check_expert(name, self.verify)
+        path = folder / pack["gate"]
+        gate = checked_load(path, lambda: load_file(str(path)), reinstall_fix(folder))
+        n = self.engine.n_blocks
+        rows = all(k in gate for k in ("weight", "bias", "eps"))
+        if not rows or gate["weight"].shape[0] < n or gate["bias"].size < n:
+            raise UserError(f"expert {name!r} is damaged: {path} lacks its gate rows; {reinstall_fix(folder)}")
+        return gate
 
     def refresh(self) -> None:
         """Re-read the manifest after an install or uninstall; the base stays loaded."""
         from mode_edge.bundle import read_bundle
 
         self.engine.manifest["experts"] = read_bundle(self.bundle)["experts"]
-        self.gates = {name: self._gate(name) for name in self.engine.installed}
+        self.gates = self._gates()
         for name in [n for n in self.lru if n not in self.gates]:
             self.evict(name)
 
@@ -78,6 +114,8 @@ class Session:
         return list(self.lru)
 
     def expert_bytes(self, name: str) -> int:
+        if name in self.damaged:
+            raise UserError(self.damaged[name])
         if name not in self.engine.manifest["experts"]:
             raise UserError(
                 f"expert {name!r} is not installed in {self.bundle} (installed: "
