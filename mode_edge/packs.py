@@ -75,6 +75,9 @@ def read_pack(path: Path) -> tuple[dict, dict[str, tarfile.TarInfo]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"pack {path} does not exist; make one with `mode-edge pack`")
+    if path.stat().st_size % tarfile.BLOCKSIZE:  # a tar archive is whole 512-byte blocks: this one was cut short
+        raise UserError(f"pack {path} is cut short ({path.stat().st_size} bytes, not whole tar blocks); download or "
+                        "make it again")  # fmt: skip
     try:
         with tarfile.open(path, "r:") as tar:
             members = tar.getmembers()
@@ -195,6 +198,21 @@ def extract_checked(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, r
         raise UserError(f"pack {pack_path}: {member.name} does not match its sha256 or size (corrupted); refused")
 
 
+def verify_members(path: Path, pack: dict, members: dict) -> None:
+    """Every file in the archive matches the sha256 its pack.json records (what `inspect` checks before it reports)."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for rel, rec in pack["files"].items():
+                h, src = hashlib.sha256(), tar.extractfile(members[rel])
+                while block := src.read(1 << 20):
+                    h.update(block)
+                if h.hexdigest() != rec["sha256"]:
+                    raise UserError(f"pack {path}: {rel} does not match its sha256 (corrupted); download or make "
+                                    "it again")  # fmt: skip
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise UserError(f"pack {path} could not be read ({e}); it is truncated or corrupt") from None
+
+
 def expert_entry(bundle: Path, name: str, pack: dict) -> dict:
     folder = expert_folder(bundle, name)
     return {
@@ -250,7 +268,8 @@ def describe(path: Path) -> dict:
             "components": component_bytes(m["components"], m["files"]),
             "base_bytes": total_bytes(m["files"]), "experts": experts,
         }  # fmt: skip
-    pack, _ = read_pack(path)
+    pack, members = read_pack(path)
+    verify_members(path, pack, members)
     return {
         "kind": "pack", "path": str(path), "name": pack["name"], "format_version": pack["format_version"],
         "fingerprint": pack["base_fingerprint"], "quantization": pack["quantization"], "formats": pack["formats"],

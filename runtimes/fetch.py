@@ -71,7 +71,8 @@ def check_fetched(path: Path, name: str, bundle_manifest: dict, source: str) -> 
     want, got = bundle_manifest["base"]["fingerprint"], str(pack.get("base_fingerprint"))
     if got != want:
         raise UserError(f"pack source {source}: {name}.modepack was made for base {got[:16]}, this bundle's base is "
-                        f"{want[:16]}; refused and nothing installed: point --pack-source at this base's packs")  # fmt: skip
+                        f"{want[:16]}; refused and nothing installed: point --pack-source at this base's "
+                        "packs")  # fmt: skip
 
 
 def fetch_pack(source: str, name: str, downloads: Path, retries: int = 3, timeout_s: float = 30.0,

@@ -13,7 +13,8 @@ TOLERANCE_MB = 2.5
 
 
 def peaks(path):
-    return {",".join(r["selection"]) or "none": r["memory"]["peak_rss_mb"] for r in json.loads(path.read_text())["runs"]}
+    runs = json.loads(path.read_text())["runs"]
+    return {",".join(r["selection"]) or "none": r["memory"]["peak_rss_mb"] for r in runs}
 
 
 def test_a_configuration_peak_does_not_depend_on_what_ran_before(int8_bundle, tmp_path):
