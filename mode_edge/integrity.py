@@ -70,6 +70,19 @@ def verify_records(root: Path, files: dict, damaged: Callable[[str, str], UserEr
         save_cache(root, cache)
 
 
+def file_record(path: Path) -> dict:
+    """{'bytes', 'sha256'} of one file, to store beside it in its folder's record."""
+    return {"bytes": Path(path).stat().st_size, "sha256": sha256_file(path)}
+
+
+def check_file(path: Path, rec, fix: str) -> None:
+    """`path` has the size and sha256 of `rec` (a record from `file_record`; older records without one: no check)."""
+    if not (isinstance(rec, dict) and is_int(rec.get("bytes")) and isinstance(rec.get("sha256"), str)):
+        return
+    verify_records(Path(path).parent, {Path(path).name: rec},
+                   lambda p, problem: UserError(f"{p} {problem}; {fix}"), cached=False)  # fmt: skip
+
+
 def checked_load(path: Path, load: Callable[[], T], fix: str) -> T:
     """`load()` (a third-party reader of `path`: safetensors, onnxruntime, tokenizers, transformers, gguf), with any
     failure turned into one line naming the file and the fix."""
