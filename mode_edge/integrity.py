@@ -58,7 +58,7 @@ def verify_records(root: Path, files: dict, damaged: Callable[[str, str], UserEr
             raise damaged(str(path), "is missing")
         size = path.stat().st_size
         if size != rec["bytes"]:
-            raise damaged(str(path), f"has {size} bytes, its manifest says {rec['bytes']} (cut short or overwritten)")
+            raise damaged(str(path), f"has {size} bytes where {rec['bytes']} were recorded (cut short or overwritten)")
         now = stamp(path)
         if cache.get(rel) == [*now, rec["sha256"]]:
             continue

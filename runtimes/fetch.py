@@ -32,17 +32,18 @@ def fetch_and_install(bundle: Path, source: str, name: str, expected: dict | Non
     from filelock import FileLock
 
     from mode_edge.bundle import read_bundle
-    from mode_edge.packs import install
+    from mode_edge.packs import install, installed_intact
 
     bundle, downloads = Path(bundle), Path(bundle) / ".downloads"
     downloads.mkdir(parents=True, exist_ok=True)
     with FileLock(str(downloads / f"{name}.lock")):
-        if name in read_bundle(bundle)["experts"]:  # a concurrent run fetched and installed it meanwhile
-            return
+        if name in read_bundle(bundle)["experts"] and installed_intact(bundle, name):
+            return  # a concurrent run fetched and installed it meanwhile
+        repair = name in read_bundle(bundle)["experts"]  # installed but damaged: the fetched pack replaces it
         path, resumed = fetch_pack(source, name, downloads, expected=expected, **kw)
         try:
             check_fetched(path, name, read_bundle(bundle), source)
-            install(bundle, path)
+            install(bundle, path, replace=repair)
             return
         except UserError:
             if not resumed:
@@ -54,7 +55,7 @@ def fetch_and_install(bundle: Path, source: str, name: str, expected: dict | Non
         path, _ = fetch_pack(source, name, downloads, expected=expected, fresh=True, **kw)
         try:
             check_fetched(path, name, read_bundle(bundle), source)
-            install(bundle, path)
+            install(bundle, path, replace=repair)
         finally:
             if path.parent == downloads:
                 path.unlink(missing_ok=True)

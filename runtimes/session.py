@@ -138,8 +138,10 @@ class Session:
         return load, evict
 
     def fetch_missing(self, names: list[str]) -> None:
-        """Install selected packs that are missing from the pack source (folder or URL), verified, atomically."""
-        missing = [n for n in names if n not in self.engine.manifest["experts"]]
+        """Install selected packs that are missing (or damaged) from the pack source (folder or URL), verified,
+        atomically."""
+        # a damaged installed pack is fetched again too: installing the same pack over it repairs it
+        missing = [n for n in names if n not in self.engine.manifest["experts"] or n in self.damaged]
         if not missing or self.pack_source is None:
             return
         from mode_edge.runtimes.fetch import fetch_and_install

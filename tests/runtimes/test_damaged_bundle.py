@@ -79,6 +79,21 @@ def test_the_issue_example_through_the_cli(bundle):
     assert "prose" in proc.stdout and "gate.safetensors" in proc.stderr
 
 
+def test_a_damaged_pack_is_repaired_from_the_pack_source(bundle, tmp_path):
+    from mode_edge.packs import make_pack
+
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    make_pack(bundle, "code", packs / "code.modepack")
+    before = (bundle / "experts" / "code" / "gate.safetensors").read_bytes()
+    cut(bundle / "experts" / "code" / "gate.safetensors", 10)
+    cli("run", "--bundle", bundle, "--experts", "code", "--pack-source", packs, "--prompt", "hi", "--max-new-tokens", "2")
+    assert (bundle / "experts" / "code" / "gate.safetensors").read_bytes() == before
+    cut(bundle / "experts" / "code" / "block1.onnx", 10)  # the same through install: the fix the error names
+    cli("install", "--bundle", bundle, packs / "code.modepack")
+    assert not Session(bundle).damaged
+
+
 def test_a_flipped_byte_is_caught_after_the_first_verified_start_even_with_its_time_restored(bundle):
     path = bundle / "experts" / "prose" / "block0.onnx.data"
     st = path.stat()
