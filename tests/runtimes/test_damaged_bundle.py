@@ -87,7 +87,8 @@ def test_a_damaged_pack_is_repaired_from_the_pack_source(bundle, tmp_path):
     make_pack(bundle, "code", packs / "code.modepack")
     before = (bundle / "experts" / "code" / "gate.safetensors").read_bytes()
     cut(bundle / "experts" / "code" / "gate.safetensors", 10)
-    cli("run", "--bundle", bundle, "--experts", "code", "--pack-source", packs, "--prompt", "hi", "--max-new-tokens", "2")
+    cli("run", "--bundle", bundle, "--experts", "code", "--pack-source", packs, "--prompt", "hi",
+        "--max-new-tokens", "2")  # fmt: skip
     assert (bundle / "experts" / "code" / "gate.safetensors").read_bytes() == before
     cut(bundle / "experts" / "code" / "block1.onnx", 10)  # the same through install: the fix the error names
     cli("install", "--bundle", bundle, packs / "code.modepack")
