@@ -75,9 +75,6 @@ def read_pack(path: Path) -> tuple[dict, dict[str, tarfile.TarInfo]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"pack {path} does not exist; make one with `mode-edge pack`")
-    if path.stat().st_size % tarfile.BLOCKSIZE:  # a tar archive is whole 512-byte blocks: this one was cut short
-        raise UserError(f"pack {path} is cut short ({path.stat().st_size} bytes, not whole tar blocks); download or "
-                        "make it again")  # fmt: skip
     try:
         with tarfile.open(path, "r:") as tar:
             members = tar.getmembers()
@@ -94,6 +91,9 @@ def read_pack(path: Path) -> tuple[dict, dict[str, tarfile.TarInfo]]:
             raw = tar.extractfile(by_name[PACK_MANIFEST]).read()
     except (tarfile.TarError, EOFError, OSError) as e:
         raise UserError(f"pack {path} is not a readable archive ({e}); it is truncated or corrupt") from None
+    if path.stat().st_size % tarfile.BLOCKSIZE:  # a tar archive is whole 512-byte blocks: this one was cut short
+        raise UserError(f"pack {path} is cut short ({path.stat().st_size} bytes, not whole tar blocks); download or "
+                        "make it again")  # fmt: skip
     try:
         pack = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
