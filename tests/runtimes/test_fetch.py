@@ -154,3 +154,23 @@ def test_a_folder_pack_source(bundle, tmp_path):
     session = Session(bundle, pack_source=str(tmp_path))
     session.select(["prose"])
     assert session.loaded == ["prose"] and (tmp_path / "prose.modepack").exists()
+
+
+def test_with_a_known_size_and_sha256_a_resume_is_checked_and_repeated_from_zero(bundle, server, tmp_path):
+    from mode_edge.files import sha256_file
+    from mode_edge.runtimes.fetch import fetch_pack
+
+    served = PackServer.root / "code.modepack"
+    expected = {"bytes": served.stat().st_size, "sha256": sha256_file(served)}
+    part = stale_part(bundle, tmp_path)  # no validator saved: only the known checksum can tell
+    have = part.stat().st_size
+    path, _ = fetch_pack(server, "code", bundle / ".downloads", expected=expected)
+    assert PackServer.log[0] == (f"bytes={have}-", None, 206)
+    assert sha256_file(path) == expected["sha256"]
+    assert [e[2] for e in PackServer.log] == [206, 200]  # resumed onto the old half, caught, fetched whole
+    PackServer.log.clear()
+    path.unlink()  # (fetch_and_install removes it once installed)
+    served.write_bytes(served.read_bytes()[:-512])  # the server now serves a damaged pack: refused, nothing kept
+    with pytest.raises(Exception, match="size and sha256"):
+        fetch_pack(server, "code", bundle / ".downloads", expected=expected, fresh=True)
+    assert not list((bundle / ".downloads").glob("code.modepack*"))
