@@ -257,7 +257,11 @@ def describe(path: Path) -> dict:
         m = read_bundle(path)
         experts = {}
         for name in sorted(m["experts"]):
-            pack = read_pack_manifest(expert_folder(path, name), m["experts"][name]["pack_sha256"])
+            try:
+                pack = read_pack_manifest(expert_folder(path, name), m["experts"][name]["pack_sha256"])
+            except UserError as e:  # shown as damaged; the rest of the bundle is still described
+                experts[name] = {"damaged": str(e), "parameters": None, "bytes": 0, "components": {}}
+                continue
             experts[name] = {
                 "parameters": pack.get("parameters"), "bytes": total_bytes(pack["files"]),
                 "components": component_bytes(pack["components"], pack["files"]),

@@ -79,6 +79,13 @@ def test_the_issue_example_through_the_cli(bundle):
     assert "prose" in proc.stdout and "gate.safetensors" in proc.stderr
 
 
+def test_inspect_shows_a_damaged_pack_and_the_rest(bundle):
+    flip(bundle / "experts" / "code" / "pack.json")
+    proc = cli("inspect", bundle)
+    assert "damaged" in proc.stdout and "experts/prose/block0" in proc.stdout
+    assert proc.stderr.count("warning: expert 'code' is damaged") == 1
+
+
 def test_a_damaged_pack_is_repaired_from_the_pack_source(bundle, tmp_path):
     from mode_edge.packs import make_pack
 
