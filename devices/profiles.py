@@ -5,12 +5,12 @@ Pure Python: the runtime reads its profile on the device. `host` fills in this m
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mode_edge.errors import UserError
+from mode_edge.files import read_json
 from mode_edge.ranges import check_number
 
 PROFILES = Path(__file__).parent / "profiles"
@@ -52,10 +52,7 @@ def load_profile(name_or_path: str) -> DeviceProfile:
         path = PROFILES / f"{name_or_path}.json"
     if not path.is_file():
         raise UserError(f"no device profile {name_or_path!r}; known: {', '.join(names())} (or a .json file)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"device profile {path} is not valid JSON ({e})") from None
+    data = read_json(path, "no such device profile", "fix the profile's JSON or copy a profile from devices/profiles")
     if data.get("name") == "host":
         import psutil
 

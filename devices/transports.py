@@ -24,6 +24,7 @@ from pathlib import Path
 
 from mode_edge.devices.profiles import DeviceProfile
 from mode_edge.errors import UserError
+from mode_edge.files import read_json
 
 RUNTIME_PARTS = ("mode_edge", "mode_edge/runtimes", "mode_edge/devices")
 SKIP = {"cli_ship.py"}  # the export commands need torch; the device never runs them
@@ -139,4 +140,5 @@ def remote_bench(profile: DeviceProfile, bundle: Path, experts: list[str] | None
         remote.shell(f"cd {workdir} && tar xf payload.tar && rm payload.tar", "unpack on the device")
         remote.shell(bench_command(python, workdir, experts, new_tokens), f"run the benchmark on {profile.name}")
         remote.pull(f"{workdir}/result.json", tmp / "result.json")
-        return json.loads((tmp / "result.json").read_text())
+        return read_json(tmp / "result.json", "the benchmark on the device wrote no result; rerun it",
+                         "the result came back damaged; rerun the benchmark")  # fmt: skip

@@ -13,6 +13,7 @@ Stages, in order (each shown as a progress step):
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from pathlib import Path
@@ -21,7 +22,15 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
-from mode_edge.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, GRAPH_SUFFIX, PACK_FORMAT, records, write_manifest
+from mode_edge.bundle import (
+    BUNDLE_FORMAT,
+    BUNDLE_VERSION,
+    GRAPH_SUFFIX,
+    PACK_FORMAT,
+    bundle_lock,
+    records,
+    write_manifest,
+)
 from mode_edge.config import ExportConfig
 from mode_edge.errors import UserError
 from mode_edge.export.graphs import example_inputs, graph_layers, io_names, split
@@ -101,7 +110,10 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
         steps = len(graphs) * (len(cfg.formats) + 1)
         progress.start(steps)
         verify: dict[str, dict] = {}
-        with atomic_dir(out, overwrite=cfg.overwrite) as work:
+        # Over an existing bundle, hold its lock so that no install or uninstall runs into the swap.
+        exists = Path(out).is_dir() and (Path(out) / "manifest.json").is_file()
+        lock = bundle_lock(out) if exists else contextlib.nullcontext()
+        with lock, atomic_dir(out, overwrite=cfg.overwrite) as work:
             fp32 = work / ".fp32"
             for rel, graph in graphs.items():
                 for fmt in cfg.formats:

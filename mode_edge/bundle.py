@@ -12,11 +12,14 @@ Pure Python: the device runtime reads bundles with it and never imports torch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 from mode_edge.errors import UserError
 from mode_edge.files import read_json, sha256_file, write_json
+from mode_edge.integrity import check_bundle_shape, check_pack_shape, verify_records
 from mode_edge.names import check_names
 
 BUNDLE_FORMAT, PACK_FORMAT, BUNDLE_VERSION = "mode-edge-bundle", "mode-edge-pack", 1
@@ -56,18 +59,15 @@ def check_declared(files: dict, what: str) -> None:
             raise UserError(f"{what} declares no valid sha256 for {rel}; it is corrupt")
 
 
-def verify_files(root: Path, files: dict, what: str) -> None:
-    """Every listed file is present with its declared size and checksum; otherwise a clear refusal."""
+def verify_files(root: Path, files: dict, what: str, fix: str = "reinstall it", cached: bool = True) -> None:
+    """Every listed file is present with its declared size and checksum; otherwise one line naming the file and
+    `fix`. Sizes are checked at every call, sha256 once per file version (mode_edge/integrity.py)."""
     check_declared(files, what)
-    for rel, rec in files.items():
-        path = Path(root) / rel
-        if path.is_symlink() or not path.is_file():
-            raise UserError(f"{what}: {rel} is missing; reinstall it")
-        size = path.stat().st_size
-        if size != rec["bytes"]:
-            raise UserError(f"{what}: {rel} has {size} bytes, the manifest says {rec['bytes']} (truncated?); reinstall")
-        if sha256_file(path) != rec["sha256"]:
-            raise UserError(f"{what}: {rel} does not match its sha256 (corrupted); reinstall it")
+
+    def damaged(path: str, problem: str) -> UserError:
+        return UserError(f"{what} is damaged: {path} {problem}; {fix}")
+
+    verify_records(root, files, damaged, cached)
 
 
 def check_version(manifest: dict, fmt: str, what: str) -> None:
@@ -81,19 +81,38 @@ def check_version(manifest: dict, fmt: str, what: str) -> None:
         )
 
 
+REEXPORT = "export the bundle again (`mode-edge export --overwrite`) or copy it again"
+
+
 def read_bundle(bundle: Path) -> dict:
+    """BUNDLE/manifest.json, checked: format, version and the shape of every field the runtime reads."""
     bundle = Path(bundle)
     if not bundle.is_dir():
         raise UserError(f"bundle {bundle} does not exist; create one with `mode-edge export`")
-    manifest = read_json(bundle / "manifest.json", "this folder is not a mode-edge bundle (`mode-edge export`)")
-    check_version(manifest, BUNDLE_FORMAT, f"{bundle}/manifest.json")
-    check_names(manifest.get("experts", {}), f"{bundle}/manifest.json (corrupt?)")
+    path = bundle / "manifest.json"
+    manifest = read_json(path, "this folder is not a mode-edge bundle (`mode-edge export`)", REEXPORT)
+    check_version(manifest, BUNDLE_FORMAT, str(path))
+    check_bundle_shape(manifest, str(path), REEXPORT)
+    check_declared(manifest["files"], str(path))
+    check_names(manifest.get("experts", {}), f"{path} (corrupt?)")
     return manifest
 
 
-def read_pack_manifest(folder: Path) -> dict:
-    manifest = read_json(Path(folder) / "pack.json", "the expert's manifest is missing; reinstall the pack")
-    check_version(manifest, PACK_FORMAT, f"{folder}/pack.json")
+def reinstall_fix(folder: Path) -> str:
+    name = Path(folder).name
+    return f"reinstall its pack (`mode-edge install --bundle {Path(folder).parent.parent} {name}.modepack`)"
+
+
+def read_pack_manifest(folder: Path, sha256: str | None = None, n_blocks: int | None = None) -> dict:
+    """An installed expert's pack.json, checked against the sha256 the bundle manifest records for it (when given)
+    before it is parsed, then its format and shape."""
+    path, fix = Path(folder) / "pack.json", reinstall_fix(folder)
+    if sha256 is not None and path.is_file() and sha256_file(path) != sha256:
+        raise UserError(f"expert {Path(folder).name!r} is damaged: {path} does not match its sha256; {fix}")
+    manifest = read_json(path, f"the expert's manifest is missing; {fix}", fix)
+    check_version(manifest, PACK_FORMAT, str(path))
+    check_pack_shape(manifest, n_blocks, str(path), fix)
+    check_declared(manifest["files"], str(path))
     return manifest
 
 
@@ -121,7 +140,32 @@ def quant_label(q: dict | None) -> str:
 
 
 def write_manifest(bundle: Path, manifest: dict) -> None:
+    """Replace BUNDLE/manifest.json atomically; callers that read, modify and write it hold `bundle_lock`."""
     write_json(Path(bundle) / "manifest.json", manifest)
+
+
+LOCK_FILE = ".lock"
+LOCK_TIMEOUT_S = 600.0
+
+
+@contextlib.contextmanager
+def bundle_lock(bundle: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold the bundle's lock (BUNDLE/.lock, an OS file lock that dies with its process) across a read-modify-write
+    of its manifest: install, uninstall, fetch-and-install, export over it. Callers re-read the manifest inside.
+
+    Not reentrant across calls: a holder must not take it again (the OS lock is per open file)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(Path(bundle) / LOCK_FILE))
+    try:
+        lock.acquire(timeout=timeout_s)
+    except Timeout:
+        raise UserError(f"bundle {bundle} stayed locked by another mode-edge process for {timeout_s:.0f} s; "
+                        "wait for it to finish and retry") from None  # fmt: skip
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def expert_folder(bundle: Path, name: str) -> Path:

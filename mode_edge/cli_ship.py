@@ -128,6 +128,9 @@ def print_description(info: dict) -> None:
     for comp, n in info["components"].items():
         table.add_row(comp, human_bytes(n))
     for name, e in info.get("experts", {}).items():
+        if "damaged" in e:
+            table.add_row(f"experts/{name}", "[red]damaged")
+            click.echo(f"warning: {e['damaged']}", err=True)
         for comp, n in e["components"].items():
             table.add_row(f"experts/{name}/{comp}", human_bytes(n))
     total = info.get("bytes", info.get("base_bytes", 0)) + sum(e["bytes"] for e in info.get("experts", {}).values())

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -52,18 +53,45 @@ def atomic_dir(out: Path, *, overwrite: bool = False, keep_partial_on_error: boo
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path, what: str) -> dict:
+    """Write `data` as JSON atomically: a uniquely named temporary file in the same folder, flushed, then renamed
+    over `path`, so that concurrent writers never share a temporary file and a reader sees the old or the new file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        return json.loads(Path(path).read_text())
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; keep what a plain write would give
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def read_json(path: Path, what: str, damaged: str | None = None) -> dict:
+    """A JSON object from `path`, or a one-line UserError: `what` is the fix when the file is missing, `damaged` the
+    fix when it is cut short or corrupted (default: `what`)."""
+    damaged = damaged or what
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path} is missing: {what}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e}); {what}") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder, not a file: {what}") from None
+    except OSError as e:
+        raise UserError(f"{path} could not be read ({e.strerror or e}); {damaged}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise UserError(f"{path} is damaged: not valid JSON ({str(e).splitlines()[0][:120]}); {damaged}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is damaged: not a JSON object; {damaged}")
+    return data
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -14,10 +14,12 @@ import json
 import os
 import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 from mode_edge.bundle import (
     PACK_FORMAT,
+    bundle_lock,
     check_declared,
     check_pack_fits,
     check_rel_path,
@@ -26,12 +28,14 @@ from mode_edge.bundle import (
     fsync_tree,
     read_bundle,
     read_pack_manifest,
+    reinstall_fix,
     total_bytes,
     verify_files,
     write_manifest,
 )  # fmt: skip
 from mode_edge.errors import UserError
 from mode_edge.files import sha256_file
+from mode_edge.integrity import check_pack_shape
 from mode_edge.names import check_name
 
 PACK_MANIFEST = "pack.json"
@@ -44,8 +48,8 @@ def make_pack(bundle: Path, name: str, out: Path) -> dict:
     if name not in manifest["experts"]:
         raise UserError(f"{bundle} has no expert {name!r}; it has: {', '.join(sorted(manifest['experts'])) or 'none'}")
     folder = expert_folder(bundle, name)
-    pack = read_pack_manifest(folder)
-    verify_files(folder, pack["files"], f"expert {name!r} in {bundle}")
+    pack = read_pack_manifest(folder, manifest["experts"][name]["pack_sha256"])
+    verify_files(folder, pack["files"], f"expert {name!r} in {bundle}", reinstall_fix(folder))
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} already exists; choose another --out or remove it first")
@@ -82,12 +86,16 @@ def read_pack(path: Path) -> tuple[dict, dict[str, tarfile.TarInfo]]:
             raw = tar.extractfile(by_name[PACK_MANIFEST]).read()
     except (tarfile.TarError, EOFError, OSError) as e:
         raise UserError(f"pack {path} is not a readable archive ({e}); it is truncated or corrupt") from None
+    if path.stat().st_size % tarfile.BLOCKSIZE:  # a tar archive is whole 512-byte blocks: this one was cut short
+        raise UserError(f"pack {path} is cut short ({path.stat().st_size} bytes, not whole tar blocks); download or "
+                        "make it again")  # fmt: skip
     try:
         pack = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"pack {path}: {PACK_MANIFEST} is not valid JSON ({e}); the pack is corrupt") from None
     check_version(pack, PACK_FORMAT, f"pack {path}")
     check_name(pack.get("name"), f"pack {path}")
+    check_pack_shape(pack, None, f"pack {path}", "the pack is corrupt; download or make it again")
     check_declared(pack.get("files"), f"pack {path}")
     listed, present = set(pack["files"]), set(by_name) - {PACK_MANIFEST}
     if listed - present:
@@ -101,19 +109,58 @@ def read_pack(path: Path) -> tuple[dict, dict[str, tarfile.TarInfo]]:
 
 
 def install(bundle: Path, pack_path: Path, replace: bool = False) -> dict:
-    """Install the pack into the bundle atomically; returns its manifest. Nothing changes unless all checks pass."""
+    """Install the pack into the bundle atomically; returns its manifest. Nothing changes unless all checks pass.
+
+    The bundle's lock is held from reading its manifest to writing it back, so concurrent installs and uninstalls of
+    other packs are never lost. The same pack (same pack.json sha256) already installed and intact is a success
+    without change; installed but damaged, it is repaired (reinstalling is the fix for a damaged pack)."""
     bundle = Path(bundle)
-    manifest = read_bundle(bundle)
+    read_bundle(bundle)  # a clear error for a folder that is no bundle, before the pack is read
     pack, members = read_pack(pack_path)
     name = pack["name"]
-    check_pack_fits(pack, manifest, f"pack {pack_path} ({name})")
-    if name in manifest["experts"] and not replace:
-        raise UserError(f"expert {name!r} is already installed in {bundle}; pass --replace to replace it")
-    experts = bundle / "experts"
-    staging, old = experts / f".{name}.installing", experts / f".{name}.old"
-    for leftover in (staging, old):
+    pack_sha = member_sha256(pack_path, members[PACK_MANIFEST])
+    with bundle_lock(bundle):
+        manifest = read_bundle(bundle)  # again under the lock: another process may have changed it meanwhile
+        check_pack_fits(pack, manifest, f"pack {pack_path} ({name})")
+        entry = manifest["experts"].get(name)
+        if entry is not None and entry.get("pack_sha256") == pack_sha and installed_intact(bundle, name):
+            return pack
+        if entry is not None and entry.get("pack_sha256") != pack_sha and not replace:
+            raise UserError(f"expert {name!r} is already installed in {bundle} (another version); "
+                            "pass --replace to replace it")  # fmt: skip
+        install_locked(bundle, manifest, pack, members, pack_path)
+    return pack
+
+
+def member_sha256(pack_path: Path, member: tarfile.TarInfo) -> str:
+    """sha256 of one member of a pack archive (already checked by `read_pack`)."""
+    try:
+        with tarfile.open(pack_path, "r:") as tar:
+            return hashlib.sha256(tar.extractfile(member).read()).hexdigest()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise UserError(f"pack {pack_path} could not be read ({e}); it is truncated or corrupt") from None
+
+
+def installed_intact(bundle: Path, name: str) -> bool:
+    """Whether the installed expert's pack.json and every file it lists match their records."""
+    folder = expert_folder(bundle, name)
+    try:
+        sha = read_bundle(bundle)["experts"][name]["pack_sha256"]
+        verify_files(folder, read_pack_manifest(folder, sha)["files"], name, cached=False)
+        return True
+    except UserError:
+        return False
+
+
+def install_locked(bundle: Path, manifest: dict, pack: dict, members: dict, pack_path: Path) -> None:
+    """Extract into a uniquely named staging folder, swap it into place, rewrite the manifest; the caller holds
+    the bundle lock."""
+    name, experts = pack["name"], bundle / "experts"
+    experts.mkdir(exist_ok=True)
+    for leftover in [*experts.glob(f".{name}.installing*"), *experts.glob(f".{name}.old*")]:  # killed installs
         shutil.rmtree(leftover, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = Path(tempfile.mkdtemp(dir=experts, prefix=f".{name}.installing-"))
+    old = Path(tempfile.mkdtemp(dir=experts, prefix=f".{name}.old-")) / name
     try:
         with tarfile.open(pack_path, "r:") as tar:
             for rel in [PACK_MANIFEST, *pack["files"]]:
@@ -129,8 +176,7 @@ def install(bundle: Path, pack_path: Path, replace: bool = False) -> dict:
         raise UserError(f"pack {pack_path} could not be read ({e}); it is truncated or corrupt") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return pack
+        shutil.rmtree(old.parent, ignore_errors=True)
 
 
 def extract_checked(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, rec: dict | None, pack_path) -> None:
@@ -147,6 +193,21 @@ def extract_checked(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, r
         raise UserError(f"pack {pack_path}: {member.name} does not match its sha256 or size (corrupted); refused")
 
 
+def verify_members(path: Path, pack: dict, members: dict) -> None:
+    """Every file in the archive matches the sha256 its pack.json records (what `inspect` checks before it reports)."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for rel, rec in pack["files"].items():
+                h, src = hashlib.sha256(), tar.extractfile(members[rel])
+                while block := src.read(1 << 20):
+                    h.update(block)
+                if h.hexdigest() != rec["sha256"]:
+                    raise UserError(f"pack {path}: {rel} does not match its sha256 (corrupted); download or make "
+                                    "it again")  # fmt: skip
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise UserError(f"pack {path} could not be read ({e}); it is truncated or corrupt") from None
+
+
 def expert_entry(bundle: Path, name: str, pack: dict) -> dict:
     folder = expert_folder(bundle, name)
     return {
@@ -160,16 +221,19 @@ def uninstall(bundle: Path, name: str) -> None:
     """Remove one expert: the manifest entry first (atomic), then its folder; other experts are not touched."""
     check_name(name)
     bundle = Path(bundle)
-    manifest = read_bundle(bundle)
-    if name not in manifest["experts"]:
-        raise UserError(f"expert {name!r} is not installed in {bundle} (installed: "
-                        f"{', '.join(sorted(manifest['experts'])) or 'none'})")  # fmt: skip
-    del manifest["experts"][name]
-    write_manifest(bundle, manifest)
-    folder, trash = expert_folder(bundle, name), bundle / "experts" / f".{name}.removing"
-    if folder.exists():
-        os.replace(folder, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+    read_bundle(bundle)
+    with bundle_lock(bundle):
+        manifest = read_bundle(bundle)  # under the lock: what is installed now
+        if name not in manifest["experts"]:
+            raise UserError(f"expert {name!r} is not installed in {bundle} (installed: "
+                            f"{', '.join(sorted(manifest['experts'])) or 'none'})")  # fmt: skip
+        del manifest["experts"][name]
+        write_manifest(bundle, manifest)
+        folder = expert_folder(bundle, name)
+        if folder.exists():
+            trash = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{name}.removing-"))
+            os.replace(folder, trash / name)
+            shutil.rmtree(trash, ignore_errors=True)
 
 
 def component_bytes(components: dict, files: dict) -> dict[str, int]:
@@ -189,7 +253,11 @@ def describe(path: Path) -> dict:
         m = read_bundle(path)
         experts = {}
         for name in sorted(m["experts"]):
-            pack = read_pack_manifest(expert_folder(path, name))
+            try:
+                pack = read_pack_manifest(expert_folder(path, name), m["experts"][name]["pack_sha256"])
+            except UserError as e:  # shown as damaged; the rest of the bundle is still described
+                experts[name] = {"damaged": str(e), "parameters": None, "bytes": 0, "components": {}}
+                continue
             experts[name] = {
                 "parameters": pack.get("parameters"), "bytes": total_bytes(pack["files"]),
                 "components": component_bytes(pack["components"], pack["files"]),
@@ -200,7 +268,8 @@ def describe(path: Path) -> dict:
             "components": component_bytes(m["components"], m["files"]),
             "base_bytes": total_bytes(m["files"]), "experts": experts,
         }  # fmt: skip
-    pack, _ = read_pack(path)
+    pack, members = read_pack(path)
+    verify_members(path, pack, members)
     return {
         "kind": "pack", "path": str(path), "name": pack["name"], "format_version": pack["format_version"],
         "fingerprint": pack["base_fingerprint"], "quantization": pack["quantization"], "formats": pack["formats"],
@@ -211,8 +280,6 @@ def describe(path: Path) -> dict:
 
 def install_copy(bundle: Path, name: str, new_name: str) -> None:
     """Install expert NAME again as NEW_NAME (same weights): how benchmarks and tests fill a bundle with many packs."""
-    import tempfile
-
     check_name(new_name)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / new_name

@@ -16,8 +16,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from mode_edge.bundle import check_pack_fits, read_bundle, read_pack_manifest, verify_files
+from mode_edge.bundle import REEXPORT, check_pack_fits, read_bundle, read_pack_manifest, reinstall_fix, verify_files
 from mode_edge.errors import UserError
+from mode_edge.integrity import checked_load
 from mode_edge.names import check_name
 from mode_edge.ranges import check_number, check_optional, check_seed
 from mode_edge.runtimes.backends import load_graph
@@ -48,8 +49,8 @@ class Engine:
                 f"bundle {bundle} has no {backend} graphs (it has {', '.join(self.manifest['formats'])}); "
                 f"re-export with --format {backend} or choose --backend {self.manifest['formats'][0]}"
             )
-        if verify:
-            verify_files(self.bundle, self.manifest["files"], f"bundle {bundle}")
+        if verify:  # sizes at every start, sha256 once per file version (mode_edge/integrity.py)
+            verify_files(self.bundle, self.manifest["files"], f"bundle {bundle}", REEXPORT)
         self.backend, self.threads = backend, threads
         comps = self.manifest["components"]
         self.n_blocks = len(self.manifest["base"]["block_ranges"])
@@ -60,12 +61,12 @@ class Engine:
         d = self.manifest["base"]["decoder"]
         self.kv_shape = (d["n_kv_heads"], d["head_dim"])
         self.experts: dict[str, LoadedExpert] = {}
-        self._verified: dict[str, list] = {}
         self.active: list[str] | None = None
         """The experts a forward mixes, in order; None: every loaded expert (a Session keeps others warm)."""
 
-    def _graph(self, rel: str):
-        return load_graph(self.bundle / rel, self.threads)
+    def _graph(self, rel: str, fix: str = REEXPORT):
+        path = self.bundle / rel
+        return checked_load(path, lambda: load_graph(path, self.threads), fix)
 
     @property
     def installed(self) -> list[str]:
@@ -81,19 +82,21 @@ class Engine:
                 " install its pack with `mode-edge install`"
             )
         folder = self.bundle / "experts" / name
-        pack = read_pack_manifest(folder)
-        check_pack_fits(pack, self.manifest, f"expert {name!r} in {self.bundle}")
-        if verify:
-            # Hash a pack's files once; reloads after an eviction re-check only that no file changed size or time.
-            stamp = [(rel, (folder / rel).stat().st_size, (folder / rel).stat().st_mtime_ns)
-                     for rel in pack["files"] if (folder / rel).is_file()]  # fmt: skip
-            if self._verified.get(name) != stamp:
-                verify_files(folder, pack["files"], f"expert {name!r}")
-                self._verified[name] = stamp
-        blocks = [load_graph(folder / pack["components"][f"block{i}"][self.backend], self.threads)
+        pack = self.check_expert(name, verify)
+        blocks = [self._graph(f"experts/{name}/{pack['components'][f'block{i}'][self.backend]}", reinstall_fix(folder))
                   for i in range(self.n_blocks)]  # fmt: skip
         self.experts[name] = LoadedExpert(name, folder, pack, blocks)
         return self.experts[name]
+
+    def check_expert(self, name: str, verify: bool = True) -> dict:
+        """The installed expert's pack manifest, checked against the bundle manifest (its sha256), the base, and
+        (with `verify`) every file it lists; a damaged expert raises a UserError naming the file and the fix."""
+        folder = self.bundle / "experts" / name
+        pack = read_pack_manifest(folder, self.manifest["experts"][name]["pack_sha256"], self.n_blocks)
+        check_pack_fits(pack, self.manifest, f"expert {name!r} in {self.bundle}")
+        if verify:
+            verify_files(folder, pack["files"], f"expert {name!r}", reinstall_fix(folder))
+        return pack
 
     def unload_expert(self, name: str) -> None:
         self.experts.pop(name, None)

@@ -1,10 +1,18 @@
 """Fetch a domain pack that is not installed from a pack source: a folder, or an HTTP(S) URL with NAME.modepack
-files under it. A broken download resumes where it stopped (HTTP Range) on the next try; the pack is verified by
-`install` before anything in the bundle changes. Standard library only."""
+files under it, and install it. Standard library only (plus the bundle's file lock).
+
+A broken download resumes where it stopped (HTTP Range) on the next try, but only onto bytes of the same version:
+the ETag (or Last-Modified) of the first answer is kept beside the `.part` file and sent back as If-Range, so a server
+whose file changed answers 200 with the whole new file; without a validator the download starts from zero, unless the
+caller knows the pack's size and sha256 in advance (then a wrong resume is caught and repeated from zero). A pack that
+fails its checks after a resumed download is downloaded once more from zero before it is refused. The fetched pack
+must carry the name and base fingerprint that were asked for; otherwise it is refused and removed, nothing installed.
+"""
 
 from __future__ import annotations
 
 import http.client
+import json
 import shutil
 import time
 import urllib.error
@@ -16,21 +24,94 @@ from mode_edge.errors import UserError
 CHUNK = 1 << 16
 
 
-def fetch_pack(source: str, name: str, downloads: Path, retries: int = 3, timeout_s: float = 30.0) -> Path:
-    """The local path of NAME.modepack from `source`, downloading it into `downloads` if the source is a URL."""
+def fetch_and_install(bundle: Path, source: str, name: str, expected: dict | None = None, **kw) -> None:
+    """Fetch NAME.modepack from `source` and install it into `bundle`, unless another process installed it first.
+
+    One download per pack at a time (a lock on BUNDLE/.downloads/NAME.lock); the install itself takes the bundle's
+    lock. `expected`: {'bytes', 'sha256'} of the archive when known in advance (e.g. from a pack index)."""
+    from filelock import FileLock
+
+    from mode_edge.bundle import read_bundle
+    from mode_edge.packs import install, installed_intact
+
+    bundle, downloads = Path(bundle), Path(bundle) / ".downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(downloads / f"{name}.lock")):
+        if name in read_bundle(bundle)["experts"] and installed_intact(bundle, name):
+            return  # a concurrent run fetched and installed it meanwhile
+        repair = name in read_bundle(bundle)["experts"]  # installed but damaged: the fetched pack replaces it
+        path, resumed = fetch_pack(source, name, downloads, expected=expected, **kw)
+        try:
+            check_fetched(path, name, read_bundle(bundle), source)
+            install(bundle, path, replace=repair)
+            return
+        except UserError:
+            if not resumed:
+                raise
+        finally:
+            if path.parent == downloads:
+                path.unlink(missing_ok=True)
+        # Bytes of another version may have been resumed onto: download once more, from zero, before refusing.
+        path, _ = fetch_pack(source, name, downloads, expected=expected, fresh=True, **kw)
+        try:
+            check_fetched(path, name, read_bundle(bundle), source)
+            install(bundle, path, replace=repair)
+        finally:
+            if path.parent == downloads:
+                path.unlink(missing_ok=True)
+
+
+def check_fetched(path: Path, name: str, bundle_manifest: dict, source: str) -> None:
+    """The pack at `path` is the one asked for: its own name and base fingerprint; otherwise a refusal."""
+    from mode_edge.packs import read_pack
+
+    pack, _ = read_pack(path)
+    if pack["name"] != name:
+        raise UserError(f"pack source {source} answered {name}.modepack with a pack named {pack['name']!r}; refused "
+                        "and nothing installed: fix the pack source")  # fmt: skip
+    want, got = bundle_manifest["base"]["fingerprint"], str(pack.get("base_fingerprint"))
+    if got != want:
+        raise UserError(f"pack source {source}: {name}.modepack was made for base {got[:16]}, this bundle's base is "
+                        f"{want[:16]}; refused and nothing installed: point --pack-source at this base's "
+                        "packs")  # fmt: skip
+
+
+def fetch_pack(source: str, name: str, downloads: Path, retries: int = 3, timeout_s: float = 30.0,
+               expected: dict | None = None, fresh: bool = False) -> tuple[Path, bool]:  # fmt: skip
+    """The local path of NAME.modepack from `source` and whether a download resumed earlier bytes.
+
+    A URL source downloads into `downloads` (NAME.modepack.part, with its validators in NAME.modepack.part.json);
+    `fresh` discards what an earlier try left."""
     if not source.startswith(("http://", "https://")):
         path = Path(source) / f"{name}.modepack"
         if not path.is_file():
             raise UserError(f"pack source {source} has no {name}.modepack")
-        return path
+        return path, False
     downloads.mkdir(parents=True, exist_ok=True)
     final, part = downloads / f"{name}.modepack", downloads / f"{name}.modepack.part"
+    meta = part.with_name(part.name + ".json")
     url = source.rstrip("/") + f"/{name}.modepack"
+    if fresh:
+        part.unlink(missing_ok=True)
+        meta.unlink(missing_ok=True)
+    resumed = False
     for attempt in range(retries + 1):
         try:
-            download(url, part, timeout_s)
+            kept = download(url, part, meta, timeout_s, trust_resume=expected is not None)
+            resumed |= kept
+            if expected is not None and not matches(part, expected):
+                part.unlink()
+                meta.unlink(missing_ok=True)
+                if kept:  # resumed onto bytes of another version: once more, from zero
+                    download(url, part, meta, timeout_s)
+                if not kept or not matches(part, expected):
+                    part.unlink(missing_ok=True)
+                    raise UserError(f"{url} does not have the size and sha256 it should have; the pack source "
+                                    "serves a damaged or different pack")  # fmt: skip
+                resumed = False
             part.replace(final)
-            return final
+            meta.unlink(missing_ok=True)
+            return final, resumed
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, OSError) as e:
             if isinstance(e, urllib.error.HTTPError) and e.code == 404:
                 raise UserError(f"pack source {source} has no {name}.modepack (HTTP 404)") from None
@@ -43,22 +124,64 @@ def fetch_pack(source: str, name: str, downloads: Path, retries: int = 3, timeou
     raise AssertionError("unreachable")
 
 
-def download(url: str, part: Path, timeout_s: float) -> None:
-    """Append the rest of `url` to `part`; a server that ignores the Range header sends it whole, so start over."""
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+def matches(path: Path, expected: dict) -> bool:
+    from mode_edge.files import sha256_file
+
+    return path.stat().st_size == expected["bytes"] and sha256_file(path) == expected["sha256"]
+
+
+def validator(meta: Path, url: str) -> str | None:
+    """The strong ETag or Last-Modified the server sent for the bytes in the .part file, if any."""
     try:
-        response = urllib.request.urlopen(request, timeout=timeout_s)
+        saved = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("url") != url:
+        return None
+    etag = saved.get("etag")
+    if isinstance(etag, str) and etag and not etag.startswith("W/"):  # If-Range takes strong validators only
+        return etag
+    modified = saved.get("last_modified")
+    return modified if isinstance(modified, str) and modified else None
+
+
+def download(url: str, part: Path, meta: Path, timeout_s: float, trust_resume: bool = False) -> bool:
+    """Fetch `url` into `part`, resuming only onto the same version; returns whether earlier bytes were kept.
+
+    Resumes with Range + If-Range when a validator of the part's version is saved (a 200 answer means the file
+    changed: start from zero), or with Range alone when `trust_resume` (the caller checks size and sha256 after)."""
+    have = part.stat().st_size if part.exists() else 0
+    check = validator(meta, url) if have else None
+    if have and check is None and not trust_resume:
+        have = 0  # nothing proves the bytes we have belong to the version the server has now
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    if have and check is not None:
+        headers["If-Range"] = check
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s)
     except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # nothing left to fetch: the part is complete
-            return
+        if e.code == 416 and have:  # nothing left to fetch: the part is complete (the pack's checks still follow)
+            return True
         raise
     with response:
-        if response.status == 200:
-            have = 0
+        if response.status == 206 and not content_range_starts_at(response.headers.get("Content-Range"), have):
+            raise ConnectionError(f"the server answered a range that does not start at byte {have}")
+        if response.status != 206:
+            have = 0  # 200: the whole file, a new version or a server without ranges
+        if have == 0:
+            meta.write_text(json.dumps({"url": url, "etag": response.headers.get("ETag"),
+                                        "last_modified": response.headers.get("Last-Modified")}))  # fmt: skip
         total = response.headers.get("Content-Length")
         expected = None if total is None else have + int(total)
         with open(part, "ab" if have else "wb") as f:
             shutil.copyfileobj(response, f, CHUNK)
     if expected is not None and part.stat().st_size != expected:
         raise ConnectionError(f"connection closed after {part.stat().st_size} of {expected} bytes")
+    return have > 0
+
+
+def content_range_starts_at(value: str | None, start: int) -> bool:
+    try:
+        return value is not None and int(value.split()[1].split("-")[0]) == start
+    except (IndexError, ValueError):
+        return False

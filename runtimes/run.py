@@ -8,22 +8,25 @@ from typing import Callable
 
 from tokenizers import Tokenizer
 
-from mode_edge.bundle import read_bundle, total_bytes
+from mode_edge.bundle import REEXPORT, read_bundle, total_bytes
 from mode_edge.errors import UserError
+from mode_edge.integrity import checked_load
 from mode_edge.names import check_names, split_names
 from mode_edge.ranges import check_number
 from mode_edge.runtimes.engine import Sampling
 from mode_edge.runtimes.profiler import Profile, Sampler
-from mode_edge.runtimes.session import Session
+from mode_edge.runtimes.session import Session, warn_stderr
 from mode_edge.tokenizer import TextTokenizer
 
 
 def load_tokenizer(bundle: Path) -> TextTokenizer:
     """The bundle's tokenizer, encoding as training did: `prefix_ids` from the manifest (absent in older bundles,
-    whose models were trained without one: no prefix)."""
+    whose models were trained without one: no prefix). Its file is verified with the base's files when the session
+    starts."""
     manifest = read_bundle(bundle)
     entry = manifest["tokenizer"]
-    tok = Tokenizer.from_file(str(Path(bundle) / entry["file"]))
+    path = Path(bundle) / entry["file"]
+    tok = checked_load(path, lambda: Tokenizer.from_file(str(path)), REEXPORT)
     prefix = entry.get("prefix_ids", [])
     vocab = tok.get_vocab_size(with_added_tokens=True)
     if not isinstance(prefix, list) or not all(isinstance(i, int) and 0 <= i < vocab for i in prefix):
@@ -50,10 +53,12 @@ def run(
         experts = check_names(experts, "--experts")
     profile = Profile()
     profile.mark("start")
+    warnings: list[str] = []  # damaged packs, reported once the selection stands (asking for one is the error alone)
     with Sampler(profile):
         base_bytes = total_bytes(read_bundle(bundle)["files"])
         session = profile.load(
-            "base", lambda: Session(bundle, backend, threads, budget_mb, pack_source=pack_source), base_bytes
+            "base", lambda: Session(bundle, backend, threads, budget_mb, pack_source=pack_source,
+                                    warn=warnings.append), base_bytes  # fmt: skip
         )
         session.loader = lambda name, load: profile.load(f"expert {name}", load, session.expert_bytes(name))
         tokenizer = load_tokenizer(bundle)
@@ -66,6 +71,8 @@ def run(
         chosen = session.route(ids, route_top_k, router) if experts == "auto" else [] if experts == "none" else experts
         profile.route_s = time.perf_counter() - t if experts == "auto" else 0.0
         session.select(chosen)
+        for message in warnings:
+            warn_stderr(message)
         profile.mark("experts selected")
         out: list[int] = []
         text = ""

@@ -7,15 +7,17 @@ profiler measures what loading really adds. No torch: numpy + onnxruntime.
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from safetensors.numpy import load_file
 
-from mode_edge.bundle import read_pack_manifest, total_bytes
+from mode_edge.bundle import reinstall_fix, total_bytes
 from mode_edge.errors import UserError
+from mode_edge.integrity import checked_load
 from mode_edge.names import check_names
 from mode_edge.ranges import check_number, check_optional
 from mode_edge.runtimes import routing
@@ -44,9 +46,20 @@ def plan_budget(manifest: dict, budget_mb: float | None, names: list[str], loade
     return load, evict, True
 
 
+def warn_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 class Session:
+    """A loaded base with experts selected, routed and evicted on demand.
+
+    Every installed expert is checked before its gate rows are read; a damaged one is reported once through `warn`
+    (one line), kept out of routing and selection (`damaged`), and everything else runs. Asking for it by name is a
+    UserError naming the damaged file and the fix."""
+
     def __init__(self, bundle: Path, backend: str = "onnx", threads: int | None = None,
-                 budget_mb: float | None = None, verify: bool = True, pack_source: str | None = None):  # fmt: skip
+                 budget_mb: float | None = None, verify: bool = True, pack_source: str | None = None,
+                 warn: Callable[[str], None] = warn_stderr):  # fmt: skip
         check_optional("memory budget (MB)", budget_mb, lo=0, lo_open=True)
         self.bundle = Path(bundle)
         self.budget = None if budget_mb is None else int(budget_mb * MB)
@@ -61,20 +74,43 @@ class Session:
         self.lru: OrderedDict[str, None] = OrderedDict()  # loaded experts, least recently used first
         self.loader = lambda name, load: load()
         """Wraps every expert load: the profiler times it and measures the memory it adds."""
-        self.gates = {name: self._gate(name) for name in self.engine.installed}
+        self.warn = warn
+        self.damaged: dict[str, str] = {}
+        """Installed experts that failed their checks, with the one-line reason."""
+        self.gates = self._gates()
         self.last_scores: dict[str, float] | None = None
         """The routing scores of the last `route` call, by expert."""
 
+    def _gates(self) -> dict[str, dict[str, np.ndarray]]:
+        """Gate rows of every installed expert that passes its checks; the others go to `damaged`, warned once."""
+        gates, damaged = {}, {}
+        for name in self.engine.installed:
+            try:
+                gates[name] = self._gate(name)
+            except UserError as e:
+                damaged[name] = str(e)
+                if name not in self.damaged:
+                    self.warn(f"{e}; it is left out until then")
+        self.damaged = damaged
+        return gates
+
     def _gate(self, name: str) -> dict[str, np.ndarray]:
-        pack = read_pack_manifest(self.bundle / "experts" / name)
-        return load_file(str(self.bundle / "experts" / name / pack["gate"]))
+        folder = self.bundle / "experts" / name
+        pack = self.engine.check_expert(name, self.verify)
+        path = folder / pack["gate"]
+        gate = checked_load(path, lambda: load_file(str(path)), reinstall_fix(folder))
+        n = self.engine.n_blocks
+        rows = all(k in gate for k in ("weight", "bias", "eps"))
+        if not rows or gate["weight"].shape[0] < n or gate["bias"].size < n:
+            raise UserError(f"expert {name!r} is damaged: {path} lacks its gate rows; {reinstall_fix(folder)}")
+        return gate
 
     def refresh(self) -> None:
         """Re-read the manifest after an install or uninstall; the base stays loaded."""
         from mode_edge.bundle import read_bundle
 
         self.engine.manifest["experts"] = read_bundle(self.bundle)["experts"]
-        self.gates = {name: self._gate(name) for name in self.engine.installed}
+        self.gates = self._gates()
         for name in [n for n in self.lru if n not in self.gates]:
             self.evict(name)
 
@@ -83,6 +119,8 @@ class Session:
         return list(self.lru)
 
     def expert_bytes(self, name: str) -> int:
+        if name in self.damaged:
+            raise UserError(self.damaged[name])
         if name not in self.engine.manifest["experts"]:
             raise UserError(
                 f"expert {name!r} is not installed in {self.bundle} (installed: "
@@ -106,20 +144,17 @@ class Session:
         return load, evict
 
     def fetch_missing(self, names: list[str]) -> None:
-        """Install selected packs that are missing from the pack source (folder or URL), verified, atomically."""
+        """Install selected packs that are missing (or damaged) from the pack source (folder or URL), verified,
+        atomically."""
         check_names(names)
-        missing = [n for n in names if n not in self.engine.manifest["experts"]]
+        # a damaged installed pack is fetched again too: installing the same pack over it repairs it
+        missing = [n for n in names if n not in self.engine.manifest["experts"] or n in self.damaged]
         if not missing or self.pack_source is None:
             return
-        from mode_edge.packs import install
-        from mode_edge.runtimes.fetch import fetch_pack
+        from mode_edge.runtimes.fetch import fetch_and_install
 
-        downloads = self.bundle / ".downloads"
         for name in missing:
-            path = fetch_pack(self.pack_source, name, downloads)
-            install(self.bundle, path)
-            if path.parent == downloads:
-                path.unlink()
+            fetch_and_install(self.bundle, self.pack_source, name)
         self.refresh()
 
     def select(self, names: list[str]) -> list[str]:

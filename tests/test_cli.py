@@ -196,5 +196,5 @@ def test_corrupt_expert_and_expert_from_another_base(workflow, tmp_path, hf_chec
     run = tmp_path / "broken"
     shutil.copytree(root / "e-code", run)
     (run / "experts/code/expert.safetensors").write_bytes(b"\x00" * 100)
-    assert_user_error(cli("eval", "--model", run, "--data", prose, ok=False), "unreadable or corrupt")
+    assert_user_error(cli("eval", "--model", run, "--data", prose, ok=False), "expert.safetensors has 100 bytes")
     assert not (tmp_path / "c1").exists() and not (tmp_path / ".c1.partial").exists()

@@ -124,8 +124,10 @@ def _load_hf(directory: Path, gguf_file: str | None) -> tuple[Decoder, TextToken
         # the CLI shows one spinner for the whole load instead
         with contextlib.redirect_stderr(io.StringIO()):
             hf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"could not load a checkpoint from {directory / (gguf_file or '')}: {e}".strip()) from None
+    except Exception as e:  # noqa: BLE001 - any reader's failure on a cut or corrupted checkpoint: one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"could not load a checkpoint from {directory / (gguf_file or '')} ({first}); it is missing "
+                        "files, cut short or corrupted: download or copy it again") from None  # fmt: skip
     decoder = decoder_from_hf(hf_model)
     eos = (
         hf_tok.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in hf_tok.get_vocab() else hf_tok.eos_token_id

@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mode_edge.config import TrainConfig
 from mode_edge.errors import UserError
 from mode_edge.files import require_absent
+from mode_edge.integrity import check_file, checked_load, file_record
 from mode_edge.ranges import check_number
 from mode_edge.training import runs, trainer
 from mode_edge.training.backbones import Backbone
@@ -70,7 +70,9 @@ def _train_baseline(
     def save_run(work: Path, result: dict) -> None:
         save(work)
         training = trainer.training_record(kind, data_paths, cfg, result, trainable_parameters=n_trainable)
-        record = {**extra, "training": training, "history": {kind: result["history"]}}
+        weights = work / ("weights.safetensors" if kind == "full-ft" else "adapter.safetensors")
+        record = {**extra, "training": training, "history": {kind: result["history"]},
+                  "weights": file_record(weights)}  # fmt: skip
         runs.save_model_record(work, kind, backbone, None, [], record)
 
     n_trainable = sum(p.numel() for p in params.values())
@@ -126,10 +128,11 @@ def load_baseline(run: Path, record: dict, backbone: Backbone) -> Decoder:
     """The trained model of a full-ft or lora run, checked against the loaded backbone."""
     runs.check_base(str(run), record["base"], backbone, None)
     name = "weights.safetensors" if record["kind"] == "full-ft" else "adapter.safetensors"
-    try:
-        tensors = load_file(str(Path(run) / name))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{Path(run) / name} is unreadable or corrupt ({e}); retrain the run") from None
+    path = Path(run) / name
+    if not path.is_file():
+        raise UserError(f"{path} is missing; restore the run folder from a copy or retrain the run")
+    check_file(path, record.get("weights"), "restore the run folder from a copy or retrain the run")
+    tensors = checked_load(path, lambda: load_file(str(path)), "restore the run folder from a copy or retrain it")
     if record["kind"] == "full-ft":
         model = copy.deepcopy(backbone.decoder)
         model.load_state_dict(tensors, strict=True)

@@ -19,6 +19,7 @@ import torch
 from mode_edge.config import TrainConfig
 from mode_edge.errors import UserError
 from mode_edge.files import atomic_dir, read_json, write_json
+from mode_edge.integrity import check_file, file_record
 from mode_edge.text import clean, decode, warn_replaced
 from mode_edge.tokenizer import TextTokenizer
 from mode_edge.training.sources import SOURCES, assign_splits
@@ -57,6 +58,7 @@ def prepare(domain: str, out: Path, limit: int | None = None, overwrite: bool = 
             "test, next 5% validation, rest train",
             "limit": limit,
             "splits": sizes,
+            "files": {f"{s}.jsonl": file_record(work / f"{s}.jsonl") for s in SPLITS},
         }
         write_json(work / "dataset.json", meta)
     return meta
@@ -111,7 +113,11 @@ def load_corpus(path: str | Path) -> Corpus:
         )
     if all((path / f"{s}.jsonl").is_file() for s in SPLITS):
         described = (path / "dataset.json").is_file()
-        meta = read_json(path / "dataset.json", "rerun `mode-edge data prepare --overwrite`") if described else {}
+        fix = f"prepare it again with `mode-edge data prepare --overwrite --out {path}`"
+        meta = read_json(path / "dataset.json", fix, fix) if described else {}
+        for rel, rec in (meta.get("files") or {}).items() if isinstance(meta.get("files"), dict) else []:
+            if rel in {f"{s}.jsonl" for s in SPLITS}:  # corpora prepared before these records: no check
+                check_file(path / rel, rec, fix)
         docs = {s: list(_read_jsonl(path / f"{s}.jsonl")) for s in SPLITS}
         name = clean(str(meta.get("domain", path.name)))[0]
     else:

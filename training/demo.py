@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mode_edge.config import MoDELayout, StayOutConfig, TrainConfig
+from mode_edge.files import read_json
 from mode_edge.progress import console
 from mode_edge.training.backbones import load_backbone
 from mode_edge.training.compose import compose
@@ -97,7 +98,8 @@ def run_demo(out: Path, quick: bool = False, base: str = "smollm2") -> dict:
     print_scores(rows)
     print_gates({k: v for k, v in rows.items() if k.startswith("composed")})  # where the composition's gates open
     expert_tps = {
-        d: json.loads((experts[d] / "experts" / d / "expert.json").read_text())["training"]["tokens_per_s"]
+        d: read_json(experts[d] / "experts" / d / "expert.json", "retrain it", f"delete {experts[d]} to retrain it")
+        .get("training", {}).get("tokens_per_s")
         for d in TARGETS
     }
     report = {

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from mode_edge.config import DEFAULT_LR, MoDELayout, TrainConfig
 from mode_edge.errors import UserError
+from mode_edge.files import read_json
 from mode_edge.progress import console
 from mode_edge.training.backbones import Backbone
 from mode_edge.training.data import load_corpus, prepare
@@ -191,7 +192,7 @@ class Reproduction:
         """Train and evaluate one row, unless done before: the result is cached in runs/NAME.eval.json."""
         cache = self.runs / f"{row.name}.eval.json"
         if cache.exists():
-            return json.loads(cache.read_text())
+            return read_json(cache, "", f"delete {cache} to evaluate that row again")
         console.print(f"[bold]{row.name}[/bold]")
         stages = self.train_row(row)
         corpora = list(self.corpora.values())

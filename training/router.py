@@ -18,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from mode_edge.config import MoDELayout
 from mode_edge.errors import UserError
+from mode_edge.integrity import check_file, checked_load
 from mode_edge.runtimes.routing import ROUTER_KEYS, pooled_features
 from mode_edge.tokenizer import TextTokenizer
 from mode_edge.training.model import Decoder, Expert, run_layers
@@ -121,15 +122,15 @@ def save_router(folder: Path, stats: dict[str, np.ndarray]) -> None:
     save_file(stats, str(Path(folder) / ROUTER_FILE))
 
 
-def load_router(folder: Path) -> dict[str, np.ndarray] | None:
-    """The expert's router statistics, or None when it was trained without them."""
+def load_router(folder: Path, record: dict | None = None) -> dict[str, np.ndarray] | None:
+    """The expert's router statistics, or None when it was trained without them. `record`: the file's size and
+    sha256 from expert.json (older experts have none: only the reader checks the file)."""
     path = Path(folder) / ROUTER_FILE
     if not path.exists():
         return None
-    try:
-        stats = load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for a cut or corrupted file
-        raise UserError(f"{path} is unreadable ({e}); delete it to route by gate rows, or retrain the expert") from None
+    fix = "restore the expert folder from a copy, or retrain the expert"
+    check_file(path, record, fix)
+    stats = checked_load(path, lambda: load_file(str(path)), fix)
     if not all(k in stats for k in ROUTER_KEYS):
         raise UserError(f"{path} lacks {', '.join(k for k in ROUTER_KEYS if k not in stats)}; retrain the expert")
     return stats

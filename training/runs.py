@@ -14,16 +14,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mode_edge.config import MoDELayout
 from mode_edge.errors import UserError
 from mode_edge.files import read_json, write_json
+from mode_edge.integrity import check_file, checked_load, file_record
 from mode_edge.names import check_name, check_names
 from mode_edge.training.backbones import Backbone
 from mode_edge.training.model import Expert
-from mode_edge.training.router import load_router, save_router
+from mode_edge.training.router import ROUTER_FILE, load_router, save_router
 
 EXPERT_FORMAT, MODEL_FORMAT, FORMAT_VERSION = "mode-edge-expert", "mode-edge-model", 1
 
@@ -48,6 +48,7 @@ def save_expert(
         save_router(folder, router)
     tensors = {k: v.detach().contiguous().cpu() for k, v in expert.state_dict().items()}
     save_file(tensors, str(folder / "expert.safetensors"))
+    weights = file_record(folder / "expert.safetensors")
     write_json(
         folder / "expert.json",
         {
@@ -59,6 +60,8 @@ def save_expert(
             "layout": layout.to_dict(),
             "parameters": sum(t.numel() for t in tensors.values()),
             "training": training,
+            "weights": weights,
+            "router": file_record(folder / ROUTER_FILE) if router is not None else None,
         },
     )
 
@@ -95,28 +98,38 @@ def read_model_record(run: Path) -> dict:
     run = Path(run)
     if not run.is_dir():
         raise UserError(f"run folder {run} does not exist; pass the --out of a `mode-edge train` command")
-    record = read_json(run / "model.json", "this is not a finished mode-edge run; train one with `mode-edge train`")
+    record = read_json(run / "model.json", "this is not a finished mode-edge run; train one with `mode-edge train`",
+                       "restore the run folder from a copy or train it again")  # fmt: skip
     if record.get("format") != MODEL_FORMAT or record.get("format_version") != FORMAT_VERSION:
         raise UserError(
             f"{run}/model.json has format {record.get('format')!r} v{record.get('format_version')}; "
             f"this mode-edge reads {MODEL_FORMAT} v{FORMAT_VERSION}"
         )
+    ok = isinstance(record.get("base"), dict) and isinstance(record.get("experts"), list) and isinstance(
+        record.get("kind"), str)  # fmt: skip
+    if not ok or not all(isinstance(e, str) for e in record["experts"]):
+        raise UserError(f"{run}/model.json is damaged: kind, base or experts is malformed; restore the run folder "
+                        "from a copy or train it again")  # fmt: skip
     return record
 
 
 def load_expert(folder: Path, backbone: Backbone) -> LoadedExpert:
-    meta = read_json(folder / "expert.json", "the expert's record is missing; retrain the expert")
+    fix = "restore the expert folder from a copy or retrain the expert"
+    meta = read_json(folder / "expert.json", "the expert's record is missing; retrain the expert", fix)
     if meta.get("format") != EXPERT_FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{folder}/expert.json is not a {EXPERT_FORMAT} v{FORMAT_VERSION} record")
+    ok = isinstance(meta.get("name"), str) and isinstance(meta.get("base"), dict)
+    ok = ok and isinstance(meta.get("layout"), dict)
+    if not ok or not isinstance(meta["base"].get("fingerprint"), str):
+        raise UserError(f"{folder}/expert.json is damaged: name, base or layout is malformed; {fix}")
     check_name(meta.get("name"), f"{folder}/expert.json (corrupt?)")
-    layout = MoDELayout.from_dict(meta["layout"])
+    layout = checked_load(folder / "expert.json", lambda: MoDELayout.from_dict(meta["layout"]), fix)
     check_base(f"expert {meta['name']!r} in {folder}", meta["base"], backbone, layout)
-    try:
-        tensors = load_file(str(folder / "expert.safetensors"))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(
-            f"{folder}/expert.safetensors is unreadable or corrupt ({e}); restore or retrain the expert"
-        ) from None
+    weights = folder / "expert.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{weights} is missing; {fix}")
+    check_file(weights, meta.get("weights"), fix)
+    tensors = checked_load(weights, lambda: load_file(str(weights)), fix)
     expert = Expert.empty(backbone.decoder.cfg, layout)
     try:
         expert.load_state_dict(tensors, strict=True)
@@ -124,7 +137,7 @@ def load_expert(folder: Path, backbone: Backbone) -> LoadedExpert:
         first = str(e).splitlines()[0]
         raise UserError(f"{folder}/expert.safetensors does not fit its record ({first}); retrain the expert") from None
     expert.requires_grad_(False).eval()
-    return LoadedExpert(meta["name"], expert, layout, meta, load_router(folder))
+    return LoadedExpert(meta["name"], expert, layout, meta, load_router(folder, meta.get("router")))
 
 
 def load_run_experts(run: Path, backbone: Backbone, only: list[str] | None = None) -> list[LoadedExpert]:

@@ -146,10 +146,15 @@ def _bible_jsonl() -> Path:
 def english_documents(limit: int | None) -> Iterator[tuple[str, str]]:
     """The King James Bible (public domain), one chapter per document, verses as paragraphs."""
     chapters: dict[str, list[str]] = {}
-    with open(_bible_jsonl(), encoding="utf-8") as f:
-        for line in f:
-            v = json.loads(line)
-            chapters.setdefault(f"{v['book']} {v['chapter']}", []).append(v["text"])
+    path = _bible_jsonl()
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                v = json.loads(line)
+                chapters.setdefault(f"{v['book']} {v['chapter']}", []).append(v["text"])
+    except (ValueError, KeyError, TypeError) as e:  # JSON and UTF-8 errors are ValueErrors
+        raise UserError(f"the cached text {path} is damaged ({type(e).__name__}); delete it and rerun: it is fetched "
+                        "again") from None  # fmt: skip
     for count, (chapter, verses) in enumerate(chapters.items(), start=1):
         yield chapter, f"{chapter}\n\n" + "\n".join(verses) + "\n"
         if limit is not None and count >= limit:

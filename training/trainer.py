@@ -7,7 +7,6 @@ Only the parameters handed in learn; everything else (the frozen backbone above 
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -20,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from mode_edge.config import TrainConfig
 from mode_edge.errors import UserError
-from mode_edge.files import atomic_dir, partial_path, write_json
+from mode_edge.files import atomic_dir, partial_path, read_json, write_json
+from mode_edge.integrity import check_file, checked_load, file_record, is_int
 from mode_edge.memory import PeakRSS
 from mode_edge.progress import console, training_progress
 
@@ -72,18 +72,28 @@ def _save_state(state_dir: Path, params, optimizer, done: dict, signature: dict)
         for k, v in s.items():
             tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
     save_file(tensors, str(state_dir / "state.tmp.safetensors"))
+    weights = file_record(state_dir / "state.tmp.safetensors")
     (state_dir / "state.tmp.safetensors").replace(state_dir / "state.safetensors")
-    write_json(state_dir / "state.json", {**done, "signature": signature})
+    write_json(state_dir / "state.json", {**done, "signature": signature, "weights": weights})
 
 
 def _load_state(state_dir: Path, params, optimizer, signature: dict) -> dict:
-    meta = json.loads((state_dir / "state.json").read_text())
+    """Resume from the checkpoint in `state_dir`, checked first: a damaged one is refused with the folder to delete
+    (it is never deleted for the user: it holds their progress)."""
+    fix = f"delete {state_dir.parent} to start the run afresh"
+    meta = read_json(state_dir / "state.json", fix, fix)
+    weights = state_dir / "state.safetensors"
+    if not weights.is_file() or not isinstance(meta.get("signature"), dict) or not is_int(meta.get("step")):
+        raise UserError(f"the checkpoint in {state_dir} is incomplete or damaged; {fix}")
+    check_file(weights, meta.get("weights"), fix)
     if meta["signature"] != signature:
         raise UserError(
             f"{state_dir.parent} holds an interrupted run with other settings; rerun with the same options "
             f"to resume it, or delete that folder to start afresh"
         )
-    tensors = load_file(str(state_dir / "state.safetensors"))
+    tensors = checked_load(weights, lambda: load_file(str(weights)), fix)
+    if any(f"param.{n}" not in tensors or tensors[f"param.{n}"].shape != p.shape for n, p in params.items()):
+        raise UserError(f"{weights} does not hold this run's weights; {fix}")
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[f"param.{n}"])
@@ -93,7 +103,7 @@ def _load_state(state_dir: Path, params, optimizer, signature: dict) -> dict:
             _, i, name = key.split(".", 2)
             opt_state["state"].setdefault(int(i), {})[name] = v
     optimizer.load_state_dict(opt_state)
-    return {**NOTHING_DONE, **{k: v for k, v in meta.items() if k != "signature"}}
+    return {**NOTHING_DONE, **{k: v for k, v in meta.items() if k not in ("signature", "weights")}}
 
 
 def train(

@@ -2,6 +2,7 @@
 
 import json
 
+from tests.damage import repack
 from tests.test_cli import assert_user_error, cli
 
 
@@ -17,7 +18,9 @@ def test_export_inspect_pack_install_from_the_command_line(composed_run, tmp_pat
     pack = tmp_path / "code.modepack"
     assert "expert code" in cli("pack", "--bundle", bundle, "--expert", "code", "--out", pack).stdout
     assert "code" in cli("inspect", pack).stdout
-    assert_user_error(cli("install", "--bundle", bundle, pack, ok=False), "already installed")
+    cli("install", "--bundle", bundle, pack)  # the same pack again: nothing to do, a success
+    repack(pack, tmp_path / "other.modepack", parameters=1)  # another version of it
+    assert_user_error(cli("install", "--bundle", bundle, tmp_path / "other.modepack", ok=False), "already installed")
     cli("uninstall", "--bundle", bundle, "code")
     assert_user_error(cli("uninstall", "--bundle", bundle, "code", ok=False), "not installed")
     cli("install", "--bundle", bundle, pack)

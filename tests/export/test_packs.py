@@ -12,6 +12,7 @@ from mode_edge.bundle import read_bundle
 from mode_edge.errors import UserError
 from mode_edge.packs import describe, install, make_pack, uninstall
 from mode_edge.runtimes.engine import Engine, generate
+from tests.damage import repack
 
 
 @pytest.fixture
@@ -70,9 +71,14 @@ def test_pack_uninstall_install_round_trip(bundle, code_pack, tmp_path):
     engine = Engine(bundle)
     engine.load_expert("code")
     assert list(generate(engine, prompt, 8)) == before
+    manifest = (bundle / "manifest.json").read_bytes()
+    install(bundle, code_pack)  # the same pack again: a success that changes nothing
+    assert (bundle / "manifest.json").read_bytes() == manifest
+    other = tmp_path / "other.modepack"
+    repack(code_pack, other, parameters=1)  # another version of `code`
     with pytest.raises(UserError, match="already installed"):
-        install(bundle, code_pack)
-    install(bundle, code_pack, replace=True)
+        install(bundle, other)
+    install(bundle, other, replace=True)
 
     info = describe(code_pack)
     assert info["kind"] == "pack" and info["name"] == "code" and set(info["components"]) == {"block0", "block1"}
@@ -171,5 +177,5 @@ def test_a_pack_of_another_quantization_is_refused(bundle, code_pack):
 def test_a_corrupted_installed_file_is_refused_at_load(bundle):
     path = bundle / "experts/prose/block1.onnx.data"
     path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(UserError, match="truncated"):
+    with pytest.raises(UserError, match="block1.onnx.data has .* bytes.*cut short.*reinstall its pack"):
         Engine(bundle).load_expert("prose")
