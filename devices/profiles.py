@@ -25,8 +25,9 @@ class DeviceProfile:
     cores: int
     isa: str
     """Instruction set and the extensions the int8/int4 kernels use."""
-    memory_budget_mb: int
-    """What the model may take on the device (base + loaded experts); the rest belongs to the OS and the app."""
+    memory_budget_mb: float
+    """What the model may take on the device (base + loaded experts), MB (fractions allowed); the rest belongs to the
+    OS and the app."""
     threads: int
     """Intra-op threads of the runtime: the big cores, not all cores."""
     transport: dict = field(default_factory=lambda: {"kind": "local"})
@@ -35,8 +36,9 @@ class DeviceProfile:
     """Defaults of `mode-edge export --device`: quant, formats."""
 
     def __post_init__(self):
-        for key in ("ram_mb", "cores", "memory_budget_mb", "threads"):
+        for key in ("ram_mb", "cores", "threads"):
             check_number(f"device profile {self.name}: {key}", getattr(self, key), lo=1, integer=True)
+        check_number(f"device profile {self.name}: memory_budget_mb", self.memory_budget_mb, lo=0, lo_open=True)
         if self.transport.get("kind") not in ("local", "ssh", "adb"):
             raise UserError(f"device profile {self.name}: transport kind must be local, ssh or adb")
 

@@ -37,3 +37,16 @@ def flip(path: Path, at: int | None = None) -> None:
     i = len(data) // 2 if at is None else at
     data[i] ^= 0xFF
     Path(path).write_bytes(bytes(data))
+
+
+DAMAGES = ["empty", "middle", "one-short", "flip"]
+
+
+def damage(path: Path, how: str) -> None:
+    """Damage `path` one way of DAMAGES; a JSON file's trailing newline carries nothing, so "one-short" cuts the byte
+    before it."""
+    if how == "flip":
+        flip(path)
+        return
+    size = path.stat().st_size - (path.read_bytes().endswith(b"\n") and how == "one-short")
+    cut(path, offsets(size)[how])

@@ -11,13 +11,12 @@ import pytest
 from mode_edge.errors import UserError
 from mode_edge.runtimes.engine import Engine
 from mode_edge.runtimes.session import Session
-from tests.damage import cut, flip, offsets
+from tests.damage import DAMAGES, cut, damage, flip
 from tests.test_cli import assert_user_error, cli
 
 EXPERT_FILES = ["gate.safetensors", "block0.onnx", "block0.onnx.data", "block1.onnx", "pack.json"]
 BASE_FILES = ["manifest.json", "tokenizer.json", "base/embed.onnx", "base/block0.onnx", "base/block0.onnx.data",
               "base/head.onnx.data"]  # fmt: skip
-DAMAGES = ["empty", "middle", "one-short", "flip"]
 
 
 @pytest.fixture
@@ -26,15 +25,6 @@ def bundle(int8_bundle, tmp_path):
     shutil.copytree(int8_bundle, bundle)
     Session(bundle)  # a first start records what it verified, so the checks below also cover that cache
     return bundle
-
-
-def damage(path, how):
-    """Damage `path` one way; a JSON file's trailing newline carries nothing, so "one-short" cuts the byte before."""
-    if how == "flip":
-        flip(path)
-        return
-    size = path.stat().st_size - (path.read_bytes().endswith(b"\n") and how == "one-short")
-    cut(path, offsets(size)[how])
 
 
 @pytest.mark.parametrize("how", DAMAGES)

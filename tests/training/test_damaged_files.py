@@ -10,19 +10,8 @@ from mode_edge.errors import UserError
 from mode_edge.training import runs
 from mode_edge.training.backbones import load_backbone, smollm2_dir
 from mode_edge.training.data import load_corpus
-from tests.damage import cut, flip, offsets
+from tests.damage import DAMAGES, damage, flip
 from tests.test_cli import assert_user_error, cli
-
-DAMAGES = ["empty", "middle", "one-short", "flip"]
-
-
-def damage(path, how):
-    """Damage `path` one way; a JSON file's trailing newline carries nothing, so "one-short" cuts the byte before."""
-    if how == "flip":
-        flip(path)
-        return
-    size = path.stat().st_size - (path.read_bytes().endswith(b"\n") and how == "one-short")
-    cut(path, offsets(size)[how])
 
 
 def refused(fn, name):
