@@ -15,6 +15,9 @@ import warnings
 
 LIBRARIES = ("onnx_ir", "onnxscript", "onnx", "onnxruntime", "torch", "executorch", "torchao", "transformers",
              "peft", "safetensors", "huggingface_hub", "matplotlib", "PIL", "urllib3")  # fmt: skip
+IMPORT_NOISE = ("torchao",)
+"""Libraries whose WARNING lines are import-time notes about hardware this machine lacks (torchao: its CUDA kernels
+and triton on a CPU build, logged whenever transformers or the export imports it); shown only with --verbose."""
 VERBOSE_ENV = "MODE_EDGE_VERBOSE"
 """Set for child processes (`mode-edge reproduce` trains in subprocesses) so that they log as their parent does."""
 
@@ -32,7 +35,8 @@ def configure(verbose: bool = False) -> None:
     root.addHandler(handler)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     for name in LIBRARIES:
-        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
+        quiet = logging.ERROR if name in IMPORT_NOISE else logging.WARNING
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else quiet)
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
         return

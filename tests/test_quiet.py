@@ -37,11 +37,14 @@ def test_quiet_and_verbose_logging_in_a_child_process():
     MODE_EDGE_VERBOSE) shows INFO; a library's own basicConfig(INFO) changes nothing."""
     code = ("import logging, warnings; from mode_edge.logs import configure; import sys; "
             "configure(sys.argv[1] == 'v'); logging.basicConfig(level=logging.INFO); "
-            "logging.getLogger('onnx_ir.passes').info('lib-info'); logging.getLogger('torchao').warning('lib-warn'); "
+            "logging.getLogger('onnx_ir.passes').info('lib-info'); "
+            "logging.getLogger('onnxscript').warning('lib-warn'); "
+            "logging.getLogger('torchao').warning('torchao-noise'); "
             "warnings.warn_explicit('lib-deprecated', DeprecationWarning, 'x.py', 1, module='torch.onnx')")  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "MODE_EDGE_VERBOSE"}
     quiet = subprocess.run([sys.executable, "-c", code, "q"], capture_output=True, text=True, env=env).stderr
     assert "lib-info" not in quiet and "lib-warn" in quiet and "lib-deprecated" not in quiet
+    assert "torchao-noise" not in quiet  # its import-time notes about absent CUDA kernels (IMPORT_NOISE)
     loud = subprocess.run([sys.executable, "-c", code, "v"], capture_output=True, text=True, env=env).stderr
     assert "lib-info" in loud and "lib-warn" in loud
     assert "--verbose" in cli("--help").stdout

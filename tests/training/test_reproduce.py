@@ -25,7 +25,7 @@ def test_reproduce_writes_table_and_plots_and_resumes(tiny, tmp_path):
     for d in ("code", "math", "english", "general"):
         s = routed["scores"][d]
         assert sum(s["routes"].values()) * 256 == s["tokens"]  # every held-out window of 256 tokens routed once
-        assert s["accuracy_ci"][0] <= s["accuracy"] <= s["accuracy_ci"][1]
+        assert s["accuracy_ci"][0] <= round(s["accuracy"], 2) <= s["accuracy_ci"][1]  # intervals are rounded
     assert by_name["lora-r8"]["trainable_params"] < by_name["lora-r64"]["trainable_params"]
     assert by_name["mode-2x-1layers"]["trainable_params"] < by_name["mode-2x"]["trainable_params"]
     assert by_name["mode-2x"]["total_params"] > by_name["backbone"]["total_params"]
