@@ -264,7 +264,9 @@ def load_base(spec: str):
 
 
 @main.command("eval", short_help="Held-out accuracy and perplexity per domain.")
-@click.option("--model", "run", type=click.Path(path_type=Path), default=None, help="Run folder (expert or composed).")
+@click.option("--model", "run", type=click.Path(path_type=Path), default=None,
+              help="Run folder (expert or composed); with --routing, one run or several comma-separated expert runs "
+                   "(experts trained apart, routed without any composition).")
 @click.option("--base", default=None, help=BASE_HELP + " Default: the run's base.")
 @click.option("--data", required=True, help="Comma-separated corpus folders, one per domain.")
 @click.option(
@@ -295,11 +297,12 @@ def eval_cmd(run, base, data, experts, split, max_tokens, seq_len, json_out, rou
     corpora = [load_corpus(d) for d in csv_paths(data)]  # fail on bad data before the backbone's load
     if routing and run is None:
         raise UserError("--routing needs --model RUN, a MoDE run with the experts to route to")
-    backbone = load_base(base or base_of(run))
+    runs = csv_paths(str(run)) if routing else [run]
+    backbone = load_base(base or base_of(runs[0]))
     if routing:
         from mode_edge.training.eval_routing import print_routing, routing_for_run
 
-        result = routing_for_run(backbone, run, subset, corpora, prompts)
+        result = routing_for_run(backbone, runs, subset, corpora, prompts)
         print_routing(result)
         if json_out:
             Path(json_out).write_text(json.dumps({"model": str(run), "routing": result}, indent=2) + "\n")

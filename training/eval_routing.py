@@ -183,11 +183,20 @@ def print_routing(result: dict, router: str = "centroid", length: int = 64) -> N
     results_console.print(table)
 
 
-def routing_for_run(backbone, run: Path, experts: list[str] | None, corpora: list[Corpus], n_prompts: int) -> dict:
-    """evaluate_routing over a run's experts (all, or the named subset)."""
-    from mode_edge.training.runs import check_same_blocks, load_run_experts
+def routing_for_run(backbone, runs: Path | list[Path], experts: list[str] | None, corpora: list[Corpus],
+                    n_prompts: int) -> dict:  # fmt: skip
+    """evaluate_routing over the experts of one run or of several (all, or the named subset of each run)."""
+    from mode_edge.training.runs import check_same_blocks, load_run_experts, read_model_record
 
-    loaded = load_run_experts(run, backbone, experts)
+    runs = [runs] if isinstance(runs, Path) else runs
+    loaded = []
+    for run in runs:
+        names = read_model_record(run)["experts"]
+        only = None if experts is None else [n for n in experts if n in names]
+        loaded += load_run_experts(run, backbone, only) if only != [] else []
+    missing = sorted(set(experts or []) - {e.name for e in loaded})
+    if missing:
+        raise UserError(f"no run of --model has an expert named {', '.join(missing)}")
     if not loaded:
-        raise UserError(f"{run} has no experts to route to; --routing needs a MoDE run with experts")
+        raise UserError(f"{', '.join(map(str, runs))}: no experts to route to; --routing needs MoDE runs with experts")
     return evaluate_routing(backbone, loaded, check_same_blocks(loaded), corpora, n_prompts)

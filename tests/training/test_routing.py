@@ -59,6 +59,10 @@ def test_eval_routing_through_the_cli(toy_domains, routed, tmp_path):
     for by_length in report["routers"].values():
         for res in by_length.values():
             assert {d: sum(row.values()) for d, row in res["confusion"].items()} == report["prompts"]
+    apart = tmp_path / "apart.json"  # experts trained apart, routed without a composition: the same choices
+    invoke("eval", "--routing", "--model", f"{routed / 'hex'},{routed / 'digits'}", "--data", data, "--prompts", 4,
+           "--json", apart)  # fmt: skip
+    assert json.loads(apart.read_text())["routing"]["routers"]["centroid"] == report["routers"]["centroid"]
 
 
 def test_router_travels_in_packs_and_a_pack_trained_alone_claims_only_its_domain(tiny, toy_domains, routed, tmp_path):
