@@ -80,15 +80,18 @@ def train_expert(
     }
     params = trainer.named_params({name: expert})
 
+    def record(result: dict) -> dict:
+        return trainer.training_record(
+            "expert", [data_path], cfg, result, domain=corpus.name, general=general_path,
+            stay_out=stay_out.to_dict() if stay_out else None, gates_at_init=gates_at_init,
+        )  # fmt: skip
+
     def save(work: Path, result: dict) -> None:
         router = None
         if general_docs is not None:  # what `--experts auto` needs to tell this domain from general text
             with console.status(f"fitting the router of expert {name}"):
                 router = fit_router(backbone.decoder, layout, backbone.tokenizer, docs, general_docs, seed=cfg.seed)
-        training = trainer.training_record(
-            "expert", [data_path], cfg, result, domain=corpus.name, general=general_path,
-            stay_out=stay_out.to_dict() if stay_out else None, gates_at_init=gates_at_init,
-        )  # fmt: skip
+        training = record(result)
         runs.save_expert(work / "experts" / name, name, expert, layout, backbone, training, router)
         extra = {"training": training, "history": {name: result["history"]}}
         runs.save_model_record(work, "expert", backbone, layout, [name], extra)
@@ -101,6 +104,4 @@ def train_expert(
     finally:
         if isinstance(loss_fn, StayOutLoss):
             loss_fn.close()
-    return trainer.training_record(
-        "expert", [data_path], cfg, result, domain=corpus.name, general=general_path, gates_at_init=gates_at_init
-    )
+    return record(result)
