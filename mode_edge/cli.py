@@ -113,7 +113,9 @@ def data():
 
 @data.command("prepare")
 @click.option(
-    "--domain", required=True, help="code (Python stdlib), math (mathematics-dataset) or english (KJV Bible)."
+    "--domain", required=True,
+    help="code (Python stdlib), math (mathematics-dataset), english (KJV Bible) or general (State of the Union "
+    "addresses: the general text of `train expert --general`).",
 )
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to create.")
 @click.option("--limit", type=Int(20), default=None, help="Keep at most this many documents (a small slice).")
@@ -153,13 +155,13 @@ def train():
               help="General-text corpus (e.g. from `data prepare --domain general`): a share of each batch comes from "
                    "it and teaches the expert to stay out of text that is not its domain; it also fits the router "
                    "that lets `run --experts auto` tell this domain from general text.")
-@click.option("--general-share", type=Float(0, 1, lo_open=True, hi_open=True), default=0.25, show_default=True,
-              help="Fraction of training rows drawn from --general.")
-@click.option("--stay-out-weight", type=Float(0), default=1.0, show_default=True,
-              help="Weight of the stay-out penalty on general rows against the domain's cross-entropy.")
-@click.option("--stay-out", "penalty", type=click.Choice(["kl", "delta"]), default="kl", show_default=True,
+@click.option("--general-share", type=Float(0, 1, lo_open=True, hi_open=True), default=None,
+              help="Fraction of training rows drawn from --general.  [default: 0.25]")
+@click.option("--stay-out-weight", type=Float(0), default=None,
+              help="Weight of the stay-out penalty on general rows against the domain's cross-entropy.  [default: 1]")
+@click.option("--stay-out", "penalty", type=click.Choice(["kl", "delta"]), default=None,
               help="Penalty on general rows: kl = KL divergence from the frozen backbone's next-token distribution; "
-                   "delta = relative L1 size of each block's change to the backbone's block output.")
+                   "delta = relative L1 size of each block's change to the backbone's block output.  [default: kl]")
 @click.option("--gate-init", type=click.Choice(["zero", "data"]), default=None,
               help="Gate rows start at zero (same weight on every token), or from the direction that tells the "
                    "domain's block inputs from --general's (nearly shut on general text, open as far as the data "
@@ -173,9 +175,19 @@ def train_expert_cmd(base, domain, data, out, blocks, expert_layers, init, gener
     from mode_edge.training.train_expert import train_expert
 
     cfg = make_train_config(**train_kw)
+    given = {"--general-share": general_share, "--stay-out-weight": stay_out_weight, "--stay-out": penalty}
+    if general is None and any(v is not None for v in given.values()):
+        named = ", ".join(k for k, v in given.items() if v is not None)
+        raise UserError(f"{named} shape training on general text; pass --general DATA as well (or drop them)")
+    if general is not None and Path(general).resolve() == Path(data).resolve():
+        raise UserError("--general is the expert's own --data; pass a corpus of other, general text "
+                        "(`mode-edge data prepare --domain general`)")  # fmt: skip
     gate_init = gate_init or ("data" if general else "zero")
     layout = MoDELayout(n_blocks=blocks, expert_layers=expert_layers, init=init, gate_init=gate_init)
-    stay_out = StayOutConfig(share=general_share, weight=stay_out_weight, penalty=penalty)
+    defaults = StayOutConfig()
+    stay_out = StayOutConfig(share=defaults.share if general_share is None else general_share,
+                             weight=defaults.weight if stay_out_weight is None else stay_out_weight,
+                             penalty=penalty or defaults.penalty)  # fmt: skip
     check_name(domain, "--domain")
     require_absent(out)
     corpus = load_corpus(data)  # fail on bad data before the backbone's load
@@ -291,12 +303,14 @@ def eval_cmd(run, base, data, experts, split, max_tokens, seq_len, json_out, rou
     from mode_edge.training.data import load_corpus
     from mode_edge.training.evaluate import build_model, evaluate, print_gates, print_scores
 
+    if routing and run is None:
+        raise UserError("--routing needs --model RUN (or RUN,RUN,...), MoDE runs with the experts to route to")
     if run is None and base is None:
         raise UserError("pass --model RUN (a trained run) or --base B (to evaluate the bare backbone)")
+    if not routing and run is not None and "," in str(run) and not Path(run).exists():
+        raise UserError("--model takes one run folder; several comma-separated runs only with --routing")
     subset = None if experts is None else expert_list(experts, "--experts")
     corpora = [load_corpus(d) for d in csv_paths(data)]  # fail on bad data before the backbone's load
-    if routing and run is None:
-        raise UserError("--routing needs --model RUN, a MoDE run with the experts to route to")
     runs = csv_paths(str(run)) if routing else [run]
     backbone = load_base(base or base_of(runs[0]))
     if routing:

@@ -46,9 +46,11 @@ BACKEND = click.option(
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the sampler.")
 @click.option("--route-top-k", type=POSITIVE, default=1, show_default=True,
               help="Experts 'auto' loads; more than are installed means all of them.")
-@click.option("--router", type=click.Choice(["centroid", "gate"]), default="centroid", show_default=True,
+@click.option("--router", type=click.Choice(["centroid", "logistic", "gate"]), default="centroid", show_default=True,
               help="How 'auto' chooses: centroid = nearest class among the packs' domains and general text (may "
-                   "choose none: the bare backbone); gate = the highest mean gate logit (always an expert).")
+                   "choose none: the bare backbone); logistic = each pack's own domain-vs-general classifier claims "
+                   "with a positive logit (none when no pack claims); gate = the highest mean gate logit (always an "
+                   "expert). Packs trained without --general carry no router and are routed only by gate.")
 @BACKEND
 @click.option("--device", default="host", show_default=True, help="Device profile: threads and memory budget.")
 @click.option(

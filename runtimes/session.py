@@ -78,6 +78,7 @@ class Session:
         self.damaged: dict[str, str] = {}
         """Installed experts that failed their checks, with the one-line reason."""
         self.gates = self._gates()
+        self.warned_unrouted: set[str] = set()
         self.last_scores: dict[str, float] | None = None
         """The routing scores of the last `route` call, by expert."""
 
@@ -186,10 +187,23 @@ class Session:
         check_number("--route-top-k", top_k, lo=1, integer=True)  # above the installed count: all of them
         if not self.gates:
             return []
+        self._warn_unrouted(router)
         inputs = self.engine.block_inputs(np.array([prompt], dtype=np.int64))  # per block (1, T, d)
         choices, scores = routing.route(inputs, self.gates, router, top_k)
         self.last_scores = {name: float(v[0]) for name, v in scores.items()}
         return choices[0]
+
+    def _warn_unrouted(self, router: str) -> None:
+        """Say once which installed packs the router cannot judge (trained without --general: no router inside)."""
+        if router == "gate":
+            return
+        lacking = sorted(n for n, g in self.gates.items() if not routing.has_router(g))
+        new = [n for n in lacking if n not in self.warned_unrouted]
+        if new:
+            fate = ("routing falls back to gate rows for every pack" if len(lacking) == len(self.gates)
+                    else f"the {router} router never picks them")  # fmt: skip
+            self.warn(f"expert {', '.join(new)} carries no router (trained without --general): {fate}")
+            self.warned_unrouted.update(new)
 
     def generate(self, prompt: list[int], experts: list[str] | str = "auto", max_new_tokens: int = 64,
                  sampling: Sampling | None = None, top_k_experts: int = 1, timer=None,

@@ -158,6 +158,8 @@ def print_routing(result: dict, router: str = "centroid", length: int = 64) -> N
     confusion of `router` at `length` tokens; and the continuation accuracy of the model it routes to, beside the
     backbone, the oracle choice and the composition of all experts. Everything else is in the --json file."""
     domains = result["domains"]
+    results_console.print("held-out prompts per domain (one per test document long enough): "
+                          + ", ".join(f"{d} {n}" for d, n in result["prompts"].items()))  # fmt: skip
     table = Table(title="routing accuracy % (prompts sent to their domain's expert, or to none)")
     table.add_column("router @ tokens")
     for d in [*domains, "all"]:
@@ -194,6 +196,13 @@ def routing_for_run(backbone, runs: Path | list[Path], experts: list[str] | None
         names = read_model_record(run)["experts"]
         only = None if experts is None else [n for n in experts if n in names]
         loaded += load_run_experts(run, backbone, only) if only != [] else []
+    unrouted = [e.name for e in loaded if e.router is None]
+    if unrouted:
+        from mode_edge.progress import console
+
+        console.print(f"[yellow]warning:[/yellow] expert {', '.join(unrouted)} carries no router (trained without "
+                      "--general): the centroid and logistic routers never pick it, or fall back to gate rows "
+                      "when no expert has one")  # fmt: skip
     missing = sorted(set(experts or []) - {e.name for e in loaded})
     if missing:
         raise UserError(f"no run of --model has an expert named {', '.join(missing)}")

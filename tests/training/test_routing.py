@@ -90,3 +90,13 @@ def test_router_travels_in_packs_and_a_pack_trained_alone_claims_only_its_domain
     assert all(c != ["records"] for c in choices(session)["records"])
     install(bundle, tmp_path / "records.modepack")
     assert choices(Session(bundle)) == {d: [expected[d]] * 6 for d in prompts}  # a fresh session reads the packs
+
+
+def test_packs_without_a_router_are_named_once_and_fall_back_to_gate_rows(int8_bundle, tiny):
+    """The shared bundle's experts were trained without --general: no router inside their packs."""
+    warnings = []
+    session = Session(int8_bundle, warn=warnings.append)
+    prompt = tiny.tokenizer.encode("def f(x):\n    return x\n")
+    for _ in range(3):
+        assert session.route(prompt, router="centroid") == session.route(prompt, router="gate")  # the fallback
+    assert len(warnings) == 1 and "carries no router" in warnings[0] and "falls back to gate rows" in warnings[0]

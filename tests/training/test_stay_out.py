@@ -92,3 +92,14 @@ def test_stay_out_options_are_checked():
             StayOutConfig(**bad)
     with pytest.raises(UserError, match="--gate-init"):
         MoDELayout(gate_init="random")
+
+
+def test_stay_out_options_through_the_cli_need_general_text(toy_domains, tmp_path):
+    from tests.cli_runner import refused
+
+    common = ["train", "expert", "--base", "tiny", "--domain", "hex", "--data", toy_domains["hex"], "--steps", 1]
+    for option in (["--stay-out", "delta"], ["--general-share", 0.5], ["--stay-out-weight", 3]):
+        refused(*common, "--out", tmp_path / "a", *option, message=(option[0], "--general"))
+    refused(*common, "--out", tmp_path / "b", "--gate-init", "data", message="--general")
+    refused(*common, "--out", tmp_path / "c", "--general", toy_domains["hex"], message="own --data")
+    assert not any(tmp_path.iterdir())  # nothing half-written
