@@ -296,15 +296,30 @@ def load_base(spec: str):
                    "expert is expected for its own domain (same name), none for the others.")
 @click.option("--prompts", type=click.IntRange(min=1), default=48, show_default=True,
               help="With --routing: held-out prompts per domain (one per document).")
-def eval_cmd(run, base, data, experts, split, max_tokens, seq_len, json_out, routing, prompts):
+@click.option("--bundle", type=click.Path(path_type=Path), default=None,
+              help="With --routing: route and score on an exported bundle through the device runtime (its graphs, "
+                   "its quantization, the routers in its packs) instead of a run.")
+def eval_cmd(run, base, data, experts, split, max_tokens, seq_len, json_out, routing, prompts, bundle):
     """Next-token accuracy and perplexity per domain on the held-out split, with 95% intervals from resampling
     documents; for a MoDE model also the mean gate weight of the backbone and each expert per domain (per block in
     the --json file). With --routing: prompt routing accuracy and the routed model's accuracy."""
     from mode_edge.training.data import load_corpus
     from mode_edge.training.evaluate import build_model, evaluate, print_gates, print_scores
 
+    if bundle is not None:
+        if not routing or run is not None:
+            raise UserError("--bundle goes with --routing and without --model; evaluate a bundle's routing only")
+        from mode_edge.training.eval_routing import BundleSide, evaluate_routing, print_routing
+
+        corpora = [load_corpus(d) for d in csv_paths(data)]
+        result = evaluate_routing(BundleSide(bundle), corpora, prompts)
+        print_routing(result)
+        if json_out:
+            Path(json_out).write_text(json.dumps({"bundle": str(bundle), "routing": result}, indent=2) + "\n")
+        return
     if routing and run is None:
-        raise UserError("--routing needs --model RUN (or RUN,RUN,...), MoDE runs with the experts to route to")
+        raise UserError("--routing needs --model RUN (or RUN,RUN,...), MoDE runs with the experts to route to, "
+                        "or --bundle BUNDLE")  # fmt: skip
     if run is None and base is None:
         raise UserError("pass --model RUN (a trained run) or --base B (to evaluate the bare backbone)")
     if not routing and run is not None and "," in str(run) and not Path(run).exists():

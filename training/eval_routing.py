@@ -10,8 +10,8 @@ continuation (the last CONTINUATION tokens, read with the whole window as contex
 - backbone: no expert.
 
 The expected answer for a domain is its own expert, or "none" when no expert carries its name (general text).
-Routing runs through runtimes/routing.py, the device's code, on the PyTorch backbone's block inputs (--model) or
-on the bundle's graphs (--bundle).
+Routing runs through runtimes/routing.py, the device's code, on the PyTorch backbone's block inputs (--model,
+TorchSide) or on the bundle's graphs through the device runtime (--bundle, BundleSide).
 """
 
 from __future__ import annotations
@@ -69,24 +69,69 @@ def _ci(values: np.ndarray, resamples: int = 1000, seed: int = 0) -> list[float]
     return [round(float(v), 2) for v in np.percentile(means, [2.5, 97.5])]
 
 
-def evaluate_routing(backbone, loaded: list, layout, corpora: list[Corpus], n_prompts: int = 48,
-                     routers: tuple = ROUTERS) -> dict:  # fmt: skip
+class TorchSide:
+    """The PyTorch model of a run's experts: block inputs and continuation hits for evaluate_routing."""
+
+    def __init__(self, backbone, loaded: list, layout):
+        self.backbone, self.layout, self.tokenizer = backbone, layout, backbone.tokenizer
+        self.names = [e.name for e in loaded]
+        self.gates = {e.name: routing_tensors(e.expert, e.router) for e in loaded}
+        self.experts = {e.name: e.expert for e in loaded}
+
+    def block_inputs(self, ids: torch.Tensor) -> list[np.ndarray]:
+        return block_inputs(self.backbone.decoder, self.layout, ids)
+
+    def hits(self, subset: list[str], w: torch.Tensor, label: str) -> np.ndarray:
+        model = MoDEModel(self.backbone.decoder, self.layout, {n: self.experts[n] for n in subset})
+        return continuation_hits(model, w, label)
+
+
+class BundleSide:
+    """A bundle on the device runtime (onnxruntime, no torch in the loop): the same two questions, answered by the
+    exported graphs, with the gate files (and routers) the runtime reads."""
+
+    def __init__(self, bundle: Path):
+        from mode_edge.runtimes.run import load_tokenizer
+        from mode_edge.runtimes.session import Session
+
+        self.session = Session(bundle)
+        self.tokenizer = load_tokenizer(bundle)
+        self.gates = self.session.gates
+        self.names = sorted(self.gates)
+
+    def block_inputs(self, ids: torch.Tensor) -> list[np.ndarray]:
+        rows = [self.session.engine.block_inputs(row[None].numpy()) for row in ids]  # one prompt at a time
+        return [np.concatenate([r[i] for r in rows]) for i in range(len(rows[0]))]
+
+    def hits(self, subset: list[str], w: torch.Tensor, label: str) -> np.ndarray:
+        from mode_edge.runtimes.engine import Cache
+
+        self.session.select(subset)
+        hits = []
+        with task_progress(label, len(w)) as advance:
+            for row in w.numpy():
+                logits = self.session.engine.forward(row[None, :-1], Cache())  # (1, T, V)
+                hits.append(logits[0, CONTEXT - 1 :].argmax(-1) == row[CONTEXT:])
+                advance(1)
+        return np.stack(hits)
+
+
+def evaluate_routing(side, corpora: list[Corpus], n_prompts: int = 48, routers: tuple = ROUTERS) -> dict:
     """Routing accuracy, confusion and routed-model accuracy per router, prompt length and domain.
 
-    loaded: runs.LoadedExpert list (the candidates); corpora: held-out domains, general text included. Returns
-    {"experts", "domains", "prompts", "routers": {router: {L: {"accuracy", "confusion", "per_domain"}}},
-    "scores": {domain: {"backbone", "oracle", "composed", "routed": {router: {L: ...}}}}} with accuracies in %."""
-    names = [e.name for e in loaded]
-    gates = {e.name: routing_tensors(e.expert, e.router) for e in loaded}
-    experts = {e.name: e.expert for e in loaded}
+    side: TorchSide or BundleSide (the candidates' gates, block inputs and continuation hits); corpora: held-out
+    domains, general text included. Returns {"experts", "domains", "prompts", "routers": {router: {L: {"accuracy",
+    "confusion", "per_domain"}}}, "scores": {domain: {"backbone", "oracle", "composed", "routed": {router: {L:
+    ...}}}}} with accuracies in %."""
+    names, gates = side.names, side.gates
     subsets = {NONE: [], **{n: [n] for n in names}, "composed": names}
     out = {"experts": names, "domains": [c.name for c in corpora], "prompts": {}, "routers": {}, "scores": {}}
     choices: dict[str, dict[str, dict[int, list[str]]]] = {r: {} for r in routers}
     hits: dict[str, dict[str, np.ndarray]] = {}
     for corpus in corpora:
-        w = windows(corpus, backbone.tokenizer, n_prompts)
+        w = windows(corpus, side.tokenizer, n_prompts)
         out["prompts"][corpus.name] = len(w)
-        inputs = [block_inputs(backbone.decoder, layout, w[i : i + 8, :CONTEXT]) for i in range(0, len(w), 8)]
+        inputs = [side.block_inputs(w[i : i + 8, :CONTEXT]) for i in range(0, len(w), 8)]
         for r in routers:
             choices[r][corpus.name] = {}
             for length in PROMPT_LENGTHS:
@@ -94,11 +139,7 @@ def evaluate_routing(backbone, loaded: list, layout, corpora: list[Corpus], n_pr
                 for chunk in inputs:
                     picked += route([h[:, :length] for h in chunk], gates, r, top_k=1)[0]
                 choices[r][corpus.name][length] = [c[0] if c else NONE for c in picked]
-        hits[corpus.name] = {
-            key: continuation_hits(MoDEModel(backbone.decoder, layout, {n: experts[n] for n in subset}), w,
-                                   f"{corpus.name}: {key}")
-            for key, subset in subsets.items()
-        }  # fmt: skip
+        hits[corpus.name] = {key: side.hits(subset, w, f"{corpus.name}: {key}") for key, subset in subsets.items()}
     for corpus in corpora:
         d, h = corpus.name, hits[corpus.name]
         oracle = d if d in names else NONE
@@ -208,4 +249,4 @@ def routing_for_run(backbone, runs: Path | list[Path], experts: list[str] | None
         raise UserError(f"no run of --model has an expert named {', '.join(missing)}")
     if not loaded:
         raise UserError(f"{', '.join(map(str, runs))}: no experts to route to; --routing needs MoDE runs with experts")
-    return evaluate_routing(backbone, loaded, check_same_blocks(loaded), corpora, n_prompts)
+    return evaluate_routing(TorchSide(backbone, loaded, check_same_blocks(loaded)), corpora, n_prompts)

@@ -100,3 +100,19 @@ def test_packs_without_a_router_are_named_once_and_fall_back_to_gate_rows(int8_b
     for _ in range(3):
         assert session.route(prompt, router="centroid") == session.route(prompt, router="gate")  # the fallback
     assert len(warnings) == 1 and "carries no router" in warnings[0] and "falls back to gate rows" in warnings[0]
+
+
+def test_eval_routing_on_a_bundle_matches_the_run(toy_domains, routed, tmp_path):
+    """The device runtime's fp32 graphs route and score as the PyTorch model does."""
+    from mode_edge.export.pipeline import export_bundle
+
+    export_bundle(routed / "both", tmp_path / "fp32", ExportConfig(formats=("onnx",), quant="fp32"))
+    data = ",".join(str(toy_domains[d]) for d in ("hex", "digits", "general"))
+    on_run, on_bundle = tmp_path / "run.json", tmp_path / "bundle.json"
+    invoke("eval", "--routing", "--model", routed / "both", "--data", data, "--prompts", 3, "--json", on_run)
+    invoke("eval", "--routing", "--bundle", tmp_path / "fp32", "--data", data, "--prompts", 3, "--json", on_bundle)
+    run, bundle = (json.loads(p.read_text())["routing"] for p in (on_run, on_bundle))
+    assert bundle["routers"] == run["routers"]
+    for d, s in run["scores"].items():
+        for key in ("backbone", "oracle", "composed"):
+            assert bundle["scores"][d][key]["accuracy"] == pytest.approx(s[key]["accuracy"], abs=2.0)
