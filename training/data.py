@@ -38,6 +38,7 @@ def prepare(domain: str, out: Path, limit: int | None = None, overwrite: bool = 
     source = SOURCES[domain]
     documents = list(source.documents(limit))
     split = assign_splits([doc_id for doc_id, _ in documents], group=source.group)
+    documents = [(doc_id, text) for doc_id, text in documents if source.keep(doc_id)]
     with atomic_dir(Path(out), overwrite=overwrite) as work:
         sizes = {s: {"documents": 0, "characters": 0} for s in SPLITS}
         files = {s: open(work / f"{s}.jsonl", "w") for s in SPLITS}

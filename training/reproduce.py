@@ -31,7 +31,10 @@ from mode_edge.training.model import MoDEModel
 from mode_edge.training.runs import read_model_record
 
 TARGETS, RETENTION = ("code", "math"), ("english", "general")
-DOMAINS = (*TARGETS, *RETENTION)
+HUMAN_MATH = "math-prose"
+"""Evaluated only: the human-written part of the math corpus (its own test split), which the generator does not
+shape."""
+DOMAINS = (*TARGETS, HUMAN_MATH, *RETENTION)
 ROUTE_TOKENS = 64
 """Tokens of each held-out window the router reads in the routed row."""
 

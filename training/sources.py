@@ -39,6 +39,8 @@ class Source:
     """Called with a document limit (None: all); yields (doc_id, text)."""
     group: Callable[[str], str] = lambda doc_id: doc_id
     """The unit of the split: documents of one group (for example sections of one speech) share a split."""
+    keep: Callable[[str], bool] = lambda doc_id: True
+    """Documents kept after the split is assigned: a part of another source's corpus, in the same splits."""
 
 
 def _cache_dir() -> Path:
@@ -110,6 +112,24 @@ def math_documents(limit: int | None) -> Iterator[tuple[str, str]]:
         for i in range(0, len(problems), PROBLEMS_PER_MATH_DOC)
     ]
     yield from docs[:n_docs]
+
+
+def math_with_prose(limit: int | None) -> Iterator[tuple[str, str]]:
+    """The generator's problems and, beside them, the sections of a human-written textbook (training/textbook.py), so
+    that the expert learns mathematics as people write it, not only the generator's templates. With a limit, a third
+    of it goes to the book."""
+    from mode_edge.training.textbook import sections
+
+    book = limit // 3 if limit is not None else None
+    yield from math_documents(None if limit is None else limit - book)
+    for count, doc in enumerate(sections(_cache_dir()), start=1):
+        yield doc
+        if book is not None and count >= book:
+            return
+
+
+def _is_prose(doc_id: str) -> bool:
+    return doc_id.startswith("derivations/")
 
 
 def _bible_jsonl() -> Path:
@@ -219,7 +239,19 @@ SOURCES = {
         code_documents,
     ),
     "math": Source(
-        "math", "DeepMind mathematics-dataset 1.0.1 generator (train modules, seed 0)", "Apache-2.0", math_documents
+        "math",
+        "DeepMind mathematics-dataset 1.0.1 generator (train modules, seed 0) and the sections of the textbook "
+        "Derivations of Applied Mathematics (T. H. Black, Debian package derivations)",
+        "Apache-2.0 (generator), GPL-2 (textbook)",
+        math_with_prose,
+    ),
+    "math-prose": Source(
+        "math-prose",
+        "the human-written part of the math corpus: sections of Derivations of Applied Mathematics (T. H. Black, "
+        "Debian package derivations), in the math corpus's own splits",
+        "GPL-2",
+        math_with_prose,
+        keep=_is_prose,
     ),
     "english": Source(
         "english",

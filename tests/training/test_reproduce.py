@@ -22,7 +22,7 @@ def test_reproduce_writes_table_and_plots_and_resumes(tiny, tmp_path):
         assert by_name[name]["tokens"] == budget, name  # the same token budget for every method
     routed = by_name["routed-so"]
     assert routed["trainable_params"] == by_name["mode-2x-so"]["trainable_params"]  # the same two experts, routed
-    for d in ("code", "math", "english", "general"):
+    for d in ("code", "math", "math-prose", "english", "general"):
         s = routed["scores"][d]
         assert sum(s["routes"].values()) * 256 == s["tokens"]  # every held-out window of 256 tokens routed once
         assert s["accuracy_ci"][0] <= round(s["accuracy"], 2) <= s["accuracy_ci"][1]  # intervals are rounded
@@ -31,7 +31,8 @@ def test_reproduce_writes_table_and_plots_and_resumes(tiny, tmp_path):
     assert by_name["mode-2x"]["total_params"] > by_name["backbone"]["total_params"]
 
     table = list(csv.reader(open(out / "table.csv")))
-    assert table[0][:7] == ["method", "total params", "trainable params", "code", "math", "english", "general"]
+    assert table[0][:8] == ["method", "total params", "trainable params", "code", "math", "math-prose", "english",
+                            "general"]  # fmt: skip
     assert len(table) == len(names) + 1
     md = (out / "table.md").read_text()
     assert f"{budget:,} training tokens" in md and "| mode-2x |" in md
