@@ -161,7 +161,7 @@ def train():
               help="Weight of the stay-out penalty on general rows against the domain's cross-entropy.  [default: 1]")
 @click.option("--stay-out", "penalty", type=click.Choice(["kl", "delta"]), default=None,
               help="Penalty on general rows: kl = KL divergence from the frozen backbone's next-token distribution; "
-                   "delta = relative L1 size of each block's change to the backbone's block output.  [default: kl]")
+                   "delta = relative L1 size of each block's change to the backbone's block output.  [default: delta]")
 @click.option("--gate-init", type=click.Choice(["zero", "data"]), default=None,
               help="Gate rows start at zero (same weight on every token), or from the direction that tells the "
                    "domain's block inputs from --general's (nearly shut on general text, open as far as the data "

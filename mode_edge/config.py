@@ -179,10 +179,11 @@ class StayOutConfig(_Serialisable):
     """Fraction of training rows drawn from the general corpus (spread evenly over the steps)."""
     weight: float = 1.0
     """Weight of the stay-out penalty against the domain rows' cross-entropy."""
-    penalty: str = "kl"
-    """'kl': KL divergence from the frozen backbone's next-token distribution on general rows (one extra backbone
-    forward over those rows); 'delta': relative L1 size of each block's change to the backbone's block output,
-    sum_j a_j * (f_j(x) - f_bb(x)), on general tokens (no extra forward)."""
+    penalty: str = "delta"
+    """'delta': relative L1 size of each block's change to the backbone's block output, sum_j a_j * (f_j(x) -
+    f_bb(x)), on general tokens (no extra forward); 'kl': KL divergence from the frozen backbone's next-token
+    distribution on general rows (one extra backbone forward over those rows). Measured on SmolLM2 math (README):
+    the same in-domain gain, off-domain changes as small or smaller with delta, within the intervals."""
 
     def __post_init__(self):
         if not 0 < self.share < 1:
