@@ -39,7 +39,7 @@ from mode_edge.packs import expert_entry
 from mode_edge.progress import console, stage_progress
 from mode_edge.training.backbones import Backbone, load_backbone
 from mode_edge.training.model import MoDEModel
-from mode_edge.training.router import load_router, routing_tensors
+from mode_edge.training.router import routing_tensors
 from mode_edge.training.runs import check_same_blocks, load_run_experts, read_model_record
 
 
@@ -62,7 +62,7 @@ def load_model(run: Path, only: list[str] | None) -> tuple[Backbone, MoDEModel, 
     loaded = load_run_experts(run, backbone, only)
     layout = check_same_blocks(loaded)
     model = MoDEModel(backbone.decoder, layout, {e.name: e.expert for e in loaded}).eval()
-    return backbone, model, record
+    return backbone, model, {**record, "routers": {e.name: e.router for e in loaded}}  # routers: checked on load
 
 
 def graph_files(rel: str, fmt: str) -> list[str]:
@@ -104,7 +104,7 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
     with stage_progress("export") as progress:
         progress.show("load")
         backbone, model, record = load_model(run, cfg.experts)
-        routers = {name: load_router(Path(run) / "experts" / name) for name in model.experts}
+        routers = record["routers"]
         graphs = split(model)
         dcfg = backbone.decoder.cfg
         steps = len(graphs) * (len(cfg.formats) + 1)

@@ -84,8 +84,9 @@ class MoDELayout(_Serialisable):
     """Initial gate logit of an expert; the backbone's logit is pinned at 0, so the backbone dominates at the start."""
     gate_init: str = "zero"
     """'zero': gate rows start at zero with bias gate_bias (the same weight on every token); 'data': each block's row
-    starts from the difference of the mean normalised block input on the domain and on general text, scaled so the
-    gate starts nearly shut on general text and open on the domain (FlexOlmo, arXiv 2507.07024, §3.3)."""
+    starts as the linear discriminant between the normalised block inputs on the domain and on general text, scaled
+    so the gate starts nearly shut on general text and at the zero init's weight on the domain (training/stay_out.py;
+    FlexOlmo, arXiv 2507.07024, §3.3)."""
 
     def __post_init__(self):
         check_number("--blocks", self.n_blocks, lo=1, integer=True)
@@ -186,10 +187,8 @@ class StayOutConfig(_Serialisable):
     the same in-domain gain, off-domain changes as small or smaller with delta, within the intervals."""
 
     def __post_init__(self):
-        if not 0 < self.share < 1:
-            raise UserError(f"--general-share must lie strictly between 0 and 1, got {self.share}")
-        if not 0 <= self.weight < float("inf"):
-            raise UserError(f"--stay-out-weight must be a finite number >= 0, got {self.weight}")
+        check_number("--general-share", self.share, lo=0, hi=1, lo_open=True, hi_open=True)
+        check_number("--stay-out-weight", self.weight, lo=0)
         if self.penalty not in ("kl", "delta"):
             raise UserError(f"--stay-out must be 'kl' or 'delta', got {self.penalty!r}")
 

@@ -1,7 +1,7 @@
 """Prompt-level routing: which installed experts (or none) a prompt should run with. numpy only, no torch, so the
 device runtime and the workstation's evaluation share one implementation.
 
-Two routers, both over the frozen backbone's block inputs for the prompt (one backbone-only pass):
+Three routers, all over the frozen backbone's block inputs for the prompt (one backbone-only pass):
 
 - `gate`: each expert's gate rows scored on the prompt (mean logit over blocks and tokens), the highest wins. It
   compares how each expert was trained as much as what the prompt is about, and never answers "none".
@@ -91,9 +91,9 @@ def route(block_inputs: list[np.ndarray], gates: dict[str, dict[str, np.ndarray]
     """The experts each prompt should run with, and every candidate's scores.
 
     block_inputs: per block (B, T, d) of the backbone-only pass; gates: installed name -> gate tensors. With the
-    centroid router a prompt whose best class is general text gets [] (the backbone alone); otherwise the top_k
-    experts that score above general text. The centroid router falls back to the gate router when no pack carries
-    router statistics. Raises ValueError for an unknown router."""
+    centroid or logistic router a prompt whose best class is general text (NONE) gets [] (the backbone alone);
+    otherwise the top_k experts that score above it. Both fall back to the gate router when no pack carries router
+    statistics, and never pick a pack without them otherwise. Raises ValueError for an unknown router."""
     if router not in ROUTERS:
         raise ValueError(f"unknown router {router!r}; choose one of {', '.join(ROUTERS)}")
     if not gates:

@@ -104,6 +104,9 @@ class Session:
         rows = all(k in gate for k in ("weight", "bias", "eps"))
         if not rows or gate["weight"].shape[0] < n or gate["bias"].size < n:
             raise UserError(f"expert {name!r} is damaged: {path} lacks its gate rows; {reinstall_fix(folder)}")
+        if routing.has_router(gate) and any(gate[k].shape != gate["weight"].shape for k in routing.ROUTER_KEYS[:5]):
+            raise UserError(f"expert {name!r} is damaged: {path} holds router tensors of the wrong shape; "
+                            f"{reinstall_fix(folder)}")  # fmt: skip
         return gate
 
     def refresh(self) -> None:

@@ -28,10 +28,11 @@ from mode_edge.runtimes.routing import NONE, ROUTERS, route
 from mode_edge.training.data import Corpus, held_out, require_split
 from mode_edge.training.evaluate import summarize, token_stats
 from mode_edge.training.model import MoDEModel
-from mode_edge.training.router import block_inputs, routing_tensors
+from mode_edge.training.router import PROMPT_LENGTHS, block_inputs, routing_tensors
 
-PROMPT_LENGTHS = (16, 64, 256)
 CONTEXT, CONTINUATION = 256, 64
+ALL = "*all*"
+"""The key of the composition of every expert (no expert name can hold '*')."""
 
 
 def windows(corpus: Corpus, tokenizer, n: int) -> torch.Tensor:
@@ -124,7 +125,10 @@ def evaluate_routing(side, corpora: list[Corpus], n_prompts: int = 48, routers: 
     "confusion", "per_domain"}}}, "scores": {domain: {"backbone", "oracle", "composed", "routed": {router: {L:
     ...}}}}} with accuracies in %."""
     names, gates = side.names, side.gates
-    subsets = {NONE: [], **{n: [n] for n in names}, "composed": names}
+    domains = [c.name for c in corpora]
+    if len(set(domains)) < len(domains):
+        raise UserError(f"two --data folders share a domain name ({', '.join(domains)}); evaluate each domain once")
+    subsets = {NONE: [], **{n: [n] for n in names}, ALL: names}
     out = {"experts": names, "domains": [c.name for c in corpora], "prompts": {}, "routers": {}, "scores": {}}
     choices: dict[str, dict[str, dict[int, list[str]]]] = {r: {} for r in routers}
     hits: dict[str, dict[str, np.ndarray]] = {}
@@ -144,7 +148,7 @@ def evaluate_routing(side, corpora: list[Corpus], n_prompts: int = 48, routers: 
         d, h = corpus.name, hits[corpus.name]
         oracle = d if d in names else NONE
         per_prompt = {k: v.mean(1) * 100 for k, v in h.items()}  # (n,) accuracy % of each prompt's continuation
-        scores = {"backbone": per_prompt[NONE], "oracle": per_prompt[oracle], "composed": per_prompt["composed"]}
+        scores = {"backbone": per_prompt[NONE], "oracle": per_prompt[oracle], "composed": per_prompt[ALL]}
         out["scores"][d] = {k: {"accuracy": round(float(v.mean()), 2), "ci": _ci(v)} for k, v in scores.items()}
         out["scores"][d]["expected"] = oracle
         out["scores"][d]["routed"] = {}

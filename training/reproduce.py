@@ -5,11 +5,12 @@ State of the Union corpus, whose train split stay-out experts read). Rows: the b
 one MoDE expert per target domain trained on its domain alone (plain) and with general rows under the stay-out
 penalty (-so, DESIGN §6), the plain experts composed with experts frozen and unfrozen, the stay-out experts composed,
 and the stay-out experts *routed*: each held-out window runs with at most one expert, chosen by the centroid router
-on its first ROUTE_TOKENS tokens (the device case). `--sweep` adds MoDE at 1 and 4 expert layers per block, LoRA at
-ranks 8, 64 and 512, and stay-out experts at stage-1 learning rates 1e-4 and 3e-4. Every trained method gets the same
-token budget: the MoDE composition's (two expert runs plus the composition run); the baselines spend it on the mixed
-target data. Fixed seeds. Each row writes its own folder with its evaluation, so a rerun skips finished rows. Each
-training runs as its own `mode-edge train` process, so the peak memory recorded for it is its own.
+on its first ROUTE_TOKENS tokens (the device case; those tokens are scored too, like every row's). Evaluated also
+on math-prose, the human-written part of math's test split. `--sweep` adds MoDE at 1 and 4 expert layers per block,
+LoRA at ranks 8, 64 and 512, and stay-out experts at stage-1 learning rates 1e-4 and 3e-4. Every trained method gets
+the same token budget: the MoDE composition's (two expert runs plus the composition run); the baselines spend it on
+the mixed target data. Fixed seeds. Each row writes its own folder with its evaluation, so a rerun skips finished
+rows. Each training runs as its own `mode-edge train` process, so the peak memory recorded for it is its own.
 """
 
 from __future__ import annotations
@@ -137,9 +138,15 @@ class Reproduction:
         self.runs = self.out / "runs"
 
     def prepare_data(self) -> None:
+        from mode_edge.training.sources import SOURCES
+
         for d in DOMAINS:
-            if not (self.data[d] / "dataset.json").exists():
+            meta = self.data[d] / "dataset.json"
+            if not meta.exists():
                 prepare(d, self.data[d], limit=self.preset.doc_limit)
+            elif read_json(meta, "", "delete that folder to prepare it again").get("source") != SOURCES[d].description:
+                raise UserError(f"{self.data[d]} was prepared from another source by an older mode-edge (and runs "
+                                "were trained on it); start a new --out folder")  # fmt: skip
         self.corpora = {d: load_corpus(self.data[d]) for d in DOMAINS}
 
     def train(self, command: list[str], out: Path, steps: int, lr: float) -> None:
@@ -194,8 +201,10 @@ class Reproduction:
     def result(self, row: Row) -> dict:
         """Train and evaluate one row, unless done before: the result is cached in runs/NAME.eval.json."""
         cache = self.runs / f"{row.name}.eval.json"
-        if cache.exists():
-            return read_json(cache, "", f"delete {cache} to evaluate that row again")
+        if cache.exists():  # kept unless an older mode-edge scored it on fewer domains or without per-document sums
+            cached = read_json(cache, "", f"delete {cache} to evaluate that row again")
+            if all("per_doc" in cached.get("scores", {}).get(d, {}) for d in DOMAINS):
+                return cached
         console.print(f"[bold]{row.name}[/bold]")
         stages = self.train_row(row)
         corpora = list(self.corpora.values())

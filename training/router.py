@@ -1,8 +1,10 @@
-"""Router statistics of an expert: what the centroid router (runtimes/routing.py) needs to know about its domain.
+"""Router statistics of an expert: what the centroid and logistic routers (runtimes/routing.py) need to know about
+its domain.
 
 Fitted once, at the end of stage 1, from the frozen backbone alone (so they do not depend on the expert's weights):
 the mean and variance of the mean-pooled, RMS-normalised block inputs over prompts of the expert's training text
-and of general text, at prompt lengths 16, 64 and 256 tokens. Stored beside the expert (router.safetensors) and
+and of general text, at prompt lengths 16, 64 and 256 tokens, and a logistic regression between the two. Stored
+beside the expert (router.safetensors) and
 carried into its pack's gate file, a few kilobytes.
 """
 

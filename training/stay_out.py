@@ -62,14 +62,16 @@ class StayOutLoss:
         return hook
 
     def close(self) -> None:
+        """Remove the hooks (idempotent): nothing is recorded once training is over."""
         for h in self.hooks:
             h.remove()
+        self.hooks, self.outputs = [], {}
 
     def __call__(self, model: MoDEModel, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         tokens, is_general = batch
         logits = model(tokens[:, :-1])  # (B, T, V)
         domain = ~is_general
-        loss = torch.zeros((), device=tokens.device)
+        loss = logits.sum() * 0.0  # keeps the graph when no row carries a loss (all general rows, weight 0)
         if domain.any():
             loss = F.cross_entropy(logits[domain].flatten(0, 1).float(), tokens[domain, 1:].flatten())
         if is_general.any() and self.cfg.weight > 0:

@@ -9,6 +9,7 @@ header. Both are repaired or dropped below; formulas stay somewhat mangled, pros
 
 from __future__ import annotations
 
+import io
 import re
 import subprocess
 import tarfile
@@ -39,7 +40,14 @@ def _deb_member(deb: Path, member: str) -> bytes:
             with tempfile.NamedTemporaryFile(suffix=name) as tmp:
                 tmp.write(body)
                 tmp.flush()
-                with tarfile.open(tmp.name) as tar:
+                try:
+                    tar = tarfile.open(tmp.name)
+                except tarfile.ReadError:  # data.tar.zst (Ubuntu): dpkg-deb reads what tarfile cannot
+                    proc = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True)
+                    if proc.returncode != 0:
+                        raise UserError(f"{deb}: cannot unpack its {name}; install dpkg (dpkg-deb) and rerun") from None
+                    tar = tarfile.open(fileobj=io.BytesIO(proc.stdout))
+                with tar:
                     for m in tar.getmembers():
                         if m.name.lstrip("./") == member and m.isfile():
                             return tar.extractfile(m).read()

@@ -87,6 +87,8 @@ def train_expert(
         )  # fmt: skip
 
     def save(work: Path, result: dict) -> None:
+        if isinstance(loss_fn, StayOutLoss):
+            loss_fn.close()  # training is over: the router's backbone passes below must not feed its hooks
         router = None
         if general_docs is not None:  # what `--experts auto` needs to tell this domain from general text
             with console.status(f"fitting the router of expert {name}"):

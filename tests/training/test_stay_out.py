@@ -103,3 +103,17 @@ def test_stay_out_options_through_the_cli_need_general_text(toy_domains, tmp_pat
     refused(*common, "--out", tmp_path / "b", "--gate-init", "data", message="--general")
     refused(*common, "--out", tmp_path / "c", "--general", toy_domains["hex"], message="own --data")
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_a_batch_of_general_rows_at_weight_zero_still_steps(tiny):
+    """No row carries a loss: the step must not fail (the loss keeps its graph) and nothing moves."""
+    from mode_edge.training.stay_out import StayOutLoss
+
+    expert = Expert.init_from(tiny.decoder, LAYOUT)
+    model = MoDEModel(tiny.decoder, LAYOUT, {"hex": expert})
+    for penalty in ("kl", "delta"):
+        loss_fn = StayOutLoss(model, StayOutConfig(weight=0.0, penalty=penalty))
+        loss = loss_fn(model, (torch.randint(0, 256, (2, 9)), torch.tensor([True, True])))
+        loss.backward()
+        loss_fn.close()
+        assert loss.item() == 0.0 and not loss_fn.hooks
