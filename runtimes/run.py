@@ -67,6 +67,7 @@ def run(
             raise UserError("the prompt is empty (no tokens); pass some text with --prompt")
         ids = [*tokenizer.prefix_ids, *ids]  # the checkpoint's BOS, as in training
         profile.prompt_tokens = len(ids)
+        session.check_context(len(ids), max_new_tokens)  # before routing: a refusal is the only line printed
         t = time.perf_counter()
         chosen = session.route(ids, route_top_k, router) if experts == "auto" else [] if experts == "none" else experts
         profile.route_s = time.perf_counter() - t if experts == "auto" else 0.0

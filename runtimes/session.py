@@ -196,6 +196,14 @@ class Session:
         self.last_scores = {name: float(v[0]) for name, v in scores.items()}
         return choices[0]
 
+    def check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Refuse (UserError) a prompt whose tokens and the new ones would not fit the model's context."""
+        check_number("--max-new-tokens", max_new_tokens, lo=1, integer=True)
+        limit = self.engine.manifest["base"]["decoder"]["max_seq_len"]
+        if prompt_tokens + max_new_tokens > limit:
+            raise UserError(f"prompt ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} exceed the model's "
+                            f"context of {limit} tokens; shorten one of them")  # fmt: skip
+
     def _warn_unrouted(self, router: str) -> None:
         """Say once which installed packs the router cannot judge (trained without --general: no router inside)."""
         if router == "gate":
@@ -218,11 +226,7 @@ class Session:
             experts = []
         elif isinstance(experts, str):
             raise UserError(f"experts must be a list of names, 'auto' or 'none', got {experts!r}")
-        check_number("--max-new-tokens", max_new_tokens, lo=1, integer=True)
+        self.check_context(len(prompt), max_new_tokens)
         self.select(list(experts))
-        limit = self.engine.manifest["base"]["decoder"]["max_seq_len"]
-        if len(prompt) + max_new_tokens > limit:
-            raise UserError(f"prompt ({len(prompt)} tokens) + --max-new-tokens {max_new_tokens} exceed the model's "
-                            f"context of {limit} tokens; shorten one of them")  # fmt: skip
         eos = self.engine.manifest["tokenizer"].get("eos_id")
         return generate(self.engine, prompt, max_new_tokens, sampling, stop=eos, timer=timer)

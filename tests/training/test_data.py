@@ -57,7 +57,7 @@ def test_bad_data_folders_name_the_problem(tmp_path, setup, message):
 
 
 def test_unknown_domain_and_existing_output_are_refused(tmp_path, code_data):
-    with pytest.raises(UserError, match="unknown domain 'poetry'; choose one of code, math, english"):
+    with pytest.raises(UserError, match="unknown domain 'poetry'; choose one of code, math, math-prose, english, gen"):
         prepare("poetry", tmp_path / "x")
     with pytest.raises(UserError, match="already exists"):
         prepare("code", code_data, limit=40)
