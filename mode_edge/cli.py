@@ -293,7 +293,8 @@ def load_base(spec: str):
               help="Evaluate prompt routing instead: for held-out prompts of each domain (16, 64 and 256 tokens), "
                    "which expert (or none) each router picks, the confusion matrix, and the accuracy of the routed "
                    "model on the continuation beside the oracle choice and the composition of all experts. An "
-                   "expert is expected for its own domain (same name), none for the others.")
+                   "expert is expected for its own domain (same name), none for the others. Reads the test split; "
+                   "--split, --max-tokens and --seq-len do not apply (see --prompts).")
 @click.option("--prompts", type=click.IntRange(min=1), default=48, show_default=True,
               help="With --routing: held-out prompts per domain (one per document).")
 @click.option("--bundle", type=click.Path(path_type=Path), default=None,

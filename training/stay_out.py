@@ -32,7 +32,7 @@ def mixed_rows(domain: TokenStream, general: TokenStream, share: float) -> Itera
     """Batches of domain rows with a `share` of general rows spread evenly over the stream: row k is general when
     floor((k + 1) * share) > floor(k * share). Yields (tokens (B, T+1), is_general (B,) bool); deterministic."""
     k = 0
-    while True:
+    while True:  # both streams advance a whole batch each step: each one's order (and a resume) ignores the other
         rows_domain, rows_general = next(domain), next(general)  # (B, T+1) each
         is_general = torch.tensor([int((k + i + 1) * share) > int((k + i) * share) for i in range(len(rows_domain))])
         k += len(rows_domain)
