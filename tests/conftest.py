@@ -4,6 +4,7 @@ two-expert MoDE run on the tiny backbone (2 blocks, so that exports stay quick) 
 from __future__ import annotations
 
 import json
+import shutil
 import sysconfig
 from pathlib import Path
 
@@ -105,6 +106,14 @@ def fp32_bundle(composed_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "fp32"
     export_bundle(composed_run, out, ExportConfig(formats=("onnx", "executorch"), quant="fp32"))
     return out
+
+
+@pytest.fixture
+def bundle(int8_bundle, tmp_path):
+    """A copy of the int8 bundle that a test may change (install, uninstall, damage)."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(int8_bundle, copy)
+    return copy
 
 
 @pytest.fixture(scope="session")

@@ -27,13 +27,6 @@ def test_plain_names_pass():
         assert check_name(name) == name
 
 
-@pytest.fixture
-def bundle(int8_bundle, tmp_path):
-    copy = tmp_path / "bundle"
-    shutil.copytree(int8_bundle, copy)
-    return copy
-
-
 class AnyPathServer(BaseHTTPRequestHandler):
     """Answers every path with the same pack, as the issue's hostile server does; logs what was asked."""
 

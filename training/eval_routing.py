@@ -26,7 +26,7 @@ from mode_edge.errors import UserError
 from mode_edge.progress import results_console, task_progress
 from mode_edge.runtimes.routing import NONE, ROUTERS, route
 from mode_edge.training.data import Corpus, held_out, require_split
-from mode_edge.training.evaluate import summarize, token_stats
+from mode_edge.training.evaluate import resample, summarize, token_stats
 from mode_edge.training.model import MoDEModel
 from mode_edge.training.router import PROMPT_LENGTHS, block_inputs, routing_tensors
 
@@ -65,8 +65,7 @@ def continuation_hits(model: MoDEModel, w: torch.Tensor, label: str) -> np.ndarr
 
 def _ci(values: np.ndarray, resamples: int = 1000, seed: int = 0) -> list[float]:
     """95% percentile interval of the mean of per-prompt values (one prompt per document)."""
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(1)
+    means = values[resample(len(values), resamples, seed)].mean(1)
     return [round(float(v), 2) for v in np.percentile(means, [2.5, 97.5])]
 
 

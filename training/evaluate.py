@@ -56,6 +56,11 @@ class GateUsage:
         return {n: [round(float(s[j]) / self.tokens, 4) for s in self.sums] for j, n in enumerate(names)}
 
 
+def resample(n: int, resamples: int = 1000, seed: int = 0) -> np.ndarray:
+    """(resamples, n) indices drawn with replacement: the bootstrap's resamples of n units (documents, prompts)."""
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
 def bootstrap_ci(
     correct: np.ndarray, loss: np.ndarray, count: np.ndarray, resamples: int = 1000, seed: int = 0
 ) -> dict:
@@ -64,8 +69,7 @@ def bootstrap_ci(
     correct, loss, count: (D,) per-document sums of correct predictions, cross-entropy (nats) and tokens. Documents,
     not tokens, are the unit: tokens of one document are not independent. With one document the interval is a point.
     """
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(count), size=(resamples, len(count)))  # (R, D)
+    picks = resample(len(count), resamples, seed)  # (R, D)
     n = count[picks].sum(1)
     acc = 100.0 * correct[picks].sum(1) / n
     ppl = np.exp(loss[picks].sum(1) / n)
@@ -83,8 +87,7 @@ def paired_ci(a: dict, b: dict, resamples: int = 1000, seed: int = 0) -> dict:
     n = np.array(a["per_doc"]["count"])
     if len(ca) != len(cb) or not np.array_equal(n, np.array(b["per_doc"]["count"])):
         raise ValueError("paired_ci needs two scores of the same held-out sample")
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(n), size=(resamples, len(n)))
+    picks = resample(len(n), resamples, seed)  # the same documents for both models
     diff = 100.0 * (ca[picks].sum(1) - cb[picks].sum(1)) / n[picks].sum(1)
     delta = 100.0 * (ca.sum() - cb.sum()) / n.sum()
     return {"delta": round(float(delta), 2), "ci": [round(float(v), 2) for v in np.percentile(diff, [2.5, 97.5])]}

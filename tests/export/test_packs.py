@@ -16,13 +16,6 @@ from tests.damage import repack
 
 
 @pytest.fixture
-def bundle(int8_bundle, tmp_path):
-    copy = tmp_path / "bundle"
-    shutil.copytree(int8_bundle, copy)
-    return copy
-
-
-@pytest.fixture
 def code_pack(int8_bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("packs") / "code.modepack"
     if not out.exists():

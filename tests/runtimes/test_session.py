@@ -1,7 +1,6 @@
 """The device runtime: no torch, expert selection within a memory budget, LRU eviction, routing, steady memory."""
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -13,13 +12,6 @@ from mode_edge.errors import UserError
 from mode_edge.packs import install_copy
 from mode_edge.runtimes.profiler import rss_pss
 from mode_edge.runtimes.session import MB, Session
-
-
-@pytest.fixture
-def bundle(int8_bundle, tmp_path):
-    copy = tmp_path / "bundle"
-    shutil.copytree(int8_bundle, copy)
-    return copy
 
 
 def test_the_runtime_generates_without_importing_torch_or_transformers(int8_bundle):
