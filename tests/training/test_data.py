@@ -6,7 +6,7 @@ import torch
 from mode_edge.errors import UserError
 from mode_edge.tokenizer import byte_tokenizer
 from mode_edge.training.data import SPLITS, TokenStream, eval_windows, load_corpus, prepare
-from mode_edge.training.sources import assign_splits
+from mode_edge.training.sources import EMAIL_MIN_CHARS, SECTION_CHARS, _mail_body, assign_splits
 
 
 def read_ids(folder):
@@ -104,3 +104,52 @@ def test_math_corpus_from_the_generator_in_its_own_venv_and_a_textbook(tmp_path)
     prose = prepare("math-prose", tmp_path / "prose", limit=40)  # the same book sections, in the same splits
     kept = {json.loads(line)["id"]: s for s in SPLITS for line in open(tmp_path / "prose" / f"{s}.jsonl")}
     assert kept == {i: s for i, (s, _) in book.items()} and prose["licence"] == "GPL-2"
+
+
+@pytest.mark.slow
+def test_general_corpus_keeps_the_sections_of_one_address_in_one_split(tmp_path):
+    meta = prepare("general", tmp_path / "general", limit=60)
+    assert meta["licence"].startswith("public domain")
+    rows = [(s, json.loads(line)) for s in SPLITS for line in open(tmp_path / "general" / f"{s}.jsonl")]
+    split_of = {}
+    for s, row in rows:
+        address = row["id"].split("/")[0]
+        assert split_of.setdefault(address, s) == s, f"{address} spans two splits"
+    by_address = {}
+    for _, row in rows:
+        by_address.setdefault(row["id"].split("/")[0], []).append(row["text"])
+    assert all(len(t) >= SECTION_CHARS for texts in by_address.values() for t in texts[:-1])  # only the last is short
+    assert len({s for s, _ in rows}) == 3 and sum(len(r["text"]) for _, r in rows) > 40 * SECTION_CHARS
+
+
+@pytest.mark.slow
+def test_email_corpus_keeps_threads_together_and_bodies_only(tmp_path):
+    meta = prepare("email", tmp_path / "email", limit=200)
+    assert meta["licence"].startswith("CC0")
+    rows = [(s, json.loads(line)) for s in SPLITS for line in open(tmp_path / "email" / f"{s}.jsonl")]
+    assert len(rows) == 200
+    split_of = {}
+    for s, row in rows:
+        thread = row["id"].split("/")[0]
+        assert split_of.setdefault(thread, s) == s, f"thread {thread} spans two splits"
+        text = row["text"]
+        assert text.startswith("Subject: ") and "\nReceived: " not in text and "\n>" not in text
+        assert len(text) >= EMAIL_MIN_CHARS
+
+
+def test_mail_body_drops_headers_quotes_signatures_and_footers():
+    raw = (
+        "From: a@example.org\r\nSubject: Re: [list] kernel build\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/alternative; boundary="b"\r\n\r\n'
+        "--b\r\nContent-Type: text/html\r\n\r\n<p>html copy</p>\r\n"
+        "--b\r\nContent-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+        "> you wrote this before\r\nThe build works with gcc 3.2 now; caf=E9 is open.\r\n" + "More words. " * 20 + "\r\n"
+        "-- \r\nsignature\r\n--b--\r\n"
+    ).encode("latin-1")
+    body = _mail_body(raw)
+    assert body.startswith("Subject: Re: [list] kernel build\n\nThe build works with gcc 3.2 now; café is open.")
+    assert "you wrote" not in body and "signature" not in body and "html copy" not in body
+    footer = raw.replace(b"-- \r\nsignature", b"_______________\r\nlist mailing list")
+    assert "mailing list" not in _mail_body(footer)
+    assert _mail_body(b"Subject: short\r\n\r\nthanks!\r\n") is None  # too short once quotes and signature are gone
+    assert _mail_body(b"\xff\xfe\x00garbage") is None
