@@ -299,18 +299,25 @@ def load_base(spec: str):
 @click.option("--prompts", type=click.IntRange(min=1), default=48, show_default=True,
               help="With --routing: held-out prompts per domain (one per document).")
 @click.option("--bundle", type=click.Path(path_type=Path), default=None,
-              help="With --routing: route and score on an exported bundle through the device runtime (its graphs, "
-                   "its quantization, the routers in its packs) instead of a run.")
-def eval_cmd(run, base, data, experts, split, max_tokens, seq_len, json_out, routing, prompts, bundle):
+              help="Score an exported bundle through the device runtime (its graphs and quantization) instead of a "
+                   "run: all its experts, or --experts. With --model RUN as well, that run is the reference: its "
+                   "PyTorch accuracy, the paired change and the top-1 agreement stand beside the bundle's. With "
+                   "--routing: route with the routers in its packs.")
+@cli_device.BACKEND
+def eval_cmd(run, base, data, experts, split, max_tokens, seq_len, json_out, routing, prompts, bundle, backend):
     """Next-token accuracy and perplexity per domain on the held-out split, with 95% intervals from resampling
     documents; for a MoDE model also the mean gate weight of the backbone and each expert per domain (per block in
-    the --json file). With --routing: prompt routing accuracy and the routed model's accuracy."""
+    the --json file). With --bundle: the same scores for what ships. With --routing: prompt routing accuracy and the
+    routed model's accuracy."""
     from mode_edge.training.data import load_corpus
     from mode_edge.training.evaluate import build_model, evaluate, print_gates, print_scores
 
+    if bundle is not None and not routing:
+        eval_bundle(bundle, run, base, data, experts, split, max_tokens, seq_len, json_out, backend)
+        return
     if bundle is not None:
-        if not routing or run is not None:
-            raise UserError("--bundle goes with --routing and without --model; evaluate a bundle's routing only")
+        if run is not None:
+            raise UserError("--routing --bundle evaluates the bundle's own routers; leave out --model")
         from mode_edge.training.eval_routing import BundleSide, evaluate_routing, print_routing
 
         corpora = [load_corpus(d) for d in csv_paths(data)]
@@ -351,6 +358,38 @@ def eval_cmd(run, base, data, experts, split, max_tokens, seq_len, json_out, rou
     print_scores({label: results})
     print_gates({label: results})
     if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def eval_bundle(bundle, run, base, data, experts, split, max_tokens, seq_len, json_out, backend) -> None:
+    """`eval --bundle`: the bundle's scores through the runtime, beside the run it came from when --model is given."""
+    from mode_edge.training.data import load_corpus
+    from mode_edge.training.eval_bundle import BundleModel, evaluate_bundle, print_bundle_scores
+    from mode_edge.training.evaluate import build_model
+
+    if base is not None:
+        raise UserError("--base does not apply to --bundle: the bundle holds its base; pass --model RUN for a reference")
+    if run is not None and "," in str(run) and not Path(run).exists():
+        raise UserError("--model takes one run folder as the reference of --bundle")
+    subset = None if experts is None else expert_list(experts, "--experts")
+    corpora = [load_corpus(d) for d in csv_paths(data)]
+    model = BundleModel(bundle, subset, backend)
+    reference = None
+    if run is not None:
+        from mode_edge.training.runs import read_model_record
+
+        shipped = model.session.engine.manifest["base"]["fingerprint"]
+        if read_model_record(run)["base"]["fingerprint"] != shipped:
+            raise UserError(f"{run} was trained on another backbone than {bundle} holds; pass the run it was "
+                            "exported from")  # fmt: skip
+        reference, _, _ = build_model(load_base(base_of(run)), run, model.experts)
+        reference.eval()
+    results = evaluate_bundle(model, corpora, reference, seq_len=seq_len, max_tokens=max_tokens, split=split)
+    label = f"{bundle} ({'+'.join(model.experts) or 'base only'}, {backend})"
+    print_bundle_scores(results, label)
+    if json_out:
+        report = {"bundle": str(bundle), "backend": backend, "experts": model.experts, "reference": str(run) if run
+                  else None, "split": split, "domains": results}  # fmt: skip
         Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
 
 

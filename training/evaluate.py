@@ -187,11 +187,11 @@ def print_scores(rows: dict[str, dict[str, dict]]) -> None:
     for d in domains:
         table.add_column(d, justify="right")
     for name, r in rows.items():
-        table.add_row(name, *(_cell(r[d]) if d in r else "-" for d in domains))
+        table.add_row(name, *(score_cell(r[d]) if d in r else "-" for d in domains))
     results_console.print(table)
 
 
-def _cell(s: dict) -> str:
+def score_cell(s: dict) -> str:
     """'acc [lo, hi] (ppl)' for a table cell."""
     ci = f" [{s['accuracy_ci'][0]:.1f}, {s['accuracy_ci'][1]:.1f}]" if "accuracy_ci" in s else ""
     return f"{s['accuracy']:.2f}{ci} ({s['perplexity']:.2f})"
