@@ -72,17 +72,27 @@ def save_external(model: onnx.ModelProto, path: Path) -> None:
                     location=path.name + ".data", size_threshold=1024)  # fmt: skip
 
 
-def quantize_onnx(src: Path, dst: Path, quant: str, block_size: int) -> None:
+def quantize_onnx(src: Path, dst: Path, quant: str, block_size: int, accuracy_level: int = 4,
+                  source=None) -> dict[str, int]:  # fmt: skip
     """src (fp32, external data) -> dst with weight-only int8 or int4 MatMulNBits (and the embedding's Gather as
-    GatherBlockQuantized), its weights in dst.data. Activations stay fp32: see the module docstring for why."""
+    GatherBlockQuantized), its weights in dst.data. Activations stay fp32: see the module docstring for why.
+
+    source: a SourceBlocks (export/source_blocks.py) or None. Weights found in it are written from the source's own
+    blocks, computed in fp32 (accuracy level 0: they are the trained model, and int8 activations would round it);
+    the rest is rounded to `quant`. Returns the count of weights written from source blocks, by block type."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from mode_edge.export.source_blocks import write_source_blocks
 
     bits = {"int8": 8, "int4": 4}[quant]
     dst.parent.mkdir(parents=True, exist_ok=True)
+    model = onnx.load(str(src))
+    exact = write_source_blocks(model, source, accuracy_level=0) if source is not None else {}
     with quiet():
         quantizer = MatMulNBitsQuantizer(
-            onnx.load(str(src)), bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=4,
+            model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
             op_types_to_quantize=("MatMul", "Gather"),
         )  # fmt: skip
         quantizer.process()
         save_external(quantizer.model.model, dst)
+    return exact

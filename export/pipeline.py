@@ -77,22 +77,41 @@ def max_abs_diff(graph: torch.nn.Module, run_graph, inputs: tuple) -> float:
     return max(float(np.abs(r.float().numpy() - g).max()) for r, g in zip(ref, got))
 
 
-def export_graph(rel: str, graph, fmt: str, dcfg, work: Path, fp32: Path, cfg: ExportConfig, progress) -> None:
+def export_graph(rel: str, graph, fmt: str, dcfg, work: Path, fp32: Path, cfg: ExportConfig, progress,
+                 source=None) -> dict[str, int]:  # fmt: skip
     """One graph in one format at the bundle's precision; an ONNX graph passes through fp32 first (kept in `fp32`
-    for the verify stage)."""
+    for the verify stage). Returns the count of weights written from the source's blocks, by block type."""
     progress.show(f"export {rel} ({fmt})")
     if fmt == "executorch":
         from mode_edge.export.executorch_graphs import export_pte
 
         export_pte(graph, dcfg, work / (rel + ".pte"), cfg.quant, cfg.block_size)
-        return
+        return {}
     from mode_edge.export.onnx_graphs import export_onnx, quantize_onnx
 
     target = work / (rel + ".onnx") if cfg.quant == "fp32" else fp32 / (rel + ".onnx")
     export_onnx(graph, dcfg, target)
-    if cfg.quant != "fp32":
-        progress.show(f"quantize {rel} ({cfg.quant})")
-        quantize_onnx(target, work / (rel + ".onnx"), cfg.quant, cfg.block_size)
+    if cfg.quant == "fp32":
+        return {}
+    progress.show(f"quantize {rel} ({cfg.quant})")
+    return quantize_onnx(target, work / (rel + ".onnx"), cfg.quant, cfg.block_size, cfg.accuracy_level, source)
+
+
+def source_blocks(backbone: Backbone, cfg: ExportConfig):
+    """The quantized source's blocks when the backbone came from a GGUF file and the ONNX bundle is quantized."""
+    if not cfg.source_blocks or cfg.quant == "fp32" or "onnx" not in cfg.formats or backbone.spec == "tiny":
+        return None
+    from mode_edge.export.source_blocks import SourceBlocks
+    from mode_edge.training.backbones import resolve_spec
+
+    directory, gguf_file = resolve_spec(backbone.spec)
+    if gguf_file is None:
+        return None
+    source = SourceBlocks(directory / gguf_file)
+    if source.other_types:
+        console.print(f"{gguf_file}: weights stored as {', '.join(sorted(source.other_types))} are dequantized and "
+                      f"rounded again to {cfg.quant}; Q4_0, Q4_1 and Q8_0 weights are written from their own blocks")
+    return source
 
 
 def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
@@ -107,6 +126,9 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
         routers = record["routers"]
         graphs = split(model)
         dcfg = backbone.decoder.cfg
+        progress.show("index the source's blocks")
+        source = source_blocks(backbone, cfg)
+        exact: dict[str, dict[str, int]] = {}
         steps = len(graphs) * (len(cfg.formats) + 1)
         progress.start(steps)
         verify: dict[str, dict] = {}
@@ -117,7 +139,9 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
             fp32 = work / ".fp32"
             for rel, graph in graphs.items():
                 for fmt in cfg.formats:
-                    export_graph(rel, graph, fmt, dcfg, work, fp32, cfg, progress)
+                    counts = export_graph(rel, graph, fmt, dcfg, work, fp32, cfg, progress, source)
+                    if counts:
+                        exact[rel] = counts
                     progress.advance()
                 progress.show(f"verify {rel}")
                 verify[rel] = verify_graph(graph, dcfg, work, fp32, rel, cfg)
@@ -127,6 +151,8 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
             manifest = write_bundle(work, backbone, model, record, graphs, cfg, verify, routers)
             wall = time.perf_counter() - started
             manifest["export"]["wall_s"] = round(wall, 1)
+            if source is not None:
+                manifest["export"]["source_blocks"] = {"file": source.path.name, "weights": exact}
             write_manifest(work, manifest)
     console.print(f"exported {run} -> {out} ({cfg.quant}, {', '.join(cfg.formats)}) in {wall:.0f} s")
     return manifest
@@ -197,7 +223,9 @@ def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict,
 
 
 def quant_record(cfg: ExportConfig) -> dict:
-    return {"scheme": cfg.quant, **({"block_size": cfg.block_size} if cfg.quant != "fp32" else {})}
+    if cfg.quant == "fp32":
+        return {"scheme": "fp32"}
+    return {"scheme": cfg.quant, "block_size": cfg.block_size, "accuracy_level": cfg.accuracy_level}
 
 
 def run_label(record: dict) -> str:

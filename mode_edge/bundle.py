@@ -123,7 +123,7 @@ def check_pack_fits(pack: dict, bundle: dict, what: str) -> None:
             f"{what} was made for base fingerprint {str(pack.get('base_fingerprint'))[:16]}, this bundle's base is "
             f"{bundle['base']['fingerprint'][:16]}; install it only into a bundle of the base it was trained on"
         )
-    if pack.get("quantization") != bundle["quantization"]:
+    if _precision(pack.get("quantization")) != _precision(bundle["quantization"]):
         raise UserError(
             f"{what} is quantized {quant_label(pack.get('quantization'))}, the bundle "
             f"{quant_label(bundle['quantization'])}; export the expert with the bundle's --quant and --block-size"
@@ -131,6 +131,12 @@ def check_pack_fits(pack: dict, bundle: dict, what: str) -> None:
     missing = [f for f in bundle["formats"] if f not in pack.get("formats", [])]
     if missing:
         raise UserError(f"{what} has no {', '.join(missing)} graphs, which this bundle uses; re-export it")
+
+
+def _precision(q) -> object:
+    """What a pack must share with its bundle: scheme and block size (the compute type, accuracy_level, is each
+    graph's own)."""
+    return {k: q.get(k) for k in ("scheme", "block_size")} if isinstance(q, dict) else q
 
 
 def quant_label(q: dict | None) -> str:

@@ -38,10 +38,16 @@ def human_bytes(n: int) -> str:
 )
 @click.option("--block-size", type=Int(16, 256), default=32, show_default=True,
               help="Weights per int8 / int4 quantization group: 16, 32, 64, 128 or 256.")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
+              help="ONNX int8 / int4: compute type of the rounded weights' MatMulNBits: 0 fp32, 4 int8 activations "
+                   "per block (fastest on CPUs with dot-product instructions, and lossier).")
+@click.option("--source-blocks/--requantize-base", default=True, show_default=True,
+              help="ONNX int8 / int4, backbone from a GGUF file: write its Q4_0 / Q4_1 / Q8_0 weights from the "
+                   "file's own blocks (exactly the trained model, computed in fp32), or round them again.")
 @click.option("--device", default=None, help="Device profile whose defaults to use (`mode-edge devices list`).")
 @click.option("--experts", default=None, help="Comma-separated subset of the run's experts (default: all).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-def export_cmd(run, out, formats, quant, block_size, device, experts, overwrite):
+def export_cmd(run, out, formats, quant, block_size, accuracy_level, source_blocks, device, experts, overwrite):
     """Split the model into graphs (embed, backbone blocks, each expert's blocks with its gate, head), export them to
     ONNX and/or ExecuTorch, quantize, check each against PyTorch, and write OUT/manifest.json with every file's size
     and sha256. Each expert lands in OUT/experts/NAME, ready for `mode-edge pack`."""
@@ -53,6 +59,7 @@ def export_cmd(run, out, formats, quant, block_size, device, experts, overwrite)
     cfg = ExportConfig(
         formats=fmts, quant=quant or defaults.get("quant", "int8"), block_size=block_size,
         experts=split_names(experts, "--experts") if experts else None, overwrite=overwrite,
+        accuracy_level=accuracy_level, source_blocks=source_blocks,
     )  # fmt: skip
     if not overwrite and Path(out).exists():
         raise UserError(f"{out} already exists; choose another --out or pass --overwrite")

@@ -208,6 +208,12 @@ class ExportConfig(_Serialisable):
     """Experts to export (None: all in the run)."""
     overwrite: bool = False
     """Replace an existing bundle."""
+    accuracy_level: int = 4
+    """onnxruntime MatMulNBits compute type for the requantized weights: 0 (unset) / 1 fp32, 2 fp16, 3 bf16, 4 int8
+    activations per block (fastest on CPUs with dot-product instructions, and the lossiest)."""
+    source_blocks: bool = True
+    """ONNX int8 / int4: write each backbone weight from the blocks of its quantized source (a GGUF's Q4_0, Q4_1 or
+    Q8_0 rows) instead of rounding it again, so the base equals the model that was trained (export/source_blocks.py)."""
 
     def __post_init__(self):
         unknown = [f for f in self.formats if f not in FORMATS]
@@ -220,6 +226,9 @@ class ExportConfig(_Serialisable):
         if not isinstance(self.block_size, numbers.Integral) or self.block_size not in BLOCK_SIZES:
             raise UserError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))} (a power of two that "
                             f"onnxruntime's quantizer takes), got {self.block_size!r}")  # fmt: skip
+        if not isinstance(self.accuracy_level, numbers.Integral) or not 0 <= self.accuracy_level <= 4:
+            raise UserError(f"--accuracy-level must be 0, 1, 2, 3 or 4 (onnxruntime's MatMulNBits compute types), "
+                            f"got {self.accuracy_level!r}")  # fmt: skip
 
 
 def check_seq_len(seq_len: int, max_seq_len: int, option: str = "--seq-len") -> None:

@@ -167,6 +167,16 @@ def test_a_pack_of_another_quantization_is_refused(bundle, code_pack):
         install(bundle, code_pack)
 
 
+def test_a_pack_computed_at_another_accuracy_level_still_fits(bundle, code_pack):
+    """accuracy_level is each graph's compute type, not the weights' format: it need not match the bundle's."""
+    manifest = read_bundle(bundle)
+    manifest["quantization"] = {**manifest["quantization"], "accuracy_level": 0}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    uninstall(bundle, "code")
+    install(bundle, code_pack)
+    assert "code" in read_bundle(bundle)["experts"]
+
+
 def test_a_corrupted_installed_file_is_refused_at_load(bundle):
     path = bundle / "experts/prose/block1.onnx.data"
     path.write_bytes(path.read_bytes()[:-10])

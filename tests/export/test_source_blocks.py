@@ -1,0 +1,134 @@
+"""The int4 base written from its GGUF source's own blocks: the graphs compute the very weights that were trained."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFWriter
+from gguf.quants import dequantize, quantize
+from onnx import TensorProto, helper, numpy_helper
+
+from mode_edge.export.onnx_graphs import quantize_onnx
+from mode_edge.export.source_blocks import SourceBlocks, write_source_blocks
+
+RNG = np.random.default_rng(0)
+SHAPES = {"q4_0": (T.Q4_0, (48, 96)), "q4_1": (T.Q4_1, (40, 64)), "q8_0": (T.Q8_0, (50, 64))}
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """A GGUF file with one tensor of each supported block type (and one F32 tensor); returns its path and the
+    dequantized weights, as a checkpoint reader would hand them to our model."""
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    weights = {}
+    for name, (kind, shape) in SHAPES.items():
+        w = RNG.standard_normal(shape).astype(np.float32) * 0.05
+        w[0, :32] = 0.25  # a block whose values are all equal (Q4_1: scale 0)
+        q = quantize(w, kind)
+        writer.add_tensor(name, q, raw_dtype=kind)
+        weights[name] = dequantize(q, kind).astype(np.float32)
+    writer.add_tensor("norm", np.ones(64, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path, weights
+
+
+def matmul_model(b: np.ndarray, k: int) -> bytes:
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "B"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(b, "B")],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_each_block_type_is_written_as_its_own_blocks_and_computes_the_weight(tiny_gguf, name, tmp_path):
+    path, weights = tiny_gguf
+    w = weights[name]
+    w = w[RNG.permutation(len(w))]  # rows in another order, as llama.cpp stores q_proj and k_proj
+    model = matmul_model(np.ascontiguousarray(w.T), w.shape[1])
+    counts = write_source_blocks(model, SourceBlocks(path), accuracy_level=0)
+    assert counts == {SHAPES[name][0].name: 1}
+    assert [n.op_type for n in model.graph.node] == ["MatMulNBits"]
+    assert not any(i.name == "B" for i in model.graph.initializer)  # the fp32 weight is gone
+    x = RNG.standard_normal((1, 3, w.shape[1])).astype(np.float32)
+    got = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    ref = x @ w.T
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    if name == "q4_0":
+        return  # symmetric 4-bit rounding of Q4_0 rows lands on the same grid; Q4_1 and Q8_0 rows do not:
+    # the same weight rounded again by onnxruntime's int4 quantizer (what the exporter did before) is not the model
+    onnx.save(matmul_model(np.ascontiguousarray(w.T), w.shape[1]), str(tmp_path / "fp32.onnx"))
+    quantize_onnx(tmp_path / "fp32.onnx", tmp_path / "rtn.onnx", "int4", 32, accuracy_level=0)
+    rounded = ort.InferenceSession(str(tmp_path / "rtn.onnx")).run(None, {"x": x})[0]
+    assert np.abs(rounded - ref).max() > 1e-3 * np.abs(ref).max() > 100 * np.abs(got - ref).max()
+
+
+def test_an_embedding_table_of_q8_0_rows_becomes_gather_block_quantized(tiny_gguf):
+    path, weights = tiny_gguf
+    table = weights["q8_0"]
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["E", "ids"], ["y"], axis=0)], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(table, "E")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert write_source_blocks(model, SourceBlocks(path), accuracy_level=0) == {"Q8_0": 1}
+    ids = np.array([[0, 7, 49, 3]], np.int64)
+    got = ort.InferenceSession(model.SerializeToString()).run(None, {"ids": ids})[0]
+    np.testing.assert_array_equal(got, table[ids])
+
+
+def test_weights_that_are_not_the_source_rows_are_left_to_the_quantizer(tiny_gguf):
+    path, weights = tiny_gguf
+    trained = weights["q4_1"].copy()
+    trained[3, 5] += 1e-3  # one weight moved by training: not the source's any more
+    mixed = np.concatenate([weights["q4_0"][:, :64], weights["q4_1"]])  # rows of two tensors
+    source = SourceBlocks(path)
+    for w in (trained, mixed):
+        model = matmul_model(np.ascontiguousarray(w.T), w.shape[1])
+        assert write_source_blocks(model, source, accuracy_level=0) == {}
+        assert [n.op_type for n in model.graph.node] == ["MatMul"]
+
+
+@pytest.mark.slow
+def test_smollm2_int4_base_graphs_equal_the_pytorch_backbone(tmp_path):
+    """The built-in backbone's first block (10 layers), embedding and tied head at int4 from the GGUF's blocks:
+    fp32 tolerance against PyTorch, and the same next token at every position."""
+    from mode_edge.config import MoDELayout
+    from mode_edge.export.graphs import example_inputs, split
+    from mode_edge.export.onnx_graphs import export_onnx
+    from mode_edge.training.backbones import SMOLLM2_GGUF, load_backbone, smollm2_dir
+    from mode_edge.training.model import MoDEModel
+
+    backbone = load_backbone("smollm2")
+    model = MoDEModel(backbone.decoder, MoDELayout()).eval()
+    graphs = split(model)
+    source = SourceBlocks(smollm2_dir() / SMOLLM2_GGUF)
+    ids = torch.tensor([backbone.tokenizer.encode("def fibonacci(n):\n    return n if n < 2 else")])
+    hidden = None
+    for rel in ("base/embed", "base/block0", "base/head"):
+        graph = graphs[rel]
+        export_onnx(graph, backbone.decoder.cfg, tmp_path / f"{rel}.fp32.onnx")
+        counts = quantize_onnx(tmp_path / f"{rel}.fp32.onnx", tmp_path / f"{rel}.onnx", "int4", 32, 4, source)
+        assert counts == ({"Q8_0": 1} if rel != "base/block0" else {"Q4_1": 70})  # 10 layers x 7 linear layers
+        session = ort.InferenceSession(str(tmp_path / f"{rel}.onnx"))
+        names = [i.name for i in session.get_inputs()]
+        if rel == "base/embed":
+            inputs = [ids]
+        else:
+            empty = [t for t in example_inputs(graph, backbone.decoder.cfg)[1:]]
+            inputs = [hidden] + [t[:, :, :0] for t in empty]
+        with torch.no_grad():
+            ref = graph(*inputs)
+        ref = (ref[0] if isinstance(ref, tuple) else ref).numpy()
+        got = session.run(None, dict(zip(names, [t.numpy() for t in inputs])))[0]
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+        hidden = torch.from_numpy(ref)
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
