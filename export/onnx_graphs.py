@@ -96,3 +96,48 @@ def quantize_onnx(src: Path, dst: Path, quant: str, block_size: int, accuracy_le
         quantizer.process()
         save_external(quantizer.model.model, dst)
     return exact
+
+
+def share_tied_embedding(embed: Path, head: Path) -> int:
+    """A tied model's embedding, stored once: when the embed graph's GatherBlockQuantized table and scales hold the
+    same bytes as the head graph's MatMulNBits weight and scales (8-bit blocks along the model width, as written from
+    a Q8_0 source), the embed graph's initializers are pointed at the head's weights file and its own is removed.
+    Returns the bytes saved (0 when the two differ, and nothing changes). Source of the idea: onnxruntime-genai's
+    builder feeds one quantized tensor to both ops of a tied model."""
+    embed_model = onnx.load(str(embed), load_external_data=False)
+    head_model = onnx.load(str(head), load_external_data=False)
+    gather = [n for n in embed_model.graph.node if n.op_type == "GatherBlockQuantized"]
+    matmul = [n for n in head_model.graph.node if n.op_type == "MatMulNBits"]
+    if len(gather) != 1 or len(matmul) != 1 or len(embed_model.graph.initializer) != 2:
+        return 0
+    attrs = {a.name: a.i for a in matmul[0].attribute}
+    if attrs.get("bits") != 8 or len(matmul[0].input) != 3 or len(gather[0].input) != 3:
+        return 0  # 8-bit blocks without zero points have one layout in both ops; other layouts differ
+    own = {i.name: i for i in embed_model.graph.initializer}
+    theirs = {i.name: i for i in head_model.graph.initializer}
+    # (table, weight) and (scales, scales): GatherBlockQuantized(data, indices, scales), MatMulNBits(A, B, scales)
+    pairs = [(own[gather[0].input[0]], theirs[matmul[0].input[1]]), (own[gather[0].input[2]], theirs[matmul[0].input[2]])]
+    for mine, other in pairs:
+        if not mine.external_data or not other.external_data:  # small tensors stay inside the graph file
+            return 0
+        if _external_bytes(embed, mine) != _external_bytes(head, other):
+            return 0
+    saved = embed.with_name(embed.name + ".data").stat().st_size
+    for mine, other in pairs:
+        fields = {e.key: e.value for e in other.external_data}
+        fields["location"] = head.name + ".data"  # both graphs lie in base/: the same folder
+        del mine.external_data[:]
+        for key, value in fields.items():
+            mine.external_data.add(key=key, value=value)
+    onnx.save_model(embed_model, str(embed))
+    embed.with_name(embed.name + ".data").unlink()
+    return saved
+
+
+def _external_bytes(graph: Path, tensor: onnx.TensorProto) -> bytes:
+    """The raw bytes of an initializer stored in the graph's external data file."""
+    fields = {e.key: e.value for e in tensor.external_data}
+    offset, length = int(fields.get("offset", 0)), int(fields["length"])
+    with open(graph.parent / fields["location"], "rb") as f:
+        f.seek(offset)
+        return f.read(length)

@@ -65,8 +65,11 @@ def load_model(run: Path, only: list[str] | None) -> tuple[Backbone, MoDEModel, 
     return backbone, model, {**record, "routers": {e.name: e.router for e in loaded}}  # routers: checked on load
 
 
-def graph_files(rel: str, fmt: str) -> list[str]:
-    return [rel + ".onnx", rel + ".onnx.data"] if fmt == "onnx" else [rel + ".pte"]
+def graph_files(rel: str, fmt: str, shared: set[str] = frozenset()) -> list[str]:
+    """A graph's files in one format; an ONNX graph in `shared` keeps its weights in another graph's file."""
+    if fmt != "onnx":
+        return [rel + ".pte"]
+    return [rel + ".onnx"] + [rel + ".onnx.data"] * (rel not in shared)
 
 
 def max_abs_diff(graph: torch.nn.Module, run_graph, inputs: tuple) -> float:
@@ -98,20 +101,25 @@ def export_graph(rel: str, graph, fmt: str, dcfg, work: Path, fp32: Path, cfg: E
 
 
 def source_blocks(backbone: Backbone, cfg: ExportConfig):
-    """The quantized source's blocks when the backbone came from a GGUF file and the ONNX bundle is quantized."""
-    if not cfg.source_blocks or cfg.quant == "fp32" or "onnx" not in cfg.formats or backbone.spec == "tiny":
+    """Where the quantized ONNX bundle's backbone weights come from when not rounded by onnxruntime's quantizer: the
+    blocks of the GGUF file the backbone was loaded from (exactly the trained weights), then the embedding rounded
+    once to 8 bits (for the embed graph and a tied head alike). None for fp32 or ExecuTorch-only bundles."""
+    if cfg.quant == "fp32" or "onnx" not in cfg.formats:
         return None
-    from mode_edge.export.source_blocks import SourceBlocks
+    from mode_edge.export.source_blocks import EmbeddingBlocks, FirstOf, SourceBlocks
     from mode_edge.training.backbones import resolve_spec
 
+    embedding = EmbeddingBlocks(backbone.decoder.embed_tokens.weight.detach().numpy())
+    if not cfg.source_blocks or backbone.spec == "tiny":
+        return embedding
     directory, gguf_file = resolve_spec(backbone.spec)
     if gguf_file is None:
-        return None
+        return embedding
     source = SourceBlocks(directory / gguf_file)
     if source.other_types:
         console.print(f"{gguf_file}: weights stored as {', '.join(sorted(source.other_types))} are dequantized and "
                       f"rounded again to {cfg.quant}; Q4_0, Q4_1 and Q8_0 weights are written from their own blocks")
-    return source
+    return FirstOf(source, embedding)
 
 
 def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
@@ -146,16 +154,33 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
                 progress.show(f"verify {rel}")
                 verify[rel] = verify_graph(graph, dcfg, work, fp32, rel, cfg)
                 progress.advance()
+            shared = share_embedding(work, dcfg, cfg, progress)
+            if shared:  # the embed graph now reads the head's weights file: check it again
+                verify["base/embed"] = verify_graph(graphs["base/embed"], dcfg, work, fp32, "base/embed", cfg)
             shutil.rmtree(fp32, ignore_errors=True)
             progress.show("write")
-            manifest = write_bundle(work, backbone, model, record, graphs, cfg, verify, routers)
+            manifest = write_bundle(work, backbone, model, record, graphs, cfg, verify, routers, shared)
             wall = time.perf_counter() - started
             manifest["export"]["wall_s"] = round(wall, 1)
-            if source is not None:
-                manifest["export"]["source_blocks"] = {"file": source.path.name, "weights": exact}
+            if exact:
+                manifest["export"]["block_sources"] = exact
             write_manifest(work, manifest)
     console.print(f"exported {run} -> {out} ({cfg.quant}, {', '.join(cfg.formats)}) in {wall:.0f} s")
     return manifest
+
+
+def share_embedding(work: Path, dcfg, cfg: ExportConfig, progress) -> set[str]:
+    """A tied model's ONNX embedding stored once, in the head's weights file, where both hold the same blocks
+    (export/onnx_graphs.share_tied_embedding); returns the graphs whose own weights file is gone."""
+    if "onnx" not in cfg.formats or cfg.quant == "fp32" or not dcfg.tie_embeddings:
+        return set()
+    from mode_edge.export.onnx_graphs import share_tied_embedding
+
+    progress.show("share the tied embedding")
+    saved = share_tied_embedding(work / "base/embed.onnx", work / "base/head.onnx")
+    if saved:
+        console.print(f"tied embedding stored once: {saved / 2**20:.1f} MB saved")
+    return {"base/embed"} if saved else set()
 
 
 def verify_graph(graph, dcfg, work: Path, fp32: Path, rel: str, cfg: ExportConfig) -> dict:
@@ -173,7 +198,7 @@ def verify_graph(graph, dcfg, work: Path, fp32: Path, rel: str, cfg: ExportConfi
 
 
 def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict, graphs, cfg, verify,
-                 routers: dict[str, dict | None]) -> dict:  # fmt: skip
+                 routers: dict[str, dict | None], shared: set[str] = frozenset()) -> dict:  # fmt: skip
     fingerprint = record["base"]["fingerprint"]
     backbone.tokenizer.save(work / "tokenizer.json")
     components = {}
@@ -182,6 +207,7 @@ def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict,
         components[rel] = {
             "layers": graph_layers(graph), "inputs": inputs, "outputs": outputs,
             **{fmt: rel + GRAPH_SUFFIX[fmt] for fmt in cfg.formats},
+            **({"onnx_weights_in": "base/head.onnx.data"} if rel in shared else {}),
         }  # fmt: skip
     experts = {}
     for name in model.experts:
@@ -199,7 +225,7 @@ def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict,
         write_json(folder / "pack.json", pack)
         experts[name] = expert_entry(work, name, pack)
     base_files = ["tokenizer.json"] + [
-        f for c in components if c.startswith("base/") for fmt in cfg.formats for f in graph_files(c, fmt)
+        f for c in components if c.startswith("base/") for fmt in cfg.formats for f in graph_files(c, fmt, shared)
     ]
     return {
         "format": BUNDLE_FORMAT,

@@ -125,6 +125,43 @@ class SourceBlocks:
         return blocks
 
 
+def int8_blocks(weight: np.ndarray) -> Blocks:
+    """weight (N, K), K a multiple of 32 -> symmetric 8-bit blocks of 32 (Q8_0's scheme, fp32 scales): the largest
+    magnitude of each block maps to 127."""
+    w = weight.reshape(len(weight), -1, BLOCK).astype(np.float32)
+    d = np.abs(w).max(-1) / 127.0
+    d = np.where(d == 0, np.float32(1), d).astype(np.float32)
+    q = (np.clip(np.rint(w / d[..., None]), -127, 127) + 128).astype(np.uint8)
+    return Blocks("int8", 8, q, d, None)
+
+
+class EmbeddingBlocks:
+    """The token embedding rounded once to 8-bit blocks (`int8_blocks`), for the embed graph's Gather and, in a tied
+    model, the head's MatMul: where no source blocks hold it, both then read the same bytes (stored once, see
+    export/onnx_graphs.share_tied_embedding), and the 4-bit bundle keeps its largest, most sensitive matrix at 8 bits
+    (as llama.cpp's Q4_K_M keeps the output and embedding tensors at higher precision).
+
+    weight: (V, D) float32, the embedding table."""
+
+    def __init__(self, weight: np.ndarray):
+        self.weight = weight
+        self.blocks = int8_blocks(weight) if weight.shape[1] % BLOCK == 0 else None
+
+    def find(self, weight: np.ndarray) -> Blocks | None:
+        same = weight.shape == self.weight.shape and np.array_equal(weight, self.weight)
+        return self.blocks if same else None
+
+
+class FirstOf:
+    """Several block sources, asked in order (the GGUF's own blocks before any rounding)."""
+
+    def __init__(self, *sources):
+        self.sources = [s for s in sources if s is not None]
+
+    def find(self, weight: np.ndarray) -> Blocks | None:
+        return next((b for s in self.sources if (b := s.find(weight)) is not None), None)
+
+
 def _initializer(name: str, array: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(np.ascontiguousarray(array), name)
 

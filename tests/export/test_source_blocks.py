@@ -10,8 +10,8 @@ from gguf import GGUFWriter
 from gguf.quants import dequantize, quantize
 from onnx import TensorProto, helper, numpy_helper
 
-from mode_edge.export.onnx_graphs import quantize_onnx
-from mode_edge.export.source_blocks import SourceBlocks, write_source_blocks
+from mode_edge.export.onnx_graphs import quantize_onnx, share_tied_embedding
+from mode_edge.export.source_blocks import EmbeddingBlocks, SourceBlocks, int8_blocks, write_source_blocks
 
 RNG = np.random.default_rng(0)
 SHAPES = {"q4_0": (T.Q4_0, (48, 96)), "q4_1": (T.Q4_1, (40, 64)), "q8_0": (T.Q8_0, (50, 64))}
@@ -97,6 +97,41 @@ def test_weights_that_are_not_the_source_rows_are_left_to_the_quantizer(tiny_ggu
         assert [n.op_type for n in model.graph.node] == ["MatMul"]
 
 
+def test_a_tied_embedding_is_stored_once_at_8_bits(int8_bundle, tiny):
+    """The tiny backbone is tied and has no GGUF: its embedding is rounded once to 8-bit blocks, and the embed graph
+    reads them from the head's weights file."""
+    from mode_edge.bundle import read_bundle
+    from mode_edge.runtimes.backends import load_graph
+
+    manifest = read_bundle(int8_bundle)
+    assert manifest["components"]["base/embed"]["onnx_weights_in"] == "base/head.onnx.data"
+    assert not (int8_bundle / "base/embed.onnx.data").exists() and "base/embed.onnx.data" not in manifest["files"]
+    assert manifest["export"]["block_sources"] == {"base/embed": {"int8": 1}, "base/head": {"int8": 1}}
+    table = tiny.decoder.embed_tokens.weight.detach().numpy()
+    ids = np.arange(len(table), dtype=np.int64)[None]
+    (got,) = load_graph(int8_bundle / "base/embed.onnx", threads=1)([ids])
+    np.testing.assert_array_equal(got[0], int8_blocks(table).dequantize())  # the rows the head multiplies with
+    assert np.abs(got[0] - table).max() <= np.abs(table).max() / 254 * 1.001  # half a step of the 8-bit grid
+
+
+def test_an_embedding_that_differs_from_the_head_is_not_shared(tmp_path):
+    from mode_edge.export.onnx_graphs import save_external, share_tied_embedding
+
+    table = RNG.standard_normal((64, 64)).astype(np.float32)
+    embed = helper.make_model(helper.make_graph(
+        [helper.make_node("Gather", ["E", "ids"], ["y"], axis=0)], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(table, "E")],
+    ), opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+    head = matmul_model(np.ascontiguousarray(table.T + 1e-3), 64)  # untied: another matrix
+    write_source_blocks(embed, EmbeddingBlocks(table), 0)
+    write_source_blocks(head, EmbeddingBlocks(table.T.T + 1e-3), 0)
+    save_external(embed, tmp_path / "embed.onnx")
+    save_external(head, tmp_path / "head.onnx")
+    assert share_tied_embedding(tmp_path / "embed.onnx", tmp_path / "head.onnx") == 0
+    assert (tmp_path / "embed.onnx.data").exists()
+
+
 @pytest.mark.slow
 def test_smollm2_int4_base_graphs_equal_the_pytorch_backbone(tmp_path):
     """The built-in backbone's first block (10 layers), embedding and tied head at int4 from the GGUF's blocks:
@@ -132,3 +167,9 @@ def test_smollm2_int4_base_graphs_equal_the_pytorch_backbone(tmp_path):
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
         hidden = torch.from_numpy(ref)
     assert (got.argmax(-1) == ref.argmax(-1)).all()
+    # the tied embedding: the embed graph now reads the head's Q8_0 blocks, and computes the same rows
+    before = ort.InferenceSession(str(tmp_path / "base/embed.onnx")).run(None, {"input_ids": ids.numpy()})[0]
+    saved = share_tied_embedding(tmp_path / "base/embed.onnx", tmp_path / "base/head.onnx")
+    assert saved > 25 * 2**20 and not (tmp_path / "base/embed.onnx.data").exists()
+    after = ort.InferenceSession(str(tmp_path / "base/embed.onnx")).run(None, {"input_ids": ids.numpy()})[0]
+    np.testing.assert_array_equal(after, before)
