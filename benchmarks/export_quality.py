@@ -2,10 +2,12 @@
 
     python benchmarks/export_quality.py --model runs/demo/composed --data runs/demo/data [--formats onnx]
 
-For each precision (fp32, int8, int4) the composed run is exported; then, on the held-out test split of every
-domain, the runtime (all experts loaded) and PyTorch score the same windows: next-token accuracy of each, and the
-top-1 agreement between them (teacher-forced, every position). Greedy agreement: for the first prompts of each
-domain, the share of 32-token greedy continuations identical to PyTorch's, and the mean length of the common prefix.
+For each precision (fp32, int8, int4; NAME-requantized rounds a GGUF backbone again instead of keeping its blocks)
+the composed run is exported; then, on the held-out test split of every domain, the runtime (all experts loaded) and
+PyTorch score the same windows through `eval --bundle`'s code (training/eval_bundle.py): next-token accuracy of
+each, the paired change with its 95% interval, and the top-1 agreement (teacher-forced, every position). Greedy
+agreement: for the first prompts of each domain, the share of 32-token greedy continuations identical to PyTorch's,
+and the mean length of the common prefix.
 Writes benchmarks/results/export_quality.{json,md}.
 """
 
@@ -19,7 +21,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write  # noqa: E402
@@ -27,8 +28,9 @@ from common import machine, write  # noqa: E402
 from mode_edge.config import ExportConfig  # noqa: E402
 from mode_edge.export.pipeline import export_bundle, load_model  # noqa: E402
 from mode_edge.packs import describe  # noqa: E402
-from mode_edge.runtimes.engine import Engine, generate  # noqa: E402
+from mode_edge.runtimes.engine import generate  # noqa: E402
 from mode_edge.training.data import eval_windows, load_corpus, require_split  # noqa: E402
+from mode_edge.training.eval_bundle import BundleModel, evaluate_bundle  # noqa: E402
 from mode_edge.training.evaluate import greedy  # noqa: E402
 
 
@@ -44,7 +46,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=Path("runs/demo/composed"))
     ap.add_argument("--data", type=Path, default=Path("runs/demo/data"), help="Folder of the domain corpora.")
     ap.add_argument("--formats", default="onnx", help="onnx or executorch; the first one is what the runtime runs.")
-    ap.add_argument("--quants", default="fp32,int8,int4")
+    ap.add_argument("--quants", default="fp32,int8,int4",
+                    help="Precisions; NAME-requantized rounds a GGUF backbone again instead of keeping its blocks.")
     ap.add_argument("--eval-tokens", type=int, default=2048, help="Held-out tokens per domain.")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--prompts", type=int, default=4, help="Greedy prompts per domain.")
@@ -52,38 +55,39 @@ def main() -> None:
 
     backbone, model, _ = load_model(args.model, None)
     domains = sorted(p.name for p in args.data.iterdir() if (p / "dataset.json").exists())
-    windows = {d: eval_windows(require_split(load_corpus(args.data / d), "test"), backbone.tokenizer, args.seq_len,
-                               args.eval_tokens).numpy() for d in domains}  # fmt: skip
-    with torch.no_grad():
-        ref_logits = {d: [model(torch.from_numpy(w[None, :-1])).numpy()[0] for w in windows[d]] for d in domains}
+    corpora = [load_corpus(args.data / d) for d in domains]
+    windows = {c.name: eval_windows(require_split(c, "test"), backbone.tokenizer, args.seq_len, 32 * args.prompts)
+               for c in corpora}  # fmt: skip
     prompts = {d: [w[:32].tolist() for w in windows[d][: args.prompts]] for d in domains}
     ref_greedy = {d: [greedy(model, p, 32) for p in prompts[d]] for d in domains}
-    rows = {"pytorch": {"accuracy": {d: acc(ref_logits[d], windows[d]) for d in domains}}}
+    rows = {}
 
     work = Path(tempfile.mkdtemp(prefix="export-bench-"))
     try:
-        for quant in args.quants.split(","):
-            out = work / quant
+        for variant in args.quants.split(","):
+            quant, requantize = variant.removesuffix("-requantized"), variant.endswith("-requantized")
+            out = work / variant
             t0 = time.perf_counter()
-            export_bundle(args.model, out, ExportConfig(formats=tuple(args.formats.split(",")), quant=quant))
+            export_bundle(args.model, out, ExportConfig(formats=tuple(args.formats.split(",")), quant=quant,
+                                                        source_blocks=not requantize))  # fmt: skip
             wall = time.perf_counter() - t0
             info = describe(out)
-            engine = Engine(out, backend=args.formats.split(",")[0])
-            for name in engine.installed:
-                engine.load_expert(name)
+            shipped = BundleModel(out, None, args.formats.split(",")[0])  # every expert loaded
+            scores = evaluate_bundle(shipped, corpora, model, args.seq_len, args.eval_tokens)
+            rows.setdefault("pytorch", {"accuracy": {d: s["reference"]["accuracy"] for d, s in scores.items()}})
             row = {"export_s": round(wall, 1), "components": info["components"], "base_bytes": info["base_bytes"],
                    "expert_bytes": {n: e["bytes"] for n, e in info["experts"].items()},
-                   "accuracy": {}, "top1_agreement": {}, "greedy_identical": {}, "greedy_prefix": {}}  # fmt: skip
+                   "accuracy": {d: s["accuracy"] for d, s in scores.items()},
+                   "change": {d: s["change"] for d, s in scores.items()},
+                   "top1_agreement": {d: s["top1_agreement"] for d, s in scores.items()},
+                   "greedy_identical": {}, "greedy_prefix": {}}  # fmt: skip
+            engine = shipped.session.engine
             for d in domains:
-                got = [engine.forward(w[None, :-1].astype(np.int64), engine.new_cache())[0] for w in windows[d]]
-                row["accuracy"][d] = acc(got, windows[d])
-                row["top1_agreement"][d] = 100.0 * float(np.mean(
-                    [np.mean(g.argmax(-1) == r.argmax(-1)) for g, r in zip(got, ref_logits[d])]))  # fmt: skip
                 pairs = list(zip([list(generate(engine, p, 32)) for p in prompts[d]], ref_greedy[d]))
                 row["greedy_identical"][d] = 100.0 * float(np.mean([g == r for g, r in pairs]))
                 row["greedy_prefix"][d] = float(np.mean([common_prefix(g, r) for g, r in pairs]))
-            rows[quant] = row
-            print(f"{quant}: {row['accuracy']} agreement {row['top1_agreement']}", flush=True)
+            rows[variant] = row
+            print(f"{variant}: {row['accuracy']} agreement {row['top1_agreement']}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -91,10 +95,6 @@ def main() -> None:
             "eval_tokens_per_domain": args.eval_tokens, "rows": rows}  # fmt: skip
     name = "export_quality" if args.formats == "onnx" else f"export_quality_{args.formats.replace(',', '_')}"
     write(name, data, markdown(data, domains))
-
-
-def acc(logits: list[np.ndarray], windows: np.ndarray) -> float:
-    return 100.0 * float(np.mean([np.mean(lg.argmax(-1) == w[1:]) for lg, w in zip(logits, windows)]))
 
 
 def mb(n: int) -> str:
@@ -119,7 +119,8 @@ def markdown(data: dict, domains: list[str]) -> str:
               "| model | " + " | ".join(domains) + " | top-1 agreement % | greedy 32-token identical % | "
               "greedy common prefix |", "|---|" + "---|" * (len(domains) + 3)]  # fmt: skip
     for q, r in rows.items():
-        accs = " | ".join(f"{r['accuracy'][d]:.2f}" for d in domains)
+        accs = " | ".join(f"{r['accuracy'][d]:.2f}" + (f" ({r['change'][d]['delta']:+.2f})" if "change" in r else "")
+                          for d in domains)  # fmt: skip
         if q == "pytorch":
             lines.append(f"| pytorch | {accs} | - | - | - |")
             continue

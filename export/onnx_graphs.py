@@ -116,7 +116,8 @@ def share_tied_embedding(embed: Path, head: Path) -> int:
     own = {i.name: i for i in embed_model.graph.initializer}
     theirs = {i.name: i for i in head_model.graph.initializer}
     # (table, weight) and (scales, scales): GatherBlockQuantized(data, indices, scales), MatMulNBits(A, B, scales)
-    pairs = [(own[gather[0].input[0]], theirs[matmul[0].input[1]]), (own[gather[0].input[2]], theirs[matmul[0].input[2]])]
+    g, m = gather[0].input, matmul[0].input
+    pairs = [(own[g[0]], theirs[m[1]]), (own[g[2]], theirs[m[2]])]
     for mine, other in pairs:
         if not mine.external_data or not other.external_data:  # small tensors stay inside the graph file
             return 0

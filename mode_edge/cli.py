@@ -368,7 +368,7 @@ def eval_bundle(bundle, run, base, data, experts, split, max_tokens, seq_len, js
     from mode_edge.training.evaluate import build_model
 
     if base is not None:
-        raise UserError("--base does not apply to --bundle: the bundle holds its base; pass --model RUN for a reference")
+        raise UserError("--base does not apply to --bundle: the bundle holds its base; pass --model RUN as reference")
     if run is not None and "," in str(run) and not Path(run).exists():
         raise UserError("--model takes one run folder as the reference of --bundle")
     subset = None if experts is None else expert_list(experts, "--experts")

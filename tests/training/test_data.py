@@ -142,8 +142,11 @@ def test_mail_body_drops_headers_quotes_signatures_and_footers():
         "From: a@example.org\r\nSubject: Re: [list] kernel build\r\nMIME-Version: 1.0\r\n"
         'Content-Type: multipart/alternative; boundary="b"\r\n\r\n'
         "--b\r\nContent-Type: text/html\r\n\r\n<p>html copy</p>\r\n"
-        "--b\r\nContent-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
-        "> you wrote this before\r\nThe build works with gcc 3.2 now; caf=E9 is open.\r\n" + "More words. " * 20 + "\r\n"
+        "--b\r\nContent-Type: text/plain; charset=iso-8859-1\r\n"
+        "Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+        "> you wrote this before\r\nThe build works with gcc 3.2 now; caf=E9 is open.\r\n"
+        + "More words. " * 20
+        + "\r\n"
         "-- \r\nsignature\r\n--b--\r\n"
     ).encode("latin-1")
     body = _mail_body(raw)
