@@ -134,7 +134,7 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
         routers = record["routers"]
         graphs = split(model)
         dcfg = backbone.decoder.cfg
-        progress.show("index the source's blocks")
+        progress.show("load the source's blocks")
         source = source_blocks(backbone, cfg)
         exact: dict[str, dict[str, int]] = {}
         steps = len(graphs) * (len(cfg.formats) + 1)
@@ -176,10 +176,8 @@ def share_embedding(work: Path, dcfg, cfg: ExportConfig, progress) -> set[str]:
         return set()
     from mode_edge.export.onnx_graphs import share_tied_embedding
 
-    progress.show("share the tied embedding")
+    progress.show("write the tied embedding once")
     saved = share_tied_embedding(work / "base/embed.onnx", work / "base/head.onnx")
-    if saved:
-        console.print(f"tied embedding stored once: {saved / 2**20:.1f} MB saved")
     return {"base/embed"} if saved else set()
 
 
