@@ -5,10 +5,11 @@ Stages, in order (each shown as a progress step):
     transform  the model cut into graphs (export/graphs.py): embed, backbone blocks, expert blocks with gate, head
     export     each graph to fp32 ONNX (torch.onnx, dynamo) and/or ExecuTorch (.pte, XNNPACK; torchao quantizes
                before lowering, so a .pte is exported at its final precision)
-    quantize   ONNX graphs to int8 / int4 with onnxruntime.quantization
+    quantize   ONNX graphs to int8 / int4 with onnxruntime.quantization; a GGUF backbone's weights keep their own
+               blocks and the embedding is rounded once to 8 bits (export/source_blocks.py)
     verify     every fp32 graph against its PyTorch module (max abs diff), quantized ones reported against fp32
-    write      gates, tokenizer, per-expert pack.json, manifest.json with every file's bytes and sha256; the bundle
-               appears under --out only when complete
+    write      a tied embedding stored once; gates, tokenizer, per-expert pack.json, manifest.json with every
+               file's bytes and sha256; the bundle appears under --out only when complete
 """
 
 from __future__ import annotations
