@@ -14,8 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mode_edge.config import check_seq_len
 from mode_edge.errors import UserError
 from mode_edge.progress import task_progress
+from mode_edge.ranges import check_number
 from mode_edge.training.data import Corpus, held_out, require_split
 from mode_edge.training.evaluate import paired_ci, summarize
 
@@ -56,8 +58,8 @@ def evaluate_bundle(
     """Per domain: the bundle's scores (`summarize`'s keys: accuracy %, perplexity, loss, 95% intervals, per-document
     sums); with `reference`, also "reference" (its scores), "top1_agreement" (%) and "change" (paired accuracy change
     bundle - reference in points, with its 95% interval)."""
-    if seq_len > model.max_seq_len:
-        raise UserError(f"--seq-len {seq_len} is longer than the bundle's context ({model.max_seq_len} tokens)")
+    check_seq_len(seq_len, model.max_seq_len)
+    check_number("--max-tokens", max_tokens, lo=1, integer=True)
     results: dict[str, dict] = {}
     for corpus in corpora:
         if corpus.name in results:

@@ -91,11 +91,10 @@ class BundleSide:
     exported graphs, with the gate files (and routers) the runtime reads."""
 
     def __init__(self, bundle: Path):
-        from mode_edge.runtimes.run import load_tokenizer
-        from mode_edge.runtimes.session import Session
+        from mode_edge.training.eval_bundle import BundleModel
 
-        self.session = Session(bundle)
-        self.tokenizer = load_tokenizer(bundle)
+        self.model = BundleModel(bundle, experts=[])
+        self.session, self.tokenizer = self.model.session, self.model.tokenizer
         self.gates = self.session.gates
         self.names = sorted(self.gates)
 
@@ -104,14 +103,12 @@ class BundleSide:
         return [np.concatenate([r[i] for r in rows]) for i in range(len(rows[0]))]
 
     def hits(self, subset: list[str], w: torch.Tensor, label: str) -> np.ndarray:
-        from mode_edge.runtimes.engine import Cache
-
         self.session.select(subset)
         hits = []
         with task_progress(label, len(w)) as advance:
-            for row in w.numpy():
-                logits = self.session.engine.forward(row[None, :-1], Cache())  # (1, T, V)
-                hits.append(logits[0, CONTEXT - 1 :].argmax(-1) == row[CONTEXT:])
+            for row in w:
+                logits = self.model(row[None, :-1])  # (1, T, V)
+                hits.append((logits[0, CONTEXT - 1 :].argmax(-1) == row[CONTEXT:]).numpy())
                 advance(1)
         return np.stack(hits)
 
