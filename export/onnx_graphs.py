@@ -39,7 +39,8 @@ def dynamic_shapes(graph) -> tuple:
 @contextlib.contextmanager
 def quiet():
     """torch.onnx and the quantizers narrate every step on stdout and the logs; our progress bar says it instead."""
-    names = ("torch.onnx", "onnxscript", "torch.export", "onnxruntime.quantization.matmul_nbits_quantizer")
+    names = ("torch.onnx", "onnxscript", "torch.export", "onnxruntime.quantization.matmul_nbits_quantizer",
+             "neural_compressor")
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -73,25 +74,28 @@ def save_external(model: onnx.ModelProto, path: Path) -> None:
 
 
 def quantize_onnx(src: Path, dst: Path, quant: str, block_size: int, accuracy_level: int = 4,
-                  source=None) -> dict[str, int]:  # fmt: skip
+                  source=None, method: str = "rtn") -> dict[str, int]:  # fmt: skip
     """src (fp32, external data) -> dst with weight-only int8 or int4 MatMulNBits (and the embedding's Gather as
     GatherBlockQuantized), its weights in dst.data. Activations stay fp32: see the module docstring for why.
 
-    source: a SourceBlocks (export/source_blocks.py) or None. Weights found in it are written from the source's own
-    blocks, computed in fp32 (accuracy level 0: they are the trained model, and int8 activations would round it);
-    the rest is rounded to `quant`. Returns the count of weights written from source blocks, by block type."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    source: where weights' blocks are found before any rounding here, or None: a GGUF's own blocks (computed in
+    fp32), GPTQ's blocks (export/calibrate.py), the 8-bit embedding (export/source_blocks.py). The rest is rounded
+    to `quant` at `accuracy_level`, by round-to-nearest or, with method "kquant" at 4 bits, llama.cpp's search for
+    each block's scale and minimum (onnxruntime's KQuantWeightOnlyQuantConfig). Returns the count of weights
+    written from `source`, by block type."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import KQuantWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     from mode_edge.export.source_blocks import write_source_blocks
 
     bits = {"int8": 8, "int4": 4}[quant]
     dst.parent.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(src))
-    exact = write_source_blocks(model, source, accuracy_level=0) if source is not None else {}
+    exact = write_source_blocks(model, source) if source is not None else {}
     with quiet():
+        kquant = method == "kquant" and bits == 4 and any(n.op_type == "MatMul" for n in model.graph.node)
         quantizer = MatMulNBitsQuantizer(
             model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
-            op_types_to_quantize=("MatMul", "Gather"),
+            op_types_to_quantize=("MatMul", "Gather"), algo_config=KQuantWeightOnlyQuantConfig() if kquant else None,
         )  # fmt: skip
         quantizer.process()
         save_external(quantizer.model.model, dst)

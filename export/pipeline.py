@@ -5,8 +5,11 @@ Stages, in order (each shown as a progress step):
     transform  the model cut into graphs (export/graphs.py): embed, backbone blocks, expert blocks with gate, head
     export     each graph to fp32 ONNX (torch.onnx, dynamo) and/or ExecuTorch (.pte, XNNPACK; torchao quantizes
                before lowering, so a .pte is exported at its final precision)
+    calibrate  --quant-method gptq: GPTQ blocks of every linear layer without source blocks, from its inputs while
+               the model reads each expert's training text (export/calibrate.py)
     quantize   ONNX graphs to int8 / int4 with onnxruntime.quantization; a GGUF backbone's weights keep their own
-               blocks and the embedding is rounded once to 8 bits (export/source_blocks.py)
+               blocks, GPTQ's blocks are written as they are, and the embedding is rounded once to 8 bits
+               (export/source_blocks.py)
     verify     every fp32 graph against its PyTorch module (max abs diff), quantized ones reported against fp32
     write      a tied embedding stored once; gates, tokenizer, per-expert pack.json, manifest.json with every
                file's bytes and sha256; the bundle appears under --out only when complete
@@ -15,6 +18,7 @@ Stages, in order (each shown as a progress step):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -63,7 +67,9 @@ def load_model(run: Path, only: list[str] | None) -> tuple[Backbone, MoDEModel, 
     loaded = load_run_experts(run, backbone, only)
     layout = check_same_blocks(loaded)
     model = MoDEModel(backbone.decoder, layout, {e.name: e.expert for e in loaded}).eval()
-    return backbone, model, {**record, "routers": {e.name: e.router for e in loaded}}  # routers: checked on load
+    # routers: checked on load; metas: where each expert's training text is (calibration)
+    return backbone, model, {**record, "routers": {e.name: e.router for e in loaded},
+                             "metas": {e.name: e.meta for e in loaded}}  # fmt: skip
 
 
 def graph_files(rel: str, fmt: str, shared: set[str] = frozenset()) -> list[str]:
@@ -98,12 +104,14 @@ def export_graph(rel: str, graph, fmt: str, dcfg, work: Path, fp32: Path, cfg: E
     if cfg.quant == "fp32":
         return {}
     progress.show(f"quantize {rel} ({cfg.quant})")
-    return quantize_onnx(target, work / (rel + ".onnx"), cfg.quant, cfg.block_size, cfg.accuracy_level, source)
+    return quantize_onnx(target, work / (rel + ".onnx"), cfg.quant, cfg.block_size, cfg.accuracy_level, source,
+                         cfg.quant_method)  # fmt: skip
 
 
-def source_blocks(backbone: Backbone, cfg: ExportConfig):
-    """Where the quantized ONNX bundle's backbone weights come from when not rounded by onnxruntime's quantizer: the
-    blocks of the GGUF file the backbone was loaded from (exactly the trained weights), then the embedding rounded
+def source_blocks(backbone: Backbone, model: MoDEModel, record: dict, cfg: ExportConfig, progress):
+    """Where the quantized ONNX bundle's weights come from when not rounded by onnxruntime's quantizer, asked in
+    order: the blocks of the GGUF file the backbone was loaded from (exactly the trained weights); with
+    --quant-method gptq, GPTQ's blocks of every other linear layer (export/calibrate.py); the embedding rounded
     once to 8 bits (for the embed graph and a tied head alike). None for fp32 or ExecuTorch-only bundles."""
     if cfg.quant == "fp32" or "onnx" not in cfg.formats:
         return None
@@ -111,22 +119,71 @@ def source_blocks(backbone: Backbone, cfg: ExportConfig):
     from mode_edge.training.backbones import resolve_spec
 
     embedding = EmbeddingBlocks(backbone.decoder.embed_tokens.weight.detach().numpy())
-    if not cfg.source_blocks or backbone.spec == "tiny":
-        return embedding
-    directory, gguf_file = resolve_spec(backbone.spec)
-    if gguf_file is None:
-        return embedding
-    source = SourceBlocks(directory / gguf_file)
-    if source.other_types:
-        console.print(f"{gguf_file}: weights stored as {', '.join(sorted(source.other_types))} are dequantized and "
-                      f"rounded again to {cfg.quant}; Q4_0, Q4_1 and Q8_0 weights are written from their own blocks")
-    return FirstOf(source, embedding)
+    gguf = None
+    if cfg.source_blocks and backbone.spec != "tiny":
+        directory, gguf_file = resolve_spec(backbone.spec)
+        if gguf_file is not None:
+            gguf = SourceBlocks(directory / gguf_file)
+            if gguf.other_types:
+                console.print(f"{gguf_file}: weights stored as {', '.join(sorted(gguf.other_types))} are "
+                              f"dequantized and rounded again to {cfg.quant}; Q4_0, Q4_1 and Q8_0 weights are "
+                              f"written from their own blocks")  # fmt: skip
+    calibrated = None
+    if cfg.quant == "int4" and cfg.quant_method == "gptq":
+        from mode_edge.export.calibrate import CALIBRATION_WINDOWS, calibrate, calibration_windows
+
+        corpora = calibration_texts(None, record, cfg)
+        windows, tokens = CALIBRATION_WINDOWS
+        progress.show(f"calibrate on {windows} windows of {tokens} tokens per expert")
+        texts = {n: calibration_windows(c, backbone.tokenizer, *CALIBRATION_WINDOWS) for n, c in corpora.items()}
+        in_gguf = (lambda w: gguf.find(w) is not None) if gguf is not None else (lambda w: False)
+        calibrated = calibrate(model, texts, cfg.accuracy_level, skip=in_gguf, progress=progress)
+    return FirstOf(gguf, calibrated, embedding)
+
+
+def resolve_quant_method(run: Path, record: dict, cfg: ExportConfig) -> ExportConfig:
+    """cfg with --quant-method auto made concrete (gptq if it can run, else rtn, said in one line) and an explicit
+    gptq checked: raises UserError when an expert's training text is gone."""
+    if cfg.quant != "int4" or "onnx" not in cfg.formats:
+        return dataclasses.replace(cfg, quant_method="rtn")
+    if cfg.quant_method == "gptq":
+        calibration_texts(run, record, cfg)
+    if cfg.quant_method != "auto":
+        return cfg
+    if cfg.block_size != 32:
+        console.print(f"--quant-method auto: the experts are rounded to nearest (GPTQ writes blocks of 32, not "
+                      f"{cfg.block_size})")  # fmt: skip
+        return dataclasses.replace(cfg, quant_method="rtn")
+    try:
+        calibration_texts(run, record, dataclasses.replace(cfg, quant_method="gptq"))
+    except UserError as e:
+        console.print(f"--quant-method auto: the experts are rounded to nearest, not by GPTQ: {e}")
+        return dataclasses.replace(cfg, quant_method="rtn")
+    return dataclasses.replace(cfg, quant_method="gptq")
+
+
+def calibration_texts(run: Path | None, record: dict, cfg: ExportConfig) -> dict[str, Path]:
+    """The corpus each expert is calibrated on with --quant-method gptq ({} otherwise): --calibration-data, else
+    the expert's own training text as its record names it (from record["metas"], or read from RUN's expert folders).
+    Raises UserError when one is gone."""
+    if cfg.quant != "int4" or cfg.quant_method != "gptq" or "onnx" not in cfg.formats:
+        return {}
+    from mode_edge.export.calibrate import training_text
+    from mode_edge.files import read_json
+
+    override = Path(cfg.calibration_data) if cfg.calibration_data else None
+    metas = record.get("metas") or {
+        name: read_json(Path(run) / "experts" / name / "expert.json", "restore the run folder or retrain the expert")
+        for name in cfg.experts or record["experts"]
+    }  # fmt: skip
+    return {name: training_text(meta, override) for name, meta in metas.items()}
 
 
 def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
     """Export RUN into the bundle OUT; returns the manifest."""
     started = time.perf_counter()
-    check_run(run, cfg.experts)
+    record = check_run(run, cfg.experts)
+    cfg = resolve_quant_method(run, record, cfg)  # before the progress starts: a missing corpus is one line
     if not cfg.overwrite:
         require_absent(out)
     with stage_progress("export") as progress:
@@ -136,7 +193,7 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
         graphs = split(model)
         dcfg = backbone.decoder.cfg
         progress.show("load the source's blocks")
-        source = source_blocks(backbone, cfg)
+        source = source_blocks(backbone, model, record, cfg, progress)
         exact: dict[str, dict[str, int]] = {}
         steps = len(graphs) * (len(cfg.formats) + 1)
         progress.start(steps)
@@ -250,7 +307,8 @@ def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict,
 def quant_record(cfg: ExportConfig) -> dict:
     if cfg.quant == "fp32":
         return {"scheme": "fp32"}
-    return {"scheme": cfg.quant, "block_size": cfg.block_size, "accuracy_level": cfg.accuracy_level}
+    method = {"method": cfg.quant_method} if cfg.quant == "int4" else {}
+    return {"scheme": cfg.quant, "block_size": cfg.block_size, "accuracy_level": cfg.accuracy_level, **method}
 
 
 def run_label(record: dict) -> str:

@@ -43,14 +43,17 @@ def _row_key(row: np.ndarray) -> bytes:
 @dataclass(frozen=True)
 class Blocks:
     """One weight's blocks in onnxruntime's layout. q: (N, K/32, 16 or 32) uint8 (4-bit: two values a byte, the
-    lower index in the low nibble); scales: (N, K/32) float32; zero_points: (N, K/32) float32 or None (the type's
-    default: 8 at 4 bits, 128 at 8 bits)."""
+    lower index in the low nibble); scales: (N, K/32) float32; zero_points: (N, K/32) float32, or uint8 (integer
+    ones, unpacked here: onnxruntime computes in int8 only with these), or None (the type's default: 8 at 4 bits,
+    128 at 8 bits); accuracy_level: the compute type of the MatMulNBits that holds them (0, in fp32, for the trained
+    model's own blocks: int8 activations would round the model we measured)."""
 
     source_type: str
     bits: int
     q: np.ndarray
     scales: np.ndarray
     zero_points: np.ndarray | None
+    accuracy_level: int = 0
 
     def dequantize(self) -> np.ndarray:
         """(N, K) float32: the weight these blocks stand for, computed as onnxruntime does."""
@@ -166,10 +169,11 @@ def _initializer(name: str, array: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(np.ascontiguousarray(array), name)
 
 
-def write_source_blocks(model: onnx.ModelProto, source: SourceBlocks, accuracy_level: int) -> dict[str, int]:
+def write_source_blocks(model: onnx.ModelProto, source) -> dict[str, int]:
     """Replace, in place, every MatMul (x @ B, B a (K, N) initializer) and Gather (rows of a (V, D) initializer)
-    whose weight is found in `source` by MatMulNBits / GatherBlockQuantized over the source's blocks; the rest of the
-    graph is untouched for the configured quantizer. Returns the count of replaced nodes per source type."""
+    whose weight is found in `source` (anything with find(weight (N, K)) -> Blocks | None) by MatMulNBits /
+    GatherBlockQuantized over the found blocks, each at its blocks' accuracy level; the rest of the graph is untouched
+    for the configured quantizer. Returns the count of replaced nodes per source type."""
     inits = {i.name: i for i in model.graph.initializer}
     counts: dict[str, int] = {}
     replaced: set[str] = set()
@@ -180,7 +184,7 @@ def write_source_blocks(model: onnx.ModelProto, source: SourceBlocks, accuracy_l
             b = numpy_helper.to_array(inits[node.input[1]])
             blocks = source.find(b.T) if b.ndim == 2 else None
             if blocks is not None:
-                new, extra = _matmul_nbits(node, blocks, b.shape, accuracy_level)
+                new, extra = _matmul_nbits(node, blocks, b.shape)
         elif node.op_type == "Gather" and node.input[0] in inits and _axis(node) == 0:
             table = numpy_helper.to_array(inits[node.input[0]])
             blocks = source.find(table) if table.ndim == 2 else None
@@ -208,19 +212,29 @@ def _axis(node: onnx.NodeProto) -> int:
     return next((a.i for a in node.attribute if a.name == "axis"), 0)
 
 
-def _matmul_nbits(node, blocks: Blocks, shape: tuple, accuracy_level: int):
+def _matmul_nbits(node, blocks: Blocks, shape: tuple):
     k, n = shape
     prefix = f"{node.input[1]}_{blocks.source_type}"
     extra = [_initializer(prefix, blocks.q), _initializer(prefix + "_scales", blocks.scales.reshape(-1))]
     inputs = [node.input[0], prefix, prefix + "_scales"]
     if blocks.zero_points is not None:
-        extra.append(_initializer(prefix + "_zero_points", blocks.zero_points.reshape(-1)))
+        extra.append(_initializer(prefix + "_zero_points", _zero_points(blocks)))
         inputs.append(prefix + "_zero_points")
     new = helper.make_node(
         "MatMulNBits", inputs, list(node.output), name=(node.name or prefix) + "_nbits", domain=MS_DOMAIN,
-        K=k, N=n, bits=blocks.bits, block_size=BLOCK, accuracy_level=accuracy_level,
+        K=k, N=n, bits=blocks.bits, block_size=BLOCK, accuracy_level=blocks.accuracy_level,
     )  # fmt: skip
     return new, extra
+
+
+def _zero_points(blocks: Blocks) -> np.ndarray:
+    """MatMulNBits' zero points: float ones flat, (N * K/32,); 4-bit integer ones packed two a byte per row (the
+    lower block in the low nibble), (N * ceil(K/32 / 2),) uint8."""
+    zp = blocks.zero_points
+    if zp.dtype != np.uint8 or blocks.bits == 8:
+        return zp.reshape(-1)
+    padded = np.concatenate([zp, np.zeros((len(zp), zp.shape[1] % 2), np.uint8)], axis=1)
+    return (padded[:, 0::2] | (padded[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
 
 
 def _gather_block_quantized(node, blocks: Blocks):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from mode_edge.config import QUANT_METHODS
 from mode_edge.errors import UserError
 from mode_edge.names import check_name, split_names
 from mode_edge.ranges import Int
@@ -44,10 +45,17 @@ def human_bytes(n: int) -> str:
 @click.option("--source-blocks/--requantize-base", default=True, show_default=True,
               help="ONNX int8 / int4, backbone from a GGUF file: write its Q4_0 / Q4_1 / Q8_0 weights from the "
                    "file's own blocks (exactly the trained model, computed in fp32), or round them again.")
+@click.option("--quant-method", type=click.Choice(QUANT_METHODS), default="auto", show_default=True,
+              help="ONNX int4: how weights without source blocks (the experts) are rounded: rtn round-to-nearest, "
+                   "kquant llama.cpp's scale/minimum search, gptq calibrated on each expert's training text; auto "
+                   "is gptq when the texts are at hand and --block-size is 32, else rtn (said in the log).")
+@click.option("--calibration-data", type=click.Path(path_type=Path), default=None,
+              help="--quant-method gptq: a prepared corpus to calibrate on (default: each expert's training text).")
 @click.option("--device", default=None, help="Device profile whose defaults to use (`mode-edge devices list`).")
 @click.option("--experts", default=None, help="Comma-separated subset of the run's experts (default: all).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-def export_cmd(run, out, formats, quant, block_size, accuracy_level, source_blocks, device, experts, overwrite):
+def export_cmd(run, out, formats, quant, block_size, accuracy_level, source_blocks, quant_method, calibration_data,
+               device, experts, overwrite):  # fmt: skip
     """Split the model into graphs (embed, backbone blocks, each expert's blocks with its gate, head), export them to
     ONNX and/or ExecuTorch, quantize, check each against PyTorch, and write OUT/manifest.json with every file's size
     and sha256. Each expert lands in OUT/experts/NAME, ready for `mode-edge pack`."""
@@ -59,8 +67,12 @@ def export_cmd(run, out, formats, quant, block_size, accuracy_level, source_bloc
     cfg = ExportConfig(
         formats=fmts, quant=quant or defaults.get("quant", "int8"), block_size=block_size,
         experts=split_names(experts, "--experts") if experts else None, overwrite=overwrite,
-        accuracy_level=accuracy_level, source_blocks=source_blocks,
+        accuracy_level=accuracy_level, source_blocks=source_blocks, quant_method=quant_method,
+        calibration_data=str(calibration_data) if calibration_data else None,
     )  # fmt: skip
+    if calibration_data is not None and not Path(calibration_data).is_dir():
+        raise UserError(f"--calibration-data {calibration_data} is not a folder; pass a corpus from `mode-edge data "
+                        f"prepare` or a folder of .txt / .jsonl files")  # fmt: skip
     if not overwrite and Path(out).exists():
         raise UserError(f"{out} already exists; choose another --out or pass --overwrite")
     from mode_edge.export.pipeline import export_bundle

@@ -12,6 +12,8 @@ from mode_edge.ranges import check_number, check_seed
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 """Quantization group sizes onnxruntime's blockwise quantizer supports."""
+QUANT_METHODS = ("auto", "rtn", "kquant", "gptq")
+"""4-bit rounding methods of `--quant-method` (export/calibrate.py); auto: gptq where it can run, else rtn."""
 DEFAULT_LR = {"mode": 1e-3, "full-ft": 5e-5, "lora": 5e-4}
 """Peak learning rate per method. MoDE experts are small copies of backbone layers beside a frozen backbone and take
 a high rate (1e-3 reached in 30 steps what 2e-4 reached in 110 on SmolLM2 code); full fine-tuning moves every weight
@@ -214,6 +216,14 @@ class ExportConfig(_Serialisable):
     source_blocks: bool = True
     """ONNX int8 / int4: write each backbone weight from the blocks of its quantized source (a GGUF's Q4_0, Q4_1 or
     Q8_0 rows) instead of rounding it again, so the base equals the model that was trained (export/source_blocks.py)."""
+    quant_method: str = "auto"
+    """ONNX int4: how the weights without source blocks (experts; a backbone from fp16/fp32 weights) are rounded:
+    'rtn' round-to-nearest, 'kquant' llama.cpp's scale/minimum search, 'gptq' calibrated on each expert's training
+    text (export/calibrate.py), 'auto' gptq when every expert's text is at hand and the block size is 32, else rtn
+    (measured: GPTQ's expert graphs err 1.5-4x less than RTN's; benchmarks/results/quant_methods.md). int8 is
+    always round-to-nearest."""
+    calibration_data: str | None = None
+    """--quant-method gptq: a prepared corpus to calibrate every expert on (None: each expert's own training text)."""
 
     def __post_init__(self):
         unknown = [f for f in self.formats if f not in FORMATS]
@@ -226,6 +236,11 @@ class ExportConfig(_Serialisable):
         if not isinstance(self.block_size, numbers.Integral) or self.block_size not in BLOCK_SIZES:
             raise UserError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))} (a power of two that "
                             f"onnxruntime's quantizer takes), got {self.block_size!r}")  # fmt: skip
+        if self.quant_method not in QUANT_METHODS:
+            raise UserError(f"--quant-method must be {', '.join(QUANT_METHODS)}, got {self.quant_method!r}")
+        if self.quant_method == "gptq" and self.quant == "int4" and self.block_size != 32:
+            raise UserError(f"--quant-method gptq writes blocks of 32 weights (GGUF Q4_1's layout), got --block-size "
+                            f"{self.block_size}; pass --block-size 32 or --quant-method rtn")  # fmt: skip
         if not isinstance(self.accuracy_level, numbers.Integral) or not 0 <= self.accuracy_level <= 4:
             raise UserError(f"--accuracy-level must be 0, 1, 2, 3 or 4 (onnxruntime's MatMulNBits compute types), "
                             f"got {self.accuracy_level!r}")  # fmt: skip

@@ -53,7 +53,7 @@ def test_each_block_type_is_written_as_its_own_blocks_and_computes_the_weight(ti
     w = weights[name]
     w = w[RNG.permutation(len(w))]  # rows in another order, as llama.cpp stores q_proj and k_proj
     model = matmul_model(np.ascontiguousarray(w.T), w.shape[1])
-    counts = write_source_blocks(model, SourceBlocks(path), accuracy_level=0)
+    counts = write_source_blocks(model, SourceBlocks(path))
     assert counts == {SHAPES[name][0].name: 1}
     assert [n.op_type for n in model.graph.node] == ["MatMulNBits"]
     assert not any(i.name == "B" for i in model.graph.initializer)  # the fp32 weight is gone
@@ -65,7 +65,7 @@ def test_each_block_type_is_written_as_its_own_blocks_and_computes_the_weight(ti
         return  # symmetric 4-bit rounding of Q4_0 rows lands on the same grid; Q4_1 and Q8_0 rows do not:
     # the same weight rounded again by onnxruntime's int4 quantizer (what the exporter did before) is not the model
     onnx.save(matmul_model(np.ascontiguousarray(w.T), w.shape[1]), str(tmp_path / "fp32.onnx"))
-    quantize_onnx(tmp_path / "fp32.onnx", tmp_path / "rtn.onnx", "int4", 32, accuracy_level=0)
+    quantize_onnx(tmp_path / "fp32.onnx", tmp_path / "rtn.onnx", "int4", 32)
     rounded = ort.InferenceSession(str(tmp_path / "rtn.onnx")).run(None, {"x": x})[0]
     assert np.abs(rounded - ref).max() > 1e-3 * np.abs(ref).max() > 100 * np.abs(got - ref).max()
 
@@ -79,7 +79,7 @@ def test_an_embedding_table_of_q8_0_rows_becomes_gather_block_quantized(tiny_ggu
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(table, "E")],
     )  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    assert write_source_blocks(model, SourceBlocks(path), accuracy_level=0) == {"Q8_0": 1}
+    assert write_source_blocks(model, SourceBlocks(path)) == {"Q8_0": 1}
     ids = np.array([[0, 7, 49, 3]], np.int64)
     got = ort.InferenceSession(model.SerializeToString()).run(None, {"ids": ids})[0]
     np.testing.assert_array_equal(got, table[ids])
@@ -93,7 +93,7 @@ def test_weights_that_are_not_the_source_rows_are_left_to_the_quantizer(tiny_ggu
     source = SourceBlocks(path)
     for w in (trained, mixed):
         model = matmul_model(np.ascontiguousarray(w.T), w.shape[1])
-        assert write_source_blocks(model, source, accuracy_level=0) == {}
+        assert write_source_blocks(model, source) == {}
         assert [n.op_type for n in model.graph.node] == ["MatMul"]
 
 
@@ -124,8 +124,8 @@ def test_an_embedding_that_differs_from_the_head_is_not_shared(tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(table, "E")],
     ), opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
     head = matmul_model(np.ascontiguousarray(table.T + 1e-3), 64)  # untied: another matrix
-    write_source_blocks(embed, EmbeddingBlocks(table), 0)
-    write_source_blocks(head, EmbeddingBlocks(table.T.T + 1e-3), 0)
+    write_source_blocks(embed, EmbeddingBlocks(table))
+    write_source_blocks(head, EmbeddingBlocks(table.T.T + 1e-3))
     save_external(embed, tmp_path / "embed.onnx")
     save_external(head, tmp_path / "head.onnx")
     assert share_tied_embedding(tmp_path / "embed.onnx", tmp_path / "head.onnx") == 0
