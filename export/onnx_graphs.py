@@ -26,13 +26,14 @@ from torch.export import Dim
 from mode_edge.export.graphs import example_inputs, graph_layers, io_names
 
 
-def dynamic_shapes(graph) -> tuple:
-    """Token count and cache length are free (up to the context length); batch and widths are fixed."""
+def dynamic_shapes(graph, max_tokens: int | None = None, max_context: int | None = None) -> tuple:
+    """Token count and cache length are free up to the context length, or up to `max_tokens` per call and
+    `max_context` in all (ExecuTorch plans every activation for the largest shapes); batch and widths are fixed."""
     longest = getattr(graph, "max_seq_len", 1 << 16)
-    tokens = Dim("tokens", min=1, max=longest)
+    tokens = Dim("tokens", min=1, max=min(max_tokens or longest, longest))
     if graph_layers(graph) == 0:
         return ({1: tokens},)
-    past = Dim("past", min=0, max=longest)
+    past = Dim("past", min=0, max=min(max_context or longest, longest))
     return ({1: tokens}, tuple({2: past} for _ in range(2 * graph_layers(graph))))
 
 

@@ -88,14 +88,18 @@ def max_abs_diff(graph: torch.nn.Module, run_graph, inputs: tuple) -> float:
 
 
 def export_graph(rel: str, graph, fmt: str, dcfg, work: Path, fp32: Path, cfg: ExportConfig, progress,
-                 source=None) -> dict[str, int]:  # fmt: skip
+                 source=None, planned: dict | None = None) -> dict[str, int]:  # fmt: skip
     """One graph in one format at the bundle's precision; an ONNX graph passes through fp32 first (kept in `fp32`
-    for the verify stage). Returns the count of weights written from the source's blocks, by block type."""
+    for the verify stage), a .pte's planned activation bytes go to `planned`. Returns the count of weights written
+    from the source's blocks, by block type."""
     progress.show(f"export {rel} ({fmt})")
     if fmt == "executorch":
         from mode_edge.export.executorch_graphs import export_pte
 
-        export_pte(graph, dcfg, work / (rel + ".pte"), cfg.quant, cfg.block_size)
+        context = pte_limits(cfg, dcfg)["context"]
+        nbytes = export_pte(graph, dcfg, work / (rel + ".pte"), cfg.quant, cfg.block_size, context)
+        if planned is not None:
+            planned[rel] = nbytes
         return {}
     from mode_edge.export.onnx_graphs import export_onnx, quantize_onnx
 
@@ -106,6 +110,13 @@ def export_graph(rel: str, graph, fmt: str, dcfg, work: Path, fp32: Path, cfg: E
     progress.show(f"quantize {rel} ({cfg.quant})")
     return quantize_onnx(target, work / (rel + ".onnx"), cfg.quant, cfg.block_size, cfg.accuracy_level, source,
                          cfg.quant_method)  # fmt: skip
+
+
+def pte_limits(cfg: ExportConfig, dcfg) -> dict[str, int]:
+    """What the .pte graphs take (the manifest's and every pack's "executorch"): tokens a call, cached positions."""
+    from mode_edge.export.executorch_graphs import PTE_TOKENS_PER_CALL
+
+    return {"tokens_per_call": PTE_TOKENS_PER_CALL, "context": min(cfg.pte_context, dcfg.max_seq_len)}
 
 
 def source_blocks(backbone: Backbone, model: MoDEModel, record: dict, cfg: ExportConfig, progress):
@@ -198,6 +209,7 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
         steps = len(graphs) * (len(cfg.formats) + 1)
         progress.start(steps)
         verify: dict[str, dict] = {}
+        planned: dict[str, int] = {}
         # Over an existing bundle, hold its lock so that no install or uninstall runs into the swap.
         exists = Path(out).is_dir() and (Path(out) / "manifest.json").is_file()
         lock = bundle_lock(out) if exists else contextlib.nullcontext()
@@ -205,7 +217,7 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
             fp32 = work / ".fp32"
             for rel, graph in graphs.items():
                 for fmt in cfg.formats:
-                    counts = export_graph(rel, graph, fmt, dcfg, work, fp32, cfg, progress, source)
+                    counts = export_graph(rel, graph, fmt, dcfg, work, fp32, cfg, progress, source, planned)
                     if counts:
                         exact[rel] = counts
                     progress.advance()
@@ -222,6 +234,8 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
             manifest["export"]["wall_s"] = round(wall, 1)
             if exact:
                 manifest["export"]["block_sources"] = exact
+            if planned:
+                manifest["export"]["pte_planned_bytes"] = planned
             write_manifest(work, manifest)
     console.print(f"exported {run} -> {out} ({cfg.quant}, {', '.join(cfg.formats)}) in {wall:.0f} s")
     return manifest
@@ -256,6 +270,7 @@ def verify_graph(graph, dcfg, work: Path, fp32: Path, rel: str, cfg: ExportConfi
 def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict, graphs, cfg, verify,
                  routers: dict[str, dict | None], shared: set[str] = frozenset()) -> dict:  # fmt: skip
     fingerprint = record["base"]["fingerprint"]
+    limits = {"executorch": pte_limits(cfg, backbone.decoder.cfg)} if "executorch" in cfg.formats else {}
     backbone.tokenizer.save(work / "tokenizer.json")
     components = {}
     for rel, graph in graphs.items():
@@ -273,7 +288,7 @@ def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict,
         files = ["gate.safetensors"] + [f for c in own for fmt in cfg.formats for f in graph_files(c, fmt)]
         pack = {
             "format": PACK_FORMAT, "format_version": BUNDLE_VERSION, "name": name, "base_fingerprint": fingerprint,
-            "quantization": quant_record(cfg), "formats": list(cfg.formats),
+            "quantization": quant_record(cfg), "formats": list(cfg.formats), **limits,
             "parameters": sum(p.numel() for p in model.experts[name].parameters()),
             "components": {c: {**v, **{f: c + GRAPH_SUFFIX[f] for f in cfg.formats}} for c, v in own.items()},
             "gate": "gate.safetensors", "files": records(folder, files),
@@ -297,6 +312,7 @@ def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict,
                       "prefix_ids": list(backbone.tokenizer.prefix_ids)},  # fmt: skip
         "quantization": quant_record(cfg),
         "formats": list(cfg.formats),
+        **limits,
         "components": {k: v for k, v in components.items() if k.startswith("base/")},
         "files": records(work, base_files),
         "experts": experts,

@@ -131,6 +131,16 @@ def check_pack_fits(pack: dict, bundle: dict, what: str) -> None:
     missing = [f for f in bundle["formats"] if f not in pack.get("formats", [])]
     if missing:
         raise UserError(f"{what} has no {', '.join(missing)} graphs, which this bundle uses; re-export it")
+    if "executorch" in bundle["formats"] and pack.get("executorch") != bundle.get("executorch"):
+        raise UserError(f"{what} has .pte graphs for {pte_label(pack.get('executorch'))}, the bundle's take "
+                        f"{pte_label(bundle.get('executorch'))}; export the expert with the bundle's "
+                        f"--pte-context")  # fmt: skip
+
+
+def pte_label(limits) -> str:
+    if not isinstance(limits, dict):
+        return "any length (an older export)"
+    return f"{limits.get('tokens_per_call')} tokens a call and a context of {limits.get('context')}"
 
 
 def _precision(q) -> object:

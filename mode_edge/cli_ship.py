@@ -51,11 +51,14 @@ def human_bytes(n: int) -> str:
                    "is gptq when the texts are at hand and --block-size is 32, else rtn (said in the log).")
 @click.option("--calibration-data", type=click.Path(path_type=Path), default=None,
               help="--quant-method gptq: a prepared corpus to calibrate on (default: each expert's training text).")
+@click.option("--pte-context", type=Int(64, None), default=2048, show_default=True,
+              help="ExecuTorch: the longest context the .pte graphs hold (at most the backbone's); ExecuTorch "
+                   "plans their memory for it up front.")
 @click.option("--device", default=None, help="Device profile whose defaults to use (`mode-edge devices list`).")
 @click.option("--experts", default=None, help="Comma-separated subset of the run's experts (default: all).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 def export_cmd(run, out, formats, quant, block_size, accuracy_level, source_blocks, quant_method, calibration_data,
-               device, experts, overwrite):  # fmt: skip
+               pte_context, device, experts, overwrite):  # fmt: skip
     """Split the model into graphs (embed, backbone blocks, each expert's blocks with its gate, head), export them to
     ONNX and/or ExecuTorch, quantize, check each against PyTorch, and write OUT/manifest.json with every file's size
     and sha256. Each expert lands in OUT/experts/NAME, ready for `mode-edge pack`."""
@@ -67,7 +70,7 @@ def export_cmd(run, out, formats, quant, block_size, accuracy_level, source_bloc
     cfg = ExportConfig(
         formats=fmts, quant=quant or defaults.get("quant", "int8"), block_size=block_size,
         experts=split_names(experts, "--experts") if experts else None, overwrite=overwrite,
-        accuracy_level=accuracy_level, source_blocks=source_blocks, quant_method=quant_method,
+        accuracy_level=accuracy_level, source_blocks=source_blocks, quant_method=quant_method, pte_context=pte_context,
         calibration_data=str(calibration_data) if calibration_data else None,
     )  # fmt: skip
     if calibration_data is not None and not Path(calibration_data).is_dir():

@@ -222,6 +222,9 @@ class ExportConfig(_Serialisable):
     text (export/calibrate.py), 'auto' gptq when every expert's text is at hand and the block size is 32, else rtn
     (measured: GPTQ's expert graphs err 1.5-4x less than RTN's; benchmarks/results/quant_methods.md). int8 is
     always round-to-nearest."""
+    pte_context: int = 2048
+    """ExecuTorch: the longest context (cached positions) the .pte graphs take, at most the backbone's. ExecuTorch
+    plans activation memory for it up front (the present KV cache of every layer), so it is bounded here."""
     calibration_data: str | None = None
     """--quant-method gptq: a prepared corpus to calibrate every expert on (None: each expert's own training text)."""
 
@@ -236,6 +239,7 @@ class ExportConfig(_Serialisable):
         if not isinstance(self.block_size, numbers.Integral) or self.block_size not in BLOCK_SIZES:
             raise UserError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))} (a power of two that "
                             f"onnxruntime's quantizer takes), got {self.block_size!r}")  # fmt: skip
+        check_number("--pte-context", self.pte_context, lo=64, integer=True)
         if self.quant_method not in QUANT_METHODS:
             raise UserError(f"--quant-method must be {', '.join(QUANT_METHODS)}, got {self.quant_method!r}")
         if self.quant_method == "gptq" and self.quant == "int4" and self.block_size != 32:

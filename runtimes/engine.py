@@ -60,6 +60,12 @@ class Engine:
         self.block_layers = [comps[f"base/block{i}"]["layers"] for i in range(self.n_blocks)]
         d = self.manifest["base"]["decoder"]
         self.kv_shape = (d["n_kv_heads"], d["head_dim"])
+        limits = self.manifest.get("executorch") if backend == "executorch" else None
+        limits = limits if isinstance(limits, dict) else {}  # an older .pte export: any length
+        self.tokens_per_call: int | None = limits.get("tokens_per_call")
+        """Most tokens one graph call takes (a .pte's bound; None: any); forward feeds longer inputs in chunks."""
+        self.context: int = min(d["max_seq_len"], limits.get("context", d["max_seq_len"]))
+        """The longest context these graphs hold: the backbone's, or less for .pte graphs exported for less."""
         self.experts: dict[str, LoadedExpert] = {}
         self.active: list[str] | None = None
         """The experts a forward mixes, in order; None: every loaded expert (a Session keeps others warm)."""
@@ -104,13 +110,17 @@ class Engine:
             self.active.remove(name)
 
     def block_inputs(self, ids: np.ndarray) -> list[np.ndarray]:
-        """The input of every block on the backbone-only path (what prompt routing scores), one pass, no cache kept."""
-        (h,) = self.embed([ids])
-        inputs = []
-        for i, block in enumerate(self.blocks):
-            inputs.append(h)
-            h = block([h, *self._past(Cache(), f"block{i}", self.block_layers[i])])[0]
-        return inputs
+        """The input of every block on the backbone-only path (what prompt routing scores), (1, T, d) each: one pass
+        (in chunks of tokens_per_call, each after the cache of the last), no cache kept."""
+        step, cache = self.tokens_per_call or ids.shape[1], Cache()
+        inputs: list[list[np.ndarray]] = [[] for _ in self.blocks]
+        for start in range(0, ids.shape[1], step):
+            (h,) = self.embed([ids[:, start : start + step]])
+            for i, block in enumerate(self.blocks):
+                inputs[i].append(h)
+                out = block([h, *self._past(cache, f"block{i}", self.block_layers[i])])
+                h, cache.kv[f"block{i}"] = out[0], out[1:]
+        return [np.concatenate(parts, axis=1) for parts in inputs]
 
     def new_cache(self) -> Cache:
         return Cache()
@@ -122,7 +132,15 @@ class Engine:
         return cache.kv[key]
 
     def forward(self, ids: np.ndarray, cache: Cache, timer: Callable | None = None) -> np.ndarray:
-        """ids (1, T) int64 after cache.pos earlier tokens -> logits (1, T, V); grows the cache."""
+        """ids (1, T) int64 after cache.pos earlier tokens -> logits (1, T, V); grows the cache. Inputs longer than
+        the graphs take in one call (tokens_per_call) go through in chunks, each after the cache of the last."""
+        step = self.tokens_per_call
+        if step is not None and ids.shape[1] > step:
+            parts = [self._forward(ids[:, i : i + step], cache, timer) for i in range(0, ids.shape[1], step)]
+            return np.concatenate(parts, axis=1)
+        return self._forward(ids, cache, timer)
+
+    def _forward(self, ids: np.ndarray, cache: Cache, timer: Callable | None = None) -> np.ndarray:
         timed = timer or (lambda _what, fn: fn())
         active = [self.experts[n] for n in (self.active if self.active is not None else self.experts)]
         (h,) = timed("embed", lambda: self.embed([ids]))  # (1, T, d)

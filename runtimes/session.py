@@ -199,7 +199,7 @@ class Session:
     def check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """Refuse (UserError) a prompt whose tokens and the new ones would not fit the model's context."""
         check_number("--max-new-tokens", max_new_tokens, lo=1, integer=True)
-        limit = self.engine.manifest["base"]["decoder"]["max_seq_len"]
+        limit = self.engine.context
         if prompt_tokens + max_new_tokens > limit:
             raise UserError(f"prompt ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} exceed the model's "
                             f"context of {limit} tokens; shorten one of them")  # fmt: skip

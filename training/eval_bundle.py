@@ -37,7 +37,7 @@ class BundleModel:
         names = sorted(self.session.gates) if experts is None else experts
         self.session.select(names)
         self.experts = names
-        self.max_seq_len = self.session.engine.manifest["base"]["decoder"]["max_seq_len"]
+        self.max_seq_len = self.session.engine.context
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:

@@ -90,7 +90,7 @@ def test_executorch_quantized_expert_block_runs_close_to_fp32(composed_run, fp32
 
     backbone, model, _ = load_model(composed_run, ["code"])
     graph = split(model)["experts/code/block0"]
-    export_pte(graph, backbone.decoder.cfg, tmp_path / "b.pte", quant, 32)
+    assert export_pte(graph, backbone.decoder.cfg, tmp_path / "b.pte", quant, 32, context=256) > 0  # planned bytes
     inputs = example_inputs(graph, backbone.decoder.cfg)
     with torch.no_grad():
         ref = graph(*inputs)
@@ -113,3 +113,25 @@ def test_export_refuses_a_baseline_run_and_an_existing_bundle(composed_run, fp32
     with pytest.raises(UserError, match="baseline run"):
         export_bundle(baseline, tmp_path / "out", ExportConfig(quant="fp32"))
     assert not (tmp_path / "out").exists()
+
+
+def test_pte_graphs_take_bounded_chunks_and_the_runtime_feeds_them(fp32_bundle):
+    """ExecuTorch plans activation memory for the largest shapes a program takes: the .pte graphs take at most
+    tokens_per_call tokens a call (the head plans one chunk's logits, not a whole context's), and the runtime feeds
+    a longer prompt in chunks, with the same logits and routing inputs as the ONNX graphs in one call."""
+    from mode_edge.runtimes.engine import Cache
+
+    manifest = read_bundle(fp32_bundle)
+    decoder = manifest["base"]["decoder"]
+    limits = manifest["executorch"]
+    assert limits == {"tokens_per_call": 64, "context": min(2048, decoder["max_seq_len"])}
+    planned = manifest["export"]["pte_planned_bytes"]
+    assert 0 < planned["base/head"] <= 4 * 64 * decoder["vocab_size"] * 4
+    ids = np.random.default_rng(0).integers(0, decoder["vocab_size"], (1, 150)).astype(np.int64)
+    onnx, pte = Engine(fp32_bundle, backend="onnx"), Engine(fp32_bundle, backend="executorch")
+    assert onnx.tokens_per_call is None and pte.tokens_per_call == 64 and pte.context == limits["context"]
+    want, got = onnx.forward(ids, Cache()), pte.forward(ids, Cache())
+    assert got.shape == want.shape == (1, 150, decoder["vocab_size"])
+    assert np.abs(got - want).max() < 1e-3
+    for a, b in zip(onnx.block_inputs(ids), pte.block_inputs(ids)):
+        assert a.shape == b.shape and np.abs(a - b).max() < 1e-3

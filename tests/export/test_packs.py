@@ -182,3 +182,20 @@ def test_a_corrupted_installed_file_is_refused_at_load(bundle):
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(UserError, match="block1.onnx.data has .* bytes.*cut short.*reinstall its pack"):
         Engine(bundle).load_expert("prose")
+
+
+def test_a_pack_whose_pte_graphs_take_another_context_is_refused():
+    """.pte graphs are exported for a bounded context (their memory is planned for it): a pack's must match."""
+    from mode_edge.bundle import check_pack_fits
+
+    quant = {"scheme": "fp32"}
+    bundle = {"base": {"fingerprint": "f" * 64}, "quantization": quant, "formats": ["onnx", "executorch"],
+              "executorch": {"tokens_per_call": 64, "context": 1024}}  # fmt: skip
+    fits = {"base_fingerprint": "f" * 64, "quantization": quant, "formats": ["onnx", "executorch"],
+            "executorch": dict(bundle["executorch"])}  # fmt: skip
+    check_pack_fits(fits, bundle, "pack p")
+    with pytest.raises(UserError, match="a context of 512, the bundle's take 64 tokens a call and a context of 1024"):
+        check_pack_fits({**fits, "executorch": {"tokens_per_call": 64, "context": 512}}, bundle, "pack p")
+    with pytest.raises(UserError, match="any length"):
+        check_pack_fits({k: v for k, v in fits.items() if k != "executorch"}, bundle, "pack p")
+    check_pack_fits({**fits, "executorch": None}, {**bundle, "formats": ["onnx"]}, "pack p")  # onnx only: no matter
