@@ -49,6 +49,7 @@ class OnnxGraph:
 class PteGraph:
     def __init__(self, path: Path):
         try:
+            import executorch.kernels.quantized  # noqa: F401  (the int8 embedding's kernel, quantized_decomposed)
             from executorch.runtime import Runtime
         except ImportError:
             raise UserError("the ExecuTorch backend needs `pip install executorch`; or use --backend onnx") from None

@@ -135,3 +135,34 @@ def test_pte_graphs_take_bounded_chunks_and_the_runtime_feeds_them(fp32_bundle):
     assert np.abs(got - want).max() < 1e-3
     for a, b in zip(onnx.block_inputs(ids), pte.block_inputs(ids)):
         assert a.shape == b.shape and np.abs(a - b).max() < 1e-3
+
+
+def test_executorch_quantized_embed_graph_holds_the_8bit_blocks(composed_run, fp32_bundle, tmp_path):
+    """The .pte embed graph at int8 / int4 gathers the same 8-bit blocks of 32 as the ONNX bundle's embedding."""
+    from mode_edge.export.executorch_graphs import export_pte
+    from mode_edge.export.source_blocks import int8_blocks
+
+    backbone, model, _ = load_model(composed_run, None)
+    graph = split(model)["base/embed"]
+    export_pte(graph, backbone.decoder.cfg, tmp_path / "embed.pte", "int4", 32, context=256)
+    ids = torch.randint(0, backbone.decoder.cfg.vocab_size, (1, 7))
+    got = load_graph(tmp_path / "embed.pte")([ids.numpy()])[0]
+    table = int8_blocks(graph.embed_tokens.weight.detach().numpy()).dequantize()
+    np.testing.assert_allclose(got[0], table[ids[0].numpy()], rtol=0, atol=1e-6)
+    assert (tmp_path / "embed.pte").stat().st_size < 0.5 * (fp32_bundle / "base/embed.pte").stat().st_size
+
+
+def test_executorch_quantized_tied_head_is_8bit_and_close(composed_run, fp32_bundle, tmp_path):
+    """A tied head is an F.linear on the embedding, which torchao's quantize_ does not see: the .pte head gets a
+    Linear of its own at 8 bits (in an int4 bundle too), so it shrinks to about a quarter and stays close."""
+    from mode_edge.export.executorch_graphs import export_pte
+
+    backbone, model, _ = load_model(composed_run, None)
+    graph = split(model)["base/head"]
+    export_pte(graph, backbone.decoder.cfg, tmp_path / "head.pte", "int4", 32, context=256)
+    (hidden,) = example_inputs(graph, backbone.decoder.cfg)
+    with torch.no_grad():
+        ref = graph(hidden).numpy()
+    got = load_graph(tmp_path / "head.pte")([hidden.numpy()])[0]
+    assert 0 < np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+    assert (tmp_path / "head.pte").stat().st_size < 0.5 * (fp32_bundle / "base/head.pte").stat().st_size
