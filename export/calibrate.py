@@ -112,8 +112,7 @@ def gptq_blocks(weight: torch.Tensor, hessian: torch.Tensor, percdamp: float = 0
     dead = torch.diag(h) == 0  # an input that never fires: its column costs nothing, so it is zeroed
     h[dead, dead] = 1
     w[:, dead] = 0
-    h += percdamp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # (K, K)
+    hinv = _upper_inverse_factor(h, percdamp)  # (K, K)
     codes = torch.zeros(n, k, dtype=torch.uint8)
     scales = torch.zeros(n, k // BLOCK, dtype=torch.float64)
     zeros = torch.zeros_like(scales)
@@ -138,6 +137,20 @@ def gptq_blocks(weight: torch.Tensor, hessian: torch.Tensor, percdamp: float = 0
     values = codes.numpy().reshape(n, k // BLOCK, BLOCK)
     packed = (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
     return Blocks("gptq", 4, packed, scales.float().numpy(), zeros.numpy().astype(np.uint8))
+
+
+def _upper_inverse_factor(h: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """The upper Cholesky factor of (H + damping)^-1, with the damping raised tenfold (up to three times) where H is
+    too ill-conditioned to factor (few tokens, near-duplicate inputs), as GPTQ's reference implementations advise."""
+    eye = torch.eye(len(h), dtype=h.dtype)
+    for attempt in range(4):
+        damped = h + percdamp * 10**attempt * torch.mean(torch.diag(h)) * eye
+        try:
+            return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+    raise UserError("GPTQ could not factor a layer's input Hessian even with 10x damping; calibrate on more text "
+                    "(--calibration-data) or use --quant-method rtn")
 
 
 class CalibratedBlocks:

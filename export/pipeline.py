@@ -119,13 +119,16 @@ def pte_limits(cfg: ExportConfig, dcfg) -> dict[str, int]:
     return {"tokens_per_call": PTE_TOKENS_PER_CALL, "context": min(cfg.pte_context, dcfg.max_seq_len)}
 
 
-def source_blocks(backbone: Backbone, model: MoDEModel, record: dict, cfg: ExportConfig, progress):
+def source_blocks(backbone: Backbone, model: MoDEModel, record: dict, cfg: ExportConfig, progress,
+                  fallback: bool = False) -> tuple[object, str]:  # fmt: skip
     """Where the quantized ONNX bundle's weights come from when not rounded by onnxruntime's quantizer, asked in
     order: the blocks of the GGUF file the backbone was loaded from (exactly the trained weights); with
     --quant-method gptq, GPTQ's blocks of every other linear layer (export/calibrate.py); the embedding rounded
-    once to 8 bits (for the embed graph and a tied head alike). None for fp32 or ExecuTorch-only bundles."""
+    once to 8 bits (for the embed graph and a tied head alike). None for fp32 or ExecuTorch-only bundles.
+    Returns (the source, the rounding method in the end): with `fallback` (gptq chosen by --quant-method auto),
+    a calibration that fails (an unreadable or too small corpus) falls back to rtn, said in one line."""
     if cfg.quant == "fp32" or "onnx" not in cfg.formats:
-        return None
+        return None, cfg.quant_method
     from mode_edge.export.source_blocks import EmbeddingBlocks, FirstOf, SourceBlocks
     from mode_edge.training.backbones import resolve_spec
 
@@ -139,17 +142,23 @@ def source_blocks(backbone: Backbone, model: MoDEModel, record: dict, cfg: Expor
                 console.print(f"{gguf_file}: weights stored as {', '.join(sorted(gguf.other_types))} are "
                               f"dequantized and rounded again to {cfg.quant}; Q4_0, Q4_1 and Q8_0 weights are "
                               f"written from their own blocks")  # fmt: skip
-    calibrated = None
+    calibrated, method = None, cfg.quant_method
     if cfg.quant == "int4" and cfg.quant_method == "gptq":
         from mode_edge.export.calibrate import CALIBRATION_WINDOWS, calibrate, calibration_windows
 
         corpora = calibration_texts(None, record, cfg)
         windows, tokens = CALIBRATION_WINDOWS
         progress.show(f"calibrate on {windows} windows of {tokens} tokens per expert")
-        texts = {n: calibration_windows(c, backbone.tokenizer, *CALIBRATION_WINDOWS) for n, c in corpora.items()}
         in_gguf = (lambda w: gguf.find(w) is not None) if gguf is not None else (lambda w: False)
-        calibrated = calibrate(model, texts, cfg.accuracy_level, skip=in_gguf, progress=progress)
-    return FirstOf(gguf, calibrated, embedding)
+        try:
+            texts = {n: calibration_windows(c, backbone.tokenizer, *CALIBRATION_WINDOWS) for n, c in corpora.items()}
+            calibrated = calibrate(model, texts, cfg.accuracy_level, skip=in_gguf, progress=progress)
+        except UserError as e:
+            if not fallback:
+                raise
+            console.print(f"--quant-method auto: the experts are rounded to nearest, GPTQ could not calibrate: {e}")
+            method = "rtn"
+    return FirstOf(gguf, calibrated, embedding), method
 
 
 def resolve_quant_method(run: Path, record: dict, cfg: ExportConfig) -> ExportConfig:
@@ -194,6 +203,7 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
     """Export RUN into the bundle OUT; returns the manifest."""
     started = time.perf_counter()
     record = check_run(run, cfg.experts)
+    auto = cfg.quant_method == "auto"
     cfg = resolve_quant_method(run, record, cfg)  # before the progress starts: a missing corpus is one line
     if not cfg.overwrite:
         require_absent(out)
@@ -204,7 +214,8 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
         graphs = split(model)
         dcfg = backbone.decoder.cfg
         progress.show("load the source's blocks")
-        source = source_blocks(backbone, model, record, cfg, progress)
+        source, method = source_blocks(backbone, model, record, cfg, progress, fallback=auto)
+        cfg = dataclasses.replace(cfg, quant_method=method)
         exact: dict[str, dict[str, int]] = {}
         steps = len(graphs) * (len(cfg.formats) + 1)
         progress.start(steps)

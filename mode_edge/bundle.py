@@ -132,9 +132,10 @@ def check_pack_fits(pack: dict, bundle: dict, what: str) -> None:
     if missing:
         raise UserError(f"{what} has no {', '.join(missing)} graphs, which this bundle uses; re-export it")
     if "executorch" in bundle["formats"] and pack.get("executorch") != bundle.get("executorch"):
+        fix = ("re-export the bundle with this version of mode-edge" if not isinstance(bundle.get("executorch"), dict)
+               else "export the expert with the bundle's --pte-context")  # fmt: skip
         raise UserError(f"{what} has .pte graphs for {pte_label(pack.get('executorch'))}, the bundle's take "
-                        f"{pte_label(bundle.get('executorch'))}; export the expert with the bundle's "
-                        f"--pte-context")  # fmt: skip
+                        f"{pte_label(bundle.get('executorch'))}; {fix}")  # fmt: skip
 
 
 def pte_label(limits) -> str:

@@ -117,6 +117,9 @@ def check_bundle_shape(m: dict, what: str, fix: str) -> None:
     need(isinstance(ranges, list) and ranges, what, "base.block_ranges", fix)
     need(isinstance(tok, dict) and isinstance(tok.get("file"), str), what, "tokenizer", fix)
     need(isinstance(m.get("quantization"), dict), what, "quantization", fix)
+    pte = m.get("executorch")  # absent in exports before the .pte bounds
+    need(pte is None or (isinstance(pte, dict) and all(is_int(pte.get(k)) and pte[k] > 0 for k in
+         ("tokens_per_call", "context"))), what, "executorch", fix)  # fmt: skip
     formats = m.get("formats")
     need(isinstance(formats, list) and formats and all(isinstance(f, str) for f in formats), what, "formats", fix)
     files, comps = m.get("files"), m.get("components")

@@ -220,13 +220,13 @@ class Session:
                  sampling: Sampling | None = None, top_k_experts: int = 1, timer=None,
                  router: str = "centroid") -> Iterator[int]:  # fmt: skip
         """Token ids as they come. `experts`: a list of names, 'auto' (route on the prompt) or 'none'."""
+        self.check_context(len(prompt), max_new_tokens)  # before routing, which reads the whole prompt
         if experts == "auto":
             experts = self.route(prompt, top_k_experts, router)
         elif experts == "none":
             experts = []
         elif isinstance(experts, str):
             raise UserError(f"experts must be a list of names, 'auto' or 'none', got {experts!r}")
-        self.check_context(len(prompt), max_new_tokens)
         self.select(list(experts))
         eos = self.engine.manifest["tokenizer"].get("eos_id")
         return generate(self.engine, prompt, max_new_tokens, sampling, stop=eos, timer=timer)
