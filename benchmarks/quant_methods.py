@@ -14,6 +14,7 @@ Writes benchmarks/results/quant_methods.{json,md}.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -25,28 +26,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write  # noqa: E402
 
-from mode_edge.export.calibrate import CALIBRATION_WINDOWS, calibrate, calibration_windows, training_text  # noqa: E402
+from mode_edge.config import ExportConfig  # noqa: E402
+from mode_edge.export.calibrate import (  # noqa: E402
+    CALIBRATION_WINDOWS,
+    CalibratedBlocks,
+    calibrate,
+    calibration_windows,
+    composed_block_inputs,
+)
 from mode_edge.export.graphs import io_names, split  # noqa: E402
 from mode_edge.export.onnx_graphs import export_onnx, quantize_onnx  # noqa: E402
-from mode_edge.export.pipeline import load_model  # noqa: E402
+from mode_edge.export.pipeline import calibration_texts, load_model  # noqa: E402
 from mode_edge.export.source_blocks import SourceBlocks  # noqa: E402
 from mode_edge.training.backbones import resolve_spec  # noqa: E402
 from mode_edge.training.data import held_out, load_corpus  # noqa: E402
 
 VARIANTS = [("rtn", 4), ("rtn", 0), ("kquant", 4), ("kquant", 0), ("gptq", 4), ("gptq", 0)]
-
-
-def block_inputs(model, windows: torch.Tensor) -> list[torch.Tensor]:
-    """Hidden states (N, T, d) entering each MoDE block while the model reads windows (N, T), one at a time."""
-    captured: list[list[torch.Tensor]] = [[] for _ in model.blocks]
-    hooks = [b.register_forward_pre_hook(lambda _m, a, i=i: captured[i].append(a[0].clone())) for i, b in
-             enumerate(model.blocks)]  # fmt: skip
-    with torch.no_grad():
-        for window in windows:
-            model(window[None, :])
-    for h in hooks:
-        h.remove()
-    return [torch.cat(c) for c in captured]
 
 
 def relative_error(session, feeds, refs) -> float:
@@ -65,12 +60,14 @@ def main() -> None:
     torch.set_num_threads(1)
     backbone, model, record = load_model(args.model, None)
     cfg, graphs = backbone.decoder.cfg, split(model)
-    corpora = {name: training_text(meta, None) for name, meta in record["metas"].items()}
+    corpora = calibration_texts(args.model, record, ExportConfig())
     texts = {n: calibration_windows(c, backbone.tokenizer, *CALIBRATION_WINDOWS) for n, c in corpora.items()}
     directory, gguf_file = resolve_spec(backbone.spec)
     gguf = SourceBlocks(directory / gguf_file) if gguf_file else None
-    calibrated = {lvl: calibrate(model, texts, lvl, skip=lambda w: gguf is not None and gguf.find(w) is not None)
-                  for lvl in (4, 0)}  # fmt: skip
+    at4 = calibrate(model, texts, 4, skip=lambda w: gguf is not None and gguf.find(w) is not None)
+    # the same blocks computed at level 0: the accuracy level is the MatMulNBits attribute, not the rounding
+    at0 = CalibratedBlocks({k: dataclasses.replace(b, accuracy_level=0) for k, b in at4.blocks.items()})
+    calibrated = {4: at4, 0: at0}
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     rows: dict[str, dict[str, float]] = {}
@@ -78,7 +75,7 @@ def main() -> None:
         for name, corpus in corpora.items():
             docs = load_corpus(corpus).docs
             windows = held_out(docs["test"] or docs["validation"], backbone.tokenizer, 256, args.windows * 256)
-            hidden = block_inputs(model, windows.windows[:, :256])
+            hidden = composed_block_inputs(model, windows.windows[:, :256])
             for i, h in enumerate(hidden):
                 rel = f"experts/{name}/block{i}"
                 names = io_names(graphs[rel])[0]

@@ -60,6 +60,23 @@ def calibration_windows(corpus_dir: Path, tokenizer, windows: int, seq_len: int)
     return held_out(docs, tokenizer, seq_len, windows * seq_len).windows[:, :seq_len]
 
 
+def composed_block_inputs(model: MoDEModel, windows: torch.Tensor) -> list[torch.Tensor]:
+    """Hidden states entering each MoDE block of the composed model (experts mixed in, unlike the backbone-only
+    training/router.block_inputs) while it reads `windows` (N, T), one window at a time: one (N, T, d) per block.
+    What a block graph sees at run time; benchmarks and tests hold quantized graphs against fp32 on these."""
+    captured: list[list[torch.Tensor]] = [[] for _ in model.blocks]
+    hooks = [block.register_forward_pre_hook(lambda _m, args, i=i: captured[i].append(args[0].detach().clone()))
+             for i, block in enumerate(model.blocks)]  # fmt: skip
+    try:
+        with torch.no_grad():
+            for window in windows:
+                model(window[None, :])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [torch.cat(c) for c in captured]
+
+
 def weight_key(weight: np.ndarray) -> bytes:
     """A digest of a (N, K) float32 weight: how an ONNX MatMul's initializer (its transpose) finds its blocks."""
     return hashlib.blake2b(np.ascontiguousarray(weight, dtype=np.float32).tobytes(), digest_size=16).digest()

@@ -67,9 +67,7 @@ def load_model(run: Path, only: list[str] | None) -> tuple[Backbone, MoDEModel, 
     loaded = load_run_experts(run, backbone, only)
     layout = check_same_blocks(loaded)
     model = MoDEModel(backbone.decoder, layout, {e.name: e.expert for e in loaded}).eval()
-    # routers: checked on load; metas: where each expert's training text is (calibration)
-    return backbone, model, {**record, "routers": {e.name: e.router for e in loaded},
-                             "metas": {e.name: e.meta for e in loaded}}  # fmt: skip
+    return backbone, model, {**record, "routers": {e.name: e.router for e in loaded}}  # routers: checked on load
 
 
 def graph_files(rel: str, fmt: str, shared: set[str] = frozenset()) -> list[str]:
@@ -119,14 +117,15 @@ def pte_limits(cfg: ExportConfig, dcfg) -> dict[str, int]:
     return {"tokens_per_call": PTE_TOKENS_PER_CALL, "context": min(cfg.pte_context, dcfg.max_seq_len)}
 
 
-def source_blocks(backbone: Backbone, model: MoDEModel, record: dict, cfg: ExportConfig, progress,
+def source_blocks(backbone: Backbone, model: MoDEModel, cfg: ExportConfig, progress, corpora: dict[str, Path],
                   fallback: bool = False) -> tuple[object, str]:  # fmt: skip
     """Where the quantized ONNX bundle's weights come from when not rounded by onnxruntime's quantizer, asked in
     order: the blocks of the GGUF file the backbone was loaded from (exactly the trained weights); with
-    --quant-method gptq, GPTQ's blocks of every other linear layer (export/calibrate.py); the embedding rounded
-    once to 8 bits (for the embed graph and a tied head alike). None for fp32 or ExecuTorch-only bundles.
-    Returns (the source, the rounding method in the end): with `fallback` (gptq chosen by --quant-method auto),
-    a calibration that fails (an unreadable or too small corpus) falls back to rtn, said in one line."""
+    calibration `corpora` ({expert: corpus}, --quant-method gptq), GPTQ's blocks of every other linear layer
+    (export/calibrate.py); the embedding rounded once to 8 bits (for the embed graph and a tied head alike). None
+    for fp32 or ExecuTorch-only bundles. Returns (the source, the rounding method in the end): with `fallback` (gptq
+    chosen by --quant-method auto), a calibration that fails (an unreadable or too small corpus) falls back to rtn,
+    said in one line."""
     if cfg.quant == "fp32" or "onnx" not in cfg.formats:
         return None, cfg.quant_method
     from mode_edge.export.source_blocks import EmbeddingBlocks, FirstOf, SourceBlocks
@@ -143,10 +142,9 @@ def source_blocks(backbone: Backbone, model: MoDEModel, record: dict, cfg: Expor
                               f"dequantized and rounded again to {cfg.quant}; Q4_0, Q4_1 and Q8_0 weights are "
                               f"written from their own blocks")  # fmt: skip
     calibrated, method = None, cfg.quant_method
-    if cfg.quant == "int4" and cfg.quant_method == "gptq":
+    if corpora:
         from mode_edge.export.calibrate import CALIBRATION_WINDOWS, calibrate, calibration_windows
 
-        corpora = calibration_texts(None, record, cfg)
         windows, tokens = CALIBRATION_WINDOWS
         progress.show(f"calibrate on {windows} windows of {tokens} tokens per expert")
         in_gguf = (lambda w: gguf.find(w) is not None) if gguf is not None else (lambda w: False)
@@ -161,42 +159,39 @@ def source_blocks(backbone: Backbone, model: MoDEModel, record: dict, cfg: Expor
     return FirstOf(gguf, calibrated, embedding), method
 
 
-def resolve_quant_method(run: Path, record: dict, cfg: ExportConfig) -> ExportConfig:
-    """cfg with --quant-method auto made concrete (gptq if it can run, else rtn, said in one line) and an explicit
-    gptq checked: raises UserError when an expert's training text is gone."""
+def resolve_quant_method(run: Path, record: dict, cfg: ExportConfig) -> tuple[ExportConfig, dict[str, Path]]:
+    """cfg with --quant-method auto made concrete (gptq if it can run, else rtn, said in one line), and the corpus
+    each expert is calibrated on ({} unless gptq). Raises UserError when an explicit gptq finds a text gone."""
     if cfg.quant != "int4" or "onnx" not in cfg.formats:
-        return dataclasses.replace(cfg, quant_method="rtn")
+        return dataclasses.replace(cfg, quant_method="rtn"), {}
     if cfg.quant_method == "gptq":
-        calibration_texts(run, record, cfg)
+        return cfg, calibration_texts(run, record, cfg)
     if cfg.quant_method != "auto":
-        return cfg
+        return cfg, {}
     if cfg.block_size != 32:
         console.print(f"--quant-method auto: the experts are rounded to nearest (GPTQ writes blocks of 32, not "
                       f"{cfg.block_size})")  # fmt: skip
-        return dataclasses.replace(cfg, quant_method="rtn")
+        return dataclasses.replace(cfg, quant_method="rtn"), {}
     try:
-        calibration_texts(run, record, dataclasses.replace(cfg, quant_method="gptq"))
+        corpora = calibration_texts(run, record, cfg)
     except UserError as e:
         console.print(f"--quant-method auto: the experts are rounded to nearest, not by GPTQ: {e}")
-        return dataclasses.replace(cfg, quant_method="rtn")
-    return dataclasses.replace(cfg, quant_method="gptq")
+        return dataclasses.replace(cfg, quant_method="rtn"), {}
+    return dataclasses.replace(cfg, quant_method="gptq"), corpora
 
 
-def calibration_texts(run: Path | None, record: dict, cfg: ExportConfig) -> dict[str, Path]:
-    """The corpus each expert is calibrated on with --quant-method gptq ({} otherwise): --calibration-data, else
-    the expert's own training text as its record names it (from record["metas"], or read from RUN's expert folders).
-    Raises UserError when one is gone."""
-    if cfg.quant != "int4" or cfg.quant_method != "gptq" or "onnx" not in cfg.formats:
-        return {}
+def calibration_texts(run: Path, record: dict, cfg: ExportConfig) -> dict[str, Path]:
+    """The corpus each exported expert is calibrated on: --calibration-data, else its own training text as its
+    record (RUN/experts/NAME/expert.json) names it. Raises UserError when one is gone."""
     from mode_edge.export.calibrate import training_text
     from mode_edge.files import read_json
 
     override = Path(cfg.calibration_data) if cfg.calibration_data else None
-    metas = record.get("metas") or {
-        name: read_json(Path(run) / "experts" / name / "expert.json", "restore the run folder or retrain the expert")
+    fix = "restore the run folder or retrain the expert"
+    return {
+        name: training_text(read_json(Path(run) / "experts" / name / "expert.json", fix), override)
         for name in cfg.experts or record["experts"]
-    }  # fmt: skip
-    return {name: training_text(meta, override) for name, meta in metas.items()}
+    }
 
 
 def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
@@ -204,7 +199,7 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
     started = time.perf_counter()
     record = check_run(run, cfg.experts)
     auto = cfg.quant_method == "auto"
-    cfg = resolve_quant_method(run, record, cfg)  # before the progress starts: a missing corpus is one line
+    cfg, corpora = resolve_quant_method(run, record, cfg)  # before the progress starts: a missing corpus is one line
     if not cfg.overwrite:
         require_absent(out)
     with stage_progress("export") as progress:
@@ -214,7 +209,7 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
         graphs = split(model)
         dcfg = backbone.decoder.cfg
         progress.show("load the source's blocks")
-        source, method = source_blocks(backbone, model, record, cfg, progress, fallback=auto)
+        source, method = source_blocks(backbone, model, cfg, progress, corpora, fallback=auto)
         cfg = dataclasses.replace(cfg, quant_method=method)
         exact: dict[str, dict[str, int]] = {}
         steps = len(graphs) * (len(cfg.formats) + 1)

@@ -10,17 +10,18 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from mode_edge.config import ExportConfig
 from mode_edge.export.calibrate import (
     CalibratedBlocks,
     calibrate,
     calibration_windows,
+    composed_block_inputs,
     gptq_blocks,
-    training_text,
     weight_key,
 )
 from mode_edge.export.graphs import io_names, split
 from mode_edge.export.onnx_graphs import export_onnx, quantize_onnx
-from mode_edge.export.pipeline import load_model
+from mode_edge.export.pipeline import calibration_texts, load_model
 from mode_edge.export.source_blocks import write_source_blocks
 from tests.cli_runner import invoke, refused
 
@@ -78,19 +79,6 @@ def test_gptq_blocks_run_in_onnxruntime_as_dequantized_and_at_their_accuracy_lev
     assert not np.array_equal(fast, exact) and np.abs(fast - exact).max() < 0.05 * np.abs(exact).max()
 
 
-def block_inputs(model, windows: torch.Tensor) -> list[torch.Tensor]:
-    """Hidden states (N, T, d) entering each MoDE block while the model reads windows (N, T), one at a time."""
-    captured = [[] for _ in model.blocks]
-    hooks = [b.register_forward_pre_hook(lambda _m, a, i=i: captured[i].append(a[0].clone())) for i, b in
-             enumerate(model.blocks)]  # fmt: skip
-    with torch.no_grad():
-        for window in windows:
-            model(window[None, :])
-    for h in hooks:
-        h.remove()
-    return [torch.cat(c) for c in captured]
-
-
 def expert_graph_error(graph_path, fs, refs) -> float:
     s = ort.InferenceSession(str(graph_path), providers=["CPUExecutionProvider"])
     errs = [np.sqrt(((s.run(None, f)[0] - r) ** 2).mean() / ((r - f["hidden"]) ** 2).mean()) for f, r in zip(fs, refs)]
@@ -104,14 +92,14 @@ def test_calibrated_expert_graph_beats_round_to_nearest_on_held_out_text(compose
 
     backbone, model, record = load_model(composed_run, None)
     cfg, graphs = backbone.decoder.cfg, split(model)
-    assert training_text(record["metas"]["code"], None) == code_data
+    assert calibration_texts(composed_run, record, ExportConfig())["code"] == code_data
     texts = {"code": calibration_windows(code_data, backbone.tokenizer, 16, 64)}
     calibrated = calibrate(model, texts, accuracy_level=0)
     test = held_out(load_corpus(code_data).docs["test"], backbone.tokenizer, 64, 8 * 64).windows[:, :64]
     rel = "experts/code/block1"
     names = io_names(graphs[rel])[0]
     empty = np.zeros((1, cfg.n_kv_heads, 0, cfg.head_dim), np.float32)
-    fs = [{names[0]: h[None].numpy(), **{n: empty for n in names[1:]}} for h in block_inputs(model, test)[1]]
+    fs = [{names[0]: h[None].numpy(), **{n: empty for n in names[1:]}} for h in composed_block_inputs(model, test)[1]]
     fp32 = tmp_path / "fp32.onnx"
     export_onnx(graphs[rel], cfg, fp32)
     refs = [ort.InferenceSession(str(fp32)).run(None, f)[0] for f in fs]
