@@ -10,8 +10,8 @@ text of every expert.
 
 Each group of 32 input columns gets an asymmetric 4-bit grid, x = d * (q - z) with q and the zero point z in 0..15,
 fixed when GPTQ reaches the group's first column (as the reference implementation does with groups). Integer zero
-points, not Q4_1's float minimum, because onnxruntime multiplies in int8 (accuracy level 4) only when the zero
-points are integers: with float ones it silently computes in fp32 (checked: identical outputs at levels 0 and 4).
+points, not a float minimum, because only with integer ones does onnxruntime use its blocked kernels (and multiply
+in int8 at accuracy level 4): with float ones it silently computes on an unpacked fp32 copy, 30-40x slower.
 The codes are written as they are (export/source_blocks.write_source_blocks): onnxruntime's own GPTQ path rounds
 GPTQ's result a second time onto a fresh grid, which measured worse than plain RTN on our experts.
 """

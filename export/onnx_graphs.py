@@ -86,17 +86,20 @@ def quantize_onnx(src: Path, dst: Path, quant: str, block_size: int, accuracy_le
     written from `source`, by block type."""
     from onnxruntime.quantization.matmul_nbits_quantizer import KQuantWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    from mode_edge.export.source_blocks import write_source_blocks
+    from mode_edge.export.source_blocks import offset_products, write_source_blocks
 
     bits = {"int8": 8, "int4": 4}[quant]
     dst.parent.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(src))
     exact = write_source_blocks(model, source) if source is not None else {}
+    exact_parts = set(offset_products(model))
     with quiet():
-        kquant = method == "kquant" and bits == 4 and any(n.op_type == "MatMul" for n in model.graph.node)
+        kquant = method == "kquant" and bits == 4 and any(
+            n.op_type == "MatMul" and n.name not in exact_parts for n in model.graph.node)
         quantizer = MatMulNBitsQuantizer(
             model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
             op_types_to_quantize=("MatMul", "Gather"), algo_config=KQuantWeightOnlyQuantConfig() if kquant else None,
+            nodes_to_exclude=sorted(exact_parts),
         )  # fmt: skip
         quantizer.process()
         save_external(quantizer.model.model, dst)
@@ -105,29 +108,27 @@ def quantize_onnx(src: Path, dst: Path, quant: str, block_size: int, accuracy_le
 
 def share_tied_embedding(embed: Path, head: Path) -> int:
     """A tied model's embedding, stored once: when the embed graph's GatherBlockQuantized table and scales hold the
-    same bytes as the head graph's MatMulNBits weight and scales (8-bit blocks along the model width, as written from
-    a Q8_0 source), the embed graph's initializers are pointed at the head's weights file and its own is removed.
-    Returns the bytes saved (0 when the two differ, and nothing changes). Source of the idea: onnxruntime-genai's
-    builder feeds one quantized tensor to both ops of a tied model."""
+    same bytes as initializers of the head graph (its 8-bit weight and scales, as written from a Q8_0 source or the
+    8-bit embedding blocks), the embed graph's initializers are pointed at the head's weights file and its own is
+    removed. Returns the bytes saved (0 when no such pair exists, and nothing changes). Source of the idea:
+    onnxruntime-genai's builder feeds one quantized tensor to both ops of a tied model."""
     embed_model = onnx.load(str(embed), load_external_data=False)
     head_model = onnx.load(str(head), load_external_data=False)
     gather = [n for n in embed_model.graph.node if n.op_type == "GatherBlockQuantized"]
-    matmul = [n for n in head_model.graph.node if n.op_type == "MatMulNBits"]
-    if len(gather) != 1 or len(matmul) != 1 or len(embed_model.graph.initializer) != 2:
-        return 0
-    attrs = {a.name: a.i for a in matmul[0].attribute}
-    if attrs.get("bits") != 8 or len(matmul[0].input) != 3 or len(gather[0].input) != 3:
+    if len(gather) != 1 or len(embed_model.graph.initializer) != 2 or len(gather[0].input) != 3:
         return 0  # 8-bit blocks without zero points have one layout in both ops; other layouts differ
     own = {i.name: i for i in embed_model.graph.initializer}
-    theirs = {i.name: i for i in head_model.graph.initializer}
-    # (table, weight) and (scales, scales): GatherBlockQuantized(data, indices, scales), MatMulNBits(A, B, scales)
-    g, m = gather[0].input, matmul[0].input
-    pairs = [(own[g[0]], theirs[m[1]]), (own[g[2]], theirs[m[2]])]
-    for mine, other in pairs:
-        if not mine.external_data or not other.external_data:  # small tensors stay inside the graph file
+    pairs = []
+    for name in (gather[0].input[0], gather[0].input[2]):  # GatherBlockQuantized(data, indices, scales)
+        mine = own[name]
+        if not mine.external_data:  # small tensors stay inside the graph file
             return 0
-        if _external_bytes(embed, mine) != _external_bytes(head, other):
+        ours = _external_bytes(embed, mine)
+        other = next((t for t in head_model.graph.initializer if t.external_data and t.data_type == mine.data_type
+                      and _length(t) == len(ours) and _external_bytes(head, t) == ours), None)  # fmt: skip
+        if other is None:
             return 0
+        pairs.append((mine, other))
     saved = embed.with_name(embed.name + ".data").stat().st_size
     for mine, other in pairs:
         fields = {e.key: e.value for e in other.external_data}
@@ -138,6 +139,10 @@ def share_tied_embedding(embed: Path, head: Path) -> int:
     onnx.save_model(embed_model, str(embed))
     embed.with_name(embed.name + ".data").unlink()
     return saved
+
+
+def _length(tensor: onnx.TensorProto) -> int:
+    return int({e.key: e.value for e in tensor.external_data}.get("length", -1))
 
 
 def _external_bytes(graph: Path, tensor: onnx.TensorProto) -> bytes:

@@ -131,12 +131,12 @@ def source_blocks(backbone: Backbone, model: MoDEModel, cfg: ExportConfig, progr
     from mode_edge.export.source_blocks import EmbeddingBlocks, FirstOf, SourceBlocks
     from mode_edge.training.backbones import resolve_spec
 
-    embedding = EmbeddingBlocks(backbone.decoder.embed_tokens.weight.detach().numpy())
+    embedding = EmbeddingBlocks(backbone.decoder.embed_tokens.weight.detach().numpy(), cfg.base_accuracy_level)
     gguf = None
     if cfg.source_blocks and backbone.spec != "tiny":
         directory, gguf_file = resolve_spec(backbone.spec)
         if gguf_file is not None:
-            gguf = SourceBlocks(directory / gguf_file)
+            gguf = SourceBlocks(directory / gguf_file, cfg.base_accuracy_level)
             if gguf.other_types:
                 console.print(f"{gguf_file}: weights stored as {', '.join(sorted(gguf.other_types))} are "
                               f"dequantized and rounded again to {cfg.quant}; Q4_0, Q4_1 and Q8_0 weights are "
@@ -293,8 +293,8 @@ def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict,
         own = {k.split("/", 2)[2]: v for k, v in components.items() if k.startswith(f"experts/{name}/")}
         files = ["gate.safetensors"] + [f for c in own for fmt in cfg.formats for f in graph_files(c, fmt)]
         pack = {
-            "format": PACK_FORMAT, "format_version": BUNDLE_VERSION, "name": name, "base_fingerprint": fingerprint,
-            "quantization": quant_record(cfg), "formats": list(cfg.formats), **limits,
+            "format": PACK_FORMAT, "format_version": BUNDLE_VERSION, "name": name, "version": 1,
+            "base_fingerprint": fingerprint, "quantization": quant_record(cfg), "formats": list(cfg.formats), **limits,
             "parameters": sum(p.numel() for p in model.experts[name].parameters()),
             "components": {c: {**v, **{f: c + GRAPH_SUFFIX[f] for f in cfg.formats}} for c, v in own.items()},
             "gate": "gate.safetensors", "files": records(folder, files),
@@ -330,7 +330,8 @@ def quant_record(cfg: ExportConfig) -> dict:
     if cfg.quant == "fp32":
         return {"scheme": "fp32"}
     method = {"method": cfg.quant_method} if cfg.quant == "int4" else {}
-    return {"scheme": cfg.quant, "block_size": cfg.block_size, "accuracy_level": cfg.accuracy_level, **method}
+    return {"scheme": cfg.quant, "block_size": cfg.block_size, "accuracy_level": cfg.accuracy_level,
+            "base_accuracy_level": cfg.base_accuracy_level, **method}
 
 
 def run_label(record: dict) -> str:

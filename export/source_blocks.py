@@ -7,10 +7,17 @@ permuted rows, as llama.cpp stores q_proj / k_proj, are found too) and its block
 onnxruntime's block formats:
 
     GGUF Q4_0  x = d * (q - 8)      -> MatMulNBits 4-bit, scale d, default zero point 8
-    GGUF Q4_1  x = d * q + m        -> MatMulNBits 4-bit, scale d, float zero point -m / d
+    GGUF Q4_1  x = d * q + m        -> MatMulNBits 4-bit, scale d, default zero point 8, plus a per-block offset
+                                       o = m + 8 d:  y = MatMulNBits(x) + (sums of x over each block) @ O
     GGUF Q8_0  x = d * q (q signed) -> MatMulNBits 8-bit / GatherBlockQuantized 8-bit, q + 128, default zero point 128
 
-all in blocks of 32 along the input dimension (ggml's QK = 32). Weights from other block types, and every weight
+all in blocks of 32 along the input dimension (ggml's QK = 32). Q4_1 is written as a symmetric product plus a small
+fp32 one (K/32 block sums by N offsets, 1/32 of the weight's multiply-adds) rather than as MatMulNBits with the float
+zero point -m / d, which is exact too but leaves onnxruntime's blocked kernels for a path that unpacks the weight on
+every call: measured 33x slower on a decode step (576 x 1536, 30 layers: 48.6 ms against 1.47; integer or default
+zero points take the fast kernels). The 4-bit types' scales and minimums are fp16 in the file and stay fp16 on disk
+(a Cast that onnxruntime folds into fp32 initializers when the session loads), so the base takes the file's own 5
+bits a weight (Q4_1) rather than 6. Weights from other block types, and every weight
 that is not a backbone row (experts, gates), are left to the configured quantizer. Sources: the ggml block layouts
 (ggml-common.h, block_q4_0 / block_q4_1 / block_q8_0) and the contrib operators MatMulNBits and
 GatherBlockQuantized of onnxruntime (docs/ContribOperators.md).
@@ -18,6 +25,7 @@ GatherBlockQuantized of onnxruntime (docs/ContribOperators.md).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -34,6 +42,8 @@ BLOCK = 32
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 """Bytes of one block: an fp16 scale (Q4_1: and an fp16 min), then the 32 quantized values."""
 MS_DOMAIN = "com.microsoft"
+OFFSET_PRODUCT = "_offset_product"
+"""Suffix of the fp32 MatMuls of block sums by offsets: exact parts of a source weight, never to be quantized."""
 
 
 def _row_key(row: np.ndarray) -> bytes:
@@ -43,10 +53,11 @@ def _row_key(row: np.ndarray) -> bytes:
 @dataclass(frozen=True)
 class Blocks:
     """One weight's blocks in onnxruntime's layout. q: (N, K/32, 16 or 32) uint8 (4-bit: two values a byte, the
-    lower index in the low nibble); scales: (N, K/32) float32; zero_points: (N, K/32) float32, or uint8 (integer
-    ones, unpacked here: onnxruntime computes in int8 only with these), or None (the type's default: 8 at 4 bits,
-    128 at 8 bits); accuracy_level: the compute type of the MatMulNBits that holds them (0, in fp32, for the trained
-    model's own blocks: int8 activations would round the model we measured)."""
+    lower index in the low nibble); scales: (N, K/32) float32; zero_points: (N, K/32) uint8 (unpacked here) or None
+    (the type's default: 8 at 4 bits, 128 at 8 bits); minimums: (N, K/32) float32 or None, Q4_1's m, the weight of
+    code 0 (x = d q + m; only with zero_points None; written as the default zero point and a per-block offset, see
+    the module docstring); accuracy_level: the compute type of the MatMulNBits that holds them (0, in fp32, for the
+    trained model's own blocks: int8 activations would round the model we measured)."""
 
     source_type: str
     bits: int
@@ -54,16 +65,26 @@ class Blocks:
     scales: np.ndarray
     zero_points: np.ndarray | None
     accuracy_level: int = 0
+    minimums: np.ndarray | None = None
+
+    def codes(self) -> np.ndarray:
+        """(N, K/32, 32) uint8: the unpacked codes."""
+        if self.bits == 8:
+            return self.q
+        return np.stack([self.q & 0x0F, self.q >> 4], axis=-1).reshape(*self.q.shape[:2], BLOCK)
+
+    def offsets(self) -> np.ndarray:
+        """(N, K/32) float32: what each block adds beyond d * (q - 8), m + 8 d, as onnxruntime computes it (fp32)."""
+        return (self.minimums + np.float32(8) * self.scales).astype(np.float32)
 
     def dequantize(self) -> np.ndarray:
         """(N, K) float32: the weight these blocks stand for, computed as onnxruntime does."""
-        if self.bits == 4:
-            q = np.stack([self.q & 0x0F, self.q >> 4], axis=-1).reshape(*self.q.shape[:2], BLOCK)
-        else:
-            q = self.q
         default = np.float32(8 if self.bits == 4 else 128)
         zp = self.zero_points if self.zero_points is not None else np.full(self.scales.shape, default)
-        return ((q.astype(np.float32) - zp[..., None]) * self.scales[..., None]).reshape(len(self.q), -1)
+        w = (self.codes().astype(np.float32) - zp[..., None]) * self.scales[..., None]
+        if self.minimums is not None:
+            w = w + self.offsets()[..., None]
+        return w.reshape(len(self.q), -1)
 
 
 def decode_blocks(raw: np.ndarray, source_type: str) -> Blocks:
@@ -80,20 +101,19 @@ def decode_blocks(raw: np.ndarray, source_type: str) -> Blocks:
     if source_type == "Q4_0":
         return Blocks(source_type, 4, packed, d, None)
     m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    flat = d == 0  # every value of the block is m: q 0, scale 1, zero point -m
-    scales = np.where(flat, np.float32(1), d)
-    zp = np.where(flat, -m, -m / np.where(flat, np.float32(1), d)).astype(np.float32)
-    packed[flat] = 0
-    return Blocks(source_type, 4, packed, scales.astype(np.float32), zp)
+    return Blocks(source_type, 4, packed, d, None, minimums=m)
 
 
 class SourceBlocks:
     """Every row of a GGUF file's Q4_0 / Q4_1 / Q8_0 tensors, findable by its dequantized fp32 values.
 
-    path: the .gguf file the backbone was loaded from. Raises UserError (through the gguf reader) for a file that is
-    not GGUF. Holds an index of 16-byte row digests (about 4 MB for SmolLM2-135M), not the weights."""
+    path: the .gguf file the backbone was loaded from; accuracy_level: the compute type of the MatMulNBits written
+    from these blocks (0: fp32 arithmetic, the base stays exactly the trained model). Raises UserError (through the
+    gguf reader) for a file that is not GGUF. Holds an index of 16-byte row digests (about 4 MB for SmolLM2-135M),
+    not the weights."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, accuracy_level: int = 0):
+        self.accuracy_level = accuracy_level
         from gguf import GGUFReader
         from gguf.quants import dequantize
 
@@ -125,7 +145,7 @@ class SourceBlocks:
         got = blocks.dequantize()
         if not np.allclose(got, weight, rtol=1e-6, atol=1e-7 * float(np.abs(weight).max())):
             return None  # the digest matched but the values do not: never write blocks that are not the weight
-        return blocks
+        return dataclasses.replace(blocks, accuracy_level=self.accuracy_level)
 
 
 def int8_blocks(weight: np.ndarray) -> Blocks:
@@ -144,11 +164,12 @@ class EmbeddingBlocks:
     export/onnx_graphs.share_tied_embedding), and the 4-bit bundle keeps its largest, most sensitive matrix at 8 bits
     (as llama.cpp's Q4_K_M keeps the output and embedding tensors at higher precision).
 
-    weight: (V, D) float32, the embedding table."""
+    weight: (V, D) float32, the embedding table; accuracy_level: the compute type of the head's MatMulNBits."""
 
-    def __init__(self, weight: np.ndarray):
+    def __init__(self, weight: np.ndarray, accuracy_level: int = 0):
         self.weight = weight
-        self.blocks = int8_blocks(weight) if weight.shape[1] % BLOCK == 0 else None
+        blocks = int8_blocks(weight) if weight.shape[1] % BLOCK == 0 else None
+        self.blocks = dataclasses.replace(blocks, accuracy_level=accuracy_level) if blocks is not None else None
 
     def find(self, weight: np.ndarray) -> Blocks | None:
         same = weight.shape == self.weight.shape and np.array_equal(weight, self.weight)
@@ -172,9 +193,11 @@ def _initializer(name: str, array: np.ndarray) -> onnx.TensorProto:
 def write_source_blocks(model: onnx.ModelProto, source) -> dict[str, int]:
     """Replace, in place, every MatMul (x @ B, B a (K, N) initializer) and Gather (rows of a (V, D) initializer)
     whose weight is found in `source` (anything with find(weight (N, K)) -> Blocks | None) by MatMulNBits /
-    GatherBlockQuantized over the found blocks, each at its blocks' accuracy level; the rest of the graph is untouched
-    for the configured quantizer. Returns the count of replaced nodes per source type."""
+    GatherBlockQuantized over the found blocks, each at its blocks' accuracy level (blocks with offsets: plus the
+    block-sum product, its block sums computed once per input); the rest of the graph is untouched for the
+    configured quantizer. Returns the count of replaced nodes per source type."""
     inits = {i.name: i for i in model.graph.initializer}
+    block_sums: dict[str, str] = {}
     counts: dict[str, int] = {}
     replaced: set[str] = set()
     nodes = []
@@ -184,7 +207,7 @@ def write_source_blocks(model: onnx.ModelProto, source) -> dict[str, int]:
             b = numpy_helper.to_array(inits[node.input[1]])
             blocks = source.find(b.T) if b.ndim == 2 else None
             if blocks is not None:
-                new, extra = _matmul_nbits(node, blocks, b.shape)
+                new, extra = _matmul_nbits(node, blocks, b.shape, block_sums)
         elif node.op_type == "Gather" and node.input[0] in inits and _axis(node) == 0:
             table = numpy_helper.to_array(inits[node.input[0]])
             blocks = source.find(table) if table.ndim == 2 else None
@@ -193,7 +216,7 @@ def write_source_blocks(model: onnx.ModelProto, source) -> dict[str, int]:
         if new is None:
             nodes.append(node)
             continue
-        nodes.append(new)
+        nodes.extend(new)
         model.graph.initializer.extend(extra)
         replaced.add(node.input[1] if node.op_type == "MatMul" else node.input[0])
         counts[blocks.source_type] = counts.get(blocks.source_type, 0) + 1
@@ -205,33 +228,139 @@ def write_source_blocks(model: onnx.ModelProto, source) -> dict[str, int]:
     model.graph.initializer.extend(kept)
     if counts and not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    if block_sums and not any(o.domain == "" and o.version >= 18 for o in model.opset_import):
+        raise ValueError("block sums and nibbles need ONNX opset >= 18 (Shape with end, BitwiseAnd, BitwiseOr)")
     return counts
+
+
+def offset_products(model: onnx.ModelProto) -> list[str]:
+    """Names of the MatMul nodes that write_source_blocks added for offsets: a quantizer run after it must skip
+    them (they are part of an exact weight, and tiny)."""
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name.endswith(OFFSET_PRODUCT)]
 
 
 def _axis(node: onnx.NodeProto) -> int:
     return next((a.i for a in node.attribute if a.name == "axis"), 0)
 
 
-def _matmul_nbits(node, blocks: Blocks, shape: tuple):
+def _matmul_nbits(node, blocks: Blocks, shape: tuple, block_sums: dict[str, str]):
+    """The nodes (MatMulNBits, and for blocks with minimums the block-sum product and the sum) that replace `node`,
+    and their initializers. block_sums maps an input to the name of its (..., K/32) block sums, shared by the
+    MatMuls that read the same input (q/k/v, gate/up)."""
     k, n = shape
     prefix = f"{node.input[1]}_{blocks.source_type}"
-    extra = [_initializer(prefix, blocks.q), _initializer(prefix + "_scales", blocks.scales.reshape(-1))]
-    inputs = [node.input[0], prefix, prefix + "_scales"]
+    half = blocks.bits == 4 and _fp16_exact(blocks.scales) and (blocks.minimums is None or _fp16_exact(blocks.minimums))
+    scales = prefix + "_scales"
+    nodes, extra = [], [_initializer(prefix, blocks.q)]
+    if half:  # stored as the file stores them; onnxruntime folds the Casts into fp32 initializers at load
+        extra.append(_initializer(scales + "_fp16", blocks.scales.reshape(-1).astype(np.float16)))
+        nodes.append(helper.make_node("Cast", [scales + "_fp16"], [scales], to=onnx.TensorProto.FLOAT))
+    else:
+        extra.append(_initializer(scales, blocks.scales.reshape(-1)))
+    inputs = [node.input[0], prefix, scales]
     if blocks.zero_points is not None:
         extra.append(_initializer(prefix + "_zero_points", _zero_points(blocks)))
         inputs.append(prefix + "_zero_points")
-    new = helper.make_node(
-        "MatMulNBits", inputs, list(node.output), name=(node.name or prefix) + "_nbits", domain=MS_DOMAIN,
+    if blocks.bits == 8 and blocks.accuracy_level == 0 and blocks.zero_points is None:
+        return _nibble_split(node, blocks, shape, block_sums, prefix, nodes, extra)
+    product = list(node.output) if blocks.minimums is None else [prefix + "_symmetric"]
+    nodes.append(helper.make_node(
+        "MatMulNBits", inputs, product, name=(node.name or prefix) + "_nbits", domain=MS_DOMAIN,
         K=k, N=n, bits=blocks.bits, block_size=BLOCK, accuracy_level=blocks.accuracy_level,
-    )  # fmt: skip
-    return new, extra
+    ))  # fmt: skip
+    if blocks.minimums is None:
+        return nodes, extra
+    offsets = prefix + "_offsets"  # (K/32, N): m + 8 d, block by output
+    if half:
+        extra += [_initializer(prefix + "_minimums_fp16", blocks.minimums.T.astype(np.float16)),
+                  _initializer(prefix + "_eight", np.array(8, np.float32))]  # fmt: skip
+        nodes.append(helper.make_node("Cast", [prefix + "_minimums_fp16"], [prefix + "_minimums"],
+                                      to=onnx.TensorProto.FLOAT))  # fmt: skip
+        _scaled_scales(nodes, extra, prefix, scales, (n, k // BLOCK), prefix + "_eight", prefix + "_eight_scales")
+        nodes.append(helper.make_node("Add", [prefix + "_minimums", prefix + "_eight_scales"], [offsets]))
+    else:
+        extra.append(_initializer(offsets, np.ascontiguousarray(blocks.offsets().T)))
+    _add_offset_product(nodes, extra, node.input[0], k, offsets, prefix, prefix + "_symmetric", node.output[0],
+                        block_sums)  # fmt: skip
+    return nodes, extra
+
+
+def _nibble_split(node, blocks: Blocks, shape: tuple, block_sums: dict[str, str], prefix: str, nodes: list,
+                  extra: list):  # fmt: skip
+    """8-bit blocks at accuracy level 0, exactly and fast: onnxruntime has no blocked fp32 kernel for 8-bit
+    MatMulNBits (it unpacks the weight on every call: 75.6 ms a decode step for SmolLM2's 49152 x 576 tied head,
+    against 0.63 at level 4, which rounds the activations). With the codes u = 16 h + l (u = q + 128) and
+    d (u - 128) = 16 d (h - 8) + d (l - 8) + 8 d, the product is two 4-bit MatMulNBits over the high and low nibbles
+    (scales 16 d and d, default zero point 8) plus the block sums times 8 d: 1.73 ms, equal to fp32 within 3e-7.
+    The nibbles are computed from the one 8-bit table by ops that onnxruntime folds into initializers at load, so
+    the table stays on disk once, shared with a tied embedding's gather."""
+    k, n = shape
+    scales = prefix + "_scales"
+    consts = {"four": np.array(4, np.uint8), "fifteen": np.array(15, np.uint8), "zero": np.array([0], np.int64),
+              "one": np.array([1], np.int64), "end": np.array([BLOCK], np.int64), "axis": np.array([2], np.int64),
+              "step": np.array([2], np.int64), "sixteen": np.array(16, np.float32), "eight": np.array(8, np.float32)}
+    extra += [_initializer(f"{prefix}_{name}", value) for name, value in consts.items()]
+    c = {name: f"{prefix}_{name}" for name in consts}
+    nodes += [helper.make_node("BitShift", [prefix, c["four"]], [prefix + "_high"], direction="RIGHT"),
+              helper.make_node("BitwiseAnd", [prefix, c["fifteen"]], [prefix + "_low"])]  # fmt: skip
+    for part in ("_high", "_low"):  # pack two 4-bit values a byte, the lower index in the low nibble
+        t = prefix + part
+        nodes += [
+            helper.make_node("Slice", [t, c["zero"], c["end"], c["axis"], c["step"]], [t + "_even"]),
+            helper.make_node("Slice", [t, c["one"], c["end"], c["axis"], c["step"]], [t + "_odd"]),
+            helper.make_node("BitShift", [t + "_odd", c["four"]], [t + "_odd_shifted"], direction="LEFT"),
+            helper.make_node("BitwiseOr", [t + "_even", t + "_odd_shifted"], [t + "_packed"]),
+        ]
+    nodes.append(helper.make_node("Mul", [scales, c["sixteen"]], [prefix + "_high_scales"]))
+    for part, part_scales in (("_high", prefix + "_high_scales"), ("_low", scales)):
+        nodes.append(helper.make_node(
+            "MatMulNBits", [node.input[0], prefix + part + "_packed", part_scales], [prefix + part + "_product"],
+            name=(node.name or prefix) + part + "_nbits", domain=MS_DOMAIN,
+            K=k, N=n, bits=4, block_size=BLOCK, accuracy_level=0,
+        ))  # fmt: skip
+    nodes.append(helper.make_node("Add", [prefix + "_high_product", prefix + "_low_product"], [prefix + "_nibbles"]))
+    _scaled_scales(nodes, extra, prefix, scales, (n, k // BLOCK), c["eight"], prefix + "_offsets")
+    _add_offset_product(nodes, extra, node.input[0], k, prefix + "_offsets", prefix, prefix + "_nibbles",
+                        node.output[0], block_sums)  # fmt: skip
+    return nodes, extra
+
+
+def _scaled_scales(nodes: list, extra: list, prefix: str, scales: str, by_block: tuple, factor: str, out: str):
+    """out (K/32, N) = factor * the flat (N * K/32) scales, transposed: constant, folded at load."""
+    extra.append(_initializer(prefix + "_by_block", np.array(by_block, np.int64)))
+    nodes += [helper.make_node("Reshape", [scales, prefix + "_by_block"], [prefix + "_scales_2d"]),
+              helper.make_node("Transpose", [prefix + "_scales_2d"], [prefix + "_scales_t"], perm=[1, 0]),
+              helper.make_node("Mul", [prefix + "_scales_t", factor], [out])]  # fmt: skip
+
+
+def _add_offset_product(nodes: list, extra: list, x: str, k: int, offsets: str, prefix: str, product: str,
+                        output: str, block_sums: dict[str, str]) -> None:  # fmt: skip
+    """output = product + (block sums of x) @ offsets, offsets (K/32, N); x's block sums computed once per input."""
+    if x not in block_sums:
+        sums = block_sums[x] = f"{x}_block_sums_{len(block_sums)}"
+        extra += [_initializer(sums + "_blocks", np.array([k // BLOCK, BLOCK], np.int64)),
+                  _initializer(sums + "_axis", np.array([-1], np.int64))]  # fmt: skip
+        nodes += [
+            helper.make_node("Shape", [x], [sums + "_lead"], end=-1),
+            helper.make_node("Concat", [sums + "_lead", sums + "_blocks"], [sums + "_shape"], axis=0),
+            helper.make_node("Reshape", [x, sums + "_shape"], [sums + "_by_block"]),
+            helper.make_node("ReduceSum", [sums + "_by_block", sums + "_axis"], [sums], keepdims=0),
+        ]
+    nodes += [helper.make_node("MatMul", [block_sums[x], offsets], [prefix + "_offset_product"],
+                               name=prefix + OFFSET_PRODUCT),
+              helper.make_node("Add", [product, prefix + "_offset_product"], [output])]  # fmt: skip
+
+
+def _fp16_exact(values: np.ndarray) -> bool:
+    """Whether float32 `values` survive a round trip through float16 unchanged (a GGUF's scales and minimums do)."""
+    return bool(np.array_equal(values.astype(np.float16).astype(np.float32), values))
 
 
 def _zero_points(blocks: Blocks) -> np.ndarray:
-    """MatMulNBits' zero points: float ones flat, (N * K/32,); 4-bit integer ones packed two a byte per row (the
+    """MatMulNBits' zero points: 8-bit ones flat, (N * K/32,) uint8; 4-bit ones packed two a byte per row (the
     lower block in the low nibble), (N * ceil(K/32 / 2),) uint8."""
     zp = blocks.zero_points
-    if zp.dtype != np.uint8 or blocks.bits == 8:
+    if blocks.bits == 8:
         return zp.reshape(-1)
     padded = np.concatenate([zp, np.zeros((len(zp), zp.shape[1] % 2), np.uint8)], axis=1)
     return (padded[:, 0::2] | (padded[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
@@ -245,4 +374,4 @@ def _gather_block_quantized(node, blocks: Blocks):
         name=(node.name or prefix) + "_blocks", domain=MS_DOMAIN, gather_axis=0, quantize_axis=1, block_size=BLOCK,
         bits=8,
     )  # fmt: skip
-    return new, extra
+    return [new], extra

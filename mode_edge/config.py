@@ -213,6 +213,10 @@ class ExportConfig(_Serialisable):
     accuracy_level: int = 4
     """onnxruntime MatMulNBits compute type for the requantized weights: 0 (unset) / 1 fp32, 2 fp16, 3 bf16, 4 int8
     activations per block (fastest on CPUs with dot-product instructions, and the lossiest)."""
+    base_accuracy_level: int = 0
+    """MatMulNBits compute type of the weights written from source blocks (the GGUF's own, the shared 8-bit
+    embedding of the head): 0 keeps the base exactly the trained model (fp32 arithmetic on the blocks), 4 multiplies
+    in int8 (faster; rounds each block of activations)."""
     source_blocks: bool = True
     """ONNX int8 / int4: write each backbone weight from the blocks of its quantized source (a GGUF's Q4_0, Q4_1 or
     Q8_0 rows) instead of rounding it again, so the base equals the model that was trained (export/source_blocks.py)."""
@@ -245,9 +249,11 @@ class ExportConfig(_Serialisable):
         if self.quant_method == "gptq" and self.quant == "int4" and self.block_size != 32:
             raise UserError(f"--quant-method gptq writes blocks of 32 weights (GGUF Q4_1's layout), got --block-size "
                             f"{self.block_size}; pass --block-size 32 or --quant-method rtn")  # fmt: skip
-        if not isinstance(self.accuracy_level, numbers.Integral) or not 0 <= self.accuracy_level <= 4:
-            raise UserError(f"--accuracy-level must be 0, 1, 2, 3 or 4 (onnxruntime's MatMulNBits compute types), "
-                            f"got {self.accuracy_level!r}")  # fmt: skip
+        for option, level in (("--accuracy-level", self.accuracy_level),
+                              ("--base-accuracy-level", self.base_accuracy_level)):  # fmt: skip
+            if not isinstance(level, numbers.Integral) or not 0 <= level <= 4:
+                raise UserError(f"{option} must be 0, 1, 2, 3 or 4 (onnxruntime's MatMulNBits compute types), "
+                                f"got {level!r}")  # fmt: skip
 
 
 def check_seq_len(seq_len: int, max_seq_len: int, option: str = "--seq-len") -> None:
