@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from mode_edge import cli_device, cli_ship
+from mode_edge import cli_device, cli_ship, cli_trust
 from mode_edge.errors import UserError
 from mode_edge.files import require_absent
 from mode_edge.logs import VERBOSE_ENV
@@ -427,7 +427,7 @@ def demo_cmd(out, quick, base):
     run_demo(out, quick=quick, base=base)
 
 
-for command in cli_ship.COMMANDS + cli_device.COMMANDS:  # export, pack, install, uninstall, inspect, devices; run
+for command in cli_ship.COMMANDS + cli_trust.COMMANDS + cli_device.COMMANDS:  # export, pack, install, ...; run
     main.add_command(command)
 
 if __name__ == "__main__":

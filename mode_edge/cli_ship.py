@@ -42,9 +42,12 @@ def human_bytes(n: int) -> str:
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
               help="ONNX int8 / int4: compute type of the rounded weights' MatMulNBits: 0 fp32, 4 int8 activations "
                    "per block (fastest on CPUs with dot-product instructions, and lossier).")
+@click.option("--base-accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
+              help="ONNX int8 / int4: compute type of the base's own blocks (a GGUF's, the 8-bit head): 0 keeps "
+                   "the base exactly the trained model, 4 multiplies in int8 (faster, not exact).")
 @click.option("--source-blocks/--requantize-base", default=True, show_default=True,
               help="ONNX int8 / int4, backbone from a GGUF file: write its Q4_0 / Q4_1 / Q8_0 weights from the "
-                   "file's own blocks (exactly the trained model, computed in fp32), or round them again.")
+                   "file's own blocks (exactly the trained model), or round them again.")
 @click.option("--quant-method", type=click.Choice(QUANT_METHODS), default="auto", show_default=True,
               help="ONNX int4: how weights without source blocks (the experts) are rounded: rtn round-to-nearest, "
                    "kquant llama.cpp's scale/minimum search, gptq calibrated on each expert's training text; auto "
@@ -57,8 +60,8 @@ def human_bytes(n: int) -> str:
 @click.option("--device", default=None, help="Device profile whose defaults to use (`mode-edge devices list`).")
 @click.option("--experts", default=None, help="Comma-separated subset of the run's experts (default: all).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-def export_cmd(run, out, formats, quant, block_size, accuracy_level, source_blocks, quant_method, calibration_data,
-               pte_context, device, experts, overwrite):  # fmt: skip
+def export_cmd(run, out, formats, quant, block_size, accuracy_level, base_accuracy_level, source_blocks, quant_method,
+               calibration_data, pte_context, device, experts, overwrite):  # fmt: skip
     """Split the model into graphs (embed, backbone blocks, each expert's blocks with its gate, head), export them to
     ONNX and/or ExecuTorch, quantize, check each against PyTorch, and write OUT/manifest.json with every file's size
     and sha256. Each expert lands in OUT/experts/NAME, ready for `mode-edge pack`."""
@@ -70,7 +73,8 @@ def export_cmd(run, out, formats, quant, block_size, accuracy_level, source_bloc
     cfg = ExportConfig(
         formats=fmts, quant=quant or defaults.get("quant", "int8"), block_size=block_size,
         experts=split_names(experts, "--experts") if experts else None, overwrite=overwrite,
-        accuracy_level=accuracy_level, source_blocks=source_blocks, quant_method=quant_method, pte_context=pte_context,
+        accuracy_level=accuracy_level, base_accuracy_level=base_accuracy_level, source_blocks=source_blocks,
+        quant_method=quant_method, pte_context=pte_context,
         calibration_data=str(calibration_data) if calibration_data else None,
     )  # fmt: skip
     if calibration_data is not None and not Path(calibration_data).is_dir():
@@ -89,25 +93,38 @@ def export_cmd(run, out, formats, quant, block_size, accuracy_level, source_bloc
 @click.option("--bundle", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
 @click.option("--expert", required=True, help="Name of the installed expert.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Archive to write (default: NAME.modepack).")
-def pack_cmd(bundle, expert, out):
-    """Write NAME.modepack: the expert's graphs, gate rows, manifest and checksums in one archive."""
-    from mode_edge.packs import make_pack
+@click.option("--sign", "key", type=click.Path(path_type=Path), default=None,
+              help="Sign the pack with this private key (NAME.key from `mode-edge keys generate`).")
+@click.option("--version", type=Int(1, None), default=None,
+              help="The pack's version (default: the installed one). Raise it for every release: a bundle refuses "
+                   "a version older than one it has installed.")
+def pack_cmd(bundle, expert, out, key, version):
+    """Write NAME.modepack: the expert's graphs, gate rows, manifest and checksums in one archive, signed with
+    --sign."""
+    from mode_edge.packs import make_pack, pack_version
 
     out = out or Path(f"{check_name(expert, '--expert')}.modepack")
-    pack = make_pack(bundle, expert, out)
-    click.echo(f"{out}: expert {expert}, {len(pack['files'])} files, {human_bytes(out.stat().st_size)}")
+    pack = make_pack(bundle, expert, out, key, version)
+    signed = ", signed" if key else ""
+    click.echo(f"{out}: expert {expert} v{pack_version(pack)}, {len(pack['files'])} files, "
+               f"{human_bytes(out.stat().st_size)}{signed}")  # fmt: skip
 
 
 @click.command("install", short_help="Install a domain pack into a bundle.")
 @click.option("--bundle", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
 @click.option("--replace", is_flag=True, help="Replace an installed expert of the same name.")
+@click.option("--allow-unsigned", is_flag=True,
+              help="DEVELOPMENT ONLY: install an unsigned pack, or one signed by an untrusted key, into a bundle "
+                   "that trusts keys.")
+@click.option("--allow-downgrade", is_flag=True,
+              help="Install a pack older than the highest version of its name installed before.")
 @click.argument("pack", type=click.Path(path_type=Path))
-def install_cmd(bundle, replace, pack):
-    """Check PACK (format version, base fingerprint, every size and sha256, archive members) and add its expert to
-    the bundle atomically. A refused pack changes nothing."""
+def install_cmd(bundle, replace, allow_unsigned, allow_downgrade, pack):
+    """Check PACK (format version, base fingerprint, signature against the bundle's trust store, version, every size
+    and sha256, archive members) and add its expert to the bundle atomically. A refused pack changes nothing."""
     from mode_edge.packs import install
 
-    manifest = install(bundle, pack, replace=replace)
+    manifest = install(bundle, pack, replace=replace, allow_unsigned=allow_unsigned, allow_downgrade=allow_downgrade)
     click.echo(f"installed expert {manifest['name']} into {bundle}")
 
 

@@ -132,12 +132,20 @@ def check_bundle_shape(m: dict, what: str, fix: str) -> None:
     for name, e in experts.items():
         ok = isinstance(e, dict) and isinstance(e.get("pack_sha256"), str) and is_int(e.get("bytes"))
         need(ok and e["bytes"] >= 0, what, f"experts.{name}", fix)
+    trust = m.get("trust", {"keys": {}})  # absent: the bundle trusts no keys (mode_edge/signing.py)
+    keys = trust.get("keys") if isinstance(trust, dict) else None
+    need(isinstance(keys, dict) and all(isinstance(k, dict) and isinstance(k.get("public_key"), str)
+         for k in keys.values()), what, "trust.keys", fix)  # fmt: skip
+    for field in ("pack_versions", "index_versions"):  # highest versions installed / read (rollback protection)
+        versions = m.get(field, {})
+        need(isinstance(versions, dict) and all(is_int(v) and v >= 1 for v in versions.values()), what, field, fix)
 
 
 def check_pack_shape(p: dict, n_blocks: int | None, what: str, fix: str) -> None:
     """The fields the runtime reads from a pack manifest (pack.json), with their types."""
     need(isinstance(p.get("name"), str), what, "name", fix)
     need(isinstance(p.get("base_fingerprint"), str), what, "base_fingerprint", fix)
+    need(is_int(p.get("version", 1)) and p.get("version", 1) >= 1, what, "version", fix)
     formats, files, comps = p.get("formats"), p.get("files"), p.get("components")
     need(isinstance(formats, list) and all(isinstance(f, str) for f in formats), what, "formats", fix)
     need(isinstance(files, dict) and isinstance(p.get("gate"), str) and p["gate"] in files, what, "gate", fix)

@@ -1,15 +1,17 @@
 """Domain packs: one expert cut out of a bundle as a single archive, installed into or removed from a bundle atomically.
 
-NAME.modepack is an uncompressed tar (weights do not compress) holding pack.json and the files it lists. An install
-checks everything before anything changes: the archive's members (regular files only, inside the target folder,
-exactly the listed files), the format version, the base fingerprint, every size and sha256 while extracting into a
-hidden staging folder. Only then is the folder renamed into place and the bundle manifest rewritten (atomically).
-Pure Python: a device installs packs without torch.
+NAME.modepack is an uncompressed tar (weights do not compress) holding pack.json, the files it lists and, when
+signed, pack.sig (mode_edge/signing.py). An install checks everything before anything changes: the archive's
+members (regular files only, inside the target folder, exactly the listed files), the format version, the base
+fingerprint, the signature against the bundle's trust store, the version against the highest one installed before,
+every size and sha256 while extracting into a hidden staging folder. Only then is the folder renamed into place and
+the bundle manifest rewritten (atomically). Pure Python: a device installs packs without torch.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -37,12 +39,19 @@ from mode_edge.errors import UserError
 from mode_edge.files import sha256_file
 from mode_edge.integrity import check_pack_shape
 from mode_edge.names import check_name
+from mode_edge.signing import MAX_SIGNATURE_BYTES, PACK_SIGNATURE, check_signature, read_signature, sign, statement
+from mode_edge.signing import trusted_keys
 
 PACK_MANIFEST = "pack.json"
 
 
-def make_pack(bundle: Path, name: str, out: Path) -> dict:
-    """Write the installed expert NAME of BUNDLE as the archive OUT; returns its pack manifest."""
+def make_pack(bundle: Path, name: str, out: Path, key: Path | None = None, version: int | None = None) -> dict:
+    """Write the installed expert NAME of BUNDLE as the archive OUT; returns its pack manifest.
+
+    key: a private key (`mode-edge keys generate`) to sign the pack with; version: the pack's version (>= 1; default
+    the installed one), raised for each new release of a pack so that devices refuse the older ones. An installed
+    pack's own signature is kept when neither changes. Raises UserError for an unknown expert, an existing OUT, an
+    unreadable key, or a version below 1."""
     check_name(name, "--expert")
     manifest = read_bundle(bundle)
     if name not in manifest["experts"]:
@@ -50,19 +59,43 @@ def make_pack(bundle: Path, name: str, out: Path) -> dict:
     folder = expert_folder(bundle, name)
     pack = read_pack_manifest(folder, manifest["experts"][name]["pack_sha256"])
     verify_files(folder, pack["files"], f"expert {name!r} in {bundle}", reinstall_fix(folder))
+    if version is not None and (not isinstance(version, int) or version < 1):
+        raise UserError(f"--version must be a whole number >= 1, got {version!r}")
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} already exists; choose another --out or remove it first")
+    raw = (folder / PACK_MANIFEST).read_bytes()
+    if version is not None and version != pack_version(pack):
+        pack = {**pack, "version": version}
+        raw = json.dumps(pack, indent=2).encode()
+    signature = None
+    if key is not None:
+        signature = sign(key, statement(name, pack_version(pack), hashlib.sha256(raw).hexdigest()))
+    elif raw == (folder / PACK_MANIFEST).read_bytes() and (folder / PACK_SIGNATURE).is_file():
+        signature = (folder / PACK_SIGNATURE).read_bytes()  # re-shipping a signed pack as it was installed
     tmp = out.with_name(f".{out.name}.partial")
     try:
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-            tar.add(folder / PACK_MANIFEST, arcname=PACK_MANIFEST, recursive=False)
+            add_bytes(tar, PACK_MANIFEST, raw)
+            if signature is not None:
+                add_bytes(tar, PACK_SIGNATURE, signature)
             for rel in pack["files"]:
                 tar.add(folder / rel, arcname=rel, recursive=False)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return pack
+
+
+def add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = len(data), 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def pack_version(pack: dict) -> int:
+    """A pack's version (packs made before versions count as 1)."""
+    return pack.get("version", 1)
 
 
 def read_pack(path: Path) -> tuple[dict, dict[str, tarfile.TarInfo]]:
@@ -83,6 +116,8 @@ def read_pack(path: Path) -> tuple[dict, dict[str, tarfile.TarInfo]]:
                 by_name[m.name] = m
             if PACK_MANIFEST not in by_name or by_name[PACK_MANIFEST].size > 1 << 20:
                 raise UserError(f"{path} is not a mode-edge pack: it has no {PACK_MANIFEST}")
+            if PACK_SIGNATURE in by_name and by_name[PACK_SIGNATURE].size > MAX_SIGNATURE_BYTES:
+                raise UserError(f"pack {path}: {PACK_SIGNATURE} is too large to be a signature; refused")
             raw = tar.extractfile(by_name[PACK_MANIFEST]).read()
     except (tarfile.TarError, EOFError, OSError) as e:
         raise UserError(f"pack {path} is not a readable archive ({e}); it is truncated or corrupt") from None
@@ -97,7 +132,9 @@ def read_pack(path: Path) -> tuple[dict, dict[str, tarfile.TarInfo]]:
     check_name(pack.get("name"), f"pack {path}")
     check_pack_shape(pack, None, f"pack {path}", "the pack is corrupt; download or make it again")
     check_declared(pack.get("files"), f"pack {path}")
-    listed, present = set(pack["files"]), set(by_name) - {PACK_MANIFEST}
+    listed, present = set(pack["files"]), set(by_name) - {PACK_MANIFEST, PACK_SIGNATURE}
+    if PACK_MANIFEST in listed or PACK_SIGNATURE in listed:
+        raise UserError(f"pack {path} lists its own {PACK_MANIFEST} or {PACK_SIGNATURE} as a file; it is corrupt")
     if listed - present:
         raise UserError(f"pack {path} is missing {', '.join(sorted(listed - present))}; it is incomplete")
     if present - listed:
@@ -105,15 +142,60 @@ def read_pack(path: Path) -> tuple[dict, dict[str, tarfile.TarInfo]]:
     for rel, rec in pack["files"].items():
         if by_name[rel].size != rec["bytes"]:
             raise UserError(f"pack {path}: {rel} has {by_name[rel].size} bytes, its manifest says {rec['bytes']}")
+    check_external_data(path, pack, by_name)
     return pack, by_name
 
 
-def install(bundle: Path, pack_path: Path, replace: bool = False) -> dict:
+MAX_GRAPH_BYTES = 64 << 20
+"""An .onnx graph file of a pack holds no weights (they are in its .onnx.data); a larger one is not ours."""
+
+
+def graph_tensors(graph):
+    """Every TensorProto of an ONNX graph: initializers and the tensors of node attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from graph_tensors(sub)
+
+
+def check_external_data(path: Path, pack: dict, members: dict) -> None:
+    """Every weight an .onnx graph of the pack keeps outside itself must be a file the pack lists: a graph whose
+    external data points to `../../base/...` or `/etc/passwd` is refused here, before onnxruntime would read it."""
+    import onnx
+
+    for rel in [r for r in pack["files"] if r.endswith(".onnx")]:
+        if members[rel].size > MAX_GRAPH_BYTES:
+            raise UserError(f"pack {path}: graph {rel} is {members[rel].size} bytes, too large for a graph file; "
+                            f"refused")  # fmt: skip
+        try:
+            graph = onnx.load_model_from_string(member_bytes(path, members[rel]))
+        except Exception as e:  # noqa: BLE001 - any parser failure of a hostile file is one refusal line
+            raise UserError(f"pack {path}: {rel} is not a readable ONNX graph ({str(e)[:120]}); refused") from None
+        folder = rel.rpartition("/")[0]
+        for tensor in graph_tensors(graph.graph):
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            target = f"{folder}/{location}" if folder else location
+            if location.startswith("/") or "\\" in location or ".." in location.split("/") or target not in pack["files"]:
+                raise UserError(f"pack {path}: graph {rel} reads weights from {location!r}, which is not a file of "
+                                f"the pack; refused")  # fmt: skip
+
+
+def install(bundle: Path, pack_path: Path, replace: bool = False, allow_unsigned: bool = False,
+            allow_downgrade: bool = False) -> dict:  # fmt: skip
     """Install the pack into the bundle atomically; returns its manifest. Nothing changes unless all checks pass.
 
-    The bundle's lock is held from reading its manifest to writing it back, so concurrent installs and uninstalls of
-    other packs are never lost. The same pack (same pack.json sha256) already installed and intact is a success
-    without change; installed but damaged, it is repaired (reinstalling is the fix for a damaged pack)."""
+    A bundle that trusts keys takes only packs signed by one of them (allow_unsigned: also unsigned packs and
+    unknown signers, for development; a signature that does not verify is refused always); a pack older than the
+    highest version of its name ever installed is refused unless allow_downgrade. The bundle's lock is held from
+    reading its manifest to writing it back, so concurrent installs and uninstalls of other packs are never lost.
+    The same pack (same pack.json sha256) already installed and intact is a success without change; installed but
+    damaged, it is repaired (reinstalling is the fix for a damaged pack)."""
     bundle = Path(bundle)
     read_bundle(bundle)  # a clear error for a folder that is no bundle, before the pack is read
     pack, members = read_pack(pack_path)
@@ -121,22 +203,67 @@ def install(bundle: Path, pack_path: Path, replace: bool = False) -> dict:
     pack_sha = member_sha256(pack_path, members[PACK_MANIFEST])
     with bundle_lock(bundle):
         manifest = read_bundle(bundle)  # again under the lock: another process may have changed it meanwhile
-        check_pack_fits(pack, manifest, f"pack {pack_path} ({name})")
+        what = f"pack {pack_path} ({name})"
+        check_pack_fits(pack, manifest, what)
+        signer = check_trust(pack, pack_path, members, pack_sha, manifest, allow_unsigned, what)
+        check_not_older(pack, manifest, allow_downgrade, what)
         entry = manifest["experts"].get(name)
         if entry is not None and entry.get("pack_sha256") == pack_sha and installed_intact(bundle, name):
             return pack
         if entry is not None and entry.get("pack_sha256") != pack_sha and not replace:
             raise UserError(f"expert {name!r} is already installed in {bundle} (another version); "
                             "pass --replace to replace it")  # fmt: skip
-        install_locked(bundle, manifest, pack, members, pack_path)
+        install_locked(bundle, manifest, pack, members, pack_path, signer)
     return pack
+
+
+def check_trust(pack: dict, pack_path: Path, members: dict, pack_sha: str, manifest: dict, allow_unsigned: bool,
+                what: str) -> str | None:  # fmt: skip
+    """The key id that signed the pack, checked against the bundle's trust store; None for a pack let in unchecked
+    (the bundle trusts no keys, or allow_unsigned). Raises UserError for what the store does not let in."""
+    trusted = trusted_keys(manifest)
+    if not trusted:
+        return None
+    if PACK_SIGNATURE not in members:
+        if allow_unsigned:
+            warn(f"installing the UNSIGNED {what} into a bundle that trusts only signed packs (--allow-unsigned: "
+                 f"for development only)")  # fmt: skip
+            return None
+        raise UserError(f"{what} is not signed, and this bundle trusts only packs signed by its keys "
+                        f"({', '.join(sorted(trusted))}); sign it with `mode-edge pack --sign KEY` (or, for "
+                        f"development only, pass --allow-unsigned)")  # fmt: skip
+    signature = read_signature(member_bytes(pack_path, members[PACK_SIGNATURE]), what)
+    if signature["key_id"] not in trusted and allow_unsigned:
+        warn(f"installing {what}, signed by the UNTRUSTED key {signature['key_id']} (--allow-unsigned: for "
+             f"development only)")  # fmt: skip
+        return None
+    return check_signature(signature, trusted, statement(pack["name"], pack_version(pack), pack_sha), what)
+
+
+def check_not_older(pack: dict, manifest: dict, allow_downgrade: bool, what: str) -> None:
+    """Rollback protection: a pack's version may not fall below the highest of its name this bundle has installed."""
+    highest = manifest.get("pack_versions", {}).get(pack["name"], 0)
+    if pack_version(pack) < highest and not allow_downgrade:
+        raise UserError(f"{what} is version {pack_version(pack)}, older than version {highest} installed before; "
+                        f"refused as a rollback. Get the current pack, or pass --allow-downgrade if you mean it")
+
+
+def warn(message: str) -> None:
+    from mode_edge.progress import console
+
+    console.print(f"[bold red]WARNING[/]: {message}")
 
 
 def member_sha256(pack_path: Path, member: tarfile.TarInfo) -> str:
     """sha256 of one member of a pack archive (already checked by `read_pack`)."""
+    return hashlib.sha256(member_bytes(pack_path, member)).hexdigest()
+
+
+def member_bytes(pack_path: Path, member: tarfile.TarInfo) -> bytes:
+    """The content of one small member of a pack archive (already checked by `read_pack`)."""
     try:
         with tarfile.open(pack_path, "r:") as tar:
-            return hashlib.sha256(tar.extractfile(member).read()).hexdigest()
+            return tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError) as e:
         raise UserError(f"pack {pack_path} could not be read ({e}); it is truncated or corrupt") from None
 
@@ -152,8 +279,10 @@ def installed_intact(bundle: Path, name: str) -> bool:
         return False
 
 
-def install_locked(bundle: Path, manifest: dict, pack: dict, members: dict, pack_path: Path) -> None:
-    """Extract into a uniquely named staging folder, swap it into place, rewrite the manifest; the caller holds
+def install_locked(bundle: Path, manifest: dict, pack: dict, members: dict, pack_path: Path,
+                   signer: str | None = None) -> None:  # fmt: skip
+    """Extract into a uniquely named staging folder (with the signature, when the pack has one), swap it into
+    place, rewrite the manifest (the expert's entry, its signer, the highest version installed); the caller holds
     the bundle lock."""
     name, experts = pack["name"], bundle / "experts"
     experts.mkdir(exist_ok=True)
@@ -163,14 +292,17 @@ def install_locked(bundle: Path, manifest: dict, pack: dict, members: dict, pack
     old = Path(tempfile.mkdtemp(dir=experts, prefix=f".{name}.old-")) / name
     try:
         with tarfile.open(pack_path, "r:") as tar:
-            for rel in [PACK_MANIFEST, *pack["files"]]:
+            signature = [PACK_SIGNATURE] if PACK_SIGNATURE in members else []
+            for rel in [PACK_MANIFEST, *signature, *pack["files"]]:
                 extract_checked(tar, members[rel], staging / rel, pack["files"].get(rel), pack_path)
         fsync_tree(staging)
         target = expert_folder(bundle, name)
         if target.exists():  # a replaced expert, or the folder of an install interrupted before its manifest entry
             os.replace(target, old)
         os.replace(staging, target)
-        manifest["experts"][name] = expert_entry(bundle, name, pack)
+        manifest["experts"][name] = {**expert_entry(bundle, name, pack), "signed_by": signer}
+        versions = manifest.setdefault("pack_versions", {})
+        versions[name] = max(versions.get(name, 0), pack_version(pack))
         write_manifest(bundle, manifest)
     except (tarfile.TarError, EOFError, OSError) as e:
         raise UserError(f"pack {pack_path} could not be read ({e}); it is truncated or corrupt") from None
@@ -214,6 +346,7 @@ def expert_entry(bundle: Path, name: str, pack: dict) -> dict:
         "pack": f"experts/{name}/{PACK_MANIFEST}",
         "pack_sha256": sha256_file(folder / PACK_MANIFEST),
         "bytes": total_bytes(pack["files"]),
+        "version": pack_version(pack),
     }
 
 

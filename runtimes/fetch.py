@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from mode_edge.errors import UserError
+from mode_edge.signing import MAX_SIGNATURE_BYTES, trusted_keys
 
 CHUNK = 1 << 16
 
@@ -40,6 +41,9 @@ def fetch_and_install(bundle: Path, source: str, name: str, expected: dict | Non
         if name in read_bundle(bundle)["experts"] and installed_intact(bundle, name):
             return  # a concurrent run fetched and installed it meanwhile
         repair = name in read_bundle(bundle)["experts"]  # installed but damaged: the fetched pack replaces it
+        if trusted_keys(read_bundle(bundle)):  # a bundle that trusts keys fetches only what a signed index lists
+            expected = listed_pack(bundle, source, name, kw.get("timeout_s", 30.0))
+            kw = {**kw, "limit": expected["bytes"]}
         path, resumed = fetch_pack(source, name, downloads, expected=expected, **kw)
         try:
             check_fetched(path, name, read_bundle(bundle), source)
@@ -61,6 +65,59 @@ def fetch_and_install(bundle: Path, source: str, name: str, expected: dict | Non
                 path.unlink(missing_ok=True)
 
 
+def listed_pack(bundle: Path, source: str, name: str, timeout_s: float) -> dict:
+    """{'bytes', 'sha256'} of NAME.modepack as the source's signed index lists it (mode_edge/pack_index.py), after
+    the index is checked against the bundle's trust store, its expiry and the highest index version this bundle
+    has read from the source (which it then remembers). Raises UserError for any failure, before any pack byte
+    is fetched."""
+    from mode_edge.bundle import bundle_lock, read_bundle, write_manifest
+    from mode_edge.pack_index import INDEX_FILE, INDEX_SIGNATURE, MAX_INDEX_BYTES, read_index
+
+    manifest = read_bundle(bundle)
+    raw = read_small(source, INDEX_FILE, MAX_INDEX_BYTES, timeout_s)
+    signature = read_small(source, INDEX_SIGNATURE, MAX_SIGNATURE_BYTES, timeout_s)
+    seen = manifest.get("index_versions", {}).get(source, 0)
+    index = read_index(raw, signature, trusted_keys(manifest), seen, source)
+    with bundle_lock(bundle):
+        manifest = read_bundle(bundle)
+        versions = manifest.setdefault("index_versions", {})
+        if index["version"] > versions.get(source, 0):
+            versions[source] = index["version"]
+            write_manifest(bundle, manifest)
+    entry = index["packs"].get(name)
+    if entry is None:
+        raise UserError(f"pack source {source}: its signed index does not list {name!r} (it lists "
+                        f"{', '.join(sorted(index['packs'])) or 'nothing'}); nothing fetched")  # fmt: skip
+    if entry.get("base_fingerprint") != manifest["base"]["fingerprint"]:
+        raise UserError(f"pack source {source}: its index lists {name!r} for another base; nothing fetched: point "
+                        f"--pack-source at this base's packs")  # fmt: skip
+    return {"bytes": entry["bytes"], "sha256": entry["sha256"]}
+
+
+def read_small(source: str, name: str, limit: int, timeout_s: float) -> bytes:
+    """SOURCE/NAME (a folder or an HTTP(S) URL), refused beyond `limit` bytes; raises UserError when absent."""
+    if not source.startswith(("http://", "https://")):
+        path = Path(source) / name
+        if not path.is_file():
+            raise UserError(f"pack source {source} has no {name}; a bundle that trusts keys fetches only from a "
+                            f"source with a signed index (`mode-edge index --packs DIR --sign KEY`)")  # fmt: skip
+        if path.stat().st_size > limit:
+            raise UserError(f"pack source {source}: {name} is larger than {limit} bytes; refused")
+        return path.read_bytes()
+    url = source.rstrip("/") + "/" + name
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            data = response.read(limit + 1)
+    except urllib.error.HTTPError as e:
+        raise UserError(f"pack source {source} has no {name} (HTTP {e.code}); a bundle that trusts keys fetches only "
+                        f"from a source with a signed index (`mode-edge index`)") from None  # fmt: skip
+    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, OSError) as e:
+        raise UserError(f"could not read {url} ({e}); check the pack source and the network") from None
+    if len(data) > limit:
+        raise UserError(f"pack source {source}: {name} is larger than {limit} bytes; refused")
+    return data
+
+
 def check_fetched(path: Path, name: str, bundle_manifest: dict, source: str) -> None:
     """The pack at `path` is the one asked for: its own name and base fingerprint; otherwise a refusal."""
     from mode_edge.packs import read_pack
@@ -77,15 +134,19 @@ def check_fetched(path: Path, name: str, bundle_manifest: dict, source: str) -> 
 
 
 def fetch_pack(source: str, name: str, downloads: Path, retries: int = 3, timeout_s: float = 30.0,
-               expected: dict | None = None, fresh: bool = False) -> tuple[Path, bool]:  # fmt: skip
+               expected: dict | None = None, fresh: bool = False, limit: int | None = None) -> tuple[Path, bool]:  # fmt: skip
     """The local path of NAME.modepack from `source` and whether a download resumed earlier bytes.
 
     A URL source downloads into `downloads` (NAME.modepack.part, with its validators in NAME.modepack.part.json);
-    `fresh` discards what an earlier try left."""
+    `fresh` discards what an earlier try left; `limit` refuses a pack of more bytes (what a signed index lists)
+    before they are written."""
     if not source.startswith(("http://", "https://")):
         path = Path(source) / f"{name}.modepack"
         if not path.is_file():
             raise UserError(f"pack source {source} has no {name}.modepack")
+        if expected is not None and not matches(path, expected):
+            raise UserError(f"pack source {source}: {name}.modepack does not have the size and sha256 its index "
+                            f"lists; refused, nothing installed")  # fmt: skip
         return path, False
     downloads.mkdir(parents=True, exist_ok=True)
     final, part = downloads / f"{name}.modepack", downloads / f"{name}.modepack.part"
@@ -97,13 +158,13 @@ def fetch_pack(source: str, name: str, downloads: Path, retries: int = 3, timeou
     resumed = False
     for attempt in range(retries + 1):
         try:
-            kept = download(url, part, meta, timeout_s, trust_resume=expected is not None)
+            kept = download(url, part, meta, timeout_s, trust_resume=expected is not None, limit=limit)
             resumed |= kept
             if expected is not None and not matches(part, expected):
                 part.unlink()
                 meta.unlink(missing_ok=True)
                 if kept:  # resumed onto bytes of another version: once more, from zero
-                    download(url, part, meta, timeout_s)
+                    download(url, part, meta, timeout_s, limit=limit)
                 if not kept or not matches(part, expected):
                     part.unlink(missing_ok=True)
                     raise UserError(f"{url} does not have the size and sha256 it should have; the pack source "
@@ -145,11 +206,13 @@ def validator(meta: Path, url: str) -> str | None:
     return modified if isinstance(modified, str) and modified else None
 
 
-def download(url: str, part: Path, meta: Path, timeout_s: float, trust_resume: bool = False) -> bool:
+def download(url: str, part: Path, meta: Path, timeout_s: float, trust_resume: bool = False,
+             limit: int | None = None) -> bool:  # fmt: skip
     """Fetch `url` into `part`, resuming only onto the same version; returns whether earlier bytes were kept.
 
     Resumes with Range + If-Range when a validator of the part's version is saved (a 200 answer means the file
-    changed: start from zero), or with Range alone when `trust_resume` (the caller checks size and sha256 after)."""
+    changed: start from zero), or with Range alone when `trust_resume` (the caller checks size and sha256 after).
+    With `limit`, a file that is or grows larger than `limit` bytes is refused (UserError) and its bytes removed."""
     have = part.stat().st_size if part.exists() else 0
     check = validator(meta, url) if have else None
     if have and check is None and not trust_resume:
@@ -173,8 +236,24 @@ def download(url: str, part: Path, meta: Path, timeout_s: float, trust_resume: b
                                         "last_modified": response.headers.get("Last-Modified")}))  # fmt: skip
         total = response.headers.get("Content-Length")
         expected = None if total is None else have + int(total)
+        if limit is not None and expected is not None and expected > limit:
+            part.unlink(missing_ok=True)
+            meta.unlink(missing_ok=True)
+            raise UserError(f"{url} is {expected} bytes, more than the {limit} its signed index lists; refused")
         with open(part, "ab" if have else "wb") as f:
-            shutil.copyfileobj(response, f, CHUNK)
+            if limit is None:
+                shutil.copyfileobj(response, f, CHUNK)
+            else:
+                written = have
+                while block := response.read(CHUNK):
+                    written += len(block)
+                    if written > limit:
+                        break
+                    f.write(block)
+        if limit is not None and written > limit:
+            part.unlink(missing_ok=True)
+            meta.unlink(missing_ok=True)
+            raise UserError(f"{url} sent more than the {limit} bytes its signed index lists; refused")
     if expected is not None and part.stat().st_size != expected:
         raise ConnectionError(f"connection closed after {part.stat().st_size} of {expected} bytes")
     return have > 0

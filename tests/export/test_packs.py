@@ -199,3 +199,29 @@ def test_a_pack_whose_pte_graphs_take_another_context_is_refused():
     with pytest.raises(UserError, match="any length"):
         check_pack_fits({k: v for k, v in fits.items() if k != "executorch"}, bundle, "pack p")
     check_pack_fits({**fits, "executorch": None}, {**bundle, "formats": ["onnx"]}, "pack p")  # onnx only: no matter
+
+
+@pytest.mark.parametrize("location", ["../../base/block0.onnx.data", "/etc/passwd", "block1.onnx.data/../x",
+                                      "not-in-the-pack.data"])  # fmt: skip
+def test_a_graph_whose_weights_point_outside_the_pack_is_refused_before_onnxruntime_reads_it(
+    bundle, code_pack, tmp_path, location
+):
+    """A consistent hostile pack: its graph's external-data path is rewritten and the manifest records the new
+    graph's true size and sha256, so only the path check can catch it."""
+    import onnx
+
+    files = members(code_pack)
+    graph = onnx.load_model_from_string(files["block0.onnx"])
+    tensor = next(t for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    next(e for e in tensor.external_data if e.key == "location").value = location
+    files["block0.onnx"] = graph.SerializeToString()
+    manifest = json.loads(files["pack.json"])
+    manifest["files"]["block0.onnx"] = {"bytes": len(files["block0.onnx"]),
+                                        "sha256": hashlib.sha256(files["block0.onnx"]).hexdigest()}  # fmt: skip
+    files["pack.json"] = json.dumps(manifest).encode()
+    bad = write_tar(tmp_path / "bad.modepack", files)
+    uninstall(bundle, "code")
+    before = tree(bundle)
+    with pytest.raises(UserError, match="not a file of the pack"):
+        install(bundle, bad)
+    assert tree(bundle) == before

@@ -1,0 +1,121 @@
+"""Signed packs on the command line: keys generate; trust add | list | remove; verify (mode_edge/signing.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from mode_edge.errors import UserError
+from mode_edge.ranges import Float, Int
+
+
+@click.group("keys", short_help="Signing keys for domain packs: generate.")
+def keys():
+    """ed25519 keys that sign domain packs (`mode-edge pack --sign NAME.key`)."""
+
+
+@keys.command("generate")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Path and name of the key pair: writes OUT.key (private, owner-only) and OUT.pub.")  # fmt: skip
+def keys_generate(out):
+    """Make a new ed25519 key pair. Keep OUT.key secret (it signs packs); hand OUT.pub to whoever installs them
+    (`mode-edge trust add OUT.pub --bundle B`)."""
+    from mode_edge.signing import generate_key
+
+    kid = generate_key(out)
+    click.echo(f"key {kid}: private {out}.key (keep it secret), public {out}.pub (give it to `mode-edge trust add`)")
+
+
+@click.group("trust", short_help="A bundle's trust store: add, list, remove signing keys.")
+def trust():
+    """Keys whose signed packs a bundle installs. A bundle that trusts at least one key refuses unsigned packs and
+    packs signed by other keys (`mode-edge install --allow-unsigned` overrides, for development only)."""
+
+
+@trust.command("add")
+@click.argument("pubkey")
+@click.option("--bundle", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
+@click.option("--label", default=None, help="A name to show for the key (default: the .pub file's name).")
+def trust_add_cmd(pubkey, bundle, label):
+    """Trust PUBKEY (a .pub file from `mode-edge keys generate`, or its line 'ed25519 BASE64')."""
+    from mode_edge.trust import trust_add
+
+    kid = trust_add(bundle, pubkey, label)
+    click.echo(f"{bundle} trusts key {kid}; from now on it installs only signed packs")
+
+
+@trust.command("list")
+@click.option("--bundle", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def trust_list_cmd(bundle, as_json):
+    """The keys BUNDLE trusts, and the signer and version of each installed pack."""
+    from mode_edge.bundle import read_bundle
+    from mode_edge.signing import trusted_keys
+
+    manifest = read_bundle(bundle)
+    keys_ = trusted_keys(manifest)
+    installed = {n: {"version": e.get("version", 1), "signed_by": e.get("signed_by")}
+                 for n, e in sorted(manifest["experts"].items())}  # fmt: skip
+    if as_json:
+        click.echo(json.dumps({"keys": keys_, "installed": installed}, indent=2))
+        return
+    if not keys_:
+        click.echo(f"{bundle} trusts no keys: it installs any intact pack (add one with `mode-edge trust add`)")
+    for kid, k in sorted(keys_.items()):
+        click.echo(f"{kid}  {k.get('label', '')}")
+    for name, e in installed.items():
+        click.echo(f"installed {name} v{e['version']}: " + (f"signed by {e['signed_by']}" if e["signed_by"]
+                                                           else "not checked against a key"))  # fmt: skip
+
+
+@trust.command("remove")
+@click.argument("key")
+@click.option("--bundle", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
+def trust_remove_cmd(key, bundle):
+    """Stop trusting KEY (its id from `trust list`, a unique prefix, or its .pub). Installed packs stay."""
+    from mode_edge.trust import trust_remove
+
+    kid = trust_remove(bundle, key)
+    click.echo(f"{bundle} no longer trusts key {kid}")
+
+
+@click.command("verify", short_help="Check a pack's files and signature without installing it.")
+@click.argument("pack", type=click.Path(path_type=Path))
+@click.option("--bundle", type=click.Path(path_type=Path), default=None,
+              help="Check the signature against this bundle's trust store.")  # fmt: skip
+@click.option("--key", default=None, help="Check the signature against this public key (.pub or its line).")
+def verify_cmd(pack, bundle, key):
+    """Check PACK as `install` would: the archive, every file's sha256, and (with --bundle or --key) that it is
+    signed by a trusted key. Exit 0 when it passes, 2 with one line when it does not."""
+    from mode_edge.trust import verify_pack
+
+    if bundle is not None and key is not None:
+        raise UserError("pass --bundle or --key, not both")
+    info = verify_pack(pack, bundle, key)
+    signed = f"signed by {info['signed_by']}" if info["signed_by"] else "unsigned"
+    trusted = f", trusted by {info['trusted_by']}" if info["trusted_by"] else ""
+    click.echo(f"{pack}: pack {info['name']} v{info['version']}, files intact, {signed}{trusted}")
+
+
+@click.command("index", short_help="Sign the index of a folder of packs: what a pack source serves.")
+@click.option("--packs", type=click.Path(path_type=Path), required=True,
+              help="Folder of NAME.modepack files, served as it is (a web server's folder, or a --pack-source path).")
+@click.option("--sign", "key", type=click.Path(path_type=Path), required=True,
+              help="Private key to sign the index with (NAME.key from `mode-edge keys generate`).")
+@click.option("--expires-days", type=Float(0.001, 3650), default=30.0, show_default=True,
+              help="Devices refuse the index after this many days: publish a fresh one before.")
+@click.option("--version", type=Int(1, None), default=None,
+              help="The index's version (default: one above the index already there); it must rise every time.")
+def index_cmd(packs, key, expires_days, version):
+    """Write PACKS/index.json (every pack's name, version, size and sha256, and an expiry) and its signature
+    PACKS/index.json.sig. A bundle that trusts keys fetches from a pack source only what such an index lists."""
+    from mode_edge.pack_index import make_index
+
+    index = make_index(packs, key, expires_days, version)
+    click.echo(f"{packs}/index.json: version {index['version']}, {len(index['packs'])} packs, expires "
+               f"{index['expires']}")  # fmt: skip
+
+
+COMMANDS = [keys, trust, verify_cmd, index_cmd]

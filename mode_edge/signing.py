@@ -1,0 +1,169 @@
+"""Signed domain packs: ed25519 keys, a pack's signature, a bundle's trust store.
+
+A pack's checksums prove it is whole, not who made it: anyone who can place a file on a pack source can write
+checksums. So a pack may carry PACK_SIGNATURE beside pack.json: an ed25519 signature (RFC 8032, through the
+`cryptography` library) over a small canonical statement of the pack's name, its version and the sha256 of its
+pack.json, which lists every file by size and sha256. A bundle that trusts keys (its manifest's "trust" block,
+`mode-edge trust add`) installs only packs signed by one of them; the pack's version must not fall below the highest
+version of that name the bundle has installed (rollback protection, remembered across uninstalls). The scheme
+follows TUF's split of metadata and targets (signed metadata that pins every target file by hash) in miniature.
+
+Key files (`mode-edge keys generate --out NAME`): NAME.key, the private key as unencrypted PKCS#8 PEM, readable by its
+owner only; NAME.pub, one line "ed25519 <base64 of the 32 raw bytes>", the form `trust add` takes. A key is named by
+its id: the first 16 hex digits of the sha256 of its raw public bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from mode_edge.errors import UserError
+
+PACK_SIGNATURE = "pack.sig"
+"""The signature's member in a .modepack archive and its file in an installed expert's folder."""
+SIGNED_DOMAIN = "mode-edge-pack-signature-v1"
+"""Written into every signed statement, so that a signature over a pack can never pass for one over anything else."""
+KEY_PREFIX = "ed25519"
+MAX_SIGNATURE_BYTES = 4096
+
+
+def key_id(public_raw: bytes) -> str:
+    """16 hex digits naming a public key (32 raw bytes)."""
+    return hashlib.sha256(public_raw).hexdigest()[:16]
+
+
+def generate_key(out: Path) -> str:
+    """Write OUT.key (private, mode 0600) and OUT.pub; returns the key id. Refuses to overwrite either file."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    out = Path(out)
+    private_path, public_path = out.with_name(out.name + ".key"), out.with_name(out.name + ".pub")
+    for path in (private_path, public_path):
+        if path.exists():
+            raise UserError(f"{path} already exists; choose another --out (a key is never overwritten)")
+    if not out.parent.is_dir():
+        raise UserError(f"folder {out.parent} does not exist; create it or choose another --out")
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())  # fmt: skip
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    public_path.write_text(public_line(raw) + "\n")
+    return key_id(raw)
+
+
+def public_line(raw: bytes) -> str:
+    return f"{KEY_PREFIX} {base64.b64encode(raw).decode()}"
+
+
+def parse_public(text: str, what: str) -> bytes:
+    """The 32 raw bytes of a public key given as "ed25519 BASE64" (a .pub file's line) or the file's path."""
+    text = text.strip()
+    if not text.startswith(KEY_PREFIX + " ") and Path(text).is_file():
+        try:
+            text = Path(text).read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{what}: {text} could not be read ({e})") from None
+    kind, _, b64 = text.partition(" ")
+    try:
+        raw = base64.b64decode(b64.strip(), validate=True) if kind == KEY_PREFIX else b""
+    except binascii.Error:
+        raw = b""
+    if len(raw) != 32:
+        raise UserError(f"{what} is not an ed25519 public key; pass a .pub file from `mode-edge keys generate` or "
+                        f"its line '{KEY_PREFIX} BASE64'")  # fmt: skip
+    return raw
+
+
+def load_private(path: Path):
+    """The Ed25519PrivateKey in PATH (a .key file from `keys generate`). Raises UserError for anything else."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"signing key {path} does not exist; make one with `mode-edge keys generate --out NAME`")
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError, OSError) as e:
+        raise UserError(f"{path} is not a readable private key ({str(e).splitlines()[0]}); pass the .key file "
+                        f"from `mode-edge keys generate`") from None  # fmt: skip
+    if not isinstance(key, Ed25519PrivateKey):
+        raise UserError(f"{path} holds a {type(key).__name__}, not an ed25519 key; make one with `mode-edge keys "
+                        f"generate`")  # fmt: skip
+    return key
+
+
+def statement(name: str, version: int, pack_sha256: str) -> dict:
+    """What a pack signature covers: its name, version and pack.json's sha256 (which pins every file)."""
+    return {"domain": SIGNED_DOMAIN, "name": name, "version": version, "pack_sha256": pack_sha256}
+
+
+def canonical(body: dict) -> bytes:
+    """The signed bytes of a statement: canonical JSON (sorted keys, no spaces). Every statement names its domain
+    (a pack's, an index's), so a signature over one kind can never pass for the other."""
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign(key_path: Path, body: dict) -> bytes:
+    """A signature file's content (PACK_SIGNATURE, or an index's): JSON {algorithm, key_id, signature (base64)}
+    over `canonical(body)`."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = load_private(key_path)
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    signature = key.sign(canonical(body))
+    doc = {"algorithm": KEY_PREFIX, "key_id": key_id(raw), "signature": base64.b64encode(signature).decode()}
+    return json.dumps(doc, indent=2).encode()
+
+
+def read_signature(raw: bytes, what: str) -> dict:
+    """A PACK_SIGNATURE's content, shape-checked: {algorithm, key_id, signature (64 raw bytes)}."""
+    try:
+        doc = json.loads(raw) if len(raw) <= MAX_SIGNATURE_BYTES else None
+    except (ValueError, UnicodeDecodeError):
+        doc = None
+    ok = isinstance(doc, dict) and doc.get("algorithm") == KEY_PREFIX and isinstance(doc.get("key_id"), str)
+    try:
+        signature = base64.b64decode(doc["signature"], validate=True) if ok else b""
+    except (binascii.Error, TypeError, ValueError):
+        signature = b""
+    if len(signature) != 64:
+        raise UserError(f"{what}: its signature is not an ed25519 signature; it is corrupt or forged")
+    return {"key_id": doc["key_id"], "signature": signature}
+
+
+def check_signature(signature: dict, trusted: dict, body: dict, what: str) -> str:
+    """The id of the trusted key whose signature this is, over `canonical(body)`. trusted: key id ->
+    {"public_key": "ed25519 BASE64", ...} (a bundle's trust store). Raises UserError for an unknown key or a
+    signature that does not verify (content changed after signing)."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    kid = signature["key_id"]
+    if kid not in trusted:
+        raise UserError(f"{what} is signed by key {kid[:16]}, which this bundle does not trust (trusted: "
+                        f"{', '.join(sorted(trusted)) or 'none'}); add the signer's .pub with `mode-edge trust add` "
+                        f"if you trust it")  # fmt: skip
+    raw = parse_public(trusted[kid]["public_key"], f"trusted key {kid}")
+    try:
+        Ed25519PublicKey.from_public_bytes(raw).verify(signature["signature"], canonical(body))
+    except InvalidSignature:
+        raise UserError(f"{what}: its signature by key {kid} does not match its content (changed after signing, "
+                        f"or forged); refused. Get it again from its publisher") from None  # fmt: skip
+    return kid
+
+
+def trusted_keys(manifest: dict) -> dict:
+    """A bundle manifest's trust store: key id -> {"public_key", "label"}; {} when it trusts no keys."""
+    trust = manifest.get("trust")
+    keys = trust.get("keys") if isinstance(trust, dict) else None
+    return keys if isinstance(keys, dict) else {}

@@ -1,0 +1,88 @@
+"""A pack source read by a bundle that trusts keys: only what a signed, unexpired, not-replayed index lists is
+fetched, never more bytes than it lists, through the real HTTP server on loopback and the real command line."""
+
+import json
+import shutil
+
+import pytest
+
+from mode_edge.bundle import read_bundle
+from mode_edge.pack_index import make_index
+from tests.cli_runner import invoke, refused
+from tests.runtimes.test_fetch import PackServer, bundle, run_cli, server  # noqa: F401 - the fixtures
+from tests.test_cli import assert_user_error
+
+
+@pytest.fixture
+def signed(bundle, server, tmp_path):  # noqa: F811 - the imported fixture
+    """The bundle trusts the publisher's key; the served folder holds a signed code.modepack and a signed index."""
+    publisher = tmp_path / "publisher"
+    invoke("keys", "generate", "--out", publisher)
+    invoke("keys", "generate", "--out", tmp_path / "stranger")
+    served = PackServer.root / "code.modepack"
+    shutil.move(served, tmp_path / "unsigned.modepack")
+    shutil.copytree(bundle, tmp_path / "donor")  # re-install to sign the pack from a bundle that has it
+    invoke("install", "--bundle", tmp_path / "donor", tmp_path / "unsigned.modepack")
+    invoke("pack", "--bundle", tmp_path / "donor", "--expert", "code", "--out", served, "--sign", f"{publisher}.key")
+    invoke("trust", "add", f"{publisher}.pub", "--bundle", bundle)
+    return publisher
+
+
+def test_a_source_without_a_signed_index_serves_nothing_to_a_bundle_that_trusts_keys(bundle, server, signed):
+    assert_user_error(run_cli(bundle, "code", server, ok=False), "has no index.json")
+    assert PackServer.log == []  # not one byte of a pack was served
+    assert "code" not in read_bundle(bundle)["experts"]
+
+
+def test_a_signed_index_lets_in_what_it_lists_and_nothing_else(bundle, server, signed, tmp_path):
+    out = invoke("index", "--packs", PackServer.root, "--sign", f"{signed}.key").output
+    assert "version 1, 1 packs" in out
+    run_cli(bundle, "code", server)
+    manifest = read_bundle(bundle)
+    assert "code" in manifest["experts"] and manifest["index_versions"][server] == 1
+    assert_user_error(run_cli(bundle, "law", server, ok=False), "does not list 'law'")
+
+
+def test_an_index_signed_by_another_key_or_changed_after_signing_is_refused(bundle, server, signed, tmp_path):
+    invoke("index", "--packs", PackServer.root, "--sign", f"{tmp_path / 'stranger'}.key")
+    assert_user_error(run_cli(bundle, "code", server, ok=False), "does not trust")
+    invoke("index", "--packs", PackServer.root, "--sign", f"{signed}.key")
+    index = json.loads((PackServer.root / "index.json").read_text())
+    index["expires"] = "2099-01-01T00:00:00Z"  # a longer life, claimed without the key
+    (PackServer.root / "index.json").write_text(json.dumps(index))
+    assert_user_error(run_cli(bundle, "code", server, ok=False), "does not match its content")
+    assert "code" not in read_bundle(bundle)["experts"]
+
+
+def test_an_expired_index_and_a_replayed_older_index_are_refused(bundle, server, signed, tmp_path):
+    make_index(PackServer.root, f"{signed}.key", expires_days=-1)  # (the CLI takes no past expiry)
+    assert_user_error(run_cli(bundle, "code", server, ok=False), "expired")
+    invoke("index", "--packs", PackServer.root, "--sign", f"{signed}.key", "--version", "5")
+    old = {n: (PackServer.root / n).read_bytes() for n in ("index.json", "index.json.sig")}
+    invoke("index", "--packs", PackServer.root, "--sign", f"{signed}.key")  # version 6
+    run_cli(bundle, "code", server)
+    invoke("uninstall", "--bundle", bundle, "code")
+    for name, data in old.items():  # an attacker replays the older, still unexpired, validly signed index
+        (PackServer.root / name).write_bytes(data)
+    assert_user_error(run_cli(bundle, "code", server, ok=False), "version 5, older than version 6 read before")
+    refused("index", "--packs", PackServer.root, "--sign", f"{signed}.key", "--version", "3",
+            message="does not rise")  # fmt: skip
+
+
+@pytest.mark.parametrize("send_length", [True, False])
+def test_a_server_that_sends_more_than_the_index_lists_is_cut_off(bundle, server, signed, tmp_path, send_length):
+    invoke("index", "--packs", PackServer.root, "--sign", f"{signed}.key")
+    served = PackServer.root / "code.modepack"
+    served.write_bytes(served.read_bytes() + b"\0" * (1 << 20))  # swapped for a larger file after signing
+    PackServer.send_length = send_length  # without a length, the stream itself is cut at the listed size
+    message = "more than the" if send_length else "sent more than the"
+    assert_user_error(run_cli(bundle, "code", server, ok=False), message)
+    assert not list((bundle / ".downloads").glob("code.modepack*")) and "code" not in read_bundle(bundle)["experts"]
+
+
+def test_a_folder_source_is_held_to_its_index_too(bundle, signed, tmp_path):
+    folder = PackServer.root
+    invoke("index", "--packs", folder, "--sign", f"{signed}.key")
+    (folder / "code.modepack").write_bytes((folder / "code.modepack").read_bytes()[:-512])
+    assert_user_error(run_cli(bundle, "code", str(folder), ok=False), "size and sha256")
+    assert "code" not in read_bundle(bundle)["experts"]
