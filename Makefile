@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo demo-quick test bench clean
+.PHONY: install demo demo-quick test fuzz bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,6 +24,10 @@ demo-quick: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the parsers' fuzz tests at 50x the examples `make test` runs (about 8 minutes on 2 cores)
+fuzz: $(STAMP)
+	MODE_EDGE_FUZZ_SCALE=50 $(PY) -m pytest -q tests/export/test_fuzz_parsers.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_efficiency.py

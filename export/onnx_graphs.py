@@ -131,8 +131,7 @@ def share_tied_embedding(embed: Path, head: Path) -> int:
         pairs.append((mine, other))
     saved = embed.with_name(embed.name + ".data").stat().st_size
     for mine, other in pairs:
-        fields = {e.key: e.value for e in other.external_data}
-        fields["location"] = head.name + ".data"  # both graphs lie in base/: the same folder
+        fields = {e.key: e.value for e in other.external_data}  # both graphs lie in base/: the same folder
         del mine.external_data[:]
         for key, value in fields.items():
             mine.external_data.add(key=key, value=value)
@@ -142,6 +141,7 @@ def share_tied_embedding(embed: Path, head: Path) -> int:
 
 
 def _length(tensor: onnx.TensorProto) -> int:
+    """Bytes an initializer keeps in external data (-1 when not recorded)."""
     return int({e.key: e.value for e in tensor.external_data}.get("length", -1))
 
 

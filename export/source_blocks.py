@@ -35,6 +35,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from mode_edge.errors import UserError
+
 log = logging.getLogger("mode_edge.export")
 
 BLOCK = 32
@@ -196,6 +198,9 @@ def write_source_blocks(model: onnx.ModelProto, source) -> dict[str, int]:
     GatherBlockQuantized over the found blocks, each at its blocks' accuracy level (blocks with offsets: plus the
     block-sum product, its block sums computed once per input); the rest of the graph is untouched for the
     configured quantizer. Returns the count of replaced nodes per source type."""
+    if not any(o.domain in ("", "ai.onnx") and o.version >= 18 for o in model.opset_import):
+        raise UserError("the graph's ONNX opset is below 18, which the exact blocks need (Shape with end, BitwiseAnd, "
+                        "BitwiseOr); export at opset 18 or above, or pass --requantize-base")  # fmt: skip
     inits = {i.name: i for i in model.graph.initializer}
     block_sums: dict[str, str] = {}
     counts: dict[str, int] = {}
@@ -203,12 +208,13 @@ def write_source_blocks(model: onnx.ModelProto, source) -> dict[str, int]:
     nodes = []
     for node in model.graph.node:
         new = None
-        if node.op_type == "MatMul" and node.input[1] in inits:
+        if node.op_type == "MatMul" and node.input[1] in inits and node.input[1] not in replaced:
+            # (a weight that a second MatMul shares stays as it is there: its derived tensors are named once)
             b = numpy_helper.to_array(inits[node.input[1]])
             blocks = source.find(b.T) if b.ndim == 2 else None
             if blocks is not None:
                 new, extra = _matmul_nbits(node, blocks, b.shape, block_sums)
-        elif node.op_type == "Gather" and node.input[0] in inits and _axis(node) == 0:
+        elif node.op_type == "Gather" and node.input[0] in inits and node.input[0] not in replaced and _axis(node) == 0:
             table = numpy_helper.to_array(inits[node.input[0]])
             blocks = source.find(table) if table.ndim == 2 else None
             if blocks is not None and blocks.bits == 8:
@@ -228,8 +234,6 @@ def write_source_blocks(model: onnx.ModelProto, source) -> dict[str, int]:
     model.graph.initializer.extend(kept)
     if counts and not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    if block_sums and not any(o.domain == "" and o.version >= 18 for o in model.opset_import):
-        raise ValueError("block sums and nibbles need ONNX opset >= 18 (Shape with end, BitwiseAnd, BitwiseOr)")
     return counts
 
 

@@ -71,6 +71,9 @@ def verify_files(root: Path, files: dict, what: str, fix: str = "reinstall it", 
 
 
 def check_version(manifest: dict, fmt: str, what: str) -> None:
+    if not isinstance(manifest, dict):
+        raise UserError(f"{what} is not a {fmt} manifest (a JSON {type(manifest).__name__}, not an object); it is "
+                        f"corrupt")  # fmt: skip
     if manifest.get("format") != fmt:
         raise UserError(f"{what} is not a {fmt} manifest (format {manifest.get('format')!r})")
     version = manifest.get("format_version")
@@ -116,6 +119,11 @@ def read_pack_manifest(folder: Path, sha256: str | None = None, n_blocks: int | 
     return manifest
 
 
+def pack_version(pack: dict) -> int:
+    """A pack's version (packs made before versions count as 1)."""
+    return pack.get("version", 1)
+
+
 def check_pack_fits(pack: dict, bundle: dict, what: str) -> None:
     """A pack joins a bundle only if it was made for the same base, layout, quantization and formats."""
     if pack.get("base_fingerprint") != bundle["base"]["fingerprint"]:
@@ -153,7 +161,7 @@ def _precision(q) -> object:
 def quant_label(q: dict | None) -> str:
     if not isinstance(q, dict):
         return repr(q)
-    return q.get("scheme", "?") + (f" (block {q['block_size']})" if "block_size" in q else "")
+    return f"{q.get('scheme', '?')}" + (f" (block {q['block_size']})" if "block_size" in q else "")
 
 
 def write_manifest(bundle: Path, manifest: dict) -> None:

@@ -101,13 +101,17 @@ def export_cmd(run, out, formats, quant, block_size, accuracy_level, base_accura
 def pack_cmd(bundle, expert, out, key, version):
     """Write NAME.modepack: the expert's graphs, gate rows, manifest and checksums in one archive, signed with
     --sign."""
-    from mode_edge.packs import make_pack, pack_version
+    from mode_edge.bundle import pack_version
+    from mode_edge.packs import make_pack
 
     out = out or Path(f"{check_name(expert, '--expert')}.modepack")
     pack = make_pack(bundle, expert, out, key, version)
     signed = ", signed" if key else ""
     click.echo(f"{out}: expert {expert} v{pack_version(pack)}, {len(pack['files'])} files, "
                f"{human_bytes(out.stat().st_size)}{signed}")  # fmt: skip
+    if key and version is None:
+        click.echo(f"note: signed as version {pack_version(pack)}, the installed one; give each new release a higher "
+                   f"--version (devices refuse versions below the highest they have installed)")  # fmt: skip
 
 
 @click.command("install", short_help="Install a domain pack into a bundle.")

@@ -94,9 +94,13 @@ def verify_cmd(pack, bundle, key):
     if bundle is not None and key is not None:
         raise UserError("pass --bundle or --key, not both")
     info = verify_pack(pack, bundle, key)
-    signed = f"signed by {info['signed_by']}" if info["signed_by"] else "unsigned"
-    trusted = f", trusted by {info['trusted_by']}" if info["trusted_by"] else ""
-    click.echo(f"{pack}: pack {info['name']} v{info['version']}, files intact, {signed}{trusted}")
+    if info["signed_by"]:
+        signed = f"signed by {info['signed_by']}, trusted by {info['trusted_by']}"
+    elif info["claims_key"]:
+        signed = f"its signature names key {info['claims_key']} (not checked: pass --bundle or --key)"
+    else:
+        signed = "unsigned"
+    click.echo(f"{pack}: pack {info['name']} v{info['version']}, files intact, {signed}")
 
 
 @click.command("index", short_help="Sign the index of a folder of packs: what a pack source serves.")

@@ -75,6 +75,14 @@ def current_umask() -> int:
     return mask
 
 
+def is_file(text: str) -> bool:
+    """Whether `text` names an existing file; False for anything that cannot be a path (too long, NUL bytes)."""
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def read_json(path: Path, what: str, damaged: str | None = None) -> dict:
     """A JSON object from `path`, or a one-line UserError: `what` is the fix when the file is missing, `damaged` the
     fix when it is cut short or corrupted (default: `what`)."""

@@ -41,9 +41,12 @@ def make_index(packs: Path, key: Path, expires_days: float = 30.0, version: int 
     """Write PACKS/index.json and PACKS/index.json.sig for every *.modepack in PACKS; returns the index.
 
     version: the index's version (default: one above the index already there, else 1); it must rise with every
-    new index, or devices that read the old one refuse the new. Raises UserError for a folder without packs, a
-    damaged pack, two packs of one name, or a version that does not rise."""
-    from mode_edge.packs import pack_version, read_pack
+    new index, or devices that read the old one refuse the new. Every pack is checked as `install` would (archive
+    and every file's sha256) before it is listed. The signature is written before the index, each by one rename: a
+    device that reads between the two sees a pair that does not verify and fetches nothing (it tries again later).
+    Raises UserError for a folder without packs, a damaged or misnamed pack, or a version that does not rise."""
+    from mode_edge.bundle import pack_version
+    from mode_edge.packs import read_pack, verify_members
 
     packs = Path(packs)
     archives = sorted(packs.glob("*.modepack")) if packs.is_dir() else []
@@ -51,7 +54,8 @@ def make_index(packs: Path, key: Path, expires_days: float = 30.0, version: int 
         raise UserError(f"{packs} holds no .modepack files; put the packs to serve there (`mode-edge pack`)")
     entries: dict[str, dict] = {}
     for path in archives:
-        pack, _ = read_pack(path)
+        pack, members = read_pack(path)
+        verify_members(path, pack, members)
         if path.name != f"{pack['name']}.modepack":
             raise UserError(f"{path} holds the pack {pack['name']!r}; a pack source serves NAME.modepack, rename it")
         entries[pack["name"]] = {"version": pack_version(pack), "bytes": path.stat().st_size,
@@ -67,7 +71,7 @@ def make_index(packs: Path, key: Path, expires_days: float = 30.0, version: int 
              "expires": expires.strftime("%Y-%m-%dT%H:%M:%SZ"), "packs": entries}  # fmt: skip
     raw = json.dumps(index, indent=2).encode()
     signature = sign(key, index_statement(hashlib.sha256(raw).hexdigest()))
-    for name, data in ((INDEX_FILE, raw), (INDEX_SIGNATURE, signature)):
+    for name, data in ((INDEX_SIGNATURE, signature), (INDEX_FILE, raw)):
         tmp = packs / f".{name}.partial"
         tmp.write_bytes(data)
         os.replace(tmp, packs / name)
@@ -78,7 +82,7 @@ def _previous_version(path: Path) -> int:
     try:
         version = json.loads(path.read_text()).get("version")
         return version if is_int(version) and version > 0 else 0
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return 0
 
 
@@ -93,7 +97,7 @@ def read_index(raw: bytes, signature_raw: bytes, trusted: dict, seen_version: in
     check_signature(signature, trusted, index_statement(hashlib.sha256(raw).hexdigest()), what)
     try:
         index = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         index = None
     check_index_shape(index, what)
     now = now or dt.datetime.now(dt.timezone.utc)
@@ -112,7 +116,7 @@ def check_index_shape(index, what: str) -> None:
     ok = isinstance(index, dict) and index.get("format") == INDEX_FORMAT
     ok = ok and index.get("format_version") == INDEX_VERSION and is_int(index.get("version")) and index["version"] > 0
     try:
-        dt.datetime.strptime(index["expires"], "%Y-%m-%dT%H:%M:%SZ") if ok else None
+        dt.datetime.strptime(index.get("expires"), "%Y-%m-%dT%H:%M:%SZ") if ok else None
     except (TypeError, ValueError):
         ok = False
     packs = index.get("packs") if ok else None

@@ -27,6 +27,7 @@ from mode_edge.bundle import (
     check_rel_path,
     check_version,
     expert_folder,
+    pack_version,
     fsync_tree,
     read_bundle,
     read_pack_manifest,
@@ -38,9 +39,10 @@ from mode_edge.bundle import (
 from mode_edge.errors import UserError
 from mode_edge.files import sha256_file
 from mode_edge.integrity import check_pack_shape
+from mode_edge.external_data import check_external_data
 from mode_edge.names import check_name
-from mode_edge.signing import MAX_SIGNATURE_BYTES, PACK_SIGNATURE, check_signature, read_signature, sign, statement
-from mode_edge.signing import trusted_keys
+from mode_edge.signing import MAX_SIGNATURE_BYTES, PACK_SIGNATURE, sign, statement, trusted_keys
+from mode_edge.trust import check_not_older, check_trust
 
 PACK_MANIFEST = "pack.json"
 
@@ -88,18 +90,22 @@ def make_pack(bundle: Path, name: str, out: Path, key: Path | None = None, versi
 
 
 def add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add a regular file NAME holding `data` to an archive being written."""
     info = tarfile.TarInfo(name)
     info.size, info.mode = len(data), 0o644
     tar.addfile(info, io.BytesIO(data))
 
 
-def pack_version(pack: dict) -> int:
-    """A pack's version (packs made before versions count as 1)."""
-    return pack.get("version", 1)
-
-
 def read_pack(path: Path) -> tuple[dict, dict[str, tarfile.TarInfo]]:
-    """The pack's manifest and its members, checked without extracting anything."""
+    """The pack's manifest and its members, checked without extracting anything (see `read_pack_and_sha`)."""
+    pack, members, _ = read_pack_and_sha(path)
+    return pack, members
+
+
+def read_pack_and_sha(path: Path) -> tuple[dict, dict[str, tarfile.TarInfo], str]:
+    """The pack's manifest, its members, and the sha256 of the very pack.json bytes parsed here: what a signature is
+    checked over and what the extracted pack.json must match (the archive is read again to extract it, and may have
+    changed meanwhile). Raises UserError for anything but a well-formed pack."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"pack {path} does not exist; make one with `mode-edge pack`")
@@ -117,7 +123,8 @@ def read_pack(path: Path) -> tuple[dict, dict[str, tarfile.TarInfo]]:
             if PACK_MANIFEST not in by_name or by_name[PACK_MANIFEST].size > 1 << 20:
                 raise UserError(f"{path} is not a mode-edge pack: it has no {PACK_MANIFEST}")
             if PACK_SIGNATURE in by_name and by_name[PACK_SIGNATURE].size > MAX_SIGNATURE_BYTES:
-                raise UserError(f"pack {path}: {PACK_SIGNATURE} is too large to be a signature; refused")
+                raise UserError(f"pack {path}: {PACK_SIGNATURE} is too large to be a signature; refused (get the "
+                                f"pack from its publisher)")  # fmt: skip
             raw = tar.extractfile(by_name[PACK_MANIFEST]).read()
     except (tarfile.TarError, EOFError, OSError) as e:
         raise UserError(f"pack {path} is not a readable archive ({e}); it is truncated or corrupt") from None
@@ -126,15 +133,18 @@ def read_pack(path: Path) -> tuple[dict, dict[str, tarfile.TarInfo]]:
                         "make it again")  # fmt: skip
     try:
         pack = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"pack {path}: {PACK_MANIFEST} is not valid JSON ({e}); the pack is corrupt") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise UserError(f"pack {path}: {PACK_MANIFEST} is not valid JSON ({first}); the pack is corrupt: download or "
+                        f"make it again") from None  # fmt: skip
     check_version(pack, PACK_FORMAT, f"pack {path}")
     check_name(pack.get("name"), f"pack {path}")
     check_pack_shape(pack, None, f"pack {path}", "the pack is corrupt; download or make it again")
     check_declared(pack.get("files"), f"pack {path}")
     listed, present = set(pack["files"]), set(by_name) - {PACK_MANIFEST, PACK_SIGNATURE}
     if PACK_MANIFEST in listed or PACK_SIGNATURE in listed:
-        raise UserError(f"pack {path} lists its own {PACK_MANIFEST} or {PACK_SIGNATURE} as a file; it is corrupt")
+        raise UserError(f"pack {path} lists its own {PACK_MANIFEST} or {PACK_SIGNATURE} as a file; it is corrupt: "
+                        f"make it again with `mode-edge pack`")  # fmt: skip
     if listed - present:
         raise UserError(f"pack {path} is missing {', '.join(sorted(listed - present))}; it is incomplete")
     if present - listed:
@@ -142,48 +152,9 @@ def read_pack(path: Path) -> tuple[dict, dict[str, tarfile.TarInfo]]:
     for rel, rec in pack["files"].items():
         if by_name[rel].size != rec["bytes"]:
             raise UserError(f"pack {path}: {rel} has {by_name[rel].size} bytes, its manifest says {rec['bytes']}")
-    check_external_data(path, pack, by_name)
-    return pack, by_name
-
-
-MAX_GRAPH_BYTES = 64 << 20
-"""An .onnx graph file of a pack holds no weights (they are in its .onnx.data); a larger one is not ours."""
-
-
-def graph_tensors(graph):
-    """Every TensorProto of an ONNX graph: initializers and the tensors of node attributes, subgraphs included."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from graph_tensors(sub)
-
-
-def check_external_data(path: Path, pack: dict, members: dict) -> None:
-    """Every weight an .onnx graph of the pack keeps outside itself must be a file the pack lists: a graph whose
-    external data points to `../../base/...` or `/etc/passwd` is refused here, before onnxruntime would read it."""
-    import onnx
-
-    for rel in [r for r in pack["files"] if r.endswith(".onnx")]:
-        if members[rel].size > MAX_GRAPH_BYTES:
-            raise UserError(f"pack {path}: graph {rel} is {members[rel].size} bytes, too large for a graph file; "
-                            f"refused")  # fmt: skip
-        try:
-            graph = onnx.load_model_from_string(member_bytes(path, members[rel]))
-        except Exception as e:  # noqa: BLE001 - any parser failure of a hostile file is one refusal line
-            raise UserError(f"pack {path}: {rel} is not a readable ONNX graph ({str(e)[:120]}); refused") from None
-        folder = rel.rpartition("/")[0]
-        for tensor in graph_tensors(graph.graph):
-            if tensor.data_location != onnx.TensorProto.EXTERNAL:
-                continue
-            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-            target = f"{folder}/{location}" if folder else location
-            if location.startswith("/") or "\\" in location or ".." in location.split("/") or target not in pack["files"]:
-                raise UserError(f"pack {path}: graph {rel} reads weights from {location!r}, which is not a file of "
-                                f"the pack; refused")  # fmt: skip
+    check_external_data(pack, lambda rel: member_bytes(path, by_name[rel]), lambda rel: by_name[rel].size,
+                        f"pack {path}")  # fmt: skip
+    return pack, by_name, hashlib.sha256(raw).hexdigest()
 
 
 def install(bundle: Path, pack_path: Path, replace: bool = False, allow_unsigned: bool = False,
@@ -198,14 +169,14 @@ def install(bundle: Path, pack_path: Path, replace: bool = False, allow_unsigned
     damaged, it is repaired (reinstalling is the fix for a damaged pack)."""
     bundle = Path(bundle)
     read_bundle(bundle)  # a clear error for a folder that is no bundle, before the pack is read
-    pack, members = read_pack(pack_path)
+    pack, members, pack_sha = read_pack_and_sha(pack_path)  # the signature must cover the bytes parsed, not a re-read
     name = pack["name"]
-    pack_sha = member_sha256(pack_path, members[PACK_MANIFEST])
+    signature = member_bytes(pack_path, members[PACK_SIGNATURE]) if PACK_SIGNATURE in members else None
     with bundle_lock(bundle):
         manifest = read_bundle(bundle)  # again under the lock: another process may have changed it meanwhile
         what = f"pack {pack_path} ({name})"
         check_pack_fits(pack, manifest, what)
-        signer = check_trust(pack, pack_path, members, pack_sha, manifest, allow_unsigned, what)
+        signer = check_trust(pack, signature, pack_sha, manifest, allow_unsigned, what)
         check_not_older(pack, manifest, allow_downgrade, what)
         entry = manifest["experts"].get(name)
         if entry is not None and entry.get("pack_sha256") == pack_sha and installed_intact(bundle, name):
@@ -213,50 +184,8 @@ def install(bundle: Path, pack_path: Path, replace: bool = False, allow_unsigned
         if entry is not None and entry.get("pack_sha256") != pack_sha and not replace:
             raise UserError(f"expert {name!r} is already installed in {bundle} (another version); "
                             "pass --replace to replace it")  # fmt: skip
-        install_locked(bundle, manifest, pack, members, pack_path, signer)
+        install_locked(bundle, manifest, pack, members, pack_path, pack_sha, signer, signature)
     return pack
-
-
-def check_trust(pack: dict, pack_path: Path, members: dict, pack_sha: str, manifest: dict, allow_unsigned: bool,
-                what: str) -> str | None:  # fmt: skip
-    """The key id that signed the pack, checked against the bundle's trust store; None for a pack let in unchecked
-    (the bundle trusts no keys, or allow_unsigned). Raises UserError for what the store does not let in."""
-    trusted = trusted_keys(manifest)
-    if not trusted:
-        return None
-    if PACK_SIGNATURE not in members:
-        if allow_unsigned:
-            warn(f"installing the UNSIGNED {what} into a bundle that trusts only signed packs (--allow-unsigned: "
-                 f"for development only)")  # fmt: skip
-            return None
-        raise UserError(f"{what} is not signed, and this bundle trusts only packs signed by its keys "
-                        f"({', '.join(sorted(trusted))}); sign it with `mode-edge pack --sign KEY` (or, for "
-                        f"development only, pass --allow-unsigned)")  # fmt: skip
-    signature = read_signature(member_bytes(pack_path, members[PACK_SIGNATURE]), what)
-    if signature["key_id"] not in trusted and allow_unsigned:
-        warn(f"installing {what}, signed by the UNTRUSTED key {signature['key_id']} (--allow-unsigned: for "
-             f"development only)")  # fmt: skip
-        return None
-    return check_signature(signature, trusted, statement(pack["name"], pack_version(pack), pack_sha), what)
-
-
-def check_not_older(pack: dict, manifest: dict, allow_downgrade: bool, what: str) -> None:
-    """Rollback protection: a pack's version may not fall below the highest of its name this bundle has installed."""
-    highest = manifest.get("pack_versions", {}).get(pack["name"], 0)
-    if pack_version(pack) < highest and not allow_downgrade:
-        raise UserError(f"{what} is version {pack_version(pack)}, older than version {highest} installed before; "
-                        f"refused as a rollback. Get the current pack, or pass --allow-downgrade if you mean it")
-
-
-def warn(message: str) -> None:
-    from mode_edge.progress import console
-
-    console.print(f"[bold red]WARNING[/]: {message}")
-
-
-def member_sha256(pack_path: Path, member: tarfile.TarInfo) -> str:
-    """sha256 of one member of a pack archive (already checked by `read_pack`)."""
-    return hashlib.sha256(member_bytes(pack_path, member)).hexdigest()
 
 
 def member_bytes(pack_path: Path, member: tarfile.TarInfo) -> bytes:
@@ -279,11 +208,12 @@ def installed_intact(bundle: Path, name: str) -> bool:
         return False
 
 
-def install_locked(bundle: Path, manifest: dict, pack: dict, members: dict, pack_path: Path,
-                   signer: str | None = None) -> None:  # fmt: skip
-    """Extract into a uniquely named staging folder (with the signature, when the pack has one), swap it into
-    place, rewrite the manifest (the expert's entry, its signer, the highest version installed); the caller holds
-    the bundle lock."""
+def install_locked(bundle: Path, manifest: dict, pack: dict, members: dict, pack_path: Path, pack_sha: str,
+                   signer: str | None = None, signature: bytes | None = None) -> None:  # fmt: skip
+    """Extract into a uniquely named staging folder (pack.json checked against the sha256 of the bytes that were
+    parsed and verified, every file against its record, the graphs' external-data paths checked on the staged
+    files; the verified signature written as it was read), swap it into place, rewrite the manifest (the expert's
+    entry, its signer, the highest version installed); the caller holds the bundle lock."""
     name, experts = pack["name"], bundle / "experts"
     experts.mkdir(exist_ok=True)
     for leftover in [*experts.glob(f".{name}.installing*"), *experts.glob(f".{name}.old*")]:  # killed installs
@@ -292,17 +222,23 @@ def install_locked(bundle: Path, manifest: dict, pack: dict, members: dict, pack
     old = Path(tempfile.mkdtemp(dir=experts, prefix=f".{name}.old-")) / name
     try:
         with tarfile.open(pack_path, "r:") as tar:
-            signature = [PACK_SIGNATURE] if PACK_SIGNATURE in members else []
-            for rel in [PACK_MANIFEST, *signature, *pack["files"]]:
-                extract_checked(tar, members[rel], staging / rel, pack["files"].get(rel), pack_path)
+            manifest_rec = {"bytes": members[PACK_MANIFEST].size, "sha256": pack_sha}
+            extract_checked(tar, members[PACK_MANIFEST], staging / PACK_MANIFEST, manifest_rec, pack_path)
+            for rel in pack["files"]:
+                extract_checked(tar, members[rel], staging / rel, pack["files"][rel], pack_path)
+        if signature is not None:
+            (staging / PACK_SIGNATURE).write_bytes(signature)
+        check_external_data(pack, lambda rel: (staging / rel).read_bytes(), lambda rel: (staging / rel).stat().st_size,
+                            f"pack {pack_path}")  # fmt: skip
         fsync_tree(staging)
         target = expert_folder(bundle, name)
         if target.exists():  # a replaced expert, or the folder of an install interrupted before its manifest entry
             os.replace(target, old)
         os.replace(staging, target)
         manifest["experts"][name] = {**expert_entry(bundle, name, pack), "signed_by": signer}
-        versions = manifest.setdefault("pack_versions", {})
-        versions[name] = max(versions.get(name, 0), pack_version(pack))
+        if signer is not None or not trusted_keys(manifest):  # an unchecked pack may not raise the floor
+            versions = manifest.setdefault("pack_versions", {})
+            versions[name] = max(versions.get(name, 0), pack_version(pack))
         write_manifest(bundle, manifest)
     except (tarfile.TarError, EOFError, OSError) as e:
         raise UserError(f"pack {pack_path} could not be read ({e}); it is truncated or corrupt") from None
@@ -311,7 +247,7 @@ def install_locked(bundle: Path, manifest: dict, pack: dict, members: dict, pack
         shutil.rmtree(old.parent, ignore_errors=True)
 
 
-def extract_checked(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, rec: dict | None, pack_path) -> None:
+def extract_checked(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, rec: dict, pack_path) -> None:
     """Copy one member out, hashing as it streams; a size or checksum mismatch refuses the pack."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     h, size = hashlib.sha256(), 0
@@ -321,8 +257,9 @@ def extract_checked(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, r
             h.update(block)
             size += len(block)
             f.write(block)
-    if rec is not None and (size != rec["bytes"] or h.hexdigest() != rec["sha256"]):
-        raise UserError(f"pack {pack_path}: {member.name} does not match its sha256 or size (corrupted); refused")
+    if size != rec["bytes"] or h.hexdigest() != rec["sha256"]:
+        raise UserError(f"pack {pack_path}: {member.name} does not match its sha256 or size (corrupted, or changed "
+                        f"while it was installed); refused: download or make it again")  # fmt: skip
 
 
 def verify_members(path: Path, pack: dict, members: dict) -> None:
@@ -373,7 +310,9 @@ def component_bytes(components: dict, files: dict) -> dict[str, int]:
     """Bytes on disk per component (graph + weights, every format), from the manifest's file records."""
     out = {}
     for comp, entry in components.items():
-        paths = [entry[f] for f in ("onnx", "executorch") if f in entry]
+        if not isinstance(entry, dict):
+            continue  # the entries the runtime reads are shape-checked; others are only described
+        paths = [entry[f] for f in ("onnx", "executorch") if isinstance(entry.get(f), str)]
         paths += [p + ".data" for p in paths if p.endswith(".onnx")]
         out[comp] = sum(files[p]["bytes"] for p in paths if p in files)
     return out
@@ -396,7 +335,7 @@ def describe(path: Path) -> dict:
                 "components": component_bytes(pack["components"], pack["files"]),
             }  # fmt: skip
         return {
-            "kind": "bundle", "path": str(path), "format_version": m["format_version"], "base": m["base"]["spec"],
+            "kind": "bundle", "path": str(path), "format_version": m["format_version"], "base": m["base"].get("spec"),
             "fingerprint": m["base"]["fingerprint"], "quantization": m["quantization"], "formats": m["formats"],
             "components": component_bytes(m["components"], m["files"]),
             "base_bytes": total_bytes(m["files"]), "experts": experts,

@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 
 from mode_edge.errors import UserError
+from mode_edge.files import is_file
 
 PACK_SIGNATURE = "pack.sig"
 """The signature's member in a .modepack archive and its file in an installed expert's folder."""
@@ -61,13 +62,14 @@ def generate_key(out: Path) -> str:
 
 
 def public_line(raw: bytes) -> str:
+    """A public key (32 raw bytes) as a .pub file's line: "ed25519 BASE64"."""
     return f"{KEY_PREFIX} {base64.b64encode(raw).decode()}"
 
 
 def parse_public(text: str, what: str) -> bytes:
     """The 32 raw bytes of a public key given as "ed25519 BASE64" (a .pub file's line) or the file's path."""
     text = text.strip()
-    if not text.startswith(KEY_PREFIX + " ") and Path(text).is_file():
+    if not text.startswith(KEY_PREFIX + " ") and is_file(text):
         try:
             text = Path(text).read_text().strip()
         except (OSError, UnicodeDecodeError) as e:
@@ -94,8 +96,9 @@ def load_private(path: Path):
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError, OSError) as e:
-        raise UserError(f"{path} is not a readable private key ({str(e).splitlines()[0]}); pass the .key file "
-                        f"from `mode-edge keys generate`") from None  # fmt: skip
+        first = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise UserError(f"{path} is not a readable private key ({first}); pass the .key file from `mode-edge keys "
+                        f"generate`") from None  # fmt: skip
     if not isinstance(key, Ed25519PrivateKey):
         raise UserError(f"{path} holds a {type(key).__name__}, not an ed25519 key; make one with `mode-edge keys "
                         f"generate`")  # fmt: skip
@@ -129,7 +132,7 @@ def read_signature(raw: bytes, what: str) -> dict:
     """A PACK_SIGNATURE's content, shape-checked: {algorithm, key_id, signature (64 raw bytes)}."""
     try:
         doc = json.loads(raw) if len(raw) <= MAX_SIGNATURE_BYTES else None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         doc = None
     ok = isinstance(doc, dict) and doc.get("algorithm") == KEY_PREFIX and isinstance(doc.get("key_id"), str)
     try:
@@ -137,7 +140,8 @@ def read_signature(raw: bytes, what: str) -> dict:
     except (binascii.Error, TypeError, ValueError):
         signature = b""
     if len(signature) != 64:
-        raise UserError(f"{what}: its signature is not an ed25519 signature; it is corrupt or forged")
+        raise UserError(f"{what}: its signature is not an ed25519 signature; it is corrupt or forged: get it "
+                        f"again from its publisher")  # fmt: skip
     return {"key_id": doc["key_id"], "signature": signature}
 
 
@@ -150,9 +154,9 @@ def check_signature(signature: dict, trusted: dict, body: dict, what: str) -> st
 
     kid = signature["key_id"]
     if kid not in trusted:
-        raise UserError(f"{what} is signed by key {kid[:16]}, which this bundle does not trust (trusted: "
-                        f"{', '.join(sorted(trusted)) or 'none'}); add the signer's .pub with `mode-edge trust add` "
-                        f"if you trust it")  # fmt: skip
+        raise UserError(f"{what} is signed by key {kid[:16]}, which is not among the trusted keys "
+                        f"({', '.join(sorted(trusted)) or 'none'}); if you trust its publisher, add their .pub with "
+                        f"`mode-edge trust add` (or pass it to --key)")  # fmt: skip
     raw = parse_public(trusted[kid]["public_key"], f"trusted key {kid}")
     try:
         Ed25519PublicKey.from_public_bytes(raw).verify(signature["signature"], canonical(body))

@@ -9,11 +9,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mode_edge.bundle import bundle_lock, read_bundle, write_manifest
+from mode_edge.bundle import bundle_lock, pack_version, read_bundle, write_manifest
 from mode_edge.errors import UserError
-from mode_edge.signing import PACK_SIGNATURE, check_signature, key_id, parse_public, public_line, read_signature
-from mode_edge.signing import statement
-from mode_edge.signing import trusted_keys
+from mode_edge.files import is_file
+from mode_edge.signing import (
+    PACK_SIGNATURE,
+    check_signature,
+    key_id,
+    parse_public,
+    public_line,
+    read_signature,
+    statement,
+    trusted_keys,
+)  # fmt: skip
 
 
 def trust_add(bundle: Path, public_key: str, label: str | None = None) -> str:
@@ -26,7 +34,7 @@ def trust_add(bundle: Path, public_key: str, label: str | None = None) -> str:
         manifest = read_bundle(bundle)
         keys = manifest.setdefault("trust", {}).setdefault("keys", {})
         if kid not in keys:
-            name = label or (Path(public_key).stem if Path(public_key).is_file() else kid)
+            name = label or (Path(public_key).stem if is_file(public_key) else kid)
             keys[kid] = {"public_key": public_line(raw), "label": name}
             write_manifest(bundle, manifest)
     return kid
@@ -46,7 +54,8 @@ def trust_remove(bundle: Path, key: str) -> str:
 
 
 def resolve_key(keys: dict, key: str, bundle: Path) -> str:
-    if key.startswith("ed25519 ") or Path(key).is_file():
+    """The one trusted key id that KEY names (an id, a unique prefix, or a public key). Raises UserError."""
+    if key.startswith("ed25519 ") or is_file(key):
         kid = key_id(parse_public(key, "KEY"))
         hits = [kid] if kid in keys else []
     else:
@@ -60,11 +69,12 @@ def resolve_key(keys: dict, key: str, bundle: Path) -> str:
 
 def verify_pack(path: Path, bundle: Path | None = None, public_key: str | None = None) -> dict:
     """Check a .modepack: archive members and every file's sha256 (as `install` does) and its signature against
-    the trust store of BUNDLE or against one PUBLIC_KEY. Returns {name, version, signed_by, trusted_by}. Raises
+    the trust store of BUNDLE or against one PUBLIC_KEY. Returns {name, version, signed_by, trusted_by} (signed_by:
+    a key whose signature verified; claims_key: the key a pack.sig names, not checked without a key). Raises
     UserError for a damaged pack, a missing signature where a key is given, or a signature that does not verify."""
-    from mode_edge.packs import member_bytes, member_sha256, pack_version, read_pack, verify_members
+    from mode_edge.packs import member_bytes, read_pack_and_sha, verify_members
 
-    pack, members = read_pack(path)
+    pack, members, sha = read_pack_and_sha(path)
     verify_members(path, pack, members)
     if bundle is not None:
         trusted, source = trusted_keys(read_bundle(bundle)), f"bundle {bundle}"
@@ -73,18 +83,57 @@ def verify_pack(path: Path, bundle: Path | None = None, public_key: str | None =
         trusted, source = {key_id(raw): {"public_key": public_line(raw)}}, f"key {key_id(raw)}"
     else:
         trusted, source = {}, None
-    info = {"name": pack["name"], "version": pack_version(pack), "signed_by": None, "trusted_by": None}
+    info = {"name": pack["name"], "version": pack_version(pack), "signed_by": None, "trusted_by": None,
+            "claims_key": None}
     if PACK_SIGNATURE not in members:
         if trusted:
             raise UserError(f"pack {path} is not signed; {source} takes only signed packs (`mode-edge pack --sign`)")
         return info
     signature = read_signature(member_bytes(path, members[PACK_SIGNATURE]), f"pack {path}")
-    info["signed_by"] = signature["key_id"]
+    info["claims_key"] = signature["key_id"]
     if source is not None:
         if not trusted:
             raise UserError(f"{source} trusts no keys, so the signature of pack {path} cannot be checked against it; "
                             f"add the publisher's key with `mode-edge trust add`")  # fmt: skip
-        sha = member_sha256(path, members["pack.json"])
         check_signature(signature, trusted, statement(pack["name"], info["version"], sha), f"pack {path}")
-        info["trusted_by"] = source
+        info["signed_by"], info["trusted_by"] = signature["key_id"], source
     return info
+
+
+def check_trust(pack: dict, signature_raw: bytes | None, pack_sha: str, manifest: dict, allow_unsigned: bool,
+                what: str) -> str | None:  # fmt: skip
+    """The key id that signed the pack (signature_raw: its pack.sig, None when unsigned; pack_sha: the sha256 of
+    the pack.json bytes parsed), checked against the bundle's trust store; None for a pack let in unchecked (the
+    bundle trusts no keys, or allow_unsigned). Raises UserError for what the store does not let in."""
+    trusted = trusted_keys(manifest)
+    if not trusted:
+        return None
+    if signature_raw is None:
+        if allow_unsigned:
+            warn(f"installing the UNSIGNED {what} into a bundle that trusts only signed packs (--allow-unsigned: "
+                 f"for development only)")  # fmt: skip
+            return None
+        raise UserError(f"{what} is not signed, and this bundle trusts only packs signed by its keys "
+                        f"({', '.join(sorted(trusted))}); sign it with `mode-edge pack --sign KEY` (or, for "
+                        f"development only, pass --allow-unsigned)")  # fmt: skip
+    signature = read_signature(signature_raw, what)
+    if signature["key_id"] not in trusted and allow_unsigned:
+        warn(f"installing {what}, signed by the UNTRUSTED key {signature['key_id']} (--allow-unsigned: for "
+             f"development only)")  # fmt: skip
+        return None
+    return check_signature(signature, trusted, statement(pack["name"], pack_version(pack), pack_sha), what)
+
+
+def check_not_older(pack: dict, manifest: dict, allow_downgrade: bool, what: str) -> None:
+    """Rollback protection: a pack's version may not fall below the highest of its name this bundle has installed."""
+    highest = manifest.get("pack_versions", {}).get(pack["name"], 0)
+    if pack_version(pack) < highest and not allow_downgrade:
+        raise UserError(f"{what} is version {pack_version(pack)}, older than version {highest} installed before; "
+                        f"refused as a rollback. Get the current pack, or pass --allow-downgrade if you mean it")
+
+
+def warn(message: str) -> None:
+    """One loud line on stderr: something is let through that the bundle's policy would refuse."""
+    from mode_edge.progress import console
+
+    console.print(f"[bold red]WARNING[/]: {message}")

@@ -76,13 +76,14 @@ def listed_pack(bundle: Path, source: str, name: str, timeout_s: float) -> dict:
     manifest = read_bundle(bundle)
     raw = read_small(source, INDEX_FILE, MAX_INDEX_BYTES, timeout_s)
     signature = read_small(source, INDEX_SIGNATURE, MAX_SIGNATURE_BYTES, timeout_s)
-    seen = manifest.get("index_versions", {}).get(source, 0)
+    key = source.rstrip("/")  # one source however it is written
+    seen = manifest.get("index_versions", {}).get(key, 0)
     index = read_index(raw, signature, trusted_keys(manifest), seen, source)
     with bundle_lock(bundle):
         manifest = read_bundle(bundle)
         versions = manifest.setdefault("index_versions", {})
-        if index["version"] > versions.get(source, 0):
-            versions[source] = index["version"]
+        if index["version"] > versions.get(key, 0):
+            versions[key] = index["version"]
             write_manifest(bundle, manifest)
     entry = index["packs"].get(name)
     if entry is None:
@@ -101,9 +102,11 @@ def read_small(source: str, name: str, limit: int, timeout_s: float) -> bytes:
         if not path.is_file():
             raise UserError(f"pack source {source} has no {name}; a bundle that trusts keys fetches only from a "
                             f"source with a signed index (`mode-edge index --packs DIR --sign KEY`)")  # fmt: skip
-        if path.stat().st_size > limit:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
             raise UserError(f"pack source {source}: {name} is larger than {limit} bytes; refused")
-        return path.read_bytes()
+        return data
     url = source.rstrip("/") + "/" + name
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
@@ -134,7 +137,8 @@ def check_fetched(path: Path, name: str, bundle_manifest: dict, source: str) -> 
 
 
 def fetch_pack(source: str, name: str, downloads: Path, retries: int = 3, timeout_s: float = 30.0,
-               expected: dict | None = None, fresh: bool = False, limit: int | None = None) -> tuple[Path, bool]:  # fmt: skip
+               expected: dict | None = None, fresh: bool = False,
+               limit: int | None = None) -> tuple[Path, bool]:  # fmt: skip
     """The local path of NAME.modepack from `source` and whether a download resumed earlier bytes.
 
     A URL source downloads into `downloads` (NAME.modepack.part, with its validators in NAME.modepack.part.json);
@@ -235,7 +239,7 @@ def download(url: str, part: Path, meta: Path, timeout_s: float, trust_resume: b
             meta.write_text(json.dumps({"url": url, "etag": response.headers.get("ETag"),
                                         "last_modified": response.headers.get("Last-Modified")}))  # fmt: skip
         total = response.headers.get("Content-Length")
-        expected = None if total is None else have + int(total)
+        expected = have + int(total) if total is not None and total.strip().isdigit() else None  # else: unknown
         if limit is not None and expected is not None and expected > limit:
             part.unlink(missing_ok=True)
             meta.unlink(missing_ok=True)

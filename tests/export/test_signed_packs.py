@@ -64,13 +64,15 @@ def test_a_bundle_that_trusts_a_key_installs_only_what_that_key_signed(bundle, k
     assert kid in invoke("trust", "list", "--bundle", bundle).output
     before = tree(bundle)
     refused("install", "--bundle", bundle, tmp_path / "unsigned.modepack", message=("not signed", kid, "--sign"))
-    refused("install", "--bundle", bundle, tmp_path / "stranger.modepack", message=("does not trust", "trust add"))
+    refused("install", "--bundle", bundle, tmp_path / "stranger.modepack",
+            message=("not among the trusted keys", "trust add"))  # fmt: skip
     assert tree(bundle) == before
 
     invoke("verify", tmp_path / "signed.modepack", "--bundle", bundle)
-    refused("verify", tmp_path / "stranger.modepack", "--bundle", bundle, message="does not trust")
-    refused("verify", tmp_path / "signed.modepack", "--key", f"{stranger}.pub", message="does not trust")
+    refused("verify", tmp_path / "stranger.modepack", "--bundle", bundle, message="not among the trusted keys")
+    refused("verify", tmp_path / "signed.modepack", "--key", f"{stranger}.pub", message="not among the trusted keys")
     assert "unsigned" in invoke("verify", tmp_path / "unsigned.modepack").output
+    assert "(not checked" in invoke("verify", tmp_path / "stranger.modepack").output  # a claim, not a signer
 
     invoke("install", "--bundle", bundle, tmp_path / "signed.modepack")
     entry = read_bundle(bundle)["experts"]["prose"]
