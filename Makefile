@@ -25,9 +25,11 @@ demo-quick: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# the parsers' fuzz tests at 50x the examples `make test` runs (about 8 minutes on 2 cores)
+# the parsers' fuzz tests at 50x the examples `make test` runs, and installs killed at every step rather than every
+# third (about 10 minutes on 2 cores)
 fuzz: $(STAMP)
-	MODE_EDGE_FUZZ_SCALE=50 $(PY) -m pytest -q tests/export/test_fuzz_parsers.py
+	MODE_EDGE_FUZZ_SCALE=50 MODE_EDGE_KILL_STRIDE=1 $(PY) -m pytest -q tests/export/test_fuzz_parsers.py \
+		tests/export/test_killed_installs.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_efficiency.py

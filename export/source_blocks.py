@@ -197,15 +197,13 @@ def write_source_blocks(model: onnx.ModelProto, source) -> dict[str, int]:
     whose weight is found in `source` (anything with find(weight (N, K)) -> Blocks | None) by MatMulNBits /
     GatherBlockQuantized over the found blocks, each at its blocks' accuracy level (blocks with offsets: plus the
     block-sum product, its block sums computed once per input); the rest of the graph is untouched for the
-    configured quantizer. Returns the count of replaced nodes per source type."""
-    if not any(o.domain in ("", "ai.onnx") and o.version >= 18 for o in model.opset_import):
-        raise UserError("the graph's ONNX opset is below 18, which the exact blocks need (Shape with end, BitwiseAnd, "
-                        "BitwiseOr); export at opset 18 or above, or pass --requantize-base")  # fmt: skip
+    configured quantizer. Returns the count of replaced nodes per source type. Raises UserError, with the graph
+    unchanged, when blocks need block sums (Q4_1, 8-bit at level 0) and the graph's opset is below 18."""
     inits = {i.name: i for i in model.graph.initializer}
     block_sums: dict[str, str] = {}
     counts: dict[str, int] = {}
     replaced: set[str] = set()
-    nodes = []
+    nodes, extras = [], []
     for node in model.graph.node:
         new = None
         if node.op_type == "MatMul" and node.input[1] in inits and node.input[1] not in replaced:
@@ -223,11 +221,14 @@ def write_source_blocks(model: onnx.ModelProto, source) -> dict[str, int]:
             nodes.append(node)
             continue
         nodes.extend(new)
-        model.graph.initializer.extend(extra)
+        extras.extend(extra)
         replaced.add(node.input[1] if node.op_type == "MatMul" else node.input[0])
         counts[blocks.source_type] = counts.get(blocks.source_type, 0) + 1
+    if block_sums and not any(o.domain in ("", "ai.onnx") and o.version >= 18 for o in model.opset_import):
+        raise UserError("the graph's ONNX opset is below 18, which the exact blocks need (Shape with end, BitwiseAnd, "
+                        "BitwiseOr); export at opset 18 or above, or pass --requantize-base")  # fmt: skip
     still_used = {i for n in nodes for i in n.input}
-    kept = [i for i in model.graph.initializer if i.name not in replaced or i.name in still_used]
+    kept = [i for i in model.graph.initializer if i.name not in replaced or i.name in still_used] + extras
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     del model.graph.initializer[:]

@@ -10,6 +10,7 @@ from gguf import GGUFWriter
 from gguf.quants import dequantize, quantize
 from onnx import TensorProto, helper, numpy_helper
 
+from mode_edge.errors import UserError
 from mode_edge.export.onnx_graphs import quantize_onnx, share_tied_embedding
 from mode_edge.export.source_blocks import BLOCK_BYTES, EmbeddingBlocks, SourceBlocks, int8_blocks, write_source_blocks
 
@@ -205,3 +206,15 @@ def test_smollm2_int4_base_graphs_equal_the_pytorch_backbone(tmp_path):
     assert saved > 25 * 2**20 and not (tmp_path / "base/embed.onnx.data").exists()
     after = ort.InferenceSession(str(tmp_path / "base/embed.onnx")).run(None, {"input_ids": ids.numpy()})[0]
     np.testing.assert_array_equal(after, before)
+
+
+def test_blocks_that_need_block_sums_refuse_an_old_opset_and_leave_the_graph_as_it_was(tiny_gguf):
+    path, weights = tiny_gguf
+    w = weights["q4_1"]
+    model = matmul_model(np.ascontiguousarray(w.T), w.shape[1])
+    del model.opset_import[:]
+    model.opset_import.append(helper.make_opsetid("", 17))
+    before = model.SerializeToString()
+    with pytest.raises(UserError, match="opset is below 18"):
+        write_source_blocks(model, SourceBlocks(path))
+    assert model.SerializeToString() == before
