@@ -110,12 +110,17 @@ class Session:
         return gate
 
     def refresh(self) -> None:
-        """Re-read the manifest after an install or uninstall; the base stays loaded."""
+        """Re-read the manifest after an install or uninstall; the base stays loaded. A loaded expert whose installed
+        pack changed (another pack.json sha256) or went away is evicted: it kept running on what it had loaded
+        (onnxruntime holds the weights in memory), and the next select loads what is installed now."""
         from mode_edge.bundle import read_bundle
 
-        self.engine.manifest["experts"] = read_bundle(self.bundle)["experts"]
+        before = self.engine.manifest["experts"]
+        now = read_bundle(self.bundle)["experts"]
+        changed = [n for n in self.lru if n not in now or now[n].get("pack_sha256") != before[n].get("pack_sha256")]
+        self.engine.manifest["experts"] = now
         self.gates = self._gates()
-        for name in [n for n in self.lru if n not in self.gates]:
+        for name in [n for n in self.lru if n in changed or n not in self.gates]:
             self.evict(name)
 
     @property

@@ -97,3 +97,34 @@ def test_a_thousand_alternating_switches_do_not_grow_memory(bundle):
     grown = (rss_pss()[0] - before) / MB
     assert grown < 8, f"RSS grew by {grown:.1f} MB over 900 expert switches"
     assert len(session.loaded) == 1
+
+
+def test_a_session_keeps_running_while_its_pack_is_replaced_or_removed_and_picks_it_up_at_refresh(bundle, tmp_path):
+    """The loaded expert's graphs stay in memory when its files are replaced or deleted; `refresh` evicts an expert
+    whose installed pack changed or went away, so the next select loads what is installed now."""
+    from mode_edge.bundle import read_bundle
+    from mode_edge.packs import install, make_pack, uninstall
+    from mode_edge.runtimes.engine import generate
+    from tests.damage import repack
+
+    make_pack(bundle, "code", tmp_path / "code.modepack")
+    repack(tmp_path / "code.modepack", tmp_path / "code-v2.modepack", version=2)
+    session = Session(bundle)
+    session.select(["code"])
+    before = list(generate(session.engine, [5, 6, 7, 8], 6))
+
+    install(bundle, tmp_path / "code-v2.modepack", replace=True)  # the old folder is gone from disk
+    assert list(generate(session.engine, [5, 6, 7, 8], 6)) == before  # still running on what it loaded
+    assert session.engine.experts["code"].pack["version"] == 1
+    session.refresh()
+    assert "code" not in session.loaded  # the installed pack changed: evicted, loaded anew on demand
+    session.select(["code"])
+    assert session.engine.experts["code"].pack["version"] == 2
+    assert list(generate(session.engine, [5, 6, 7, 8], 6)) == before  # same weights, new manifest
+
+    uninstall(bundle, "code")
+    assert list(generate(session.engine, [5, 6, 7, 8], 6)) == before
+    session.refresh()
+    assert "code" not in session.loaded and "code" not in read_bundle(bundle)["experts"]
+    with pytest.raises(UserError, match="not installed"):
+        session.select(["code"])
