@@ -136,7 +136,7 @@ def read_signature(raw: bytes, what: str) -> dict:
         doc = None
     ok = isinstance(doc, dict) and doc.get("algorithm") == KEY_PREFIX and isinstance(doc.get("key_id"), str)
     try:
-        signature = base64.b64decode(doc["signature"], validate=True) if ok else b""
+        signature = base64.b64decode(doc.get("signature"), validate=True) if ok else b""
     except (binascii.Error, TypeError, ValueError):
         signature = b""
     if len(signature) != 64:

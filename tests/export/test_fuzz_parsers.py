@@ -189,3 +189,17 @@ def test_a_signed_index_with_any_values_is_read_or_refused(world, data):
         assert index["version"] >= 2 and isinstance(index["packs"], dict)
     except UserError as e:
         assert "\n" not in str(e).strip()
+
+
+@given(value=JSON, raw=st.binary(max_size=200))
+@fuzz_settings(600)
+def test_a_signature_file_of_any_content_is_read_or_refused(value, raw):
+    from mode_edge.signing import read_signature
+
+    for data in (json.dumps(value).encode(), raw, json.dumps({"algorithm": "ed25519", "key_id": value}).encode(),
+                 json.dumps({"algorithm": "ed25519", "key_id": "k", "signature": value}).encode()):  # fmt: skip
+        try:
+            signature = read_signature(data, "pack")
+            assert len(signature["signature"]) == 64 and isinstance(signature["key_id"], str)
+        except UserError as e:
+            assert "\n" not in str(e).strip()
