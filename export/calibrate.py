@@ -19,7 +19,6 @@ GPTQ's result a second time onto a fresh grid, which measured worse than plain R
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from mode_edge.errors import UserError
-from mode_edge.export.source_blocks import BLOCK, Blocks
+from mode_edge.export.source_blocks import BLOCK, Blocks, weight_key
 from mode_edge.training.model import MoDEModel
 
 CALIBRATION_WINDOWS = (16, 256)
@@ -75,11 +74,6 @@ def composed_block_inputs(model: MoDEModel, windows: torch.Tensor) -> list[torch
         for hook in hooks:
             hook.remove()
     return [torch.cat(c) for c in captured]
-
-
-def weight_key(weight: np.ndarray) -> bytes:
-    """A digest of a (N, K) float32 weight: how an ONNX MatMul's initializer (its transpose) finds its blocks."""
-    return hashlib.blake2b(np.ascontiguousarray(weight, dtype=np.float32).tobytes(), digest_size=16).digest()
 
 
 def layer_inputs(

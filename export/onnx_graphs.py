@@ -86,20 +86,19 @@ def quantize_onnx(src: Path, dst: Path, quant: str, block_size: int, accuracy_le
     written from `source`, by block type."""
     from onnxruntime.quantization.matmul_nbits_quantizer import KQuantWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    from mode_edge.export.source_blocks import offset_products, write_source_blocks
+    from mode_edge.export.source_blocks import write_source_blocks
 
     bits = {"int8": 8, "int4": 4}[quant]
     dst.parent.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(src))
     exact = write_source_blocks(model, source) if source is not None else {}
-    exact_parts = set(offset_products(model))
-    with quiet():
+    weights = {i.name for i in model.graph.initializer}
+    with quiet():  # (the quantizers round only MatMuls of initializer weights: the exact offset products stay)
         kquant = method == "kquant" and bits == 4 and any(
-            n.op_type == "MatMul" and n.name not in exact_parts for n in model.graph.node)
+            n.op_type == "MatMul" and n.input[1] in weights for n in model.graph.node)
         quantizer = MatMulNBitsQuantizer(
             model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
             op_types_to_quantize=("MatMul", "Gather"), algo_config=KQuantWeightOnlyQuantConfig() if kquant else None,
-            nodes_to_exclude=sorted(exact_parts),
         )  # fmt: skip
         quantizer.process()
         save_external(quantizer.model.model, dst)

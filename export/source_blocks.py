@@ -9,7 +9,9 @@ onnxruntime's block formats:
     GGUF Q4_0  x = d * (q - 8)      -> MatMulNBits 4-bit, scale d, default zero point 8
     GGUF Q4_1  x = d * q + m        -> MatMulNBits 4-bit, scale d, default zero point 8, plus a per-block offset
                                        o = m + 8 d:  y = MatMulNBits(x) + (sums of x over each block) @ O
-    GGUF Q8_0  x = d * q (q signed) -> MatMulNBits 8-bit / GatherBlockQuantized 8-bit, q + 128, default zero point 128
+    GGUF Q8_0  x = d * q (q signed) -> GatherBlockQuantized 8-bit (q + 128, default zero point 128) for the embedding;
+                                       for a MatMul at accuracy level 0 two 4-bit MatMulNBits over the nibbles of
+                                       q + 128 plus a per-block offset (`_nibble_split`), else MatMulNBits 8-bit
 
 all in blocks of 32 along the input dimension (ggml's QK = 32). Q4_1 is written as a symmetric product plus a small
 fp32 one (K/32 block sums by N offsets, 1/32 of the weight's multiply-adds) rather than as MatMulNBits with the float
@@ -44,12 +46,11 @@ BLOCK = 32
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 """Bytes of one block: an fp16 scale (Q4_1: and an fp16 min), then the 32 quantized values."""
 MS_DOMAIN = "com.microsoft"
-OFFSET_PRODUCT = "_offset_product"
-"""Suffix of the fp32 MatMuls of block sums by offsets: exact parts of a source weight, never to be quantized."""
 
 
-def _row_key(row: np.ndarray) -> bytes:
-    return hashlib.blake2b(np.ascontiguousarray(row, dtype=np.float32).tobytes(), digest_size=16).digest()
+def weight_key(weight: np.ndarray) -> bytes:
+    """A 16-byte digest of an array's float32 values (a GGUF row, an ONNX MatMul's weight): how blocks are found."""
+    return hashlib.blake2b(np.ascontiguousarray(weight, dtype=np.float32).tobytes(), digest_size=16).digest()
 
 
 @dataclass(frozen=True)
@@ -132,14 +133,14 @@ class SourceBlocks:
                 continue
             self.raw[t.name] = (kind, np.asarray(t.data))
             for i, row in enumerate(dequantize(t.data, t.tensor_type)):
-                self.index.setdefault(_row_key(row), (t.name, i))
+                self.index.setdefault(weight_key(row), (t.name, i))
 
     def find(self, weight: np.ndarray) -> Blocks | None:
         """weight: (N, K) float32, a torch Linear's weight (or an embedding). Its blocks when every row is a row of
         one source tensor (in any order) and they reproduce it; None otherwise."""
         if weight.ndim != 2 or weight.shape[1] % BLOCK:
             return None
-        hits = [self.index.get(_row_key(row)) for row in weight]
+        hits = [self.index.get(weight_key(row)) for row in weight]
         if any(h is None for h in hits) or len({h[0] for h in hits}) != 1:
             return None
         kind, raw = self.raw[hits[0][0]]
@@ -238,12 +239,6 @@ def write_source_blocks(model: onnx.ModelProto, source) -> dict[str, int]:
     return counts
 
 
-def offset_products(model: onnx.ModelProto) -> list[str]:
-    """Names of the MatMul nodes that write_source_blocks added for offsets: a quantizer run after it must skip
-    them (they are part of an exact weight, and tiny)."""
-    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name.endswith(OFFSET_PRODUCT)]
-
-
 def _axis(node: onnx.NodeProto) -> int:
     return next((a.i for a in node.attribute if a.name == "axis"), 0)
 
@@ -251,23 +246,21 @@ def _axis(node: onnx.NodeProto) -> int:
 def _matmul_nbits(node, blocks: Blocks, shape: tuple, block_sums: dict[str, str]):
     """The nodes (MatMulNBits, and for blocks with minimums the block-sum product and the sum) that replace `node`,
     and their initializers. block_sums maps an input to the name of its (..., K/32) block sums, shared by the
-    MatMuls that read the same input (q/k/v, gate/up)."""
+    MatMuls that read the same input (q/k/v, gate/up). Offsets are computed from the stored scales and minimums by
+    nodes (folded at load), never stored as an initializer of their own, so a quantizer run after this one, which
+    rounds only MatMuls of initializer weights, leaves the exact offset products alone."""
     k, n = shape
     prefix = f"{node.input[1]}_{blocks.source_type}"
     half = blocks.bits == 4 and _fp16_exact(blocks.scales) and (blocks.minimums is None or _fp16_exact(blocks.minimums))
     scales = prefix + "_scales"
     nodes, extra = [], [_initializer(prefix, blocks.q)]
-    if half:  # stored as the file stores them; onnxruntime folds the Casts into fp32 initializers at load
-        extra.append(_initializer(scales + "_fp16", blocks.scales.reshape(-1).astype(np.float16)))
-        nodes.append(helper.make_node("Cast", [scales + "_fp16"], [scales], to=onnx.TensorProto.FLOAT))
-    else:
-        extra.append(_initializer(scales, blocks.scales.reshape(-1)))
+    _stored(nodes, extra, scales, blocks.scales.reshape(-1), half)
+    if blocks.bits == 8 and blocks.accuracy_level == 0 and blocks.zero_points is None:
+        return _nibble_split(node, blocks, shape, block_sums, prefix, nodes, extra)
     inputs = [node.input[0], prefix, scales]
     if blocks.zero_points is not None:
         extra.append(_initializer(prefix + "_zero_points", _zero_points(blocks)))
         inputs.append(prefix + "_zero_points")
-    if blocks.bits == 8 and blocks.accuracy_level == 0 and blocks.zero_points is None:
-        return _nibble_split(node, blocks, shape, block_sums, prefix, nodes, extra)
     product = list(node.output) if blocks.minimums is None else [prefix + "_symmetric"]
     nodes.append(helper.make_node(
         "MatMulNBits", inputs, product, name=(node.name or prefix) + "_nbits", domain=MS_DOMAIN,
@@ -276,18 +269,23 @@ def _matmul_nbits(node, blocks: Blocks, shape: tuple, block_sums: dict[str, str]
     if blocks.minimums is None:
         return nodes, extra
     offsets = prefix + "_offsets"  # (K/32, N): m + 8 d, block by output
-    if half:
-        extra += [_initializer(prefix + "_minimums_fp16", blocks.minimums.T.astype(np.float16)),
-                  _initializer(prefix + "_eight", np.array(8, np.float32))]  # fmt: skip
-        nodes.append(helper.make_node("Cast", [prefix + "_minimums_fp16"], [prefix + "_minimums"],
-                                      to=onnx.TensorProto.FLOAT))  # fmt: skip
-        _scaled_scales(nodes, extra, prefix, scales, (n, k // BLOCK), prefix + "_eight", prefix + "_eight_scales")
-        nodes.append(helper.make_node("Add", [prefix + "_minimums", prefix + "_eight_scales"], [offsets]))
-    else:
-        extra.append(_initializer(offsets, np.ascontiguousarray(blocks.offsets().T)))
+    _stored(nodes, extra, prefix + "_minimums", np.ascontiguousarray(blocks.minimums.T), half)
+    extra.append(_initializer(prefix + "_eight", np.array(8, np.float32)))
+    _scaled_scales(nodes, extra, prefix, scales, (n, k // BLOCK), prefix + "_eight", prefix + "_eight_scales")
+    nodes.append(helper.make_node("Add", [prefix + "_minimums", prefix + "_eight_scales"], [offsets]))
     _add_offset_product(nodes, extra, node.input[0], k, offsets, prefix, prefix + "_symmetric", node.output[0],
                         block_sums)  # fmt: skip
     return nodes, extra
+
+
+def _stored(nodes: list, extra: list, name: str, values: np.ndarray, half: bool) -> None:
+    """The fp32 tensor `name` holding `values`: an initializer, or with `half` an fp16 one (as a GGUF stores its
+    scales and minimums) behind a Cast that onnxruntime folds into an fp32 initializer when the session loads."""
+    if not half:
+        extra.append(_initializer(name, values))
+        return
+    extra.append(_initializer(name + "_fp16", values.astype(np.float16)))
+    nodes.append(helper.make_node("Cast", [name + "_fp16"], [name], to=onnx.TensorProto.FLOAT))
 
 
 def _nibble_split(node, blocks: Blocks, shape: tuple, block_sums: dict[str, str], prefix: str, nodes: list,
@@ -351,8 +349,7 @@ def _add_offset_product(nodes: list, extra: list, x: str, k: int, offsets: str, 
             helper.make_node("Reshape", [x, sums + "_shape"], [sums + "_by_block"]),
             helper.make_node("ReduceSum", [sums + "_by_block", sums + "_axis"], [sums], keepdims=0),
         ]
-    nodes += [helper.make_node("MatMul", [block_sums[x], offsets], [prefix + "_offset_product"],
-                               name=prefix + OFFSET_PRODUCT),
+    nodes += [helper.make_node("MatMul", [block_sums[x], offsets], [prefix + "_offset_product"]),
               helper.make_node("Add", [product, prefix + "_offset_product"], [output])]  # fmt: skip
 
 

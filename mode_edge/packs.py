@@ -66,14 +66,14 @@ def make_pack(bundle: Path, name: str, out: Path, key: Path | None = None, versi
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} already exists; choose another --out or remove it first")
-    raw = (folder / PACK_MANIFEST).read_bytes()
+    installed = raw = (folder / PACK_MANIFEST).read_bytes()
     if version is not None and version != pack_version(pack):
         pack = {**pack, "version": version}
         raw = json.dumps(pack, indent=2).encode()
     signature = None
     if key is not None:
         signature = sign(key, statement(name, pack_version(pack), hashlib.sha256(raw).hexdigest()))
-    elif raw == (folder / PACK_MANIFEST).read_bytes() and (folder / PACK_SIGNATURE).is_file():
+    elif raw is installed and (folder / PACK_SIGNATURE).is_file():
         signature = (folder / PACK_SIGNATURE).read_bytes()  # re-shipping a signed pack as it was installed
     tmp = out.with_name(f".{out.name}.partial")
     try:
@@ -152,8 +152,6 @@ def read_pack_and_sha(path: Path) -> tuple[dict, dict[str, tarfile.TarInfo], str
     for rel, rec in pack["files"].items():
         if by_name[rel].size != rec["bytes"]:
             raise UserError(f"pack {path}: {rel} has {by_name[rel].size} bytes, its manifest says {rec['bytes']}")
-    check_external_data(pack, lambda rel: member_bytes(path, by_name[rel]), lambda rel: by_name[rel].size,
-                        f"pack {path}")  # fmt: skip
     return pack, by_name, hashlib.sha256(raw).hexdigest()
 
 
@@ -263,7 +261,9 @@ def extract_checked(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, r
 
 
 def verify_members(path: Path, pack: dict, members: dict) -> None:
-    """Every file in the archive matches the sha256 its pack.json records (what `inspect` checks before it reports)."""
+    """Every file in the archive matches the sha256 its pack.json records, and its graphs' external-data paths stay
+    in the pack (what `inspect` and `verify` check before they report; `install` checks the same on the files it
+    extracts)."""
     try:
         with tarfile.open(path, "r:") as tar:
             for rel, rec in pack["files"].items():
@@ -273,6 +273,8 @@ def verify_members(path: Path, pack: dict, members: dict) -> None:
                 if h.hexdigest() != rec["sha256"]:
                     raise UserError(f"pack {path}: {rel} does not match its sha256 (corrupted); download or make "
                                     "it again")  # fmt: skip
+            check_external_data(pack, lambda rel: tar.extractfile(members[rel]).read(), lambda rel: members[rel].size,
+                                f"pack {path}")  # fmt: skip
     except (tarfile.TarError, EOFError, OSError) as e:
         raise UserError(f"pack {path} could not be read ({e}); it is truncated or corrupt") from None
 

@@ -17,12 +17,11 @@ from mode_edge.export.calibrate import (
     calibration_windows,
     composed_block_inputs,
     gptq_blocks,
-    weight_key,
 )
 from mode_edge.export.graphs import io_names, split
 from mode_edge.export.onnx_graphs import export_onnx, quantize_onnx
 from mode_edge.export.pipeline import calibration_texts, load_model
-from mode_edge.export.source_blocks import write_source_blocks
+from mode_edge.export.source_blocks import weight_key, write_source_blocks
 from tests.cli_runner import invoke, refused
 
 
