@@ -82,6 +82,7 @@ def worker_peak(bundle: str, expert: str, threads: int) -> dict:
 
 def worker_switch(bundle: str, a: str, b: str, threads: int, repeats: int) -> dict:
     from mode_edge.runtimes.profiler import rss_pss
+    from mode_edge.bundle import expert_folder, read_bundle
     from mode_edge.runtimes.session import MB, Session
 
     probe = Session(Path(bundle), threads=threads, verify=False)
@@ -92,7 +93,7 @@ def worker_switch(bundle: str, a: str, b: str, threads: int, repeats: int) -> di
     session.select([a])
     added = rss_pss()[0] - before
     switch, read = [], []
-    folder = Path(bundle) / "experts" / b
+    folder = expert_folder(bundle, read_bundle(bundle), b)
     files = [folder / rel for rel in json.loads((folder / "pack.json").read_text())["files"]]
     for i in range(repeats):
         t = time.perf_counter()

@@ -300,7 +300,7 @@ def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict,
             "gate": "gate.safetensors", "files": records(folder, files),
         }  # fmt: skip
         write_json(folder / "pack.json", pack)
-        experts[name] = expert_entry(work, name, pack)
+        experts[name] = expert_entry(folder, pack)
     base_files = ["tokenizer.json"] + [
         f for c in components if c.startswith("base/") for fmt in cfg.formats for f in graph_files(c, fmt, shared)
     ]

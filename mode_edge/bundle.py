@@ -8,6 +8,7 @@ Pure Python: the device runtime reads bundles with it and never imports torch.
     BUNDLE/base/{embed,block0..,head}.{onnx,onnx.data,pte}
     BUNDLE/experts/NAME/pack.json     the expert's own manifest: the same base fingerprint, its files and checksums
     BUNDLE/experts/NAME/gate.safetensors, block{i}.{onnx,onnx.data,pte}
+                                      (an installed pack's folder is experts/NAME@ID: see `expert_folder`)
 """
 
 from __future__ import annotations
@@ -102,8 +103,13 @@ def read_bundle(bundle: Path) -> dict:
 
 
 def reinstall_fix(folder: Path) -> str:
-    name = Path(folder).name
+    name = expert_name(Path(folder).name)
     return f"reinstall its pack (`mode-edge install --bundle {Path(folder).parent.parent} {name}.modepack`)"
+
+
+def expert_name(folder_name: str) -> str:
+    """The expert an experts/ folder holds: NAME for NAME (as exported) and NAME@ID (as installed)."""
+    return folder_name.split("@", 1)[0]
 
 
 def read_pack_manifest(folder: Path, sha256: str | None = None, n_blocks: int | None = None) -> dict:
@@ -111,7 +117,7 @@ def read_pack_manifest(folder: Path, sha256: str | None = None, n_blocks: int | 
     before it is parsed, then its format and shape."""
     path, fix = Path(folder) / "pack.json", reinstall_fix(folder)
     if sha256 is not None and path.is_file() and sha256_file(path) != sha256:
-        raise UserError(f"expert {Path(folder).name!r} is damaged: {path} does not match its sha256; {fix}")
+        raise UserError(f"expert {expert_name(Path(folder).name)!r} is damaged: {path} does not match its sha256; {fix}")
     manifest = read_json(path, f"the expert's manifest is missing; {fix}", fix)
     check_version(manifest, PACK_FORMAT, str(path))
     check_pack_shape(manifest, n_blocks, str(path), fix)
@@ -193,8 +199,16 @@ def bundle_lock(bundle: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[Non
         lock.release()
 
 
-def expert_folder(bundle: Path, name: str) -> Path:
-    return Path(bundle) / "experts" / name
+def expert_folder(bundle: Path, manifest: dict, name: str) -> Path:
+    """The folder of installed expert NAME: its manifest entry's `pack` path without pack.json. An export writes
+    experts/NAME/; every install writes a fresh experts/NAME@ID/ and only then points the manifest at it, so the
+    manifest write is the install's single commit point (a kill before it leaves the old expert listed and whole)."""
+    return Path(bundle) / manifest["experts"][name]["pack"].rsplit("/", 1)[0]
+
+
+def expert_pack_path(folder_name: str) -> str:
+    """The manifest's `pack` path of an expert whose folder is experts/FOLDER_NAME."""
+    return f"experts/{folder_name}/pack.json"
 
 
 def total_bytes(files: dict) -> int:

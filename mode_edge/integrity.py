@@ -14,6 +14,7 @@ read hashes.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -132,6 +133,10 @@ def check_bundle_shape(m: dict, what: str, fix: str) -> None:
     for name, e in experts.items():
         ok = isinstance(e, dict) and isinstance(e.get("pack_sha256"), str) and is_int(e.get("bytes"))
         need(ok and e["bytes"] >= 0, what, f"experts.{name}", fix)
+        pack = e.get("pack")  # experts/NAME/pack.json (exported) or experts/NAME@ID/pack.json (installed)
+        need(isinstance(pack, str) and isinstance(name, str) and re.fullmatch(
+            rf"experts/{re.escape(name)}(@[0-9a-f]{{1,32}})?/pack\.json", pack) is not None,
+            what, f"experts.{name}.pack", fix)  # fmt: skip
     trust = m.get("trust", {"keys": {}})  # absent: the bundle trusts no keys (mode_edge/signing.py)
     keys = trust.get("keys") if isinstance(trust, dict) else None
     need(isinstance(keys, dict) and all(isinstance(k, dict) and isinstance(k.get("public_key"), str)

@@ -4,8 +4,9 @@ NAME.modepack is an uncompressed tar (weights do not compress) holding pack.json
 signed, pack.sig (mode_edge/signing.py). An install checks everything before anything changes: the archive's
 members (regular files only, inside the target folder, exactly the listed files), the format version, the base
 fingerprint, the signature against the bundle's trust store, the version against the highest one installed before,
-every size and sha256 while extracting into a hidden staging folder. Only then is the folder renamed into place and
-the bundle manifest rewritten (atomically). Pure Python: a device installs packs without torch.
+every size and sha256 while extracting into a fresh folder experts/NAME@ID that nothing reads yet. Only then is the
+bundle manifest rewritten (atomically) to point at it, the one step that commits the install, and the replaced
+folder removed. Pure Python: a device installs packs without torch.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import shutil
 import tarfile
 import tempfile
@@ -27,6 +29,7 @@ from mode_edge.bundle import (
     check_rel_path,
     check_version,
     expert_folder,
+    expert_pack_path,
     pack_version,
     fsync_tree,
     read_bundle,
@@ -58,7 +61,7 @@ def make_pack(bundle: Path, name: str, out: Path, key: Path | None = None, versi
     manifest = read_bundle(bundle)
     if name not in manifest["experts"]:
         raise UserError(f"{bundle} has no expert {name!r}; it has: {', '.join(sorted(manifest['experts'])) or 'none'}")
-    folder = expert_folder(bundle, name)
+    folder = expert_folder(bundle, manifest, name)
     pack = read_pack_manifest(folder, manifest["experts"][name]["pack_sha256"])
     verify_files(folder, pack["files"], f"expert {name!r} in {bundle}", reinstall_fix(folder))
     if version is not None and (not isinstance(version, int) or version < 1):
@@ -164,7 +167,8 @@ def install(bundle: Path, pack_path: Path, replace: bool = False, allow_unsigned
     highest version of its name ever installed is refused unless allow_downgrade. The bundle's lock is held from
     reading its manifest to writing it back, so concurrent installs and uninstalls of other packs are never lost.
     The same pack (same pack.json sha256) already installed and intact is a success without change; installed but
-    damaged, it is repaired (reinstalling is the fix for a damaged pack)."""
+    damaged, it is repaired (reinstalling is the fix for a damaged pack). Folders that killed installs or uninstalls
+    left under experts/ are removed first."""
     bundle = Path(bundle)
     read_bundle(bundle)  # a clear error for a folder that is no bundle, before the pack is read
     pack, members, pack_sha = read_pack_and_sha(pack_path)  # the signature must cover the bytes parsed, not a re-read
@@ -172,6 +176,7 @@ def install(bundle: Path, pack_path: Path, replace: bool = False, allow_unsigned
     signature = member_bytes(pack_path, members[PACK_SIGNATURE]) if PACK_SIGNATURE in members else None
     with bundle_lock(bundle):
         manifest = read_bundle(bundle)  # again under the lock: another process may have changed it meanwhile
+        remove_unlisted(bundle, manifest)
         what = f"pack {pack_path} ({name})"
         check_pack_fits(pack, manifest, what)
         signer = check_trust(pack, signature, pack_sha, manifest, allow_unsigned, what)
@@ -197,9 +202,9 @@ def member_bytes(pack_path: Path, member: tarfile.TarInfo) -> bytes:
 
 def installed_intact(bundle: Path, name: str) -> bool:
     """Whether the installed expert's pack.json and every file it lists match their records."""
-    folder = expert_folder(bundle, name)
     try:
-        sha = read_bundle(bundle)["experts"][name]["pack_sha256"]
+        manifest = read_bundle(bundle)
+        folder, sha = expert_folder(bundle, manifest, name), manifest["experts"][name]["pack_sha256"]
         verify_files(folder, read_pack_manifest(folder, sha)["files"], name, cached=False)
         return True
     except UserError:
@@ -208,41 +213,52 @@ def installed_intact(bundle: Path, name: str) -> bool:
 
 def install_locked(bundle: Path, manifest: dict, pack: dict, members: dict, pack_path: Path, pack_sha: str,
                    signer: str | None = None, signature: bytes | None = None) -> None:  # fmt: skip
-    """Extract into a uniquely named staging folder (pack.json checked against the sha256 of the bytes that were
-    parsed and verified, every file against its record, the graphs' external-data paths checked on the staged
-    files; the verified signature written as it was read), swap it into place, rewrite the manifest (the expert's
-    entry, its signer, the highest version installed); the caller holds the bundle lock."""
+    """Extract into a fresh folder experts/NAME@ID (pack.json checked against the sha256 of the bytes that were
+    parsed and verified, every file against its record, the graphs' external-data paths checked on the extracted
+    files; the verified signature written as it was read), flush it, then rewrite the manifest to point at it (the
+    expert's entry, its signer, the highest version installed): that write commits the install. The folder it
+    replaces is removed after. A kill at any step leaves the manifest on the old expert or the new one, both whole;
+    the folders a kill left behind are removed by the next install or uninstall. The caller holds the bundle lock."""
     name, experts = pack["name"], bundle / "experts"
     experts.mkdir(exist_ok=True)
-    for leftover in [*experts.glob(f".{name}.installing*"), *experts.glob(f".{name}.old*")]:  # killed installs
-        shutil.rmtree(leftover, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(dir=experts, prefix=f".{name}.installing-"))
-    old = Path(tempfile.mkdtemp(dir=experts, prefix=f".{name}.old-")) / name
+    target = experts / f"{name}@{secrets.token_hex(4)}"
+    target.mkdir()
+    committed, replaced = False, None
     try:
         with tarfile.open(pack_path, "r:") as tar:
             manifest_rec = {"bytes": members[PACK_MANIFEST].size, "sha256": pack_sha}
-            extract_checked(tar, members[PACK_MANIFEST], staging / PACK_MANIFEST, manifest_rec, pack_path)
+            extract_checked(tar, members[PACK_MANIFEST], target / PACK_MANIFEST, manifest_rec, pack_path)
             for rel in pack["files"]:
-                extract_checked(tar, members[rel], staging / rel, pack["files"][rel], pack_path)
+                extract_checked(tar, members[rel], target / rel, pack["files"][rel], pack_path)
         if signature is not None:
-            (staging / PACK_SIGNATURE).write_bytes(signature)
-        check_external_data(pack, lambda rel: (staging / rel).read_bytes(), lambda rel: (staging / rel).stat().st_size,
+            (target / PACK_SIGNATURE).write_bytes(signature)
+        check_external_data(pack, lambda rel: (target / rel).read_bytes(), lambda rel: (target / rel).stat().st_size,
                             f"pack {pack_path}")  # fmt: skip
-        fsync_tree(staging)
-        target = expert_folder(bundle, name)
-        if target.exists():  # a replaced expert, or the folder of an install interrupted before its manifest entry
-            os.replace(target, old)
-        os.replace(staging, target)
-        manifest["experts"][name] = {**expert_entry(bundle, name, pack), "signed_by": signer}
+        fsync_tree(target)
+        replaced = expert_folder(bundle, manifest, name) if name in manifest["experts"] else None
+        manifest["experts"][name] = {**expert_entry(target, pack), "signed_by": signer}
         if signer is not None or not trusted_keys(manifest):  # an unchecked pack may not raise the floor
             versions = manifest.setdefault("pack_versions", {})
             versions[name] = max(versions.get(name, 0), pack_version(pack))
         write_manifest(bundle, manifest)
+        committed = True
     except (tarfile.TarError, EOFError, OSError) as e:
         raise UserError(f"pack {pack_path} could not be read ({e}); it is truncated or corrupt") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(old.parent, ignore_errors=True)
+        if not committed:
+            shutil.rmtree(target, ignore_errors=True)
+    if replaced is not None and replaced != target:
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+def remove_unlisted(bundle: Path, manifest: dict) -> None:
+    """Remove the folders under experts/ that the manifest does not point at: what a killed install (a folder not
+    yet committed), a killed replace or uninstall (a folder no longer listed) left behind. The caller holds the
+    bundle lock, so no other install is writing one of them."""
+    listed = {expert_folder(bundle, manifest, name).name for name in manifest["experts"]}
+    for path in (bundle / "experts").iterdir() if (bundle / "experts").is_dir() else []:
+        if path.is_dir() and not path.is_symlink() and path.name not in listed:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def extract_checked(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, rec: dict, pack_path) -> None:
@@ -279,18 +295,20 @@ def verify_members(path: Path, pack: dict, members: dict) -> None:
         raise UserError(f"pack {path} could not be read ({e}); it is truncated or corrupt") from None
 
 
-def expert_entry(bundle: Path, name: str, pack: dict) -> dict:
-    folder = expert_folder(bundle, name)
+def expert_entry(folder: Path, pack: dict) -> dict:
+    """The bundle manifest's entry for the expert in experts/FOLDER: where its pack.json is and that file's sha256,
+    its bytes and version."""
     return {
-        "pack": f"experts/{name}/{PACK_MANIFEST}",
-        "pack_sha256": sha256_file(folder / PACK_MANIFEST),
+        "pack": expert_pack_path(Path(folder).name),
+        "pack_sha256": sha256_file(Path(folder) / PACK_MANIFEST),
         "bytes": total_bytes(pack["files"]),
         "version": pack_version(pack),
     }
 
 
 def uninstall(bundle: Path, name: str) -> None:
-    """Remove one expert: the manifest entry first (atomic), then its folder; other experts are not touched."""
+    """Remove one expert: the manifest entry first (atomic, the step that commits it), then its folder (a kill in
+    between leaves an unlisted folder, removed by the next install or uninstall); other experts are not touched."""
     check_name(name)
     bundle = Path(bundle)
     read_bundle(bundle)
@@ -301,11 +319,7 @@ def uninstall(bundle: Path, name: str) -> None:
                             f"{', '.join(sorted(manifest['experts'])) or 'none'})")  # fmt: skip
         del manifest["experts"][name]
         write_manifest(bundle, manifest)
-        folder = expert_folder(bundle, name)
-        if folder.exists():
-            trash = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{name}.removing-"))
-            os.replace(folder, trash / name)
-            shutil.rmtree(trash, ignore_errors=True)
+        remove_unlisted(bundle, manifest)
 
 
 def component_bytes(components: dict, files: dict) -> dict[str, int]:
@@ -328,7 +342,7 @@ def describe(path: Path) -> dict:
         experts = {}
         for name in sorted(m["experts"]):
             try:
-                pack = read_pack_manifest(expert_folder(path, name), m["experts"][name]["pack_sha256"])
+                pack = read_pack_manifest(expert_folder(path, m, name), m["experts"][name]["pack_sha256"])
             except UserError as e:  # shown as damaged; the rest of the bundle is still described
                 experts[name] = {"damaged": str(e), "parameters": None, "bytes": 0, "components": {}}
                 continue
@@ -357,7 +371,7 @@ def install_copy(bundle: Path, name: str, new_name: str) -> None:
     check_name(new_name)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / new_name
-        shutil.copytree(expert_folder(bundle, name), folder)
+        shutil.copytree(expert_folder(bundle, read_bundle(bundle), name), folder)
         manifest = json.loads((folder / PACK_MANIFEST).read_text())
         manifest["name"] = new_name
         (folder / PACK_MANIFEST).write_text(json.dumps(manifest, indent=2))

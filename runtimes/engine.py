@@ -16,7 +16,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from mode_edge.bundle import REEXPORT, check_pack_fits, read_bundle, read_pack_manifest, reinstall_fix, verify_files
+from mode_edge.bundle import (REEXPORT, check_pack_fits, expert_folder, read_bundle, read_pack_manifest, reinstall_fix,
+                              verify_files)  # fmt: skip
 from mode_edge.errors import UserError
 from mode_edge.integrity import checked_load
 from mode_edge.names import check_name
@@ -70,8 +71,8 @@ class Engine:
         self.active: list[str] | None = None
         """The experts a forward mixes, in order; None: every loaded expert (a Session keeps others warm)."""
 
-    def _graph(self, rel: str, fix: str = REEXPORT):
-        path = self.bundle / rel
+    def _graph(self, rel: str | Path, fix: str = REEXPORT):
+        path = self.bundle / rel  # an absolute path (an expert's folder) stays as it is
         return checked_load(path, lambda: load_graph(path, self.threads), fix)
 
     @property
@@ -87,9 +88,9 @@ class Engine:
                 f"expert {name!r} is not installed in {self.bundle} (installed: {', '.join(self.installed) or 'none'});"
                 " install its pack with `mode-edge install`"
             )
-        folder = self.bundle / "experts" / name
+        folder = expert_folder(self.bundle, self.manifest, name)
         pack = self.check_expert(name, verify)
-        blocks = [self._graph(f"experts/{name}/{pack['components'][f'block{i}'][self.backend]}", reinstall_fix(folder))
+        blocks = [self._graph(folder / pack["components"][f"block{i}"][self.backend], reinstall_fix(folder))
                   for i in range(self.n_blocks)]  # fmt: skip
         self.experts[name] = LoadedExpert(name, folder, pack, blocks)
         return self.experts[name]
@@ -97,7 +98,7 @@ class Engine:
     def check_expert(self, name: str, verify: bool = True) -> dict:
         """The installed expert's pack manifest, checked against the bundle manifest (its sha256), the base, and
         (with `verify`) every file it lists; a damaged expert raises a UserError naming the file and the fix."""
-        folder = self.bundle / "experts" / name
+        folder = expert_folder(self.bundle, self.manifest, name)
         pack = read_pack_manifest(folder, self.manifest["experts"][name]["pack_sha256"], self.n_blocks)
         check_pack_fits(pack, self.manifest, f"expert {name!r} in {self.bundle}")
         if verify:

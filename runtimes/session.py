@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import numpy as np
 from safetensors.numpy import load_file
 
-from mode_edge.bundle import reinstall_fix, total_bytes
+from mode_edge.bundle import expert_folder, reinstall_fix, total_bytes
 from mode_edge.errors import UserError
 from mode_edge.integrity import checked_load
 from mode_edge.names import check_names
@@ -96,7 +96,7 @@ class Session:
         return gates
 
     def _gate(self, name: str) -> dict[str, np.ndarray]:
-        folder = self.bundle / "experts" / name
+        folder = expert_folder(self.bundle, self.engine.manifest, name)
         pack = self.engine.check_expert(name, self.verify)
         path = folder / pack["gate"]
         gate = checked_load(path, lambda: load_file(str(path)), reinstall_fix(folder))

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from mode_edge.bundle import read_bundle
+from mode_edge.bundle import expert_folder, read_bundle
 from mode_edge.packs import make_pack, uninstall
 from tests.damage import repack
 
@@ -44,10 +44,9 @@ def setup(int8_bundle, tmp_path):
 def assert_consistent(bundle, expected):
     manifest = json.loads((bundle / "manifest.json").read_text())  # valid JSON, whatever happened
     assert sorted(manifest["experts"]) == sorted(expected)
-    assert sorted(p.name for p in (bundle / "experts").iterdir() if not p.name.startswith(".")) == sorted(expected)
-    leftovers = [p.name for p in (bundle / "experts").iterdir() if p.name.startswith(".")]
-    leftovers += [p.name for p in bundle.iterdir() if p.name.endswith(".tmp")]
-    assert not leftovers
+    listed = sorted(expert_folder(bundle, manifest, n).name for n in manifest["experts"])
+    assert sorted(p.name for p in (bundle / "experts").iterdir()) == listed  # no folder left behind
+    assert not [p.name for p in bundle.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_concurrent_installs_of_different_packs_all_land(setup):

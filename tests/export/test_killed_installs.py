@@ -1,6 +1,6 @@
 """Installs, uninstalls and fetch-and-installs killed (SIGKILL, no cleanup) at every file-system step, in real
-processes: after each kill the bundle opens, verifies and generates, every expert it lists is whole or reported
-damaged (never half-read), and a retry of the same command completes. The kill points are the calls of os.replace,
+processes: after each kill the bundle opens, verifies and generates, every expert it lists is whole (the old one or
+the new one), and a retry of the same command completes and leaves no folder behind. The kill points are the calls of os.replace,
 os.fsync, os.mkdir, os.unlink, shutil.rmtree and open (before and after each), counted in the child process;
 MODE_EDGE_KILL_STRIDE (default 3) tests every n-th point in `make test`, 1 tests them all."""
 
@@ -12,8 +12,7 @@ import sys
 
 import pytest
 
-from mode_edge.bundle import read_bundle
-from mode_edge.errors import UserError
+from mode_edge.bundle import expert_folder, read_bundle
 from mode_edge.packs import installed_intact, make_pack, uninstall
 from mode_edge.runtimes.engine import Engine, generate
 from tests.damage import repack
@@ -69,16 +68,21 @@ def run(kill_at: int, op: str, *args) -> subprocess.CompletedProcess:
 
 
 def check_usable(bundle):
-    """The bundle opens and verifies; each listed expert is whole or refused as damaged; the base generates."""
+    """The bundle opens and verifies; every listed expert is whole (the manifest write commits an install, so a kill
+    leaves the old expert or the new one, never a listed but missing or half-written one) and loads; it generates."""
     manifest = read_bundle(bundle)
     engine = Engine(bundle)
     for name in manifest["experts"]:
-        if installed_intact(bundle, name):
-            engine.load_expert(name)
-        else:
-            with pytest.raises(UserError, match="damaged|missing"):
-                engine.load_expert(name)
+        assert installed_intact(bundle, name), f"{name} listed but not whole"
+        engine.load_expert(name)
     assert len(list(generate(engine, [5, 6, 7], 2))) == 2
+
+
+def check_no_leftovers(bundle):
+    """After a completed retry, experts/ holds exactly the folders the manifest points at."""
+    manifest = read_bundle(bundle)
+    listed = {expert_folder(bundle, manifest, n).name for n in manifest["experts"]}
+    assert {p.name for p in (bundle / "experts").iterdir()} == listed
 
 
 @pytest.fixture
@@ -112,6 +116,7 @@ def kill_everywhere(pristine, tmp_path, op, args, prepare=None, done=None):
             if op != "uninstall" or "code" in read_bundle(bundle)["experts"]:  # (removing nothing is an error)
                 retry = run(0, op, bundle, *args(bundle))
                 assert retry.returncode == 0, retry.stderr
+                check_no_leftovers(bundle)
             check_usable(bundle)
             done(bundle)
         shutil.rmtree(bundle)

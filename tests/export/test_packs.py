@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from mode_edge.bundle import read_bundle
+from mode_edge.bundle import expert_folder, read_bundle
 from mode_edge.errors import UserError
 from mode_edge.packs import describe, install, make_pack, uninstall
 from mode_edge.runtimes.engine import Engine, generate
@@ -54,7 +54,7 @@ def test_pack_uninstall_install_round_trip(bundle, code_pack, tmp_path):
 
     uninstall(bundle, "code")
     assert sorted(read_bundle(bundle)["experts"]) == ["prose"]
-    assert not (bundle / "experts" / "code").exists()
+    assert sorted(p.name for p in (bundle / "experts").iterdir()) == ["prose"]
     assert tree(bundle / "experts" / "prose") == prose_files  # the other pack is never touched
     with pytest.raises(UserError, match="not installed"):
         Engine(bundle).load_expert("code")
@@ -79,11 +79,17 @@ def test_pack_uninstall_install_round_trip(bundle, code_pack, tmp_path):
     assert set(describe(bundle)["experts"]) == {"code", "prose"}
 
 
-def test_an_install_interrupted_before_its_manifest_entry_is_replaced_by_the_next(bundle, code_pack):
+def test_folders_left_by_interrupted_installs_are_removed_by_the_next(bundle, code_pack):
     uninstall(bundle, "code")
-    shutil.copytree(bundle / "experts" / "prose", bundle / "experts" / "code")  # an orphan folder, not in the manifest
+    orphans = ["code", "code@0badf00d", ".code.installing-x"]  # folders the manifest does not point at
+    for orphan in orphans:
+        shutil.copytree(bundle / "experts" / "prose", bundle / "experts" / orphan)
     install(bundle, code_pack)
-    assert json.loads((bundle / "experts/code/pack.json").read_text())["name"] == "code"
+    manifest = read_bundle(bundle)
+    folder = expert_folder(bundle, manifest, "code")
+    assert folder.name.startswith("code@") and json.loads((folder / "pack.json").read_text())["name"] == "code"
+    listed = {expert_folder(bundle, manifest, n).name for n in manifest["experts"]}
+    assert {p.name for p in (bundle / "experts").iterdir()} == listed == {"prose", folder.name}
     Engine(bundle).load_expert("code")
 
 

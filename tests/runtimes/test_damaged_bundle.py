@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from mode_edge.bundle import expert_folder, read_bundle
 from mode_edge.errors import UserError
 from mode_edge.runtimes.engine import Engine
 from mode_edge.runtimes.session import Session
@@ -79,12 +80,15 @@ def test_a_damaged_pack_is_repaired_from_the_pack_source(bundle, tmp_path):
     packs = tmp_path / "packs"
     packs.mkdir()
     make_pack(bundle, "code", packs / "code.modepack")
-    before = (bundle / "experts" / "code" / "gate.safetensors").read_bytes()
-    cut(bundle / "experts" / "code" / "gate.safetensors", 10)
+    def code(rel):
+        return expert_folder(bundle, read_bundle(bundle), "code") / rel
+
+    before = code("gate.safetensors").read_bytes()
+    cut(code("gate.safetensors"), 10)
     cli("run", "--bundle", bundle, "--experts", "code", "--pack-source", packs, "--prompt", "hi",
         "--max-new-tokens", "2")  # fmt: skip
-    assert (bundle / "experts" / "code" / "gate.safetensors").read_bytes() == before
-    cut(bundle / "experts" / "code" / "block1.onnx", 10)  # the same through install: the fix the error names
+    assert code("gate.safetensors").read_bytes() == before
+    cut(code("block1.onnx"), 10)  # the same through install: the fix the error names
     cli("install", "--bundle", bundle, packs / "code.modepack")
     assert not Session(bundle).damaged
 
