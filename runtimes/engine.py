@@ -71,8 +71,9 @@ class Engine:
         self.active: list[str] | None = None
         """The experts a forward mixes, in order; None: every loaded expert (a Session keeps others warm)."""
 
-    def _graph(self, rel: str | Path, fix: str = REEXPORT):
-        path = self.bundle / rel  # an absolute path (an expert's folder) stays as it is
+    def _graph(self, rel: str, fix: str = REEXPORT, folder: Path | None = None):
+        """The graph at REL inside `folder` (default: the bundle's root)."""
+        path = (folder if folder is not None else self.bundle) / rel
         return checked_load(path, lambda: load_graph(path, self.threads), fix)
 
     @property
@@ -90,7 +91,7 @@ class Engine:
             )
         folder = expert_folder(self.bundle, self.manifest, name)
         pack = self.check_expert(name, verify)
-        blocks = [self._graph(folder / pack["components"][f"block{i}"][self.backend], reinstall_fix(folder))
+        blocks = [self._graph(pack["components"][f"block{i}"][self.backend], reinstall_fix(folder), folder)
                   for i in range(self.n_blocks)]  # fmt: skip
         self.experts[name] = LoadedExpert(name, folder, pack, blocks)
         return self.experts[name]

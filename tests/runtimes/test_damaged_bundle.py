@@ -91,6 +91,10 @@ def test_a_damaged_pack_is_repaired_from_the_pack_source(bundle, tmp_path):
     cut(code("block1.onnx"), 10)  # the same through install: the fix the error names
     cli("install", "--bundle", bundle, packs / "code.modepack")
     assert not Session(bundle).damaged
+    # an installed pack's folder is experts/code@ID: found the same through a path relative to the working folder
+    proc = cli("run", "--bundle", bundle.name, "--experts", "code", "--prompt", "hi", "--max-new-tokens", "2",
+               cwd=bundle.parent)  # fmt: skip
+    assert "warning" not in (proc.stdout + proc.stderr).lower()
 
 
 def test_a_flipped_byte_is_caught_after_the_first_verified_start_even_with_its_time_restored(bundle):
