@@ -74,35 +74,48 @@ def save_external(model: onnx.ModelProto, path: Path) -> None:
                     location=path.name + ".data", size_threshold=1024)  # fmt: skip
 
 
-def quantize_onnx(src: Path, dst: Path, quant: str, block_size: int, accuracy_level: int = 4,
-                  source=None, method: str = "rtn") -> dict[str, int]:  # fmt: skip
+def quantize_onnx(src: Path, dst: Path, quant: str, block_size: int, accuracy_level: int | str = 4,
+                  source=None, method: str = "rtn", measure: tuple[list[dict], dict] | None = None,
+                  ) -> tuple[dict[str, int], dict | None]:  # fmt: skip
     """src (fp32, external data) -> dst with weight-only int8 or int4 MatMulNBits (and the embedding's Gather as
     GatherBlockQuantized), its weights in dst.data. Activations stay fp32: see the module docstring for why.
 
     source: where weights' blocks are found before any rounding here, or None: a GGUF's own blocks (computed in
     fp32), GPTQ's blocks (export/calibrate.py), the 8-bit embedding (export/source_blocks.py). The rest is rounded
-    to `quant` at `accuracy_level`, by round-to-nearest or, with method "kquant" at 4 bits, llama.cpp's search for
-    each block's scale and minimum (onnxruntime's KQuantWeightOnlyQuantConfig). Returns the count of weights
-    written from `source`, by block type."""
+    to `quant`, by round-to-nearest or, with method "kquant" at 4 bits, llama.cpp's search for each block's scale
+    and minimum (onnxruntime's KQuantWeightOnlyQuantConfig). The rounded weights (GPTQ's included) compute at
+    `accuracy_level`; "auto" measures levels 4 and 0 on `measure` (feeds, one decode feed) against src and keeps
+    the better (export/accuracy_levels.py). Returns the count of weights written from `source` by block type, and
+    the measured choice (None when nothing was measured)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import KQuantWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    from mode_edge.export.source_blocks import write_source_blocks
+    from mode_edge.export.accuracy_levels import CANDIDATES, choose_level
+    from mode_edge.export.source_blocks import ROUNDED_HERE, write_source_blocks
 
     bits = {"int8": 8, "int4": 4}[quant]
+    auto = accuracy_level == "auto"
+    if auto and measure is None:
+        raise ValueError("accuracy_level 'auto' needs inputs to measure on")
     dst.parent.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(src))
-    exact = write_source_blocks(model, source) if source is not None else {}
+    origins: dict[str, str] = {}
+    exact = write_source_blocks(model, source, origins) if source is not None else {}
     weights = {i.name for i in model.graph.initializer}
     with quiet():  # (the quantizers round only MatMuls of initializer weights: the exact offset products stay)
         kquant = method == "kquant" and bits == 4 and any(
             n.op_type == "MatMul" and n.input[1] in weights for n in model.graph.node)
         quantizer = MatMulNBitsQuantizer(
-            model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
+            model, bits=bits, block_size=block_size, is_symmetric=True,
+            accuracy_level=CANDIDATES[0] if auto else accuracy_level,
             op_types_to_quantize=("MatMul", "Gather"), algo_config=KQuantWeightOnlyQuantConfig() if kquant else None,
         )  # fmt: skip
         quantizer.process()
-        save_external(quantizer.model.model, dst)
-    return exact
+        model = quantizer.model.model
+        rounded = {n.name for n in model.graph.node
+                   if n.op_type == "MatMulNBits" and origins.get(n.name, "rounded") in ROUNDED_HERE}  # fmt: skip
+        compute = choose_level(model, rounded, src, *measure) if auto and rounded else None
+        save_external(model, dst)
+    return exact, compute
 
 
 def share_tied_embedding(embed: Path, head: Path) -> int:

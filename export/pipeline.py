@@ -86,10 +86,11 @@ def max_abs_diff(graph: torch.nn.Module, run_graph, inputs: tuple) -> float:
 
 
 def export_graph(rel: str, graph, fmt: str, dcfg, work: Path, fp32: Path, cfg: ExportConfig, progress,
-                 source=None, planned: dict | None = None) -> dict[str, int]:  # fmt: skip
+                 source=None, planned: dict | None = None, compute: dict | None = None) -> dict[str, int]:  # fmt: skip
     """One graph in one format at the bundle's precision; an ONNX graph passes through fp32 first (kept in `fp32`
-    for the verify stage), a .pte's planned activation bytes go to `planned`. Returns the count of weights written
-    from the source's blocks, by block type."""
+    for the verify stage), a .pte's planned activation bytes go to `planned`, an ONNX graph's measured compute type
+    (--accuracy-level auto) to `compute`. Returns the count of weights written from the source's blocks, by block
+    type."""
     progress.show(f"export {rel} ({fmt})")
     if fmt == "executorch":
         from mode_edge.export.executorch_graphs import export_pte
@@ -106,8 +107,25 @@ def export_graph(rel: str, graph, fmt: str, dcfg, work: Path, fp32: Path, cfg: E
     if cfg.quant == "fp32":
         return {}
     progress.show(f"quantize {rel} ({cfg.quant})")
-    return quantize_onnx(target, work / (rel + ".onnx"), cfg.quant, cfg.block_size, cfg.accuracy_level, source,
-                         cfg.quant_method)  # fmt: skip
+    measure = measure_inputs(graph, dcfg) if cfg.accuracy_level == "auto" else None
+    counts, chosen = quantize_onnx(target, work / (rel + ".onnx"), cfg.quant, cfg.block_size, cfg.accuracy_level,
+                                   source, cfg.quant_method, measure)  # fmt: skip
+    if chosen is not None and compute is not None:
+        compute[rel] = chosen
+    return counts
+
+
+def measure_inputs(graph, dcfg, seed: int = 0) -> tuple[list[dict], dict]:
+    """What --accuracy-level auto measures a graph on (export/accuracy_levels.py): two prefills of 16 tokens after
+    16 cached positions and one decode step after 64, standard-normal hidden states and caches (the block's norm
+    shapes them as it does real ones), seeded; as name -> array feeds."""
+    names = io_names(graph)[0]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        prefill = [example_inputs(graph, dcfg, tokens=16, past=16) for _ in range(2)]
+        decode = example_inputs(graph, dcfg, tokens=1, past=64)
+    feed = lambda inputs: {n: t.numpy() for n, t in zip(names, inputs)}  # noqa: E731
+    return [feed(p) for p in prefill], feed(decode)
 
 
 def pte_limits(cfg: ExportConfig, dcfg) -> dict[str, int]:
@@ -150,7 +168,8 @@ def source_blocks(backbone: Backbone, model: MoDEModel, cfg: ExportConfig, progr
         in_gguf = (lambda w: gguf.find(w) is not None) if gguf is not None else (lambda w: False)
         try:
             texts = {n: calibration_windows(c, backbone.tokenizer, *CALIBRATION_WINDOWS) for n, c in corpora.items()}
-            calibrated = calibrate(model, texts, cfg.accuracy_level, skip=in_gguf, progress=progress)
+            level = 4 if cfg.accuracy_level == "auto" else cfg.accuracy_level  # auto: measured after, per graph
+            calibrated = calibrate(model, texts, level, skip=in_gguf, progress=progress)
         except UserError as e:
             if not fallback:
                 raise
@@ -216,6 +235,7 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
         progress.start(steps)
         verify: dict[str, dict] = {}
         planned: dict[str, int] = {}
+        compute: dict[str, dict] = {}
         # Over an existing bundle, hold its lock so that no install or uninstall runs into the swap.
         exists = Path(out).is_dir() and (Path(out) / "manifest.json").is_file()
         lock = bundle_lock(out) if exists else contextlib.nullcontext()
@@ -223,7 +243,7 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
             fp32 = work / ".fp32"
             for rel, graph in graphs.items():
                 for fmt in cfg.formats:
-                    counts = export_graph(rel, graph, fmt, dcfg, work, fp32, cfg, progress, source, planned)
+                    counts = export_graph(rel, graph, fmt, dcfg, work, fp32, cfg, progress, source, planned, compute)
                     if counts:
                         exact[rel] = counts
                     progress.advance()
@@ -235,7 +255,7 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
                 verify["base/embed"] = verify_graph(graphs["base/embed"], dcfg, work, fp32, "base/embed", cfg)
             shutil.rmtree(fp32, ignore_errors=True)
             progress.show("write")
-            manifest = write_bundle(work, backbone, model, record, graphs, cfg, verify, routers, shared)
+            manifest = write_bundle(work, backbone, model, record, graphs, cfg, verify, routers, shared, compute)
             wall = time.perf_counter() - started
             manifest["export"]["wall_s"] = round(wall, 1)
             if exact:
@@ -274,7 +294,10 @@ def verify_graph(graph, dcfg, work: Path, fp32: Path, rel: str, cfg: ExportConfi
 
 
 def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict, graphs, cfg, verify,
-                 routers: dict[str, dict | None], shared: set[str] = frozenset()) -> dict:  # fmt: skip
+                 routers: dict[str, dict | None], shared: set[str] = frozenset(),
+                 compute: dict[str, dict] | None = None) -> dict:  # fmt: skip
+    """The bundle manifest (and each expert's pack.json, written here) for the graphs exported into WORK; `compute`:
+    each ONNX graph's measured compute type (--accuracy-level auto), recorded on its component."""
     fingerprint = record["base"]["fingerprint"]
     limits = {"executorch": pte_limits(cfg, backbone.decoder.cfg)} if "executorch" in cfg.formats else {}
     backbone.tokenizer.save(work / "tokenizer.json")
@@ -285,6 +308,7 @@ def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict,
             "layers": graph_layers(graph), "inputs": inputs, "outputs": outputs,
             **{fmt: rel + GRAPH_SUFFIX[fmt] for fmt in cfg.formats},
             **({"onnx_weights_in": "base/head.onnx.data"} if rel in shared else {}),
+            **({"onnx_compute": compute[rel]} if compute and rel in compute else {}),
         }  # fmt: skip
     experts = {}
     for name in model.experts:

@@ -193,13 +193,19 @@ def _initializer(name: str, array: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(np.ascontiguousarray(array), name)
 
 
-def write_source_blocks(model: onnx.ModelProto, source) -> dict[str, int]:
+ROUNDED_HERE = ("gptq", "rounded")
+"""Origins of MatMulNBits weights rounded by the exporter (GPTQ; onnxruntime's quantizer): their compute type is
+--accuracy-level's. The others are a source's own blocks (a GGUF's, the 8-bit embedding): --base-accuracy-level."""
+
+
+def write_source_blocks(model: onnx.ModelProto, source, origins: dict[str, str] | None = None) -> dict[str, int]:
     """Replace, in place, every MatMul (x @ B, B a (K, N) initializer) and Gather (rows of a (V, D) initializer)
     whose weight is found in `source` (anything with find(weight (N, K)) -> Blocks | None) by MatMulNBits /
     GatherBlockQuantized over the found blocks, each at its blocks' accuracy level (blocks with offsets: plus the
     block-sum product, its block sums computed once per input); the rest of the graph is untouched for the
     configured quantizer. Returns the count of replaced nodes per source type. Raises UserError, with the graph
-    unchanged, when blocks need block sums (Q4_1, 8-bit at level 0) and the graph's opset is below 18."""
+    unchanged, when blocks need block sums (Q4_1, 8-bit at level 0) and the graph's opset is below 18. `origins`,
+    when given, receives each new MatMulNBits node's name with the source type of its blocks."""
     inits = {i.name: i for i in model.graph.initializer}
     block_sums: dict[str, str] = {}
     counts: dict[str, int] = {}
@@ -223,6 +229,8 @@ def write_source_blocks(model: onnx.ModelProto, source) -> dict[str, int]:
             continue
         nodes.extend(new)
         extras.extend(extra)
+        if origins is not None:
+            origins.update({n.name: blocks.source_type for n in new if n.op_type == "MatMulNBits"})
         replaced.add(node.input[1] if node.op_type == "MatMul" else node.input[0])
         counts[blocks.source_type] = counts.get(blocks.source_type, 0) + 1
     if block_sums and not any(o.domain in ("", "ai.onnx") and o.version >= 18 for o in model.opset_import):

@@ -11,7 +11,7 @@ import click
 
 from mode_edge import cli_device, cli_ship, cli_trust
 from mode_edge.errors import UserError
-from mode_edge.files import require_absent
+from mode_edge.files import output_file, require_absent, write_output
 from mode_edge.logs import VERBOSE_ENV
 from mode_edge.logs import configure as configure_logging
 from mode_edge.names import check_name, expert_list
@@ -289,7 +289,8 @@ def load_base(spec: str):
 @click.option("--max-tokens", type=POSITIVE, default=8192, show_default=True, help="Held-out tokens per domain.")
 @click.option("--seq-len", type=POSITIVE, default=256, show_default=True,
               help="Tokens per window; at most the backbone's context (max positions).")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, callback=output_file,
+              help="Also write the results here.")
 @click.option("--routing", is_flag=True,
               help="Evaluate prompt routing instead: for held-out prompts of each domain (16, 64 and 256 tokens), "
                    "which expert (or none) each router picks, the confusion matrix, and the accuracy of the routed "
@@ -324,7 +325,7 @@ def eval_cmd(run, base, data, experts, split, max_tokens, seq_len, json_out, rou
         result = evaluate_routing(BundleSide(bundle), corpora, prompts)
         print_routing(result)
         if json_out:
-            Path(json_out).write_text(json.dumps({"bundle": str(bundle), "routing": result}, indent=2) + "\n")
+            write_output(json_out, json.dumps({"bundle": str(bundle), "routing": result}, indent=2) + "\n")
         return
     if routing and run is None:
         raise UserError("--routing needs --model RUN (or RUN,RUN,...), MoDE runs with the experts to route to, "
@@ -343,7 +344,7 @@ def eval_cmd(run, base, data, experts, split, max_tokens, seq_len, json_out, rou
         result = routing_for_run(backbone, runs, subset, corpora, prompts)
         print_routing(result)
         if json_out:
-            Path(json_out).write_text(json.dumps({"model": str(run), "routing": result}, indent=2) + "\n")
+            write_output(json_out, json.dumps({"model": str(run), "routing": result}, indent=2) + "\n")
         return
     model, names, label = build_model(backbone, run, subset)
     results = evaluate(backbone, model, corpora, seq_len=seq_len, max_tokens=max_tokens, split=split)
@@ -358,7 +359,7 @@ def eval_cmd(run, base, data, experts, split, max_tokens, seq_len, json_out, rou
     print_scores({label: results})
     print_gates({label: results})
     if json_out:
-        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
+        write_output(json_out, json.dumps(report, indent=2) + "\n")
 
 
 def eval_bundle(bundle, run, base, data, experts, split, max_tokens, seq_len, json_out, backend) -> None:
@@ -390,7 +391,7 @@ def eval_bundle(bundle, run, base, data, experts, split, max_tokens, seq_len, js
     if json_out:
         report = {"bundle": str(bundle), "backend": backend, "experts": model.experts, "reference": str(run) if run
                   else None, "split": split, "domains": results}  # fmt: skip
-        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
+        write_output(json_out, json.dumps(report, indent=2) + "\n")
 
 
 @main.command("reproduce", short_help="Compare MoDE with full fine-tuning and LoRA.")

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from mode_edge.errors import UserError
+from mode_edge.files import output_file, write_output
 from mode_edge.names import expert_list
 from mode_edge.ranges import POSITIVE, SEED, Float, Int
 from mode_edge.text import CleanText
@@ -60,8 +61,10 @@ BACKEND = click.option(
     "downloaded (resuming a broken download), verified and installed first.",
 )
 @click.option("--profile", "show_profile", is_flag=True, help="Print the latency and memory profile afterwards.")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the profile as JSON.")
-@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a PNG timeline (needs matplotlib).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, callback=output_file,
+              help="Write the profile as JSON.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, callback=output_file,
+              help="Write a PNG timeline (needs matplotlib).")
 def run_cmd(bundle, experts, prompt, max_new_tokens, temperature, top_k, top_p, seed, route_top_k, router, backend,
             device, pack_source, show_profile, json_out, plot):  # fmt: skip
     """Load the base, select experts (or route to them), and print the continuation of --prompt as it is generated.
@@ -87,7 +90,9 @@ def run_cmd(bundle, experts, prompt, max_new_tokens, temperature, top_k, top_p, 
     if show_profile:
         print_summary(summary)
     if json_out:
-        Path(json_out).write_text(json.dumps(summary, indent=2) + "\n")
+        write_output(json_out, json.dumps(summary, indent=2) + "\n")
+    if plot:
+        Path(plot).parent.mkdir(parents=True, exist_ok=True)
     if plot and not plot_timeline(profile, plot):
         click.echo("no plot: matplotlib is not installed here", err=True)
 
@@ -103,7 +108,8 @@ def run_cmd(bundle, experts, prompt, max_new_tokens, temperature, top_k, top_p, 
 @click.option("--experts", default=None, help="Comma-separated experts to run one at a time (default: every one).")
 @click.option("--new-tokens", type=POSITIVE, default=32, show_default=True, help="Tokens generated per run.")
 @BACKEND
-@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the results here.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, callback=output_file,
+              help="Write the results here.")
 def bench_cmd(bundle, device, experts, new_tokens, backend, json_out):
     """Generate --new-tokens with the bare base and with each expert, profiling latency and memory. On a device
     with an ssh or adb transport, the bundle and the runtime are pushed there, the benchmark runs there, and the
@@ -123,7 +129,7 @@ def bench_cmd(bundle, device, experts, new_tokens, backend, json_out):
         result = remote_bench(profile, bundle, names, new_tokens)
     print_bench(result)
     if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+        write_output(json_out, json.dumps(result, indent=2) + "\n")
 
 
 @click.command("plan", short_help="What fits in a device's memory budget.")

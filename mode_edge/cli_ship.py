@@ -10,6 +10,7 @@ import click
 
 from mode_edge.config import QUANT_METHODS
 from mode_edge.errors import UserError
+from mode_edge.files import output_file
 from mode_edge.names import check_name, split_names
 from mode_edge.ranges import Int
 
@@ -39,9 +40,12 @@ def human_bytes(n: int) -> str:
 )
 @click.option("--block-size", type=Int(16, 256), default=32, show_default=True,
               help="Weights per int8 / int4 quantization group: 16, 32, 64, 128 or 256.")
-@click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
+@click.option("--accuracy-level", type=click.Choice(["auto", "0", "1", "2", "3", "4"]), default="auto",
+              show_default=True,
               help="ONNX int8 / int4: compute type of the rounded weights' MatMulNBits: 0 fp32, 4 int8 activations "
-                   "per block (fastest on CPUs with dot-product instructions, and lossier).")
+                   "per block (fastest on CPUs with dot-product instructions, and lossier); auto measures both on "
+                   "each graph against fp32 and keeps 4 unless its error is over 2x level 0's (recorded in the "
+                   "manifest).")
 @click.option("--base-accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
               help="ONNX int8 / int4: compute type of the base's own blocks (a GGUF's, the 8-bit head): 0 keeps "
                    "the base exactly the trained model, 4 multiplies in int8 (faster, not exact).")
@@ -73,7 +77,8 @@ def export_cmd(run, out, formats, quant, block_size, accuracy_level, base_accura
     cfg = ExportConfig(
         formats=fmts, quant=quant or defaults.get("quant", "int8"), block_size=block_size,
         experts=split_names(experts, "--experts") if experts else None, overwrite=overwrite,
-        accuracy_level=accuracy_level, base_accuracy_level=base_accuracy_level, source_blocks=source_blocks,
+        accuracy_level=accuracy_level if accuracy_level == "auto" else int(accuracy_level),
+        base_accuracy_level=base_accuracy_level, source_blocks=source_blocks,
         quant_method=quant_method, pte_context=pte_context,
         calibration_data=str(calibration_data) if calibration_data else None,
     )  # fmt: skip
@@ -92,7 +97,8 @@ def export_cmd(run, out, formats, quant, block_size, accuracy_level, base_accura
 @click.command("pack", short_help="Cut one expert out of a bundle as a domain pack.")
 @click.option("--bundle", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
 @click.option("--expert", required=True, help="Name of the installed expert.")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Archive to write (default: NAME.modepack).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, callback=output_file,
+              help="Archive to write (default: NAME.modepack; a missing folder is created).")
 @click.option("--sign", "key", type=click.Path(path_type=Path), default=None,
               help="Sign the pack with this private key (NAME.key from `mode-edge keys generate`).")
 @click.option("--version", type=Int(1, None), default=None,

@@ -42,8 +42,11 @@ def trust_add_cmd(pubkey, bundle, label):
     """Trust PUBKEY (a .pub file from `mode-edge keys generate`, or its line 'ed25519 BASE64')."""
     from mode_edge.trust import trust_add
 
-    kid = trust_add(bundle, pubkey, label)
-    click.echo(f"{bundle} trusts key {kid}; from now on it installs only signed packs")
+    kid, added = trust_add(bundle, pubkey, label)
+    if added:
+        click.echo(f"{bundle} trusts key {kid}; from now on it installs only signed packs")
+    else:
+        click.echo(f"{bundle} already trusts key {kid}; nothing changed")
 
 
 @trust.command("list")
@@ -73,12 +76,22 @@ def trust_list_cmd(bundle, as_json):
 @trust.command("remove")
 @click.argument("key")
 @click.option("--bundle", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
-def trust_remove_cmd(key, bundle):
-    """Stop trusting KEY (its id from `trust list`, a unique prefix, or its .pub). Installed packs stay."""
+@click.option("--allow-no-keys", is_flag=True,
+              help="Remove even the last key, which turns signature checks off (the bundle then installs any "
+                   "intact pack). To rotate keys, add the new one first instead.")  # fmt: skip
+def trust_remove_cmd(key, bundle, allow_no_keys):
+    """Stop trusting KEY (its id from `trust list`, a unique prefix, or its .pub). Installed packs stay. The last
+    key is kept unless --allow-no-keys: to rotate, `trust add` the new key, then remove the old."""
+    from mode_edge.signing import trusted_keys
+    from mode_edge.bundle import read_bundle
     from mode_edge.trust import trust_remove
 
-    kid = trust_remove(bundle, key)
-    click.echo(f"{bundle} no longer trusts key {kid}")
+    kid = trust_remove(bundle, key, allow_no_keys)
+    if trusted_keys(read_bundle(bundle)):
+        click.echo(f"{bundle} no longer trusts key {kid}")
+    else:
+        click.echo(f"{bundle} no longer trusts key {kid}; it trusts no key now and installs any intact pack, signed "
+                   f"or not", err=True)  # fmt: skip
 
 
 @click.command("verify", short_help="Check a pack's files and signature without installing it.")
@@ -111,14 +124,16 @@ def verify_cmd(pack, bundle, key):
 @click.option("--expires-days", type=Float(0.001, 3650), default=30.0, show_default=True,
               help="Devices refuse the index after this many days: publish a fresh one before.")
 @click.option("--version", type=Int(1, None), default=None,
-              help="The index's version (default: one above the index already there); it must rise every time.")
+              help="The index's version (default: one above the index already in PACKS, which is the publisher's record: "
+                   "keep it, never restore an older one); it must rise every time.")
 def index_cmd(packs, key, expires_days, version):
     """Write PACKS/index.json (every pack's name, version, size and sha256, and an expiry) and its signature
     PACKS/index.json.sig. A bundle that trusts keys fetches from a pack source only what such an index lists."""
     from mode_edge.pack_index import make_index
 
     index = make_index(packs, key, expires_days, version)
-    click.echo(f"{packs}/index.json: version {index['version']}, {len(index['packs'])} packs, expires "
+    n = len(index["packs"])
+    click.echo(f"{packs}/index.json: version {index['version']}, {n} pack{'s' * (n != 1)}, expires "
                f"{index['expires']}")  # fmt: skip
 
 

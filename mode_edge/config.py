@@ -210,9 +210,10 @@ class ExportConfig(_Serialisable):
     """Experts to export (None: all in the run)."""
     overwrite: bool = False
     """Replace an existing bundle."""
-    accuracy_level: int = 4
-    """onnxruntime MatMulNBits compute type for the requantized weights: 0 (unset) / 1 fp32, 2 fp16, 3 bf16, 4 int8
-    activations per block (fastest on CPUs with dot-product instructions, and the lossiest)."""
+    accuracy_level: int | str = "auto"
+    """onnxruntime MatMulNBits compute type for the weights the exporter rounds: 0 (unset) / 1 fp32, 2 fp16, 3 bf16,
+    4 int8 activations per block (fastest on CPUs with dot-product instructions, and the lossiest), or 'auto': 4 or
+    0 for each graph by measured error against fp32 (export/accuracy_levels.py)."""
     base_accuracy_level: int = 0
     """MatMulNBits compute type of the weights written from source blocks (the GGUF's own, the shared 8-bit
     embedding of the head): 0 keeps the base exactly the trained model (fp32 arithmetic on the blocks), 4 multiplies
@@ -251,8 +252,11 @@ class ExportConfig(_Serialisable):
                             f"{self.block_size}; pass --block-size 32 or --quant-method rtn")  # fmt: skip
         for option, level in (("--accuracy-level", self.accuracy_level),
                               ("--base-accuracy-level", self.base_accuracy_level)):  # fmt: skip
-            if not isinstance(level, numbers.Integral) or not 0 <= level <= 4:
-                raise UserError(f"{option} must be 0, 1, 2, 3 or 4 (onnxruntime's MatMulNBits compute types), "
+            if option == "--accuracy-level" and level == "auto":
+                continue
+            if not isinstance(level, numbers.Integral) or isinstance(level, bool) or not 0 <= level <= 4:
+                also = " or auto" if option == "--accuracy-level" else ""
+                raise UserError(f"{option} must be 0, 1, 2, 3 or 4 (onnxruntime's MatMulNBits compute types){also}, "
                                 f"got {level!r}")  # fmt: skip
 
 

@@ -25,6 +25,38 @@ def require_absent(out: Path) -> None:
         raise UserError(f"{out} already exists; choose another --out or remove it first")
 
 
+def output_file(ctx, param, value):
+    """click callback for an option naming a file to write (--json, --plot, --out of an archive): checked before any
+    work starts, so that a long command never fails at its last step. A missing folder is created when the file is
+    written (`write_output`); a folder in the file's place, or a place that cannot be written, is one line."""
+    if value is None:
+        return None
+    path, option = Path(value), param.opts[0]
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder; name the file to write (for example {path / 'out.json'})")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path} cannot be written: {parent} is not a writable folder; choose another path")
+    return path
+
+
+def write_output(path: Path, text: str) -> None:
+    """Write an output file whole (atomically), creating its folder if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 @contextlib.contextmanager
 def atomic_dir(out: Path, *, overwrite: bool = False, keep_partial_on_error: bool = False) -> Iterator[Path]:
     """Yield a work folder that becomes `out` only if the block completes.

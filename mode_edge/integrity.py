@@ -144,6 +144,9 @@ def check_bundle_shape(m: dict, what: str, fix: str) -> None:
     for field in ("pack_versions", "index_versions"):  # highest versions installed / read (rollback protection)
         versions = m.get(field, {})
         need(isinstance(versions, dict) and all(is_int(v) and v >= 1 for v in versions.values()), what, field, fix)
+    digests = m.get("index_digests", {})  # sha256 of the index read at that version (a version issued twice)
+    need(isinstance(digests, dict) and all(isinstance(v, str) and len(v) == 64 for v in digests.values()), what,
+         "index_digests", fix)  # fmt: skip
 
 
 def check_pack_shape(p: dict, n_blocks: int | None, what: str, fix: str) -> None:

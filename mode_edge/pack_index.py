@@ -49,7 +49,9 @@ def make_index(packs: Path, key: Path, expires_days: float = 30.0, version: int 
     from mode_edge.packs import read_pack, verify_members
 
     packs = Path(packs)
-    archives = sorted(packs.glob("*.modepack")) if packs.is_dir() else []
+    if not packs.is_dir():
+        raise UserError(f"--packs {packs} is not a folder; pass the folder that holds the NAME.modepack files")
+    archives = sorted(packs.glob("*.modepack"))
     if not archives:
         raise UserError(f"{packs} holds no .modepack files; put the packs to serve there (`mode-edge pack`)")
     entries: dict[str, dict] = {}
@@ -107,7 +109,8 @@ def read_index(raw: bytes, signature_raw: bytes, trusted: dict, seen_version: in
                         f"index (`mode-edge index --packs DIR --sign KEY`)")  # fmt: skip
     if index["version"] < seen_version:
         raise UserError(f"{what} is version {index['version']}, older than version {seen_version} read before; "
-                        f"refused as a replay, nothing fetched")  # fmt: skip
+                        f"refused as a replay, nothing fetched: the source serves a stale index; its publisher "
+                        f"must publish a newer one (`mode-edge index`)")  # fmt: skip
     return index
 
 

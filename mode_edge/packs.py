@@ -69,6 +69,7 @@ def make_pack(bundle: Path, name: str, out: Path, key: Path | None = None, versi
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} already exists; choose another --out or remove it first")
+    out.parent.mkdir(parents=True, exist_ok=True)
     installed = raw = (folder / PACK_MANIFEST).read_bytes()
     if version is not None and version != pack_version(pack):
         pack = {**pack, "version": version}
@@ -110,6 +111,8 @@ def read_pack_and_sha(path: Path) -> tuple[dict, dict[str, tarfile.TarInfo], str
     checked over and what the extracted pack.json must match (the archive is read again to extract it, and may have
     changed meanwhile). Raises UserError for anything but a well-formed pack."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"pack {path} is a folder; pass a NAME.modepack archive (`mode-edge pack`)")
     if not path.is_file():
         raise UserError(f"pack {path} does not exist; make one with `mode-edge pack`")
     try:
@@ -183,6 +186,7 @@ def install(bundle: Path, pack_path: Path, replace: bool = False, allow_unsigned
         check_not_older(pack, manifest, allow_downgrade, what)
         entry = manifest["experts"].get(name)
         if entry is not None and entry.get("pack_sha256") == pack_sha and installed_intact(bundle, name):
+            verify_members(pack_path, pack, members)  # the installed copy is whole; the archive given must be too
             return pack
         if entry is not None and entry.get("pack_sha256") != pack_sha and not replace:
             raise UserError(f"expert {name!r} is already installed in {bundle} (another version); "

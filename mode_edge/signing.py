@@ -48,8 +48,10 @@ def generate_key(out: Path) -> str:
     for path in (private_path, public_path):
         if path.exists():
             raise UserError(f"{path} already exists; choose another --out (a key is never overwritten)")
-    if not out.parent.is_dir():
-        raise UserError(f"folder {out.parent} does not exist; create it or choose another --out")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; --out names the key pair (keys/publisher writes "
+                        f"keys/publisher.key and keys/publisher.pub)")  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())  # fmt: skip
@@ -68,20 +70,27 @@ def public_line(raw: bytes) -> str:
 
 def parse_public(text: str, what: str) -> bytes:
     """The 32 raw bytes of a public key given as "ed25519 BASE64" (a .pub file's line) or the file's path."""
-    text = text.strip()
-    if not text.startswith(KEY_PREFIX + " ") and is_file(text):
-        try:
-            text = Path(text).read_text().strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"{what}: {text} could not be read ({e})") from None
+    text = shown = text.strip()
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    expected = f"pass a .pub file from `mode-edge keys generate` or its line '{KEY_PREFIX} BASE64'"
+    if not text.startswith(KEY_PREFIX + " "):
+        if is_file(text):
+            try:
+                text = Path(text).read_text().strip()
+            except (OSError, UnicodeDecodeError):
+                raise UserError(f"{what} {shown} is not a readable text file; {expected}") from None
+        elif "-----BEGIN" not in text and ("/" in text or text.endswith((".pub", ".key"))):
+            raise UserError(f"{what} {shown} does not exist; {expected}")
+    if "PRIVATE KEY-----" in text:
+        raise UserError(f"{what} {shown if shown != text else '(given)'} is a private key: keep it secret and pass "
+                        f"its public half, the .pub file")  # fmt: skip
     kind, _, b64 = text.partition(" ")
     try:
         raw = base64.b64decode(b64.strip(), validate=True) if kind == KEY_PREFIX else b""
     except binascii.Error:
         raw = b""
     if len(raw) != 32:
-        raise UserError(f"{what} is not an ed25519 public key; pass a .pub file from `mode-edge keys generate` or "
-                        f"its line '{KEY_PREFIX} BASE64'")  # fmt: skip
+        raise UserError(f"{what} {shown} is not an ed25519 public key; {expected}")
     return raw
 
 
@@ -94,10 +103,13 @@ def load_private(path: Path):
     if not path.is_file():
         raise UserError(f"signing key {path} does not exist; make one with `mode-edge keys generate --out NAME`")
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (ValueError, TypeError, OSError) as e:
-        first = (str(e).splitlines() or [type(e).__name__])[0][:120]
-        raise UserError(f"{path} is not a readable private key ({first}); pass the .key file from `mode-edge keys "
+        data = path.read_bytes()
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, OSError):
+        if data.startswith(KEY_PREFIX.encode() + b" "):
+            raise UserError(f"{path} is a public key; signing takes the private key, the .key file beside it from "
+                            f"`mode-edge keys generate`") from None  # fmt: skip
+        raise UserError(f"{path} is not an unencrypted PEM private key; pass the .key file from `mode-edge keys "
                         f"generate`") from None  # fmt: skip
     if not isinstance(key, Ed25519PrivateKey):
         raise UserError(f"{path} holds a {type(key).__name__}, not an ed25519 key; make one with `mode-edge keys "
@@ -155,8 +167,8 @@ def check_signature(signature: dict, trusted: dict, body: dict, what: str) -> st
     kid = signature["key_id"]
     if kid not in trusted:
         raise UserError(f"{what} is signed by key {kid[:16]}, which is not among the trusted keys "
-                        f"({', '.join(sorted(trusted)) or 'none'}); if you trust its publisher, add their .pub with "
-                        f"`mode-edge trust add` (or pass it to --key)")  # fmt: skip
+                        f"({', '.join(sorted(trusted)) or 'none'}); if you trust its publisher, add their .pub to "
+                        f"the bundle with `mode-edge trust add PUB --bundle BUNDLE`")  # fmt: skip
     raw = parse_public(trusted[kid]["public_key"], f"trusted key {kid}")
     try:
         Ed25519PublicKey.from_public_bytes(raw).verify(signature["signature"], canonical(body))

@@ -24,30 +24,36 @@ from mode_edge.signing import (
 )  # fmt: skip
 
 
-def trust_add(bundle: Path, public_key: str, label: str | None = None) -> str:
-    """Trust PUBLIC_KEY (a .pub file or its line) for packs installed into BUNDLE; returns its key id. Adding a
-    key already trusted changes nothing."""
-    raw = parse_public(public_key, "PUBKEY")
+def trust_add(bundle: Path, public_key: str, label: str | None = None) -> tuple[str, bool]:
+    """Trust PUBLIC_KEY (a .pub file or its line) for packs installed into BUNDLE; returns its key id and whether it
+    was added (a key already trusted changes nothing)."""
+    raw = parse_public(public_key, "public key")
     kid = key_id(raw)
     read_bundle(bundle)
     with bundle_lock(bundle):
         manifest = read_bundle(bundle)
         keys = manifest.setdefault("trust", {}).setdefault("keys", {})
-        if kid not in keys:
-            name = label or (Path(public_key).stem if is_file(public_key) else kid)
-            keys[kid] = {"public_key": public_line(raw), "label": name}
-            write_manifest(bundle, manifest)
-    return kid
+        if kid in keys:
+            return kid, False
+        name = label or (Path(public_key).stem if is_file(public_key) else kid)
+        keys[kid] = {"public_key": public_line(raw), "label": name}
+        write_manifest(bundle, manifest)
+    return kid, True
 
 
-def trust_remove(bundle: Path, key: str) -> str:
+def trust_remove(bundle: Path, key: str, allow_no_keys: bool = False) -> str:
     """Stop trusting KEY (its id, a unique prefix of it, or its .pub); returns the id removed. Installed packs stay
-    installed; new installs of its packs are refused."""
+    installed; new installs of its packs are refused. Removing the last key would turn signature checks off (a
+    bundle that trusts no key installs any intact pack), so it is refused unless allow_no_keys."""
     read_bundle(bundle)
     with bundle_lock(bundle):
         manifest = read_bundle(bundle)
         keys = trusted_keys(manifest)
         kid = resolve_key(keys, key, bundle)
+        if len(keys) == 1 and not allow_no_keys:
+            raise UserError(f"{kid} is the last key {bundle} trusts: without it the bundle installs any intact pack, "
+                            f"signed or not. To replace it, `mode-edge trust add` the new key first; to turn "
+                            f"signature checks off, pass --allow-no-keys")  # fmt: skip
         del manifest["trust"]["keys"][kid]
         write_manifest(bundle, manifest)
     return kid
@@ -56,7 +62,7 @@ def trust_remove(bundle: Path, key: str) -> str:
 def resolve_key(keys: dict, key: str, bundle: Path) -> str:
     """The one trusted key id that KEY names (an id, a unique prefix, or a public key). Raises UserError."""
     if key.startswith("ed25519 ") or is_file(key):
-        kid = key_id(parse_public(key, "KEY"))
+        kid = key_id(parse_public(key, "key"))
         hits = [kid] if kid in keys else []
     else:
         hits = [k for k in keys if key and k.startswith(key)]
@@ -74,15 +80,15 @@ def verify_pack(path: Path, bundle: Path | None = None, public_key: str | None =
     UserError for a damaged pack, a missing signature where a key is given, or a signature that does not verify."""
     from mode_edge.packs import member_bytes, read_pack_and_sha, verify_members
 
-    pack, members, sha = read_pack_and_sha(path)
-    verify_members(path, pack, members)
-    if bundle is not None:
+    if bundle is not None:  # the cheap arguments first: a wrong key is named before a large pack is read
         trusted, source = trusted_keys(read_bundle(bundle)), f"bundle {bundle}"
     elif public_key is not None:
         raw = parse_public(public_key, "--key")
         trusted, source = {key_id(raw): {"public_key": public_line(raw)}}, f"key {key_id(raw)}"
     else:
         trusted, source = {}, None
+    pack, members, sha = read_pack_and_sha(path)
+    verify_members(path, pack, members)
     info = {"name": pack["name"], "version": pack_version(pack), "signed_by": None, "trusted_by": None,
             "claims_key": None}
     if PACK_SIGNATURE not in members:

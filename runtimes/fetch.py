@@ -11,6 +11,7 @@ must carry the name and base fingerprint that were asked for; otherwise it is re
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import shutil
@@ -35,6 +36,7 @@ def fetch_and_install(bundle: Path, source: str, name: str, expected: dict | Non
     from mode_edge.bundle import read_bundle
     from mode_edge.packs import install, installed_intact
 
+    check_source(source)
     bundle, downloads = Path(bundle), Path(bundle) / ".downloads"
     downloads.mkdir(parents=True, exist_ok=True)
     with FileLock(str(downloads / f"{name}.lock")):
@@ -65,6 +67,17 @@ def fetch_and_install(bundle: Path, source: str, name: str, expected: dict | Non
                 path.unlink(missing_ok=True)
 
 
+def check_source(source: str) -> None:
+    """A pack source is an http(s) URL or an existing folder; anything else is one line before any work."""
+    scheme = source.split("://", 1)[0].lower() if "://" in source else None
+    if scheme is not None and scheme not in ("http", "https"):
+        raise UserError(f"--pack-source {source}: the {scheme}:// scheme is not supported; pass an http:// or "
+                        f"https:// URL, or a folder")  # fmt: skip
+    if scheme is None and not Path(source).is_dir():
+        raise UserError(f"--pack-source {source} is not a folder (nor an http:// or https:// URL); pass the folder "
+                        f"or URL that serves NAME.modepack files")  # fmt: skip
+
+
 def listed_pack(bundle: Path, source: str, name: str, timeout_s: float) -> dict:
     """{'bytes', 'sha256'} of NAME.modepack as the source's signed index lists it (mode_edge/pack_index.py), after
     the index is checked against the bundle's trust store, its expiry and the highest index version this bundle
@@ -79,11 +92,16 @@ def listed_pack(bundle: Path, source: str, name: str, timeout_s: float) -> dict:
     key = source.rstrip("/")  # one source however it is written
     seen = manifest.get("index_versions", {}).get(key, 0)
     index = read_index(raw, signature, trusted_keys(manifest), seen, source)
+    digest = hashlib.sha256(raw).hexdigest()
+    if index["version"] == seen and manifest.get("index_digests", {}).get(key, digest) != digest:
+        raise UserError(f"pack source {source}: its index is version {seen} like the one read before, with other "
+                        f"content (a version issued twice); refused, nothing fetched: its publisher must publish "
+                        f"a newer version (`mode-edge index`)")  # fmt: skip
     with bundle_lock(bundle):
         manifest = read_bundle(bundle)
-        versions = manifest.setdefault("index_versions", {})
-        if index["version"] > versions.get(key, 0):
-            versions[key] = index["version"]
+        versions, digests = manifest.setdefault("index_versions", {}), manifest.setdefault("index_digests", {})
+        if index["version"] > versions.get(key, 0) or (index["version"] == versions[key] and key not in digests):
+            versions[key], digests[key] = index["version"], digest
             write_manifest(bundle, manifest)
     entry = index["packs"].get(name)
     if entry is None:

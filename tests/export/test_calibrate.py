@@ -102,7 +102,7 @@ def test_calibrated_expert_graph_beats_round_to_nearest_on_held_out_text(compose
     fp32 = tmp_path / "fp32.onnx"
     export_onnx(graphs[rel], cfg, fp32)
     refs = [ort.InferenceSession(str(fp32)).run(None, f)[0] for f in fs]
-    assert quantize_onnx(fp32, tmp_path / "gptq.onnx", "int4", 32, 0, calibrated) == {"gptq": 14}  # 2 layers x 7
+    assert quantize_onnx(fp32, tmp_path / "gptq.onnx", "int4", 32, 0, calibrated)[0] == {"gptq": 14}  # 2 layers x 7
     quantize_onnx(fp32, tmp_path / "rtn.onnx", "int4", 32, 0)
     gptq = expert_graph_error(tmp_path / "gptq.onnx", fs, refs)
     rtn = expert_graph_error(tmp_path / "rtn.onnx", fs, refs)
@@ -113,7 +113,7 @@ def test_export_quant_method_gptq_end_to_end_and_its_refusals(composed_run, tmp_
     out = tmp_path / "gptq"
     invoke("export", "--model", composed_run, "--out", out, "--quant", "int4")  # --quant-method auto: gptq here
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["quantization"] == {"scheme": "int4", "block_size": 32, "accuracy_level": 4,
+    assert manifest["quantization"] == {"scheme": "int4", "block_size": 32, "accuracy_level": "auto",
                                         "base_accuracy_level": 0, "method": "gptq"}
     sources = manifest["export"]["block_sources"]
     assert {rel: c.get("gptq") for rel, c in sources.items() if rel.startswith("experts/")} == {

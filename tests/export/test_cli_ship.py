@@ -12,7 +12,7 @@ def test_export_inspect_pack_install_from_the_command_line(composed_run, tmp_pat
                "--experts", "code")  # fmt: skip
     assert "base/block0" in proc.stdout and "experts/code/block0" in proc.stdout
     info = json.loads(cli("inspect", bundle, "--json").stdout)
-    assert info["quantization"] == {"scheme": "int4", "block_size": 16, "accuracy_level": 4,
+    assert info["quantization"] == {"scheme": "int4", "block_size": 16, "accuracy_level": "auto",
                                   "base_accuracy_level": 0, "method": "rtn"}
     assert list(info["experts"]) == ["code"]
     assert info["formats"] == ["onnx"] and len(info["fingerprint"]) == 64

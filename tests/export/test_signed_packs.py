@@ -43,7 +43,57 @@ def test_keys_generate_writes_an_owner_only_private_key_and_never_overwrites(key
     assert os.stat(f"{publisher}.key").st_mode & 0o777 == 0o600
     assert open(f"{publisher}.pub").read().startswith("ed25519 ")
     refused("keys", "generate", "--out", publisher, message="already exists")
-    refused("keys", "generate", "--out", tmp_path / "no" / "such", message="does not exist")
+    refused("keys", "generate", "--out", tmp_path, message="is a folder")  # --out names the pair, not a folder
+    invoke("keys", "generate", "--out", tmp_path / "new" / "folder" / "k")  # a missing folder is made
+    assert (tmp_path / "new" / "folder" / "k.pub").is_file()
+
+
+def test_key_mix_ups_and_missing_files_are_named_in_one_line(bundle, keys, tmp_path):
+    """Each wrong key argument names what was given and what is wanted; no library text, no traceback."""
+    publisher, _ = keys
+    refused("trust", "add", tmp_path / "missing.pub", "--bundle", bundle, message=("missing.pub does not exist", ".pub"))
+    refused("trust", "add", f"{publisher}.key", "--bundle", bundle, message="is a private key")
+    refused("verify", tmp_path / "none.modepack", "--key", f"{publisher}.key", message="is a private key")
+    refused("pack", "--bundle", bundle, "--expert", "code", "--out", tmp_path / "p.modepack",
+            "--sign", f"{publisher}.pub", message="is a public key")  # fmt: skip
+    (tmp_path / "junk.key").write_text("not a key")
+    refused("pack", "--bundle", bundle, "--expert", "code", "--out", tmp_path / "p.modepack",
+            "--sign", tmp_path / "junk.key", message="not an unencrypted PEM private key")  # fmt: skip
+    assert not (tmp_path / "p.modepack").exists()
+    refused("verify", tmp_path, message="is a folder")
+    refused("index", "--packs", tmp_path / "nowhere", "--sign", f"{publisher}.key", message="is not a folder")
+
+
+def test_outputs_go_into_new_folders_and_a_folder_is_never_taken_for_a_file(bundle, tmp_path):
+    invoke("pack", "--bundle", bundle, "--expert", "code", "--out", tmp_path / "site" / "new" / "code.modepack")
+    assert (tmp_path / "site" / "new" / "code.modepack").is_file()
+    refused("pack", "--bundle", bundle, "--expert", "code", "--out", tmp_path / "site", message="is a folder")
+    refused("eval", "--bundle", bundle, "--data", tmp_path, "--json", tmp_path / "site",
+            message="--json")  # before any evaluation starts
+
+
+def test_the_last_trusted_key_is_removed_only_on_request(bundle, keys):
+    publisher, stranger = keys
+    invoke("trust", "add", f"{publisher}.pub", "--bundle", bundle)
+    assert "already trusts" in invoke("trust", "add", f"{publisher}.pub", "--bundle", bundle).output
+    refused("trust", "remove", f"{publisher}.pub", "--bundle", bundle, message=("last key", "--allow-no-keys"))
+    invoke("trust", "add", f"{stranger}.pub", "--bundle", bundle)  # rotation: the new key first
+    invoke("trust", "remove", f"{publisher}.pub", "--bundle", bundle)
+    invoke("trust", "remove", f"{stranger}.pub", "--bundle", bundle, "--allow-no-keys")
+    assert read_bundle(bundle)["trust"]["keys"] == {}
+
+
+def test_installing_the_installed_pack_again_still_checks_the_archive(bundle, tmp_path):
+    invoke("pack", "--bundle", bundle, "--expert", "code", "--out", tmp_path / "code.modepack")
+    with tarfile.open(tmp_path / "code.modepack") as tar:
+        weights = next(m for m in tar.getmembers() if m.name.endswith(".onnx.data"))
+    data = bytearray((tmp_path / "code.modepack").read_bytes())
+    data[weights.offset_data + weights.size // 2] ^= 0xFF  # a weight byte: pack.json, and so its sha256, unchanged
+    (tmp_path / "bad.modepack").write_bytes(bytes(data))
+    invoke("install", "--bundle", bundle, tmp_path / "code.modepack")  # the same pack, whole: a success
+    before = tree(bundle)
+    refused("install", "--bundle", bundle, tmp_path / "bad.modepack", "--replace", message="sha256")
+    assert tree(bundle) == before
 
 
 def test_a_bundle_that_trusts_a_key_installs_only_what_that_key_signed(bundle, keys, tmp_path):
@@ -86,7 +136,7 @@ def test_a_bundle_that_trusts_a_key_installs_only_what_that_key_signed(bundle, k
     out = invoke("install", "--bundle", bundle, tmp_path / "unsigned.modepack", "--allow-unsigned").output
     assert "WARNING" in out and "UNSIGNED" in out
     assert read_bundle(bundle)["experts"]["prose"]["signed_by"] is None
-    invoke("trust", "remove", kid[:6], "--bundle", bundle)
+    invoke("trust", "remove", kid[:6], "--bundle", bundle, "--allow-no-keys")
     assert "trusts no keys" in invoke("trust", "list", "--bundle", bundle).output
 
 

@@ -36,7 +36,7 @@ def test_a_source_without_a_signed_index_serves_nothing_to_a_bundle_that_trusts_
 
 def test_a_signed_index_lets_in_what_it_lists_and_nothing_else(bundle, server, signed, tmp_path):
     out = invoke("index", "--packs", PackServer.root, "--sign", f"{signed}.key").output
-    assert "version 1, 1 packs" in out
+    assert "version 1, 1 pack," in out
     run_cli(bundle, "code", server)
     manifest = read_bundle(bundle)
     assert "code" in manifest["experts"] and manifest["index_versions"][server.rstrip("/")] == 1
@@ -86,3 +86,22 @@ def test_a_folder_source_is_held_to_its_index_too(bundle, signed, tmp_path):
     (folder / "code.modepack").write_bytes((folder / "code.modepack").read_bytes()[:-512])
     assert_user_error(run_cli(bundle, "code", str(folder), ok=False), "size and sha256")
     assert "code" not in read_bundle(bundle)["experts"]
+
+
+def test_an_index_version_issued_twice_with_other_content_is_refused(bundle, server, signed, tmp_path):
+    """A publisher that signs from a stale folder can issue a version twice; a device that read one refuses the
+    other (the same bytes again are fine: a device re-reads the index it has)."""
+    invoke("index", "--packs", PackServer.root, "--sign", f"{signed}.key", "--version", "4")
+    run_cli(bundle, "code", server)
+    invoke("uninstall", "--bundle", bundle, "code")
+    run_cli(bundle, "code", server)  # the same index again
+    invoke("uninstall", "--bundle", bundle, "code")
+    (PackServer.root / "index.json").unlink()  # the folder's record lost: version 4 is issued again
+    invoke("index", "--packs", PackServer.root, "--sign", f"{signed}.key", "--version", "4", "--expires-days", "9")
+    assert_user_error(run_cli(bundle, "code", server, ok=False), "version issued twice")
+    assert "code" not in read_bundle(bundle)["experts"]
+
+
+def test_a_pack_source_that_is_no_folder_or_url_is_named(bundle, tmp_path):
+    assert_user_error(run_cli(bundle, "code", "ftp://127.0.0.1/packs/", ok=False), "ftp:// scheme is not supported")
+    assert_user_error(run_cli(bundle, "code", str(tmp_path / "nowhere"), ok=False), "is not a folder")
