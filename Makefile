@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo demo-quick test fuzz bench clean
+.PHONY: install demo demo-quick test fuzz bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -33,6 +33,15 @@ fuzz: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_efficiency.py
+
+# mode-edge beside llama.cpp and onnxruntime-genai on the same backbone (benchmarks/peers.py): builds llama.cpp from
+# its sdist (about 4 minutes on 2 cores; GGML_NATIVE would enable AMX here, which crashes)
+BUNDLE ?= runs/demo/bundle
+bench-peers: $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" $(PY) -m pip install -q \
+		llama-cpp-python==0.3.36 onnxruntime-genai==0.18.0
+	$(PY) benchmarks/peers.py --prepare runs/peers | tail -1 > runs/peers.gguf
+	$(PY) benchmarks/peers.py --gguf "$$(cat runs/peers.gguf)" --genai runs/peers/genai-int4 --bundle mode-edge=$(BUNDLE)
 
 clean:
 	rm -rf $(VENV) runs

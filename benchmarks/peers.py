@@ -1,0 +1,294 @@
+"""mode-edge beside the runtimes a user would pick instead, on the same backbone, machine, prompts and threads.
+
+    python benchmarks/peers.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --genai GENAI_INT4 \\
+        --bundle int4=BUNDLE_INT4 [--expert code] [--threads 2] [--rounds 3] [--new-tokens 128]
+
+Variants: llama.cpp (llama-cpp-python, `pip install llama-cpp-python` built with CMAKE_ARGS="-DGGML_NATIVE=OFF
+-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON": GGML_NATIVE enables AMX here and crashes) on the GGUF the backbone
+ships as; onnxruntime-genai (`pip install onnxruntime-genai`) on its builder's output (`python -m
+onnxruntime_genai.models.builder -i CHECKPOINT -o GENAI -p int4 -e cpu`, CHECKPOINT the backbone saved as a Hugging
+Face folder); mode-edge's Python runtime on each --bundle, base only and with --expert loaded. Each measurement is a
+fresh process (so load time and peak RSS are its own), greedy, the same token ids for all (the start of this
+repository's runtimes/engine.py, tokenized by the backbone's tokenizer), every run generating exactly --new-tokens
+(end-of-sequence ignored); the variants take turns for --rounds rounds and the medians are reported. Figures: load
+s, TTFT and prefill tok/s at 128 and 512 prompt tokens, decode tok/s over --new-tokens after the 128-token prompt,
+peak RSS (VmHWM), bytes on disk, and the memory-bandwidth floor: weight bytes over a numpy copy's bandwidth.
+Run it on idle cores; `make bench-peers` installs the two peers, prepares the genai build (--prepare) and runs it on
+BUNDLE (default runs/demo/bundle). Writes benchmarks/results/peers.{json,md} and peers.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, machine, write  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT_LENGTHS = (128, 512)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM), MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def prompt_ids(tokenizer_json: Path, n: int) -> list[int]:
+    """The first n token ids of runtimes/engine.py under the backbone's tokenizer (repeated if it is shorter)."""
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(tokenizer_json)).encode((ROOT / "runtimes" / "engine.py").read_text()).ids
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+class LlamaCpp:
+    def __init__(self, gguf: str, threads: int):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512,
+                         verbose=False)  # fmt: skip
+
+    def prefill(self, ids: list[int]) -> int:
+        self.llm.reset()
+        self.llm.eval(ids)
+        return self.greedy()
+
+    def step(self, token: int) -> int:
+        self.llm.eval([token])
+        return self.greedy()
+
+    def greedy(self) -> int:
+        """argmax of the last position's logits (llama-cpp-python 0.3.x keeps `scores` only with logits_all)."""
+        import llama_cpp
+
+        logits = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(self.llm.n_vocab(),))))
+
+
+class Genai:
+    """onnxruntime-genai on a copy of the builder's config with the thread count set (the model files linked)."""
+
+    def __init__(self, folder: str, threads: int, new_tokens: int):
+        import onnxruntime_genai as og
+
+        self.tmp = tempfile.TemporaryDirectory()
+        for f in Path(folder).iterdir():
+            os.symlink(f, Path(self.tmp.name) / f.name)
+        config = json.loads((Path(folder) / "genai_config.json").read_text())
+        options = config["model"]["decoder"].setdefault("session_options", {})
+        options.update({"intra_op_num_threads": threads, "inter_op_num_threads": 1})
+        os.unlink(Path(self.tmp.name) / "genai_config.json")
+        (Path(self.tmp.name) / "genai_config.json").write_text(json.dumps(config))
+        self.og, self.model, self.new_tokens = og, og.Model(self.tmp.name), new_tokens
+
+    def prefill(self, ids: list[int]) -> int:
+        params = self.og.GeneratorParams(self.model)
+        n = len(ids) + self.new_tokens
+        params.set_search_options(max_length=n, min_length=n, do_sample=False)  # min_length: no stop at EOS
+        self.generator = self.og.Generator(self.model, params)
+        self.generator.append_tokens(ids)
+        self.generator.generate_next_token()
+        return int(self.generator.get_next_tokens()[0])
+
+    def step(self, token: int) -> int:
+        self.generator.generate_next_token()
+        return int(self.generator.get_next_tokens()[0])
+
+
+class ModeEdge:
+    def __init__(self, bundle: str, threads: int, expert: str | None):
+        from mode_edge.runtimes.engine import Engine  # noqa: F401 - imported here: part of the load time
+        from mode_edge.runtimes.session import Session
+
+        self.session = Session(Path(bundle), threads=threads)
+        self.session.select([expert] if expert else [])
+        self.engine = self.session.engine
+
+    def prefill(self, ids: list[int]) -> int:
+        self.cache = self.engine.new_cache()
+        logits = self.engine.forward(np.array([ids], dtype=np.int64), self.cache)
+        return int(np.argmax(logits[0, -1]))
+
+    def step(self, token: int) -> int:
+        logits = self.engine.forward(np.array([[token]], dtype=np.int64), self.cache)
+        return int(np.argmax(logits[0, -1]))
+
+
+def worker(spec: dict) -> dict:
+    """One fresh-process measurement of one variant (see the module docstring)."""
+    t = time.perf_counter()
+    if spec["kind"] == "llama.cpp":
+        runtime = LlamaCpp(spec["path"], spec["threads"])
+    elif spec["kind"] == "genai":
+        runtime = Genai(spec["path"], spec["threads"], spec["new_tokens"])
+    else:
+        runtime = ModeEdge(spec["path"], spec["threads"], spec.get("expert"))
+    out = {"load_s": time.perf_counter() - t}
+    for n in PROMPT_LENGTHS:
+        ids = prompt_ids(Path(spec["tokenizer"]), n)
+        t = time.perf_counter()
+        token = runtime.prefill(ids)
+        out[f"ttft_{n}_s"] = time.perf_counter() - t
+        out[f"prefill_{n}_tok_s"] = n / out[f"ttft_{n}_s"]
+        if n == PROMPT_LENGTHS[0]:
+            tokens = [token]
+            t = time.perf_counter()
+            for _ in range(spec["new_tokens"] - 1):
+                tokens.append(runtime.step(tokens[-1]))
+            out["decode_tok_s"] = (spec["new_tokens"] - 1) / (time.perf_counter() - t)
+            out["first_tokens"] = tokens[:16]  # greedy: the same model should start the same way everywhere
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+def run_worker(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                          timeout=1800)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"{spec['label']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def copy_bandwidth_gb_s(mb: int = 512, repeats: int = 5) -> float:
+    """Memory bandwidth from a numpy copy (read + write bytes per second), the best of `repeats`."""
+    a = np.ones(mb << 18, dtype=np.float32)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.nbytes / best / 1e9
+
+
+def disk_bytes(kind: str, path: str, expert: str | None) -> int:
+    """Bytes of the model's files: the GGUF; the genai folder's model files; the bundle's base plus the expert."""
+    p = Path(path)
+    if kind == "llama.cpp":
+        return p.stat().st_size
+    if kind == "genai":
+        return sum(f.stat().st_size for f in p.iterdir() if f.name.startswith("model.onnx"))
+    from mode_edge.bundle import read_bundle, total_bytes
+
+    manifest = read_bundle(p)
+    return total_bytes(manifest["files"]) + (manifest["experts"][expert]["bytes"] if expert else 0)
+
+
+def plot(med: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    labels = list(med)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, key, title in zip(axes, ("decode_tok_s", "ttft_128_s", "peak_rss_mb"),
+                              ("decode tok/s (higher is better)", "TTFT at 128 tokens, s", "peak RSS, MB")):
+        ax.barh(labels, [med[k][key] for k in labels], color="#4c72b0")
+        ax.set_title(title, fontsize=10)
+        ax.invert_yaxis()
+    for ax in axes[1:]:
+        ax.set_yticklabels([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def prepare(folder: Path) -> None:
+    """FOLDER/ckpt: the built-in backbone as a Hugging Face folder (transformers refuses save_pretrained on a model
+    it loaded from GGUF, so a LlamaForCausalLM is built from that model's config and given its state dict), and
+    FOLDER/genai-int4: onnxruntime-genai's builder run on it. Prints the GGUF path for --gguf. Skips what exists."""
+    from mode_edge.training.backbones import resolve_spec
+
+    directory, gguf = resolve_spec("smollm2")
+    ckpt, genai = folder / "ckpt", folder / "genai-int4"
+    if not (ckpt / "config.json").is_file():
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+        loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(loaded.state_dict())
+        model.save_pretrained(ckpt)
+        AutoTokenizer.from_pretrained(directory, gguf_file=gguf).save_pretrained(ckpt)
+    if not (genai / "genai_config.json").is_file():
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt), "-o", str(genai),
+                        "-p", "int4", "-e", "cpu"], check=True, capture_output=True)  # fmt: skip
+    print(directory / gguf)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--prepare", type=Path, help="Make the genai build in this folder (see `prepare`) and exit.")
+    ap.add_argument("--gguf", help="The backbone's GGUF file (llama.cpp).")
+    ap.add_argument("--genai", help="onnxruntime-genai's builder output folder.")
+    ap.add_argument("--bundle", action="append", default=[], help="LABEL=PATH: a mode-edge bundle (repeatable).")
+    ap.add_argument("--expert", default="code", help="The expert loaded in the 'with one expert' rows.")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if args.prepare:
+        prepare(args.prepare)
+        return
+    if not args.bundle:
+        ap.error("give at least one --bundle (its tokenizer is the prompts' too)")
+    bundles = dict(b.split("=", 1) for b in args.bundle)
+    tokenizer = str(Path(next(iter(bundles.values()))) / "tokenizer.json")
+    common = {"threads": args.threads, "new_tokens": args.new_tokens, "tokenizer": tokenizer}
+    specs = []
+    if args.gguf:
+        specs.append({"label": f"llama.cpp {Path(args.gguf).name}", "kind": "llama.cpp", "path": args.gguf})
+    if args.genai:
+        specs.append({"label": f"onnxruntime-genai {Path(args.genai).name}", "kind": "genai", "path": args.genai})
+    for label, path in bundles.items():
+        specs.append({"label": f"mode-edge {label}, base only", "kind": "mode-edge", "path": path})
+        specs.append({"label": f"mode-edge {label} + {args.expert}", "kind": "mode-edge", "path": path,
+                      "expert": args.expert})  # fmt: skip
+    runs: dict[str, list[dict]] = {s["label"]: [] for s in specs}
+    for r in range(args.rounds):
+        for spec in specs:
+            runs[spec["label"]].append(run_worker({**common, **spec}))
+            print(f"round {r + 1}/{args.rounds}: {spec['label']}: {runs[spec['label']][-1]}", file=sys.stderr)
+    keys = [k for k in next(iter(runs.values()))[0] if k != "first_tokens"]
+    med = {label: {k: statistics.median(r[k] for r in rs) for k in keys} for label, rs in runs.items()}
+    bandwidth = copy_bandwidth_gb_s()
+    sizes = {s["label"]: disk_bytes(s["kind"], s["path"], s.get("expert")) for s in specs}
+    md = [f"# mode-edge beside llama.cpp and onnxruntime-genai ({args.threads} threads, greedy, median of "
+          f"{args.rounds} interleaved fresh-process runs)", "",
+          f"Decode over {args.new_tokens} new tokens after a 128-token prompt; memory-bandwidth floor from a numpy "
+          f"copy: {bandwidth:.1f} GB/s (the decode tok/s if every weight byte on disk were read once per token).", "",
+          "| runtime | load s | TTFT 128 ms | TTFT 512 ms | prefill 512 tok/s | decode tok/s | peak RSS MB | disk MB "
+          "| floor tok/s |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for label, m in med.items():
+        md.append(f"| {label} | {m['load_s']:.2f} | {1000 * m['ttft_128_s']:.0f} | {1000 * m['ttft_512_s']:.0f} | "
+                  f"{m['prefill_512_tok_s']:.0f} | {m['decode_tok_s']:.1f} | {m['peak_rss_mb']:.0f} | "
+                  f"{sizes[label] / 1e6:.1f} | {bandwidth * 1e9 / sizes[label]:.0f} |")  # fmt: skip
+    data = {"specs": specs, "runs": runs, "median": med, "disk_bytes": sizes, "copy_bandwidth_gb_s": bandwidth,
+            "new_tokens": args.new_tokens, "threads": args.threads, "machine": machine()}  # fmt: skip
+    write("peers", data, "\n".join(md) + "\n")
+    plot(med, RESULTS / "peers.png")
+
+
+if __name__ == "__main__":
+    main()
