@@ -11,8 +11,8 @@ Face folder); mode-edge's Python runtime on each --bundle, base only and with --
 fresh process (so load time and peak RSS are its own), greedy, the same token ids for all (the start of this
 repository's runtimes/engine.py, tokenized by the backbone's tokenizer), every run generating exactly --new-tokens
 (end-of-sequence ignored); the variants take turns for --rounds rounds and the medians are reported. Figures: load
-s, TTFT and prefill tok/s at 128 and 512 prompt tokens, decode tok/s over --new-tokens after the 128-token prompt,
-peak RSS (VmHWM), bytes on disk, and the memory-bandwidth floor: weight bytes over a numpy copy's bandwidth.
+s, TTFT and prefill tok/s at 128 and 512 prompt tokens, decode tok/s over --new-tokens after the 128-token prompt
+and over 64 tokens ending at 1,024 tokens of context, peak RSS (VmHWM), bytes on disk, and the memory-bandwidth floor: weight bytes over a numpy copy's bandwidth.
 Run it on idle cores; `make bench-peers` installs the two peers, prepares the genai build (--prepare) and runs it on
 BUNDLE (default runs/demo/bundle). Writes benchmarks/results/peers.{json,md} and peers.png.
 """
@@ -36,6 +36,8 @@ from common import RESULTS, machine, write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT_LENGTHS = (128, 512)
+LONG_CONTEXT, LONG_DECODE = 1024, 64
+"""Decode is also timed over the last LONG_DECODE tokens of a LONG_CONTEXT-token context (a cache that grows)."""
 
 
 def peak_rss_mb() -> float:
@@ -96,7 +98,7 @@ class Genai:
 
     def prefill(self, ids: list[int]) -> int:
         params = self.og.GeneratorParams(self.model)
-        n = len(ids) + self.new_tokens
+        n = len(ids) + max(self.new_tokens, LONG_DECODE + 1)
         params.set_search_options(max_length=n, min_length=n, do_sample=False)  # min_length: no stop at EOS
         self.generator = self.og.Generator(self.model, params)
         self.generator.append_tokens(ids)
@@ -119,7 +121,7 @@ class ModeEdge:
 
     def prefill(self, ids: list[int]) -> int:
         self.cache = self.engine.new_cache()
-        logits = self.engine.forward(np.array([ids], dtype=np.int64), self.cache)
+        logits = self.engine.forward(np.array([ids], dtype=np.int64), self.cache, last_only=True)
         return int(np.argmax(logits[0, -1]))
 
     def step(self, token: int) -> int:
@@ -150,6 +152,12 @@ def worker(spec: dict) -> dict:
                 tokens.append(runtime.step(tokens[-1]))
             out["decode_tok_s"] = (spec["new_tokens"] - 1) / (time.perf_counter() - t)
             out["first_tokens"] = tokens[:16]  # greedy: the same model should start the same way everywhere
+    ids = prompt_ids(Path(spec["tokenizer"]), LONG_CONTEXT - LONG_DECODE)  # decode speed after a long context
+    token = runtime.prefill(ids)
+    t = time.perf_counter()
+    for _ in range(LONG_DECODE):
+        token = runtime.step(token)
+    out[f"decode_ctx{LONG_CONTEXT}_tok_s"] = LONG_DECODE / (time.perf_counter() - t)
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 
@@ -278,12 +286,12 @@ def main() -> None:
           f"{args.rounds} interleaved fresh-process runs)", "",
           f"Decode over {args.new_tokens} new tokens after a 128-token prompt; memory-bandwidth floor from a numpy "
           f"copy: {bandwidth:.1f} GB/s (the decode tok/s if every weight byte on disk were read once per token).", "",
-          "| runtime | load s | TTFT 128 ms | TTFT 512 ms | prefill 512 tok/s | decode tok/s | peak RSS MB | disk MB "
-          "| floor tok/s |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+          "| runtime | load s | TTFT 128 ms | TTFT 512 ms | prefill 512 tok/s | decode tok/s | at 1,024 ctx | "
+          "peak RSS MB | disk MB | floor tok/s |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for label, m in med.items():
         md.append(f"| {label} | {m['load_s']:.2f} | {1000 * m['ttft_128_s']:.0f} | {1000 * m['ttft_512_s']:.0f} | "
-                  f"{m['prefill_512_tok_s']:.0f} | {m['decode_tok_s']:.1f} | {m['peak_rss_mb']:.0f} | "
-                  f"{sizes[label] / 1e6:.1f} | {bandwidth * 1e9 / sizes[label]:.0f} |")  # fmt: skip
+                  f"{m['prefill_512_tok_s']:.0f} | {m['decode_tok_s']:.1f} | {m[f'decode_ctx{LONG_CONTEXT}_tok_s']:.1f} "
+                  f"| {m['peak_rss_mb']:.0f} | {sizes[label] / 1e6:.1f} | {bandwidth * 1e9 / sizes[label]:.0f} |")  # fmt: skip
     data = {"specs": specs, "runs": runs, "median": med, "disk_bytes": sizes, "copy_bandwidth_gb_s": bandwidth,
             "new_tokens": args.new_tokens, "threads": args.threads, "machine": machine()}  # fmt: skip
     write("peers", data, "\n".join(md) + "\n")

@@ -50,14 +50,33 @@ def attend(layer: DecoderLayer, inv_freq: torch.Tensor, x, past_k, past_v):
 
     q, k = rotate(q), rotate(k)
     k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, Hkv, S, hd), S = P + T
-    rep = attn.n_heads // attn.n_kv_heads
-    kk = k.repeat_interleave(rep, dim=1) if rep > 1 else k  # (B, H, S, hd)
-    vv = v.repeat_interleave(rep, dim=1) if rep > 1 else v
     mask = torch.arange(P + T, device=x.device)[None, :] <= positions[:, None]  # (T, S): query i sees keys <= P+i
-    y = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+    if torch.onnx.is_in_onnx_export():
+        y = grouped_attention(q, k, v, mask)
+    else:  # PyTorch and ExecuTorch (whose XNNPACK lowering takes scaled_dot_product_attention as it is)
+        rep = attn.n_heads // attn.n_kv_heads
+        kk = k.repeat_interleave(rep, dim=1) if rep > 1 else k  # (B, H, S, hd)
+        vv = v.repeat_interleave(rep, dim=1) if rep > 1 else v
+        y = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
     y = y.transpose(1, 2).reshape(B, T, attn.n_heads * attn.head_dim)
     x = x + attn.o_proj(y)
     return x + layer.mlp(layer.post_attention_layernorm(x)), k, v
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention as the ONNX graphs compute it: q (B, H, T, hd), k and v (B, Hkv, S, hd), mask (T, S)
+    bool (True: may attend) -> (B, H, T, hd). Written out, not through scaled_dot_product_attention, whose ONNX
+    translation repeats the cache per query head and materialises the keys' transpose at every step: here the
+    G = H / Hkv query heads that share a key/value head are stacked along the query axis (head h reads kv head
+    h // G, as repeat_interleave pairs them), so the products read the cache as it is and onnxruntime folds the
+    transpose into its FusedMatMul. Measured on a SmolLM2 backbone block (10 layers, fp32, 2 threads), a decode
+    step after 960 cached positions: 10.4 ms -> 6.4 ms (after 64: 5.2 -> 5.7, within noise)."""
+    B, H, T, hd = q.shape
+    G = H // k.shape[1]
+    qg = q.reshape(B, k.shape[1], G * T, hd)  # row g*T + i: query head (kv head, g), token i
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * (hd**-0.5)  # (B, Hkv, G*T, S)
+    probs = torch.softmax(scores.masked_fill(~mask.repeat(G, 1), float("-inf")), dim=-1)
+    return torch.matmul(probs, v).reshape(B, H, T, hd)
 
 
 class LayerStack(nn.Module):

@@ -38,6 +38,12 @@ class LoadedExpert:
         self.name, self.folder, self.pack, self.blocks = name, folder, pack, blocks
 
 
+PREFILL_CHUNK = 256
+"""Most tokens one ONNX call takes: a longer prompt is fed in chunks, which bounds the activations (attention scores
+grow with tokens x context) that onnxruntime's arena keeps for the rest of the run. Measured on the int4 SmolLM2
+bundle with one expert (960-token prompt, 2 threads): see README "Beside llama.cpp and onnxruntime-genai"."""
+
+
 class Engine:
     """The bundle's base graphs, loaded once; experts come and go with `load_expert` / `unload_expert`."""
 
@@ -133,16 +139,21 @@ class Engine:
             return [empty] * (2 * layers)
         return cache.kv[key]
 
-    def forward(self, ids: np.ndarray, cache: Cache, timer: Callable | None = None) -> np.ndarray:
-        """ids (1, T) int64 after cache.pos earlier tokens -> logits (1, T, V); grows the cache. Inputs longer than
-        the graphs take in one call (tokens_per_call) go through in chunks, each after the cache of the last."""
-        step = self.tokens_per_call
-        if step is not None and ids.shape[1] > step:
-            parts = [self._forward(ids[:, i : i + step], cache, timer) for i in range(0, ids.shape[1], step)]
-            return np.concatenate(parts, axis=1)
-        return self._forward(ids, cache, timer)
+    def forward(self, ids: np.ndarray, cache: Cache, timer: Callable | None = None, last_only: bool = False,
+                ) -> np.ndarray:  # fmt: skip
+        """ids (1, T) int64 after cache.pos earlier tokens -> logits (1, T, V), or (1, 1, V) for the last token only
+        (`last_only`: what generation needs; the head then multiplies one row, not T); grows the cache. Inputs
+        longer than one call takes (the .pte graphs' tokens_per_call; PREFILL_CHUNK tokens for ONNX, which bounds
+        the activations a long prompt holds at once) go through in chunks, each after the cache of the last."""
+        step = self.tokens_per_call or PREFILL_CHUNK
+        if ids.shape[1] > step:
+            starts = range(0, ids.shape[1], step)  # (last_only: each chunk's last row only; the final one is kept)
+            parts = [self._forward(ids[:, i : i + step], cache, timer, last_only) for i in starts]
+            return parts[-1] if last_only else np.concatenate(parts, axis=1)
+        return self._forward(ids, cache, timer, last_only)
 
-    def _forward(self, ids: np.ndarray, cache: Cache, timer: Callable | None = None) -> np.ndarray:
+    def _forward(self, ids: np.ndarray, cache: Cache, timer: Callable | None = None, last_only: bool = False,
+                 ) -> np.ndarray:  # fmt: skip
         timed = timer or (lambda _what, fn: fn())
         active = [self.experts[n] for n in (self.active if self.active is not None else self.experts)]
         (h,) = timed("embed", lambda: self.embed([ids]))  # (1, T, d)
@@ -164,7 +175,7 @@ class Engine:
                 cache.kv[key] = out[2:]
             h = timed("gate+mix", lambda: mix(ys, logits))
         cache.pos += ids.shape[1]
-        (logits,) = timed("head", lambda: self.head([h]))
+        (logits,) = timed("head", lambda: self.head([h[:, -1:] if last_only else h]))
         return logits
 
 
@@ -231,7 +242,7 @@ def generate(
     sampling = sampling or Sampling()
     rng = np.random.default_rng(sampling.seed)
     cache = engine.new_cache()
-    logits = engine.forward(np.array([prompt], dtype=np.int64), cache, timer)
+    logits = engine.forward(np.array([prompt], dtype=np.int64), cache, timer, last_only=True)
     for _ in range(max_new_tokens):
         token = sample(logits[0, -1], sampling, rng)
         yield token
