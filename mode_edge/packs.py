@@ -182,8 +182,8 @@ def install(bundle: Path, pack_path: Path, replace: bool = False, allow_unsigned
         remove_unlisted(bundle, manifest)
         what = f"pack {pack_path} ({name})"
         check_pack_fits(pack, manifest, what)
+        check_not_older(pack, manifest, allow_downgrade, what)  # first: a rollback is refused before any warning
         signer = check_trust(pack, signature, pack_sha, manifest, allow_unsigned, what)
-        check_not_older(pack, manifest, allow_downgrade, what)
         entry = manifest["experts"].get(name)
         if entry is not None and entry.get("pack_sha256") == pack_sha and installed_intact(bundle, name):
             verify_members(pack_path, pack, members)  # the installed copy is whole; the archive given must be too

@@ -165,6 +165,10 @@ class Session:
         for name in missing:
             fetch_and_install(self.bundle, self.pack_source, name)
         self.refresh()
+        for name in missing:  # said once, on stderr: a pack that arrived from the network is worth knowing about
+            entry = self.engine.manifest["experts"].get(name, {})
+            signer = f", signed by {entry['signed_by']}" if entry.get("signed_by") else ""
+            print(f"installed {name} v{entry.get('version', 1)} from {self.pack_source}{signer}", file=sys.stderr)
 
     def select(self, names: list[str]) -> list[str]:
         """Make exactly `names` the active experts, loading what is missing; returns the evicted ones."""

@@ -169,6 +169,7 @@ def test_an_older_version_is_refused_as_a_rollback_even_after_an_uninstall(bundl
     publisher, _ = keys
     v1, v2 = tmp_path / "v1.modepack", tmp_path / "v2.modepack"
     invoke("pack", "--bundle", bundle, "--expert", "code", "--out", v1, "--sign", f"{publisher}.key")
+    invoke("pack", "--bundle", bundle, "--expert", "code", "--out", tmp_path / "u1.modepack")  # unsigned, version 1
     out = invoke("pack", "--bundle", bundle, "--expert", "code", "--out", v2, "--sign", f"{publisher}.key",
                  "--version", "2").output  # fmt: skip
     assert "v2" in out and json.loads(member(v2, "pack.json"))["version"] == 2
@@ -179,6 +180,8 @@ def test_an_older_version_is_refused_as_a_rollback_even_after_an_uninstall(bundl
     refused("install", "--bundle", bundle, v1, "--replace", message=("version 1", "version 2", "rollback"))
     invoke("uninstall", "--bundle", bundle, "code")
     refused("install", "--bundle", bundle, v1, message="rollback")  # the highest version outlives the uninstall
+    rollback = invoke("install", "--bundle", bundle, tmp_path / "u1.modepack", "--allow-unsigned", ok=False)
+    assert "rollback" in rollback.output and "WARNING" not in rollback.output  # refused before any warning
     invoke("install", "--bundle", bundle, v1, "--allow-downgrade")
     assert read_bundle(bundle)["experts"]["code"]["version"] == 1
     assert read_bundle(bundle)["pack_versions"]["code"] == 2

@@ -37,7 +37,8 @@ def test_a_source_without_a_signed_index_serves_nothing_to_a_bundle_that_trusts_
 def test_a_signed_index_lets_in_what_it_lists_and_nothing_else(bundle, server, signed, tmp_path):
     out = invoke("index", "--packs", PackServer.root, "--sign", f"{signed}.key").output
     assert "version 1, 1 pack," in out
-    run_cli(bundle, "code", server)
+    proc = run_cli(bundle, "code", server)
+    assert f"installed code v1 from {server}, signed by" in proc.stderr  # said, not silent
     manifest = read_bundle(bundle)
     assert "code" in manifest["experts"] and manifest["index_versions"][server.rstrip("/")] == 1
     assert_user_error(run_cli(bundle, "law", server, ok=False), "does not list 'law'")
