@@ -40,7 +40,7 @@ BUNDLE ?= runs/demo/bundle
 bench-peers: $(STAMP)
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" $(PY) -m pip install -q \
 		llama-cpp-python==0.3.36 onnxruntime-genai==0.18.0
-	$(PY) benchmarks/peers.py --prepare runs/peers | tail -1 > runs/peers.gguf
+	mkdir -p runs && $(PY) benchmarks/peers.py --prepare runs/peers > runs/peers.gguf
 	$(PY) benchmarks/peers.py --gguf "$$(cat runs/peers.gguf)" --genai runs/peers/genai-int4 --bundle mode-edge=$(BUNDLE)
 
 clean:

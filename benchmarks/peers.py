@@ -237,8 +237,8 @@ def prepare(folder: Path) -> None:
         AutoTokenizer.from_pretrained(directory, gguf_file=gguf).save_pretrained(ckpt)
     if not (genai / "genai_config.json").is_file():
         subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt), "-o", str(genai),
-                        "-p", "int4", "-e", "cpu"], check=True, capture_output=True)  # fmt: skip
-    print(directory / gguf)
+                        "-p", "int4", "-e", "cpu"], check=True, stdout=sys.stderr)  # fmt: skip
+    print(directory / gguf)  # the only line on stdout: `make bench-peers` reads it
 
 
 def main() -> None:

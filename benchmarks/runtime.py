@@ -49,7 +49,7 @@ def worker_decode(bundle: str, fused: str, expert: str, new_tokens: int, repeats
 
     def split_run():
         engine, cache = session.engine, session.engine.new_cache()
-        logits = engine.forward(np.array([PROMPT], dtype=np.int64), cache)
+        logits = engine.forward(np.array([PROMPT], dtype=np.int64), cache)  # every row, as the fused graph does
         t = time.perf_counter()
         for _ in range(new_tokens):
             logits = engine.forward(np.array([[int(logits[0, -1].argmax())]], dtype=np.int64), cache)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mode_edge.errors import UserError
-from mode_edge.files import read_json, sha256_file, write_json
+from mode_edge.files import fsync_folder, read_json, sha256_file, write_json
 from mode_edge.integrity import check_bundle_shape, check_pack_shape, verify_records
 from mode_edge.names import check_names
 
@@ -216,8 +216,13 @@ def total_bytes(files: dict) -> int:
 
 
 def fsync_tree(folder: Path) -> None:
-    """Flush a freshly written folder before it is renamed into place, so a power cut cannot expose it half-written."""
+    """Flush a freshly written folder (its files, its subfolders' entries, itself and its entry in its parent)
+    before the manifest points at it, so a power cut cannot leave the manifest naming a half-written folder."""
     for path in Path(folder).rglob("*"):
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+        elif path.is_dir():
+            fsync_folder(path)
+    fsync_folder(folder)
+    fsync_folder(Path(folder).parent)

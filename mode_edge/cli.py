@@ -4,6 +4,7 @@ modules (torch, transformers) only when it runs, so device-side commands never l
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -49,7 +50,8 @@ def usage_error(e: click.UsageError, where: str):
     if type(e).__name__ == "NoArgsIsHelpError":
         raise e
     where = e.ctx.command_path if e.ctx else where
-    click.secho(f"error: {e.format_message()} (see `{where} --help`)", fg="red", err=True)
+    message = re.sub(r"-----BEGIN[^']*", "(a PEM block, not shown)", e.format_message())  # a key pasted as an option
+    click.secho(f"error: {message} (see `{where} --help`)", fg="red", err=True)
     sys.exit(2)
 
 

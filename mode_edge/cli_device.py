@@ -91,8 +91,6 @@ def run_cmd(bundle, experts, prompt, max_new_tokens, temperature, top_k, top_p, 
         print_summary(summary)
     if json_out:
         write_output(json_out, json.dumps(summary, indent=2) + "\n")
-    if plot:
-        Path(plot).parent.mkdir(parents=True, exist_ok=True)
     if plot and not plot_timeline(profile, plot):
         click.echo("no plot: matplotlib is not installed here", err=True)
 

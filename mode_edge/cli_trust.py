@@ -82,12 +82,10 @@ def trust_list_cmd(bundle, as_json):
 def trust_remove_cmd(key, bundle, allow_no_keys):
     """Stop trusting KEY (its id from `trust list`, a unique prefix, or its .pub). Installed packs stay. The last
     key is kept unless --allow-no-keys: to rotate, `trust add` the new key, then remove the old."""
-    from mode_edge.signing import trusted_keys
-    from mode_edge.bundle import read_bundle
     from mode_edge.trust import trust_remove
 
-    kid = trust_remove(bundle, key, allow_no_keys)
-    if trusted_keys(read_bundle(bundle)):
+    kid, remaining = trust_remove(bundle, key, allow_no_keys)
+    if remaining:
         click.echo(f"{bundle} no longer trusts key {kid}")
     else:
         click.echo(f"{bundle} no longer trusts key {kid}; it trusts no key now and installs any intact pack, signed "

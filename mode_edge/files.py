@@ -43,18 +43,9 @@ def output_file(ctx, param, value):
 
 
 def write_output(path: Path, text: str) -> None:
-    """Write an output file whole (atomically), creating its folder if needed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write an output file named on the command line whole (atomically), creating its folder if needed."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, text)
 
 
 @contextlib.contextmanager
@@ -85,13 +76,19 @@ def atomic_dir(out: Path, *, overwrite: bool = False, keep_partial_on_error: boo
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write `data` as JSON atomically: a uniquely named temporary file in the same folder, flushed, then renamed
-    over `path`, so that concurrent writers never share a temporary file and a reader sees the old or the new file."""
+    """Write `data` as JSON atomically (`write_text`)."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write `text` atomically: a uniquely named temporary file in the same folder, flushed, renamed over `path`,
+    then the folder flushed (so that the rename survives a power cut); concurrent writers never share a temporary
+    file and a reader sees the old or the new file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; keep what a plain write would give
@@ -99,6 +96,16 @@ def write_json(path: Path, data: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (names created, renamed or removed in it) to disk."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def current_umask() -> int:

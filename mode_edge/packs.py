@@ -171,7 +171,7 @@ def install(bundle: Path, pack_path: Path, replace: bool = False, allow_unsigned
     reading its manifest to writing it back, so concurrent installs and uninstalls of other packs are never lost.
     The same pack (same pack.json sha256) already installed and intact is a success without change; installed but
     damaged, it is repaired (reinstalling is the fix for a damaged pack). Folders that killed installs or uninstalls
-    left under experts/ are removed first."""
+    left under experts/ are removed once the checks have passed."""
     bundle = Path(bundle)
     read_bundle(bundle)  # a clear error for a folder that is no bundle, before the pack is read
     pack, members, pack_sha = read_pack_and_sha(pack_path)  # the signature must cover the bytes parsed, not a re-read
@@ -179,7 +179,6 @@ def install(bundle: Path, pack_path: Path, replace: bool = False, allow_unsigned
     signature = member_bytes(pack_path, members[PACK_SIGNATURE]) if PACK_SIGNATURE in members else None
     with bundle_lock(bundle):
         manifest = read_bundle(bundle)  # again under the lock: another process may have changed it meanwhile
-        remove_unlisted(bundle, manifest)
         what = f"pack {pack_path} ({name})"
         check_pack_fits(pack, manifest, what)
         check_not_older(pack, manifest, allow_downgrade, what)  # first: a rollback is refused before any warning
@@ -187,6 +186,7 @@ def install(bundle: Path, pack_path: Path, replace: bool = False, allow_unsigned
         entry = manifest["experts"].get(name)
         if entry is not None and entry.get("pack_sha256") == pack_sha and installed_intact(bundle, name):
             verify_members(pack_path, pack, members)  # the installed copy is whole; the archive given must be too
+            remove_unlisted(bundle, manifest)  # what a killed earlier try of this install left
             return pack
         if entry is not None and entry.get("pack_sha256") != pack_sha and not replace:
             raise UserError(f"expert {name!r} is already installed in {bundle} (another version); "
@@ -221,13 +221,13 @@ def install_locked(bundle: Path, manifest: dict, pack: dict, members: dict, pack
     parsed and verified, every file against its record, the graphs' external-data paths checked on the extracted
     files; the verified signature written as it was read), flush it, then rewrite the manifest to point at it (the
     expert's entry, its signer, the highest version installed): that write commits the install. The folder it
-    replaces is removed after. A kill at any step leaves the manifest on the old expert or the new one, both whole;
-    the folders a kill left behind are removed by the next install or uninstall. The caller holds the bundle lock."""
+    replaces, and any folder a killed earlier install left, are removed after it. A kill at any step leaves the
+    manifest on the old expert or the new one, both whole. The caller holds the bundle lock."""
     name, experts = pack["name"], bundle / "experts"
     experts.mkdir(exist_ok=True)
     target = experts / f"{name}@{secrets.token_hex(4)}"
     target.mkdir()
-    committed, replaced = False, None
+    committed = False
     try:
         with tarfile.open(pack_path, "r:") as tar:
             manifest_rec = {"bytes": members[PACK_MANIFEST].size, "sha256": pack_sha}
@@ -239,20 +239,21 @@ def install_locked(bundle: Path, manifest: dict, pack: dict, members: dict, pack
         check_external_data(pack, lambda rel: (target / rel).read_bytes(), lambda rel: (target / rel).stat().st_size,
                             f"pack {pack_path}")  # fmt: skip
         fsync_tree(target)
-        replaced = expert_folder(bundle, manifest, name) if name in manifest["experts"] else None
         manifest["experts"][name] = {**expert_entry(target, pack), "signed_by": signer}
         if signer is not None or not trusted_keys(manifest):  # an unchecked pack may not raise the floor
             versions = manifest.setdefault("pack_versions", {})
             versions[name] = max(versions.get(name, 0), pack_version(pack))
         write_manifest(bundle, manifest)
         committed = True
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except (tarfile.TarError, EOFError) as e:
         raise UserError(f"pack {pack_path} could not be read ({e}); it is truncated or corrupt") from None
+    except OSError as e:  # writing, not reading: a full disk, a read-only bundle
+        raise UserError(f"pack {pack_path} could not be installed into {bundle} ({e.strerror or e}); free disk "
+                        f"space or check the bundle's permissions, then retry") from None  # fmt: skip
     finally:
         if not committed:
             shutil.rmtree(target, ignore_errors=True)
-    if replaced is not None and replaced != target:
-        shutil.rmtree(replaced, ignore_errors=True)
+    remove_unlisted(bundle, manifest)  # the replaced folder, and any that a killed earlier install left
 
 
 def remove_unlisted(bundle: Path, manifest: dict) -> None:

@@ -51,7 +51,10 @@ def generate_key(out: Path) -> str:
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; --out names the key pair (keys/publisher writes "
                         f"keys/publisher.key and keys/publisher.pub)")  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: its folder cannot be created ({e.strerror}); choose another --out") from None
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())  # fmt: skip
@@ -69,28 +72,31 @@ def public_line(raw: bytes) -> str:
 
 
 def parse_public(text: str, what: str) -> bytes:
-    """The 32 raw bytes of a public key given as "ed25519 BASE64" (a .pub file's line) or the file's path."""
-    text = shown = text.strip()
-    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    """The 32 raw bytes of a public key given as "ed25519 BASE64" (a .pub file's line) or the file's path. Errors
+    name the file, never the text given inline (it may be a private key pasted by mistake)."""
+    text = text.strip()
+    label = "the key text given"
     expected = f"pass a .pub file from `mode-edge keys generate` or its line '{KEY_PREFIX} BASE64'"
-    if not text.startswith(KEY_PREFIX + " "):
+    if not text.startswith(KEY_PREFIX + " ") and "-----BEGIN" not in text:
+        label = text if len(text) <= 120 else text[:117] + "..."  # a path: safe to show
         if is_file(text):
             try:
                 text = Path(text).read_text().strip()
             except (OSError, UnicodeDecodeError):
-                raise UserError(f"{what} {shown} is not a readable text file; {expected}") from None
-        elif "-----BEGIN" not in text and ("/" in text or text.endswith((".pub", ".key"))):
-            raise UserError(f"{what} {shown} does not exist; {expected}")
+                raise UserError(f"{what} {label} is not a readable text file; {expected}") from None
+        elif "/" in text or text.endswith((".pub", ".key")):
+            raise UserError(f"{what} {label} does not exist; {expected}")
+        else:
+            label = "the key text given"
     if "PRIVATE KEY-----" in text:
-        raise UserError(f"{what} {shown if shown != text else '(given)'} is a private key: keep it secret and pass "
-                        f"its public half, the .pub file")  # fmt: skip
+        raise UserError(f"{what} {label} is a private key: keep it secret and pass its public half, the .pub file")
     kind, _, b64 = text.partition(" ")
     try:
         raw = base64.b64decode(b64.strip(), validate=True) if kind == KEY_PREFIX else b""
     except binascii.Error:
         raw = b""
     if len(raw) != 32:
-        raise UserError(f"{what} {shown} is not an ed25519 public key; {expected}")
+        raise UserError(f"{what} {label} is not an ed25519 public key; {expected}")
     return raw
 
 
@@ -104,8 +110,11 @@ def load_private(path: Path):
         raise UserError(f"signing key {path} does not exist; make one with `mode-edge keys generate --out NAME`")
     try:
         data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"signing key {path} could not be read ({e.strerror}); check its permissions") from None
+    try:
         key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError, OSError):
+    except (ValueError, TypeError):
         if data.startswith(KEY_PREFIX.encode() + b" "):
             raise UserError(f"{path} is a public key; signing takes the private key, the .key file beside it from "
                             f"`mode-edge keys generate`") from None  # fmt: skip

@@ -41,10 +41,11 @@ def trust_add(bundle: Path, public_key: str, label: str | None = None) -> tuple[
     return kid, True
 
 
-def trust_remove(bundle: Path, key: str, allow_no_keys: bool = False) -> str:
-    """Stop trusting KEY (its id, a unique prefix of it, or its .pub); returns the id removed. Installed packs stay
-    installed; new installs of its packs are refused. Removing the last key would turn signature checks off (a
-    bundle that trusts no key installs any intact pack), so it is refused unless allow_no_keys."""
+def trust_remove(bundle: Path, key: str, allow_no_keys: bool = False) -> tuple[str, int]:
+    """Stop trusting KEY (its id, a unique prefix of it, or its .pub); returns the id removed and how many keys the
+    bundle still trusts. Installed packs stay installed; new installs of its packs are refused. Removing the last
+    key would turn signature checks off (a bundle that trusts no key installs any intact pack), so it is refused
+    unless allow_no_keys."""
     read_bundle(bundle)
     with bundle_lock(bundle):
         manifest = read_bundle(bundle)
@@ -56,7 +57,7 @@ def trust_remove(bundle: Path, key: str, allow_no_keys: bool = False) -> str:
                             f"signature checks off, pass --allow-no-keys")  # fmt: skip
         del manifest["trust"]["keys"][kid]
         write_manifest(bundle, manifest)
-    return kid
+    return kid, len(trusted_keys(manifest))
 
 
 def resolve_key(keys: dict, key: str, bundle: Path) -> str:

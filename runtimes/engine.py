@@ -119,8 +119,8 @@ class Engine:
 
     def block_inputs(self, ids: np.ndarray) -> list[np.ndarray]:
         """The input of every block on the backbone-only path (what prompt routing scores), (1, T, d) each: one pass
-        (in chunks of tokens_per_call, each after the cache of the last), no cache kept."""
-        step, cache = self.tokens_per_call or ids.shape[1], Cache()
+        (in chunks, as `forward` feeds them), no cache kept."""
+        step, cache = self.tokens_per_call or PREFILL_CHUNK, Cache()
         inputs: list[list[np.ndarray]] = [[] for _ in self.blocks]
         for start in range(0, ids.shape[1], step):
             (h,) = self.embed([ids[:, start : start + step]])

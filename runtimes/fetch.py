@@ -69,8 +69,8 @@ def fetch_and_install(bundle: Path, source: str, name: str, expected: dict | Non
 
 def check_source(source: str) -> None:
     """A pack source is an http(s) URL or an existing folder; anything else is one line before any work."""
-    scheme = source.split("://", 1)[0].lower() if "://" in source else None
-    if scheme is not None and scheme not in ("http", "https"):
+    scheme = source.split("://", 1)[0] if "://" in source else None
+    if scheme is not None and scheme not in ("http", "https"):  # (lower case only, as the fetchers test it)
         raise UserError(f"--pack-source {source}: the {scheme}:// scheme is not supported; pass an http:// or "
                         f"https:// URL, or a folder")  # fmt: skip
     if scheme is None and not Path(source).is_dir():
@@ -93,14 +93,18 @@ def listed_pack(bundle: Path, source: str, name: str, timeout_s: float) -> dict:
     seen = manifest.get("index_versions", {}).get(key, 0)
     index = read_index(raw, signature, trusted_keys(manifest), seen, source)
     digest = hashlib.sha256(raw).hexdigest()
-    if index["version"] == seen and manifest.get("index_digests", {}).get(key, digest) != digest:
-        raise UserError(f"pack source {source}: its index is version {seen} like the one read before, with other "
-                        f"content (a version issued twice); refused, nothing fetched: its publisher must publish "
-                        f"a newer version (`mode-edge index`)")  # fmt: skip
-    with bundle_lock(bundle):
+    with bundle_lock(bundle):  # compared and remembered under the lock: two fetches at once see each other
         manifest = read_bundle(bundle)
         versions, digests = manifest.setdefault("index_versions", {}), manifest.setdefault("index_digests", {})
-        if index["version"] > versions.get(key, 0) or (index["version"] == versions[key] and key not in digests):
+        seen = versions.get(key, 0)
+        if index["version"] < seen:
+            raise UserError(f"pack source {source}: its index is version {index['version']}, older than version "
+                            f"{seen} read before; refused as a replay, nothing fetched")  # fmt: skip
+        if index["version"] == seen and digests.get(key, digest) != digest:
+            raise UserError(f"pack source {source}: its index is version {seen} like the one read before, with "
+                            f"other content (a version issued twice); refused, nothing fetched: its publisher must "
+                            f"publish a newer version (`mode-edge index`)")  # fmt: skip
+        if index["version"] > seen or key not in digests:
             versions[key], digests[key] = index["version"], digest
             write_manifest(bundle, manifest)
     entry = index["packs"].get(name)

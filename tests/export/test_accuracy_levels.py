@@ -87,5 +87,4 @@ def test_export_records_each_rounded_graphs_choice_in_the_bundle_and_its_pack(co
     for rel in measured:
         record = comps[rel]["onnx_compute"]
         assert levels(out / comps[rel]["onnx"]) == {record["accuracy_level"]}
-        error = record["error"]
-        assert set(error) == {"0", "4"} and (record["accuracy_level"] == 4) == (error["4"] <= ERROR_RATIO * error["0"] + 1e-6)
+        assert set(record["error"]) == {"0", "4"} and set(record["decode_ms"]) == {"0", "4"}

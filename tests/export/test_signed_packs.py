@@ -53,6 +53,12 @@ def test_key_mix_ups_and_missing_files_are_named_in_one_line(bundle, keys, tmp_p
     publisher, _ = keys
     refused("trust", "add", tmp_path / "missing.pub", "--bundle", bundle, message=("missing.pub does not exist", ".pub"))
     refused("trust", "add", f"{publisher}.key", "--bundle", bundle, message="is a private key")
+    pem = open(f"{publisher}.key").read()  # pasted inline by mistake: named, never echoed
+    line = refused("trust", "add", "--bundle", bundle, "--", pem, message=("the key text given", "is a private key"))
+    assert "BEGIN" not in line and pem.splitlines()[1][:16] not in line
+    line = refused("trust", "add", pem, "--bundle", bundle, message="a PEM block, not shown")  # taken for an option
+    assert pem.splitlines()[1][:16] not in line
+    line = refused("trust", "add", "ed25519 AAAA", "--bundle", bundle, message="the key text given")
     refused("verify", tmp_path / "none.modepack", "--key", f"{publisher}.key", message="is a private key")
     refused("pack", "--bundle", bundle, "--expert", "code", "--out", tmp_path / "p.modepack",
             "--sign", f"{publisher}.pub", message="is a public key")  # fmt: skip
