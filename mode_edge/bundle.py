@@ -96,9 +96,10 @@ def read_bundle(bundle: Path) -> dict:
     path = bundle / "manifest.json"
     manifest = read_json(path, "this folder is not a mode-edge bundle (`mode-edge export`)", REEXPORT)
     check_version(manifest, BUNDLE_FORMAT, str(path))
+    if isinstance(manifest.get("experts"), dict):  # names first: a name like ../x is refused as what it is
+        check_names(manifest["experts"], f"{path} (corrupt?)")
     check_bundle_shape(manifest, str(path), REEXPORT)
     check_declared(manifest["files"], str(path))
-    check_names(manifest.get("experts", {}), f"{path} (corrupt?)")
     return manifest
 
 
