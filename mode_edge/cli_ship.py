@@ -173,6 +173,10 @@ def print_description(info: dict) -> None:
         f"{info['kind']} {info['path']}: {quant_label(info['quantization'])}, {', '.join(info['formats'])}, "
         f"base fingerprint {info['fingerprint'][:16]}"
     )
+    if info["kind"] == "pack":
+        claims = info.get("signature_claims_key")
+        signed = f"its signature names key {claims} (check it: `mode-edge verify --key`)" if claims else "unsigned"
+        results_console.print(f"pack {info['name']} v{info['version']}, {signed}")
     table = Table("component", "bytes")
     for comp, n in info["components"].items():
         table.add_row(comp, human_bytes(n))
@@ -183,7 +187,8 @@ def print_description(info: dict) -> None:
         for comp, n in e["components"].items():
             table.add_row(f"experts/{name}/{comp}", human_bytes(n))
     total = info.get("bytes", info.get("base_bytes", 0)) + sum(e["bytes"] for e in info.get("experts", {}).values())
-    table.add_row("[bold]total (with tokenizer, gates, manifests)", f"[bold]{human_bytes(total)}")
+    what = "gate rows" if info["kind"] == "pack" else "tokenizer, gates, manifests"
+    table.add_row(f"[bold]total (with {what})", f"[bold]{human_bytes(total)}")
     results_console.print(table)
 
 

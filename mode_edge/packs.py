@@ -44,7 +44,7 @@ from mode_edge.files import sha256_file
 from mode_edge.integrity import check_pack_shape
 from mode_edge.external_data import check_external_data
 from mode_edge.names import check_name
-from mode_edge.signing import MAX_SIGNATURE_BYTES, PACK_SIGNATURE, sign, statement, trusted_keys
+from mode_edge.signing import MAX_SIGNATURE_BYTES, PACK_SIGNATURE, read_signature, sign, statement, trusted_keys
 from mode_edge.trust import check_not_older, check_trust
 
 PACK_MANIFEST = "pack.json"
@@ -363,8 +363,12 @@ def describe(path: Path) -> dict:
         }  # fmt: skip
     pack, members = read_pack(path)
     verify_members(path, pack, members)
+    claims = None  # who the signature says signed it: not checked here (`mode-edge verify --key` checks it)
+    if PACK_SIGNATURE in members:
+        claims = read_signature(member_bytes(path, members[PACK_SIGNATURE]), f"pack {path}")["key_id"]
     return {
         "kind": "pack", "path": str(path), "name": pack["name"], "format_version": pack["format_version"],
+        "version": pack_version(pack), "signature_claims_key": claims,
         "fingerprint": pack["base_fingerprint"], "quantization": pack["quantization"], "formats": pack["formats"],
         "parameters": pack.get("parameters"), "components": component_bytes(pack["components"], pack["files"]),
         "bytes": total_bytes(pack["files"]),

@@ -179,6 +179,8 @@ def test_an_older_version_is_refused_as_a_rollback_even_after_an_uninstall(bundl
     out = invoke("pack", "--bundle", bundle, "--expert", "code", "--out", v2, "--sign", f"{publisher}.key",
                  "--version", "2").output  # fmt: skip
     assert "v2" in out and json.loads(member(v2, "pack.json"))["version"] == 2
+    assert "pack code v2, its signature names key" in invoke("inspect", v2).output  # a claim, shown as one
+    assert "pack code v1, unsigned" in invoke("inspect", tmp_path / "u1.modepack").output
     invoke("trust", "add", f"{publisher}.pub", "--bundle", bundle)
     invoke("install", "--bundle", bundle, v2, "--replace")
     assert read_bundle(bundle)["pack_versions"]["code"] == 2
