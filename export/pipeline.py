@@ -168,7 +168,9 @@ def source_blocks(backbone: Backbone, model: MoDEModel, cfg: ExportConfig, progr
         in_gguf = (lambda w: gguf.find(w) is not None) if gguf is not None else (lambda w: False)
         try:
             texts = {n: calibration_windows(c, backbone.tokenizer, *CALIBRATION_WINDOWS) for n, c in corpora.items()}
-            level = 4 if cfg.accuracy_level == "auto" else cfg.accuracy_level  # auto: measured after, per graph
+            from mode_edge.export.accuracy_levels import CANDIDATES
+
+            level = CANDIDATES[0] if cfg.accuracy_level == "auto" else cfg.accuracy_level  # auto: chosen per graph after
             calibrated = calibrate(model, texts, level, skip=in_gguf, progress=progress)
         except UserError as e:
             if not fallback:

@@ -107,11 +107,21 @@ def read_index(raw: bytes, signature_raw: bytes, trusted: dict, seen_version: in
     if expires <= now:
         raise UserError(f"{what} expired at {index['expires']}; nothing fetched. The source must publish a fresh "
                         f"index (`mode-edge index --packs DIR --sign KEY`)")  # fmt: skip
+    check_not_replayed(index, hashlib.sha256(raw).hexdigest(), seen_version, None, what)
+    return index
+
+
+def check_not_replayed(index: dict, digest: str, seen_version: int, seen_digest: str | None, what: str) -> None:
+    """An index may not be older than the highest version this bundle has read from its source (a replay), nor that
+    same version with other bytes (`digest`: its sha256 against `seen_digest`; a version issued twice)."""
     if index["version"] < seen_version:
         raise UserError(f"{what} is version {index['version']}, older than version {seen_version} read before; "
                         f"refused as a replay, nothing fetched: the source serves a stale index; its publisher "
                         f"must publish a newer one (`mode-edge index`)")  # fmt: skip
-    return index
+    if index["version"] == seen_version and seen_digest not in (None, digest):
+        raise UserError(f"{what} is version {seen_version} like the one read before, with other content (a version "
+                        f"issued twice); refused, nothing fetched: its publisher must publish a newer version "
+                        f"(`mode-edge index`)")  # fmt: skip
 
 
 def check_index_shape(index, what: str) -> None:

@@ -83,6 +83,11 @@ class Engine:
         return checked_load(path, lambda: load_graph(path, self.threads), fix)
 
     @property
+    def call_tokens(self) -> int:
+        """Most tokens one call of the graphs takes: the .pte graphs' bound, else PREFILL_CHUNK."""
+        return self.tokens_per_call or PREFILL_CHUNK
+
+    @property
     def installed(self) -> list[str]:
         return sorted(self.manifest["experts"])
 
@@ -120,7 +125,7 @@ class Engine:
     def block_inputs(self, ids: np.ndarray) -> list[np.ndarray]:
         """The input of every block on the backbone-only path (what prompt routing scores), (1, T, d) each: one pass
         (in chunks, as `forward` feeds them), no cache kept."""
-        step, cache = self.tokens_per_call or PREFILL_CHUNK, Cache()
+        step, cache = self.call_tokens, Cache()
         inputs: list[list[np.ndarray]] = [[] for _ in self.blocks]
         for start in range(0, ids.shape[1], step):
             (h,) = self.embed([ids[:, start : start + step]])
@@ -145,7 +150,7 @@ class Engine:
         (`last_only`: what generation needs; the head then multiplies one row, not T); grows the cache. Inputs
         longer than one call takes (the .pte graphs' tokens_per_call; PREFILL_CHUNK tokens for ONNX, which bounds
         the activations a long prompt holds at once) go through in chunks, each after the cache of the last."""
-        step = self.tokens_per_call or PREFILL_CHUNK
+        step = self.call_tokens
         if ids.shape[1] > step:
             starts = range(0, ids.shape[1], step)  # (last_only: each chunk's last row only; the final one is kept)
             parts = [self._forward(ids[:, i : i + step], cache, timer, last_only) for i in starts]

@@ -84,7 +84,7 @@ def listed_pack(bundle: Path, source: str, name: str, timeout_s: float) -> dict:
     has read from the source (which it then remembers). Raises UserError for any failure, before any pack byte
     is fetched."""
     from mode_edge.bundle import bundle_lock, read_bundle, write_manifest
-    from mode_edge.pack_index import INDEX_FILE, INDEX_SIGNATURE, MAX_INDEX_BYTES, read_index
+    from mode_edge.pack_index import INDEX_FILE, INDEX_SIGNATURE, MAX_INDEX_BYTES, check_not_replayed, read_index
 
     manifest = read_bundle(bundle)
     raw = read_small(source, INDEX_FILE, MAX_INDEX_BYTES, timeout_s)
@@ -97,13 +97,7 @@ def listed_pack(bundle: Path, source: str, name: str, timeout_s: float) -> dict:
         manifest = read_bundle(bundle)
         versions, digests = manifest.setdefault("index_versions", {}), manifest.setdefault("index_digests", {})
         seen = versions.get(key, 0)
-        if index["version"] < seen:
-            raise UserError(f"pack source {source}: its index is version {index['version']}, older than version "
-                            f"{seen} read before; refused as a replay, nothing fetched")  # fmt: skip
-        if index["version"] == seen and digests.get(key, digest) != digest:
-            raise UserError(f"pack source {source}: its index is version {seen} like the one read before, with "
-                            f"other content (a version issued twice); refused, nothing fetched: its publisher must "
-                            f"publish a newer version (`mode-edge index`)")  # fmt: skip
+        check_not_replayed(index, digest, seen, digests.get(key), f"the index of pack source {source}")
         if index["version"] > seen or key not in digests:
             versions[key], digests[key] = index["version"], digest
             write_manifest(bundle, manifest)
