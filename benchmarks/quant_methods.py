@@ -34,7 +34,7 @@ from mode_edge.export.calibrate import (  # noqa: E402
     calibration_windows,
     composed_block_inputs,
 )
-from mode_edge.export.graphs import io_names, split  # noqa: E402
+from mode_edge.export.graphs import io_names, prefill_inputs, split  # noqa: E402
 from mode_edge.export.onnx_graphs import export_onnx, quantize_onnx  # noqa: E402
 from mode_edge.export.pipeline import calibration_texts, load_model  # noqa: E402
 from mode_edge.export.source_blocks import SourceBlocks  # noqa: E402
@@ -59,7 +59,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     backbone, model, record = load_model(args.model, None)
-    cfg, graphs = backbone.decoder.cfg, split(model)
+    cfg, graphs = backbone.decoder.cfg, split(model, "buffer")
     corpora = calibration_texts(args.model, record, ExportConfig())
     texts = {n: calibration_windows(c, backbone.tokenizer, *CALIBRATION_WINDOWS) for n, c in corpora.items()}
     directory, gguf_file = resolve_spec(backbone.spec)
@@ -79,8 +79,7 @@ def main() -> None:
             for i, h in enumerate(hidden):
                 rel = f"experts/{name}/block{i}"
                 names = io_names(graphs[rel])[0]
-                empty = np.zeros((1, cfg.n_kv_heads, 0, cfg.head_dim), np.float32)
-                feeds = [{names[0]: x[None].numpy(), **{n: empty for n in names[1:]}} for x in h]
+                feeds = [{n: t.numpy() for n, t in zip(names, prefill_inputs(graphs[rel], x[None]))} for x in h]
                 fp32 = Path(tmp) / "fp32" / (rel + ".onnx")
                 export_onnx(graphs[rel], cfg, fp32)
                 reference = ort.InferenceSession(str(fp32), so)

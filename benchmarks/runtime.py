@@ -16,6 +16,7 @@ Writes benchmarks/results/runtime.{json,md}.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import statistics
@@ -34,7 +35,9 @@ def worker_decode(bundle: str, fused: str, expert: str, new_tokens: int, repeats
     import numpy as np
     import onnxruntime as ort
 
+    from mode_edge.bundle import POSITION_INPUTS
     from mode_edge.runtimes.backends import OnnxGraph
+    from mode_edge.runtimes.kv_cache import Cache
     from mode_edge.runtimes.session import Session
 
     session = Session(Path(bundle), threads=threads)
@@ -42,13 +45,13 @@ def worker_decode(bundle: str, fused: str, expert: str, new_tokens: int, repeats
     graph = OnnxGraph(Path(fused), threads)  # the runtime's session options
     options = ort.SessionOptions()  # onnxruntime's defaults (spinning threads), the best case for one graph
     options.intra_op_num_threads = threads
-    default = ort.InferenceSession(fused, options, providers=["CPUExecutionProvider"])
-    default_graph = lambda arrays: default.run(None, dict(zip(graph.inputs, arrays)))  # noqa: E731
+    default_graph = copy.copy(graph)
+    default_graph.session = ort.InferenceSession(fused, options, providers=["CPUExecutionProvider"])
     d = session.engine.manifest["base"]["decoder"]
-    n_kv = len(graph.inputs) - 1
+    n_layers = (len(graph.inputs) - 1 - len(POSITION_INPUTS)) // 2
 
     def split_run():
-        engine, cache = session.engine, session.engine.new_cache()
+        engine, cache = session.engine, session.engine.new_cache(len(PROMPT) + new_tokens)
         logits = engine.forward(np.array([PROMPT], dtype=np.int64), cache)  # every row, as the fused graph does
         t = time.perf_counter()
         for _ in range(new_tokens):
@@ -56,11 +59,19 @@ def worker_decode(bundle: str, fused: str, expert: str, new_tokens: int, repeats
         return new_tokens / (time.perf_counter() - t)
 
     def fused_run(run_graph=graph):
-        past = [np.zeros((1, d["n_kv_heads"], 0, d["head_dim"]), dtype=np.float32)] * n_kv
-        out = run_graph([np.array([PROMPT], dtype=np.int64), *past])
+        cache = Cache(capacity_hint=len(PROMPT) + new_tokens)  # its buffers written in place, as the engine's
+
+        def step(ids):
+            cache.reserve(cache.pos + ids.shape[1], d["max_seq_len"], d["n_kv_heads"], d["head_dim"], d["rope_theta"])
+            kv = cache.buffers("fused", n_layers, d["n_kv_heads"], d["head_dim"])
+            (logits,) = run_graph.run_in_place([ids, *cache.positions(ids.shape[1])], kv, cache.bindings, "fused")
+            cache.pos += ids.shape[1]
+            return logits
+
+        logits = step(np.array([PROMPT], dtype=np.int64))
         t = time.perf_counter()
         for _ in range(new_tokens):
-            out = run_graph([np.array([[int(out[0][0, -1].argmax())]], dtype=np.int64), *out[1:]])
+            logits = step(np.array([[int(logits[0, -1].argmax())]], dtype=np.int64))
         return new_tokens / (time.perf_counter() - t)
 
     split_run(), fused_run(), fused_run(default_graph)  # warm-up
@@ -123,7 +134,7 @@ def build_fused(model_run: Path, expert: str, quant: str, out: Path) -> Path:
 
     backbone, model, _ = load_model(model_run, [expert])
     fp32 = out / "fp32" / "fused.onnx"
-    export_onnx(FusedGraph(model.eval()), backbone.decoder.cfg, fp32)
+    export_onnx(FusedGraph(model.eval(), "buffer"), backbone.decoder.cfg, fp32)
     if quant == "fp32":
         return fp32
     quantize_onnx(fp32, out / "fused.onnx", quant, 32)

@@ -33,7 +33,7 @@ DECODE_REPEATS = 20
 def set_level(model: onnx.ModelProto, nodes: set[str], level: int) -> None:
     """Set the accuracy_level attribute of the MatMulNBits nodes named in `nodes`, in place."""
     for node in model.graph.node:
-        if node.name in nodes:
+        if node.op_type == "MatMulNBits" and node.name in nodes:
             for attr in node.attribute:
                 if attr.name == "accuracy_level":
                     attr.i = level

@@ -1,13 +1,21 @@
 """Export-only rewrites of the MoDE model into the per-component graphs of a bundle (nn.Module -> nn.Module).
 
 The training model keeps its KV cache in a Python dict and branches on shapes; an exported graph cannot. Here every
-graph that holds attention layers takes the cache as tensors and returns the grown cache, positions come from the
-cached length, and one causal mask serves prefill (T tokens, empty cache) and decode (1 token, long cache) alike.
+graph that holds attention layers takes the cache as tensors. Two cache interfaces, one per format:
 
-    embed                 input_ids (B, T) int64                         -> hidden (B, T, d)
-    block{i}              hidden, past k/v per layer (B, Hkv, P, hd)     -> hidden, present k/v (B, Hkv, P+T, hd)
-    expert{i} (per expert) hidden, past k/v per expert layer             -> hidden, gate_logit (B, T), present k/v
-    head                  hidden                                         -> logits (B, T, V)
+- "buffer" (ONNX): the cache is a buffer of C >= P+T positions per layer, written in place. The graph takes the
+  positions as GroupQueryAttention does (seqlens_k = P+T-1, total_sequence_length = P+T) with the rotary tables
+  for C positions, and its attention is onnxruntime's fused GroupQueryAttention (rotary, cache write, grouped
+  heads, causal softmax in one kernel); the runtime binds each layer's past and present to the same memory, so a
+  decode step copies nothing and costs the same at any context length.
+- "concat" (ExecuTorch): past k/v hold the P cached positions and the graph returns them grown to P+T.
+
+    embed      input_ids (B, T) int64                                     -> hidden (B, T, d)
+    block{i}   "buffer": hidden, seqlens_k (B,) int32, total_sequence_length () int32, cos_cache and sin_cache
+               (C, hd/2), past k/v per layer (B, Hkv, C, hd)              -> hidden, present k/v (B, Hkv, C, hd)
+               "concat": hidden, past k/v per layer (B, Hkv, P, hd)       -> hidden, present k/v (B, Hkv, P+T, hd)
+    expert{i}  (per expert) as its block, with gate_logit (B, T) after hidden
+    head       hidden                                                     -> logits (B, T, V)
 
 The gate's softmax and the mix run in the runtime (numpy), over whichever experts are loaded.
 """
@@ -18,8 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mode_edge.bundle import POSITION_INPUTS
 from mode_edge.config import DecoderConfig
-from mode_edge.training.model import Decoder, DecoderLayer, ExpertBlock, MoDEModel
+from mode_edge.training.model import Decoder, DecoderLayer, ExpertBlock, MoDEModel, RMSNorm
 
 
 def kv_names(n_layers: int, prefix: str = "") -> tuple[list[str], list[str]]:
@@ -28,8 +37,22 @@ def kv_names(n_layers: int, prefix: str = "") -> tuple[list[str], list[str]]:
     return [prefix + n for n in past], [prefix + n.replace("past_", "present_") for n in past]
 
 
+def rotary_tables(inv_freq: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of positions 0 .. length-1 times each frequency, (length, hd/2) fp32 each: GroupQueryAttention's
+    cos_cache / sin_cache (the runtime's numpy twin: runtimes/kv_cache.rotary_tables)."""
+    freqs = torch.arange(length, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return freqs.cos(), freqs.sin()
+
+
+def rotate_half(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in Hugging Face Llama's rotate-half convention: t (B, H, T, hd), cos and sin (T, hd)."""
+    t1, t2 = t.chunk(2, dim=-1)
+    return t * cos + torch.cat([-t2, t1], dim=-1) * sin
+
+
 def attend(layer: DecoderLayer, inv_freq: torch.Tensor, x, past_k, past_v):
-    """One decoder layer on x (B, T, d) after P cached positions; returns (y, k, v) with the grown cache."""
+    """One decoder layer on x (B, T, d) after P cached positions ("concat" cache); returns (y, k, v) with the grown
+    cache."""
     attn = layer.self_attn
     B, T, _ = x.shape
     P = past_k.shape[2]
@@ -43,34 +66,75 @@ def attend(layer: DecoderLayer, inv_freq: torch.Tensor, x, past_k, past_v):
     freqs = positions[:, None].float() * inv_freq[None, :]  # (T, hd/2)
     emb = torch.cat([freqs, freqs], dim=-1)
     cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)  # (T, hd)
-
-    def rotate(t):
-        t1, t2 = t.chunk(2, dim=-1)
-        return t * cos + torch.cat([-t2, t1], dim=-1) * sin
-
-    q, k = rotate(q), rotate(k)
+    q, k = rotate_half(q, cos, sin), rotate_half(k, cos, sin)
     k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, Hkv, S, hd), S = P + T
     mask = torch.arange(P + T, device=x.device)[None, :] <= positions[:, None]  # (T, S): query i sees keys <= P+i
-    if torch.onnx.is_in_onnx_export():
-        y = grouped_attention(q, k, v, mask)
-    else:  # PyTorch and ExecuTorch (whose XNNPACK lowering takes scaled_dot_product_attention as it is)
-        rep = attn.n_heads // attn.n_kv_heads
-        kk = k.repeat_interleave(rep, dim=1) if rep > 1 else k  # (B, H, S, hd)
-        vv = v.repeat_interleave(rep, dim=1) if rep > 1 else v
-        y = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+    # (ExecuTorch's XNNPACK lowering takes scaled_dot_product_attention as it is)
+    rep = attn.n_heads // attn.n_kv_heads
+    kk = k.repeat_interleave(rep, dim=1) if rep > 1 else k  # (B, H, S, hd)
+    vv = v.repeat_interleave(rep, dim=1) if rep > 1 else v
+    y = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
     y = y.transpose(1, 2).reshape(B, T, attn.n_heads * attn.head_dim)
     x = x + attn.o_proj(y)
     return x + layer.mlp(layer.post_attention_layernorm(x)), k, v
 
 
+def attend_in_place(layer: DecoderLayer, x, past_k, past_v, positions: tuple):
+    """One decoder layer on x (B, T, d) with a "buffer" cache: past_k / past_v (B, Hkv, C, hd) hold P = total - T
+    cached positions, `positions` = (seqlens_k, total_sequence_length, cos_cache, sin_cache). Returns (y, k, v), the
+    buffers with this call's keys and values written at P .. total-1. Under torch.onnx.export this is one
+    com.microsoft GroupQueryAttention node (onnxruntime's contrib operator, as onnxruntime-genai's model builder
+    emits it); in PyTorch, `group_query_attention` computes the same thing."""
+    attn = layer.self_attn
+    h = rms_norm(layer.input_layernorm, x)
+    q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)  # (B, T, H*hd), (B, T, Hkv*hd) x 2
+    if torch.onnx.is_in_onnx_export():
+        y, k_all, v_all = torch.onnx.ops.symbolic_multi_out(
+            "com.microsoft::GroupQueryAttention", [q, k, v, past_k, past_v, *positions],
+            dict(num_heads=attn.n_heads, kv_num_heads=attn.n_kv_heads, do_rotary=1, rotary_interleaved=0),
+            dtypes=[x.dtype] * 3, shapes=[q.shape, past_k.shape, past_v.shape], version=1,
+        )  # fmt: skip
+    else:
+        y, k_all, v_all = group_query_attention(q, k, v, past_k, past_v, positions, attn.n_heads)
+    x = x + attn.o_proj(y)
+    return x + layer.mlp(rms_norm(layer.post_attention_layernorm, x)), k_all, v_all
+
+
+def rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """norm(x) for x (B, T, d) written as x / sqrt(mean(x^2) + eps) * weight: the form onnxruntime's graph optimizer
+    fuses into one SimplifiedLayerNormalization (with the residual add before it, SkipSimplifiedLayerNormalization);
+    RMSNorm's x * rsqrt(...) stays five separate nodes. Equal to RMSNorm in fp32 up to rounding (1 ulp)."""
+    return norm.weight * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
+
+
+def group_query_attention(q, k, v, past_k, past_v, positions: tuple, n_heads: int):
+    """What GroupQueryAttention computes for one sequence (do_rotary, rotate-half), in PyTorch: the reference the
+    exported graphs are verified against. q (1, T, H*hd), k and v (1, T, Hkv*hd), past_k / past_v (1, Hkv, C, hd);
+    positions as `attend_in_place` takes them. -> (y (1, T, H*hd), k and v buffers (1, Hkv, max(C, total), hd))."""
+    _, total, cos_cache, sin_cache = positions
+    B, T, _ = q.shape
+    hkv, hd = past_k.shape[1], past_k.shape[3]
+    S = int(total)
+    P = S - T
+    cos = torch.cat([cos_cache[P:S]] * 2, dim=-1)  # (T, hd)
+    sin = torch.cat([sin_cache[P:S]] * 2, dim=-1)
+    q = rotate_half(q.view(B, T, n_heads, hd).transpose(1, 2), cos, sin)
+    k = rotate_half(k.view(B, T, hkv, hd).transpose(1, 2), cos, sin)
+    v = v.view(B, T, hkv, hd).transpose(1, 2)
+    length = max(past_k.shape[2], S)
+    k_all = torch.zeros(B, hkv, length, hd, dtype=q.dtype)
+    v_all = torch.zeros_like(k_all)
+    k_all[:, :, : past_k.shape[2]], v_all[:, :, : past_v.shape[2]] = past_k, past_v
+    k_all[:, :, P:S], v_all[:, :, P:S] = k, v
+    mask = torch.arange(S)[None, :] <= torch.arange(P, S)[:, None]  # (T, S): query i sees keys <= P+i
+    y = grouped_attention(q, k_all[:, :, :S], v_all[:, :, :S], mask)
+    return y.transpose(1, 2).reshape(B, T, n_heads * hd), k_all, v_all
+
+
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Grouped-query attention as the ONNX graphs compute it: q (B, H, T, hd), k and v (B, Hkv, S, hd), mask (T, S)
-    bool (True: may attend) -> (B, H, T, hd). Written out, not through scaled_dot_product_attention, whose ONNX
-    translation repeats the cache per query head and materialises the keys' transpose at every step: here the
-    G = H / Hkv query heads that share a key/value head are stacked along the query axis (head h reads kv head
-    h // G, as repeat_interleave pairs them), so the products read the cache as it is and onnxruntime folds the
-    transpose into its FusedMatMul. Measured on a SmolLM2 backbone block (10 layers, fp32, 2 threads), a decode
-    step after 960 cached positions: 10.4 ms -> 6.4 ms (after 64: 5.2 -> 5.7, within noise)."""
+    """Grouped-query attention: q (B, H, T, hd), k and v (B, Hkv, S, hd), mask (T, S) bool (True: may attend) ->
+    (B, H, T, hd). The G = H / Hkv query heads that share a key/value head are stacked along the query axis (head h
+    reads kv head h // G, as repeat_interleave pairs them), so the products read the cache as it is."""
     B, H, T, hd = q.shape
     G = H // k.shape[1]
     qg = q.reshape(B, k.shape[1], G * T, hd)  # row g*T + i: query head (kv head, g), token i
@@ -80,19 +144,30 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 
 
 class LayerStack(nn.Module):
-    """A stack of decoder layers with the cache in and out as tensors."""
+    """A stack of decoder layers with the cache in and out as tensors, in the `kv_cache` interface ("buffer" or
+    "concat", module docstring)."""
 
-    def __init__(self, layers: nn.ModuleList, cfg: DecoderConfig):
+    def __init__(self, layers: nn.ModuleList, cfg: DecoderConfig, kv_cache: str):
         super().__init__()
-        self.layers = layers
+        if kv_cache not in ("buffer", "concat"):
+            raise ValueError(f"kv_cache must be 'buffer' or 'concat', not {kv_cache!r}")
+        self.layers, self.kv_cache = layers, kv_cache
         self.max_seq_len = cfg.max_seq_len
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # the same frequencies as Rotary's
 
-    def run(self, x, past):
+    def split_inputs(self, rest: tuple) -> tuple[tuple, tuple]:
+        """A forward's inputs after hidden -> (positions, past): POSITION_INPUTS lead in the "buffer" interface."""
+        n = len(POSITION_INPUTS) if self.kv_cache == "buffer" else 0
+        return tuple(rest[:n]), tuple(rest[n:])
+
+    def run(self, x, past, positions: tuple = ()):
         present = []
         for j, layer in enumerate(self.layers):
-            x, k, v = attend(layer, self.inv_freq, x, past[2 * j], past[2 * j + 1])
+            if self.kv_cache == "buffer":
+                x, k, v = attend_in_place(layer, x, past[2 * j], past[2 * j + 1], positions)
+            else:
+                x, k, v = attend(layer, self.inv_freq, x, past[2 * j], past[2 * j + 1])
             present += [k, v]
         return x, present
 
@@ -107,20 +182,22 @@ class EmbedGraph(nn.Module):
 
 
 class BackboneBlockGraph(LayerStack):
-    def forward(self, hidden, *past):
-        y, present = self.run(hidden, past)
+    def forward(self, hidden, *rest):
+        positions, past = self.split_inputs(rest)
+        y, present = self.run(hidden, past, positions)
         return (y, *present)
 
 
 class ExpertBlockGraph(LayerStack):
     """An expert's layers in one block together with its gate logit, both read from the block input."""
 
-    def __init__(self, block: ExpertBlock, cfg: DecoderConfig):
-        super().__init__(block.layers, cfg)
+    def __init__(self, block: ExpertBlock, cfg: DecoderConfig, kv_cache: str):
+        super().__init__(block.layers, cfg, kv_cache)
         self.gate = block.gate
 
-    def forward(self, hidden, *past):
-        y, present = self.run(hidden, past)
+    def forward(self, hidden, *rest):
+        positions, past = self.split_inputs(rest)
+        y, present = self.run(hidden, past, positions)
         return (y, self.gate(hidden), *present)
 
 
@@ -133,14 +210,15 @@ class HeadGraph(nn.Module):
         return self.decoder.head(hidden)  # (B, T, V)
 
 
-def split(model: MoDEModel) -> dict[str, nn.Module]:
-    """Every graph of a bundle by its component path: base/embed, base/block{i}, base/head, experts/NAME/block{i}."""
+def split(model: MoDEModel, kv_cache: str) -> dict[str, nn.Module]:
+    """Every graph of a bundle by its component path: base/embed, base/block{i}, base/head, experts/NAME/block{i};
+    `kv_cache`: the cache interface of the graphs with attention (KV_CACHE[format])."""
     bb, cfg = model.backbone, model.backbone.cfg
     graphs: dict[str, nn.Module] = {"base/embed": EmbedGraph(bb)}
     for i, block in enumerate(model.blocks):
-        graphs[f"base/block{i}"] = BackboneBlockGraph(block.backbone, cfg)
+        graphs[f"base/block{i}"] = BackboneBlockGraph(block.backbone, cfg, kv_cache)
         for name, expert in block.experts.items():
-            graphs[f"experts/{name}/block{i}"] = ExpertBlockGraph(expert, cfg)
+            graphs[f"experts/{name}/block{i}"] = ExpertBlockGraph(expert, cfg, kv_cache)
     graphs["base/head"] = HeadGraph(bb)
     return {k: g.eval() for k, g in graphs.items()}
 
@@ -151,58 +229,84 @@ def graph_layers(graph: nn.Module) -> int:
 
 
 def example_inputs(graph: nn.Module, cfg, batch: int = 1, tokens: int = 3, past: int = 4) -> tuple:
-    """Inputs for tracing: sizes of at least 2 on every dynamic axis, so that the exporter keeps them symbolic."""
-    if isinstance(graph, FusedGraph):
-        kv = [torch.randn(batch, cfg.n_kv_heads, past, cfg.head_dim) for _ in range(2 * graph_layers(graph))]
-        return (torch.randint(0, cfg.vocab_size, (batch, tokens)), *kv)
+    """Inputs for tracing and checks after `past` cached positions (a "buffer" cache holds exactly past + tokens):
+    sizes of at least 2 on every dynamic axis, so that the exporter keeps them symbolic."""
     if isinstance(graph, EmbedGraph):
         return (torch.randint(0, cfg.vocab_size, (batch, tokens)),)
-    hidden = torch.randn(batch, tokens, cfg.dim)
-    kv = [torch.randn(batch, cfg.n_kv_heads, past, cfg.head_dim) for _ in range(2 * graph_layers(graph))]
-    return (hidden, *kv)
+    if isinstance(graph, HeadGraph):
+        return (torch.randn(batch, tokens, cfg.dim),)
+    first = (torch.randint(0, cfg.vocab_size, (batch, tokens)) if isinstance(graph, FusedGraph)
+             else torch.randn(batch, tokens, cfg.dim))  # fmt: skip
+    length = past + tokens if graph.kv_cache == "buffer" else past
+    kv = [torch.randn(batch, cfg.n_kv_heads, length, cfg.head_dim) for _ in range(2 * graph_layers(graph))]
+    if graph.kv_cache == "concat":
+        return (first, *kv)
+    total = past + tokens
+    cos, sin = rotary_tables(graph.inv_freq, length)
+    seqlens_k = torch.full((batch,), total - 1, dtype=torch.int32)
+    return (first, seqlens_k, torch.tensor(total, dtype=torch.int32), cos, sin, *kv)
+
+
+def prefill_inputs(graph: nn.Module, hidden: torch.Tensor) -> tuple:
+    """A graph's inputs for a prefill of hidden (1, T, d) on an empty cache (for "buffer" graphs: buffers of
+    exactly T positions); the head's: hidden alone."""
+    if graph_layers(graph) == 0:
+        return (hidden,)
+    T = hidden.shape[1]
+    cfg_kv = (graph.layers[0].self_attn.n_kv_heads, graph.layers[0].self_attn.head_dim)
+    length = T if graph.kv_cache == "buffer" else 0
+    kv = [torch.zeros(1, cfg_kv[0], length, cfg_kv[1]) for _ in range(2 * graph_layers(graph))]
+    if graph.kv_cache == "concat":
+        return (hidden, *kv)
+    cos, sin = rotary_tables(graph.inv_freq, T)
+    return (hidden, torch.tensor([T - 1], dtype=torch.int32), torch.tensor(T, dtype=torch.int32), cos, sin, *kv)
 
 
 def io_names(graph: nn.Module) -> tuple[list[str], list[str]]:
     past, present = kv_names(graph_layers(graph))
-    if isinstance(graph, FusedGraph):
-        return ["input_ids", *past], ["logits", *present]
     if isinstance(graph, EmbedGraph):
         return ["input_ids"], ["hidden"]
     if isinstance(graph, HeadGraph):
         return ["hidden"], ["logits"]
+    positions = POSITION_INPUTS if graph.kv_cache == "buffer" else []
+    if isinstance(graph, FusedGraph):
+        return ["input_ids", *positions, *past], ["logits", *present]
     if isinstance(graph, ExpertBlockGraph):
-        return ["hidden", *past], ["hidden_out", "gate_logit", *present]
-    return ["hidden", *past], ["hidden_out", *present]
+        return ["hidden", *positions, *past], ["hidden_out", "gate_logit", *present]
+    return ["hidden", *positions, *past], ["hidden_out", *present]
 
 
 class FusedGraph(nn.Module):
     """The whole composed model as one graph (embed, every block with its experts and gate, head): the reference the
     runtime benchmark holds the split runtime against. Cache: per block, the backbone's layers, then each expert's."""
 
-    def __init__(self, model: MoDEModel):
+    def __init__(self, model: MoDEModel, kv_cache: str):
         super().__init__()
-        self.model = model
+        self.model, self.kv_cache = model, kv_cache
+        cfg = model.backbone.cfg
         self.stacks = nn.ModuleList()
         for block in model.blocks:
-            self.stacks.append(LayerStack(block.backbone, model.backbone.cfg))
+            self.stacks.append(LayerStack(block.backbone, cfg, kv_cache))
             for expert in block.experts.values():
-                self.stacks.append(ExpertBlockGraph(expert, model.backbone.cfg))
+                self.stacks.append(ExpertBlockGraph(expert, cfg, kv_cache))
         self.layers = [layer for stack in self.stacks for layer in stack.layers]  # for graph_layers()
-        self.max_seq_len = model.backbone.cfg.max_seq_len
+        self.max_seq_len = cfg.max_seq_len
+        self.inv_freq = self.stacks[0].inv_freq
 
-    def forward(self, input_ids, *past):
+    def forward(self, input_ids, *rest):
+        positions, past = self.stacks[0].split_inputs(rest)
         h = self.model.backbone.embed_tokens(input_ids)
         present, k, stacks = [], 0, iter(self.stacks)
         for block in self.model.blocks:
             stack = next(stacks)
             n = 2 * len(stack.layers)
-            y, kv = stack.run(h, past[k : k + n])
+            y, kv = stack.run(h, past[k : k + n], positions)
             k, present = k + n, present + kv
             ys, logits = [y], [torch.zeros(h.shape[:2], dtype=h.dtype)]
             for _ in block.experts:
                 expert = next(stacks)
                 n = 2 * len(expert.layers)
-                out = expert(h, *past[k : k + n])
+                out = expert(h, *positions, *past[k : k + n])
                 k, present = k + n, present + list(out[2:])
                 ys.append(out[0])
                 logits.append(out[1])

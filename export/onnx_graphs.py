@@ -28,13 +28,17 @@ from mode_edge.export.graphs import example_inputs, graph_layers, io_names
 
 def dynamic_shapes(graph, max_tokens: int | None = None, max_context: int | None = None) -> tuple:
     """Token count and cache length are free up to the context length, or up to `max_tokens` per call and
-    `max_context` in all (ExecuTorch plans every activation for the largest shapes); batch and widths are fixed."""
+    `max_context` in all (ExecuTorch plans every activation for the largest shapes); batch and widths are fixed.
+    A "buffer" graph's rotary tables are as long as its cache buffers (the positions they can hold)."""
     longest = getattr(graph, "max_seq_len", 1 << 16)
     tokens = Dim("tokens", min=1, max=min(max_tokens or longest, longest))
     if graph_layers(graph) == 0:
         return ({1: tokens},)
     past = Dim("past", min=0, max=min(max_context or longest, longest))
-    return ({1: tokens}, tuple({2: past} for _ in range(2 * graph_layers(graph))))
+    kv = tuple({2: past} for _ in range(2 * graph_layers(graph)))
+    if graph.kv_cache == "concat":
+        return ({1: tokens}, kv)
+    return ({1: tokens}, (None, None, {0: past}, {0: past}, *kv))
 
 
 @contextlib.contextmanager
@@ -85,11 +89,13 @@ def quantize_onnx(src: Path, dst: Path, quant: str, block_size: int, accuracy_le
     to `quant`, by round-to-nearest or, with method "kquant" at 4 bits, llama.cpp's search for each block's scale
     and minimum (onnxruntime's KQuantWeightOnlyQuantConfig). The rounded weights (GPTQ's included) compute at
     `accuracy_level`; "auto" measures levels 4 and 0 on `measure` (feeds, one decode feed) against src and keeps
-    the better (export/accuracy_levels.py). Returns the count of weights written from `source` by block type, and
-    the measured choice (None when nothing was measured)."""
+    the better (export/accuracy_levels.py). Projections that read the same input (q/k/v, gate/up) are then merged
+    into one MatMulNBits each (export/fuse_matmuls.py). Returns the count of weights written from `source` by block
+    type, and the measured choice (None when nothing was measured)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import KQuantWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     from mode_edge.export.accuracy_levels import CANDIDATES, choose_level
+    from mode_edge.export.fuse_matmuls import fuse_parallel_matmuls
     from mode_edge.export.source_blocks import ROUNDED_HERE, write_source_blocks
 
     bits = {"int8": 8, "int4": 4}[quant]
@@ -114,6 +120,7 @@ def quantize_onnx(src: Path, dst: Path, quant: str, block_size: int, accuracy_le
         rounded = {n.name for n in model.graph.node
                    if n.op_type == "MatMulNBits" and origins.get(n.name, "rounded") in ROUNDED_HERE}  # fmt: skip
         compute = choose_level(model, rounded, src, *measure) if auto and rounded else None
+        fuse_parallel_matmuls(model)
         save_external(model, dst)
     return exact, compute
 

@@ -31,6 +31,7 @@ from mode_edge.bundle import (
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
     GRAPH_SUFFIX,
+    KV_CACHE,
     PACK_FORMAT,
     bundle_lock,
     records,
@@ -227,13 +228,14 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
         progress.show("load")
         backbone, model, record = load_model(run, cfg.experts)
         routers = record["routers"]
-        graphs = split(model)
+        graphs = {fmt: split(model, KV_CACHE[fmt]) for fmt in cfg.formats}  # each format's cache interface
+        names = list(graphs[cfg.formats[0]])
         dcfg = backbone.decoder.cfg
         progress.show("load the source's blocks")
         source, method = source_blocks(backbone, model, cfg, progress, corpora, fallback=auto)
         cfg = dataclasses.replace(cfg, quant_method=method)
         exact: dict[str, dict[str, int]] = {}
-        steps = len(graphs) * (len(cfg.formats) + 1)
+        steps = len(names) * (len(cfg.formats) + 1)
         progress.start(steps)
         verify: dict[str, dict] = {}
         planned: dict[str, int] = {}
@@ -243,18 +245,19 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
         lock = bundle_lock(out) if exists else contextlib.nullcontext()
         with lock, atomic_dir(out, overwrite=cfg.overwrite) as work:
             fp32 = work / ".fp32"
-            for rel, graph in graphs.items():
+            for rel in names:
                 for fmt in cfg.formats:
+                    graph = graphs[fmt][rel]
                     counts = export_graph(rel, graph, fmt, dcfg, work, fp32, cfg, progress, source, planned, compute)
                     if counts:
                         exact[rel] = counts
                     progress.advance()
                 progress.show(f"verify {rel}")
-                verify[rel] = verify_graph(graph, dcfg, work, fp32, rel, cfg)
+                verify[rel] = verify_graph(graphs, dcfg, work, fp32, rel, cfg)
                 progress.advance()
             shared = share_embedding(work, dcfg, cfg, progress)
             if shared:  # the embed graph now reads the head's weights file: check it again
-                verify["base/embed"] = verify_graph(graphs["base/embed"], dcfg, work, fp32, "base/embed", cfg)
+                verify["base/embed"] = verify_graph(graphs, dcfg, work, fp32, "base/embed", cfg)
             shutil.rmtree(fp32, ignore_errors=True)
             progress.show("write")
             manifest = write_bundle(work, backbone, model, record, graphs, cfg, verify, routers, shared, compute)
@@ -281,13 +284,15 @@ def share_embedding(work: Path, dcfg, cfg: ExportConfig, progress) -> set[str]:
     return {"base/embed"} if saved else set()
 
 
-def verify_graph(graph, dcfg, work: Path, fp32: Path, rel: str, cfg: ExportConfig) -> dict:
-    """Max abs diff of each exported graph against PyTorch on a prefill after a short cache."""
+def verify_graph(graphs: dict[str, dict], dcfg, work: Path, fp32: Path, rel: str, cfg: ExportConfig) -> dict:
+    """Max abs diff of each format's exported graph REL against PyTorch (`graphs`: format -> component -> module) on
+    a prefill after a short cache."""
     from mode_edge.runtimes.backends import load_graph
 
-    inputs = example_inputs(graph, dcfg)
     out = {}
     for fmt in cfg.formats:
+        graph = graphs[fmt][rel]
+        inputs = example_inputs(graph, dcfg)
         path = work / (rel + GRAPH_SUFFIX[fmt])
         out[fmt] = max_abs_diff(graph, load_graph(path, threads=1), inputs)
         if fmt == "onnx" and cfg.quant != "fp32":
@@ -298,16 +303,19 @@ def verify_graph(graph, dcfg, work: Path, fp32: Path, rel: str, cfg: ExportConfi
 def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict, graphs, cfg, verify,
                  routers: dict[str, dict | None], shared: set[str] = frozenset(),
                  compute: dict[str, dict] | None = None) -> dict:  # fmt: skip
-    """The bundle manifest (and each expert's pack.json, written here) for the graphs exported into WORK; `compute`:
+    """The bundle manifest (and each expert's pack.json, written here) for the graphs exported into WORK (`graphs`:
+    format -> component -> module); `compute`:
     each ONNX graph's measured compute type (--accuracy-level auto), recorded on its component."""
     fingerprint = record["base"]["fingerprint"]
     limits = {"executorch": pte_limits(cfg, backbone.decoder.cfg)} if "executorch" in cfg.formats else {}
     backbone.tokenizer.save(work / "tokenizer.json")
     components = {}
-    for rel, graph in graphs.items():
-        inputs, outputs = io_names(graph)
+    for rel in graphs[cfg.formats[0]]:
+        io = {fmt: io_names(graphs[fmt][rel]) for fmt in cfg.formats}
         components[rel] = {
-            "layers": graph_layers(graph), "inputs": inputs, "outputs": outputs,
+            "layers": graph_layers(graphs[cfg.formats[0]][rel]),
+            "inputs": {fmt: names[0] for fmt, names in io.items()},
+            "outputs": {fmt: names[1] for fmt, names in io.items()},
             **{fmt: rel + GRAPH_SUFFIX[fmt] for fmt in cfg.formats},
             **({"onnx_weights_in": "base/head.onnx.data"} if rel in shared else {}),
             **({"onnx_compute": compute[rel]} if compute and rel in compute else {}),
@@ -320,7 +328,8 @@ def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict,
         files = ["gate.safetensors"] + [f for c in own for fmt in cfg.formats for f in graph_files(c, fmt)]
         pack = {
             "format": PACK_FORMAT, "format_version": BUNDLE_VERSION, "name": name, "version": 1,
-            "base_fingerprint": fingerprint, "quantization": quant_record(cfg), "formats": list(cfg.formats), **limits,
+            "base_fingerprint": fingerprint, "quantization": quant_record(cfg), "formats": list(cfg.formats),
+            "kv_cache": {fmt: KV_CACHE[fmt] for fmt in cfg.formats}, **limits,
             "parameters": sum(p.numel() for p in model.experts[name].parameters()),
             "components": {c: {**v, **{f: c + GRAPH_SUFFIX[f] for f in cfg.formats}} for c, v in own.items()},
             "gate": "gate.safetensors", "files": records(folder, files),
@@ -344,6 +353,7 @@ def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict,
                       "prefix_ids": list(backbone.tokenizer.prefix_ids)},  # fmt: skip
         "quantization": quant_record(cfg),
         "formats": list(cfg.formats),
+        "kv_cache": {fmt: KV_CACHE[fmt] for fmt in cfg.formats},
         **limits,
         "components": {k: v for k, v in components.items() if k.startswith("base/")},
         "files": records(work, base_files),

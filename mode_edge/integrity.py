@@ -123,6 +123,9 @@ def check_bundle_shape(m: dict, what: str, fix: str) -> None:
          ("tokens_per_call", "context"))), what, "executorch", fix)  # fmt: skip
     formats = m.get("formats")
     need(isinstance(formats, list) and formats and all(isinstance(f, str) for f in formats), what, "formats", fix)
+    need(isinstance(dec.get("rope_theta"), (int, float)) and dec["rope_theta"] > 0, what, "base.decoder", fix)
+    kv = m.get("kv_cache")  # each format's cache interface (runtimes/kv_cache.py)
+    need(isinstance(kv, dict) and all(kv.get(f) in ("buffer", "concat") for f in formats), what, "kv_cache", fix)
     files, comps = m.get("files"), m.get("components")
     need(isinstance(files, dict) and tok["file"] in files, what, "files", fix)
     need(isinstance(comps, dict), what, "components", fix)
@@ -156,6 +159,8 @@ def check_pack_shape(p: dict, n_blocks: int | None, what: str, fix: str) -> None
     need(is_int(p.get("version", 1)) and p.get("version", 1) >= 1, what, "version", fix)
     formats, files, comps = p.get("formats"), p.get("files"), p.get("components")
     need(isinstance(formats, list) and all(isinstance(f, str) for f in formats), what, "formats", fix)
+    kv = p.get("kv_cache")
+    need(isinstance(kv, dict) and all(kv.get(f) in ("buffer", "concat") for f in formats), what, "kv_cache", fix)
     need(isinstance(files, dict) and isinstance(p.get("gate"), str) and p["gate"] in files, what, "gate", fix)
     need(isinstance(comps, dict) and comps, what, "components", fix)
     blocks = range(n_blocks) if n_blocks is not None else range(len(comps))

@@ -41,9 +41,36 @@ class OnnxGraph:
             options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         return self.session.run(None, dict(zip(self.inputs, arrays)))
+
+    def run_in_place(self, arrays: list[np.ndarray], kv: list[np.ndarray], bindings: dict, key: str,
+                     ) -> list[np.ndarray]:  # fmt: skip
+        """Run a "buffer" graph (runtimes/kv_cache.py): `arrays` are its inputs before the cache, `kv` its cache
+        buffers, bound as both its past inputs and its present outputs, so that GroupQueryAttention writes into
+        them. Returns the outputs before the cache. The binding of the buffers is made once and kept in
+        bindings[key] (a cache drops its bindings when its buffers grow)."""
+        import onnxruntime as ort
+
+        n_in, n_out = len(arrays), len(self.outputs) - len(kv)
+        if key not in bindings:
+            binding = self.session.io_binding()
+            for name in self.outputs[:n_out]:  # first: get_outputs() lists outputs in the order they were bound
+                binding.bind_output(name, "cpu")
+            values = [ort.OrtValue.ortvalue_from_numpy(b) for b in kv]  # the buffers' memory, not a copy
+            for past, present, value in zip(self.inputs[n_in:], self.outputs[n_out:], values):
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)
+            bindings[key] = (binding, values)
+        binding = bindings[key][0]
+        for name, a in zip(self.inputs, arrays):
+            binding.bind_cpu_input(name, np.ascontiguousarray(a))
+        for name in self.outputs[:n_out]:  # again: a bound output keeps the last run's tensor, of the last T
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return [v.numpy() for v in binding.get_outputs()[:n_out]]
 
 
 class PteGraph:

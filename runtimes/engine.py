@@ -10,27 +10,27 @@ Works on token ids (tokenization sits at the edge, in the caller). No torch: num
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
-from mode_edge.bundle import (REEXPORT, check_pack_fits, expert_folder, read_bundle, read_pack_manifest, reinstall_fix,
-                              verify_files)  # fmt: skip
+from mode_edge.bundle import (
+    REEXPORT,
+    check_pack_fits,
+    expert_folder,
+    read_bundle,
+    read_pack_manifest,
+    reinstall_fix,
+    verify_files,  # fmt: skip
+)
 from mode_edge.errors import UserError
 from mode_edge.integrity import checked_load
 from mode_edge.names import check_name
 from mode_edge.ranges import check_number, check_optional, check_seed
 from mode_edge.runtimes.backends import load_graph
-
-
-@dataclass
-class Cache:
-    """Keys and values of every loaded graph's attention layers, by component, for the tokens seen so far."""
-
-    kv: dict[str, list[np.ndarray]] = field(default_factory=dict)
-    pos: int = 0
+from mode_edge.runtimes.kv_cache import Cache
 
 
 class LoadedExpert:
@@ -67,6 +67,9 @@ class Engine:
         self.block_layers = [comps[f"base/block{i}"]["layers"] for i in range(self.n_blocks)]
         d = self.manifest["base"]["decoder"]
         self.kv_shape = (d["n_kv_heads"], d["head_dim"])
+        self.rope_theta: float = d["rope_theta"]
+        self.kv_cache: str = self.manifest["kv_cache"][backend]
+        """How the graphs take their cache: "buffer" (written in place) or "concat" (runtimes/kv_cache.py)."""
         limits = self.manifest.get("executorch") if backend == "executorch" else None
         limits = limits if isinstance(limits, dict) else {}  # an older .pte export: any length
         self.tokens_per_call: int | None = limits.get("tokens_per_call")
@@ -125,24 +128,49 @@ class Engine:
     def block_inputs(self, ids: np.ndarray) -> list[np.ndarray]:
         """The input of every block on the backbone-only path (what prompt routing scores), (1, T, d) each: one pass
         (in chunks, as `forward` feeds them), no cache kept."""
-        step, cache = self.call_tokens, Cache()
+        step, cache = self.call_tokens, self.new_cache(ids.shape[1])
         inputs: list[list[np.ndarray]] = [[] for _ in self.blocks]
         for start in range(0, ids.shape[1], step):
-            (h,) = self.embed([ids[:, start : start + step]])
+            chunk = ids[:, start : start + step]
+            positions = self._positions(cache, chunk.shape[1])
+            (h,) = self.embed([chunk])
             for i, block in enumerate(self.blocks):
                 inputs[i].append(h)
-                out = block([h, *self._past(cache, f"block{i}", self.block_layers[i])])
-                h, cache.kv[f"block{i}"] = out[0], out[1:]
+                (h,) = self._run_block(block, f"block{i}", self.block_layers[i], h, positions, cache)
+            cache.pos += chunk.shape[1]
         return [np.concatenate(parts, axis=1) for parts in inputs]
 
-    def new_cache(self) -> Cache:
-        return Cache()
+    def new_cache(self, capacity_hint: int = 0) -> Cache:
+        """An empty cache; `capacity_hint`: the positions it will likely hold (buffers are sized for them once)."""
+        return Cache(capacity_hint=capacity_hint)
 
-    def _past(self, cache: Cache, key: str, layers: int) -> list[np.ndarray]:
-        if key not in cache.kv:  # the prefill: nothing cached yet (the expert set is fixed for a cache's lifetime)
-            empty = np.zeros((1, self.kv_shape[0], 0, self.kv_shape[1]), dtype=np.float32)
-            return [empty] * (2 * layers)
-        return cache.kv[key]
+    def _positions(self, cache: Cache, tokens: int) -> list[np.ndarray]:
+        """Make room for `tokens` more positions and return the position inputs of the "buffer" graphs ([] for
+        "concat" graphs, which read positions off their cache)."""
+        total = cache.pos + tokens
+        if total > self.context:
+            raise UserError(f"{total} tokens exceed the context of these graphs ({self.context}); shorten the prompt "
+                            "or --max-new-tokens")  # fmt: skip
+        if self.kv_cache != "buffer":
+            return []
+        cache.reserve(total, self.context, *self.kv_shape, self.rope_theta)
+        return cache.positions(tokens)
+
+    def _run_block(self, graph, key: str, layers: int, h: np.ndarray, positions: list, cache: Cache,
+                   ) -> list[np.ndarray]:  # fmt: skip
+        """One block graph (backbone or expert, `layers` attention layers) on h (1, T, d) after cache.pos tokens;
+        returns its outputs before the cache (hidden_out, and an expert's gate_logit) and leaves its grown cache
+        in `cache` under `key`."""
+        if self.kv_cache == "buffer":
+            kv = cache.buffers(key, layers, *self.kv_shape)
+            return graph.run_in_place([h, *positions], kv, cache.bindings, key)
+        past = cache.kv.get(key)
+        if past is None:  # the prefill: nothing cached yet (the expert set is fixed for a cache's lifetime)
+            past = [np.zeros((1, self.kv_shape[0], 0, self.kv_shape[1]), dtype=np.float32)] * (2 * layers)
+        out = graph([h, *past])
+        n = len(out) - 2 * layers
+        cache.kv[key] = out[n:]
+        return out[:n]
 
     def forward(self, ids: np.ndarray, cache: Cache, timer: Callable | None = None, last_only: bool = False,
                 ) -> np.ndarray:  # fmt: skip
@@ -161,23 +189,21 @@ class Engine:
                  ) -> np.ndarray:  # fmt: skip
         timed = timer or (lambda _what, fn: fn())
         active = [self.experts[n] for n in (self.active if self.active is not None else self.experts)]
+        positions = self._positions(cache, ids.shape[1])
         (h,) = timed("embed", lambda: self.embed([ids]))  # (1, T, d)
         for i, block in enumerate(self.blocks):
-            key = f"block{i}"
-            out = timed("backbone", lambda: block([h, *self._past(cache, key, self.block_layers[i])]))
-            y_bb, cache.kv[key] = out[0], out[1:]
+            layers = self.block_layers[i]
+            (y_bb,) = timed("backbone", lambda: self._run_block(block, f"block{i}", layers, h, positions, cache))
             if not active:
                 h = y_bb
                 continue
             ys, logits = [y_bb], [np.zeros(h.shape[:2], dtype=np.float32)]
             for expert in active:
-                name = expert.name
-                key = f"{name}/block{i}"
+                key = f"{expert.name}/block{i}"
                 layers = expert.pack["components"][f"block{i}"]["layers"]
-                out = timed("experts", lambda: expert.blocks[i]([h, *self._past(cache, key, layers)]))
-                ys.append(out[0])
-                logits.append(out[1])
-                cache.kv[key] = out[2:]
+                y, g = timed("experts", lambda: self._run_block(expert.blocks[i], key, layers, h, positions, cache))
+                ys.append(y)
+                logits.append(g)
             h = timed("gate+mix", lambda: mix(ys, logits))
         cache.pos += ids.shape[1]
         (logits,) = timed("head", lambda: self.head([h[:, -1:] if last_only else h]))
@@ -246,7 +272,7 @@ def generate(
     check_number("--max-new-tokens", max_new_tokens, lo=1, integer=True)
     sampling = sampling or Sampling()
     rng = np.random.default_rng(sampling.seed)
-    cache = engine.new_cache()
+    cache = engine.new_cache(len(prompt) + max_new_tokens)
     logits = engine.forward(np.array([prompt], dtype=np.int64), cache, timer, last_only=True)
     for _ in range(max_new_tokens):
         token = sample(logits[0, -1], sampling, rng)

@@ -39,7 +39,7 @@ def expert_graph(tiny, outlier: float | None):
         for name, p in expert.named_parameters():
             if name.endswith("layernorm.weight"):
                 p.data[3] = outlier
-    return split(MoDEModel(tiny.decoder, LAYOUT, {"e": expert}).eval())["experts/e/block1"]
+    return split(MoDEModel(tiny.decoder, LAYOUT, {"e": expert}).eval(), "buffer")["experts/e/block1"]
 
 
 @pytest.mark.parametrize("outlier, expected", [(None, 4), (30.0, 0)])
@@ -64,7 +64,7 @@ def test_auto_keeps_int8_activations_unless_an_outlier_makes_them_costly(tiny, t
 def test_a_sources_own_blocks_keep_their_level(tiny, tmp_path):
     """The head of a tied model is written from the embedding's 8-bit blocks at the base's level (0): nothing of
     it is rounded here, so auto measures nothing and changes nothing."""
-    graph = split(MoDEModel(tiny.decoder, LAYOUT, {}).eval())["base/head"]
+    graph = split(MoDEModel(tiny.decoder, LAYOUT, {}).eval(), "buffer")["base/head"]
     src, dst = tmp_path / "fp32.onnx", tmp_path / "head.onnx"
     export_onnx(graph, tiny.decoder.cfg, src)
     source = EmbeddingBlocks(tiny.decoder.embed_tokens.weight.detach().numpy(), 0)

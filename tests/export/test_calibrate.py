@@ -18,7 +18,7 @@ from mode_edge.export.calibrate import (
     composed_block_inputs,
     gptq_blocks,
 )
-from mode_edge.export.graphs import io_names, split
+from mode_edge.export.graphs import io_names, prefill_inputs, split
 from mode_edge.export.onnx_graphs import export_onnx, quantize_onnx
 from mode_edge.export.pipeline import calibration_texts, load_model
 from mode_edge.export.source_blocks import weight_key, write_source_blocks
@@ -90,15 +90,15 @@ def test_calibrated_expert_graph_beats_round_to_nearest_on_held_out_text(compose
     from mode_edge.training.data import held_out, load_corpus
 
     backbone, model, record = load_model(composed_run, None)
-    cfg, graphs = backbone.decoder.cfg, split(model)
+    cfg, graphs = backbone.decoder.cfg, split(model, "buffer")
     assert calibration_texts(composed_run, record, ExportConfig())["code"] == code_data
     texts = {"code": calibration_windows(code_data, backbone.tokenizer, 16, 64)}
     calibrated = calibrate(model, texts, accuracy_level=0)
     test = held_out(load_corpus(code_data).docs["test"], backbone.tokenizer, 64, 8 * 64).windows[:, :64]
     rel = "experts/code/block1"
     names = io_names(graphs[rel])[0]
-    empty = np.zeros((1, cfg.n_kv_heads, 0, cfg.head_dim), np.float32)
-    fs = [{names[0]: h[None].numpy(), **{n: empty for n in names[1:]}} for h in composed_block_inputs(model, test)[1]]
+    fs = [{n: t.numpy() for n, t in zip(names, prefill_inputs(graphs[rel], h[None]))}
+          for h in composed_block_inputs(model, test)[1]]
     fp32 = tmp_path / "fp32.onnx"
     export_onnx(graphs[rel], cfg, fp32)
     refs = [ort.InferenceSession(str(fp32)).run(None, f)[0] for f in fs]

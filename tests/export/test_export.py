@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mode_edge.bundle import GRAPH_SUFFIX, read_bundle, read_pack_manifest, verify_files
+from mode_edge.bundle import GRAPH_SUFFIX, KV_CACHE, read_bundle, read_pack_manifest, verify_files
 from mode_edge.config import ExportConfig
 from mode_edge.export.graphs import example_inputs, split
 from mode_edge.export.pipeline import export_bundle, load_model
@@ -19,7 +19,7 @@ from mode_edge.training.evaluate import greedy
 def test_every_fp32_graph_matches_its_module(fp32_bundle, composed_run, fmt):
     backbone, model, _ = load_model(composed_run, None)
     torch.manual_seed(3)
-    for rel, graph in split(model).items():
+    for rel, graph in split(model, KV_CACHE[fmt]).items():
         exported = load_graph(fp32_bundle / (rel + GRAPH_SUFFIX[fmt]))
         for tokens, past in ((5, 0), (1, 7), (3, 2)):  # prefill on an empty cache, one-token decode, a chunk
             inputs = example_inputs(graph, backbone.decoder.cfg, tokens=tokens, past=past)
@@ -89,7 +89,7 @@ def test_executorch_quantized_expert_block_runs_close_to_fp32(composed_run, fp32
     from mode_edge.export.executorch_graphs import export_pte
 
     backbone, model, _ = load_model(composed_run, ["code"])
-    graph = split(model)["experts/code/block0"]
+    graph = split(model, "concat")["experts/code/block0"]
     assert export_pte(graph, backbone.decoder.cfg, tmp_path / "b.pte", quant, 32, context=256) > 0  # planned bytes
     inputs = example_inputs(graph, backbone.decoder.cfg)
     with torch.no_grad():
@@ -143,7 +143,7 @@ def test_executorch_quantized_embed_graph_holds_the_8bit_blocks(composed_run, fp
     from mode_edge.export.source_blocks import int8_blocks
 
     backbone, model, _ = load_model(composed_run, None)
-    graph = split(model)["base/embed"]
+    graph = split(model, "concat")["base/embed"]
     export_pte(graph, backbone.decoder.cfg, tmp_path / "embed.pte", "int4", 32, context=256)
     ids = torch.randint(0, backbone.decoder.cfg.vocab_size, (1, 7))
     got = load_graph(tmp_path / "embed.pte")([ids.numpy()])[0]
@@ -158,7 +158,7 @@ def test_executorch_quantized_tied_head_is_8bit_and_close(composed_run, fp32_bun
     from mode_edge.export.executorch_graphs import export_pte
 
     backbone, model, _ = load_model(composed_run, None)
-    graph = split(model)["base/head"]
+    graph = split(model, "concat")["base/head"]
     export_pte(graph, backbone.decoder.cfg, tmp_path / "head.pte", "int4", 32, context=256)
     (hidden,) = example_inputs(graph, backbone.decoder.cfg)
     with torch.no_grad():

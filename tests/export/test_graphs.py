@@ -6,40 +6,50 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from mode_edge.config import MoDELayout
-from mode_edge.export.graphs import graph_layers, grouped_attention, split
+from mode_edge.export.graphs import graph_layers, grouped_attention, rotary_tables, split
 from mode_edge.runtimes.engine import mix
 from mode_edge.training.model import Expert, KVCache, MoDEModel
 
 
-def run_split(graphs, n_blocks, experts, ids, cache):
-    """Drive the split graphs in PyTorch the way the runtime does, with the mix in numpy."""
+def run_split(graphs, n_blocks, experts, ids, cache, capacity=None):
+    """Drive the split graphs in PyTorch the way the runtime does, with the mix in numpy. capacity None: "concat"
+    graphs; else "buffer" graphs over buffers of that many positions, which start as noise (a graph must read only
+    the positions it was given). cache: component -> k/v tensors, and "pos"."""
+    P, T = cache.get("pos", 0), ids.shape[1]
+    positions = ()
+    if capacity is not None:
+        cos, sin = rotary_tables(graphs["base/block0"].inv_freq, capacity)
+        positions = (torch.tensor([P + T - 1], dtype=torch.int32), torch.tensor(P + T, dtype=torch.int32), cos, sin)
     h = graphs["base/embed"](ids)
     for i in range(n_blocks):
         comps = [f"base/block{i}"] + [f"experts/{n}/block{i}" for n in experts]
         ys, logits = [], [torch.zeros(h.shape[:2])]
         for comp in comps:
-            past = cache.get(comp) or [torch.zeros(1, 2, 0, 16)] * (2 * graph_layers(graphs[comp]))
-            out = graphs[comp](h, *past)
-            if comp.startswith("experts/"):
-                ys.append(out[0])
-                logits.append(out[1])
-                cache[comp] = list(out[2:])
-            else:
-                ys.append(out[0])
-                cache[comp] = list(out[1:])
+            fresh = [torch.randn(1, 2, capacity or 0, 16) for _ in range(2 * graph_layers(graphs[comp]))]
+            past = cache.get(comp) or fresh
+            out = graphs[comp](h, *positions, *past)
+            n = 2 if comp.startswith("experts/") else 1
+            ys.append(out[0])
+            logits += list(out[1:n])
+            cache[comp] = list(out[n:])
         h = torch.from_numpy(mix([y.numpy() for y in ys], [g.numpy() for g in logits]))
+    cache["pos"] = P + T
     return graphs["base/head"](h)
 
 
+CAPACITY = {"concat": None, "buffer": 16}
+
+
+@pytest.mark.parametrize("kv_cache", ["buffer", "concat"])
 @torch.no_grad()
-def test_split_graphs_match_the_model_over_prefill_and_decode(tiny):
+def test_split_graphs_match_the_model_over_prefill_and_decode(tiny, kv_cache):
     layout = MoDELayout(n_blocks=3, expert_layers=2, init="random", gate_bias=0.5)
     experts = {n: Expert.init_from(tiny.decoder, layout, seed=s) for s, n in enumerate(["a", "b"])}
     for e in experts.values():
         for blk in e.blocks:
             blk.gate.weight.normal_()  # non-trivial, token-dependent gate weights
     model = MoDEModel(tiny.decoder, layout, experts).eval()
-    graphs = split(model)
+    graphs = split(model, kv_cache)
     assert sorted(graphs) == sorted(
         ["base/embed", "base/head"] + [f"base/block{i}" for i in range(3)]
         + [f"experts/{n}/block{i}" for n in "ab" for i in range(3)]
@@ -48,40 +58,49 @@ def test_split_graphs_match_the_model_over_prefill_and_decode(tiny):
     ref_cache, cache = KVCache(), {}
     for chunk in (ids[:, :7], ids[:, 7:8], ids[:, 8:11], ids[:, 11:]):  # prefill, decode, a chunk, decode
         ref = model(chunk, ref_cache)
-        got = run_split(graphs, 3, ["a", "b"], chunk, cache)
+        got = run_split(graphs, 3, ["a", "b"], chunk, cache, CAPACITY[kv_cache])
         assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kv_cache", ["buffer", "concat"])
 @torch.no_grad()
-def test_backbone_only_split_is_the_backbone(tiny):
+def test_backbone_only_split_is_the_backbone(tiny, kv_cache):
     model = MoDEModel(tiny.decoder, MoDELayout()).eval()
-    graphs = split(model)
+    graphs = split(model, kv_cache)
     ids = torch.randint(0, 256, (1, 9))
-    assert_close(run_split(graphs, 3, [], ids, {}), tiny.decoder(ids), atol=1e-5, rtol=1e-5)
+    got = run_split(graphs, 3, [], ids, {}, CAPACITY[kv_cache])
+    assert_close(got, tiny.decoder(ids), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kv_cache", ["buffer", "concat"])
 @torch.no_grad()
-def test_fused_graph_is_the_composed_model_with_an_explicit_cache(tiny):
+def test_fused_graph_is_the_composed_model_with_an_explicit_cache(tiny, kv_cache):
     from mode_edge.export.graphs import FusedGraph
 
     layout = MoDELayout(n_blocks=3, expert_layers=2, init="random", gate_bias=0.5)
     experts = {n: Expert.init_from(tiny.decoder, layout, seed=s) for s, n in enumerate(["a", "b"])}
     model = MoDEModel(tiny.decoder, layout, experts).eval()
-    fused = FusedGraph(model)
+    fused = FusedGraph(model, kv_cache)
     assert graph_layers(fused) == 6 + 2 * 3 * 2
     ids = torch.randint(0, 256, (1, 10))
-    past = [torch.zeros(1, 2, 0, 16)] * (2 * graph_layers(fused))
-    ref_cache = KVCache()
+    capacity = CAPACITY[kv_cache] or 0
+    past = [torch.zeros(1, 2, capacity, 16)] * (2 * graph_layers(fused))
+    cos, sin = rotary_tables(fused.inv_freq, capacity)
+    ref_cache, pos = KVCache(), 0
     for chunk in (ids[:, :7], ids[:, 7:8], ids[:, 8:]):
-        out = fused(chunk, *past)
-        past = list(out[1:])
+        total = pos + chunk.shape[1]
+        positions = () if kv_cache == "concat" else (
+            torch.tensor([total - 1], dtype=torch.int32), torch.tensor(total, dtype=torch.int32), cos, sin)
+        out = fused(chunk, *positions, *past)
+        past, pos = list(out[1:]), total
         assert_close(out[0], model(chunk, ref_cache), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("heads, kv_heads, tokens, past", [(4, 2, 1, 7), (4, 2, 5, 7), (9, 3, 6, 0), (4, 4, 3, 2)])
 def test_grouped_attention_equals_repeated_heads(heads, kv_heads, tokens, past):
-    """The ONNX graphs' attention (query heads stacked per key/value head) is scaled_dot_product_attention over the
-    cache repeated per query head, for decode, a chunk after a cache, a prefill, and no grouping at all."""
+    """GroupQueryAttention's PyTorch reference (query heads stacked per key/value head) is scaled dot-product
+    attention over the cache repeated per query head, for decode, a chunk after a cache, a prefill, and no grouping
+    at all."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, heads, tokens, 16, generator=g)
     k, v = (torch.randn(1, kv_heads, past + tokens, 16, generator=g) for _ in range(2))

@@ -195,11 +195,14 @@ def test_a_pack_whose_pte_graphs_take_another_context_is_refused():
     from mode_edge.bundle import check_pack_fits
 
     quant = {"scheme": "fp32"}
+    kv = {"onnx": "buffer", "executorch": "concat"}
     bundle = {"base": {"fingerprint": "f" * 64}, "quantization": quant, "formats": ["onnx", "executorch"],
-              "executorch": {"tokens_per_call": 64, "context": 1024}}  # fmt: skip
-    fits = {"base_fingerprint": "f" * 64, "quantization": quant, "formats": ["onnx", "executorch"],
+              "kv_cache": kv, "executorch": {"tokens_per_call": 64, "context": 1024}}  # fmt: skip
+    fits = {"base_fingerprint": "f" * 64, "quantization": quant, "formats": ["onnx", "executorch"], "kv_cache": kv,
             "executorch": dict(bundle["executorch"])}  # fmt: skip
     check_pack_fits(fits, bundle, "pack p")
+    with pytest.raises(UserError, match="another KV cache interface"):  # graphs of another graph interface
+        check_pack_fits({**fits, "kv_cache": {**kv, "onnx": "concat"}}, bundle, "pack p")
     with pytest.raises(UserError, match="a context of 512, the bundle's take 64 tokens a call and a context of 1024"):
         check_pack_fits({**fits, "executorch": {"tokens_per_call": 64, "context": 512}}, bundle, "pack p")
     with pytest.raises(UserError, match="any length"):

@@ -11,6 +11,7 @@ from gguf.quants import dequantize, quantize
 from onnx import TensorProto, helper, numpy_helper
 
 from mode_edge.errors import UserError
+from mode_edge.export.fuse_matmuls import fuse_parallel_matmuls
 from mode_edge.export.onnx_graphs import quantize_onnx, share_tied_embedding
 from mode_edge.export.source_blocks import BLOCK_BYTES, EmbeddingBlocks, SourceBlocks, int8_blocks, write_source_blocks
 
@@ -62,11 +63,11 @@ def test_each_block_type_is_written_as_its_own_blocks_and_computes_the_weight(ti
     assert len(nbits) == (2 if name == "q8_0" else 1)
     assert all(len(n.input) == 3 and next(a.i for a in n.attribute if a.name == "bits") == 4 for n in nbits)
     ops = [n.op_type for n in model.graph.node]
-    if name == "q4_1":  # the minimum as a per-block offset: block sums times offsets, added
-        assert ops.count("ReduceSum") == 1 and ops.count("MatMul") == 1
+    if name == "q4_1":  # the minimum as a per-block offset: block sums (one MatMul) times offsets, added
+        assert ops.count("MatMul") == 2 and ops.count("Add") == 2  # (the other Add: m + 8 d, folded at load)
     if name != "q8_0":  # the 4-bit blocks take on disk what they take in the file (fp16 scales and minimums)
         stored = sum(numpy_helper.to_array(i).nbytes for i in model.graph.initializer)
-        assert stored <= w.size // 32 * BLOCK_BYTES[SHAPES[name][0].name] + 64
+        assert stored <= w.size // 32 * BLOCK_BYTES[SHAPES[name][0].name] + 128  # + a few scalars (sizes, the 8)
     assert not any(i.name == "B" for i in model.graph.initializer)  # the fp32 weight is gone
     x = RNG.standard_normal((1, 3, w.shape[1])).astype(np.float32)
     got = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
@@ -90,17 +91,25 @@ def test_matmuls_of_one_input_share_its_block_sums(tiny_gguf):
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "A"], ["ya"]), helper.make_node("MatMul", ["x", "B"], ["yb"])], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "tokens", 64])],
-        [helper.make_tensor_value_info("ya", TensorProto.FLOAT, None),
-         helper.make_tensor_value_info("yb", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("ya", TensorProto.FLOAT, ["batch", "tokens", 24]),
+         helper.make_tensor_value_info("yb", TensorProto.FLOAT, ["batch", "tokens", 16])],
         [numpy_helper.from_array(np.ascontiguousarray(a.T), "A"), numpy_helper.from_array(np.ascontiguousarray(b.T), "B")],
     )  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     assert write_source_blocks(model, SourceBlocks(path)) == {"Q4_1": 2}
-    assert [n.op_type for n in model.graph.node].count("ReduceSum") == 1
+    assert sum(n.op_type == "MatMul" and n.input[0] == "x" for n in model.graph.node) == 1  # the block sums, once
     x = RNG.standard_normal((2, 5, 64)).astype(np.float32)
     ya, yb = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
     np.testing.assert_allclose(ya, x @ a.T, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(yb, x @ b.T, rtol=1e-5, atol=1e-6)
+    # merged (export/fuse_matmuls.py): one MatMulNBits and one offset product for both, the same outputs
+    assert fuse_parallel_matmuls(model) == 1
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MatMulNBits") == 1 and ops.count("Split") == 1
+    onnx.checker.check_model(model, full_check=True)
+    fa, fb = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+    np.testing.assert_allclose(fa, ya, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fb, yb, rtol=1e-6, atol=1e-6)
 
 
 def test_an_embedding_table_of_q8_0_rows_becomes_gather_block_quantized(tiny_gguf):
@@ -170,14 +179,14 @@ def test_smollm2_int4_base_graphs_equal_the_pytorch_backbone(tmp_path):
     """The built-in backbone's first block (10 layers), embedding and tied head at int4 from the GGUF's blocks:
     fp32 tolerance against PyTorch, and the same next token at every position."""
     from mode_edge.config import MoDELayout
-    from mode_edge.export.graphs import example_inputs, split
+    from mode_edge.export.graphs import prefill_inputs, split
     from mode_edge.export.onnx_graphs import export_onnx
     from mode_edge.training.backbones import SMOLLM2_GGUF, load_backbone, smollm2_dir
     from mode_edge.training.model import MoDEModel
 
     backbone = load_backbone("smollm2")
     model = MoDEModel(backbone.decoder, MoDELayout()).eval()
-    graphs = split(model)
+    graphs = split(model, "buffer")
     source = SourceBlocks(smollm2_dir() / SMOLLM2_GGUF)
     ids = torch.tensor([backbone.tokenizer.encode("def fibonacci(n):\n    return n if n < 2 else")])
     hidden = None
@@ -191,8 +200,7 @@ def test_smollm2_int4_base_graphs_equal_the_pytorch_backbone(tmp_path):
         if rel == "base/embed":
             inputs = [ids]
         else:
-            empty = [t for t in example_inputs(graph, backbone.decoder.cfg)[1:]]
-            inputs = [hidden] + [t[:, :, :0] for t in empty]
+            inputs = prefill_inputs(graph, hidden)
         with torch.no_grad():
             ref = graph(*inputs)
         ref = (ref[0] if isinstance(ref, tuple) else ref).numpy()
