@@ -112,9 +112,11 @@ class Genai:
 
 class ModeEdge:
     def __init__(self, bundle: str, threads: int, expert: str | None):
+        from mode_edge.runtimes.backends import use_global_thread_pool
         from mode_edge.runtimes.engine import Engine  # noqa: F401 - imported here: part of the load time
         from mode_edge.runtimes.session import Session
 
+        use_global_thread_pool(threads)  # as `mode-edge run` does: this process's sessions are all the runtime's
         self.session = Session(Path(bundle), threads=threads)
         self.session.select([expert] if expert else [])
         self.engine = self.session.engine

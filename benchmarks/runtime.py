@@ -16,7 +16,6 @@ Writes benchmarks/results/runtime.{json,md}.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shutil
 import statistics
@@ -31,22 +30,28 @@ sys.path.insert(0, str(Path(__file__).parent))
 PROMPT = list(range(10, 74))  # 64 token ids (valid in any vocabulary here): a fixed prefill for both runtimes
 
 
-def worker_decode(bundle: str, fused: str, expert: str, new_tokens: int, repeats: int, threads: int) -> dict:
+def worker_decode(bundle: str, fused: str, expert: str, new_tokens: int, repeats: int, threads: int,
+                  default_options: bool = False) -> dict:
+    """Decode tok/s of the split runtime and of the fused graph with the runtime's session options, interleaved,
+    on the global thread pool `mode-edge run` uses; with `default_options`, of the fused graph alone with
+    onnxruntime's default options (a spinning pool of its own, which cannot share a process with the global one)."""
     import numpy as np
     import onnxruntime as ort
 
     from mode_edge.bundle import POSITION_INPUTS
-    from mode_edge.runtimes.backends import OnnxGraph
+    from mode_edge.runtimes.backends import OnnxGraph, use_global_thread_pool
     from mode_edge.runtimes.kv_cache import Cache
     from mode_edge.runtimes.session import Session
 
+    if not default_options:
+        use_global_thread_pool(threads)
+    graph = OnnxGraph(Path(fused), threads)  # the runtime's session options
+    if default_options:
+        options = ort.SessionOptions()  # onnxruntime's defaults (spinning threads), the best case for one graph
+        options.intra_op_num_threads = threads
+        graph.session = ort.InferenceSession(fused, options, providers=["CPUExecutionProvider"])
     session = Session(Path(bundle), threads=threads)
     session.select([expert])
-    graph = OnnxGraph(Path(fused), threads)  # the runtime's session options
-    options = ort.SessionOptions()  # onnxruntime's defaults (spinning threads), the best case for one graph
-    options.intra_op_num_threads = threads
-    default_graph = copy.copy(graph)
-    default_graph.session = ort.InferenceSession(fused, options, providers=["CPUExecutionProvider"])
     d = session.engine.manifest["base"]["decoder"]
     n_layers = (len(graph.inputs) - 1 - len(POSITION_INPUTS)) // 2
 
@@ -74,28 +79,34 @@ def worker_decode(bundle: str, fused: str, expert: str, new_tokens: int, repeats
             logits = step(np.array([[int(logits[0, -1].argmax())]], dtype=np.int64))
         return new_tokens / (time.perf_counter() - t)
 
-    split_run(), fused_run(), fused_run(default_graph)  # warm-up
-    split, fused_tps, default_tps = [], [], []
+    if default_options:
+        fused_run()  # warm-up
+        return {"fused_default_options_tps": [fused_run() for _ in range(repeats)]}
+    split_run(), fused_run()  # warm-up
+    split, fused_tps = [], []
     for _ in range(repeats):
         split.append(split_run())
         fused_tps.append(fused_run())
-        default_tps.append(fused_run(default_graph))
-    return {"split_tps": split, "fused_tps": fused_tps, "fused_default_options_tps": default_tps}
+    return {"split_tps": split, "fused_tps": fused_tps}
 
 
 def worker_peak(bundle: str, expert: str, threads: int) -> dict:
+    from mode_edge.runtimes.backends import use_global_thread_pool
     from mode_edge.runtimes.engine import Sampling
     from mode_edge.runtimes.run import run
 
+    use_global_thread_pool(threads)  # as `mode-edge run`
     _, summary, _ = run(Path(bundle), [expert], "def main():\n    ", 32, Sampling(), threads=threads)
     return {"peak_rss_mb": summary["memory"]["peak_rss_mb"], "phases": summary["memory"]["phases"]}
 
 
 def worker_switch(bundle: str, a: str, b: str, threads: int, repeats: int) -> dict:
-    from mode_edge.runtimes.profiler import rss_pss
     from mode_edge.bundle import expert_folder, read_bundle
+    from mode_edge.runtimes.backends import use_global_thread_pool
+    from mode_edge.runtimes.profiler import rss_pss
     from mode_edge.runtimes.session import MB, Session
 
+    use_global_thread_pool(threads)  # as `mode-edge run`
     probe = Session(Path(bundle), threads=threads, verify=False)
     budget = (probe.base_bytes + 1.5 * probe.expert_bytes(a)) / MB  # room for one expert: every switch evicts
     del probe
@@ -169,8 +180,9 @@ def main() -> None:
         for i in range(7):
             install_copy(eight, args.expert, f"{args.expert}-copy{i}")
 
-        decode = in_worker("decode", bundle=str(one), fused=str(fused), expert=args.expert,
-                           new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads)  # fmt: skip
+        common = dict(bundle=str(one), fused=str(fused), expert=args.expert, new_tokens=args.new_tokens,
+                      repeats=args.repeats, threads=args.threads)  # fmt: skip
+        decode = {**in_worker("decode", **common), **in_worker("decode", **common, default_options=True)}
         peaks = {"1 of 1": [], "1 of 8": []}
         for _ in range(args.repeats):  # alternated, so that machine noise hits both alike
             peaks["1 of 1"].append(in_worker("peak", bundle=str(one), expert=args.expert, threads=args.threads))

@@ -433,5 +433,18 @@ def demo_cmd(out, quick, base):
 for command in cli_ship.COMMANDS + cli_trust.COMMANDS + cli_device.COMMANDS:  # export, pack, install, ...; run
     main.add_command(command)
 
-if __name__ == "__main__":
+
+
+def entry() -> None:
+    """The `mode-edge` console script (and `python -m mode_edge.cli`): main() in a process of its own, where `mode-edge
+    run` puts every onnxruntime session on one global thread pool (runtimes/backends.use_global_thread_pool). Tests
+    drive main() inside their own process, where other onnxruntime sessions run too, and keep a pool per session."""
+    from mode_edge.runtimes import backends
+
+    backends.OWN_PROCESS = True
     main()
+
+
+if __name__ == "__main__":
+    entry()
+
