@@ -111,7 +111,7 @@ class Genai:
 
 
 class ModeEdge:
-    def __init__(self, bundle: str, threads: int, expert: str | None):
+    def __init__(self, bundle: str, threads: int, expert: str | None, new_tokens: int):
         from mode_edge.runtimes.backends import use_global_thread_pool
         from mode_edge.runtimes.engine import Engine  # noqa: F401 - imported here: part of the load time
         from mode_edge.runtimes.session import Session
@@ -119,10 +119,11 @@ class ModeEdge:
         use_global_thread_pool(threads)  # as `mode-edge run` does: this process's sessions are all the runtime's
         self.session = Session(Path(bundle), threads=threads)
         self.session.select([expert] if expert else [])
-        self.engine = self.session.engine
+        self.engine, self.new_tokens = self.session.engine, new_tokens
 
     def prefill(self, ids: list[int]) -> int:
-        self.cache = self.engine.new_cache()
+        # sized for the whole run, as generate() sizes it (and as genai's max_length and llama.cpp's n_ctx are)
+        self.cache = self.engine.new_cache(len(ids) + max(self.new_tokens, LONG_DECODE + 1))
         logits = self.engine.forward(np.array([ids], dtype=np.int64), self.cache, last_only=True)
         return int(np.argmax(logits[0, -1]))
 
@@ -139,7 +140,7 @@ def worker(spec: dict) -> dict:
     elif spec["kind"] == "genai":
         runtime = Genai(spec["path"], spec["threads"], spec["new_tokens"])
     else:
-        runtime = ModeEdge(spec["path"], spec["threads"], spec.get("expert"))
+        runtime = ModeEdge(spec["path"], spec["threads"], spec.get("expert"), spec["new_tokens"])
     out = {"load_s": time.perf_counter() - t}
     for n in PROMPT_LENGTHS:
         ids = prompt_ids(Path(spec["tokenizer"]), n)

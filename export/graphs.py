@@ -69,11 +69,7 @@ def attend(layer: DecoderLayer, inv_freq: torch.Tensor, x, past_k, past_v):
     q, k = rotate_half(q, cos, sin), rotate_half(k, cos, sin)
     k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, Hkv, S, hd), S = P + T
     mask = torch.arange(P + T, device=x.device)[None, :] <= positions[:, None]  # (T, S): query i sees keys <= P+i
-    # (ExecuTorch's XNNPACK lowering takes scaled_dot_product_attention as it is)
-    rep = attn.n_heads // attn.n_kv_heads
-    kk = k.repeat_interleave(rep, dim=1) if rep > 1 else k  # (B, H, S, hd)
-    vv = v.repeat_interleave(rep, dim=1) if rep > 1 else v
-    y = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+    y = grouped_attention(q, k, v, mask)
     y = y.transpose(1, 2).reshape(B, T, attn.n_heads * attn.head_dim)
     x = x + attn.o_proj(y)
     return x + layer.mlp(layer.post_attention_layernorm(x)), k, v
@@ -133,14 +129,12 @@ def group_query_attention(q, k, v, past_k, past_v, positions: tuple, n_heads: in
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Grouped-query attention: q (B, H, T, hd), k and v (B, Hkv, S, hd), mask (T, S) bool (True: may attend) ->
-    (B, H, T, hd). The G = H / Hkv query heads that share a key/value head are stacked along the query axis (head h
-    reads kv head h // G, as repeat_interleave pairs them), so the products read the cache as it is."""
-    B, H, T, hd = q.shape
-    G = H // k.shape[1]
-    qg = q.reshape(B, k.shape[1], G * T, hd)  # row g*T + i: query head (kv head, g), token i
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * (hd**-0.5)  # (B, Hkv, G*T, S)
-    probs = torch.softmax(scores.masked_fill(~mask.repeat(G, 1), float("-inf")), dim=-1)
-    return torch.matmul(probs, v).reshape(B, H, T, hd)
+    (B, H, T, hd); query head h reads key/value head h // (H / Hkv). scaled_dot_product_attention over the cache
+    repeated per query head, which ExecuTorch's XNNPACK lowering takes as it is."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class LayerStack(nn.Module):
@@ -229,37 +223,38 @@ def graph_layers(graph: nn.Module) -> int:
 
 
 def example_inputs(graph: nn.Module, cfg, batch: int = 1, tokens: int = 3, past: int = 4) -> tuple:
-    """Inputs for tracing and checks after `past` cached positions (a "buffer" cache holds exactly past + tokens):
-    sizes of at least 2 on every dynamic axis, so that the exporter keeps them symbolic."""
-    if isinstance(graph, EmbedGraph):
-        return (torch.randint(0, cfg.vocab_size, (batch, tokens)),)
-    if isinstance(graph, HeadGraph):
-        return (torch.randn(batch, tokens, cfg.dim),)
-    first = (torch.randint(0, cfg.vocab_size, (batch, tokens)) if isinstance(graph, FusedGraph)
-             else torch.randn(batch, tokens, cfg.dim))  # fmt: skip
-    length = past + tokens if graph.kv_cache == "buffer" else past
-    kv = [torch.randn(batch, cfg.n_kv_heads, length, cfg.head_dim) for _ in range(2 * graph_layers(graph))]
-    if graph.kv_cache == "concat":
-        return (first, *kv)
-    total = past + tokens
-    cos, sin = rotary_tables(graph.inv_freq, length)
-    seqlens_k = torch.full((batch,), total - 1, dtype=torch.int32)
-    return (first, seqlens_k, torch.tensor(total, dtype=torch.int32), cos, sin, *kv)
+    """Inputs for tracing and checks after `past` cached positions (a "buffer" cache holds exactly past + tokens),
+    random: sizes of at least 2 on every dynamic axis, so that the exporter keeps them symbolic."""
+    if isinstance(graph, (EmbedGraph, FusedGraph)):
+        first = torch.randint(0, cfg.vocab_size, (batch, tokens))
+    else:
+        first = torch.randn(batch, tokens, cfg.dim)
+    return with_cache(graph, first, past, torch.randn)
 
 
 def prefill_inputs(graph: nn.Module, hidden: torch.Tensor) -> tuple:
     """A graph's inputs for a prefill of hidden (1, T, d) on an empty cache (for "buffer" graphs: buffers of
     exactly T positions); the head's: hidden alone."""
-    if graph_layers(graph) == 0:
-        return (hidden,)
-    T = hidden.shape[1]
-    cfg_kv = (graph.layers[0].self_attn.n_kv_heads, graph.layers[0].self_attn.head_dim)
-    length = T if graph.kv_cache == "buffer" else 0
-    kv = [torch.zeros(1, cfg_kv[0], length, cfg_kv[1]) for _ in range(2 * graph_layers(graph))]
+    return with_cache(graph, hidden, 0, torch.zeros)
+
+
+def with_cache(graph: nn.Module, first: torch.Tensor, past: int, fill) -> tuple:
+    """`first` (input ids or hidden states, (B, T, ...)) followed by the graph's cache inputs after `past` cached
+    positions, the cache tensors made by `fill` (torch.randn, torch.zeros): for a "buffer" graph the positions, the
+    rotary tables and buffers of exactly past + T positions, for a "concat" graph tensors of `past` positions."""
+    layers = graph_layers(graph)
+    if layers == 0:
+        return (first,)
+    B, T = first.shape[:2]
+    attn = graph.layers[0].self_attn
+    length = past + T if graph.kv_cache == "buffer" else past
+    kv = [fill(B, attn.n_kv_heads, length, attn.head_dim) for _ in range(2 * layers)]
     if graph.kv_cache == "concat":
-        return (hidden, *kv)
-    cos, sin = rotary_tables(graph.inv_freq, T)
-    return (hidden, torch.tensor([T - 1], dtype=torch.int32), torch.tensor(T, dtype=torch.int32), cos, sin, *kv)
+        return (first, *kv)
+    cos, sin = rotary_tables(graph.inv_freq, length)
+    total = past + T
+    return (first, torch.full((B,), total - 1, dtype=torch.int32), torch.tensor(total, dtype=torch.int32), cos, sin,
+            *kv)  # fmt: skip
 
 
 def io_names(graph: nn.Module) -> tuple[list[str], list[str]]:

@@ -20,16 +20,13 @@ from typing import Iterator
 
 from mode_edge.errors import UserError
 from mode_edge.files import fsync_folder, read_json, sha256_file, write_json
+from mode_edge.integrity import KV_CACHE, POSITION_INPUTS  # noqa: F401 - the bundle format's facts, named here too
 from mode_edge.integrity import check_bundle_shape, check_pack_shape, verify_records
 from mode_edge.names import check_names
 
 BUNDLE_FORMAT, PACK_FORMAT, BUNDLE_VERSION = "mode-edge-bundle", "mode-edge-pack", 2
 """Version 2: the ONNX graphs take their KV cache as buffers written in place (GroupQueryAttention); version 1's
 returned the grown cache. docs/bundle-format.md "Graph interfaces"."""
-KV_CACHE = {"onnx": "buffer", "executorch": "concat"}
-"""The cache interface of each format's graphs (export/graphs.py, runtimes/kv_cache.py)."""
-POSITION_INPUTS = ["seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"]
-"""What a "buffer" graph takes between its hidden states and its cache, in this order."""
 FORMATS = ("onnx", "executorch")
 GRAPH_SUFFIX = {"onnx": ".onnx", "executorch": ".pte"}
 QUANTS = ("fp32", "int8", "int4")
@@ -152,9 +149,6 @@ def check_pack_fits(pack: dict, bundle: dict, what: str) -> None:
     missing = [f for f in bundle["formats"] if f not in pack.get("formats", [])]
     if missing:
         raise UserError(f"{what} has no {', '.join(missing)} graphs, which this bundle uses; re-export it")
-    if any(pack["kv_cache"].get(f) != bundle["kv_cache"][f] for f in bundle["formats"]):
-        raise UserError(f"{what} has graphs with another KV cache interface than the bundle's; re-export it with the "
-                        "bundle's mode-edge")  # fmt: skip
     if "executorch" in bundle["formats"] and pack.get("executorch") != bundle.get("executorch"):
         fix = ("re-export the bundle with this version of mode-edge" if not isinstance(bundle.get("executorch"), dict)
                else "export the expert with the bundle's --pte-context")  # fmt: skip

@@ -434,7 +434,6 @@ for command in cli_ship.COMMANDS + cli_trust.COMMANDS + cli_device.COMMANDS:  # 
     main.add_command(command)
 
 
-
 def entry() -> None:
     """The `mode-edge` console script (and `python -m mode_edge.cli`): main() in a process of its own, where `mode-edge
     run` puts every onnxruntime session on one global thread pool (runtimes/backends.use_global_thread_pool). Tests
@@ -447,4 +446,3 @@ def entry() -> None:
 
 if __name__ == "__main__":
     entry()
-

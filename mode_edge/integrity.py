@@ -21,6 +21,11 @@ from typing import Callable, TypeVar
 from mode_edge.errors import UserError
 from mode_edge.files import sha256_file, write_json
 
+KV_CACHE = {"onnx": "buffer", "executorch": "concat"}
+"""The cache interface of each format's graphs in this bundle version (export/graphs.py, runtimes/kv_cache.py)."""
+POSITION_INPUTS = ["seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"]
+"""What a "buffer" graph takes between its hidden states and its cache, in this order."""
+
 CACHE = ".verified.json"
 T = TypeVar("T")
 
@@ -124,8 +129,8 @@ def check_bundle_shape(m: dict, what: str, fix: str) -> None:
     formats = m.get("formats")
     need(isinstance(formats, list) and formats and all(isinstance(f, str) for f in formats), what, "formats", fix)
     need(isinstance(dec.get("rope_theta"), (int, float)) and dec["rope_theta"] > 0, what, "base.decoder", fix)
-    kv = m.get("kv_cache")  # each format's cache interface (runtimes/kv_cache.py)
-    need(isinstance(kv, dict) and all(kv.get(f) in ("buffer", "concat") for f in formats), what, "kv_cache", fix)
+    kv = m.get("kv_cache")  # each format's cache interface (runtimes/kv_cache.py), the one this version reads
+    need(isinstance(kv, dict) and all(kv.get(f) == KV_CACHE.get(f) for f in formats), what, "kv_cache", fix)
     files, comps = m.get("files"), m.get("components")
     need(isinstance(files, dict) and tok["file"] in files, what, "files", fix)
     need(isinstance(comps, dict), what, "components", fix)
@@ -160,7 +165,7 @@ def check_pack_shape(p: dict, n_blocks: int | None, what: str, fix: str) -> None
     formats, files, comps = p.get("formats"), p.get("files"), p.get("components")
     need(isinstance(formats, list) and all(isinstance(f, str) for f in formats), what, "formats", fix)
     kv = p.get("kv_cache")
-    need(isinstance(kv, dict) and all(kv.get(f) in ("buffer", "concat") for f in formats), what, "kv_cache", fix)
+    need(isinstance(kv, dict) and all(kv.get(f) == KV_CACHE.get(f) for f in formats), what, "kv_cache", fix)
     need(isinstance(files, dict) and isinstance(p.get("gate"), str) and p["gate"] in files, what, "gate", fix)
     need(isinstance(comps, dict) and comps, what, "components", fix)
     blocks = range(n_blocks) if n_blocks is not None else range(len(comps))

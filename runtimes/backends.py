@@ -1,6 +1,7 @@
 """Graph backends of the device runtime: onnxruntime (default) and the ExecuTorch runtime (.pte), where installed.
 
-A loaded graph is a callable from a list of numpy arrays (in the graph's input order) to a list of numpy arrays.
+A loaded graph is a callable from a list of numpy arrays (in the graph's input order) to a list of numpy arrays;
+an ONNX graph with a "buffer" KV cache runs through `OnnxGraph.run_in_place` (runtimes/kv_cache.py).
 """
 
 from __future__ import annotations
@@ -43,10 +44,14 @@ def use_global_thread_pool(threads: int | None) -> None:
     spin: the next run is its own. Measured on the SmolLM2 int4 bundle with one expert, 2 threads, 4 rounds each:
     decode 77.0 / 70.3 tok/s with pools per session, 95.5 / 88.3 with one global pool (90.2 with it not spinning).
 
-    Only for a process whose sessions are all the runtime's (the `mode-edge run` command, a benchmark's worker):
-    once the global pool exists, onnxruntime refuses any session with a pool of its own. Idempotent."""
+    Only for a process whose sessions are all the runtime's (the `mode-edge run` command, a benchmark's worker), and
+    best called before its first session: once the global pool exists, onnxruntime refuses any session with a pool
+    of its own. Calling it again with the same `threads` does nothing; with others raises ValueError (the pool is
+    made once)."""
     from onnxruntime.capi import _pybind_state
 
+    if _global_pool and _global_pool[0] != threads:
+        raise ValueError(f"the global thread pool has {_global_pool[0]} threads; it cannot be remade with {threads}")
     if not _global_pool:
         _pybind_state.set_global_thread_pool_sizes(threads or 0, 1)
         _global_pool.append(threads)
@@ -76,22 +81,27 @@ class OnnxGraph:
     def run_in_place(self, arrays: list[np.ndarray], kv: list[np.ndarray], bindings: dict, key: str,
                      ) -> list[np.ndarray]:  # fmt: skip
         """Run a "buffer" graph (runtimes/kv_cache.py): `arrays` are its inputs before the cache, `kv` its cache
-        buffers, bound as both its past inputs and its present outputs, so that GroupQueryAttention writes into
-        them. Returns the outputs before the cache. The binding of the buffers is made once and kept in
-        bindings[key] (a cache drops its bindings when its buffers grow)."""
+        buffers in input order, each bound as both its past_* input and the matching present_* output, so that
+        GroupQueryAttention writes into them. Returns the outputs before the cache. The binding of the buffers is
+        made once and kept in bindings[key] with this session (a cache drops its bindings when its buffers grow)."""
         import onnxruntime as ort
 
-        n_in, n_out = len(arrays), len(self.outputs) - len(kv)
-        if key not in bindings:
+        n_out = len(self.outputs) - len(kv)
+        kept = bindings.get(key)
+        if kept is None or kept[0] is not self.session:
+            pasts = self.inputs[len(arrays) :]
+            presents = ["present_" + name.removeprefix("past_") for name in pasts]
+            if len(pasts) != len(kv) or presents != self.outputs[n_out:]:
+                raise ValueError(f"{key}: inputs {pasts} do not pair with outputs {self.outputs[n_out:]}")
             binding = self.session.io_binding()
             for name in self.outputs[:n_out]:  # first: get_outputs() lists outputs in the order they were bound
                 binding.bind_output(name, "cpu")
             values = [ort.OrtValue.ortvalue_from_numpy(b) for b in kv]  # the buffers' memory, not a copy
-            for past, present, value in zip(self.inputs[n_in:], self.outputs[n_out:], values):
+            for past, present, value in zip(pasts, presents, values):
                 binding.bind_ortvalue_input(past, value)
                 binding.bind_ortvalue_output(present, value)
-            bindings[key] = (binding, values)
-        binding = bindings[key][0]
+            kept = bindings[key] = (self.session, binding, values)
+        binding = kept[1]
         for name, a in zip(self.inputs, arrays):
             binding.bind_cpu_input(name, np.ascontiguousarray(a))
         for name in self.outputs[:n_out]:  # again: a bound output keeps the last run's tensor, of the last T

@@ -28,9 +28,11 @@ def three_projections() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
-@pytest.mark.parametrize("bits, level", [(4, 0), (4, 4), (8, 0), (8, 4)])
-def test_merged_projections_compute_what_the_separate_ones_did(bits, level):
-    q = MatMulNBitsQuantizer(three_projections(), bits=bits, block_size=32, is_symmetric=True, accuracy_level=level)
+@pytest.mark.parametrize("bits, level, symmetric", [(4, 0, True), (4, 4, True), (8, 0, True), (8, 4, True),
+                                                    (4, 4, False), (8, 0, False)])  # asymmetric: with zero points
+def test_merged_projections_compute_what_the_separate_ones_did(bits, level, symmetric):
+    q = MatMulNBitsQuantizer(three_projections(), bits=bits, block_size=32, is_symmetric=symmetric,
+                             accuracy_level=level)  # fmt: skip
     q.process()
     model = q.model.model
     x = RNG.standard_normal((1, 5, 64)).astype(np.float32)
@@ -39,6 +41,7 @@ def test_merged_projections_compute_what_the_separate_ones_did(bits, level):
     onnx.checker.check_model(model, full_check=True)
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 2 and sorted(next(a.i for a in n.attribute if a.name == "N") for n in nbits) == [64, 64]
+    assert {len(n.input) for n in nbits} == {3 if symmetric else 4}
     assert not any(i.name.startswith(("Q_", "K_", "V_")) for i in model.graph.initializer)  # parts not kept twice
     got = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
     for g, w in zip(got, want):

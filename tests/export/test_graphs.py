@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.testing import assert_close
 
 from mode_edge.config import MoDELayout
-from mode_edge.export.graphs import graph_layers, grouped_attention, rotary_tables, split
+from mode_edge.export.graphs import graph_layers, rotary_tables, split
 from mode_edge.runtimes.engine import mix
 from mode_edge.training.model import Expert, KVCache, MoDEModel
 
@@ -94,18 +93,3 @@ def test_fused_graph_is_the_composed_model_with_an_explicit_cache(tiny, kv_cache
         out = fused(chunk, *positions, *past)
         past, pos = list(out[1:]), total
         assert_close(out[0], model(chunk, ref_cache), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("heads, kv_heads, tokens, past", [(4, 2, 1, 7), (4, 2, 5, 7), (9, 3, 6, 0), (4, 4, 3, 2)])
-def test_grouped_attention_equals_repeated_heads(heads, kv_heads, tokens, past):
-    """GroupQueryAttention's PyTorch reference (query heads stacked per key/value head) is scaled dot-product
-    attention over the cache repeated per query head, for decode, a chunk after a cache, a prefill, and no grouping
-    at all."""
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, heads, tokens, 16, generator=g)
-    k, v = (torch.randn(1, kv_heads, past + tokens, 16, generator=g) for _ in range(2))
-    positions = torch.arange(tokens) + past
-    mask = torch.arange(past + tokens)[None, :] <= positions[:, None]
-    rep = heads // kv_heads
-    want = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask)
-    assert_close(grouped_attention(q, k, v, mask), want, rtol=1e-5, atol=1e-6)

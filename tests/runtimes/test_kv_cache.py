@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mode_edge.export.pipeline import load_model
-from mode_edge.runtimes.engine import Engine
-from mode_edge.runtimes.kv_cache import rotary_tables
+from mode_edge.runtimes.engine import PREFILL_CHUNK, Engine
+from mode_edge.runtimes.kv_cache import GROWTH, rotary_tables
 from mode_edge.training.model import KVCache
 
 
@@ -23,7 +23,7 @@ def engine(fp32_bundle):
 @pytest.mark.parametrize("length, hint", [(1, 0), (9, 0), (300, 0), (40, 64)])
 def test_in_place_cache_gives_the_models_logits_token_for_token(engine, composed_run, length, hint):
     """hint 0: the buffers hold the prompt, then grow (2x) during decode; 300 tokens: two prefill calls (chunks of
-    256), the second after a cache."""
+    PREFILL_CHUNK = 256), the second after a cache."""
     _, model, _ = load_model(composed_run, None)
     ids = np.random.default_rng(length).integers(1, 250, (1, length)).astype(np.int64)
     cache, ref_cache = engine.new_cache(hint), KVCache()
@@ -42,8 +42,8 @@ def test_in_place_cache_gives_the_models_logits_token_for_token(engine, composed
     assert cache.pos == length + 6
     if hint:
         assert capacities == {hint}
-    elif length > 256:
-        assert capacities == {512}  # 256 for the first chunk, grown 2x for the second
+    elif length > PREFILL_CHUNK:
+        assert capacities == {GROWTH * PREFILL_CHUNK}  # one chunk's worth for the first call, grown for the second
     else:
         assert len(capacities) > 1  # the buffers grew during decode
 
