@@ -98,8 +98,8 @@ def attend_in_place(layer: DecoderLayer, x, past_k, past_v, positions: tuple):
 
 def rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
     """norm(x) for x (B, T, d) written as x / sqrt(mean(x^2) + eps) * weight: the form onnxruntime's graph optimizer
-    fuses into one SimplifiedLayerNormalization (with the residual add before it, SkipSimplifiedLayerNormalization);
-    RMSNorm's x * rsqrt(...) stays five separate nodes. Equal to RMSNorm in fp32 up to rounding (1 ulp)."""
+    fuses into one SimplifiedLayerNormalization; RMSNorm's x * rsqrt(...) stays five separate nodes. Equal to RMSNorm
+    in fp32 up to rounding."""
     return norm.weight * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
 
 
