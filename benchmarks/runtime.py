@@ -40,7 +40,6 @@ def worker_decode(bundle: str, fused: str, expert: str, new_tokens: int, repeats
 
     from mode_edge.bundle import POSITION_INPUTS
     from mode_edge.runtimes.backends import OnnxGraph, use_global_thread_pool
-    from mode_edge.runtimes.kv_cache import Cache
     from mode_edge.runtimes.session import Session
 
     if not default_options:
@@ -52,24 +51,24 @@ def worker_decode(bundle: str, fused: str, expert: str, new_tokens: int, repeats
         graph.session = ort.InferenceSession(fused, options, providers=["CPUExecutionProvider"])
     session = Session(Path(bundle), threads=threads)
     session.select([expert])
-    d = session.engine.manifest["base"]["decoder"]
+    engine = session.engine
     n_layers = (len(graph.inputs) - 1 - len(POSITION_INPUTS)) // 2
 
     def split_run():
-        engine, cache = session.engine, session.engine.new_cache(len(PROMPT) + new_tokens)
+        cache = engine.new_cache(len(PROMPT) + new_tokens)
         logits = engine.forward(np.array([PROMPT], dtype=np.int64), cache)  # every row, as the fused graph does
         t = time.perf_counter()
         for _ in range(new_tokens):
             logits = engine.forward(np.array([[int(logits[0, -1].argmax())]], dtype=np.int64), cache)
         return new_tokens / (time.perf_counter() - t)
 
-    def fused_run(run_graph=graph):
-        cache = Cache(capacity_hint=len(PROMPT) + new_tokens)  # its buffers written in place, as the engine's
+    def fused_run():
+        cache = engine.new_cache(len(PROMPT) + new_tokens)  # its buffers written in place, as the engine's
 
         def step(ids):
-            cache.reserve(cache.pos + ids.shape[1], d["max_seq_len"], d["n_kv_heads"], d["head_dim"], d["rope_theta"])
-            kv = cache.buffers("fused", n_layers, d["n_kv_heads"], d["head_dim"])
-            (logits,) = run_graph.run_in_place([ids, *cache.positions(ids.shape[1])], kv, cache.bindings, "fused")
+            positions = engine.positions(cache, ids.shape[1])
+            kv = cache.buffers("fused", n_layers, *engine.kv_shape)
+            (logits,) = graph.run_in_place([ids, *positions], kv, cache.bindings, "fused")
             cache.pos += ids.shape[1]
             return logits
 

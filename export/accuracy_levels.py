@@ -1,8 +1,8 @@
 """Each graph's MatMulNBits compute type (`accuracy_level`), chosen by measurement at export.
 
-Level 4 quantizes the activations to int8 per block (of the weights' block size) and multiplies in integers: the fastest on CPUs with
-dot-product instructions, and harmless on most graphs, but on a graph whose activations carry outliers (a norm weight
-far above the others) it can double the output error (onnxruntime issue 29849; reproduced in
+Level 4 quantizes the activations to int8 per block (of the weights' block size) and multiplies in integers: the
+fastest on CPUs with dot-product instructions, and harmless on most graphs, but on a graph whose activations carry
+outliers (a norm weight far above the others) it can double the output error (onnxruntime issue 29849; reproduced in
 tests/export/test_accuracy_levels.py). Level 0 computes in fp32. So the exporter measures both on each graph whose
 weights it rounded (the experts' layers, a backbone without source blocks; a GGUF's own blocks keep
 --base-accuracy-level), against the fp32 graph on the same inputs, and keeps level 4 unless its error is more than

@@ -39,6 +39,7 @@ from mode_edge.bundle import (
 )
 from mode_edge.config import ExportConfig
 from mode_edge.errors import UserError
+from mode_edge.export.accuracy_levels import CANDIDATES
 from mode_edge.export.graphs import example_inputs, graph_layers, io_names, split
 from mode_edge.files import atomic_dir, require_absent, write_json
 from mode_edge.packs import expert_entry
@@ -167,11 +168,9 @@ def source_blocks(backbone: Backbone, model: MoDEModel, cfg: ExportConfig, progr
         windows, tokens = CALIBRATION_WINDOWS
         progress.show(f"calibrate on {windows} windows of {tokens} tokens per expert")
         in_gguf = (lambda w: gguf.find(w) is not None) if gguf is not None else (lambda w: False)
+        level = CANDIDATES[0] if cfg.accuracy_level == "auto" else cfg.accuracy_level  # auto: chosen per graph after
         try:
             texts = {n: calibration_windows(c, backbone.tokenizer, *CALIBRATION_WINDOWS) for n, c in corpora.items()}
-            from mode_edge.export.accuracy_levels import CANDIDATES
-
-            level = CANDIDATES[0] if cfg.accuracy_level == "auto" else cfg.accuracy_level  # auto: chosen per graph after
             calibrated = calibrate(model, texts, level, skip=in_gguf, progress=progress)
         except UserError as e:
             if not fallback:

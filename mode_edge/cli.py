@@ -436,8 +436,8 @@ for command in cli_ship.COMMANDS + cli_trust.COMMANDS + cli_device.COMMANDS:  # 
 
 def entry() -> None:
     """The `mode-edge` console script (and `python -m mode_edge.cli`): main() in a process of its own, where `mode-edge
-    run` puts every onnxruntime session on one global thread pool (runtimes/backends.use_global_thread_pool). Tests
-    drive main() inside their own process, where other onnxruntime sessions run too, and keep a pool per session."""
+    run` puts every onnxruntime session on one global thread pool (runtimes/run.run). Tests drive main() inside their
+    own process, where other onnxruntime sessions run too, and keep a pool per session."""
     from mode_edge.runtimes import backends
 
     backends.OWN_PROCESS = True

@@ -76,10 +76,6 @@ def run_cmd(bundle, experts, prompt, max_new_tokens, temperature, top_k, top_p, 
 
     prof = load_profile(device)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    from mode_edge.runtimes import backends
-
-    if backends.OWN_PROCESS and backend == "onnx":
-        backends.use_global_thread_pool(prof.threads)
 
     def emit(text: str) -> None:
         sys.stdout.write(text)

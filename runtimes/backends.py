@@ -28,7 +28,8 @@ def share_one_arena() -> None:
 
 
 OWN_PROCESS = False
-"""True in a process started as the `mode-edge` command (mode_edge/cli.entry): its device-runtime commands own it."""
+"""True in a process the device runtime owns: started as the `mode-edge` command (mode_edge/cli.entry) or as a bench
+worker; runtimes/run.run then puts its sessions on the global thread pool."""
 _global_pool: list[int | None] = []
 """The intra-op thread count of the process's one global onnxruntime thread pool, once `use_global_thread_pool`
 has made it."""

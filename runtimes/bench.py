@@ -84,10 +84,6 @@ def in_fresh_process(args: dict, seen: set[str]) -> dict:
 
 def worker(args: dict) -> dict:
     """Run one configuration in this (fresh) process and return its summary."""
-    if args["backend"] == "onnx":
-        from mode_edge.runtimes.backends import use_global_thread_pool
-
-        use_global_thread_pool(args["threads"])
     _, summary, _ = run(Path(args["bundle"]), args["selection"] or "none", PROMPT, args["new_tokens"], Sampling(),
                         backend=args["backend"], threads=args["threads"], budget_mb=args["budget_mb"])  # fmt: skip
     return {**summary, "torch_loaded": "torch" in sys.modules}
@@ -112,6 +108,9 @@ def print_bench(result: dict) -> None:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    from mode_edge.runtimes import backends
+
+    backends.OWN_PROCESS = True  # a fresh process that runs only this configuration
     try:
         print(json.dumps(worker(json.loads(sys.argv[2]))))
     except UserError as e:

@@ -134,7 +134,7 @@ class Engine:
         inputs: list[list[np.ndarray]] = [[] for _ in self.blocks]
         for start in range(0, ids.shape[1], step):
             chunk = ids[:, start : start + step]
-            positions = self._positions(cache, chunk.shape[1])
+            positions = self.positions(cache, chunk.shape[1])
             (h,) = self.embed([chunk])
             for i, block in enumerate(self.blocks):
                 inputs[i].append(h)
@@ -146,9 +146,10 @@ class Engine:
         """An empty cache; `capacity_hint`: the positions it will likely hold (buffers are sized for them once)."""
         return Cache(capacity_hint=capacity_hint)
 
-    def _positions(self, cache: Cache, tokens: int) -> list[np.ndarray]:
-        """Make room for `tokens` more positions and return the position inputs of the "buffer" graphs ([] for
-        "concat" graphs, which read positions off their cache)."""
+    def positions(self, cache: Cache, tokens: int) -> list[np.ndarray]:
+        """Make room in `cache` for `tokens` more positions and return the position inputs of the "buffer" graphs
+        ([] for "concat" graphs, which read positions off their cache); the caller advances cache.pos after the
+        call. Raises UserError beyond the context."""
         total = cache.pos + tokens
         if total > self.context:
             raise UserError(f"{total} tokens exceed the context of these graphs ({self.context}); shorten the prompt "
@@ -191,7 +192,7 @@ class Engine:
                  ) -> np.ndarray:  # fmt: skip
         timed = timer or (lambda _what, fn: fn())
         active = [self.experts[n] for n in (self.active if self.active is not None else self.experts)]
-        positions = self._positions(cache, ids.shape[1])
+        positions = self.positions(cache, ids.shape[1])
         (h,) = timed("embed", lambda: self.embed([ids]))  # (1, T, d)
         for i, block in enumerate(self.blocks):
             layers = self.block_layers[i]

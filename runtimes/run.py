@@ -13,6 +13,7 @@ from mode_edge.errors import UserError
 from mode_edge.integrity import checked_load
 from mode_edge.names import check_names, split_names
 from mode_edge.ranges import check_number
+from mode_edge.runtimes import backends
 from mode_edge.runtimes.engine import Sampling
 from mode_edge.runtimes.profiler import Profile, Sampler
 from mode_edge.runtimes.session import Session, warn_stderr
@@ -44,13 +45,17 @@ def run(
     backend: str = "onnx", threads: int | None = None, budget_mb: float | None = None, route_top_k: int = 1,
     router: str = "centroid", pack_source: str | None = None, on_text: Callable[[str], None] | None = None,
 ) -> tuple[str, dict, Profile]:  # fmt: skip
-    """Generate; returns the new text, the profile summary (with the chosen experts) and the raw profile."""
+    """Generate; returns the new text, the profile summary (with the chosen experts) and the raw profile. In a process
+    of its own (backends.OWN_PROCESS: the `mode-edge` command, a bench worker) every ONNX session runs on one global
+    thread pool (backends.use_global_thread_pool)."""
     check_number("--max-new-tokens", max_new_tokens, lo=1, integer=True)
     check_number("--route-top-k", route_top_k, lo=1, integer=True)
     if isinstance(experts, str):  # 'auto', 'none' or comma-separated names, as on the command line
         experts = parse_experts(experts)
     else:
         experts = check_names(experts, "--experts")
+    if backend == "onnx" and backends.OWN_PROCESS:
+        backends.use_global_thread_pool(threads)
     profile = Profile()
     profile.mark("start")
     warnings: list[str] = []  # damaged packs, reported once the selection stands (asking for one is the error alone)

@@ -41,9 +41,8 @@ class BundleModel:
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        from mode_edge.runtimes.engine import Cache
-
-        rows = [self.session.engine.forward(row[None].numpy().astype(np.int64), Cache())[0] for row in ids]
+        engine = self.session.engine
+        rows = [engine.forward(row[None].numpy().astype(np.int64), engine.new_cache(len(row)))[0] for row in ids]
         return torch.from_numpy(np.stack(rows)).float()
 
 

@@ -119,8 +119,6 @@ def test_pte_graphs_take_bounded_chunks_and_the_runtime_feeds_them(fp32_bundle):
     """ExecuTorch plans activation memory for the largest shapes a program takes: the .pte graphs take at most
     tokens_per_call tokens a call (the head plans one chunk's logits, not a whole context's), and the runtime feeds
     a longer prompt in chunks, with the same logits and routing inputs as the ONNX graphs in one call."""
-    from mode_edge.runtimes.engine import Cache
-
     manifest = read_bundle(fp32_bundle)
     decoder = manifest["base"]["decoder"]
     limits = manifest["executorch"]
@@ -130,7 +128,7 @@ def test_pte_graphs_take_bounded_chunks_and_the_runtime_feeds_them(fp32_bundle):
     ids = np.random.default_rng(0).integers(0, decoder["vocab_size"], (1, 150)).astype(np.int64)
     onnx, pte = Engine(fp32_bundle, backend="onnx"), Engine(fp32_bundle, backend="executorch")
     assert onnx.tokens_per_call is None and pte.tokens_per_call == 64 and pte.context == limits["context"]
-    want, got = onnx.forward(ids, Cache()), pte.forward(ids, Cache())
+    want, got = onnx.forward(ids, onnx.new_cache()), pte.forward(ids, pte.new_cache())
     assert got.shape == want.shape == (1, 150, decoder["vocab_size"])
     assert np.abs(got - want).max() < 1e-3
     for a, b in zip(onnx.block_inputs(ids), pte.block_inputs(ids)):
