@@ -82,10 +82,11 @@ def check_version(manifest: dict, fmt: str, what: str) -> None:
         raise UserError(f"{what} is not a {fmt} manifest (format {manifest.get('format')!r})")
     version = manifest.get("format_version")
     if version != BUNDLE_VERSION:
-        raise UserError(
-            f"{what} has format version {version!r}; this mode-edge reads version {BUNDLE_VERSION}. "
-            "Re-export it with this mode-edge, or upgrade mode-edge"
-        )
+        older = isinstance(version, int) and not isinstance(version, bool) and version < BUNDLE_VERSION
+        fix = ("it was made by an older mode-edge: export it again with this one (`mode-edge export --model RUN --out "
+               "BUNDLE --overwrite`, then `mode-edge pack` for its packs)" if older
+               else "upgrade mode-edge, or export it again with this one")  # fmt: skip
+        raise UserError(f"{what} has format version {version!r}; this mode-edge reads version {BUNDLE_VERSION}: {fix}")
 
 
 REEXPORT = "export the bundle again (`mode-edge export --overwrite`) or copy it again"

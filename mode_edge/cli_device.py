@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from mode_edge.errors import UserError
-from mode_edge.files import output_file, write_output
+from mode_edge.files import image_file, output_file, write_output
 from mode_edge.names import expert_list
 from mode_edge.ranges import POSITIVE, SEED, Float, Int
 from mode_edge.text import CleanText
@@ -63,7 +63,7 @@ BACKEND = click.option(
 @click.option("--profile", "show_profile", is_flag=True, help="Print the latency and memory profile afterwards.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, callback=output_file,
               help="Write the profile as JSON.")
-@click.option("--plot", type=click.Path(path_type=Path), default=None, callback=output_file,
+@click.option("--plot", type=click.Path(path_type=Path), default=None, callback=image_file,
               help="Write a PNG timeline (needs matplotlib).")
 def run_cmd(bundle, experts, prompt, max_new_tokens, temperature, top_k, top_p, seed, route_top_k, router, backend,
             device, pack_source, show_profile, json_out, plot):  # fmt: skip

@@ -42,6 +42,19 @@ def output_file(ctx, param, value):
     return path
 
 
+IMAGE_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def image_file(ctx, param, value):
+    """`output_file` for a plot: its name must end in a format the plot is written in (IMAGE_SUFFIXES), checked
+    before any work (matplotlib would refuse it only after the run, or add .png unasked)."""
+    path = output_file(ctx, param, value)
+    if path is not None and path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UserError(f"{param.opts[0]} {path}: name a {', '.join(IMAGE_SUFFIXES)} file (for example "
+                        f"{path.with_suffix('.png')})")  # fmt: skip
+    return path
+
+
 def write_output(path: Path, text: str) -> None:
     """Write an output file named on the command line whole (atomically), creating its folder if needed."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,15 @@ def check_name(name: object, where: str = "") -> str:
 
 
 def check_names(names, where: str = "") -> list[str]:
-    """Every name checked (see `check_name`), as a list."""
-    return [check_name(n, where) for n in names]
+    """Every name checked (see `check_name`), as a list; a name given twice is refused too (an expert is loaded
+    once: `--experts code,code` would otherwise weigh it twice in the gate's softmax)."""
+    from mode_edge.errors import UserError
+
+    checked = [check_name(n, where) for n in names]
+    twice = sorted({n for n in checked if checked.count(n) > 1})
+    if twice:
+        raise UserError(f"{where + ': ' if where else ''}expert {', '.join(twice)} is named twice; name each once")
+    return checked
 
 
 def split_names(value: str, option: str, keywords: tuple[str, ...] = ()) -> list[str] | str:

@@ -173,7 +173,7 @@ def plot_timeline(profile: Profile, path: Path) -> bool:
     b.set_xlabel("generated token")
     b.set_ylabel("ms")
     b.set_yscale("log")
-    b.set_title("per-token latency (the first includes routing and prefill)")
+    b.set_title("per-token latency (the first includes the prefill)")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)  # an output file's folder is made, as for --json
     fig.savefig(path, dpi=120)

@@ -125,3 +125,12 @@ def test_click_usage_errors_are_one_line_too(tmp_path):
     refused("nosuch", message="No such command 'nosuch'")
     refused("train", "expert", "--steps", "abc", message="'abc' is not a valid integer")
     assert "Commands:" in invoke("train", ok=False).output  # a group without a command still shows its help
+
+
+def test_run_refuses_a_plot_it_cannot_write_before_generating(int8_bundle, tmp_path):
+    """A --plot name matplotlib cannot write (.txt; no suffix, where it would add .png unasked) is one line before the
+    run, and leaves no folder behind."""
+    for name in ("out/p.txt", "out/timeline"):
+        refused("run", "--bundle", int8_bundle, "--prompt", "x", "--plot", tmp_path / name,
+                message=("--plot", "name a .png, .svg, .pdf file"))  # fmt: skip
+    assert not (tmp_path / "out").exists()

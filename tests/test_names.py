@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from mode_edge.errors import UserError
-from mode_edge.names import check_name
+from mode_edge.names import check_name, check_names
 from mode_edge.packs import make_pack
 from tests.cli_runner import refused, tree
 
@@ -25,6 +25,17 @@ def test_check_name_refuses_paths_and_odd_names(name):
 def test_plain_names_pass():
     for name in ("code", "math-v2", "law_2024", "a.b", "X1"):
         assert check_name(name) == name
+
+
+def test_a_name_given_twice_is_refused_wherever_names_enter(bundle):
+    """`--experts code,code` ran the expert twice in the gate's softmax: a different model, said nowhere."""
+    from mode_edge.runtimes.session import Session
+
+    assert check_names(["code", "prose"]) == ["code", "prose"]
+    for args in (("run", "--bundle", bundle, "--prompt", "x"), ("bench", "--bundle", bundle)):
+        refused(*args, "--experts", "code,prose,code", message=("--experts", "expert code is named twice"))
+    with pytest.raises(UserError, match="named twice"):
+        Session(bundle).select(["code", "code"])
 
 
 class AnyPathServer(BaseHTTPRequestHandler):

@@ -120,7 +120,8 @@ CASES = {
     "checksum": (dict(edit_files=flip_byte), "sha256"),
     "fingerprint": (dict(edit_manifest=lambda m: m.update(base_fingerprint="0" * 64)), "base fingerprint"),
     "version": (dict(edit_manifest=lambda m: m.update(format_version=99)), "format version 99"),
-    "old-version": (dict(edit_manifest=lambda m: m.update(format_version=1)), "format version 1; .*Re-export"),
+    "old-version": (dict(edit_manifest=lambda m: m.update(format_version=1)),
+                    "format version 1; .*older mode-edge: export it again"),
     "kv-cache": (dict(edit_manifest=lambda m: m.update(kv_cache={"onnx": "concat"})), "kv_cache is missing or"),
     "outside": (
         dict(
