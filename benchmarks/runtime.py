@@ -38,7 +38,7 @@ def worker_decode(bundle: str, fused: str, expert: str, new_tokens: int, repeats
     import numpy as np
     import onnxruntime as ort
 
-    from mode_edge.bundle import POSITION_INPUTS
+    from mode_edge.integrity import POSITION_INPUTS
     from mode_edge.runtimes.backends import OnnxGraph, use_global_thread_pool
     from mode_edge.runtimes.session import Session
 

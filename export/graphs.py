@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mode_edge.bundle import POSITION_INPUTS
 from mode_edge.config import DecoderConfig
+from mode_edge.integrity import POSITION_INPUTS
 from mode_edge.training.model import Decoder, DecoderLayer, ExpertBlock, MoDEModel, RMSNorm
 
 

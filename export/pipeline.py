@@ -31,7 +31,6 @@ from mode_edge.bundle import (
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
     GRAPH_SUFFIX,
-    KV_CACHE,
     PACK_FORMAT,
     bundle_lock,
     records,
@@ -42,6 +41,7 @@ from mode_edge.errors import UserError
 from mode_edge.export.accuracy_levels import CANDIDATES
 from mode_edge.export.graphs import example_inputs, graph_layers, io_names, split
 from mode_edge.files import atomic_dir, require_absent, write_json
+from mode_edge.integrity import KV_CACHE
 from mode_edge.packs import expert_entry
 from mode_edge.progress import console, stage_progress
 from mode_edge.training.backbones import Backbone, load_backbone

@@ -20,7 +20,6 @@ from typing import Iterator
 
 from mode_edge.errors import UserError
 from mode_edge.files import fsync_folder, read_json, sha256_file, write_json
-from mode_edge.integrity import KV_CACHE, POSITION_INPUTS  # noqa: F401 - the bundle format's facts, named here too
 from mode_edge.integrity import check_bundle_shape, check_pack_shape, verify_records
 from mode_edge.names import check_names
 

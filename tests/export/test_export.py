@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from mode_edge.bundle import GRAPH_SUFFIX, KV_CACHE, read_bundle, read_pack_manifest, verify_files
+from mode_edge.bundle import GRAPH_SUFFIX, read_bundle, read_pack_manifest, verify_files
 from mode_edge.config import ExportConfig
 from mode_edge.export.graphs import example_inputs, split
 from mode_edge.export.pipeline import export_bundle, load_model
+from mode_edge.integrity import KV_CACHE
 from mode_edge.runtimes.backends import load_graph
 from mode_edge.runtimes.engine import Engine, generate
 from mode_edge.training.evaluate import greedy
