@@ -6,7 +6,7 @@
 Each run is a fresh `mode-edge run` process (greedy, one expert, a fixed code prompt) whose --json profile gives
 decode tokens/s, prefill tokens/s, time to first token and sampled peak RSS; the bundles take turns, so machine noise
 hits each alike, and the medians are reported. Run it on idle cores: the figures are ratios within one run.
-Writes benchmarks/results/bundle_speed.{json,md}.
+Writes benchmarks/results/bundle_speed.{json,md} (or NAME.{json,md} with --name NAME).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--expert", default="code")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--name", default="bundle_speed", help="Results file name in benchmarks/results/ (no suffix).")
     args = ap.parse_args()
     bundles = {}
     for spec in args.bundle:
@@ -63,7 +64,7 @@ def main() -> None:
                   f"| {1000 * m['time_to_first_token_s']:.0f} | {m['peak_rss_mb']:.0f} |")  # fmt: skip
     data = {"bundles": {k: [str(p), b] for k, (p, b) in bundles.items()}, "runs": runs, "median": med,
             "new_tokens": args.new_tokens, "machine": machine()}  # fmt: skip
-    write("bundle_speed", data, "\n".join(md) + "\n")
+    write(args.name, data, "\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

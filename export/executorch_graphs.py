@@ -24,7 +24,7 @@ from mode_edge.export.onnx_graphs import dynamic_shapes, quiet
 
 class Int8EmbedGraph(torch.nn.Module):
     """The embed graph with its table in symmetric 8-bit blocks of 32 (export/source_blocks.int8_blocks, the same
-    bytes as the ONNX bundle's GatherBlockQuantized), gathered by ExecuTorch's quantized embedding_byte kernel:
+    codes and scales as the ONNX bundle's embedding), gathered by ExecuTorch's quantized embedding_byte kernel:
     input_ids (B, T) int64 -> hidden (B, T, d) float32."""
 
     def __init__(self, graph: torch.nn.Module):

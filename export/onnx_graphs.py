@@ -126,28 +126,28 @@ def quantize_onnx(src: Path, dst: Path, quant: str, block_size: int, accuracy_le
 
 
 def share_tied_embedding(embed: Path, head: Path) -> int:
-    """A tied model's embedding, stored once: when the embed graph's GatherBlockQuantized table and scales hold the
-    same bytes as initializers of the head graph (its 8-bit weight and scales, as written from a Q8_0 source or the
-    8-bit embedding blocks), the embed graph's initializers are pointed at the head's weights file and its own is
-    removed. Returns the bytes saved (0 when no such pair exists, and nothing changes). Source of the idea:
-    onnxruntime-genai's builder feeds one quantized tensor to both ops of a tied model."""
+    """A tied model's embedding, stored once: when every weight the embed graph keeps in its weights file (its
+    GatherBlockQuantized table and scales, as written from a Q8_0 source or the 8-bit embedding blocks: 8-bit, or
+    the nibble table at accuracy level 0, export/source_blocks.nibble_table) holds the same bytes as an initializer
+    of the head graph, the embed graph's initializers are pointed at the head's weights file and its own is
+    removed. Returns the bytes saved (0 when some weight has no such twin, and nothing changes). Source of the
+    idea: onnxruntime-genai's builder feeds one quantized tensor to both ops of a tied model."""
     embed_model = onnx.load(str(embed), load_external_data=False)
     head_model = onnx.load(str(head), load_external_data=False)
-    gather = [n for n in embed_model.graph.node if n.op_type == "GatherBlockQuantized"]
-    if len(gather) != 1 or len(embed_model.graph.initializer) != 2 or len(gather[0].input) != 3:
-        return 0  # 8-bit blocks without zero points have one layout in both ops; other layouts differ
-    own = {i.name: i for i in embed_model.graph.initializer}
+    if not any(n.op_type == "GatherBlockQuantized" for n in embed_model.graph.node):
+        return 0
     pairs = []
-    for name in (gather[0].input[0], gather[0].input[2]):  # GatherBlockQuantized(data, indices, scales)
-        mine = own[name]
+    for mine in embed_model.graph.initializer:
         if not mine.external_data:  # small tensors stay inside the graph file
-            return 0
+            continue
         ours = _external_bytes(embed, mine)
         other = next((t for t in head_model.graph.initializer if t.external_data and t.data_type == mine.data_type
                       and _length(t) == len(ours) and _external_bytes(head, t) == ours), None)  # fmt: skip
         if other is None:
             return 0
         pairs.append((mine, other))
+    if not pairs:
+        return 0
     saved = embed.with_name(embed.name + ".data").stat().st_size
     for mine, other in pairs:
         fields = {e.key: e.value for e in other.external_data}  # both graphs lie in base/: the same folder

@@ -9,9 +9,10 @@ onnxruntime's block formats:
     GGUF Q4_0  x = d * (q - 8)      -> MatMulNBits 4-bit, scale d, default zero point 8
     GGUF Q4_1  x = d * q + m        -> MatMulNBits 4-bit, scale d, default zero point 8, plus a per-block offset
                                        o = m + 8 d:  y = MatMulNBits(x) + (sums of x over each block) @ O
-    GGUF Q8_0  x = d * q (q signed) -> GatherBlockQuantized 8-bit (q + 128, default zero point 128) for the embedding;
-                                       for a MatMul at accuracy level 0 two 4-bit MatMulNBits over the nibbles of
-                                       q + 128 plus a per-block offset (`_nibble_split`), else MatMulNBits 8-bit
+    GGUF Q8_0  x = d * q (q signed) -> at accuracy level 0 the nibbles of q + 128 as one 4-bit table
+                                       (`nibble_table`): a 4-bit MatMulNBits over it plus a per-block offset, and
+                                       for the embedding two 4-bit GatherBlockQuantized from it; at level 4
+                                       MatMulNBits 8-bit and GatherBlockQuantized 8-bit (q + 128, zero point 128)
 
 all in blocks of 32 along the input dimension (ggml's QK = 32). Q4_1 is written as a symmetric product plus a small
 fp32 one (K/32 block sums by N offsets, 1/32 of the weight's multiply-adds) rather than as MatMulNBits with the float
@@ -152,11 +153,18 @@ class SourceBlocks:
 
 
 def int8_blocks(weight: np.ndarray) -> Blocks:
-    """weight (N, K), K a multiple of 32 -> symmetric 8-bit blocks of 32 (Q8_0's scheme, fp32 scales): the largest
-    magnitude of each block maps to 127."""
+    """weight (N, K), K a multiple of 32 -> symmetric 8-bit blocks of 32 in Q8_0's scheme: each block's scale is
+    its largest magnitude over 127, rounded up to an fp16 value (as Q8_0 stores it), so no code leaves [-127, 127].
+    fp16 scales make the nibble form (`nibble_table`) exact in fp32 (16 d (h - 8) and d l are exact products, and
+    so is their sum) and take half the disk of fp32 ones; the step grows by at most 2^-10 of itself. Blocks whose
+    scale fp16 cannot hold that closely (beyond its range, or deep in its subnormals) keep an fp32 scale."""
     w = weight.reshape(len(weight), -1, BLOCK).astype(np.float32)
-    d = np.abs(w).max(-1) / 127.0
-    d = np.where(d == 0, np.float32(1), d).astype(np.float32)
+    d = np.abs(w).max(-1) / np.float32(127)
+    with np.errstate(over="ignore"):
+        half = d.astype(np.float16)
+    up = np.where(half.astype(np.float32) < d, np.nextafter(half, np.float16(np.inf)), half).astype(np.float32)
+    close = np.isfinite(up) & (up <= d * np.float32(1 + 2**-10))  # not where fp16 cannot come near: keep fp32 there
+    d = np.where(d == 0, np.float32(1), np.where(close, up, d)).astype(np.float32)
     q = (np.clip(np.rint(w / d[..., None]), -127, 127) + 128).astype(np.uint8)
     return Blocks("int8", 8, q, d, None)
 
@@ -259,12 +267,12 @@ def _matmul_nbits(node, blocks: Blocks, shape: tuple, block_sums: dict[str, str]
     rounds only MatMuls of initializer weights, leaves the exact offset products alone."""
     k, n = shape
     prefix = f"{node.input[1]}_{blocks.source_type}"
+    if nibbles(blocks):
+        return _nibble_product(node, blocks, shape, block_sums, prefix)
     half = blocks.bits == 4 and _fp16_exact(blocks.scales) and (blocks.minimums is None or _fp16_exact(blocks.minimums))
     scales = prefix + "_scales"
     nodes, extra = [], [_initializer(prefix, blocks.q)]
     _stored(nodes, extra, scales, blocks.scales.reshape(-1), half)
-    if blocks.bits == 8 and blocks.accuracy_level == 0 and blocks.zero_points is None:
-        return _nibble_split(node, blocks, shape, block_sums, prefix, nodes, extra)
     inputs = [node.input[0], prefix, scales]
     if blocks.zero_points is not None:
         extra.append(_initializer(prefix + "_zero_points", _zero_points(blocks)))
@@ -296,42 +304,48 @@ def _stored(nodes: list, extra: list, name: str, values: np.ndarray, half: bool)
     nodes.append(helper.make_node("Cast", [name + "_fp16"], [name], to=onnx.TensorProto.FLOAT))
 
 
-def _nibble_split(node, blocks: Blocks, shape: tuple, block_sums: dict[str, str], prefix: str, nodes: list,
-                  extra: list):  # fmt: skip
-    """8-bit blocks at accuracy level 0, exactly and fast: onnxruntime has no blocked fp32 kernel for 8-bit
-    MatMulNBits (it unpacks the weight on every call: 75.6 ms a decode step for SmolLM2's 49152 x 576 tied head,
-    against 0.63 at level 4, which rounds the activations). With the codes u = 16 h + l (u = q + 128) and
-    d (u - 128) = 16 d (h - 8) + d (l - 8) + 8 d, the product is two 4-bit MatMulNBits over the high and low nibbles
-    (scales 16 d and d, default zero point 8) plus the block sums times 8 d: 1.73 ms, equal to fp32 within 3e-7.
-    The nibbles are computed from the one 8-bit table by ops that onnxruntime folds into initializers at load, so
-    the table stays on disk once, shared with a tied embedding's gather."""
+def nibbles(blocks: Blocks) -> bool:
+    """Whether blocks are written as their 4-bit nibbles (`nibble_table`): 8-bit blocks without zero points at
+    accuracy level 0, for which onnxruntime has no blocked fp32 kernel (it unpacks an 8-bit weight on every call:
+    75.6 ms a decode step for SmolLM2's 49152 x 576 tied head, against 1.73 ms as nibbles, exact within 3e-7)."""
+    return blocks.bits == 8 and blocks.accuracy_level == 0 and blocks.zero_points is None
+
+
+def nibble_table(blocks: Blocks) -> np.ndarray:
+    """8-bit blocks (N, K/32, 32) as one 4-bit table (2N, K/32, 16) uint8: with the codes u = 16 h + l, rows
+    0..N-1 hold the high nibbles h and rows N..2N-1 the low nibbles l, two a byte (the lower index in the low
+    nibble), as MatMulNBits and GatherBlockQuantized read them. The same bytes as the 8-bit table, stored as they
+    are used, so that loading a session computes nothing from them (computing the nibbles at load, as folded
+    ops, set the peak RSS: 297 MB above the process while the head graph loaded, 81 MB with the nibbles stored)."""
+    packed = [(p[..., 0::2] | (p[..., 1::2] << 4)) for p in (blocks.q >> 4, blocks.q & 0x0F)]
+    return np.concatenate(packed).astype(np.uint8)
+
+
+def _nibble_product(node, blocks: Blocks, shape: tuple, block_sums: dict[str, str], prefix: str):
+    """8-bit blocks at accuracy level 0, exactly and fast: with u = 16 h + l (u = q + 128) and
+    d (u - 128) = 16 d (h - 8) + d (l - 8) + 8 d, the product is one 4-bit MatMulNBits over the nibble table
+    (`nibble_table`: scales 16 d for the high rows, d for the low ones, default zero point 8) whose two halves are
+    added, plus the block sums times 8 d. The scales are stored once (fp16 when they are fp16 values, as a GGUF's
+    are), shared with a tied embedding's gather; the stacked scales and offsets are folded at load (small)."""
     k, n = shape
     scales = prefix + "_scales"
-    consts = {"four": np.array(4, np.uint8), "fifteen": np.array(15, np.uint8), "zero": np.array([0], np.int64),
-              "one": np.array([1], np.int64), "end": np.array([BLOCK], np.int64), "axis": np.array([2], np.int64),
-              "step": np.array([2], np.int64), "sixteen": np.array(16, np.float32), "eight": np.array(8, np.float32)}
-    extra += [_initializer(f"{prefix}_{name}", value) for name, value in consts.items()]
-    c = {name: f"{prefix}_{name}" for name in consts}
-    nodes += [helper.make_node("BitShift", [prefix, c["four"]], [prefix + "_high"], direction="RIGHT"),
-              helper.make_node("BitwiseAnd", [prefix, c["fifteen"]], [prefix + "_low"])]  # fmt: skip
-    for part in ("_high", "_low"):  # pack two 4-bit values a byte, the lower index in the low nibble
-        t = prefix + part
-        nodes += [
-            helper.make_node("Slice", [t, c["zero"], c["end"], c["axis"], c["step"]], [t + "_even"]),
-            helper.make_node("Slice", [t, c["one"], c["end"], c["axis"], c["step"]], [t + "_odd"]),
-            helper.make_node("BitShift", [t + "_odd", c["four"]], [t + "_odd_shifted"], direction="LEFT"),
-            helper.make_node("BitwiseOr", [t + "_even", t + "_odd_shifted"], [t + "_packed"]),
-        ]
-    nodes.append(helper.make_node("Mul", [scales, c["sixteen"]], [prefix + "_high_scales"]))
-    for part, part_scales in (("_high", prefix + "_high_scales"), ("_low", scales)):
-        nodes.append(helper.make_node(
-            "MatMulNBits", [node.input[0], prefix + part + "_packed", part_scales], [prefix + part + "_product"],
-            name=(node.name or prefix) + part + "_nbits", domain=MS_DOMAIN,
-            K=k, N=n, bits=4, block_size=BLOCK, accuracy_level=0,
-        ))  # fmt: skip
-    nodes.append(helper.make_node("Add", [prefix + "_high_product", prefix + "_low_product"], [prefix + "_nibbles"]))
-    _scaled_scales(nodes, extra, prefix, scales, (n, k // BLOCK), c["eight"], prefix + "_offsets")
-    _add_offset_product(nodes, extra, node.input[0], k, prefix + "_offsets", prefix, prefix + "_nibbles",
+    nodes, extra = [], [_initializer(prefix + "_nibbles", nibble_table(blocks))]
+    _stored(nodes, extra, scales, blocks.scales.reshape(-1), _fp16_exact(blocks.scales))
+    extra += [_initializer(prefix + "_sixteen", np.array(16, np.float32)),
+              _initializer(prefix + "_eight", np.array(8, np.float32)),
+              _initializer(prefix + "_halves", np.array([n, n], np.int64))]  # fmt: skip
+    nodes += [
+        helper.make_node("Mul", [scales, prefix + "_sixteen"], [prefix + "_high_scales"]),
+        helper.make_node("Concat", [prefix + "_high_scales", scales], [prefix + "_nibble_scales"], axis=0),
+        helper.make_node("MatMulNBits", [node.input[0], prefix + "_nibbles", prefix + "_nibble_scales"],
+                         [prefix + "_halves_product"], name=(node.name or prefix) + "_nbits", domain=MS_DOMAIN,
+                         K=k, N=2 * n, bits=4, block_size=BLOCK, accuracy_level=0),
+        helper.make_node("Split", [prefix + "_halves_product", prefix + "_halves"],
+                         [prefix + "_high_product", prefix + "_low_product"], axis=-1),
+        helper.make_node("Add", [prefix + "_high_product", prefix + "_low_product"], [prefix + "_nibble_sum"]),
+    ]  # fmt: skip
+    _scaled_scales(nodes, extra, prefix, scales, (n, k // BLOCK), prefix + "_eight", prefix + "_offsets")
+    _add_offset_product(nodes, extra, node.input[0], k, prefix + "_offsets", prefix, prefix + "_nibble_sum",
                         node.output[0], block_sums)  # fmt: skip
     return nodes, extra
 
@@ -386,11 +400,44 @@ def _zero_points(blocks: Blocks) -> np.ndarray:
 
 
 def _gather_block_quantized(node, blocks: Blocks):
+    """The GatherBlockQuantized nodes that replace a Gather of 8-bit blocks' rows, and their initializers: one
+    8-bit gather, or, for blocks written as nibbles (`nibbles`), the sum of two 4-bit gathers from the same table
+    and scales as the head's product (a tied model stores them once): rows ids of the high half give
+    16 d (h - 8), rows ids + N of the low half with zero point 0 give d l, and their sum is d (u - 128), exactly
+    (each term and the sum are exact in fp32)."""
     prefix = f"{node.input[0]}_{blocks.source_type}"
-    extra = [_initializer(prefix, blocks.q.reshape(len(blocks.q), -1)), _initializer(prefix + "_scales", blocks.scales)]
-    new = helper.make_node(
-        "GatherBlockQuantized", [prefix, node.input[1], prefix + "_scales"], list(node.output),
-        name=(node.name or prefix) + "_blocks", domain=MS_DOMAIN, gather_axis=0, quantize_axis=1, block_size=BLOCK,
-        bits=8,
-    )  # fmt: skip
-    return [new], extra
+    if not nibbles(blocks):
+        extra = [_initializer(prefix, blocks.q.reshape(len(blocks.q), -1)),
+                 _initializer(prefix + "_scales", blocks.scales)]  # fmt: skip
+        new = helper.make_node(
+            "GatherBlockQuantized", [prefix, node.input[1], prefix + "_scales"], list(node.output),
+            name=(node.name or prefix) + "_blocks", domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
+            block_size=BLOCK, bits=8,
+        )  # fmt: skip
+        return [new], extra
+    n, per_row = blocks.scales.shape
+    table, scales = prefix + "_nibbles", prefix + "_scales"
+    nodes, extra = [], [_initializer(table, nibble_table(blocks).reshape(2 * n, -1))]
+    _stored(nodes, extra, scales, blocks.scales, _fp16_exact(blocks.scales))
+    extra += [_initializer(prefix + "_sixteen", np.array(16, np.float32)),
+              _initializer(prefix + "_rows", np.array(n, np.int64)),
+              _initializer(prefix + "_zero_point_shape", np.array([n, (per_row + 1) // 2], np.int64))]  # fmt: skip
+    zero_points = {"_high_zero_points": 0x88, "_low_zero_points": 0}  # two 4-bit zero points a byte
+    nodes += [helper.make_node("ConstantOfShape", [prefix + "_zero_point_shape"], [prefix + name],
+                               value=numpy_helper.from_array(np.array([value], np.uint8)))
+              for name, value in zero_points.items()]  # fmt: skip
+    nodes += [
+        helper.make_node("Concat", [prefix + name for name in zero_points], [prefix + "_zero_points"], axis=0),
+        helper.make_node("Mul", [scales, prefix + "_sixteen"], [prefix + "_high_scales"]),
+        helper.make_node("Concat", [prefix + "_high_scales", scales], [prefix + "_nibble_scales"], axis=0),
+        helper.make_node("CastLike", [prefix + "_rows", node.input[1]], [prefix + "_rows_like"]),
+        helper.make_node("Add", [node.input[1], prefix + "_rows_like"], [prefix + "_low_ids"]),
+    ]  # fmt: skip
+    for half, ids in (("_high", node.input[1]), ("_low", prefix + "_low_ids")):
+        nodes.append(helper.make_node(
+            "GatherBlockQuantized", [table, ids, prefix + "_nibble_scales", prefix + "_zero_points"],
+            [prefix + half + "_rows"], name=(node.name or prefix) + half + "_blocks", domain=MS_DOMAIN,
+            gather_axis=0, quantize_axis=1, block_size=BLOCK, bits=4,
+        ))  # fmt: skip
+    nodes.append(helper.make_node("Add", [prefix + "_high_rows", prefix + "_low_rows"], list(node.output)))
+    return nodes, extra

@@ -58,16 +58,21 @@ def test_each_block_type_is_written_as_its_own_blocks_and_computes_the_weight(ti
     counts = write_source_blocks(model, SourceBlocks(path))
     assert counts == {SHAPES[name][0].name: 1}
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    # only 4-bit products without zero points, onnxruntime's fast blocked kernels at accuracy level 0 (Q8_0 as two:
-    # its high and low nibbles)
-    assert len(nbits) == (2 if name == "q8_0" else 1)
-    assert all(len(n.input) == 3 and next(a.i for a in n.attribute if a.name == "bits") == 4 for n in nbits)
+    # one 4-bit product without zero points, onnxruntime's fast blocked kernels at accuracy level 0 (Q8_0 over
+    # its high and low nibbles, stacked: twice as wide)
+    assert len(nbits) == 1 and len(nbits[0].input) == 3
+    attrs = {a.name: a.i for a in nbits[0].attribute}
+    assert attrs["bits"] == 4 and attrs["N"] == (2 if name == "q8_0" else 1) * len(w)
     ops = [n.op_type for n in model.graph.node]
     if name == "q4_1":  # the minimum as a per-block offset: block sums (one MatMul) times offsets, added
         assert ops.count("MatMul") == 2 and ops.count("Add") == 2  # (the other Add: m + 8 d, folded at load)
-    if name != "q8_0":  # the 4-bit blocks take on disk what they take in the file (fp16 scales and minimums)
-        stored = sum(numpy_helper.to_array(i).nbytes for i in model.graph.initializer)
-        assert stored <= w.size // 32 * BLOCK_BYTES[SHAPES[name][0].name] + 128  # + a few scalars (sizes, the 8)
+    # the blocks take on disk what they take in the file (fp16 scales and minimums), stored as the kernel reads
+    # them: no node computes from the quantized values at load (that set the peak RSS of the head's session)
+    stored = sum(numpy_helper.to_array(i).nbytes for i in model.graph.initializer)
+    assert stored <= w.size // 32 * BLOCK_BYTES[SHAPES[name][0].name] + 128  # + a few scalars (sizes, the 8)
+    table = nbits[0].input[1]
+    assert table in {i.name for i in model.graph.initializer}
+    assert [n.op_type for n in model.graph.node if table in n.input] == ["MatMulNBits"]
     assert not any(i.name == "B" for i in model.graph.initializer)  # the fp32 weight is gone
     x = RNG.standard_normal((1, 3, w.shape[1])).astype(np.float32)
     got = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
@@ -123,6 +128,12 @@ def test_an_embedding_table_of_q8_0_rows_becomes_gather_block_quantized(tiny_ggu
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     assert write_source_blocks(model, SourceBlocks(path)) == {"Q8_0": 1}
     ids = np.array([[0, 7, 49, 3]], np.int64)
+    got = ort.InferenceSession(model.SerializeToString()).run(None, {"ids": ids})[0]
+    np.testing.assert_array_equal(got, table[ids])
+    # at accuracy level 4 (where the head is an 8-bit MatMulNBits) one 8-bit gather, the same rows
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert write_source_blocks(model, SourceBlocks(path, accuracy_level=4)) == {"Q8_0": 1}
+    assert [n.op_type for n in model.graph.node] == ["GatherBlockQuantized"]
     got = ort.InferenceSession(model.SerializeToString()).run(None, {"ids": ids})[0]
     np.testing.assert_array_equal(got, table[ids])
 
