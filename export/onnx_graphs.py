@@ -98,7 +98,7 @@ def quantize_onnx(src: Path, dst: Path, quant: str, block_size: int, accuracy_le
     from mode_edge.export.fuse_matmuls import fuse_parallel_matmuls
     from mode_edge.export.source_blocks import ROUNDED_HERE, write_source_blocks
 
-    bits = {"int8": 8, "int4": 4}[quant]
+    bits = {"int8": 8, "int4": 4, "mixed": 4}[quant]
     auto = accuracy_level == "auto"
     if auto and measure is None:
         raise ValueError("accuracy_level 'auto' needs inputs to measure on")

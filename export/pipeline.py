@@ -7,9 +7,9 @@ Stages, in order (each shown as a progress step):
                before lowering, so a .pte is exported at its final precision)
     calibrate  --quant-method gptq: GPTQ blocks of every linear layer without source blocks, from its inputs while
                the model reads each expert's training text (export/calibrate.py)
-    quantize   ONNX graphs to int8 / int4 with onnxruntime.quantization; a GGUF backbone's weights keep their own
-               blocks, GPTQ's blocks are written as they are, and the embedding is rounded once to 8 bits
-               (export/source_blocks.py)
+    quantize   ONNX graphs to int8 / int4 / mixed with onnxruntime.quantization; a GGUF backbone's weights keep
+               their own blocks, GPTQ's blocks are written as they are, the embedding is rounded once to 8 bits
+               (export/source_blocks.py), and --quant mixed keeps some layers at 8 bits (export/mixed_precision.py)
     verify     every fp32 graph against its PyTorch module (max abs diff), quantized ones reported against fp32
     write      a tied embedding stored once; gates, tokenizer, per-expert pack.json, manifest.json with every
                file's bytes and sha256; the bundle appears under --out only when complete
@@ -140,8 +140,9 @@ def pte_limits(cfg: ExportConfig, dcfg) -> dict[str, int]:
 def source_blocks(backbone: Backbone, model: MoDEModel, cfg: ExportConfig, progress, corpora: dict[str, Path],
                   fallback: bool = False) -> tuple[object, str]:  # fmt: skip
     """Where the quantized ONNX bundle's weights come from when not rounded by onnxruntime's quantizer, asked in
-    order: the blocks of the GGUF file the backbone was loaded from (exactly the trained weights); with
-    calibration `corpora` ({expert: corpus}, --quant-method gptq), GPTQ's blocks of every other linear layer
+    order: the blocks of the GGUF file the backbone was loaded from (exactly the trained weights); with --quant
+    mixed, the 8-bit blocks of the layers that get more bits (export/mixed_precision.py); with calibration
+    `corpora` ({expert: corpus}, --quant-method gptq), GPTQ's blocks of every other linear layer
     (export/calibrate.py); the embedding rounded once to 8 bits (for the embed graph and a tied head alike). None
     for fp32 or ExecuTorch-only bundles. Returns (the source, the rounding method in the end): with `fallback` (gptq
     chosen by --quant-method auto), a calibration that fails (an unreadable or too small corpus) falls back to rtn,
@@ -161,6 +162,11 @@ def source_blocks(backbone: Backbone, model: MoDEModel, cfg: ExportConfig, progr
                 console.print(f"{gguf_file}: weights stored as {', '.join(sorted(gguf.other_types))} are "
                               f"dequantized and rounded again to {cfg.quant}; Q4_0, Q4_1 and Q8_0 weights are "
                               f"written from their own blocks")  # fmt: skip
+    more_bits = None
+    if cfg.quant == "mixed":
+        from mode_edge.export.mixed_precision import MoreBits
+
+        more_bits = MoreBits(model, cfg.accuracy_level)
     calibrated, method = None, cfg.quant_method
     if corpora:
         from mode_edge.export.calibrate import CALIBRATION_WINDOWS, calibrate, calibration_windows
@@ -168,22 +174,23 @@ def source_blocks(backbone: Backbone, model: MoDEModel, cfg: ExportConfig, progr
         windows, tokens = CALIBRATION_WINDOWS
         progress.show(f"calibrate on {windows} windows of {tokens} tokens per expert")
         in_gguf = (lambda w: gguf.find(w) is not None) if gguf is not None else (lambda w: False)
+        written = (lambda w: in_gguf(w) or more_bits.holds(w)) if more_bits is not None else in_gguf
         level = CANDIDATES[0] if cfg.accuracy_level == "auto" else cfg.accuracy_level  # auto: chosen per graph after
         try:
             texts = {n: calibration_windows(c, backbone.tokenizer, *CALIBRATION_WINDOWS) for n, c in corpora.items()}
-            calibrated = calibrate(model, texts, level, skip=in_gguf, progress=progress)
+            calibrated = calibrate(model, texts, level, skip=written, progress=progress)
         except UserError as e:
             if not fallback:
                 raise
             console.print(f"--quant-method auto: the experts are rounded to nearest, GPTQ could not calibrate: {e}")
             method = "rtn"
-    return FirstOf(gguf, calibrated, embedding), method
+    return FirstOf(gguf, more_bits, calibrated, embedding), method
 
 
 def resolve_quant_method(run: Path, record: dict, cfg: ExportConfig) -> tuple[ExportConfig, dict[str, Path]]:
     """cfg with --quant-method auto made concrete (gptq if it can run, else rtn, said in one line), and the corpus
     each expert is calibrated on ({} unless gptq). Raises UserError when an explicit gptq finds a text gone."""
-    if cfg.quant != "int4" or "onnx" not in cfg.formats:
+    if cfg.quant not in ("int4", "mixed") or "onnx" not in cfg.formats:
         return dataclasses.replace(cfg, quant_method="rtn"), {}
     if cfg.quant_method == "gptq":
         return cfg, calibration_texts(run, record, cfg)
@@ -364,7 +371,7 @@ def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict,
 def quant_record(cfg: ExportConfig) -> dict:
     if cfg.quant == "fp32":
         return {"scheme": "fp32"}
-    method = {"method": cfg.quant_method} if cfg.quant == "int4" else {}
+    method = {"method": cfg.quant_method} if cfg.quant in ("int4", "mixed") else {}
     return {"scheme": cfg.quant, "block_size": cfg.block_size, "accuracy_level": cfg.accuracy_level,
             "base_accuracy_level": cfg.base_accuracy_level, **method}
 

@@ -203,7 +203,8 @@ def _initializer(name: str, array: np.ndarray) -> onnx.TensorProto:
 
 ROUNDED_HERE = ("gptq", "rounded")
 """Origins of MatMulNBits weights rounded by the exporter (GPTQ; onnxruntime's quantizer): their compute type is
---accuracy-level's. The others are a source's own blocks (a GGUF's, the 8-bit embedding): --base-accuracy-level."""
+--accuracy-level's. The others are a source's own blocks (a GGUF's, the 8-bit embedding): --base-accuracy-level;
+and --quant mixed's 8-bit layers ("mixed8"), which keep the level they were written at (export/mixed_precision.py)."""
 
 
 def write_source_blocks(model: onnx.ModelProto, source, origins: dict[str, str] | None = None) -> dict[str, int]:

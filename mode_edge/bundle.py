@@ -28,7 +28,7 @@ BUNDLE_FORMAT, PACK_FORMAT, BUNDLE_VERSION = "mode-edge-bundle", "mode-edge-pack
 returned the grown cache. docs/bundle-format.md "Graph interfaces"."""
 FORMATS = ("onnx", "executorch")
 GRAPH_SUFFIX = {"onnx": ".onnx", "executorch": ".pte"}
-QUANTS = ("fp32", "int8", "int4")
+QUANTS = ("fp32", "int8", "int4", "mixed")
 MAX_FILE_BYTES = 64 << 30
 """No component of a model that fits a phone or a board is larger; a bigger declared size is corrupt or hostile."""
 

@@ -34,9 +34,10 @@ def human_bytes(n: int) -> str:
 )
 @click.option(
     "--quant",
-    type=click.Choice(["fp32", "int8", "int4"]),
+    type=click.Choice(["fp32", "int8", "int4", "mixed"]),
     default=None,
-    help="Weight precision. Default: the device profile's, else int8.",
+    help="Weight precision. mixed: int4 with the value and down projections of some layers at 8 bits (llama.cpp's "
+    "Q4_K_M rule; ONNX only). Default: the device profile's, else int8.",
 )
 @click.option("--block-size", type=Int(16, 256), default=32, show_default=True,
               help="Weights per int8 / int4 quantization group: 16, 32, 64, 128 or 256.")

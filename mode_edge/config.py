@@ -202,8 +202,10 @@ class ExportConfig(_Serialisable):
     formats: tuple = ("onnx",)
     """Graph formats: 'onnx' (onnxruntime) and/or 'executorch' (.pte, XNNPACK)."""
     quant: str = "int8"
-    """Weight precision: 'fp32', 'int8' or 'int4'. ONNX: weight-only in groups of block_size (MatMulNBits). .pte:
-    8-bit dynamic per-token activations with 8-bit per-channel or 4-bit grouped weights (XNNPACK)."""
+    """Weight precision: 'fp32', 'int8', 'int4' or 'mixed'. ONNX: weight-only in groups of block_size (MatMulNBits);
+    'mixed' is int4 with the value and down projections of llama.cpp's Q4_K_M layers at 8 bits
+    (export/mixed_precision.py; ONNX only). .pte: 8-bit dynamic per-token activations with 8-bit per-channel or 4-bit
+    grouped weights (XNNPACK)."""
     block_size: int = 32
     """Weights per quantization group (ONNX int8 and int4, .pte int4): 16, 32, 64, 128 or 256."""
     experts: list | None = None
@@ -238,7 +240,10 @@ class ExportConfig(_Serialisable):
         if unknown or not self.formats:
             raise UserError(f"--format must list onnx and/or executorch, got {','.join(self.formats) or 'nothing'}")
         if self.quant not in QUANTS:
-            raise UserError(f"--quant must be fp32, int8 or int4, got {self.quant!r}")
+            raise UserError(f"--quant must be fp32, int8, int4 or mixed, got {self.quant!r}")
+        if self.quant == "mixed" and "executorch" in self.formats:
+            raise UserError("--quant mixed is for ONNX bundles (ExecuTorch's XNNPACK takes one scheme a graph); "
+                            "pass --format onnx, or --quant int4 for ExecuTorch")  # fmt: skip
         if self.experts is not None:
             check_names(self.experts, "--experts")
         if not isinstance(self.block_size, numbers.Integral) or self.block_size not in BLOCK_SIZES:
@@ -247,7 +252,7 @@ class ExportConfig(_Serialisable):
         check_number("--pte-context", self.pte_context, lo=64, integer=True)
         if self.quant_method not in QUANT_METHODS:
             raise UserError(f"--quant-method must be {', '.join(QUANT_METHODS)}, got {self.quant_method!r}")
-        if self.quant_method == "gptq" and self.quant == "int4" and self.block_size != 32:
+        if self.quant_method == "gptq" and self.quant in ("int4", "mixed") and self.block_size != 32:
             raise UserError(f"--quant-method gptq writes blocks of 32 weights (GGUF Q4_1's layout), got --block-size "
                             f"{self.block_size}; pass --block-size 32 or --quant-method rtn")  # fmt: skip
         for option, level in (("--accuracy-level", self.accuracy_level),
