@@ -38,15 +38,21 @@ def trust():
 @click.argument("pubkey")
 @click.option("--bundle", type=click.Path(path_type=Path), required=True, help="Bundle folder.")
 @click.option("--label", default=None, help="A name to show for the key (default: the .pub file's name).")
-def trust_add_cmd(pubkey, bundle, label):
-    """Trust PUBKEY (a .pub file from `mode-edge keys generate`, or its line 'ed25519 BASE64')."""
+@click.option("--role", type=click.Choice(["all", "packs", "index"]), default="all", show_default=True,
+              help="What the key may sign: packs, the index of a pack source, or both. Keep the pack key offline "
+                   "and give the server's index key the index role only: if it is stolen, it cannot sign a pack.")
+def trust_add_cmd(pubkey, bundle, label, role):
+    """Trust PUBKEY (a .pub file from `mode-edge keys generate`, or its line 'ed25519 BASE64') to sign packs
+    and/or a pack source's index. Adding a trusted key again with another role grants that role too."""
+    from mode_edge.signing import ROLES
     from mode_edge.trust import trust_add
 
-    kid, added = trust_add(bundle, pubkey, label)
+    kid, added = trust_add(bundle, pubkey, label, ROLES if role == "all" else (role,))
     if added:
-        click.echo(f"{bundle} trusts key {kid}; from now on it installs only signed packs")
+        signs = "packs and indexes" if role == "all" else {"packs": "packs", "index": "indexes"}[role]
+        click.echo(f"{bundle} trusts key {kid}; it may sign {signs}; from now on it installs only signed packs")
     else:
-        click.echo(f"{bundle} already trusts key {kid}; nothing changed")
+        click.echo(f"{bundle} already trusts key {kid} for that; nothing changed")
 
 
 @trust.command("list")
@@ -55,19 +61,20 @@ def trust_add_cmd(pubkey, bundle, label):
 def trust_list_cmd(bundle, as_json):
     """The keys BUNDLE trusts, and the signer and version of each installed pack."""
     from mode_edge.bundle import read_bundle
-    from mode_edge.signing import trusted_keys
+    from mode_edge.signing import key_roles, trusted_keys
 
     manifest = read_bundle(bundle)
     keys_ = trusted_keys(manifest)
     installed = {n: {"version": e.get("version", 1), "signed_by": e.get("signed_by")}
                  for n, e in sorted(manifest["experts"].items())}  # fmt: skip
     if as_json:
+        keys_ = {kid: {**k, "roles": list(key_roles(k))} for kid, k in keys_.items()}
         click.echo(json.dumps({"keys": keys_, "installed": installed}, indent=2))
         return
     if not keys_:
         click.echo(f"{bundle} trusts no keys: it installs any intact pack (add one with `mode-edge trust add`)")
     for kid, k in sorted(keys_.items()):
-        click.echo(f"{kid}  {k.get('label', '')}")
+        click.echo(f"{kid}  {k.get('label', '')}  signs {' and '.join(key_roles(k))}")
     for name, e in installed.items():
         click.echo(f"installed {name} v{e['version']}: " + (f"signed by {e['signed_by']}" if e["signed_by"]
                                                            else "not checked against a key"))  # fmt: skip
@@ -122,8 +129,8 @@ def verify_cmd(pack, bundle, key):
 @click.option("--expires-days", type=Float(0.001, 3650), default=30.0, show_default=True,
               help="Devices refuse the index after this many days: publish a fresh one before.")
 @click.option("--version", type=Int(1, None), default=None,
-              help="The index's version (default: one above the index already in PACKS, which is the publisher's record: "
-                   "keep it, never restore an older one); it must rise every time.")
+              help="The index's version (default: one above the index already in PACKS, which is the publisher's "
+                   "record: keep it, never restore an older one); it must rise every time.")
 def index_cmd(packs, key, expires_days, version):
     """Write PACKS/index.json (every pack's name, version, size and sha256, and an expiry) and its signature
     PACKS/index.json.sig. A bundle that trusts keys fetches from a pack source only what such an index lists."""

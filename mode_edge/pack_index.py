@@ -1,11 +1,12 @@
 """A pack source's signed index: which packs it serves, their versions, sizes and sha256, until when.
 
 A bundle that trusts keys fetches nothing from a pack source (`--pack-source`) until it has read the source's
-index.json and its signature index.json.sig, signed by a trusted key; then it downloads only a pack the index lists,
-never more bytes than the index says, and installs it only if its sha256 matches. Like TUF's timestamp and snapshot
-roles, in miniature: the index expires (an attacker who replays a stale index can only freeze a device until the
-expiry), and it carries a version that may never go down for a source (a replayed older index is refused, remembered
-in the bundle manifest's "index_versions"). Written by `mode-edge index --packs DIR --sign KEY`.
+index.json and its signature index.json.sig, signed by a key it trusts for the "index" role; then it downloads only
+a pack the index lists, never more bytes than the index says, and installs it only if its sha256 matches. Like
+TUF's timestamp and snapshot roles, in miniature: the index expires (an attacker who replays a stale index can only
+freeze a device until the expiry), and it carries a version that may never go down for a source (a replayed older
+index is refused, remembered in the bundle manifest's "index_versions"). Written by `mode-edge index --packs DIR
+--sign KEY`.
 
     {"format": "mode-edge-pack-index", "format_version": 1, "version": 7, "expires": "2026-12-29T00:00:00Z",
      "packs": {"law": {"version": 3, "bytes": 13731840, "sha256": "...", "base_fingerprint": "..."}}}
@@ -90,13 +91,14 @@ def _previous_version(path: Path) -> int:
 
 def read_index(raw: bytes, signature_raw: bytes, trusted: dict, seen_version: int, source: str,
                now: dt.datetime | None = None) -> dict:  # fmt: skip
-    """The index of `source`, checked: signed by a trusted key, of the right format, not expired, and not older than
-    `seen_version` (the highest this bundle has read from the source). Raises UserError naming what fails."""
+    """The index of `source`, checked: signed by a key trusted for the index role, of the right format, not
+    expired, and not older than `seen_version` (the highest this bundle has read from the source). Raises UserError
+    naming what fails."""
     what = f"the index of pack source {source}"
     if len(raw) > MAX_INDEX_BYTES:
         raise UserError(f"{what} is larger than {MAX_INDEX_BYTES} bytes; refused, nothing fetched")
     signature = read_signature(signature_raw, what)
-    check_signature(signature, trusted, index_statement(hashlib.sha256(raw).hexdigest()), what)
+    check_signature(signature, trusted, index_statement(hashlib.sha256(raw).hexdigest()), what, "index")
     try:
         index = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):

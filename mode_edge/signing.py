@@ -6,7 +6,10 @@ checksums. So a pack may carry PACK_SIGNATURE beside pack.json: an ed25519 signa
 pack.json, which lists every file by size and sha256. A bundle that trusts keys (its manifest's "trust" block,
 `mode-edge trust add`) installs only packs signed by one of them; the pack's version must not fall below the highest
 version of that name the bundle has installed (rollback protection, remembered across uninstalls). The scheme
-follows TUF's split of metadata and targets (signed metadata that pins every target file by hash) in miniature.
+follows TUF's split of metadata and targets (signed metadata that pins every target file by hash) in miniature,
+with TUF's separation of roles: each trusted key signs packs, a source's index, or both (ROLES). The index key must
+stay online to re-sign the index before it expires; a key trusted for the index only cannot get a pack installed
+if it is stolen (it can at worst list older packs, which rollback protection refuses, or withhold new ones).
 
 Key files (`mode-edge keys generate --out NAME`): NAME.key, the private key as unencrypted PKCS#8 PEM, readable by its
 owner only; NAME.pub, one line "ed25519 <base64 of the 32 raw bytes>", the form `trust add` takes. A key is named by
@@ -31,6 +34,9 @@ SIGNED_DOMAIN = "mode-edge-pack-signature-v1"
 """Written into every signed statement, so that a signature over a pack can never pass for one over anything else."""
 KEY_PREFIX = "ed25519"
 MAX_SIGNATURE_BYTES = 4096
+ROLES = ("packs", "index")
+"""What a trusted key may sign: domain packs, and a pack source's index. A key trusted without a "roles" entry (a
+trust store written before roles existed) signs both."""
 
 
 def key_id(public_raw: bytes) -> str:
@@ -166,9 +172,19 @@ def read_signature(raw: bytes, what: str) -> dict:
     return {"key_id": doc["key_id"], "signature": signature}
 
 
-def check_signature(signature: dict, trusted: dict, body: dict, what: str) -> str:
+def key_roles(entry: dict) -> tuple[str, ...]:
+    """The ROLES a trust store entry grants: all of them when it has no "roles" (a store written before roles), none
+    when "roles" is not a list (a damaged store grants nothing rather than everything)."""
+    if not isinstance(entry, dict) or "roles" not in entry:
+        return ROLES
+    roles = entry["roles"]
+    return tuple(r for r in ROLES if r in roles) if isinstance(roles, list) else ()
+
+
+def check_signature(signature: dict, trusted: dict, body: dict, what: str, role: str | None = None) -> str:
     """The id of the trusted key whose signature this is, over `canonical(body)`. trusted: key id ->
-    {"public_key": "ed25519 BASE64", ...} (a bundle's trust store). Raises UserError for an unknown key or a
+    {"public_key": "ed25519 BASE64", "roles": [...], ...} (a bundle's trust store); role: one of ROLES that the key
+    must hold (None: any key of the store). Raises UserError for an unknown key, a key not trusted for `role`, or a
     signature that does not verify (content changed after signing)."""
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -178,6 +194,11 @@ def check_signature(signature: dict, trusted: dict, body: dict, what: str) -> st
         raise UserError(f"{what} is signed by key {kid[:16]}, which is not among the trusted keys "
                         f"({', '.join(sorted(trusted)) or 'none'}); if you trust its publisher, add their .pub to "
                         f"the bundle with `mode-edge trust add PUB --bundle BUNDLE`")  # fmt: skip
+    held = key_roles(trusted[kid])
+    if role is not None and role not in held:
+        granted = f"{' and '.join(held)} only" if held else "nothing"
+        raise UserError(f"{what} is signed by key {kid}, which this bundle trusts to sign {granted}, not {role}; "
+                        f"if its holder may sign {role}, `mode-edge trust add PUB --bundle BUNDLE --role {role}`")
     raw = parse_public(trusted[kid]["public_key"], f"trusted key {kid}")
     try:
         Ed25519PublicKey.from_public_bytes(raw).verify(signature["signature"], canonical(body))

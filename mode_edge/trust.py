@@ -1,8 +1,8 @@
 """A bundle's trust store (the keys whose packs it installs) and the checks of `mode-edge verify`.
 
-The store lives in the bundle manifest ("trust": {"keys": {KEY_ID: {"public_key", "label"}}}), written atomically
-under the bundle's lock like every other manifest change. Pure Python plus `cryptography`: a device manages its
-trust store without torch.
+The store lives in the bundle manifest ("trust": {"keys": {KEY_ID: {"public_key", "label", "roles"}}}), written
+atomically under the bundle's lock like every other manifest change. Pure Python plus `cryptography`: a device
+manages its trust store without torch.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from mode_edge.errors import UserError
 from mode_edge.files import is_file
 from mode_edge.signing import (
     PACK_SIGNATURE,
+    ROLES,
     check_signature,
     key_id,
+    key_roles,
     parse_public,
     public_line,
     read_signature,
@@ -24,19 +26,26 @@ from mode_edge.signing import (
 )  # fmt: skip
 
 
-def trust_add(bundle: Path, public_key: str, label: str | None = None) -> tuple[str, bool]:
-    """Trust PUBLIC_KEY (a .pub file or its line) for packs installed into BUNDLE; returns its key id and whether it
-    was added (a key already trusted changes nothing)."""
+def trust_add(bundle: Path, public_key: str, label: str | None = None, roles: tuple[str, ...] = ROLES,
+              ) -> tuple[str, bool]:  # fmt: skip
+    """Trust PUBLIC_KEY (a .pub file or its line) to sign `roles` (of signing.ROLES: packs installed into BUNDLE,
+    the index of a pack source it reads); returns its key id and whether the store changed (a key already trusted
+    gains the roles it lacked; one that holds them all changes nothing). Raises UserError for an unknown role."""
+    unknown = [r for r in roles if r not in ROLES]
+    if unknown or not roles:
+        raise UserError(f"--role must be {', '.join(ROLES)} or all, got {', '.join(unknown) or 'nothing'}")
     raw = parse_public(public_key, "public key")
     kid = key_id(raw)
     read_bundle(bundle)
     with bundle_lock(bundle):
         manifest = read_bundle(bundle)
         keys = manifest.setdefault("trust", {}).setdefault("keys", {})
-        if kid in keys:
+        held = key_roles(keys[kid]) if kid in keys else ()
+        if kid in keys and set(roles) <= set(held):
             return kid, False
-        name = label or (Path(public_key).stem if is_file(public_key) else kid)
-        keys[kid] = {"public_key": public_line(raw), "label": name}
+        name = label or keys.get(kid, {}).get("label") or (Path(public_key).stem if is_file(public_key) else kid)
+        granted = [r for r in ROLES if r in roles or r in held]
+        keys[kid] = {"public_key": public_line(raw), "label": name, "roles": granted}
         write_manifest(bundle, manifest)
     return kid, True
 
@@ -102,7 +111,7 @@ def verify_pack(path: Path, bundle: Path | None = None, public_key: str | None =
         if not trusted:
             raise UserError(f"{source} trusts no keys, so the signature of pack {path} cannot be checked against it; "
                             f"add the publisher's key with `mode-edge trust add`")  # fmt: skip
-        check_signature(signature, trusted, statement(pack["name"], info["version"], sha), f"pack {path}")
+        check_signature(signature, trusted, statement(pack["name"], info["version"], sha), f"pack {path}", "packs")
         info["signed_by"], info["trusted_by"] = signature["key_id"], source
     return info
 
@@ -128,7 +137,7 @@ def check_trust(pack: dict, signature_raw: bytes | None, pack_sha: str, manifest
         warn(f"installing {what}, signed by the UNTRUSTED key {signature['key_id']} (--allow-unsigned: for "
              f"development only)")  # fmt: skip
         return None
-    return check_signature(signature, trusted, statement(pack["name"], pack_version(pack), pack_sha), what)
+    return check_signature(signature, trusted, statement(pack["name"], pack_version(pack), pack_sha), what, "packs")
 
 
 def check_not_older(pack: dict, manifest: dict, allow_downgrade: bool, what: str) -> None:

@@ -106,3 +106,44 @@ def test_an_index_version_issued_twice_with_other_content_is_refused(bundle, ser
 def test_a_pack_source_that_is_no_folder_or_url_is_named(bundle, tmp_path):
     assert_user_error(run_cli(bundle, "code", "ftp://127.0.0.1/packs/", ok=False), "ftp:// scheme is not supported")
     assert_user_error(run_cli(bundle, "code", str(tmp_path / "nowhere"), ok=False), "is not a folder")
+
+
+def test_a_key_signs_only_what_its_role_allows(bundle, server, signed, tmp_path):
+    """TUF's separation of roles: the server's online key may sign the index only, the publisher's offline key packs
+    only. An index signed by the pack key, and a pack signed by the index key, are refused; the two together
+    install; trust list shows each key's roles."""
+    online = tmp_path / "online"
+    invoke("keys", "generate", "--out", online)
+    invoke("trust", "add", f"{online}.pub", "--bundle", bundle, "--role", "index")
+    invoke("trust", "remove", f"{signed}.pub", "--bundle", bundle)  # (the online key keeps the store non-empty)
+    invoke("trust", "add", f"{signed}.pub", "--bundle", bundle, "--role", "packs")
+    listed = invoke("trust", "list", "--bundle", bundle).output
+    assert "publisher  signs packs\n" in listed and "online  signs index\n" in listed
+
+    invoke("index", "--packs", PackServer.root, "--sign", f"{signed}.key")  # the pack key signing the index
+    assert_user_error(run_cli(bundle, "code", server, ok=False), "to sign packs only, not index; if its holder")
+    assert len(PackServer.log) == 2 and "code" not in read_bundle(bundle)["experts"]  # index.json and .sig: no pack
+    invoke("index", "--packs", PackServer.root, "--sign", f"{online}.key")
+    proc = run_cli(bundle, "code", server)  # index by the online key, pack by the publisher's: installed
+    assert "signed by" in proc.stderr and "code" in read_bundle(bundle)["experts"]
+
+    by_online = tmp_path / "by-online.modepack"  # a stolen online key cannot sign a pack in
+    invoke("pack", "--bundle", tmp_path / "donor", "--expert", "code", "--out", by_online, "--sign", f"{online}.key",
+           "--version", "2")  # fmt: skip
+    before = (bundle / "manifest.json").read_bytes()
+    refused("install", "--bundle", bundle, "--replace", by_online,
+            message=("to sign index only, not packs", "--role packs"))  # fmt: skip
+    assert (bundle / "manifest.json").read_bytes() == before
+    refused("verify", by_online, "--bundle", bundle, message="to sign index only, not packs")
+    assert "changed" not in invoke("trust", "add", f"{online}.pub", "--bundle", bundle, "--role", "packs").output
+    assert "online  signs packs and index\n" in invoke("trust", "list", "--bundle", bundle).output
+    invoke("install", "--bundle", bundle, "--replace", by_online)  # now it may
+
+
+def test_a_trusted_key_recorded_without_roles_signs_both():
+    """Trust stores written before roles existed name none: their keys keep signing packs and indexes alike."""
+    from mode_edge.signing import ROLES, key_roles
+
+    assert key_roles({"public_key": "ed25519 x"}) == ROLES == ("packs", "index")
+    assert key_roles({"roles": ["index"]}) == ("index",) and key_roles({"roles": ["packs", "bogus"]}) == ("packs",)
+    assert key_roles({"roles": "index"}) == ()  # a damaged entry grants nothing
