@@ -94,6 +94,9 @@ REEXPORT = "export the bundle again (`mode-edge export --overwrite`) or copy it 
 def read_bundle(bundle: Path) -> dict:
     """BUNDLE/manifest.json, checked: format, version and the shape of every field the runtime reads."""
     bundle = Path(bundle)
+    if bundle.exists() and not bundle.is_dir():
+        raise UserError(f"bundle {bundle} is a file; a bundle is the folder `mode-edge export --out` made (the one "
+                        f"holding manifest.json)")  # fmt: skip
     if not bundle.is_dir():
         raise UserError(f"bundle {bundle} does not exist; create one with `mode-edge export`")
     path = bundle / "manifest.json"

@@ -85,7 +85,10 @@ def run_cmd(bundle, experts, prompt, max_new_tokens, temperature, top_k, top_p, 
                               threads=prof.threads, budget_mb=prof.memory_budget_mb, route_top_k=route_top_k,
                               router=router, pack_source=pack_source, on_text=emit)  # fmt: skip
     sys.stdout.write("\n")
-    click.echo(f"[experts: {', '.join(summary['experts']) or 'none'}; {summary['new_tokens']} tokens, "
+    chosen = ", ".join(summary["experts"]) or "none"
+    if summary.get("router"):  # --experts auto: say that the router chose them, and which router
+        chosen += f", chosen by the {summary['router']} router"
+    click.echo(f"[experts: {chosen}; {summary['new_tokens']} tokens, "
                f"{summary['decode_tokens_per_s'] or 0:.1f} tok/s decode]", err=True)  # fmt: skip
     if show_profile:
         print_summary(summary)

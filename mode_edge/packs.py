@@ -340,8 +340,11 @@ def component_bytes(components: dict, files: dict) -> dict[str, int]:
 
 
 def describe(path: Path) -> dict:
-    """What `mode-edge inspect` shows: a bundle folder or a .modepack archive."""
+    """What `mode-edge inspect` shows: a bundle folder or a .modepack archive. Raises UserError for anything else."""
     path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist; pass a bundle folder (`mode-edge export`) or a .modepack archive "
+                        f"(`mode-edge pack`)")  # fmt: skip
     if path.is_dir():
         m = read_bundle(path)
         experts = {}

@@ -45,9 +45,9 @@ def run(
     backend: str = "onnx", threads: int | None = None, budget_mb: float | None = None, route_top_k: int = 1,
     router: str = "centroid", pack_source: str | None = None, on_text: Callable[[str], None] | None = None,
 ) -> tuple[str, dict, Profile]:  # fmt: skip
-    """Generate; returns the new text, the profile summary (with the chosen experts) and the raw profile. In a process
-    of its own (backends.OWN_PROCESS: the `mode-edge` command, a bench worker) every ONNX session runs on one global
-    thread pool (backends.use_global_thread_pool)."""
+    """Generate; returns the new text, the profile summary (the chosen experts, and the router when --experts auto
+    chose them) and the raw profile. In a process of its own (backends.OWN_PROCESS: the `mode-edge` command, a bench
+    worker) every ONNX session runs on one global thread pool (backends.use_global_thread_pool)."""
     check_number("--max-new-tokens", max_new_tokens, lo=1, integer=True)
     check_number("--route-top-k", route_top_k, lo=1, integer=True)
     if isinstance(experts, str):  # 'auto', 'none' or comma-separated names, as on the command line
@@ -99,6 +99,7 @@ def run(
     final = tokenizer.decode(out)
     if on_text and final != text and final.startswith(text):
         on_text(final[len(text) :])
-    summary = {"experts": chosen, "route_scores": session.last_scores, "backend": backend,
+    summary = {"experts": chosen, "router": router if experts == "auto" else None,
+               "route_scores": session.last_scores, "backend": backend,
                "new_tokens": len(out), **profile.summary()}  # fmt: skip
     return final, summary, profile

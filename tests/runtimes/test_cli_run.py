@@ -20,14 +20,21 @@ def test_run_prints_text_and_writes_the_profile(int8_bundle, tmp_path):
 
     auto = cli("run", "--bundle", int8_bundle, "--prompt", "The", "--max-new-tokens", "2", "--temperature", "0.7",
                "--top-p", "0.9", "--json", out)  # fmt: skip
-    assert json.loads(out.read_text())["route_scores"].keys() == {"code", "prose"}
-    assert "[experts: " in auto.stderr
+    routed = json.loads(out.read_text())
+    assert routed["route_scores"].keys() == {"code", "prose"} and routed["router"] == "centroid"
+    assert "chosen by the centroid router; 2 tokens" in auto.stderr  # the summary says auto chose them
+    cli("run", "--bundle", int8_bundle, "--experts", "none", "--prompt", "The", "--max-new-tokens", "2", "--json", out)
+    assert json.loads(out.read_text())["router"] is None
 
 
 def test_run_bad_input(int8_bundle, tmp_path):
     assert_user_error(cli("run", "--bundle", int8_bundle, "--experts", "law", "--prompt", "x", ok=False),
                       "not installed")  # fmt: skip
     assert_user_error(cli("run", "--bundle", tmp_path, "--prompt", "x", ok=False), "not a mode-edge bundle")
+    (tmp_path / "manifest.json").write_text("{}")  # the bundle's manifest given for its folder
+    assert_user_error(cli("run", "--bundle", tmp_path / "manifest.json", "--prompt", "x", ok=False),
+                      "is a file; a bundle is the folder")  # fmt: skip
+    assert_user_error(cli("inspect", tmp_path / "nothing-here", ok=False), "does not exist; pass a bundle folder")
     assert_user_error(cli("run", "--bundle", int8_bundle, "--prompt", "", ok=False), "prompt is empty")
     assert_user_error(cli("run", "--bundle", int8_bundle, "--prompt", "x", "--top-p", "0", ok=False), "--top-p")
     assert_user_error(cli("run", "--bundle", int8_bundle, "--prompt", "x", "--max-new-tokens", "5000", ok=False),

@@ -65,6 +65,9 @@ def test_the_issue_example_through_the_cli(bundle):
     assert "mode-edge install --bundle" in proc.stderr
     proc = cli("bench", "--bundle", bundle, "--new-tokens", "2")  # every expert: the damaged one is skipped
     assert "prose" in proc.stdout and "gate.safetensors" in proc.stderr
+    # asked for by name it is the error alone, not first a warning from the base-only run as well
+    assert_user_error(cli("bench", "--bundle", bundle, "--experts", "code", "--new-tokens", "2", ok=False),
+                      "gate.safetensors has 100 bytes")  # fmt: skip
 
 
 def test_inspect_shows_a_damaged_pack_and_the_rest(bundle):
