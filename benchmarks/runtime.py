@@ -137,17 +137,31 @@ def in_worker(kind: str, **kw) -> dict:
     return result
 
 
-def build_fused(model_run: Path, expert: str, quant: str, out: Path) -> Path:
+def build_fused(model_run: Path, expert: str, quantization: dict, out: Path) -> Path:
+    """The run's model with one expert as one ONNX graph, quantized as the bundle was (its manifest's
+    `quantization`): the same source blocks (a GGUF's own, the 8-bit embedding, GPTQ's or mixed's blocks) at the
+    same accuracy levels, so that split and fused compute the same model and differ only in the graph cut."""
+    from mode_edge.config import ExportConfig
     from mode_edge.export.graphs import FusedGraph
     from mode_edge.export.onnx_graphs import export_onnx, quantize_onnx
-    from mode_edge.export.pipeline import load_model
+    from mode_edge.export.pipeline import check_run, load_model, measure_inputs, resolve_quant_method, source_blocks
+    from mode_edge.progress import stage_progress
 
     backbone, model, _ = load_model(model_run, [expert])
+    graph = FusedGraph(model.eval(), "buffer")
     fp32 = out / "fp32" / "fused.onnx"
-    export_onnx(FusedGraph(model.eval(), "buffer"), backbone.decoder.cfg, fp32)
-    if quant == "fp32":
+    export_onnx(graph, backbone.decoder.cfg, fp32)
+    if quantization["scheme"] == "fp32":
         return fp32
-    quantize_onnx(fp32, out / "fused.onnx", quant, 32)
+    cfg = ExportConfig(quant=quantization["scheme"], block_size=quantization["block_size"],
+                       accuracy_level=quantization["accuracy_level"],
+                       base_accuracy_level=quantization.get("base_accuracy_level", 0),
+                       quant_method=quantization.get("method", "rtn"))  # fmt: skip
+    cfg, corpora = resolve_quant_method(model_run, check_run(model_run, [expert]), cfg)
+    with stage_progress("fused graph") as progress:
+        source, method = source_blocks(backbone, model, cfg, progress, corpora)
+    measure = measure_inputs(graph, backbone.decoder.cfg) if cfg.accuracy_level == "auto" else None
+    quantize_onnx(fp32, out / "fused.onnx", cfg.quant, cfg.block_size, cfg.accuracy_level, source, method, measure)
     return out / "fused.onnx"
 
 
@@ -167,10 +181,9 @@ def main() -> None:
     from mode_edge.packs import install_copy, uninstall
 
     manifest = read_bundle(args.bundle)
-    quant = manifest["quantization"]["scheme"]
     work = Path(tempfile.mkdtemp(prefix="runtime-bench-"))
     try:
-        fused = build_fused(args.model, args.expert, quant, work)
+        fused = build_fused(args.model, args.expert, manifest["quantization"], work)
         one, eight = work / "one", work / "eight"
         shutil.copytree(args.bundle, one)
         for name in [n for n in manifest["experts"] if n != args.expert]:

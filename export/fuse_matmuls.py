@@ -49,8 +49,8 @@ def fuse_parallel_matmuls(model: onnx.ModelProto) -> int:
         first = members[0]
         prefix = f"{first.name or 'matmul_nbits'}_merged{g}"
         ns = [_attr(m, "N") for m in members]
-        stacked = [_stack([m.input[j] for m in members], f"{prefix}_in{j}", inits, nodes, new_inits, drop)
-                   for j in range(1, len(first.input))]  # fmt: skip
+        stacked = [_stack([m.input[j] for m in members], f"{prefix}_in{j}", inits, nodes, new_inits, drop,
+                          flat=j >= 2) for j in range(1, len(first.input))]  # fmt: skip
         merged = helper.make_node("MatMulNBits", [first.input[0], *stacked], [prefix + "_out"], name=prefix,
                                   domain=first.domain, **{a.name: helper.get_attribute_value(a) for a in
                                                          first.attribute if a.name != "N"}, N=sum(ns))  # fmt: skip
@@ -90,15 +90,24 @@ def _attr(node, name: str):
     return next(helper.get_attribute_value(a) for a in node.attribute if a.name == name)
 
 
-def _stack(names: list[str], out: str, inits: dict, nodes: list, new_inits: list, drop: set, axis: int = 0) -> str:
+def _stack(names: list[str], out: str, inits: dict, nodes: list, new_inits: list, drop: set, axis: int = 0,
+           flat: bool = False) -> str:  # fmt: skip
     """One tensor of `names` stacked along `axis` (N: 0 for MatMulNBits' weights, scales and zero points, -1 for
     offsets (K/32, N)): at export when all are initializers (and the parts are dropped where nothing else reads
-    them), else by a Concat node that onnxruntime folds at load."""
+    them), else by a Concat node that onnxruntime folds at load. `flat`: each part flattened first (scales and zero
+    points, which MatMulNBits takes flat or as (N, blocks) rows: onnxruntime's quantizer writes them 2-D, the
+    exporter's blocks flat, and a merge may meet both)."""
     if all(n in inits for n in names):
         arrays = [numpy_helper.to_array(inits[n]) for n in names]
+        arrays = [a.reshape(-1) for a in arrays] if flat else arrays
         new_inits.append(numpy_helper.from_array(np.concatenate(arrays, axis=axis), out))
         drop.update(names)
         return out
+    if flat:
+        shape = f"{out}_flat_shape"
+        new_inits.append(numpy_helper.from_array(np.array([-1], np.int64), shape))
+        nodes += [helper.make_node("Reshape", [n, shape], [f"{out}_part{i}"]) for i, n in enumerate(names)]
+        names = [f"{out}_part{i}" for i in range(len(names))]
     nodes.append(helper.make_node("Concat", names, [out], axis=axis))
     return out
 

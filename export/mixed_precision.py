@@ -3,13 +3,13 @@
 The rule is llama.cpp's for its Q4_K_M type (llama-quant.cpp, `use_more_bits`): the attention's value projection
 and the MLP's down projection get more bits in the first and last eighth of the layers and in every third layer
 between them (14 of SmolLM2's 30 layers; llama.cpp gives them 6 bits); every other linear layer is 4-bit. Here
-the "more bits" are symmetric 8-bit blocks of 32 in Q8_0's scheme (export/source_blocks.int8_blocks). They multiply
-int8 activations (accuracy level 4) unless --accuracy-level asks for fp32 compute (0-3), then in the exact nibble
-form of the 8-bit head: onnxruntime has no fast fp32 kernel for 8-bit weights, and --accuracy-level auto, which may
-pick level 0 for a graph, leaves them at 4. Measured on SmolLM2 with the base rounded again (README, export
-section): fp32 compute for these layers was 19% slower to decode than level 4 and no more accurate (every domain
-within 0.25 points). The rule counts the backbone's layers over the whole model and each expert's layers over its
-own stack.
+the "more bits" are symmetric 8-bit blocks of 32 in Q8_0's scheme (export/source_blocks.int8_blocks), whatever
+--block-size is. They multiply int8 activations (accuracy level 4) unless --accuracy-level asks for 0-3 (then at
+level 0, fp32 compute, in the exact nibble form of the 8-bit head): onnxruntime has no fast fp32 kernel for 8-bit
+weights, and --accuracy-level auto, which may pick level 0 for a graph, leaves them at 4. Measured on SmolLM2 with
+the base rounded again (README, export section): fp32 compute for these layers was 17% slower to decode than level 4
+and no more accurate (every domain within 0.25 points). The rule counts the backbone's layers over the whole model
+and each expert's layers over its own stack.
 
 Weights that a source holds exactly (a GGUF's own blocks) are written from it first, so with the default exact base
 the mixed rule reaches only the experts; it matters for a base that is rounded (`--requantize-base`, a checkpoint
@@ -46,8 +46,8 @@ def more_bits_layers(layers) -> list[np.ndarray]:
 class MoreBits:
     """The 8-bit blocks of a model's `more_bits_layers`, found by their fp32 values (a block source, as
     export/source_blocks.SourceBlocks is). model: a training.model.MoDEModel; accuracy_level: --accuracy-level
-    ('auto' or 4: int8 activations; 0-3: fp32 compute, as nibbles). Weights whose input width is not a multiple of
-    32 are left to the quantizer (4-bit)."""
+    ('auto' or 4: int8 activations; 0-3: level 0, fp32 compute, as nibbles). Weights whose input width is not a
+    multiple of 32 are left to the quantizer (4-bit)."""
 
     def __init__(self, model, accuracy_level: int | str = "auto"):
         level = 4 if accuracy_level in ("auto", 4) else 0

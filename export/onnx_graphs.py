@@ -81,7 +81,8 @@ def save_external(model: onnx.ModelProto, path: Path) -> None:
 def quantize_onnx(src: Path, dst: Path, quant: str, block_size: int, accuracy_level: int | str = 4,
                   source=None, method: str = "rtn", measure: tuple[list[dict], dict] | None = None,
                   ) -> tuple[dict[str, int], dict | None]:  # fmt: skip
-    """src (fp32, external data) -> dst with weight-only int8 or int4 MatMulNBits (and the embedding's Gather as
+    """src (fp32, external data) -> dst with weight-only int8 or int4 (mixed: int4 here, its 8-bit layers come from
+    `source`) MatMulNBits (and the embedding's Gather as
     GatherBlockQuantized), its weights in dst.data. Activations stay fp32: see the module docstring for why.
 
     source: where weights' blocks are found before any rounding here, or None: a GGUF's own blocks (computed in

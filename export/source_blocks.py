@@ -47,6 +47,8 @@ BLOCK = 32
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 """Bytes of one block: an fp16 scale (Q4_1: and an fp16 min), then the 32 quantized values."""
 MS_DOMAIN = "com.microsoft"
+MIN_OPSET = 15
+"""The ONNX opset the nodes written beside the blocks need (CastLike: 15; Range, ConstantOfShape: 11 and 9)."""
 
 
 def weight_key(weight: np.ndarray) -> bytes:
@@ -154,17 +156,15 @@ class SourceBlocks:
 
 def int8_blocks(weight: np.ndarray) -> Blocks:
     """weight (N, K), K a multiple of 32 -> symmetric 8-bit blocks of 32 in Q8_0's scheme: each block's scale is
-    its largest magnitude over 127, rounded up to an fp16 value (as Q8_0 stores it), so no code leaves [-127, 127].
-    fp16 scales make the nibble form (`nibble_table`) exact in fp32 (16 d (h - 8) and d l are exact products, and
-    so is their sum) and take half the disk of fp32 ones; the step grows by at most 2^-10 of itself. Blocks whose
-    scale fp16 cannot hold that closely (beyond its range, or deep in its subnormals) keep an fp32 scale."""
+    its largest magnitude over 127, rounded up to 11 significant bits (fp16's precision, at any exponent), so no code
+    leaves [-127, 127] and the step grows by less than 2^-10 of itself. With 11-bit scales the nibble form
+    (`nibble_table`) is exact in fp32: 16 d (h - 8) and d l are exact products, and so is their sum; within fp16's
+    range the scales are fp16 values, as Q8_0 stores them, and go to disk at half the bytes."""
     w = weight.reshape(len(weight), -1, BLOCK).astype(np.float32)
-    d = np.abs(w).max(-1) / np.float32(127)
-    with np.errstate(over="ignore"):
-        half = d.astype(np.float16)
-    up = np.where(half.astype(np.float32) < d, np.nextafter(half, np.float16(np.inf)), half).astype(np.float32)
-    close = np.isfinite(up) & (up <= d * np.float32(1 + 2**-10))  # not where fp16 cannot come near: keep fp32 there
-    d = np.where(d == 0, np.float32(1), np.where(close, up, d)).astype(np.float32)
+    d = np.ascontiguousarray(np.abs(w).max(-1) / np.float32(127))
+    low = np.uint32((1 << 13) - 1)  # the 13 mantissa bits fp32 has beyond fp16's 10
+    d = ((d.view(np.uint32) + low) & ~low).view(np.float32)  # (positive: adding rounds up, a carry is exact)
+    d = np.where(d == 0, np.float32(1), d).astype(np.float32)
     q = (np.clip(np.rint(w / d[..., None]), -127, 127) + 128).astype(np.uint8)
     return Blocks("int8", 8, q, d, None)
 
@@ -213,8 +213,9 @@ def write_source_blocks(model: onnx.ModelProto, source, origins: dict[str, str] 
     GatherBlockQuantized over the found blocks, each at its blocks' accuracy level (blocks with offsets: plus the
     block-sum product, its block sums computed once per input); the rest of the graph is untouched for the
     configured quantizer. Returns the count of replaced nodes per source type. Raises UserError, with the graph
-    unchanged, when blocks need block sums (Q4_1, 8-bit at level 0) and the graph's opset is below 18. `origins`,
-    when given, receives each new MatMulNBits node's name with the source type of its blocks."""
+    unchanged, when the nodes written need an opset the graph lacks (MIN_OPSET: block sums for Q4_1 and 8-bit
+    blocks below level 4, the nibble gathers). `origins`, when given, receives each new MatMulNBits node's name with
+    the source type of its blocks."""
     inits = {i.name: i for i in model.graph.initializer}
     block_sums: dict[str, str] = {}
     counts: dict[str, int] = {}
@@ -242,9 +243,11 @@ def write_source_blocks(model: onnx.ModelProto, source, origins: dict[str, str] 
             origins.update({n.name: blocks.source_type for n in new if n.op_type == "MatMulNBits"})
         replaced.add(node.input[1] if node.op_type == "MatMul" else node.input[0])
         counts[blocks.source_type] = counts.get(blocks.source_type, 0) + 1
-    if block_sums and not any(o.domain in ("", "ai.onnx") and o.version >= 18 for o in model.opset_import):
-        raise UserError("the graph's ONNX opset is below 18, which the exact blocks need (BitwiseAnd, BitwiseOr); "
-                        "export at opset 18 or above, or pass --requantize-base")  # fmt: skip
+    helpers = {n.op_type for n in nodes} & {"Range", "CastLike"}  # (the block sums' indicator; the nibble gathers)
+    if helpers and not any(o.domain in ("", "ai.onnx") and o.version >= MIN_OPSET for o in model.opset_import):
+        raise UserError(f"the graph's ONNX opset is below {MIN_OPSET}, which the exact blocks' helper nodes need "
+                        f"({', '.join(sorted(helpers))}); export at opset {MIN_OPSET} or above, or pass "
+                        f"--requantize-base")  # fmt: skip
     still_used = {i for n in nodes for i in n.input}
     kept = [i for i in model.graph.initializer if i.name not in replaced or i.name in still_used] + extras
     del model.graph.node[:]
@@ -270,7 +273,7 @@ def _matmul_nbits(node, blocks: Blocks, shape: tuple, block_sums: dict[str, str]
     prefix = f"{node.input[1]}_{blocks.source_type}"
     if nibbles(blocks):
         return _nibble_product(node, blocks, shape, block_sums, prefix)
-    half = blocks.bits == 4 and _fp16_exact(blocks.scales) and (blocks.minimums is None or _fp16_exact(blocks.minimums))
+    half = _fp16_exact(blocks.scales) and (blocks.minimums is None or _fp16_exact(blocks.minimums))
     scales = prefix + "_scales"
     nodes, extra = [], [_initializer(prefix, blocks.q)]
     _stored(nodes, extra, scales, blocks.scales.reshape(-1), half)
@@ -306,16 +309,17 @@ def _stored(nodes: list, extra: list, name: str, values: np.ndarray, half: bool)
 
 
 def nibbles(blocks: Blocks) -> bool:
-    """Whether blocks are written as their 4-bit nibbles (`nibble_table`): 8-bit blocks without zero points at
-    accuracy level 0, for which onnxruntime has no blocked fp32 kernel (it unpacks an 8-bit weight on every call:
-    75.6 ms a decode step for SmolLM2's 49152 x 576 tied head, against 1.73 ms as nibbles, exact within 3e-7)."""
-    return blocks.bits == 8 and blocks.accuracy_level == 0 and blocks.zero_points is None
+    """Whether blocks are written as their 4-bit nibbles (`nibble_table`, computed at level 0): 8-bit blocks
+    without zero points at an accuracy level below 4, for which onnxruntime has no blocked kernel (it unpacks an
+    8-bit weight on every call: 75.6 ms a decode step for SmolLM2's 49152 x 576 tied head, against 1.73 ms as
+    nibbles, equal to fp32 within 3e-7); levels 1-3 (fp32, fp16, bf16) are computed in fp32 then."""
+    return blocks.bits == 8 and blocks.accuracy_level < 4 and blocks.zero_points is None
 
 
 def nibble_table(blocks: Blocks) -> np.ndarray:
     """8-bit blocks (N, K/32, 32) as one 4-bit table (2N, K/32, 16) uint8: with the codes u = 16 h + l, rows
     0..N-1 hold the high nibbles h and rows N..2N-1 the low nibbles l, two a byte (the lower index in the low
-    nibble), as MatMulNBits and GatherBlockQuantized read them. The same bytes as the 8-bit table, stored as they
+    nibble), as MatMulNBits and GatherBlockQuantized read them. As many bytes as the 8-bit table, stored as they
     are used, so that loading a session computes nothing from them (computing the nibbles at load, as folded
     ops, set the peak RSS: 297 MB above the process while the head graph loaded, 81 MB with the nibbles stored)."""
     packed = [(p[..., 0::2] | (p[..., 1::2] << 4)) for p in (blocks.q >> 4, blocks.q & 0x0F)]
@@ -407,15 +411,15 @@ def _gather_block_quantized(node, blocks: Blocks):
     16 d (h - 8), rows ids + N of the low half with zero point 0 give d l, and their sum is d (u - 128), exactly
     (each term and the sum are exact in fp32)."""
     prefix = f"{node.input[0]}_{blocks.source_type}"
-    if not nibbles(blocks):
-        extra = [_initializer(prefix, blocks.q.reshape(len(blocks.q), -1)),
-                 _initializer(prefix + "_scales", blocks.scales)]  # fmt: skip
-        new = helper.make_node(
+    if not nibbles(blocks):  # (scales stored as the head's MatMulNBits stores them: a tied model shares them)
+        nodes, extra = [], [_initializer(prefix, blocks.q.reshape(len(blocks.q), -1))]
+        _stored(nodes, extra, prefix + "_scales", blocks.scales, _fp16_exact(blocks.scales))
+        nodes.append(helper.make_node(
             "GatherBlockQuantized", [prefix, node.input[1], prefix + "_scales"], list(node.output),
             name=(node.name or prefix) + "_blocks", domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
             block_size=BLOCK, bits=8,
-        )  # fmt: skip
-        return [new], extra
+        ))  # fmt: skip
+        return nodes, extra
     n, per_row = blocks.scales.shape
     table, scales = prefix + "_nibbles", prefix + "_scales"
     nodes, extra = [], [_initializer(table, nibble_table(blocks).reshape(2 * n, -1))]

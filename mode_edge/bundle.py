@@ -124,7 +124,8 @@ def read_pack_manifest(folder: Path, sha256: str | None = None, n_blocks: int | 
     before it is parsed, then its format and shape."""
     path, fix = Path(folder) / "pack.json", reinstall_fix(folder)
     if sha256 is not None and path.is_file() and sha256_file(path) != sha256:
-        raise UserError(f"expert {expert_name(Path(folder).name)!r} is damaged: {path} does not match its sha256; {fix}")
+        name = expert_name(Path(folder).name)
+        raise UserError(f"expert {name!r} is damaged: {path} does not match its sha256; {fix}")
     manifest = read_json(path, f"the expert's manifest is missing; {fix}", fix)
     check_version(manifest, PACK_FORMAT, str(path))
     check_pack_shape(manifest, n_blocks, str(path), fix)
@@ -167,8 +168,12 @@ def pte_label(limits) -> str:
 
 def _precision(q) -> object:
     """What a pack must share with its bundle: scheme and block size (the compute type, accuracy_level, is each
-    graph's own)."""
-    return {k: q.get(k) for k in ("scheme", "block_size")} if isinstance(q, dict) else q
+    graph's own). "mixed" counts as int4: its 8-bit layers are its graphs' own as well, so a mixed pack fits an
+    int4 bundle and the other way round."""
+    if not isinstance(q, dict):
+        return q
+    shared = {k: q.get(k) for k in ("scheme", "block_size")}
+    return {**shared, "scheme": "int4"} if shared["scheme"] == "mixed" else shared
 
 
 def quant_label(q: dict | None) -> str:

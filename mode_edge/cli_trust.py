@@ -43,16 +43,17 @@ def trust():
                    "and give the server's index key the index role only: if it is stolen, it cannot sign a pack.")
 def trust_add_cmd(pubkey, bundle, label, role):
     """Trust PUBKEY (a .pub file from `mode-edge keys generate`, or its line 'ed25519 BASE64') to sign packs
-    and/or a pack source's index. Adding a trusted key again with another role grants that role too."""
+    and/or a pack source's index. Adding a trusted key again sets its roles to --role (e.g. narrows it to index)."""
     from mode_edge.signing import ROLES
     from mode_edge.trust import trust_add
 
     kid, added = trust_add(bundle, pubkey, label, ROLES if role == "all" else (role,))
     if added:
-        signs = "packs and indexes" if role == "all" else {"packs": "packs", "index": "indexes"}[role]
+        signs = "packs and indexes" if role == "all" else {"packs": "packs only", "index": "indexes only"}[role]
         click.echo(f"{bundle} trusts key {kid}; it may sign {signs}; from now on it installs only signed packs")
     else:
-        click.echo(f"{bundle} already trusts key {kid} for that; nothing changed")
+        click.echo(f"{bundle} already trusts key {kid} for {role if role != 'all' else 'packs and indexes'}; "
+                   f"nothing changed")  # fmt: skip
 
 
 @trust.command("list")

@@ -221,14 +221,15 @@ class ExportConfig(_Serialisable):
     embedding of the head): 0 keeps the base exactly the trained model (fp32 arithmetic on the blocks), 4 multiplies
     in int8 (faster; rounds each block of activations)."""
     source_blocks: bool = True
-    """ONNX int8 / int4: write each backbone weight from the blocks of its quantized source (a GGUF's Q4_0, Q4_1 or
-    Q8_0 rows) instead of rounding it again, so the base equals the model that was trained (export/source_blocks.py)."""
+    """ONNX int8 / int4 / mixed: write each backbone weight from the blocks of its quantized source (a GGUF's Q4_0,
+    Q4_1 or Q8_0 rows) instead of rounding it again, so the base equals the model that was trained
+    (export/source_blocks.py)."""
     quant_method: str = "auto"
-    """ONNX int4: how the weights without source blocks (experts; a backbone from fp16/fp32 weights) are rounded:
-    'rtn' round-to-nearest, 'kquant' llama.cpp's scale/minimum search, 'gptq' calibrated on each expert's training
-    text (export/calibrate.py), 'auto' gptq when every expert's text is at hand and the block size is 32, else rtn
-    (measured: GPTQ's expert graphs err 1.5-4x less than RTN's; benchmarks/results/quant_methods.md). int8 is
-    always round-to-nearest."""
+    """ONNX int4 and mixed: how the 4-bit weights without source blocks (experts; a backbone from fp16/fp32
+    weights) are rounded: 'rtn' round-to-nearest, 'kquant' llama.cpp's scale/minimum search, 'gptq' calibrated on
+    each expert's training text (export/calibrate.py), 'auto' gptq when every expert's text is at hand and the
+    block size is 32, else rtn (measured: GPTQ's expert graphs err 1.5-4x less than RTN's;
+    benchmarks/results/quant_methods.md). int8 (and mixed's 8-bit layers) are always round-to-nearest."""
     pte_context: int = 2048
     """ExecuTorch: the longest context (cached positions) the .pte graphs take, at most the backbone's. ExecuTorch
     plans activation memory for it up front (the present KV cache of every layer), so it is bounded here."""

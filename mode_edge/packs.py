@@ -30,8 +30,8 @@ from mode_edge.bundle import (
     check_version,
     expert_folder,
     expert_pack_path,
-    pack_version,
     fsync_tree,
+    pack_version,
     read_bundle,
     read_pack_manifest,
     reinstall_fix,
@@ -40,9 +40,9 @@ from mode_edge.bundle import (
     write_manifest,
 )  # fmt: skip
 from mode_edge.errors import UserError
+from mode_edge.external_data import check_external_data
 from mode_edge.files import sha256_file
 from mode_edge.integrity import check_pack_shape
-from mode_edge.external_data import check_external_data
 from mode_edge.names import check_name
 from mode_edge.signing import MAX_SIGNATURE_BYTES, PACK_SIGNATURE, read_signature, sign, statement, trusted_keys
 from mode_edge.trust import check_not_older, check_trust

@@ -8,8 +8,9 @@ pack.json, which lists every file by size and sha256. A bundle that trusts keys 
 version of that name the bundle has installed (rollback protection, remembered across uninstalls). The scheme
 follows TUF's split of metadata and targets (signed metadata that pins every target file by hash) in miniature,
 with TUF's separation of roles: each trusted key signs packs, a source's index, or both (ROLES). The index key must
-stay online to re-sign the index before it expires; a key trusted for the index only cannot get a pack installed
-if it is stolen (it can at worst list older packs, which rollback protection refuses, or withhold new ones).
+stay online to re-sign the index before it expires; stolen, a key trusted for the index only cannot get a pack
+installed that the pack key did not sign. It can still list an older signed version of a pack (refused as a rollback
+where the device installed a newer one before) or withhold new ones until the index expires.
 
 Key files (`mode-edge keys generate --out NAME`): NAME.key, the private key as unencrypted PKCS#8 PEM, readable by its
 owner only; NAME.pub, one line "ed25519 <base64 of the 32 raw bytes>", the form `trust add` takes. A key is named by
@@ -209,7 +210,8 @@ def check_signature(signature: dict, trusted: dict, body: dict, what: str, role:
 
 
 def trusted_keys(manifest: dict) -> dict:
-    """A bundle manifest's trust store: key id -> {"public_key", "label"}; {} when it trusts no keys."""
+    """A bundle manifest's trust store: key id -> {"public_key", "label", "roles"} (every key, whatever it signs:
+    `key_roles` says which); {} when it trusts no keys."""
     trust = manifest.get("trust")
     keys = trust.get("keys") if isinstance(trust, dict) else None
     return keys if isinstance(keys, dict) else {}

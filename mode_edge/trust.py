@@ -28,9 +28,10 @@ from mode_edge.signing import (
 
 def trust_add(bundle: Path, public_key: str, label: str | None = None, roles: tuple[str, ...] = ROLES,
               ) -> tuple[str, bool]:  # fmt: skip
-    """Trust PUBLIC_KEY (a .pub file or its line) to sign `roles` (of signing.ROLES: packs installed into BUNDLE,
-    the index of a pack source it reads); returns its key id and whether the store changed (a key already trusted
-    gains the roles it lacked; one that holds them all changes nothing). Raises UserError for an unknown role."""
+    """Trust PUBLIC_KEY (a .pub file or its line) to sign exactly `roles` (of signing.ROLES: packs installed into
+    BUNDLE, the index of a pack source it reads); returns its key id and whether the store changed (a key already
+    trusted gets these roles instead of its own, so adding it again with --role index narrows a key that signed
+    both). Raises UserError for an unknown role."""
     unknown = [r for r in roles if r not in ROLES]
     if unknown or not roles:
         raise UserError(f"--role must be {', '.join(ROLES)} or all, got {', '.join(unknown) or 'nothing'}")
@@ -40,11 +41,11 @@ def trust_add(bundle: Path, public_key: str, label: str | None = None, roles: tu
     with bundle_lock(bundle):
         manifest = read_bundle(bundle)
         keys = manifest.setdefault("trust", {}).setdefault("keys", {})
-        held = key_roles(keys[kid]) if kid in keys else ()
-        if kid in keys and set(roles) <= set(held):
+        granted = [r for r in ROLES if r in roles]
+        same_label = label is None or keys.get(kid, {}).get("label") == label
+        if kid in keys and list(key_roles(keys[kid])) == granted and same_label:
             return kid, False
         name = label or keys.get(kid, {}).get("label") or (Path(public_key).stem if is_file(public_key) else kid)
-        granted = [r for r in ROLES if r in roles or r in held]
         keys[kid] = {"public_key": public_line(raw), "label": name, "roles": granted}
         write_manifest(bundle, manifest)
     return kid, True

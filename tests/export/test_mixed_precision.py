@@ -52,9 +52,25 @@ def test_export_quant_mixed_writes_the_rule_s_layers_at_8_bits_and_errs_less_tha
     int4_error = base_logits_error(tmp_path / "int4", model, ids)
     assert mixed_error < 0.95 * int4_error, (mixed_error, int4_error)  # measured: 0.200 against 0.233
     invoke("run", "--bundle", tmp_path / "mixed", "--experts", "code", "--prompt", "def f(", "--max-new-tokens", "4")
+    # a mixed pack fits an int4 bundle of the same base (its 8-bit layers are its graphs' own)
+    invoke("pack", "--bundle", tmp_path / "mixed", "--expert", "code", "--out", tmp_path / "code.modepack")
+    invoke("install", "--bundle", tmp_path / "int4", "--replace", tmp_path / "code.modepack")
+    invoke("run", "--bundle", tmp_path / "int4", "--experts", "code", "--prompt", "def f(", "--max-new-tokens", "4")
 
 
 def test_quant_mixed_is_refused_for_executorch(composed_run, tmp_path):
     refused("export", "--model", composed_run, "--out", tmp_path / "pte", "--quant", "mixed", "--format",
             "onnx,executorch", message=("--quant mixed", "--format onnx"))  # fmt: skip
     assert not (tmp_path / "pte").exists()
+
+
+def test_mixed_at_accuracy_level_0_merges_8_and_4_bit_projections_into_a_graph_that_loads(composed_run, tmp_path):
+    """At level 0 the 8-bit value projection is written as nibbles (flat scales, 4-bit, 3 inputs) and onnxruntime's
+    quantizer writes q/k with 2-D scales: the merge of the three must still make a graph onnxruntime loads, and the
+    bundle must match the PyTorch model as closely as at level 4."""
+    out = tmp_path / "mixed0"
+    invoke("export", "--model", composed_run, "--out", out, "--quant", "mixed", "--quant-method", "rtn",
+           "--accuracy-level", "0")  # fmt: skip
+    _, model, _ = load_model(composed_run, None)
+    ids = np.random.default_rng(0).integers(0, 257, (1, 48), dtype=np.int64)
+    assert base_logits_error(out, model, ids) < 0.22  # level 4's mixed bundle: 0.200, int4: 0.233

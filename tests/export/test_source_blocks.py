@@ -133,7 +133,7 @@ def test_an_embedding_table_of_q8_0_rows_becomes_gather_block_quantized(tiny_ggu
     # at accuracy level 4 (where the head is an 8-bit MatMulNBits) one 8-bit gather, the same rows
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     assert write_source_blocks(model, SourceBlocks(path, accuracy_level=4)) == {"Q8_0": 1}
-    assert [n.op_type for n in model.graph.node] == ["GatherBlockQuantized"]
+    assert [n.op_type for n in model.graph.node] == ["Cast", "GatherBlockQuantized"]  # (the fp16 scales, folded)
     got = ort.InferenceSession(model.SerializeToString()).run(None, {"ids": ids})[0]
     np.testing.assert_array_equal(got, table[ids])
 
@@ -232,8 +232,38 @@ def test_blocks_that_need_block_sums_refuse_an_old_opset_and_leave_the_graph_as_
     w = weights["q4_1"]
     model = matmul_model(np.ascontiguousarray(w.T), w.shape[1])
     del model.opset_import[:]
-    model.opset_import.append(helper.make_opsetid("", 17))
+    model.opset_import.append(helper.make_opsetid("", 14))
     before = model.SerializeToString()
-    with pytest.raises(UserError, match="opset is below 18"):
+    with pytest.raises(UserError, match="opset is below 15"):
         write_source_blocks(model, SourceBlocks(path))
     assert model.SerializeToString() == before
+    gather = helper.make_model(helper.make_graph(  # the nibble gathers of a Q8_0 table need it too
+        [helper.make_node("Gather", ["E", "ids"], ["y"], axis=0)], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(weights["q8_0"], "E")],
+    ), opset_imports=[helper.make_opsetid("", 14)])  # fmt: skip
+    with pytest.raises(UserError, match="opset is below 15"):
+        write_source_blocks(gather, SourceBlocks(path))
+    plain = matmul_model(np.ascontiguousarray(weights["q4_0"].T), weights["q4_0"].shape[1])  # no helper nodes
+    del plain.opset_import[:]
+    plain.opset_import.append(helper.make_opsetid("", 14))
+    assert write_source_blocks(plain, SourceBlocks(path)) == {"Q4_0": 1}
+
+
+def test_8_bit_embedding_blocks_have_11_bit_scales_so_their_nibble_form_is_exact():
+    """int8_blocks rounds each scale up to 11 significant bits at any magnitude (tiny and large rows alike): codes
+    stay within [-127, 127], the rounding error within half a step, and 16 d (h - 8) + d l equals d (u - 128)
+    exactly in fp32 (the head's and embed graph's nibble form)."""
+    w = RNG.standard_normal((6, 64)).astype(np.float32) * np.array([1e-6, 1e-3, 1, 30, 1e4, 0])[:, None]
+    blocks = int8_blocks(w.astype(np.float32))
+    d = blocks.scales
+    assert (d.view(np.uint32) & 0x1FFF == 0).all() and (d[5] == 1).all()  # an all-zero block: scale 1
+    codes = blocks.q.astype(np.int16) - 128
+    assert codes.min() >= -127 and codes.max() <= 127
+    step = np.abs(w.reshape(6, 2, 32)).max(-1) / 127
+    assert (d >= step).all() and (d[:5] <= step[:5] * (1 + 2**-10)).all()
+    err = np.abs(blocks.dequantize() - w).reshape(6, 2, 32).max(-1)
+    assert (err <= d / 2 * (1 + 1e-6)).all()
+    high, low = (blocks.q >> 4).astype(np.float32), (blocks.q & 15).astype(np.float32)
+    nibbles = (np.float32(16) * d[..., None]) * (high - 8) + d[..., None] * low
+    np.testing.assert_array_equal(nibbles, d[..., None] * (blocks.q.astype(np.float32) - 128))

@@ -135,9 +135,31 @@ def test_a_key_signs_only_what_its_role_allows(bundle, server, signed, tmp_path)
             message=("to sign index only, not packs", "--role packs"))  # fmt: skip
     assert (bundle / "manifest.json").read_bytes() == before
     refused("verify", by_online, "--bundle", bundle, message="to sign index only, not packs")
-    assert "changed" not in invoke("trust", "add", f"{online}.pub", "--bundle", bundle, "--role", "packs").output
+    assert "changed" not in invoke("trust", "add", f"{online}.pub", "--bundle", bundle, "--role", "all").output
     assert "online  signs packs and index\n" in invoke("trust", "list", "--bundle", bundle).output
     invoke("install", "--bundle", bundle, "--replace", by_online)  # now it may
+
+
+def test_adding_a_trusted_key_again_sets_its_roles_even_from_a_store_written_before_roles(bundle, tmp_path):
+    """A key recorded without roles signs both; `trust add --role index` narrows it (the README's recipe), and the
+    narrowed key's pack is refused."""
+    from mode_edge.bundle import write_manifest
+
+    server = tmp_path / "server"
+    invoke("keys", "generate", "--out", server)
+    invoke("trust", "add", f"{server}.pub", "--bundle", bundle)
+    manifest = read_bundle(bundle)
+    for entry in manifest["trust"]["keys"].values():
+        del entry["roles"]  # as an older mode-edge wrote it
+    write_manifest(bundle, manifest)
+    assert "server  signs packs and index\n" in invoke("trust", "list", "--bundle", bundle).output
+    out = invoke("trust", "add", f"{server}.pub", "--bundle", bundle, "--role", "index").output
+    assert "may sign indexes only" in out
+    assert "server  signs index\n" in invoke("trust", "list", "--bundle", bundle).output
+    assert "nothing changed" in invoke("trust", "add", f"{server}.pub", "--bundle", bundle, "--role", "index").output
+    signed = tmp_path / "signed.modepack"
+    invoke("pack", "--bundle", bundle, "--expert", "prose", "--out", signed, "--sign", f"{server}.key", "--version", "2")
+    refused("install", "--bundle", bundle, "--replace", signed, message="to sign index only, not packs")
 
 
 def test_a_trusted_key_recorded_without_roles_signs_both():
