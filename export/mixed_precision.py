@@ -24,9 +24,6 @@ import numpy as np
 
 from mode_edge.export.source_blocks import BLOCK, Blocks, int8_blocks, weight_key
 
-MORE_BITS_ROLES = ("v_proj", "down_proj")
-"""The projections that get 8 bits in the layers `use_more_bits` picks."""
-
 
 def use_more_bits(layer: int, n_layers: int) -> bool:
     """llama.cpp's rule: the first and last eighth of `n_layers` layers, and every third layer between them."""
@@ -34,7 +31,8 @@ def use_more_bits(layer: int, n_layers: int) -> bool:
 
 
 def more_bits_layers(layers) -> list[np.ndarray]:
-    """The (N, K) fp32 weights that get 8 bits among `layers` (a sequence of decoder layers, in order)."""
+    """The (N, K) fp32 weights that get 8 bits among `layers` (a sequence of decoder layers, in order): the value
+    and down projections of the layers `use_more_bits` picks."""
     n = len(layers)
     chosen = []
     for i, layer in enumerate(layers):

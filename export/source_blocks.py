@@ -9,7 +9,7 @@ onnxruntime's block formats:
     GGUF Q4_0  x = d * (q - 8)      -> MatMulNBits 4-bit, scale d, default zero point 8
     GGUF Q4_1  x = d * q + m        -> MatMulNBits 4-bit, scale d, default zero point 8, plus a per-block offset
                                        o = m + 8 d:  y = MatMulNBits(x) + (sums of x over each block) @ O
-    GGUF Q8_0  x = d * q (q signed) -> at accuracy level 0 the nibbles of q + 128 as one 4-bit table
+    GGUF Q8_0  x = d * q (q signed) -> below accuracy level 4 the nibbles of q + 128 as one 4-bit table
                                        (`nibble_table`): a 4-bit MatMulNBits over it plus a per-block offset, and
                                        for the embedding two 4-bit GatherBlockQuantized from it; at level 4
                                        MatMulNBits 8-bit and GatherBlockQuantized 8-bit (q + 128, zero point 128)
@@ -327,7 +327,7 @@ def nibble_table(blocks: Blocks) -> np.ndarray:
 
 
 def _nibble_product(node, blocks: Blocks, shape: tuple, block_sums: dict[str, str], prefix: str):
-    """8-bit blocks at accuracy level 0, exactly and fast: with u = 16 h + l (u = q + 128) and
+    """8-bit blocks below accuracy level 4, exactly and fast (computed at level 0): with u = 16 h + l (u = q + 128) and
     d (u - 128) = 16 d (h - 8) + d (l - 8) + 8 d, the product is one 4-bit MatMulNBits over the nibble table
     (`nibble_table`: scales 16 d for the high rows, d for the low ones, default zero point 8) whose two halves are
     added, plus the block sums times 8 d. The scales are stored once (fp16 when they are fp16 values, as a GGUF's
@@ -409,7 +409,8 @@ def _gather_block_quantized(node, blocks: Blocks):
     8-bit gather, or, for blocks written as nibbles (`nibbles`), the sum of two 4-bit gathers from the same table
     and scales as the head's product (a tied model stores them once): rows ids of the high half give
     16 d (h - 8), rows ids + N of the low half with zero point 0 give d l, and their sum is d (u - 128), exactly
-    (each term and the sum are exact in fp32)."""
+    (each term and the sum are exact in fp32). Token ids are non-negative here (a negative index, which Gather
+    counts from the end, would read the other half)."""
     prefix = f"{node.input[0]}_{blocks.source_type}"
     if not nibbles(blocks):  # (scales stored as the head's MatMulNBits stores them: a tied model shares them)
         nodes, extra = [], [_initializer(prefix, blocks.q.reshape(len(blocks.q), -1))]

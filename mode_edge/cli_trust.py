@@ -75,7 +75,7 @@ def trust_list_cmd(bundle, as_json):
     if not keys_:
         click.echo(f"{bundle} trusts no keys: it installs any intact pack (add one with `mode-edge trust add`)")
     for kid, k in sorted(keys_.items()):
-        click.echo(f"{kid}  {k.get('label', '')}  signs {' and '.join(key_roles(k))}")
+        click.echo(f"{kid}  {k.get('label', '')}  signs {' and '.join(key_roles(k)) or 'nothing'}")
     for name, e in installed.items():
         click.echo(f"installed {name} v{e['version']}: " + (f"signed by {e['signed_by']}" if e["signed_by"]
                                                            else "not checked against a key"))  # fmt: skip

@@ -148,7 +148,8 @@ def check_bundle_shape(m: dict, what: str, fix: str) -> None:
     trust = m.get("trust", {"keys": {}})  # absent: the bundle trusts no keys (mode_edge/signing.py)
     keys = trust.get("keys") if isinstance(trust, dict) else None
     need(isinstance(keys, dict) and all(isinstance(k, dict) and isinstance(k.get("public_key"), str)
-         for k in keys.values()), what, "trust.keys", fix)  # fmt: skip
+         and ("roles" not in k or isinstance(k["roles"], list) and all(r in ("packs", "index") for r in k["roles"]))
+         for k in keys.values()), what, "trust.keys", fix)  # fmt: skip (roles: mode_edge/signing.ROLES)
     for field in ("pack_versions", "index_versions"):  # highest versions installed / read (rollback protection)
         versions = m.get(field, {})
         need(isinstance(versions, dict) and all(is_int(v) and v >= 1 for v in versions.values()), what, field, fix)

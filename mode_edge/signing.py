@@ -176,7 +176,9 @@ def read_signature(raw: bytes, what: str) -> dict:
 def key_roles(entry: dict) -> tuple[str, ...]:
     """The ROLES a trust store entry grants: all of them when it has no "roles" (a store written before roles), none
     when "roles" is not a list (a damaged store grants nothing rather than everything)."""
-    if not isinstance(entry, dict) or "roles" not in entry:
+    if not isinstance(entry, dict):
+        return ()
+    if "roles" not in entry:
         return ROLES
     roles = entry["roles"]
     return tuple(r for r in ROLES if r in roles) if isinstance(roles, list) else ()

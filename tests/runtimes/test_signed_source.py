@@ -160,6 +160,10 @@ def test_adding_a_trusted_key_again_sets_its_roles_even_from_a_store_written_bef
     signed = tmp_path / "signed.modepack"
     invoke("pack", "--bundle", bundle, "--expert", "prose", "--out", signed, "--sign", f"{server}.key", "--version", "2")
     refused("install", "--bundle", bundle, "--replace", signed, message="to sign index only, not packs")
+    manifest = read_bundle(bundle)
+    next(iter(manifest["trust"]["keys"].values()))["roles"] = "packs"  # not a list: a damaged store
+    write_manifest(bundle, manifest)
+    refused("trust", "list", "--bundle", bundle, message="trust.keys is missing or malformed")
 
 
 def test_a_trusted_key_recorded_without_roles_signs_both():
