@@ -23,6 +23,7 @@ import onnx
 import torch
 from torch.export import Dim
 
+from mode_edge.errors import UserError
 from mode_edge.export.graphs import example_inputs, graph_layers, io_names
 
 
@@ -111,6 +112,10 @@ def quantize_onnx(src: Path, dst: Path, quant: str, block_size: int, accuracy_le
     with quiet():  # (the quantizers round only MatMuls of initializer weights: the exact offset products stay)
         kquant = method == "kquant" and bits == 4 and any(
             n.op_type == "MatMul" and n.input[1] in weights for n in model.graph.node)
+        if kquant and exact:  # (onnxruntime's k-quant path rebuilds the graph without the blocks' helper nodes)
+            raise UserError(f"--quant-method kquant cannot round {src.name}: it also holds weights written from "
+                            f"source blocks ({', '.join(sorted(exact))}), which onnxruntime's k-quant path drops; "
+                            f"pass --quant-method gptq or rtn")  # fmt: skip
         quantizer = MatMulNBitsQuantizer(
             model, bits=bits, block_size=block_size, is_symmetric=True,
             accuracy_level=CANDIDATES[0] if auto else accuracy_level,

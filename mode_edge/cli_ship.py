@@ -87,6 +87,9 @@ def export_cmd(run, out, formats, quant, block_size, accuracy_level, base_accura
     if calibration_data is not None and not Path(calibration_data).is_dir():
         raise UserError(f"--calibration-data {calibration_data} is not a folder; pass a corpus from `mode-edge data "
                         f"prepare` or a folder of .txt / .jsonl files")  # fmt: skip
+    if Path(out).exists() and not Path(out).is_dir():  # --overwrite replaces a bundle folder, never a file
+        raise UserError(f"--out {out} is a file; a bundle is a folder: name a new one (or an old bundle's folder "
+                        f"with --overwrite)")  # fmt: skip
     if not overwrite and Path(out).exists():
         raise UserError(f"{out} already exists; choose another --out or pass --overwrite")
     from mode_edge.export.pipeline import export_bundle

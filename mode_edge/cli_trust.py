@@ -51,6 +51,7 @@ def trust_add_cmd(pubkey, bundle, label, role):
     if added:
         signs = "packs and indexes" if role == "all" else {"packs": "packs only", "index": "indexes only"}[role]
         click.echo(f"{bundle} trusts key {kid}; it may sign {signs}; from now on it installs only signed packs")
+        warn_no_pack_key(bundle)
     else:
         click.echo(f"{bundle} already trusts key {kid} for {role if role != 'all' else 'packs and indexes'}; "
                    f"nothing changed")  # fmt: skip
@@ -95,9 +96,22 @@ def trust_remove_cmd(key, bundle, allow_no_keys):
     kid, remaining = trust_remove(bundle, key, allow_no_keys)
     if remaining:
         click.echo(f"{bundle} no longer trusts key {kid}")
+        warn_no_pack_key(bundle)
     else:
         click.echo(f"{bundle} no longer trusts key {kid}; it trusts no key now and installs any intact pack, signed "
                    f"or not", err=True)  # fmt: skip
+
+
+def warn_no_pack_key(bundle) -> None:
+    """Say so when the trust store holds keys but none that may sign packs: every pack is refused until one is."""
+    from mode_edge.bundle import read_bundle
+    from mode_edge.signing import key_roles, trusted_keys
+    from mode_edge.trust import warn
+
+    keys_ = trusted_keys(read_bundle(bundle))
+    if keys_ and not any("packs" in key_roles(k) for k in keys_.values()):
+        warn(f"{bundle} trusts no key to sign packs, so it refuses every pack until one is added "
+             f"(`mode-edge trust add PUB --bundle {bundle} --role packs`)")
 
 
 @click.command("verify", short_help="Check a pack's files and signature without installing it.")

@@ -242,6 +242,10 @@ class ExportConfig(_Serialisable):
             raise UserError(f"--format must list onnx and/or executorch, got {','.join(self.formats) or 'nothing'}")
         if self.quant not in QUANTS:
             raise UserError(f"--quant must be fp32, int8, int4 or mixed, got {self.quant!r}")
+        if self.quant == "mixed" and self.quant_method == "kquant":
+            raise UserError("--quant mixed writes its 8-bit layers beside the 4-bit ones, which onnxruntime's k-quant "
+                            "path does not keep; pass --quant-method gptq or rtn with mixed, or --quant int4 for "
+                            "kquant")  # fmt: skip
         if self.quant == "mixed" and "executorch" in self.formats:
             raise UserError("--quant mixed is for ONNX bundles (ExecuTorch's XNNPACK takes one scheme a graph); "
                             "pass --format onnx, or --quant int4 for ExecuTorch")  # fmt: skip

@@ -196,12 +196,12 @@ def check_signature(signature: dict, trusted: dict, body: dict, what: str, role:
     if kid not in trusted:
         raise UserError(f"{what} is signed by key {kid[:16]}, which is not among the trusted keys "
                         f"({', '.join(sorted(trusted)) or 'none'}); if you trust its publisher, add their .pub to "
-                        f"the bundle with `mode-edge trust add PUB --bundle BUNDLE`")  # fmt: skip
+                        f"the bundle with `mode-edge trust add PUB --bundle BUNDLE --role {role or 'all'}`")
     held = key_roles(trusted[kid])
     if role is not None and role not in held:
         granted = f"{' and '.join(held)} only" if held else "nothing"
         raise UserError(f"{what} is signed by key {kid}, which this bundle trusts to sign {granted}, not {role}; "
-                        f"if its holder may sign {role}, `mode-edge trust add PUB --bundle BUNDLE --role {role}`")
+                        f"if its holder may sign {role} too, `mode-edge trust add PUB --bundle BUNDLE --role all`")
     raw = parse_public(trusted[kid]["public_key"], f"trusted key {kid}")
     try:
         Ed25519PublicKey.from_public_bytes(raw).verify(signature["signature"], canonical(body))

@@ -130,9 +130,12 @@ def check_trust(pack: dict, signature_raw: bytes | None, pack_sha: str, manifest
             warn(f"installing the UNSIGNED {what} into a bundle that trusts only signed packs (--allow-unsigned: "
                  f"for development only)")  # fmt: skip
             return None
-        raise UserError(f"{what} is not signed, and this bundle trusts only packs signed by its keys "
-                        f"({', '.join(sorted(trusted))}); sign it with `mode-edge pack --sign KEY` (or, for "
-                        f"development only, pass --allow-unsigned)")  # fmt: skip
+        signers = sorted(k for k, entry in trusted.items() if "packs" in key_roles(entry))
+        raise UserError(f"{what} is not signed, and this bundle trusts only packs signed by "
+                        + (f"its pack keys ({', '.join(signers)}); sign it with `mode-edge pack --sign KEY`"
+                           if signers else "a pack key, and it trusts none (only index keys): add the publisher's "
+                           "with `mode-edge trust add PUB --bundle BUNDLE --role packs`")
+                        + " (or, for development only, pass --allow-unsigned)")  # fmt: skip
     signature = read_signature(signature_raw, what)
     if signature["key_id"] not in trusted and allow_unsigned:
         warn(f"installing {what}, signed by the UNTRUSTED key {signature['key_id']} (--allow-unsigned: for "

@@ -99,7 +99,7 @@ def run(
     final = tokenizer.decode(out)
     if on_text and final != text and final.startswith(text):
         on_text(final[len(text) :])
-    summary = {"experts": chosen, "router": router if experts == "auto" else None,
+    summary = {"experts": chosen, "router": session.last_router if experts == "auto" else None,
                "route_scores": session.last_scores, "backend": backend,
                "new_tokens": len(out), **profile.summary()}  # fmt: skip
     return final, summary, profile

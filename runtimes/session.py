@@ -81,6 +81,8 @@ class Session:
         self.warned_unrouted: set[str] = set()
         self.last_scores: dict[str, float] | None = None
         """The routing scores of the last `route` call, by expert."""
+        self.last_router: str | None = None
+        """The router that made the last `route` call's choice (gate when the asked one fell back to it)."""
 
     def _gates(self) -> dict[str, dict[str, np.ndarray]]:
         """Gate rows of every installed expert that passes its checks; the others go to `damaged`, warned once."""
@@ -133,7 +135,8 @@ class Session:
         if name not in self.engine.manifest["experts"]:
             raise UserError(
                 f"expert {name!r} is not installed in {self.bundle} (installed: "
-                f"{', '.join(self.engine.installed) or 'none'}); install its pack or pass --pack-source"
+                f"{', '.join(self.engine.installed) or 'none'}); install its pack (`mode-edge install`; `mode-edge "
+                f"run --pack-source` fetches and installs it)"
             )
         return self.engine.manifest["experts"][name]["bytes"]
 
@@ -203,6 +206,8 @@ class Session:
         inputs = self.engine.block_inputs(np.array([prompt], dtype=np.int64))  # per block (1, T, d)
         choices, scores = routing.route(inputs, self.gates, router, top_k)
         self.last_scores = {name: float(v[0]) for name, v in scores.items()}
+        carried = router == "gate" or any(routing.has_router(g) for g in self.gates.values())
+        self.last_router = router if carried else "gate"  # (centroid, logistic: gate rows when no pack has a router)
         return choices[0]
 
     def check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:

@@ -96,6 +96,8 @@ def check_base(what: str, base: dict, backbone: Backbone, layout: MoDELayout | N
 
 def read_model_record(run: Path) -> dict:
     run = Path(run)
+    if run.exists() and not run.is_dir():
+        raise UserError(f"{run} is a file; a run is the folder a `mode-edge train` command wrote (its --out)")
     if not run.is_dir():
         raise UserError(f"run folder {run} does not exist; pass the --out of a `mode-edge train` command")
     record = read_json(run / "model.json", "this is not a finished mode-edge run; train one with `mode-edge train`",

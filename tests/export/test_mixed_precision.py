@@ -58,10 +58,17 @@ def test_export_quant_mixed_writes_the_rule_s_layers_at_8_bits_and_errs_less_tha
     invoke("run", "--bundle", tmp_path / "int4", "--experts", "code", "--prompt", "def f(", "--max-new-tokens", "4")
 
 
-def test_quant_mixed_is_refused_for_executorch(composed_run, tmp_path):
+def test_quant_mixed_refusals_executorch_kquant_and_a_file_for_out(composed_run, tmp_path):
     refused("export", "--model", composed_run, "--out", tmp_path / "pte", "--quant", "mixed", "--format",
             "onnx,executorch", message=("--quant mixed", "--format onnx"))  # fmt: skip
     assert not (tmp_path / "pte").exists()
+    refused("export", "--model", composed_run, "--out", tmp_path / "kq", "--quant", "mixed", "--quant-method",
+            "kquant", message=("k-quant", "--quant-method gptq or rtn"))  # fmt: skip
+    (tmp_path / "file").write_text("not a bundle")
+    refused("export", "--model", composed_run, "--out", tmp_path / "file", "--quant", "mixed", "--overwrite",
+            message="is a file; a bundle is a folder")  # fmt: skip
+    assert (tmp_path / "file").read_text() == "not a bundle" and not (tmp_path / "kq").exists()
+    refused("export", "--model", composed_run / "model.json", "--out", tmp_path / "m", message="is a file; a run is")
 
 
 def test_mixed_at_accuracy_level_0_merges_8_and_4_bit_projections_into_a_graph_that_loads(composed_run, tmp_path):

@@ -21,8 +21,9 @@ def test_run_prints_text_and_writes_the_profile(int8_bundle, tmp_path):
     auto = cli("run", "--bundle", int8_bundle, "--prompt", "The", "--max-new-tokens", "2", "--temperature", "0.7",
                "--top-p", "0.9", "--json", out)  # fmt: skip
     routed = json.loads(out.read_text())
-    assert routed["route_scores"].keys() == {"code", "prose"} and routed["router"] == "centroid"
-    assert "chosen by the centroid router; 2 tokens" in auto.stderr  # the summary says auto chose them
+    # these packs carry no router (trained without --general): centroid, the default, fell back to the gate rows
+    assert routed["route_scores"].keys() == {"code", "prose"} and routed["router"] == "gate"
+    assert "chosen by the gate router; 2 tokens" in auto.stderr  # the summary says auto chose them, and how
     cli("run", "--bundle", int8_bundle, "--experts", "none", "--prompt", "The", "--max-new-tokens", "2", "--json", out)
     assert json.loads(out.read_text())["router"] is None
 

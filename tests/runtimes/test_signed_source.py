@@ -132,7 +132,7 @@ def test_a_key_signs_only_what_its_role_allows(bundle, server, signed, tmp_path)
            "--version", "2")  # fmt: skip
     before = (bundle / "manifest.json").read_bytes()
     refused("install", "--bundle", bundle, "--replace", by_online,
-            message=("to sign index only, not packs", "--role packs"))  # fmt: skip
+            message=("to sign index only, not packs", "--role all"))  # fmt: skip
     assert (bundle / "manifest.json").read_bytes() == before
     refused("verify", by_online, "--bundle", bundle, message="to sign index only, not packs")
     assert "changed" not in invoke("trust", "add", f"{online}.pub", "--bundle", bundle, "--role", "all").output
@@ -154,12 +154,15 @@ def test_adding_a_trusted_key_again_sets_its_roles_even_from_a_store_written_bef
     write_manifest(bundle, manifest)
     assert "server  signs packs and index\n" in invoke("trust", "list", "--bundle", bundle).output
     out = invoke("trust", "add", f"{server}.pub", "--bundle", bundle, "--role", "index").output
-    assert "may sign indexes only" in out
+    assert "may sign indexes only" in out and "trusts no key to sign packs" in " ".join(out.split())
     assert "server  signs index\n" in invoke("trust", "list", "--bundle", bundle).output
     assert "nothing changed" in invoke("trust", "add", f"{server}.pub", "--bundle", bundle, "--role", "index").output
     signed = tmp_path / "signed.modepack"
+    invoke("pack", "--bundle", bundle, "--expert", "prose", "--out", tmp_path / "unsigned.modepack")
     invoke("pack", "--bundle", bundle, "--expert", "prose", "--out", signed, "--sign", f"{server}.key", "--version", "2")
     refused("install", "--bundle", bundle, "--replace", signed, message="to sign index only, not packs")
+    refused("install", "--bundle", bundle, "--replace", tmp_path / "unsigned.modepack",
+            message=("trusts none (only index keys)", "--role packs"))  # fmt: skip
     manifest = read_bundle(bundle)
     next(iter(manifest["trust"]["keys"].values()))["roles"] = "packs"  # not a list: a damaged store
     write_manifest(bundle, manifest)
