@@ -33,7 +33,8 @@ def output_file(ctx, param, value):
         return None
     path, option = Path(value), param.opts[0]
     if path.is_dir():
-        raise UserError(f"{option} {path} is a folder; name the file to write (for example {path / 'out.json'})")
+        example = path / ("NAME.modepack" if ctx.command.name == "pack" else "out.json")
+        raise UserError(f"{option} {path} is a folder; name the file to write (for example {example})")
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent

@@ -345,6 +345,8 @@ def describe(path: Path) -> dict:
     if not path.exists():
         raise UserError(f"{path} does not exist; pass a bundle folder (`mode-edge export`) or a .modepack archive "
                         f"(`mode-edge pack`)")  # fmt: skip
+    if path.is_file() and path.name == "manifest.json":
+        raise UserError(f"{path} is a bundle's manifest; pass the bundle's folder, {path.parent}")
     if path.is_dir():
         m = read_bundle(path)
         experts = {}

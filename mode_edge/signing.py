@@ -113,6 +113,8 @@ def load_private(path: Path):
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"signing key {path} is a folder; pass the NAME.key file `mode-edge keys generate` wrote")
     if not path.is_file():
         raise UserError(f"signing key {path} does not exist; make one with `mode-edge keys generate --out NAME`")
     try:

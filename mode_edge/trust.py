@@ -108,6 +108,9 @@ def verify_pack(path: Path, bundle: Path | None = None, public_key: str | None =
         return info
     signature = read_signature(member_bytes(path, members[PACK_SIGNATURE]), f"pack {path}")
     info["claims_key"] = signature["key_id"]
+    if bundle is None and public_key is not None and signature["key_id"] not in trusted:  # --key: no trust store
+        raise UserError(f"pack {path} is signed by key {signature['key_id']}, not by the key given "
+                        f"({next(iter(trusted))}); check that you have its publisher's .pub")  # fmt: skip
     if source is not None:
         if not trusted:
             raise UserError(f"{source} trusts no keys, so the signature of pack {path} cannot be checked against it; "

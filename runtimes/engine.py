@@ -54,9 +54,11 @@ class Engine:
         self.bundle = Path(bundle)
         self.manifest = read_bundle(self.bundle)
         if backend not in self.manifest["formats"]:
+            mixed = self.manifest["quantization"].get("scheme") == "mixed" and backend == "executorch"
+            how = f"--format {backend}" if not mixed else "--quant int4 or int8 and --format executorch (mixed: ONNX)"
             raise UserError(
                 f"bundle {bundle} has no {backend} graphs (it has {', '.join(self.manifest['formats'])}); "
-                f"re-export with --format {backend} or choose --backend {self.manifest['formats'][0]}"
+                f"re-export with {how} or choose --backend {self.manifest['formats'][0]}"
             )
         if verify:  # sizes at every start, sha256 once per file version (mode_edge/integrity.py)
             verify_files(self.bundle, self.manifest["files"], f"bundle {bundle}", REEXPORT)

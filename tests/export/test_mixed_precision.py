@@ -52,6 +52,8 @@ def test_export_quant_mixed_writes_the_rule_s_layers_at_8_bits_and_errs_less_tha
     int4_error = base_logits_error(tmp_path / "int4", model, ids)
     assert mixed_error < 0.95 * int4_error, (mixed_error, int4_error)  # measured: 0.200 against 0.233
     invoke("run", "--bundle", tmp_path / "mixed", "--experts", "code", "--prompt", "def f(", "--max-new-tokens", "4")
+    refused("run", "--bundle", tmp_path / "mixed", "--backend", "executorch", "--prompt", "x",
+            message="--quant int4 or int8 and --format executorch (mixed: ONNX)")  # fmt: skip
     # a mixed pack fits an int4 bundle of the same base (its 8-bit layers are its graphs' own)
     invoke("pack", "--bundle", tmp_path / "mixed", "--expert", "code", "--out", tmp_path / "code.modepack")
     invoke("install", "--bundle", tmp_path / "int4", "--replace", tmp_path / "code.modepack")

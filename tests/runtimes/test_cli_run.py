@@ -42,3 +42,15 @@ def test_run_bad_input(int8_bundle, tmp_path):
                       "context")  # fmt: skip
     assert_user_error(cli("run", "--bundle", int8_bundle, "--prompt", "x", "--backend", "executorch", ok=False),
                       "no executorch graphs")  # fmt: skip
+
+
+def test_paths_of_the_wrong_kind_are_named_with_the_fix(int8_bundle, tmp_path):
+    """A bundle's manifest given for the bundle, a folder for a signing key or a pack file: one line each."""
+    assert_user_error(cli("inspect", int8_bundle / "manifest.json", ok=False),
+                      f"is a bundle's manifest; pass the bundle's folder, {int8_bundle}")  # fmt: skip
+    assert_user_error(cli("pack", "--bundle", int8_bundle, "--expert", "code", "--out", tmp_path, ok=False),
+                      "for example " + str(tmp_path / "NAME.modepack"))  # fmt: skip
+    signed = tmp_path / "code.modepack"
+    assert_user_error(cli("pack", "--bundle", int8_bundle, "--expert", "code", "--out", signed, "--sign", tmp_path,
+                          ok=False), "is a folder; pass the NAME.key file")  # fmt: skip
+    assert not signed.exists()
