@@ -189,8 +189,10 @@ def print_description(info: dict) -> None:
         if "damaged" in e:
             table.add_row(f"experts/{name}", "[red]damaged")
             click.echo(f"warning: {e['damaged']}", err=True)
+        own = e.get("scheme")
+        differs = f" ({own})" if own and info["kind"] == "bundle" and own != info["quantization"].get("scheme") else ""
         for comp, n in e["components"].items():
-            table.add_row(f"experts/{name}/{comp}", human_bytes(n))
+            table.add_row(f"experts/{name}/{comp}{differs}", human_bytes(n))
     total = info.get("bytes", info.get("base_bytes", 0)) + sum(e["bytes"] for e in info.get("experts", {}).values())
     what = "gate rows" if info["kind"] == "pack" else "tokenizer, gates, manifests"
     table.add_row(f"[bold]total (with {what})", f"[bold]{human_bytes(total)}")

@@ -358,6 +358,7 @@ def describe(path: Path) -> dict:
                 continue
             experts[name] = {
                 "parameters": pack.get("parameters"), "bytes": total_bytes(pack["files"]),
+                "scheme": (pack.get("quantization") or {}).get("scheme"),  # an int4 bundle may hold mixed packs
                 "components": component_bytes(pack["components"], pack["files"]),
             }  # fmt: skip
         return {

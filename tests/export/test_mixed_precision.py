@@ -58,6 +58,9 @@ def test_export_quant_mixed_writes_the_rule_s_layers_at_8_bits_and_errs_less_tha
     invoke("pack", "--bundle", tmp_path / "mixed", "--expert", "code", "--out", tmp_path / "code.modepack")
     invoke("install", "--bundle", tmp_path / "int4", "--replace", tmp_path / "code.modepack")
     invoke("run", "--bundle", tmp_path / "int4", "--experts", "code", "--prompt", "def f(", "--max-new-tokens", "4")
+    described = json.loads(invoke("inspect", tmp_path / "int4", "--json").output)  # which packs are mixed: shown
+    assert described["experts"]["code"]["scheme"] == "mixed" and described["experts"]["prose"]["scheme"] == "int4"
+    assert "experts/code/block1 (mixed)" in invoke("inspect", tmp_path / "int4").output
 
 
 def test_quant_mixed_refusals_executorch_kquant_and_a_file_for_out(composed_run, tmp_path):
