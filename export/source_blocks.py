@@ -336,13 +336,11 @@ def _nibble_product(node, blocks: Blocks, shape: tuple, block_sums: dict[str, st
     scales = prefix + "_scales"
     nodes, extra = [], [_initializer(prefix + "_nibbles", nibble_table(blocks))]
     _stored(nodes, extra, scales, blocks.scales.reshape(-1), _fp16_exact(blocks.scales))
-    extra += [_initializer(prefix + "_sixteen", np.array(16, np.float32)),
-              _initializer(prefix + "_eight", np.array(8, np.float32)),
+    extra += [_initializer(prefix + "_eight", np.array(8, np.float32)),
               _initializer(prefix + "_halves", np.array([n, n], np.int64))]  # fmt: skip
+    nibble_scales = _nibble_scales(nodes, extra, prefix, scales)
     nodes += [
-        helper.make_node("Mul", [scales, prefix + "_sixteen"], [prefix + "_high_scales"]),
-        helper.make_node("Concat", [prefix + "_high_scales", scales], [prefix + "_nibble_scales"], axis=0),
-        helper.make_node("MatMulNBits", [node.input[0], prefix + "_nibbles", prefix + "_nibble_scales"],
+        helper.make_node("MatMulNBits", [node.input[0], prefix + "_nibbles", nibble_scales],
                          [prefix + "_halves_product"], name=(node.name or prefix) + "_nbits", domain=MS_DOMAIN,
                          K=k, N=2 * n, bits=4, block_size=BLOCK, accuracy_level=0),
         helper.make_node("Split", [prefix + "_halves_product", prefix + "_halves"],
@@ -353,6 +351,15 @@ def _nibble_product(node, blocks: Blocks, shape: tuple, block_sums: dict[str, st
     _add_offset_product(nodes, extra, node.input[0], k, prefix + "_offsets", prefix, prefix + "_nibble_sum",
                         node.output[0], block_sums)  # fmt: skip
     return nodes, extra
+
+
+def _nibble_scales(nodes: list, extra: list, prefix: str, scales: str) -> str:
+    """The scales of a nibble table (`nibble_table`), stacked as its rows are: 16 d for the high nibbles, then d for
+    the low ones (constant, folded at load). Returns the tensor's name."""
+    extra.append(_initializer(prefix + "_sixteen", np.array(16, np.float32)))
+    nodes += [helper.make_node("Mul", [scales, prefix + "_sixteen"], [prefix + "_high_scales"]),
+              helper.make_node("Concat", [prefix + "_high_scales", scales], [prefix + "_nibble_scales"], axis=0)]
+    return prefix + "_nibble_scales"
 
 
 def _scaled_scales(nodes: list, extra: list, prefix: str, scales: str, by_block: tuple, factor: str, out: str):
@@ -425,8 +432,7 @@ def _gather_block_quantized(node, blocks: Blocks):
     table, scales = prefix + "_nibbles", prefix + "_scales"
     nodes, extra = [], [_initializer(table, nibble_table(blocks).reshape(2 * n, -1))]
     _stored(nodes, extra, scales, blocks.scales, _fp16_exact(blocks.scales))
-    extra += [_initializer(prefix + "_sixteen", np.array(16, np.float32)),
-              _initializer(prefix + "_rows", np.array(n, np.int64)),
+    extra += [_initializer(prefix + "_rows", np.array(n, np.int64)),
               _initializer(prefix + "_zero_point_shape", np.array([n, (per_row + 1) // 2], np.int64))]  # fmt: skip
     zero_points = {"_high_zero_points": 0x88, "_low_zero_points": 0}  # two 4-bit zero points a byte
     nodes += [helper.make_node("ConstantOfShape", [prefix + "_zero_point_shape"], [prefix + name],
@@ -434,14 +440,13 @@ def _gather_block_quantized(node, blocks: Blocks):
               for name, value in zero_points.items()]  # fmt: skip
     nodes += [
         helper.make_node("Concat", [prefix + name for name in zero_points], [prefix + "_zero_points"], axis=0),
-        helper.make_node("Mul", [scales, prefix + "_sixteen"], [prefix + "_high_scales"]),
-        helper.make_node("Concat", [prefix + "_high_scales", scales], [prefix + "_nibble_scales"], axis=0),
         helper.make_node("CastLike", [prefix + "_rows", node.input[1]], [prefix + "_rows_like"]),
         helper.make_node("Add", [node.input[1], prefix + "_rows_like"], [prefix + "_low_ids"]),
     ]  # fmt: skip
+    nibble_scales = _nibble_scales(nodes, extra, prefix, scales)
     for half, ids in (("_high", node.input[1]), ("_low", prefix + "_low_ids")):
         nodes.append(helper.make_node(
-            "GatherBlockQuantized", [table, ids, prefix + "_nibble_scales", prefix + "_zero_points"],
+            "GatherBlockQuantized", [table, ids, nibble_scales, prefix + "_zero_points"],
             [prefix + half + "_rows"], name=(node.name or prefix) + half + "_blocks", domain=MS_DOMAIN,
             gather_axis=0, quantize_axis=1, block_size=BLOCK, bits=4,
         ))  # fmt: skip

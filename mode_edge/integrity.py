@@ -20,6 +20,7 @@ from typing import Callable, TypeVar
 
 from mode_edge.errors import UserError
 from mode_edge.files import sha256_file, write_json
+from mode_edge.signing import ROLES
 
 KV_CACHE = {"onnx": "buffer", "executorch": "concat"}
 """The cache interface of each format's graphs in this bundle version (export/graphs.py, runtimes/kv_cache.py)."""
@@ -148,8 +149,8 @@ def check_bundle_shape(m: dict, what: str, fix: str) -> None:
     trust = m.get("trust", {"keys": {}})  # absent: the bundle trusts no keys (mode_edge/signing.py)
     keys = trust.get("keys") if isinstance(trust, dict) else None
     need(isinstance(keys, dict) and all(isinstance(k, dict) and isinstance(k.get("public_key"), str)
-         and ("roles" not in k or isinstance(k["roles"], list) and all(r in ("packs", "index") for r in k["roles"]))
-         for k in keys.values()), what, "trust.keys", fix)  # fmt: skip (roles: mode_edge/signing.ROLES)
+         and ("roles" not in k or isinstance(k["roles"], list) and all(r in ROLES for r in k["roles"]))
+         for k in keys.values()), what, "trust.keys", fix)  # fmt: skip
     for field in ("pack_versions", "index_versions"):  # highest versions installed / read (rollback protection)
         versions = m.get(field, {})
         need(isinstance(versions, dict) and all(is_int(v) and v >= 1 for v in versions.values()), what, field, fix)

@@ -86,6 +86,14 @@ def gate_scores(block_inputs: list[np.ndarray], gates: dict[str, dict[str, np.nd
     return scores
 
 
+def effective_router(router: str, gates: dict[str, dict[str, np.ndarray]]) -> str:
+    """The router that decides: `router`, except that centroid and logistic fall back to the gate rows when no pack
+    in `gates` carries router statistics."""
+    if router in ("centroid", "logistic") and not any(has_router(g) for g in gates.values()):
+        return "gate"
+    return router
+
+
 def route(block_inputs: list[np.ndarray], gates: dict[str, dict[str, np.ndarray]], router: str = "centroid",
           top_k: int = 1) -> tuple[list[list[str]], dict[str, np.ndarray]]:  # fmt: skip
     """The experts each prompt should run with, and every candidate's scores.
@@ -98,7 +106,7 @@ def route(block_inputs: list[np.ndarray], gates: dict[str, dict[str, np.ndarray]
         raise ValueError(f"unknown router {router!r}; choose one of {', '.join(ROUTERS)}")
     if not gates:
         return [[] for _ in range(len(block_inputs[0]))], {}
-    if router in ("centroid", "logistic") and any(has_router(g) for g in gates.values()):
+    if effective_router(router, gates) != "gate":
         eps = float(next(iter(gates.values()))["eps"][0])
         pick = centroid_scores if router == "centroid" else logistic_scores
         scores = pick(pooled_features(block_inputs, eps), gates)

@@ -206,8 +206,7 @@ class Session:
         inputs = self.engine.block_inputs(np.array([prompt], dtype=np.int64))  # per block (1, T, d)
         choices, scores = routing.route(inputs, self.gates, router, top_k)
         self.last_scores = {name: float(v[0]) for name, v in scores.items()}
-        carried = router == "gate" or any(routing.has_router(g) for g in self.gates.values())
-        self.last_router = router if carried else "gate"  # (centroid, logistic: gate rows when no pack has a router)
+        self.last_router = routing.effective_router(router, self.gates)
         return choices[0]
 
     def check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
