@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo demo-quick test fuzz bench bench-peers clean
+.PHONY: install demo demo-quick test fuzz bench bench-peers native native-asan clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,8 +22,24 @@ demo: $(STAMP)
 demo-quick: $(STAMP)
 	$(VENV)/bin/mode-edge demo --quick --out runs/demo-quick
 
-test: $(STAMP)
+test: $(STAMP) native
 	$(PY) -m pytest -q
+
+# the native runtime (runtimes/native): C++17 on onnxruntime's C API. Its headers (onnxruntime's, nlohmann/json) are
+# fetched once into a cache outside the checkout; the binary and library land in build/native (about 1 minute on 2
+# cores). It runs with any libonnxruntime.so of C API >= 1.23: the tests use the one in the venv's onnxruntime wheel.
+NATIVE_DEPS ?= $(HOME)/.cache/mode-edge/native-deps
+native:
+	runtimes/native/fetch_deps.sh $(NATIVE_DEPS) > /dev/null
+	cmake -S runtimes/native -B build/native -DMODE_EDGE_DEPS_INCLUDE=$(NATIVE_DEPS)/include > /dev/null
+	cmake --build build/native -j2
+
+# the same with AddressSanitizer and LeakSanitizer, for tests/runtimes/test_native.py's leak check
+native-asan:
+	runtimes/native/fetch_deps.sh $(NATIVE_DEPS) > /dev/null
+	cmake -S runtimes/native -B build/native-asan -DMODE_EDGE_DEPS_INCLUDE=$(NATIVE_DEPS)/include \
+		-DMODE_EDGE_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug > /dev/null
+	cmake --build build/native-asan -j2
 
 # the parsers' fuzz tests at 50x the examples `make test` runs, and installs killed at every step rather than every
 # third (about 10 minutes on 2 cores)

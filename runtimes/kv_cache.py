@@ -19,10 +19,12 @@ GROWTH = 2
 
 def rotary_tables(theta: float, head_dim: int, length: int) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin of positions 0 .. length-1 times each rotary frequency theta^(-2i/hd), (length, hd/2) float32 each:
-    GroupQueryAttention's cos_cache / sin_cache, computed as export/graphs.rotary_tables does in PyTorch."""
-    inv_freq = np.float32(1.0) / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
-    freqs = np.arange(length, dtype=np.float32)[:, None] * inv_freq[None, :]
-    return np.cos(freqs), np.sin(freqs)
+    GroupQueryAttention's cos_cache / sin_cache. Computed in float64 and rounded once, so that they are the nearest
+    float32 values (numpy's float32 cos is off by one unit in the last place for ~10% of them) and the native runtime
+    (runtimes/native/src/engine.cpp), computing the same in C++, feeds the graphs the very same tables."""
+    inv_freq = float(theta) ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    freqs = np.arange(length, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mode_edge.config import ExportConfig, MoDELayout, TrainConfig
+from mode_edge.config import ExportConfig, MoDELayout, StayOutConfig, TrainConfig
 from mode_edge.training.backbones import TINY_CONFIG, load_backbone
 
 
@@ -158,3 +158,23 @@ def toy_domains(tmp_path_factory) -> dict[str, Path]:
         "records": _write_corpus(root / "records", [text(record) for _ in range(200)]),
         "general": _write_corpus(root / "general", [prose[i * 700 : (i + 1) * 700] for i in range(200)]),
     }
+
+
+ROUTED_LAYOUT = MoDELayout(n_blocks=2, expert_layers=1, gate_init="data")
+ROUTED_TRAIN = TrainConfig(steps=3, batch_size=2, seq_len=64, warmup_steps=1, lr=1e-3, checkpoint_every=100)
+
+
+@pytest.fixture(scope="session")
+def routed(tiny, toy_domains, tmp_path_factory):
+    """Experts 'hex' and 'digits' trained with general text (their packs carry routers) and composed; 'records'
+    trained alone, later."""
+    from mode_edge.training.compose import compose
+    from mode_edge.training.train_expert import train_expert
+
+    root = tmp_path_factory.mktemp("routing")
+    for name in ("hex", "digits", "records"):
+        train_expert(tiny, name, toy_domains[name], root / name, ROUTED_LAYOUT, ROUTED_TRAIN, toy_domains["general"],
+                     StayOutConfig())
+    compose(tiny, [root / "hex", root / "digits"], [toy_domains["hex"], toy_domains["digits"]], root / "both",
+            ROUTED_TRAIN, freeze_experts=True)  # fmt: skip
+    return root

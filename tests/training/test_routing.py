@@ -6,30 +6,13 @@ import json
 import pytest
 from safetensors.numpy import load_file
 
-from mode_edge.config import ExportConfig, MoDELayout, StayOutConfig, TrainConfig
+from mode_edge.config import ExportConfig
 from mode_edge.packs import install, make_pack, uninstall
 from mode_edge.runtimes.routing import NONE, ROUTER_KEYS
 from mode_edge.runtimes.session import Session
 from mode_edge.training.data import load_corpus
 from mode_edge.training.eval_routing import routing_for_run, windows
 from tests.cli_runner import invoke
-
-LAYOUT = MoDELayout(n_blocks=2, expert_layers=1, gate_init="data")
-CFG = TrainConfig(steps=3, batch_size=2, seq_len=64, warmup_steps=1, lr=1e-3, checkpoint_every=100)
-
-
-@pytest.fixture(scope="module")
-def routed(tiny, toy_domains, tmp_path_factory):
-    """Experts 'hex' and 'digits' trained with general text and composed; 'records' trained alone, later."""
-    from mode_edge.training.compose import compose
-    from mode_edge.training.train_expert import train_expert
-
-    root = tmp_path_factory.mktemp("routing")
-    for name in ("hex", "digits", "records"):
-        train_expert(tiny, name, toy_domains[name], root / name, LAYOUT, CFG, toy_domains["general"], StayOutConfig())
-    compose(tiny, [root / "hex", root / "digits"], [toy_domains["hex"], toy_domains["digits"]], root / "both",
-            CFG, freeze_experts=True)  # fmt: skip
-    return root
 
 
 def test_centroid_router_answers_none_for_general_text_and_the_expert_for_its_domain(tiny, toy_domains, routed):

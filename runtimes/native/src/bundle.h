@@ -1,0 +1,75 @@
+// Reading a bundle (manifest.json) and its installed packs (experts/NAME@ID/pack.json) for the native runtime:
+// the same files, checks and messages as the Python runtime (mode_edge/bundle.py; docs/bundle-format.md).
+// Only ONNX graphs with the "buffer" KV cache (bundle format version 2) run here.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace mode_edge {
+
+struct FileRecord {
+  int64_t bytes = 0;
+  std::string sha256;
+};
+using FileRecords = std::map<std::string, FileRecord>;  // path relative to its folder -> record
+
+// One graph: its attention layers (0 for embed and head), input and output names in order, file relative to its folder.
+struct Component {
+  int layers = 0;
+  std::vector<std::string> inputs, outputs;
+  std::string onnx;
+};
+
+struct Decoder {
+  int64_t vocab_size = 0, dim = 0, n_kv_heads = 0, head_dim = 0, max_seq_len = 0;
+  double rope_theta = 0;
+};
+
+struct ExpertEntry {
+  std::string pack;  // experts/NAME@ID/pack.json
+  std::string pack_sha256;
+  int64_t bytes = 0;
+  int version = 1;
+};
+
+struct Bundle {
+  std::string root;
+  Decoder decoder;
+  std::string fingerprint;
+  int n_blocks = 0;
+  std::map<std::string, Component> components;  // base/embed, base/block{i}, base/head
+  FileRecords files;
+  int64_t base_bytes = 0;  // weight bytes of the base on disk: what the memory budget counts
+  std::map<std::string, ExpertEntry> experts;
+  std::optional<int64_t> eos_id;
+  std::string expert_folder(const std::string& name) const;  // root/experts/NAME@ID
+};
+
+struct Pack {
+  std::string name, folder;
+  std::vector<Component> blocks;  // block{i}, i < n_blocks
+  std::string gate;               // the gate file (safetensors), relative to folder
+  FileRecords files;
+};
+
+// root/manifest.json, checked (format, version 2, ONNX with the buffer cache, every field read). Throws UserError.
+Bundle read_bundle(const std::string& root);
+
+// Every record's file under `folder` exists with its size and sha256; else UserError "WHAT is damaged: PATH ...; FIX".
+void verify_files(const std::string& folder, const FileRecords& files, const std::string& what, const std::string& fix);
+
+// Installed expert NAME's pack.json: its sha256 against the bundle's record, then its fields, its base fingerprint and
+// cache interface against the bundle's; `verify`: every file it lists too. Throws UserError naming the fix.
+Pack read_pack(const Bundle& bundle, const std::string& name, bool verify);
+
+// "reinstall its pack (`mode-edge install --bundle B NAME.modepack`)"
+std::string reinstall_fix(const Bundle& bundle, const std::string& name);
+
+// The installed experts' names, sorted.
+std::vector<std::string> installed(const Bundle& bundle);
+
+}  // namespace mode_edge

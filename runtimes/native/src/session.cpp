@@ -1,0 +1,194 @@
+#include "session.h"
+
+#include <algorithm>
+#include <iostream>
+#include <sstream>
+
+#include "errors.h"
+
+namespace mode_edge {
+namespace {
+
+constexpr double kMB = 1 << 20;
+
+std::string mb(double bytes) { return std::to_string(static_cast<int64_t>(bytes / kMB + 0.5)); }
+
+std::string joined(const std::vector<std::string>& names) {
+  std::string out;
+  for (auto& n : names) out += (out.empty() ? "" : ", ") + n;
+  return out;
+}
+
+// An expert name as mode_edge/names.py allows it: [A-Za-z0-9][A-Za-z0-9_.-]{0,63} (ASCII).
+bool valid_name(const std::string& name) {
+  auto alnum = [](char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9'); };
+  if (name.empty() || name.size() > 64 || !alnum(name[0])) return false;
+  return std::all_of(name.begin(), name.end(), [&](char c) { return alnum(c) || c == '-' || c == '_' || c == '.'; });
+}
+
+}  // namespace
+
+Session::Session(const std::string& bundle, SessionOptions options) : options_(std::move(options)) {
+  if (!options_.warn) options_.warn = [](const std::string& m) { std::cerr << "warning: " << m << "\n"; };
+  if (options_.budget_mb < 0) throw UserError("the memory budget (MB) must be > 0");
+  if (options_.threads < 0) throw UserError("--threads must be an integer >= 1");
+  budget_ = static_cast<int64_t>(options_.budget_mb * kMB);
+  profile_.mark("start");
+  Bundle b = read_bundle(bundle);
+  if (budget_ && b.base_bytes > budget_)
+    throw UserError("the base alone needs " + mb(b.base_bytes) + " MB, more than the memory budget of " + mb(budget_) +
+                    " MB; export with a smaller --quant (int4) or use a device with a larger budget");
+  OrtRuntime& ort = OrtRuntime::get(options_.ort_library, options_.threads);
+  int64_t base_bytes = b.base_bytes;
+  profile_.load("base", base_bytes, [&] { engine_ = std::make_unique<Engine>(ort, std::move(b), options_.verify); });
+  const Bundle& bb = engine_->bundle();
+  for (auto& name : installed(bb)) {
+    try {  // each pack's files are verified here, once; loading it later reads them again without hashing
+      Pack pack = read_pack(bb, name, options_.verify);
+      gates_[name] = read_gate(pack.folder + "/" + pack.gate, bb.n_blocks, bb.decoder.dim, "expert '" + name + "'",
+                               reinstall_fix(bb, name));
+    } catch (const UserError& e) {
+      damaged_[name] = e.what();
+      pending_warnings_.push_back(std::string(e.what()) + "; it is left out until then");
+    }
+  }
+}
+
+int64_t Session::expert_bytes(const std::string& name) const {
+  if (damaged_.count(name)) throw UserError(damaged_.at(name));
+  const Bundle& b = engine_->bundle();
+  if (!b.experts.count(name))
+    throw UserError("expert '" + name + "' is not installed in " + b.root + " (installed: " +
+                    (b.experts.empty() ? "none" : joined(installed(b))) + "); install its pack (`mode-edge install`)");
+  return b.experts.at(name).bytes;
+}
+
+std::vector<std::string> Session::select(const std::vector<std::string>& names) {
+  int64_t need = 0;
+  for (auto& n : names) {
+    if (!valid_name(n))
+      throw UserError("--experts: expert name '" + n + "' is not a plain name; use letters, digits, '_', '.' and "
+                      "'-' (at most 64, starting with a letter or digit)");
+    if (std::count(names.begin(), names.end(), n) > 1)
+      throw UserError("--experts: expert " + n + " is named twice; name each once");
+    need += expert_bytes(n);
+  }
+  const int64_t base = engine_->bundle().base_bytes;
+  if (budget_ && base + need > budget_)
+    throw UserError("base (" + mb(base) + " MB) + experts " + joined(names) + " (" + mb(need) +
+                    " MB) exceed the memory budget of " + mb(budget_) + " MB; select fewer experts");
+  int64_t used = base;
+  for (auto& n : lru_) used += expert_bytes(n);
+  for (auto& n : names)
+    if (std::find(lru_.begin(), lru_.end(), n) == lru_.end()) used += expert_bytes(n);
+  std::vector<std::string> evicted;
+  for (auto it = lru_.begin(); it != lru_.end() && budget_ && used > budget_;) {  // least recently used first
+    if (std::find(names.begin(), names.end(), *it) != names.end()) { ++it; continue; }
+    used -= expert_bytes(*it);
+    engine_->unload_expert(*it);
+    evicted.push_back(*it);
+    it = lru_.erase(it);
+  }
+  for (auto& n : names) {
+    if (!engine_->loaded(n))  // verified when the session started (gates_)
+      profile_.load("expert " + n, expert_bytes(n), [&] { engine_->load_expert(n, false); });
+    lru_.remove(n);
+    lru_.push_back(n);
+  }
+  engine_->active = names;
+  for (auto& w : pending_warnings_) {  // said once the selection stands: asking for a damaged one is the error alone
+    options_.warn(w);
+    warnings_.push_back(w);
+  }
+  pending_warnings_.clear();
+  return evicted;
+}
+
+std::vector<std::string> Session::route(const std::vector<int64_t>& prompt, int top_k, const std::string& router) {
+  if (prompt.empty()) throw UserError("the prompt is empty; routing needs at least one token");
+  if (std::find(routers().begin(), routers().end(), router) == routers().end())
+    throw UserError("--router must be one of centroid, logistic, gate, got '" + router + "'");
+  if (top_k < 1) throw UserError("--route-top-k must be an integer >= 1");
+  last_router_ = effective_router(router, gates_);
+  last_scores_ = nlohmann::json::object();
+  if (gates_.empty()) return {};
+  const Bundle& b = engine_->bundle();
+  RouteFeatures features(gates_, b.n_blocks, b.decoder.dim, static_cast<int64_t>(prompt.size()));
+  engine_->block_inputs(prompt, [&](int block, const float* h, int64_t T) { features.add(block, h, T); });
+  auto scores = features.scores(router);
+  for (auto& [name, s] : scores) last_scores_[name] = s;
+  return choose(scores, installed(b), top_k);
+}
+
+std::vector<std::string> Session::parse_experts(const std::string& value) const {
+  if (value == "none") return {};
+  std::vector<std::string> names;
+  std::stringstream parts(value);
+  for (std::string n; std::getline(parts, n, ',');) names.push_back(n);
+  if (names.empty()) throw UserError("--experts is empty; give 'auto', 'none' or comma-separated expert names");
+  return names;
+}
+
+void Session::generate(const std::vector<int64_t>& prompt, const GenerateOptions& o,
+                       const std::function<bool(int64_t)>& on_token) {
+  check_sampling(o.sampling);
+  if (prompt.empty()) throw UserError("the prompt is empty; give at least one token id");
+  if (o.max_new_tokens < 1) throw UserError("--max-new-tokens must be an integer >= 1");
+  const Bundle& b = engine_->bundle();
+  for (int64_t id : prompt)
+    if (id < 0 || id >= b.decoder.vocab_size)
+      throw UserError("token id " + std::to_string(id) + " is outside the vocabulary (0 .. " +
+                      std::to_string(b.decoder.vocab_size - 1) + "); tokenize with this bundle's tokenizer.json");
+  int64_t limit = engine_->context();
+  if (int64_t(prompt.size()) + o.max_new_tokens > limit)
+    throw UserError("prompt (" + std::to_string(prompt.size()) + " tokens) + --max-new-tokens " +
+                    std::to_string(o.max_new_tokens) + " exceed the model's context of " + std::to_string(limit) +
+                    " tokens; shorten one of them");
+  bool automatic = o.experts == "auto";
+  std::vector<std::string> chosen = automatic ? std::vector<std::string>{} : parse_experts(o.experts);
+  Profile& p = profile_;
+  p.prompt_tokens = static_cast<int64_t>(prompt.size());
+  if (automatic) {
+    double t = now_seconds();
+    chosen = route(prompt, o.route_top_k, o.router);
+    p.route_s = now_seconds() - t;
+  }
+  select(chosen);
+  p.mark("experts selected");
+  std::mt19937_64 rng(o.sampling.seed);
+  Cache cache;
+  cache.capacity_hint = static_cast<int64_t>(prompt.size()) + o.max_new_tokens;
+  int64_t n_new = 0;
+  double t = now_seconds();
+  std::vector<float> logits = engine_->forward(prompt, cache, &p.graph_s);
+  for (int64_t i = 0; i < o.max_new_tokens; i++) {
+    if (o.on_logits) o.on_logits(logits);
+    int64_t token = sample(logits, o.sampling, rng);
+    double now = now_seconds();
+    p.token_s.push_back(now - t);
+    if (i == 0) {
+      p.prefill_s = now - t;
+      p.mark("prefill done");
+    }
+    n_new++;
+    bool more = on_token(token);
+    t = now_seconds();  // the caller's time is not the model's
+    if (!more || (b.eos_id && token == *b.eos_id) || i + 1 == o.max_new_tokens) break;
+    logits = engine_->forward({token}, cache, &p.graph_s);
+  }
+  p.mark("decode done");
+  nlohmann::json summary = {{"experts", chosen},
+                            {"router", automatic ? nlohmann::json(last_router_) : nlohmann::json(nullptr)},
+                            {"route_scores", automatic ? last_scores_ : nlohmann::json(nullptr)},
+                            {"backend", "onnx"},
+                            {"runtime", "native"},
+                            {"onnxruntime", OrtRuntime::get(options_.ort_library, options_.threads).version()},
+                            {"new_tokens", n_new},
+                            {"warnings", warnings_}};
+  summary.update(p.summary());
+  last_profile_ = summary;
+  profile_ = Profile();  // the next generation's profile starts here
+  warnings_.clear();
+}
+
+}  // namespace mode_edge

@@ -1,0 +1,218 @@
+// mode-edge-native: the native runtime's command line, a thin layer over the C API (include/mode_edge.h).
+//   mode-edge-native run BUNDLE --ids 1,2,3 [options]      new token ids on stdout as they come, one line
+//   mode-edge-native bench BUNDLE --ids-file F [options]   the same generation --repeats times in this process
+// Both write the profile JSON (the Python runtime's schema) with --json PATH. Exit 2 for a problem the user can fix.
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "mode_edge.h"
+
+namespace {
+
+const char* kUsage =
+    "usage: mode-edge-native run|bench BUNDLE (--ids 1,2,3 | --ids-file FILE) [options]\n"
+    "\n"
+    "Generates from token ids with a mode-edge bundle (ONNX, format version 2) on onnxruntime's C API.\n"
+    "Tokenize with the bundle's tokenizer.json (mode-edge bench does it on the workstation).\n"
+    "\n"
+    "  --ids LIST             prompt token ids, comma- or space-separated\n"
+    "  --ids-file FILE        prompt token ids in a file (whitespace, commas or a JSON list)\n"
+    "  --experts X            auto (route on the prompt, default), none, or comma-separated names\n"
+    "  --router R             centroid (default), logistic or gate, for --experts auto\n"
+    "  --route-top-k K        most experts auto picks (default 1)\n"
+    "  --max-new-tokens N     default 64\n"
+    "  --temperature T        0: greedy (default); --top-k K, --top-p P, --seed S as in mode-edge run\n"
+    "  --budget-mb MB         memory budget for base + experts (weight bytes on disk)\n"
+    "  --threads N            intra-op threads (default: one per physical core)\n"
+    "  --ort-lib PATH         libonnxruntime.so to load (default: $MODE_EDGE_ORT_LIB, then the loader's path)\n"
+    "  --no-verify            skip the sha256 of the bundle's files (sizes are still checked by onnxruntime)\n"
+    "  --json PATH            write the profile JSON there\n"
+    "  --logits PATH          run: write each step's logits there (float32, steps x vocabulary), for parity checks\n"
+    "  --repeats N            bench: generations in this process (default 3; the first includes the loads)\n";
+
+struct Usage : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+double number(const std::string& option, const std::string& value, double lo, bool integer) {
+  char* end = nullptr;
+  errno = 0;
+  double v = std::strtod(value.c_str(), &end);
+  bool ok = end && *end == 0 && !value.empty() && errno == 0 && std::isfinite(v) && v >= lo &&
+            (!integer || v == std::floor(v));
+  if (!ok)
+    throw Usage(option + " must be " + (integer ? "an integer" : "a number") + " >= " +
+                std::to_string(static_cast<long long>(lo)) + ", got '" + value + "'");
+  return v;
+}
+
+std::vector<int64_t> parse_ids(std::string text, const std::string& where) {
+  for (char& c : text)
+    if (c == ',' || c == '[' || c == ']' || c == '\n' || c == '\t' || c == '\r') c = ' ';
+  std::vector<int64_t> ids;
+  std::stringstream in(text);
+  for (std::string word; in >> word;) {
+    char* end = nullptr;
+    long long v = std::strtoll(word.c_str(), &end, 10);
+    if (!end || *end || v < 0) throw Usage(where + ": '" + word + "' is not a token id (an integer >= 0)");
+    ids.push_back(v);
+  }
+  if (ids.empty()) throw Usage(where + " holds no token ids; give at least one");
+  return ids;
+}
+
+// Writes text to path whole or not at all: a temporary file beside it, renamed over it.
+void write_atomically(const std::string& path, const std::string& text) {
+  std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::binary);
+    if (!(f << text) || !(f.flush())) throw Usage("--json " + path + " cannot be written; choose a writable path");
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    throw Usage("--json " + path + " cannot be written; choose a writable path");
+  }
+}
+
+int fail(mode_edge_status status) {
+  std::fprintf(stderr, "error: %s\n", mode_edge_last_error());
+  return status == MODE_EDGE_USER_ERROR ? 2 : 1;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? NAN : v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
+}
+
+struct Printed {
+  int tokens = 0;
+  std::FILE* logits = nullptr;
+};
+
+void write_logits(const float* logits, size_t n, void* user) {
+  auto* out = static_cast<Printed*>(user);
+  if (out && out->logits) std::fwrite(logits, sizeof(float), n, out->logits);
+}
+
+int print_token(int64_t token, void* user) {
+  if (auto* printed = static_cast<Printed*>(user)) {  // run: ids as they come; bench: nothing
+    std::printf("%s%lld", printed->tokens++ ? " " : "", static_cast<long long>(token));
+    std::fflush(stdout);
+  }
+  return 1;
+}
+
+int main_(int argc, char** argv) {
+  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h")) {
+    std::fputs(kUsage, argc < 2 ? stderr : stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  std::string command = argv[1];
+  if (command != "run" && command != "bench") throw Usage("unknown command '" + command + "'; use run or bench");
+  if (argc < 3 || argv[2][0] == '-') throw Usage(command + " needs the BUNDLE folder first");
+  std::string bundle = argv[2], json_path, logits_path, ort_lib, experts = "auto", router = "centroid";
+  std::vector<int64_t> ids;
+  mode_edge_options o;
+  mode_edge_default_options(&o);
+  mode_edge_generate_options g;
+  mode_edge_default_generate_options(&g);
+  int repeats = 3;
+  for (int i = 3; i < argc; i++) {
+    std::string opt = argv[i];
+    if (opt == "--help" || opt == "-h") {
+      std::fputs(kUsage, stdout);
+      return 0;
+    }
+    if (opt == "--no-verify") {
+      o.verify = 0;
+      continue;
+    }
+    if (i + 1 >= argc) throw Usage(opt + " needs a value (see --help)");
+    std::string v = argv[++i];
+    if (opt == "--ids") ids = parse_ids(v, "--ids");
+    else if (opt == "--ids-file") {
+      std::ifstream f(v);
+      if (!f) throw Usage("--ids-file " + v + " cannot be read");
+      ids = parse_ids(std::string((std::istreambuf_iterator<char>(f)), {}), v);
+    } else if (opt == "--experts") experts = v;
+    else if (opt == "--router") router = v;
+    else if (opt == "--route-top-k") g.route_top_k = static_cast<int>(number(opt, v, 1, true));
+    else if (opt == "--max-new-tokens") g.max_new_tokens = static_cast<int64_t>(number(opt, v, 1, true));
+    else if (opt == "--temperature") g.temperature = number(opt, v, 0, false);
+    else if (opt == "--top-k") g.top_k = static_cast<int64_t>(number(opt, v, 0, true));
+    else if (opt == "--top-p") g.top_p = number(opt, v, 0, false);
+    else if (opt == "--seed") g.seed = static_cast<uint64_t>(number(opt, v, 0, true));
+    else if (opt == "--budget-mb") o.budget_mb = number(opt, v, 0, false);
+    else if (opt == "--threads") o.threads = static_cast<int>(number(opt, v, 1, true));
+    else if (opt == "--ort-lib") ort_lib = v;
+    else if (opt == "--json") json_path = v;
+    else if (opt == "--logits" && command == "run") logits_path = v;
+    else if (opt == "--repeats" && command == "bench") repeats = static_cast<int>(number(opt, v, 1, true));
+    else throw Usage("unknown option " + opt + " (see --help)");
+  }
+  if (ids.empty()) throw Usage("give the prompt's token ids with --ids or --ids-file");
+  g.experts = experts.c_str();
+  g.router = router.c_str();
+  o.ort_library = ort_lib.empty() ? nullptr : ort_lib.c_str();
+  mode_edge_session* s = nullptr;
+  if (auto status = mode_edge_open(bundle.c_str(), &o, &s)) return fail(status);
+  std::unique_ptr<mode_edge_session, void (*)(mode_edge_session*)> owned(s, mode_edge_close);
+  nlohmann::json out;
+  if (command == "run") {
+    Printed printed;
+    std::unique_ptr<std::FILE, int (*)(std::FILE*)> logits(nullptr, std::fclose);
+    if (!logits_path.empty()) {
+      logits.reset(std::fopen(logits_path.c_str(), "wb"));
+      if (!logits) throw Usage("--logits " + logits_path + " cannot be written; choose a writable path");
+      printed.logits = logits.get();
+      g.on_logits = write_logits;
+    }
+    if (auto status = mode_edge_generate(s, ids.data(), ids.size(), &g, print_token, &printed)) {
+      if (printed.tokens) std::printf("\n");
+      return fail(status);
+    }
+    std::printf("\n");
+    out = nlohmann::json::parse(mode_edge_profile_json(s));
+  } else {
+    std::vector<double> decode, ttft;
+    out = {{"runs", nlohmann::json::array()}};
+    for (int r = 0; r < repeats; r++) {
+      if (auto status = mode_edge_generate(s, ids.data(), ids.size(), &g, print_token, nullptr)) return fail(status);
+      auto p = nlohmann::json::parse(mode_edge_profile_json(s));
+      out["runs"].push_back(p);
+      if (r > 0 || repeats == 1) {  // the first run pays the loads; the medians are of the others
+        if (p["decode_tokens_per_s"].is_number()) decode.push_back(p["decode_tokens_per_s"]);
+        ttft.push_back(p["time_to_first_token_s"]);
+      }
+    }
+    out["median"] = {{"decode_tokens_per_s", median(decode)}, {"time_to_first_token_s", median(ttft)}};
+    std::printf("decode %.1f tok/s, TTFT %.1f ms (median of %zu)\n", median(decode), 1000 * median(ttft), ttft.size());
+  }
+  if (!json_path.empty()) write_atomically(json_path, out.dump(1) + "\n");
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return main_(argc, argv);
+  } catch (const Usage& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "internal error: %s\n", e.what());
+    return 1;
+  }
+}

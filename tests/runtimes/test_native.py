@@ -1,0 +1,195 @@
+"""The native runtime (runtimes/native, C++ on onnxruntime's C API) against the Python runtime on the same bundles:
+the same greedy tokens token for token (fp32 and int8, prompts shorter and longer than one call, experts none, one,
+two and routed), the same routing answers with every router, switching through the C API within a budget without
+growing memory, and the refusals (bad checksum, another base, missing pack, bad options) as one line with exit 2.
+
+`make test` builds it first (`make native`); the fixture builds it too, so the tests never run an old binary."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+
+from mode_edge.config import ExportConfig
+from mode_edge.runtimes.session import Session
+from tests.damage import flip
+
+ROOT = Path(__file__).resolve().parents[2]
+BUILD = ROOT / "build" / "native"
+ORT_LIB = next(p for p in (Path(onnxruntime.__file__).parent / "capi").glob("libonnxruntime.so*"))
+MB = 1 << 20
+
+
+@pytest.fixture(scope="session")
+def native() -> Path:
+    proc = subprocess.run(["make", "-s", "native"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return BUILD / "mode-edge-native"
+
+
+def run_native(binary: Path, bundle: Path, ids: list[int], *args: str, json_out: Path | None = None):
+    """(exit code, new token ids, stderr, profile) of `mode-edge-native run`."""
+    cmd = [str(binary), "run", str(bundle), "--ids", ",".join(map(str, ids)), "--threads", "2", *args]
+    if json_out:
+        cmd += ["--json", str(json_out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "MODE_EDGE_ORT_LIB": str(ORT_LIB)})
+    tokens = [int(t) for t in proc.stdout.split()]
+    profile = json.loads(json_out.read_text()) if json_out and proc.returncode == 0 else None
+    return proc.returncode, tokens, proc.stderr, profile
+
+
+PROMPTS = {n: np.random.default_rng(n).integers(1, 250, n).tolist() for n in (1, 9, 300)}
+"""300 tokens: two calls of the graphs (chunks of 256), the second after a cache."""
+
+
+def python_logits(session: Session, prompt: list[int], experts: list[str], tokens: list[int]) -> np.ndarray:
+    """The Python runtime's logits before each of `tokens` (steps, V), fed the same tokens."""
+    session.select(experts)
+    engine = session.engine
+    cache = engine.new_cache(len(prompt) + len(tokens))
+    steps = [engine.forward(np.array([prompt], dtype=np.int64), cache, last_only=True)[0, -1]]
+    for token in tokens[:-1]:
+        steps.append(engine.forward(np.array([[token]], dtype=np.int64), cache)[0, -1])
+    return np.stack(steps)
+
+
+@pytest.mark.parametrize("which", ["fp32", "int8"])
+@pytest.mark.parametrize("experts", ["none", "code", "code,prose"])
+def test_native_tokens_and_logits_are_the_python_runtimes(native, fp32_bundle, int8_bundle, which, experts, tmp_path):
+    bundle = fp32_bundle if which == "fp32" else int8_bundle
+    session = Session(bundle, threads=2)
+    names = [] if experts == "none" else experts.split(",")
+    for n, prompt in PROMPTS.items():
+        want = list(session.generate(prompt, names, 24))
+        code, got, err, _ = run_native(native, bundle, prompt, "--experts", experts, "--max-new-tokens", "24",
+                                       "--logits", str(tmp_path / "logits.bin"))  # fmt: skip
+        assert code == 0, err
+        assert got == want, f"{n}-token prompt"
+        logits = np.fromfile(tmp_path / "logits.bin", dtype=np.float32).reshape(len(got), -1)
+        # fp32: the same up to the order of float rounding in the gate's mix; int8 graphs quantize their activations
+        # (accuracy level 4), where a last-bit difference of the mix may move one rounding step (~1e-5 here; a wrong
+        # mix or cache moves the logits by 1e-3 and more)
+        atol = 1e-5 if which == "fp32" else 1e-4
+        np.testing.assert_allclose(logits, python_logits(session, prompt, names, got), rtol=0, atol=atol,
+                                   err_msg=f"{n}-token prompt")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def routed_bundle(routed, tmp_path_factory) -> Path:
+    """Packs that carry router statistics (trained with general text): centroid and logistic decide."""
+    from mode_edge.export.pipeline import export_bundle
+
+    out = tmp_path_factory.mktemp("native") / "routed"
+    export_bundle(routed / "both", out, ExportConfig(formats=("onnx",), quant="fp32"))
+    return out
+
+
+@pytest.mark.parametrize("router", ["centroid", "logistic", "gate"])
+def test_native_routing_picks_what_the_python_runtime_picks(native, routed_bundle, toy_domains, router, tmp_path):
+    from mode_edge.training.backbones import load_backbone
+
+    tokenizer = load_backbone("tiny").tokenizer
+    session = Session(routed_bundle, threads=2)
+    chosen = set()
+    for domain in ("hex", "digits", "general"):
+        for line in (toy_domains[domain] / "docs.jsonl").read_text().splitlines()[:3]:
+            prompt = tokenizer.encode(json.loads(line)["text"][:200])
+            want = session.route(prompt, 1, router)
+            code, tokens, err, profile = run_native(native, routed_bundle, prompt, "--router", router,
+                                                    "--max-new-tokens", "4", json_out=tmp_path / "p.json")  # fmt: skip
+            assert code == 0, err
+            assert profile["experts"] == want and profile["router"] == session.last_router == router
+            for name, score in session.last_scores.items():
+                assert profile["route_scores"][name] == pytest.approx(score, rel=1e-4, abs=1e-4)
+            assert tokens == list(session.generate(prompt, want, 4))
+            chosen.add(tuple(want))
+    assert len(chosen) > 1  # the prompts were routed to different answers, so the comparison could fail
+
+
+def test_native_profile_has_the_python_schema_and_counts_what_ran(native, int8_bundle, tmp_path):
+    from mode_edge.runtimes.engine import Sampling
+    from mode_edge.runtimes.run import run
+
+    _, python, _ = run(int8_bundle, ["code"], "def f(x):", 8, Sampling())
+    code, tokens, err, profile = run_native(native, int8_bundle, PROMPTS[9], "--experts", "code",
+                                            "--max-new-tokens", "8", json_out=tmp_path / "p.json")  # fmt: skip
+    assert code == 0, err
+    assert set(python) <= set(profile)  # every field of the Python runtime's profile, plus the runtime's own
+    assert set(python["memory"]) == set(profile["memory"]) and set(python["load_s"]) == set(profile["load_s"])
+    assert profile["new_tokens"] == len(tokens) == 8 and profile["decode_tokens"] == 7
+    assert profile["prompt_tokens"] == 9 and profile["experts"] == ["code"] and profile["runtime"] == "native"
+    assert set(profile["graph_s"]) == {"embed", "backbone", "experts", "gate+mix", "head"}
+    phases = [p["phase"] for p in profile["memory"]["phases"]]
+    assert phases[:2] == ["start", "loaded base"] and "loaded expert code" in phases and phases[-1] == "decode done"
+    assert profile["memory"]["peak_rss_mb"] >= max(p["rss_mb"] for p in profile["memory"]["phases"])
+
+
+def test_switching_through_the_c_api_within_a_budget_reloads_and_does_not_grow(native, int8_bundle):
+    """A budget that holds one expert: every switch evicts the other and loads anew (the profile says so), the
+    tokens are the Python runtime's, and 1,000 switches grow RSS by less than the first 100 left it at + 8 MB."""
+    probe = Session(int8_bundle)
+    budget = (probe.base_bytes + 1.5 * probe.expert_bytes("code")) / MB
+    proc = subprocess.run([str(BUILD / "switch_loop"), str(int8_bundle), str(budget), "1000", "code", "prose"],
+                          capture_output=True, text=True, env={**os.environ, "MODE_EDGE_ORT_LIB": str(ORT_LIB)})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["loads"] == 1000  # each generation loaded its expert: the other had been evicted
+    want = [list(probe.generate([5, 17, 42, 99], [e], 4)) for e in ("code", "prose")]
+    assert out["tokens"] == want
+    grown = (out["rss_end_kb"] - out["rss_warm_kb"]) / 1024
+    assert grown < 8, f"RSS grew by {grown:.1f} MB over 900 expert switches"
+
+
+def test_no_leak_over_expert_switches_under_leak_sanitizer(int8_bundle):
+    """The C API's switch loop built with AddressSanitizer: 100 evict-and-reload switches (1,000 take minutes under
+    ASan; the release build's 1,000 above bound the growth), then LeakSanitizer's check at exit."""
+    proc = subprocess.run(["make", "-s", "native-asan"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    probe = Session(int8_bundle)
+    budget = (probe.base_bytes + 1.5 * probe.expert_bytes("code")) / MB
+    env = {**os.environ, "MODE_EDGE_ORT_LIB": str(ORT_LIB), "ASAN_OPTIONS": "detect_leaks=1:exitcode=23"}
+    proc = subprocess.run([str(ROOT / "build" / "native-asan" / "switch_loop"), str(int8_bundle), str(budget), "100",
+                           "code", "prose"], capture_output=True, text=True, env=env)  # fmt: skip
+    assert proc.returncode == 0 and "Sanitizer" not in proc.stderr, proc.stderr[-4000:]
+    assert json.loads(proc.stdout)["loads"] == 100
+
+
+def test_refusals_are_one_line_with_exit_2(native, bundle, tmp_path):
+    def refused(*args, ids=(1, 2, 3), where=bundle):
+        code, tokens, err, _ = run_native(native, where, list(ids), *args)
+        assert code == 2 and not tokens, err
+        assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+        return err
+
+    assert "not installed" in refused("--experts", "law") and "install its pack" in refused("--experts", "law")
+    assert "not a plain name" in refused("--experts", "../code")
+    assert "--max-new-tokens must be an integer >= 1" in refused("--max-new-tokens", "0")
+    assert "outside the vocabulary" in refused(ids=(1, 99999))
+    assert "--router must be one of" in refused("--router", "best")
+    assert "does not exist" in refused(where=tmp_path / "nothing")
+    assert "exceed the memory budget" in refused("--experts", "code,prose", "--budget-mb", str(
+        (Session(bundle).base_bytes + Session(bundle).expert_bytes("code")) / MB))  # fmt: skip
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    # a pack for another base, consistently recorded (its pack.json's sha256 updated in the manifest)
+    pack_json = bundle / manifest["experts"]["prose"]["pack"]
+    pack = json.loads(pack_json.read_text())
+    pack_json.write_text(json.dumps({**pack, "base_fingerprint": "f" * 64}))
+    import hashlib
+
+    manifest["experts"]["prose"]["pack_sha256"] = hashlib.sha256(pack_json.read_bytes()).hexdigest()
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert "made for base fingerprint ffffffffffffffff" in refused("--experts", "prose")
+    # the other expert still runs, and routing leaves the refused one out with a warning
+    code, tokens, err, _ = run_native(native, bundle, [1, 2, 3], "--max-new-tokens", "2")
+    assert code == 0 and len(tokens) == 2 and "warning: expert 'prose'" in err and "left out" in err
+    # a damaged base file: the same size, one byte changed
+    data = next(bundle / rel for rel in manifest["files"] if rel.endswith(".onnx.data") or rel.endswith(".onnx"))
+    flip(data)
+    err = refused("--experts", "none")
+    assert "does not match its sha256 (corrupted)" in err and "export the bundle again" in err
