@@ -6,7 +6,8 @@ outliers (a norm weight far above the others) it can double the output error (on
 tests/export/test_accuracy_levels.py). Level 0 computes in fp32. So the exporter measures both on each graph whose
 weights it rounded (the experts' layers, a backbone without source blocks; a GGUF's own blocks keep
 --base-accuracy-level), against the fp32 graph on the same inputs, and keeps level 4 unless its error is more than
-ERROR_RATIO times level 0's. Both errors and both decode times go into the manifest, so the choice can be checked.
+ERROR_RATIO times level 0's and level 0 decodes at most MAX_SLOWDOWN times slower. Both errors and both decode times
+go into the manifest, so the choice can be checked.
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ ERROR_RATIO = 2.0
 block graphs (random hidden states, error of the block output against fp32): ratios 1.00-1.01 at int4 and 1.32
 (SmolLM2's own layers) to 1.47 (the tiny backbone) at int8, where int8 activations add an error of the weights'
 own size; 2.46 on the tiny backbone with a norm weight of 30 on one channel, the outlier case."""
+MAX_SLOWDOWN = 4.0
+"""Level 0 is not taken for accuracy when one decode call of the graph takes more than this many times level 4's:
+onnxruntime multiplies 4-bit weights in fp32 with a kernel of its own, but dequantizes 8-bit ones whole at every call
+at level 0. Measured on the SmolLM2 int8 code expert: its block 2 errs 0.107 at level 4 against 0.040 at level 0
+(an int4 expert block errs 0.3-1.4 at either), and decodes in 7.0 ms against 0.17 ms; taking level 0 for it held
+the bundle with that expert to 53.6 tok/s in `mode-edge run` (86.4 with level 4; benchmarks/native.py, 2 threads).
+On the tiny backbone's blocks level 0 is ~2.5x slower and is still taken where it halves the error."""
 FLOOR = 1e-6
 """Relative errors below this count as equal (float noise)."""
 DECODE_REPEATS = 20
@@ -74,7 +82,8 @@ def choose_level(model: onnx.ModelProto, nodes: set[str], reference: Path, feeds
             samples.append((time.perf_counter() - t) * 1e3)
         times[level] = statistics.median(samples)
     fast, exact = CANDIDATES
-    chosen = fast if errors[fast] <= ERROR_RATIO * errors[exact] + FLOOR else exact
+    costly = errors[fast] > ERROR_RATIO * errors[exact] + FLOOR
+    chosen = exact if costly and times[exact] <= MAX_SLOWDOWN * times[fast] else fast
     set_level(model, nodes, chosen)
     return {
         "accuracy_level": chosen,

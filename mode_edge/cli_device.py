@@ -162,4 +162,31 @@ def plan_cmd(bundle, device, experts, loaded):
         raise SystemExit(1)
 
 
-COMMANDS = [run_cmd, bench_cmd, plan_cmd]
+@click.command("tokenize", short_help="A prompt's token ids under a bundle's tokenizer, or the text of ids.")
+@BUNDLE
+@click.option("--prompt", type=CleanText(), default=None,
+              help="Text to encode as `mode-edge run` encodes a prompt (the bundle's prefix ids first).")
+@click.option("--decode", "ids", default=None,
+              help="Token ids to turn into text, comma- or space-separated (as mode-edge-native prints them).")
+def tokenize_cmd(bundle, prompt, ids):
+    """For the native runtime (runtimes/native), which works on token ids: prints the prompt's ids on one line,
+    comma-separated (for `mode-edge-native run --ids` or --ids-file), or the text of --decode's ids."""
+    from mode_edge.runtimes.run import load_tokenizer
+
+    if (prompt is None) == (ids is None):
+        raise UserError("give exactly one of --prompt TEXT (to encode) and --decode IDS (to decode)")
+    tokenizer = load_tokenizer(bundle)
+    if prompt is not None:
+        encoded = tokenizer.encode(prompt, prefix=False)
+        if not encoded:
+            raise UserError("the prompt is empty (no tokens); pass some text with --prompt")
+        click.echo(",".join(map(str, [*tokenizer.prefix_ids, *encoded])))
+        return
+    words = ids.replace(",", " ").split()
+    if not words or not all(w.isdigit() and int(w) < tokenizer.vocab_size for w in words):
+        raise UserError(f"--decode takes token ids 0 .. {tokenizer.vocab_size - 1}, comma- or space-separated; "
+                        f"got {ids[:60]!r}")  # fmt: skip
+    click.echo(tokenizer.decode([int(w) for w in words]))
+
+
+COMMANDS = [run_cmd, bench_cmd, plan_cmd, tokenize_cmd]

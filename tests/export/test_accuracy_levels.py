@@ -61,6 +61,21 @@ def test_auto_keeps_int8_activations_unless_an_outlier_makes_them_costly(tiny, t
         assert relative_error(run(tmp_path / "at4.onnx", feeds), run(src, feeds)) > 2 * error[0]
 
 
+def test_auto_keeps_int8_activations_where_fp32_compute_is_much_slower(tiny, tmp_path, monkeypatch):
+    """The outlier graph again, with the slowdown allowed for accuracy cut to 1x (the tiny graph's level 0 decodes
+    ~2.5x slower than level 4 at int8; a SmolLM2 expert block's ~37x): the choice follows the measured times."""
+    from mode_edge.export import accuracy_levels
+
+    monkeypatch.setattr(accuracy_levels, "MAX_SLOWDOWN", 1.0)
+    graph = expert_graph(tiny, 30.0)
+    src, dst = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    export_onnx(graph, tiny.decoder.cfg, src)
+    _, chosen = quantize_onnx(src, dst, "int8", 32, "auto", measure=measure_inputs(graph, tiny.decoder.cfg))
+    error, ms = ({int(k): v for k, v in chosen[key].items()} for key in ("error", "decode_ms"))
+    assert error[4] > ERROR_RATIO * error[0]  # level 0 would be taken for accuracy
+    assert chosen["accuracy_level"] == (0 if ms[0] <= ms[4] else 4) and levels(dst) == {chosen["accuracy_level"]}
+
+
 def test_a_sources_own_blocks_keep_their_level(tiny, tmp_path):
     """The head of a tied model is written from the embedding's 8-bit blocks at the base's level (0): nothing of
     it is rounded here, so auto measures nothing and changes nothing."""

@@ -193,3 +193,21 @@ def test_refusals_are_one_line_with_exit_2(native, bundle, tmp_path):
     flip(data)
     err = refused("--experts", "none")
     assert "does not match its sha256 (corrupted)" in err and "export the bundle again" in err
+
+
+def test_text_in_and_out_through_mode_edge_tokenize(native, int8_bundle):
+    """The user's path: `mode-edge tokenize` encodes the prompt, the native runtime generates ids, `tokenize
+    --decode` turns them into the text `mode-edge run` prints for the same prompt."""
+    from tests.cli_runner import invoke, refused
+
+    prompt = "def add(a, b):"
+    ids = invoke("tokenize", "--bundle", str(int8_bundle), "--prompt", prompt).output.strip()
+    code, tokens, err, _ = run_native(native, int8_bundle, [int(i) for i in ids.split(",")], "--experts", "code",
+                                      "--max-new-tokens", "16")  # fmt: skip
+    assert code == 0, err
+    text = invoke("tokenize", "--bundle", str(int8_bundle), "--decode", " ".join(map(str, tokens))).output
+    python = invoke("run", "--bundle", str(int8_bundle), "--experts", "code", "--prompt", prompt,
+                    "--max-new-tokens", "16").output  # fmt: skip
+    assert len(tokens) == 16 and text.rstrip("\n") and python.startswith(text.rstrip("\n"))
+    refused("tokenize", "--bundle", str(int8_bundle), message="exactly one of --prompt")
+    refused("tokenize", "--bundle", str(int8_bundle), "--decode", "1,x", message="--decode takes token ids")

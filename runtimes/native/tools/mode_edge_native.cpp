@@ -39,7 +39,9 @@ const char* kUsage =
     "  --no-verify            skip the sha256 of the bundle's files (sizes are still checked by onnxruntime)\n"
     "  --json PATH            write the profile JSON there\n"
     "  --logits PATH          run: write each step's logits there (float32, steps x vocabulary), for parity checks\n"
-    "  --repeats N            bench: generations in this process (default 3; the first includes the loads)\n";
+    "  --repeats N            bench: generations in this process (default 3; the first includes the loads)\n"
+    "  --alternate A,B        bench: run expert A, then B, then A ... (an expert switch before each run; with a\n"
+    "                         --budget-mb that holds one expert, each evicts the other and loads anew)\n";
 
 struct Usage : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -122,6 +124,7 @@ int main_(int argc, char** argv) {
   if (command != "run" && command != "bench") throw Usage("unknown command '" + command + "'; use run or bench");
   if (argc < 3 || argv[2][0] == '-') throw Usage(command + " needs the BUNDLE folder first");
   std::string bundle = argv[2], json_path, logits_path, ort_lib, experts = "auto", router = "centroid";
+  std::vector<std::string> alternate;
   std::vector<int64_t> ids;
   mode_edge_options o;
   mode_edge_default_options(&o);
@@ -159,6 +162,11 @@ int main_(int argc, char** argv) {
     else if (opt == "--json") json_path = v;
     else if (opt == "--logits" && command == "run") logits_path = v;
     else if (opt == "--repeats" && command == "bench") repeats = static_cast<int>(number(opt, v, 1, true));
+    else if (opt == "--alternate" && command == "bench") {
+      std::stringstream parts(v);
+      for (std::string name; std::getline(parts, name, ',');) alternate.push_back(name);
+      if (alternate.size() != 2) throw Usage("--alternate takes two expert names, A,B");
+    }
     else throw Usage("unknown option " + opt + " (see --help)");
   }
   if (ids.empty()) throw Usage("give the prompt's token ids with --ids or --ids-file");
@@ -188,6 +196,7 @@ int main_(int argc, char** argv) {
     std::vector<double> decode, ttft;
     out = {{"runs", nlohmann::json::array()}};
     for (int r = 0; r < repeats; r++) {
+      if (!alternate.empty()) g.experts = alternate[r % 2].c_str();
       if (auto status = mode_edge_generate(s, ids.data(), ids.size(), &g, print_token, nullptr)) return fail(status);
       auto p = nlohmann::json::parse(mode_edge_profile_json(s));
       out["runs"].push_back(p);
