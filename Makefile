@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo demo-quick test fuzz bench bench-peers native native-asan clean
+.PHONY: install demo demo-quick test fuzz bench bench-peers native native-asan native-arm64 test-arm64 clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -40,6 +40,20 @@ native-asan:
 	cmake -S runtimes/native -B build/native-asan -DMODE_EDGE_DEPS_INCLUDE=$(NATIVE_DEPS)/include \
 		-DMODE_EDGE_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug > /dev/null
 	cmake --build build/native-asan -j2
+
+# the native runtime for aarch64 Linux (build/native-arm64), cross-compiled with Debian's g++-aarch64-linux-gnu, and
+# its parity with the Python runtime run under qemu-aarch64-static against the aarch64 onnxruntime wheel's library
+# (installs the cross compiler and qemu with apt-get where missing; about 2 minutes in all on 2 cores)
+NATIVE_ARM64 ?= $(HOME)/.cache/mode-edge/native-arm64
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+native-arm64: $(STAMP)
+	command -v aarch64-linux-gnu-g++ > /dev/null && command -v qemu-aarch64-static > /dev/null || \
+		$(SUDO) apt-get install -y -q g++-aarch64-linux-gnu qemu-user-static
+	runtimes/native/fetch_deps.sh $(NATIVE_DEPS) > /dev/null
+	runtimes/native/cross_arm64.sh $(NATIVE_ARM64) $(NATIVE_DEPS)/include build/native-arm64 $(VENV)/bin/pip
+
+test-arm64: $(STAMP) native-arm64
+	MODE_EDGE_ARM64=$(NATIVE_ARM64) $(PY) -m pytest -q tests/runtimes/test_native_arm64.py
 
 # the parsers' fuzz tests at 50x the examples `make test` runs, and installs killed at every step rather than every
 # third (about 10 minutes on 2 cores)
