@@ -183,7 +183,7 @@ def tokenize_cmd(bundle, prompt, ids):
         click.echo(",".join(map(str, [*tokenizer.prefix_ids, *encoded])))
         return
     words = ids.replace(",", " ").split()
-    if not words or not all(w.isdigit() and int(w) < tokenizer.vocab_size for w in words):
+    if not words or not all(w.isascii() and w.isdigit() and int(w) < tokenizer.vocab_size for w in words):
         raise UserError(f"--decode takes token ids 0 .. {tokenizer.vocab_size - 1}, comma- or space-separated; "
                         f"got {ids[:60]!r}")  # fmt: skip
     click.echo(tokenizer.decode([int(w) for w in words]))

@@ -5,13 +5,14 @@
 # under qemu-user while reading the host's /proc/cpuinfo. Needs aarch64-linux-gnu-g++ (g++-aarch64-linux-gnu).
 #   usage: cross_arm64.sh CACHE DEPS_INCLUDE BUILD_DIR PIP
 set -eu
-CACHE=$1 DEPS_INCLUDE=$2 BUILD=$3 PIP=$4
+CACHE=$(mkdir -p "$1" && cd "$1" && pwd) DEPS_INCLUDE=$2 BUILD=$3 PIP=$4
 ORT_VERSION=1.27.0
 SYSROOT="$CACHE/sysroot"
 if [ ! -f "$SYSROOT/usr/lib/aarch64-linux-gnu/libcrypto.so.3" ]; then
   APT="$CACHE/apt"
   mkdir -p "$APT/lists/partial" "$APT/cache/archives/partial" "$APT/debs"
-  echo "deb http://deb.debian.org/debian bookworm main" > "$APT/sources.list"
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main" \
+    > "$APT/sources.list"
   set -- -o "Dir::State=$APT" -o "Dir::State::Lists=$APT/lists" -o "Dir::Cache=$APT/cache" \
     -o "Dir::Etc::SourceList=$APT/sources.list" -o "Dir::Etc::SourceParts=/dev/null" -o "APT::Architectures=arm64" \
     -o "APT::Architecture=arm64" -o "Debug::NoLocking=1" -q
@@ -36,5 +37,5 @@ fi
 cmake -S runtimes/native -B "$BUILD" -DCMAKE_TOOLCHAIN_FILE="$(pwd)/runtimes/native/toolchain-aarch64.cmake" \
   -DMODE_EDGE_DEPS_INCLUDE="$DEPS_INCLUDE" -DOPENSSL_INCLUDE_DIR="$SYSROOT/usr/include" \
   -DOPENSSL_CRYPTO_LIBRARY="$SYSROOT/usr/lib/aarch64-linux-gnu/libcrypto.so.3" \
-  -DCMAKE_CXX_FLAGS="-isystem $SYSROOT/usr/include/aarch64-linux-gnu" > /dev/null
+  -DCMAKE_CXX_FLAGS="-fno-tree-loop-vectorize -isystem $SYSROOT/usr/include/aarch64-linux-gnu" > /dev/null
 cmake --build "$BUILD" -j2

@@ -33,12 +33,13 @@ def native() -> Path:
     return BUILD / "mode-edge-native"
 
 
-def run_native(binary: Path, bundle: Path, ids: list[int], *args: str, json_out: Path | None = None):
+def run_native(binary: Path, bundle: Path, ids: list[int], *args: str, json_out: Path | None = None,
+               ort_lib: Path = ORT_LIB):  # fmt: skip
     """(exit code, new token ids, stderr, profile) of `mode-edge-native run`."""
     cmd = [str(binary), "run", str(bundle), "--ids", ",".join(map(str, ids)), "--threads", "2", *args]
     if json_out:
         cmd += ["--json", str(json_out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "MODE_EDGE_ORT_LIB": str(ORT_LIB)})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "MODE_EDGE_ORT_LIB": str(ort_lib)})
     tokens = [int(t) for t in proc.stdout.split()]
     profile = json.loads(json_out.read_text()) if json_out and proc.returncode == 0 else None
     return proc.returncode, tokens, proc.stderr, profile
@@ -146,6 +147,23 @@ def test_switching_through_the_c_api_within_a_budget_reloads_and_does_not_grow(n
     assert grown < 8, f"RSS grew by {grown:.1f} MB over 900 expert switches"
 
 
+def test_sampling_options_behave_as_documented(native, int8_bundle):
+    """top-k 1 at any temperature is greedy; so is a top-p too small for a second token; a seed repeats its draws
+    and another seed draws others."""
+    prompt = PROMPTS[9]
+
+    def tokens(*args):
+        code, got, err, _ = run_native(native, int8_bundle, prompt, "--experts", "code", "--max-new-tokens", "24", *args)
+        assert code == 0, err
+        return got
+
+    greedy = tokens()
+    assert tokens("--temperature", "5", "--top-k", "1", "--seed", "3") == greedy
+    assert tokens("--temperature", "5", "--top-p", "1e-9", "--seed", "3") == greedy
+    hot = [tokens("--temperature", "5", "--seed", str(seed)) for seed in (1, 1, 2)]
+    assert hot[0] == hot[1] and hot[0] != hot[2] and hot[0] != greedy
+
+
 def test_no_leak_over_expert_switches_under_leak_sanitizer(int8_bundle):
     """The C API's switch loop built with AddressSanitizer: 100 evict-and-reload switches (1,000 take minutes under
     ASan; the release build's 1,000 above bound the growth), then LeakSanitizer's check at exit."""
@@ -161,8 +179,8 @@ def test_no_leak_over_expert_switches_under_leak_sanitizer(int8_bundle):
 
 
 def test_refusals_are_one_line_with_exit_2(native, bundle, tmp_path):
-    def refused(*args, ids=(1, 2, 3), where=bundle):
-        code, tokens, err, _ = run_native(native, where, list(ids), *args)
+    def refused(*args, ids=(1, 2, 3), where=bundle, ort_lib=ORT_LIB):
+        code, tokens, err, _ = run_native(native, where, list(ids), *args, ort_lib=ort_lib)
         assert code == 2 and not tokens, err
         assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
         return err
@@ -173,6 +191,9 @@ def test_refusals_are_one_line_with_exit_2(native, bundle, tmp_path):
     assert "outside the vocabulary" in refused(ids=(1, 99999))
     assert "--router must be one of" in refused("--router", "best")
     assert "does not exist" in refused(where=tmp_path / "nothing")
+    assert "cannot load onnxruntime from" in refused(ort_lib=tmp_path / "libonnxruntime.so")
+    assert "--top-p must be a number > 0" in refused("--top-p", "0")
+    assert "--ids-file" in refused("--ids-file", str(tmp_path))  # a folder
     assert "exceed the memory budget" in refused("--experts", "code,prose", "--budget-mb", str(
         (Session(bundle).base_bytes + Session(bundle).expert_bytes("code")) / MB))  # fmt: skip
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -188,6 +209,21 @@ def test_refusals_are_one_line_with_exit_2(native, bundle, tmp_path):
     # the other expert still runs, and routing leaves the refused one out with a warning
     code, tokens, err, _ = run_native(native, bundle, [1, 2, 3], "--max-new-tokens", "2")
     assert code == 0 and len(tokens) == 2 and "warning: expert 'prose'" in err and "left out" in err
+    # a bundle of another format version, fields of the wrong type, graph inputs in another order
+    (bundle / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    assert "has format version 1" in refused() and "export the bundle again" in refused()
+    (bundle / "manifest.json").write_text(json.dumps({**manifest, "format_version": "2"}))
+    assert "format version 0" in refused()
+    broken = json.loads(json.dumps(manifest))
+    broken["base"]["decoder"]["dim"] = 64.5
+    (bundle / "manifest.json").write_text(json.dumps(broken))
+    assert "'dim' must be an integer" in refused()
+    broken = json.loads(json.dumps(manifest))
+    names = broken["components"]["base/block0"]["inputs"]["onnx"]
+    names[3], names[4] = names[4], names[3]  # cos_cache and sin_cache swapped: the graph would compute garbage
+    (bundle / "manifest.json").write_text(json.dumps(broken))
+    assert "does not name the graph interface" in refused()
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
     # a damaged base file: the same size, one byte changed
     data = next(bundle / rel for rel in manifest["files"] if rel.endswith(".onnx.data") or rel.endswith(".onnx"))
     flip(data)

@@ -11,9 +11,10 @@
  *   puts(mode_edge_profile_json(s));                                 // latency and memory of that generation
  *   mode_edge_close(s);
  *
- * Every call but mode_edge_last_error, the *_default_* ones and mode_edge_close returns a status; after an error,
- * mode_edge_last_error() names the problem and its fix (one line, valid until this thread's next call). A session
- * is used from one thread at a time. */
+ * mode_edge_open, _select and _generate return a status; after an error, mode_edge_last_error() names the problem
+ * and its fix (one line, valid until this thread's next call). A session is used from one thread at a time, and
+ * not from inside its own callbacks. The option structs are filled by their mode_edge_default_* function first,
+ * so that code written for this version keeps its defaults when fields are added. */
 #ifndef MODE_EDGE_H
 #define MODE_EDGE_H
 
@@ -40,13 +41,15 @@ typedef struct mode_edge_session mode_edge_session;
 
 typedef struct {
   double budget_mb;          /* memory budget for base + experts, by weight bytes on disk; 0: none */
-  int threads;               /* intra-op threads of the process's one pool; 0: one per physical core */
+  int threads;               /* intra-op threads of the process's one pool (0: one per physical core); made at the
+                                first open, so a later open asking another count is refused */
   int verify;                /* 1: sha256 of every file before loading it (default) */
   const char* ort_library;   /* path to libonnxruntime.so; NULL: $MODE_EDGE_ORT_LIB, else the loader's search */
 } mode_edge_options;
 
 typedef struct {
-  const char* experts;       /* "auto" (route on the prompt), "none", or comma-separated expert names */
+  const char* experts;       /* "auto" (route on the prompt), "none", comma-separated expert names, or NULL: the
+                                experts the last mode_edge_select made active */
   int route_top_k;           /* most experts "auto" picks (>= 1) */
   const char* router;        /* "centroid" (default), "logistic" or "gate" */
   int64_t max_new_tokens;    /* >= 1 */
@@ -68,7 +71,8 @@ MODE_EDGE_API void mode_edge_default_generate_options(mode_edge_generate_options
 /* Opens the bundle folder: checks its manifest and files, loads the base, reads every installed pack's gate. */
 MODE_EDGE_API mode_edge_status mode_edge_open(const char* bundle, const mode_edge_options* options, mode_edge_session** session);
 
-/* Makes exactly these experts active (loaded within the budget, least recently used evicted); n = 0: none. */
+/* Makes exactly these experts active (loaded within the budget, least recently used evicted); n = 0: none. A
+ * generation with experts NULL runs with them; "auto" or names select anew. */
 MODE_EDGE_API mode_edge_status mode_edge_select(mode_edge_session* session, const char* const* experts, size_t n);
 
 /* Generates after the prompt's token ids; stops at max_new_tokens, the bundle's end-of-sequence id, or when the
@@ -77,8 +81,9 @@ MODE_EDGE_API mode_edge_status mode_edge_generate(mode_edge_session* session, co
                                     const mode_edge_generate_options* options, mode_edge_token_callback on_token,
                                     void* user_data);
 
-/* The last generation's profile as JSON (the Python runtime's schema); owned by the session, valid until its next
- * call. "{}" before the first generation. */
+/* The last generation's profile as JSON (the Python runtime's schema; memory.peak_rss_mb is the peak since the
+ * generation's profile began: each resets the process's peak RSS, /proc/self/clear_refs); owned by the session,
+ * valid until its next call. "{}" before the first generation. */
 MODE_EDGE_API const char* mode_edge_profile_json(mode_edge_session* session);
 
 MODE_EDGE_API const char* mode_edge_last_error(void);

@@ -2,10 +2,12 @@
 
 #include <sys/stat.h>
 
+#include <cmath>
 #include <fstream>
 #include <sstream>
 
 #include "errors.h"
+#include "names.h"
 #include "sha256.h"
 
 namespace mode_edge {
@@ -33,26 +35,45 @@ json read_json(const std::string& path, const std::string& missing, const std::s
 }
 
 void check_version(const json& m, const std::string& format, const std::string& path, const std::string& fix) {
-  if (!m.is_object() || m.value("format", "") != format)
+  if (!m.is_object() || !m.contains("format") || m["format"] != format)
     throw UserError(path + " is not a " + format + " manifest; " + fix);
-  int version = m.value("format_version", 0);
+  const json& v = m.contains("format_version") ? m["format_version"] : json();
+  int64_t version = v.is_number_integer() ? v.get<int64_t>() : 0;
   if (version != 2)
     throw UserError(path + " has format version " + std::to_string(version) +
                     "; the native runtime reads version 2 (ONNX graphs with the in-place KV cache): " + fix);
 }
 
+// An integer field in [lo, hi]: a float, a string or a number out of range is refused (never cast).
+int64_t integer(const json& j, const char* key, int64_t lo, int64_t hi, const std::string& path) {
+  const json& v = j.at(key);
+  if (!v.is_number_integer() || v.get<int64_t>() < lo || v.get<int64_t>() > hi)
+    throw UserError(path + ": '" + key + "' must be an integer in " + std::to_string(lo) + " .. " + std::to_string(hi));
+  return v.get<int64_t>();
+}
+
+constexpr int64_t kMaxBytes = int64_t(1) << 40;
+
 FileRecords read_records(const json& files, const std::string& path) {
   FileRecords out;
   for (auto& [rel, rec] : files.items()) {
     if (!inside(rel)) throw UserError(path + " lists a file outside its folder: " + rel);
-    out[rel] = {rec.at("bytes").get<int64_t>(), rec.at("sha256").get<std::string>()};
+    out[rel] = {integer(rec, "bytes", 0, kMaxBytes, path), rec.at("sha256").get<std::string>()};
   }
   return out;
 }
 
+// What a pack must share with its bundle (mode_edge/bundle._precision): scheme (mixed counts as int4) and block size.
+std::string precision(const json& q) {
+  if (!q.is_object()) return q.dump();
+  std::string scheme = q.contains("scheme") ? q["scheme"].dump() : "null";
+  if (scheme == "\"mixed\"") scheme = "\"int4\"";
+  return scheme + " (block " + (q.contains("block_size") ? q["block_size"].dump() : "null") + ")";
+}
+
 Component read_component(const json& c, const FileRecords& files, const std::string& path) {
   Component out;
-  out.layers = c.at("layers").get<int>();
+  out.layers = static_cast<int>(integer(c, "layers", 0, 4096, path));
   out.inputs = c.at("inputs").at("onnx").get<std::vector<std::string>>();
   out.outputs = c.at("outputs").at("onnx").get<std::vector<std::string>>();
   out.onnx = c.at("onnx").get<std::string>();
@@ -96,32 +117,39 @@ Bundle read_bundle(const std::string& root) {
                     "holding manifest.json)");
   std::string path = root + "/manifest.json";
   json m = read_json(path, "this folder is not a mode-edge bundle (`mode-edge export`)", kReexport);
-  check_version(m, "mode-edge-bundle", path, kReexport);
   return fields(path, kReexport, [&] {
+    check_version(m, "mode-edge-bundle", path, kReexport);
     Bundle b;
     b.root = root;
-    if (m.at("kv_cache").value("onnx", "") != "buffer")
+    if (!m.at("kv_cache").contains("onnx") || m["kv_cache"]["onnx"] != "buffer")
       throw UserError("bundle " + root + " has no ONNX graphs with the in-place KV cache; export it with --format "
                       "onnx (the native runtime runs ONNX graphs)");
     const json& d = m.at("base").at("decoder");
-    b.decoder = {d.at("vocab_size"), d.at("dim"), d.at("n_kv_heads"), d.at("head_dim"), d.at("max_seq_len"),
-                 d.at("rope_theta")};
+    const int64_t big = int64_t(1) << 24;  // far above any phone-sized model, far below an overflow
+    b.decoder = {integer(d, "vocab_size", 1, big, path), integer(d, "dim", 1, big, path),
+                 integer(d, "n_kv_heads", 1, 4096, path), integer(d, "head_dim", 2, 4096, path),
+                 integer(d, "max_seq_len", 1, big, path), d.at("rope_theta").get<double>()};
+    if (b.decoder.head_dim % 2 || !(b.decoder.rope_theta > 0) || !std::isfinite(b.decoder.rope_theta))
+      throw UserError(path + " holds an impossible base.decoder (head_dim odd or rope_theta not > 0); " + kReexport);
     b.fingerprint = m.at("base").at("fingerprint");
     b.n_blocks = static_cast<int>(m.at("base").at("block_ranges").size());
+    if (b.n_blocks < 1) throw UserError(path + " lists no blocks (base.block_ranges); " + kReexport);
     b.files = read_records(m.at("files"), path);
     for (auto& [rel, rec] : b.files) b.base_bytes += rec.bytes;
     std::vector<std::string> names = {"base/embed", "base/head"};
     for (int i = 0; i < b.n_blocks; i++) names.push_back("base/block" + std::to_string(i));
     for (auto& name : names) b.components[name] = read_component(m.at("components").at(name), b.files, path);
+    b.quantization = precision(m.at("quantization"));
     for (auto& [name, e] : m.at("experts").items()) {
-      ExpertEntry entry{e.at("pack"), e.at("pack_sha256"), e.at("bytes"), e.value("version", 1)};
+      if (!plain_name(name)) throw UserError(path + " lists an expert named '" + name + "' (corrupt?); " + kReexport);
+      ExpertEntry entry{e.at("pack"), e.at("pack_sha256"), integer(e, "bytes", 0, kMaxBytes, path)};
       std::string pack = entry.pack;
       bool named = pack.rfind("experts/" + name, 0) == 0 && pack.size() > 10 && pack.substr(pack.size() - 10) == "/pack.json";
       if (!inside(pack) || !named) throw UserError(path + " names a pack outside experts/: " + pack + "; " + kReexport);
       b.experts[name] = entry;
     }
     const json& tok = m.at("tokenizer");
-    if (tok.contains("eos_id") && !tok["eos_id"].is_null()) b.eos_id = tok["eos_id"].get<int64_t>();
+    if (tok.contains("eos_id") && !tok["eos_id"].is_null()) b.eos_id = integer(tok, "eos_id", 0, big, path);
     return b;
   });
 }
@@ -130,7 +158,9 @@ void verify_files(const std::string& folder, const FileRecords& files, const std
   for (auto& [rel, rec] : files) {
     std::string path = folder + "/" + rel;
     struct stat st;
-    if (stat(path.c_str(), &st) != 0) throw UserError(what + " is damaged: " + path + " is missing; " + fix);
+    if (lstat(path.c_str(), &st) != 0) throw UserError(what + " is damaged: " + path + " is missing; " + fix);
+    if (!S_ISREG(st.st_mode))  // a link could point anywhere; a FIFO would block the read
+      throw UserError(what + " is damaged: " + path + " is not a regular file; " + fix);
     if (st.st_size != rec.bytes)
       throw UserError(what + " is damaged: " + path + " has " + std::to_string(st.st_size) + " bytes, not " +
                       std::to_string(rec.bytes) + " (cut short or changed); " + fix);
@@ -153,8 +183,8 @@ Pack read_pack(const Bundle& bundle, const std::string& name, bool verify) {
   if (stat(path.c_str(), &st) == 0 && sha256_file(path) != entry->second.pack_sha256)
     throw UserError(what + " is damaged: " + path + " does not match its sha256; " + fix);
   json m = read_json(path, "the expert's manifest is missing; " + fix, fix);
-  check_version(m, "mode-edge-pack", path, fix);
   Pack p = fields(path, fix, [&] {
+    check_version(m, "mode-edge-pack", path, fix);
     Pack p;
     p.name = name;
     p.folder = folder;
@@ -162,11 +192,17 @@ Pack read_pack(const Bundle& bundle, const std::string& name, bool verify) {
     for (int i = 0; i < bundle.n_blocks; i++)
       p.blocks.push_back(read_component(m.at("components").at("block" + std::to_string(i)), p.files, path));
     p.gate = m.at("gate");
-    if (m.value("base_fingerprint", "") != bundle.fingerprint)
+    std::string fingerprint = m.contains("base_fingerprint") ? m["base_fingerprint"].dump() : "null";
+    if (m.contains("base_fingerprint") && m["base_fingerprint"].is_string()) fingerprint = m["base_fingerprint"];
+    if (fingerprint != bundle.fingerprint)
       throw UserError(what + " in " + bundle.root + " was made for base fingerprint " +
-                      m.value("base_fingerprint", "").substr(0, 16) + ", this bundle's base is " +
+                      fingerprint.substr(0, 16) + ", this bundle's base is " +
                       bundle.fingerprint.substr(0, 16) + "; install it only into a bundle of the base it was trained on");
-    if (m.at("kv_cache").value("onnx", "") != "buffer") throw UserError(path + " has no in-place cache graphs; " + fix);
+    if (!m.at("kv_cache").contains("onnx") || m["kv_cache"]["onnx"] != "buffer")
+      throw UserError(path + " has no in-place cache graphs; " + fix);
+    if (precision(m.at("quantization")) != bundle.quantization)
+      throw UserError(what + " in " + bundle.root + " is quantized " + precision(m["quantization"]) + ", the bundle " +
+                      bundle.quantization + "; export the expert with the bundle's --quant and --block-size");
     return p;
   });
   if (!p.files.count(p.gate)) throw UserError(path + " names a gate file it does not list; " + fix);

@@ -33,13 +33,13 @@ struct ExpertEntry {
   std::string pack;  // experts/NAME@ID/pack.json
   std::string pack_sha256;
   int64_t bytes = 0;
-  int version = 1;
 };
 
 struct Bundle {
   std::string root;
   Decoder decoder;
   std::string fingerprint;
+  std::string quantization;  // scheme (mixed as int4) and block size: what a pack must share with it
   int n_blocks = 0;
   std::map<std::string, Component> components;  // base/embed, base/block{i}, base/head
   FileRecords files;

@@ -27,6 +27,9 @@ mode_edge_status guarded(F fn) {
   } catch (const std::exception& e) {
     last_error = std::string("internal error: ") + e.what();
     return MODE_EDGE_INTERNAL_ERROR;
+  } catch (...) {
+    last_error = "internal error: an unknown exception";
+    return MODE_EDGE_INTERNAL_ERROR;
   }
 }
 
@@ -43,6 +46,7 @@ void mode_edge_default_generate_options(mode_edge_generate_options* o) {
 mode_edge_status mode_edge_open(const char* bundle, const mode_edge_options* options, mode_edge_session** out) {
   return guarded([&] {
     if (!bundle || !out) throw mode_edge::UserError("mode_edge_open: bundle and session must not be NULL");
+    *out = nullptr;
     mode_edge_options o;
     mode_edge_default_options(&o);
     if (options) o = *options;
@@ -60,7 +64,12 @@ mode_edge_status mode_edge_open(const char* bundle, const mode_edge_options* opt
 mode_edge_status mode_edge_select(mode_edge_session* s, const char* const* experts, size_t n) {
   return guarded([&] {
     if (!s || (n && !experts)) throw mode_edge::UserError("mode_edge_select: session and experts must not be NULL");
-    s->session->select(std::vector<std::string>(experts, experts + n));
+    std::vector<std::string> names;
+    for (size_t i = 0; i < n; i++) {
+      if (!experts[i]) throw mode_edge::UserError("mode_edge_select: expert name " + std::to_string(i) + " is NULL");
+      names.push_back(experts[i]);
+    }
+    s->session->select(names);
   });
 }
 
@@ -73,7 +82,7 @@ mode_edge_status mode_edge_generate(mode_edge_session* s, const int64_t* prompt,
     mode_edge_default_generate_options(&o);
     if (options) o = *options;
     mode_edge::GenerateOptions g;
-    g.experts = o.experts ? o.experts : "auto";
+    g.experts = o.experts ? o.experts : "";  // NULL: the experts mode_edge_select made active
     g.route_top_k = o.route_top_k;
     g.router = o.router ? o.router : "centroid";
     g.max_new_tokens = o.max_new_tokens;
@@ -81,7 +90,8 @@ mode_edge_status mode_edge_generate(mode_edge_session* s, const int64_t* prompt,
     if (o.on_logits) g.on_logits = [&](const std::vector<float>& l) { o.on_logits(l.data(), l.size(), user_data); };
     s->session->generate(std::vector<int64_t>(prompt, prompt + n_prompt), g,
                          [&](int64_t token) { return on_token ? on_token(token, user_data) != 0 : true; });
-    s->profile = s->session->profile().dump();
+    // (paths in warnings may hold bytes that are not UTF-8: replaced, not thrown on)
+    s->profile = s->session->profile().dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
   });
 }
 

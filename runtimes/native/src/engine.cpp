@@ -21,6 +21,29 @@ void timed(GraphTimes* times, const char* kind, F fn) {
   if (times) (*times)[kind] += now_s() - t;
 }
 
+// The graph interface of docs/bundle-format.md: a component's input and output names, in order.
+using Names = std::pair<std::vector<std::string>, std::vector<std::string>>;
+
+Names block_names(int layers, bool expert) {
+  Names n{{"hidden", "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"}, {"hidden_out"}};
+  if (expert) n.second.push_back("gate_logit");
+  for (int j = 0; j < layers; j++)
+    for (const char* kv : {"key", "value"}) {
+      n.first.push_back("past_" + std::string(kv) + std::to_string(j));
+      n.second.push_back("present_" + std::string(kv) + std::to_string(j));
+    }
+  return n;
+}
+
+// The graph of `c` at `path`, after checking that its manifest entry names the interface `want`.
+std::unique_ptr<Graph> load_graph(OrtRuntime& ort, const std::string& path, const Component& c, const Names& want,
+                                  const std::string& fix) {
+  if (c.inputs != want.first || c.outputs != want.second)
+    throw UserError(path + ": its manifest entry does not name the graph interface of this version (inputs " +
+                    want.first[0] + ", ...); " + fix);
+  return std::make_unique<Graph>(ort, path, c, fix);
+}
+
 }  // namespace
 
 void rotary_tables(double theta, int64_t head_dim, int64_t length, std::vector<float>& cos, std::vector<float>& sin) {
@@ -60,16 +83,17 @@ void mix(const std::vector<const std::vector<float>*>& ys, const std::vector<con
 
 Engine::Engine(OrtRuntime& ort, Bundle bundle, bool verify) : ort_(ort), bundle_(std::move(bundle)) {
   if (verify) verify_files(bundle_.root, bundle_.files, "bundle " + bundle_.root, kReexport);
-  auto load = [&](const std::string& name) {
+  auto load = [&](const std::string& name, const Names& want) {
     const Component& c = bundle_.components.at(name);
-    return std::make_unique<Graph>(ort_, bundle_.root + "/" + c.onnx, c, kReexport);
+    return load_graph(ort_, bundle_.root + "/" + c.onnx, c, want, kReexport);
   };
-  embed_ = load("base/embed");
+  embed_ = load("base/embed", {{"input_ids"}, {"hidden"}});
   for (int i = 0; i < bundle_.n_blocks; i++) {
-    blocks_.push_back(load("base/block" + std::to_string(i)));
-    block_layers_.push_back(bundle_.components.at("base/block" + std::to_string(i)).layers);
+    int layers = bundle_.components.at("base/block" + std::to_string(i)).layers;
+    blocks_.push_back(load("base/block" + std::to_string(i), block_names(layers, false)));
+    block_layers_.push_back(layers);
   }
-  head_ = load("base/head");
+  head_ = load("base/head", {{"hidden"}, {"logits"}});
 }
 
 void Engine::load_expert(const std::string& name, bool verify) {
@@ -77,7 +101,8 @@ void Engine::load_expert(const std::string& name, bool verify) {
   Pack pack = read_pack(bundle_, name, verify);
   Expert e;
   for (auto& c : pack.blocks) {
-    e.blocks.push_back(std::make_unique<Graph>(ort_, pack.folder + "/" + c.onnx, c, reinstall_fix(bundle_, name)));
+    e.blocks.push_back(load_graph(ort_, pack.folder + "/" + c.onnx, c, block_names(c.layers, true),
+                                  reinstall_fix(bundle_, name)));
     e.layers.push_back(c.layers);
   }
   experts_[name] = std::move(e);
@@ -131,10 +156,7 @@ void Engine::run_block(Graph& graph, const std::string& key, int layers, const s
     in.push_back(Ort::Value::CreateTensor<float>(info, b.data(), b.size(), kv_shape, 4));
     out.push_back(Ort::Value::CreateTensor<float>(info, b.data(), b.size(), kv_shape, 4));
   }
-  if (in.size() != graph.n_inputs() || out.size() != graph.n_outputs())
-    throw UserError("the graph of " + key + " does not take the KV cache of its " + std::to_string(layers) +
-                    " layers; " + kReexport);
-  graph.run(in.data(), out.data());
+  graph.run(in.data(), in.size(), out.data(), out.size());
 }
 
 void Engine::forward_chunk(const int64_t* ids, int64_t T, Cache& cache, GraphTimes* times, std::vector<float>* logits,
@@ -147,7 +169,7 @@ void Engine::forward_chunk(const int64_t* ids, int64_t T, Cache& cache, GraphTim
   timed(times, "embed", [&] {
     Ort::Value in = Ort::Value::CreateTensor<int64_t>(info, const_cast<int64_t*>(ids), T, id_shape, 2);
     Ort::Value out = Ort::Value::CreateTensor<float>(info, h.data(), h.size(), h_shape, 3);
-    embed_->run(&in, &out);
+    embed_->run(&in, 1, &out, 1);
   });
   std::vector<Expert*> active_experts;
   if (!visit)
@@ -180,7 +202,7 @@ void Engine::forward_chunk(const int64_t* ids, int64_t T, Cache& cache, GraphTim
   timed(times, "head", [&] {
     Ort::Value in = Ort::Value::CreateTensor<float>(info, h.data() + (T - 1) * d, d, last, 3);
     Ort::Value out = Ort::Value::CreateTensor<float>(info, logits->data(), V, l_shape, 3);
-    head_->run(&in, &out);
+    head_->run(&in, 1, &out, 1);
   });
 }
 

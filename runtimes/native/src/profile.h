@@ -20,6 +20,9 @@ struct Memory {
 Memory memory_now();
 
 struct Profile {
+  // Starts the clock and resets the kernel's peak RSS of this process (Linux: /proc/self/clear_refs), so that
+  // memory.peak_rss_mb is this profile's peak, not an earlier generation's.
+  Profile();
   double t0 = now_seconds();
   nlohmann::json phases = nlohmann::json::array();
   std::vector<std::pair<std::string, nlohmann::json>> loads;  // in load order: seconds, RSS added, bytes on disk

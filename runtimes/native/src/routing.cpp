@@ -44,8 +44,13 @@ GateFile read_gate(const std::string& path, int n_blocks, int64_t d, const std::
       auto offsets = info.at("data_offsets").get<std::vector<uint64_t>>();
       auto shape = info.at("shape").get<std::vector<int64_t>>();
       int64_t count = 1;
-      for (auto s : shape) count *= s;
-      if (offsets.size() != 2 || offsets[1] > bytes.size() - data || offsets[1] - offsets[0] != uint64_t(count) * 4)
+      for (auto s : shape) {
+        if (s < 0 || s > (int64_t(1) << 31)) throw damaged("has a tensor of an impossible shape");
+        count *= s;
+        if (count > (int64_t(1) << 31)) throw damaged("has a tensor of an impossible shape");
+      }
+      if (offsets.size() != 2 || offsets[0] > offsets[1] || offsets[1] > bytes.size() - data ||
+          offsets[1] - offsets[0] != uint64_t(count) * 4)
         throw damaged("has a tensor outside the file");
       std::vector<float> values(count);
       std::memcpy(values.data(), bytes.data() + data + offsets[0], count * 4);
@@ -62,10 +67,12 @@ GateFile read_gate(const std::string& path, int n_blocks, int64_t d, const std::
   if (!rows("weight") || !gate.tensors.count("bias") || gate.at("bias").size() < size_t(n_blocks) ||
       !gate.tensors.count("eps") || gate.at("eps").empty())
     throw damaged("lacks its gate rows");
-  if (gate.has_router())
+  if (gate.has_router()) {
     for (auto key : kRouterKeys)
       if (std::string(key) != "router_bias" && gate.shapes[key] != gate.shapes["weight"])
         throw damaged("holds router tensors of the wrong shape");
+    if (gate.at("router_bias").empty()) throw damaged("holds router tensors of the wrong shape");
+  }
   return gate;
 }
 
@@ -132,8 +139,8 @@ std::map<std::string, double> RouteFeatures::scores(const std::string& router) c
   std::vector<double> general_mean(n, 0), general_var(n, 0), var(n, 0);
   for (auto* g : routed)
     for (size_t i = 0; i < n; i++) {
-      general_mean[i] += g->at("general_mean")[i] / routed.size();
-      general_var[i] += g->at("general_var")[i] / routed.size();
+      general_mean[i] += double(g->at("general_mean")[i]) / routed.size();
+      general_var[i] += double(g->at("general_var")[i]) / routed.size();
     }
   for (size_t i = 0; i < n; i++) {
     for (auto* g : routed) var[i] += g->at("router_var")[i];
@@ -159,7 +166,11 @@ std::vector<std::string> choose(const std::map<std::string, double>& scores, con
   for (auto& n : order)
     if (scores.count(n)) names.push_back(n);
   if (scores.count("none")) names.push_back("none");
-  std::stable_sort(names.begin(), names.end(), [&](auto& a, auto& b) { return scores.at(a) > scores.at(b); });
+  auto score = [&](const std::string& n) {  // a NaN (from a gate file of NaNs) ranks last, not undefined
+    double v = scores.at(n);
+    return std::isnan(v) ? -INFINITY : v;
+  };
+  std::stable_sort(names.begin(), names.end(), [&](auto& a, auto& b) { return score(a) > score(b); });
   std::vector<std::string> out;
   for (auto& n : names) {
     if (n == "none" || int(out.size()) >= top_k) break;

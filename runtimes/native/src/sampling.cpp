@@ -47,7 +47,9 @@ int64_t sample(const std::vector<float>& logits, const Sampling& s, std::mt19937
     for (auto& v : kept) v /= mass;
     p.swap(kept);
   }
-  double u = std::uniform_real_distribution<double>(0.0, 1.0)(rng), acc = 0;
+  // a uniform double in [0, 1) from the top 53 bits: the same on every platform (std::uniform_real_distribution's
+  // algorithm is the standard library's own, so libstdc++ and the NDK's libc++ would draw differently)
+  double u = static_cast<double>(rng() >> 11) * 0x1p-53, acc = 0;
   for (int64_t i = 0; i < V; i++)
     if (p[i] > 0 && (acc += p[i]) > u) return i;
   for (int64_t i = V - 1; i >= 0; i--)  // rounding left u past the total: the last token with mass

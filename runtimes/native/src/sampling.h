@@ -1,6 +1,6 @@
 // Drawing the next token from the logits, with Hugging Face generate's conventions (runtimes/engine.sample): greedy
 // at temperature 0 (argmax, the first of equal maxima, as numpy's), else softmax at the temperature, then top-k, then
-// top-p (the smallest set of likeliest tokens whose mass reaches it), drawn with a seeded std::mt19937_64. Greedy
+// top-p (the smallest set of likeliest tokens whose mass reaches it), drawn with a seeded std::mt19937_64 (the same draws on every platform). Greedy
 // picks the Python runtime's tokens; sampled ones follow another random stream than numpy's for the same seed.
 #pragma once
 #include <cstdint>

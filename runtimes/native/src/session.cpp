@@ -1,10 +1,15 @@
 #include "session.h"
 
+#include <dirent.h>
+#include <sys/stat.h>
+
 #include <algorithm>
+#include <cmath>
 #include <iostream>
 #include <sstream>
 
 #include "errors.h"
+#include "names.h"
 
 namespace mode_edge {
 namespace {
@@ -19,39 +24,63 @@ std::string joined(const std::vector<std::string>& names) {
   return out;
 }
 
-// An expert name as mode_edge/names.py allows it: [A-Za-z0-9][A-Za-z0-9_.-]{0,63} (ASCII).
-bool valid_name(const std::string& name) {
-  auto alnum = [](char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9'); };
-  if (name.empty() || name.size() > 64 || !alnum(name[0])) return false;
-  return std::all_of(name.begin(), name.end(), [&](char c) { return alnum(c) || c == '-' || c == '_' || c == '.'; });
-}
-
 }  // namespace
 
 Session::Session(const std::string& bundle, SessionOptions options) : options_(std::move(options)) {
   if (!options_.warn) options_.warn = [](const std::string& m) { std::cerr << "warning: " << m << "\n"; };
-  if (options_.budget_mb < 0) throw UserError("the memory budget (MB) must be > 0");
-  if (options_.threads < 0) throw UserError("--threads must be an integer >= 1");
-  budget_ = static_cast<int64_t>(options_.budget_mb * kMB);
+  if (!std::isfinite(options_.budget_mb) || options_.budget_mb < 0)
+    throw UserError("the memory budget (MB) must be a number > 0 (0: none)");
+  if (options_.threads < 0 || options_.threads > 1024) throw UserError("--threads must be an integer in 1 .. 1024");
+  if (options_.budget_mb > 0) budget_ = options_.budget_mb * kMB;
   profile_.mark("start");
   Bundle b = read_bundle(bundle);
-  if (budget_ && b.base_bytes > budget_)
-    throw UserError("the base alone needs " + mb(b.base_bytes) + " MB, more than the memory budget of " + mb(budget_) +
+  if (budget_ && b.base_bytes > *budget_)
+    throw UserError("the base alone needs " + mb(b.base_bytes) + " MB, more than the memory budget of " + mb(*budget_) +
                     " MB; export with a smaller --quant (int4) or use a device with a larger budget");
   OrtRuntime& ort = OrtRuntime::get(options_.ort_library, options_.threads);
   int64_t base_bytes = b.base_bytes;
   profile_.load("base", base_bytes, [&] { engine_ = std::make_unique<Engine>(ort, std::move(b), options_.verify); });
   const Bundle& bb = engine_->bundle();
   for (auto& name : installed(bb)) {
-    try {  // each pack's files are verified here, once; loading it later reads them again without hashing
+    try {  // each pack's files are verified here; a load hashes them again only if they changed since (stamps)
       Pack pack = read_pack(bb, name, options_.verify);
       gates_[name] = read_gate(pack.folder + "/" + pack.gate, bb.n_blocks, bb.decoder.dim, "expert '" + name + "'",
                                reinstall_fix(bb, name));
+      verified_[name] = stamps(bb, name);
     } catch (const UserError& e) {
       damaged_[name] = e.what();
       pending_warnings_.push_back(std::string(e.what()) + "; it is left out until then");
     }
   }
+  std::vector<std::string> unrouted;  // said once: which packs the centroid and logistic routers cannot judge
+  for (auto& [name, g] : gates_)
+    if (!g.has_router()) unrouted.push_back(name);
+  if (!unrouted.empty())
+    unrouted_warning_ = "expert " + joined(unrouted) + " carries no router (trained without --general): " +
+                        (unrouted.size() == gates_.size() ? "routing falls back to gate rows for every pack"
+                                                           : "the centroid and logistic routers never pick them");
+}
+
+std::string Session::stamps(const Bundle& b, const std::string& name) const {
+  std::string out;  // size, mtime, ctime and inode of pack.json and the expert folder's files: a changed one differs
+  std::string folder = b.expert_folder(name);
+  auto add = [&](const std::string& path) {
+    struct stat st;
+    if (lstat(path.c_str(), &st) != 0) return;
+    out += path + ":" + std::to_string(st.st_size) + ":" + std::to_string(st.st_mtim.tv_sec) + "." +
+           std::to_string(st.st_mtim.tv_nsec) + ":" + std::to_string(st.st_ctim.tv_sec) + "." +
+           std::to_string(st.st_ctim.tv_nsec) + ":" +
+           std::to_string(st.st_ino) + ";";
+  };
+  add(folder + "/pack.json");
+  if (DIR* dir = opendir(folder.c_str())) {
+    std::vector<std::string> files;
+    while (dirent* e = readdir(dir)) files.push_back(e->d_name);
+    closedir(dir);
+    std::sort(files.begin(), files.end());
+    for (auto& f : files) add(folder + "/" + f);
+  }
+  return out;
 }
 
 int64_t Session::expert_bytes(const std::string& name) const {
@@ -65,24 +94,18 @@ int64_t Session::expert_bytes(const std::string& name) const {
 
 std::vector<std::string> Session::select(const std::vector<std::string>& names) {
   int64_t need = 0;
-  for (auto& n : names) {
-    if (!valid_name(n))
-      throw UserError("--experts: expert name '" + n + "' is not a plain name; use letters, digits, '_', '.' and "
-                      "'-' (at most 64, starting with a letter or digit)");
-    if (std::count(names.begin(), names.end(), n) > 1)
-      throw UserError("--experts: expert " + n + " is named twice; name each once");
-    need += expert_bytes(n);
-  }
+  check_names(names, "--experts");
+  for (auto& n : names) need += expert_bytes(n);
   const int64_t base = engine_->bundle().base_bytes;
-  if (budget_ && base + need > budget_)
+  if (budget_ && base + need > *budget_)
     throw UserError("base (" + mb(base) + " MB) + experts " + joined(names) + " (" + mb(need) +
-                    " MB) exceed the memory budget of " + mb(budget_) + " MB; select fewer experts");
+                    " MB) exceed the memory budget of " + mb(*budget_) + " MB; select fewer experts");
   int64_t used = base;
   for (auto& n : lru_) used += expert_bytes(n);
   for (auto& n : names)
     if (std::find(lru_.begin(), lru_.end(), n) == lru_.end()) used += expert_bytes(n);
   std::vector<std::string> evicted;
-  for (auto it = lru_.begin(); it != lru_.end() && budget_ && used > budget_;) {  // least recently used first
+  for (auto it = lru_.begin(); it != lru_.end() && budget_ && used > *budget_;) {  // least recently used first
     if (std::find(names.begin(), names.end(), *it) != names.end()) { ++it; continue; }
     used -= expert_bytes(*it);
     engine_->unload_expert(*it);
@@ -90,8 +113,11 @@ std::vector<std::string> Session::select(const std::vector<std::string>& names) 
     it = lru_.erase(it);
   }
   for (auto& n : names) {
-    if (!engine_->loaded(n))  // verified when the session started (gates_)
-      profile_.load("expert " + n, expert_bytes(n), [&] { engine_->load_expert(n, false); });
+    if (!engine_->loaded(n)) {  // hashed again only if a file changed since it was verified
+      bool changed = options_.verify && stamps(engine_->bundle(), n) != verified_[n];
+      profile_.load("expert " + n, expert_bytes(n), [&] { engine_->load_expert(n, changed); });
+      if (changed) verified_[n] = stamps(engine_->bundle(), n);
+    }
     lru_.remove(n);
     lru_.push_back(n);
   }
@@ -109,9 +135,18 @@ std::vector<std::string> Session::route(const std::vector<int64_t>& prompt, int 
   if (std::find(routers().begin(), routers().end(), router) == routers().end())
     throw UserError("--router must be one of centroid, logistic, gate, got '" + router + "'");
   if (top_k < 1) throw UserError("--route-top-k must be an integer >= 1");
+  if (gates_.empty()) {  // nothing to route to: the bare backbone, and no router decided
+    last_router_ = nullptr;
+    last_scores_ = nullptr;
+    return {};
+  }
+  if (router != "gate" && !unrouted_warning_.empty()) {
+    options_.warn(unrouted_warning_);
+    warnings_.push_back(unrouted_warning_);
+    unrouted_warning_.clear();
+  }
   last_router_ = effective_router(router, gates_);
   last_scores_ = nlohmann::json::object();
-  if (gates_.empty()) return {};
   const Bundle& b = engine_->bundle();
   RouteFeatures features(gates_, b.n_blocks, b.decoder.dim, static_cast<int64_t>(prompt.size()));
   engine_->block_inputs(prompt, [&](int block, const float* h, int64_t T) { features.add(block, h, T); });
@@ -122,9 +157,7 @@ std::vector<std::string> Session::route(const std::vector<int64_t>& prompt, int 
 
 std::vector<std::string> Session::parse_experts(const std::string& value) const {
   if (value == "none") return {};
-  std::vector<std::string> names;
-  std::stringstream parts(value);
-  for (std::string n; std::getline(parts, n, ',');) names.push_back(n);
+  auto names = split_names(value, "--experts");
   if (names.empty()) throw UserError("--experts is empty; give 'auto', 'none' or comma-separated expert names");
   return names;
 }
@@ -144,9 +177,12 @@ void Session::generate(const std::vector<int64_t>& prompt, const GenerateOptions
     throw UserError("prompt (" + std::to_string(prompt.size()) + " tokens) + --max-new-tokens " +
                     std::to_string(o.max_new_tokens) + " exceed the model's context of " + std::to_string(limit) +
                     " tokens; shorten one of them");
-  bool automatic = o.experts == "auto";
-  std::vector<std::string> chosen = automatic ? std::vector<std::string>{} : parse_experts(o.experts);
+  bool automatic = o.experts == "auto", current = o.experts.empty();
+  std::vector<std::string> chosen = automatic || current ? engine_->active : parse_experts(o.experts);
   Profile& p = profile_;
+  p.token_s.clear();  // what a generation that failed left behind; the loads since the last one stay
+  p.graph_s.clear();
+  p.prefill_s = p.route_s = 0;
   p.prompt_tokens = static_cast<int64_t>(prompt.size());
   if (automatic) {
     double t = now_seconds();
@@ -178,7 +214,7 @@ void Session::generate(const std::vector<int64_t>& prompt, const GenerateOptions
   }
   p.mark("decode done");
   nlohmann::json summary = {{"experts", chosen},
-                            {"router", automatic ? nlohmann::json(last_router_) : nlohmann::json(nullptr)},
+                            {"router", automatic ? last_router_ : nlohmann::json(nullptr)},
                             {"route_scores", automatic ? last_scores_ : nlohmann::json(nullptr)},
                             {"backend", "onnx"},
                             {"runtime", "native"},
@@ -188,6 +224,7 @@ void Session::generate(const std::vector<int64_t>& prompt, const GenerateOptions
   summary.update(p.summary());
   last_profile_ = summary;
   profile_ = Profile();  // the next generation's profile starts here
+  profile_.mark("start");
   warnings_.clear();
 }
 

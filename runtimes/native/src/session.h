@@ -6,6 +6,7 @@
 #include <list>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -27,7 +28,7 @@ struct SessionOptions {
 };
 
 struct GenerateOptions {
-  std::string experts = "auto";  // "auto" (route), "none", or comma-separated names
+  std::string experts = "auto";  // "auto" (route), "none", comma-separated names, or "": the current selection
   int route_top_k = 1;
   std::string router = "centroid";
   int64_t max_new_tokens = 64;
@@ -59,14 +60,16 @@ class Session {
 
   SessionOptions options_;
   std::unique_ptr<Engine> engine_;
-  int64_t budget_ = 0;  // bytes; 0: none
+  std::optional<double> budget_;  // bytes
   std::list<std::string> lru_;  // loaded experts, least recently used first
   std::map<std::string, GateFile> gates_;
   std::map<std::string, std::string> damaged_;  // installed experts that failed their checks: the reason
   std::vector<std::string> pending_warnings_, warnings_;  // not said yet; said since the last generation
+  std::string unrouted_warning_;  // said at the first routing by centroid or logistic
+  std::map<std::string, std::string> verified_;  // per installed expert: its files' stamps when last hashed
+  std::string stamps(const Bundle& b, const std::string& name) const;
   Profile profile_;  // the next generation's (holds the base's load until the first one)
-  nlohmann::json last_profile_, last_scores_;
-  std::string last_router_;
+  nlohmann::json last_profile_, last_scores_, last_router_;
 };
 
 }  // namespace mode_edge

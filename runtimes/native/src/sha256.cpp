@@ -17,11 +17,12 @@ std::string sha256_file(const std::string& path) {
   if (!ctx || EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1) throw std::runtime_error("sha256: no context");
   std::vector<unsigned char> buf(1 << 20);
   size_t n;
-  while ((n = std::fread(buf.data(), 1, buf.size(), f.get())) > 0) EVP_DigestUpdate(ctx.get(), buf.data(), n);
+  while ((n = std::fread(buf.data(), 1, buf.size(), f.get())) > 0)
+    if (EVP_DigestUpdate(ctx.get(), buf.data(), n) != 1) throw std::runtime_error("sha256: update failed");
   if (std::ferror(f.get())) throw UserError(path + " cannot be read");
   unsigned char digest[EVP_MAX_MD_SIZE];
   unsigned len = 0;
-  EVP_DigestFinal_ex(ctx.get(), digest, &len);
+  if (EVP_DigestFinal_ex(ctx.get(), digest, &len) != 1) throw std::runtime_error("sha256: final failed");
   static const char* hex = "0123456789abcdef";
   std::string out;
   for (unsigned i = 0; i < len; i++) out += {hex[digest[i] >> 4], hex[digest[i] & 15]};

@@ -55,7 +55,7 @@ int main(int argc, char** argv) {
     const char* name = argv[4 + i % 2];
     char key[80];
     tokens t = {{0}, 0};
-    g.experts = name;
+    g.experts = NULL; /* the selection's experts */
     if (mode_edge_select(s, &name, 1) != MODE_EDGE_OK ||
         mode_edge_generate(s, prompt, 4, &g, keep, &t) != MODE_EDGE_OK) {
       fprintf(stderr, "error: %s\n", mode_edge_last_error());

@@ -2,6 +2,8 @@
 //   mode-edge-native run BUNDLE --ids 1,2,3 [options]      new token ids on stdout as they come, one line
 //   mode-edge-native bench BUNDLE --ids-file F [options]   the same generation --repeats times in this process
 // Both write the profile JSON (the Python runtime's schema) with --json PATH. Exit 2 for a problem the user can fix.
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
@@ -24,7 +26,7 @@ const char* kUsage =
     "usage: mode-edge-native run|bench BUNDLE (--ids 1,2,3 | --ids-file FILE) [options]\n"
     "\n"
     "Generates from token ids with a mode-edge bundle (ONNX, format version 2) on onnxruntime's C API.\n"
-    "Tokenize with the bundle's tokenizer.json (mode-edge bench does it on the workstation).\n"
+    "Token ids in and out: `mode-edge tokenize --bundle B --prompt TEXT` gives a prompt's ids, --decode the text.\n"
     "\n"
     "  --ids LIST             prompt token ids, comma- or space-separated\n"
     "  --ids-file FILE        prompt token ids in a file (whitespace, commas or a JSON list)\n"
@@ -36,7 +38,7 @@ const char* kUsage =
     "  --budget-mb MB         memory budget for base + experts (weight bytes on disk)\n"
     "  --threads N            intra-op threads (default: one per physical core)\n"
     "  --ort-lib PATH         libonnxruntime.so to load (default: $MODE_EDGE_ORT_LIB, then the loader's path)\n"
-    "  --no-verify            skip the sha256 of the bundle's files (sizes are still checked by onnxruntime)\n"
+    "  --no-verify            skip the checks of the files' sizes and sha256 against the manifests\n"
     "  --json PATH            write the profile JSON there\n"
     "  --logits PATH          run: write each step's logits there (float32, steps x vocabulary), for parity checks\n"
     "  --repeats N            bench: generations in this process (default 3; the first includes the loads)\n"
@@ -47,15 +49,19 @@ struct Usage : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-double number(const std::string& option, const std::string& value, double lo, bool integer) {
+// A number option in [lo, hi] (an integer where `integer`), checked before any cast.
+double number(const std::string& option, const std::string& value, double lo, double hi, bool integer,
+              bool lo_open = false) {
   char* end = nullptr;
   errno = 0;
   double v = std::strtod(value.c_str(), &end);
-  bool ok = end && *end == 0 && !value.empty() && errno == 0 && std::isfinite(v) && v >= lo &&
-            (!integer || v == std::floor(v));
-  if (!ok)
-    throw Usage(option + " must be " + (integer ? "an integer" : "a number") + " >= " +
-                std::to_string(static_cast<long long>(lo)) + ", got '" + value + "'");
+  bool ok = end && *end == 0 && !value.empty() && errno == 0 && std::isfinite(v) && (lo_open ? v > lo : v >= lo) &&
+            v <= hi && (!integer || v == std::floor(v));
+  if (!ok) {
+    std::ostringstream range;
+    range << (lo_open ? "> " : ">= ") << lo << " and <= " << hi;
+    throw Usage(option + " must be " + (integer ? "an integer " : "a number ") + range.str() + ", got '" + value + "'");
+  }
   return v;
 }
 
@@ -145,23 +151,26 @@ int main_(int argc, char** argv) {
     std::string v = argv[++i];
     if (opt == "--ids") ids = parse_ids(v, "--ids");
     else if (opt == "--ids-file") {
-      std::ifstream f(v);
-      if (!f) throw Usage("--ids-file " + v + " cannot be read");
-      ids = parse_ids(std::string((std::istreambuf_iterator<char>(f)), {}), v);
+      struct stat st;
+      std::ifstream f(v, std::ios::binary);
+      if (stat(v.c_str(), &st) != 0 || !S_ISREG(st.st_mode) || !f) throw Usage("--ids-file " + v + " is not a readable file");
+      std::ostringstream text;
+      text << f.rdbuf();
+      ids = parse_ids(text.str(), v);
     } else if (opt == "--experts") experts = v;
     else if (opt == "--router") router = v;
-    else if (opt == "--route-top-k") g.route_top_k = static_cast<int>(number(opt, v, 1, true));
-    else if (opt == "--max-new-tokens") g.max_new_tokens = static_cast<int64_t>(number(opt, v, 1, true));
-    else if (opt == "--temperature") g.temperature = number(opt, v, 0, false);
-    else if (opt == "--top-k") g.top_k = static_cast<int64_t>(number(opt, v, 0, true));
-    else if (opt == "--top-p") g.top_p = number(opt, v, 0, false);
-    else if (opt == "--seed") g.seed = static_cast<uint64_t>(number(opt, v, 0, true));
-    else if (opt == "--budget-mb") o.budget_mb = number(opt, v, 0, false);
-    else if (opt == "--threads") o.threads = static_cast<int>(number(opt, v, 1, true));
+    else if (opt == "--route-top-k") g.route_top_k = static_cast<int>(number(opt, v, 1, 1e9, true));  // all, above
+    else if (opt == "--max-new-tokens") g.max_new_tokens = static_cast<int64_t>(number(opt, v, 1, 1e9, true));
+    else if (opt == "--temperature") g.temperature = number(opt, v, 0, 1e9, false);
+    else if (opt == "--top-k") g.top_k = static_cast<int64_t>(number(opt, v, 0, 1e15, true));  // >= vocabulary: all
+    else if (opt == "--top-p") g.top_p = number(opt, v, 0, 1, false, true);
+    else if (opt == "--seed") g.seed = static_cast<uint64_t>(number(opt, v, 0, 4294967295.0, true));
+    else if (opt == "--budget-mb") o.budget_mb = number(opt, v, 0, 1e9, false, true);
+    else if (opt == "--threads") o.threads = static_cast<int>(number(opt, v, 1, 1024, true));
     else if (opt == "--ort-lib") ort_lib = v;
     else if (opt == "--json") json_path = v;
     else if (opt == "--logits" && command == "run") logits_path = v;
-    else if (opt == "--repeats" && command == "bench") repeats = static_cast<int>(number(opt, v, 1, true));
+    else if (opt == "--repeats" && command == "bench") repeats = static_cast<int>(number(opt, v, 1, 1e6, true));
     else if (opt == "--alternate" && command == "bench") {
       std::stringstream parts(v);
       for (std::string name; std::getline(parts, name, ',');) alternate.push_back(name);
@@ -188,6 +197,7 @@ int main_(int argc, char** argv) {
     }
     if (auto status = mode_edge_generate(s, ids.data(), ids.size(), &g, print_token, &printed)) {
       if (printed.tokens) std::printf("\n");
+      std::fflush(stdout);  // the ids' line ends before the error's
       return fail(status);
     }
     std::printf("\n");
@@ -208,7 +218,8 @@ int main_(int argc, char** argv) {
     out["median"] = {{"decode_tokens_per_s", median(decode)}, {"time_to_first_token_s", median(ttft)}};
     std::printf("decode %.1f tok/s, TTFT %.1f ms (median of %zu)\n", median(decode), 1000 * median(ttft), ttft.size());
   }
-  if (!json_path.empty()) write_atomically(json_path, out.dump(1) + "\n");
+  if (!json_path.empty())
+    write_atomically(json_path, out.dump(1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
   return 0;
 }
 
