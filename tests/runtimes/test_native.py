@@ -36,7 +36,8 @@ def native() -> Path:
 def run_native(binary: Path, bundle: Path, ids: list[int], *args: str, json_out: Path | None = None,
                ort_lib: Path = ORT_LIB):  # fmt: skip
     """(exit code, new token ids, stderr, profile) of `mode-edge-native run`."""
-    cmd = [str(binary), "run", str(bundle), "--ids", ",".join(map(str, ids)), "--threads", "2", *args]
+    cmd = [str(binary), "run", str(bundle), *(["--ids", ",".join(map(str, ids))] if ids else []), "--threads", "2",
+           *args]  # fmt: skip
     if json_out:
         cmd += ["--json", str(json_out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "MODE_EDGE_ORT_LIB": str(ort_lib)})
@@ -180,7 +181,7 @@ def test_no_leak_over_expert_switches_under_leak_sanitizer(int8_bundle):
 
 def test_refusals_are_one_line_with_exit_2(native, bundle, tmp_path):
     def refused(*args, ids=(1, 2, 3), where=bundle, ort_lib=ORT_LIB):
-        code, tokens, err, _ = run_native(native, where, list(ids), *args, ort_lib=ort_lib)
+        code, tokens, err, _ = run_native(native, where, ids and list(ids), *args, ort_lib=ort_lib)
         assert code == 2 and not tokens, err
         assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
         return err
@@ -193,7 +194,11 @@ def test_refusals_are_one_line_with_exit_2(native, bundle, tmp_path):
     assert "does not exist" in refused(where=tmp_path / "nothing")
     assert "cannot load onnxruntime from" in refused(ort_lib=tmp_path / "libonnxruntime.so")
     assert "--top-p must be a number > 0" in refused("--top-p", "0")
-    assert "--ids-file" in refused("--ids-file", str(tmp_path))  # a folder
+    assert "is a folder" in refused("--ids-file", str(tmp_path), ids=None)
+    assert "give the prompt's token ids once" in refused("--ids-file", str(tmp_path))  # and --ids
+    assert "unknown option --profile" in refused("--profile")  # not "needs a value": it is not an option here
+    assert "mode-edge tokenize" in refused("--prompt", "hi")
+    assert "not onnxruntime" in refused(ort_lib=native)  # an ELF file, but no OrtGetApiBase: refused before loading
     assert "exceed the memory budget" in refused("--experts", "code,prose", "--budget-mb", str(
         (Session(bundle).base_bytes + Session(bundle).expert_bytes("code")) / MB))  # fmt: skip
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -213,7 +218,7 @@ def test_refusals_are_one_line_with_exit_2(native, bundle, tmp_path):
     (bundle / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
     assert "has format version 1" in refused() and "export the bundle again" in refused()
     (bundle / "manifest.json").write_text(json.dumps({**manifest, "format_version": "2"}))
-    assert "format version 0" in refused()
+    assert 'format version "2"' in refused()
     broken = json.loads(json.dumps(manifest))
     broken["base"]["decoder"]["dim"] = 64.5
     (bundle / "manifest.json").write_text(json.dumps(broken))

@@ -2,7 +2,9 @@
 
 #include <sys/stat.h>
 
+#include <cerrno>
 #include <cmath>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 
@@ -25,11 +27,14 @@ bool inside(const std::string& rel) {
 }
 
 json read_json(const std::string& path, const std::string& missing, const std::string& fix) {
+  struct stat st;
+  if (stat(path.c_str(), &st) != 0) throw UserError(path + " is missing; " + missing);
+  if (!S_ISREG(st.st_mode)) throw UserError(path + " is not a file (damaged?); " + fix);
   std::ifstream f(path, std::ios::binary);
-  if (!f) throw UserError(path + " is missing; " + missing);
+  if (!f) throw UserError(path + " cannot be read (" + std::strerror(errno) + "); check its permissions");
   try {
     return json::parse(f);
-  } catch (const json::exception&) {
+  } catch (const std::exception&) {  // not JSON, or a read that failed midway
     throw UserError(path + " is not valid JSON (damaged?); " + fix);
   }
 }
@@ -38,10 +43,10 @@ void check_version(const json& m, const std::string& format, const std::string& 
   if (!m.is_object() || !m.contains("format") || m["format"] != format)
     throw UserError(path + " is not a " + format + " manifest; " + fix);
   const json& v = m.contains("format_version") ? m["format_version"] : json();
-  int64_t version = v.is_number_integer() ? v.get<int64_t>() : 0;
-  if (version != 2)
-    throw UserError(path + " has format version " + std::to_string(version) +
-                    "; the native runtime reads version 2 (ONNX graphs with the in-place KV cache): " + fix);
+  if (v == 2) return;
+  bool older = v.is_number_integer() && v.get<int64_t>() < 2;
+  throw UserError(path + " has format version " + v.dump() + "; the native runtime reads version 2 (ONNX graphs "
+                  "with the in-place KV cache): " + (older ? fix : "upgrade mode-edge, or export it again with this one"));
 }
 
 // An integer field in [lo, hi]: a float, a string or a number out of range is refused (never cast).
@@ -182,7 +187,7 @@ Pack read_pack(const Bundle& bundle, const std::string& name, bool verify) {
   struct stat st;
   if (stat(path.c_str(), &st) == 0 && sha256_file(path) != entry->second.pack_sha256)
     throw UserError(what + " is damaged: " + path + " does not match its sha256; " + fix);
-  json m = read_json(path, "the expert's manifest is missing; " + fix, fix);
+  json m = read_json(path, fix, fix);
   Pack p = fields(path, fix, [&] {
     check_version(m, "mode-edge-pack", path, fix);
     Pack p;

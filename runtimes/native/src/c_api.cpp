@@ -82,7 +82,8 @@ mode_edge_status mode_edge_generate(mode_edge_session* s, const int64_t* prompt,
     mode_edge_default_generate_options(&o);
     if (options) o = *options;
     mode_edge::GenerateOptions g;
-    g.experts = o.experts ? o.experts : "";  // NULL: the experts mode_edge_select made active
+    if (o.experts) g.experts = std::string(o.experts);
+    else g.experts.reset();  // NULL: the experts mode_edge_select made active
     g.route_top_k = o.route_top_k;
     g.router = o.router ? o.router : "centroid";
     g.max_new_tokens = o.max_new_tokens;

@@ -1,6 +1,15 @@
 #include "ort.h"
 
 #include <dlfcn.h>
+#include <elf.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
 
 #include <cstdlib>
 #include <mutex>
@@ -9,33 +18,95 @@
 
 namespace mode_edge {
 
+namespace {
+
+// Whether the ELF file at `path` is a shared library for this machine that defines OrtGetApiBase: checked before
+// dlopen, which would run the initialisers of any library it is given (onnxruntime-genai's aborts when loaded by
+// itself) and reports a library of another architecture as "No such file". "" when it is; else the problem.
+std::string not_onnxruntime(const std::string& path) {
+  int fd = open(path.c_str(), O_RDONLY);
+  if (fd < 0) return std::strerror(errno);
+  struct stat st;
+  void* map = fstat(fd, &st) == 0 && st.st_size >= (off_t)sizeof(Elf64_Ehdr) && S_ISREG(st.st_mode)
+                  ? mmap(nullptr, st.st_size, PROT_READ, MAP_PRIVATE, fd, 0)
+                  : MAP_FAILED;
+  close(fd);
+  if (map == MAP_FAILED) return "not a readable file";
+  const auto* bytes = static_cast<const unsigned char*>(map);
+  size_t size = st.st_size;
+  std::string problem = "not a shared library (ELF)";
+  const auto* eh = static_cast<const Elf64_Ehdr*>(map);
+#if defined(__x86_64__)
+  const int machine = EM_X86_64;
+#elif defined(__aarch64__)
+  const int machine = EM_AARCH64;
+#else
+  const int machine = -1;  // not checked
+#endif
+  if (std::memcmp(eh->e_ident, ELFMAG, SELFMAG) == 0 && eh->e_ident[EI_CLASS] == ELFCLASS64) {
+    problem = "a library for another machine";
+    if (machine < 0 || eh->e_machine == machine) {
+      problem = "not onnxruntime (it does not define OrtGetApiBase)";
+      bool in_range = eh->e_shoff + size_t(eh->e_shnum) * sizeof(Elf64_Shdr) <= size;
+      const auto* sh = reinterpret_cast<const Elf64_Shdr*>(bytes + (in_range ? eh->e_shoff : 0));
+      for (int i = 0; in_range && i < eh->e_shnum; i++) {
+        if (sh[i].sh_type != SHT_DYNSYM || sh[i].sh_link >= eh->e_shnum) continue;
+        const Elf64_Shdr& strtab = sh[sh[i].sh_link];
+        if (sh[i].sh_offset + sh[i].sh_size > size || strtab.sh_offset + strtab.sh_size > size) break;
+        const auto* sym = reinterpret_cast<const Elf64_Sym*>(bytes + sh[i].sh_offset);
+        for (size_t k = 0; k < sh[i].sh_size / sizeof(Elf64_Sym); k++) {
+          if (sym[k].st_name >= strtab.sh_size || sym[k].st_shndx == SHN_UNDEF) continue;
+          const char* name = reinterpret_cast<const char*>(bytes + strtab.sh_offset + sym[k].st_name);
+          if (std::strncmp(name, "OrtGetApiBase", strtab.sh_size - sym[k].st_name) == 0) problem.clear();
+        }
+      }
+    }
+  }
+  munmap(map, size);
+  return problem;
+}
+
+}  // namespace
+
 OrtRuntime& OrtRuntime::get(const std::string& library, int threads) {
   static std::mutex mutex;
   static std::unique_ptr<OrtRuntime> runtime;
   std::lock_guard<std::mutex> lock(mutex);
   std::string path = library;
-  if (path.empty()) path = std::getenv("MODE_EDGE_ORT_LIB") ? std::getenv("MODE_EDGE_ORT_LIB") : "libonnxruntime.so";
+  const char* env = std::getenv("MODE_EDGE_ORT_LIB");
+  if (path.empty()) path = env && *env ? env : "libonnxruntime.so";  // (set but empty: as if unset)
   if (!runtime) runtime.reset(new OrtRuntime(path, threads));
-  else if (runtime->threads_ != threads)
-    throw UserError("this process's onnxruntime thread pool has " + std::to_string(runtime->threads_) +
-                    " threads; it cannot be remade with " + std::to_string(threads));
+  else if (threads && runtime->threads_ != threads)  // (0: whatever pool the process has)
+    throw UserError("this process's onnxruntime thread pool has " +
+                    (runtime->threads_ ? std::to_string(runtime->threads_) + " threads" : "onnxruntime's default size") +
+                    "; it cannot be remade with " + std::to_string(threads) + " (threads are set at the first open)");
   else if (runtime->library_ != path)
     throw UserError("this process runs onnxruntime from " + runtime->library_ + "; it cannot load " + path + " too");
   return *runtime;
 }
 
 OrtRuntime::OrtRuntime(const std::string& path, int threads) : library_(path), threads_(threads) {
+  const std::string fix = "; pass --ort-lib PATH to a libonnxruntime.so (the onnxruntime wheel has "
+                          "onnxruntime/capi/libonnxruntime.so.VERSION) or set MODE_EDGE_ORT_LIB";
+  if (path.find('/') != std::string::npos) {  // a path (not a name for the loader's search): checked first
+    std::string problem = not_onnxruntime(path);
+    if (!problem.empty()) throw UserError("cannot load onnxruntime from " + path + ": " + problem + fix);
+  }
   void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);  // kept open for the process's life
-  if (!handle)
-    throw UserError("cannot load onnxruntime from " + path + " (" + dlerror() + "); pass --ort-lib PATH to a "
-                    "libonnxruntime.so (the onnxruntime wheel has one in onnxruntime/capi/) or set MODE_EDGE_ORT_LIB");
+  if (!handle) throw UserError("cannot load onnxruntime from " + path + " (" + dlerror() + ")" + fix);
   using GetApiBase = const OrtApiBase* (*)();
   auto get_base = reinterpret_cast<GetApiBase>(dlsym(handle, "OrtGetApiBase"));
-  const OrtApi* api = get_base ? get_base()->GetApi(kOrtApiVersion) : nullptr;
-  version_ = get_base ? get_base()->GetVersionString() : "";
+  if (!get_base) {
+    dlclose(handle);
+    throw UserError("cannot load onnxruntime from " + path + ": not onnxruntime (no OrtGetApiBase)" + fix);
+  }
+  version_ = get_base()->GetVersionString();
+  int major = 0, minor = 0;  // asked before GetApi, which prints its own complaint for a version it lacks
+  std::sscanf(version_.c_str(), "%d.%d", &major, &minor);
+  const OrtApi* api = major > 1 || (major == 1 && minor >= int(kOrtApiVersion)) ? get_base()->GetApi(kOrtApiVersion)
+                                                                                 : nullptr;
   if (!api) {
     dlclose(handle);
-    if (!get_base) throw UserError(path + " is not onnxruntime (no OrtGetApiBase); pass --ort-lib PATH to libonnxruntime.so");
     throw UserError("onnxruntime " + version_ + " at " + path + " is older than 1.23; use onnxruntime >= 1.23");
   }
   Ort::InitApi(api);
@@ -43,7 +114,7 @@ OrtRuntime::OrtRuntime(const std::string& path, int threads) : library_(path), t
   pool.SetGlobalIntraOpNumThreads(threads);
   pool.SetGlobalInterOpNumThreads(1);
   pool.SetGlobalSpinControl(1);  // one pool for every session: the next run is its own, spinning helps
-  env_ = std::make_unique<Ort::Env>(pool, ORT_LOGGING_LEVEL_ERROR, "mode-edge-native");
+  env_ = std::make_unique<Ort::Env>(pool, ORT_LOGGING_LEVEL_FATAL, "mode-edge-native");  // errors: ours, one line
   cpu_ = std::make_unique<Ort::MemoryInfo>(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault));
   try {
     env_->CreateAndRegisterAllocator(*cpu_, nullptr);  // one arena for all sessions (runtimes/backends.share_one_arena)

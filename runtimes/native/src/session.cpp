@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <iostream>
 #include <sstream>
 
@@ -16,7 +17,11 @@ namespace {
 
 constexpr double kMB = 1 << 20;
 
-std::string mb(double bytes) { return std::to_string(static_cast<int64_t>(bytes / kMB + 0.5)); }
+std::string mb(double bytes) {  // one decimal: 96.2 against a budget of 96.1 must not read "96 > 96"
+  char text[32];
+  std::snprintf(text, sizeof text, "%.1f", bytes / kMB);
+  return text;
+}
 
 std::string joined(const std::vector<std::string>& names) {
   std::string out;
@@ -36,7 +41,7 @@ Session::Session(const std::string& bundle, SessionOptions options) : options_(s
   Bundle b = read_bundle(bundle);
   if (budget_ && b.base_bytes > *budget_)
     throw UserError("the base alone needs " + mb(b.base_bytes) + " MB, more than the memory budget of " + mb(*budget_) +
-                    " MB; export with a smaller --quant (int4) or use a device with a larger budget");
+                    " MB; export with a smaller --quant (int4) or raise the memory budget");
   OrtRuntime& ort = OrtRuntime::get(options_.ort_library, options_.threads);
   int64_t base_bytes = b.base_bytes;
   profile_.load("base", base_bytes, [&] { engine_ = std::make_unique<Engine>(ort, std::move(b), options_.verify); });
@@ -99,7 +104,8 @@ std::vector<std::string> Session::select(const std::vector<std::string>& names) 
   const int64_t base = engine_->bundle().base_bytes;
   if (budget_ && base + need > *budget_)
     throw UserError("base (" + mb(base) + " MB) + experts " + joined(names) + " (" + mb(need) +
-                    " MB) exceed the memory budget of " + mb(*budget_) + " MB; select fewer experts");
+                    " MB) exceed the memory budget of " + mb(*budget_) +
+                    " MB; select fewer experts (or a smaller --route-top-k)");
   int64_t used = base;
   for (auto& n : lru_) used += expert_bytes(n);
   for (auto& n : names)
@@ -177,8 +183,8 @@ void Session::generate(const std::vector<int64_t>& prompt, const GenerateOptions
     throw UserError("prompt (" + std::to_string(prompt.size()) + " tokens) + --max-new-tokens " +
                     std::to_string(o.max_new_tokens) + " exceed the model's context of " + std::to_string(limit) +
                     " tokens; shorten one of them");
-  bool automatic = o.experts == "auto", current = o.experts.empty();
-  std::vector<std::string> chosen = automatic || current ? engine_->active : parse_experts(o.experts);
+  bool automatic = o.experts == "auto";
+  std::vector<std::string> chosen = !o.experts || automatic ? engine_->active : parse_experts(*o.experts);
   Profile& p = profile_;
   p.token_s.clear();  // what a generation that failed left behind; the loads since the last one stay
   p.graph_s.clear();

@@ -28,7 +28,8 @@ struct SessionOptions {
 };
 
 struct GenerateOptions {
-  std::string experts = "auto";  // "auto" (route), "none", comma-separated names, or "": the current selection
+  // "auto" (route), "none" or comma-separated names; nullopt: the experts the last select made active
+  std::optional<std::string> experts = std::string("auto");
   int route_top_k = 1;
   std::string router = "centroid";
   int64_t max_new_tokens = 64;

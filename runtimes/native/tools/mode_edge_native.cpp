@@ -11,6 +11,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iomanip>
+#include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -29,21 +31,28 @@ const char* kUsage =
     "Token ids in and out: `mode-edge tokenize --bundle B --prompt TEXT` gives a prompt's ids, --decode the text.\n"
     "\n"
     "  --ids LIST             prompt token ids, comma- or space-separated\n"
-    "  --ids-file FILE        prompt token ids in a file (whitespace, commas or a JSON list)\n"
+    "  --ids-file FILE        prompt token ids in a file or pipe (whitespace, commas or a JSON list; - : stdin)\n"
     "  --experts X            auto (route on the prompt, default), none, or comma-separated names\n"
     "  --router R             centroid (default), logistic or gate, for --experts auto\n"
     "  --route-top-k K        most experts auto picks (default 1)\n"
     "  --max-new-tokens N     default 64\n"
-    "  --temperature T        0: greedy (default); --top-k K, --top-p P, --seed S as in mode-edge run\n"
+    "  --temperature T        >= 0; 0: greedy (default)\n"
+    "  --top-k K              sample among the K likeliest tokens; 0: off (default); above the vocabulary: all\n"
+    "  --top-p P              in (0, 1]: the smallest set of tokens holding P of the probability; 1: all (default)\n"
+    "  --seed S               0 .. 4294967295 (default 0); greedy tokens equal mode-edge run's, sampled ones follow\n"
+    "                         another random stream than its numpy one\n"
     "  --budget-mb MB         memory budget for base + experts (weight bytes on disk)\n"
     "  --threads N            intra-op threads (default: one per physical core)\n"
-    "  --ort-lib PATH         libonnxruntime.so to load (default: $MODE_EDGE_ORT_LIB, then the loader's path)\n"
+    "  --ort-lib PATH         libonnxruntime.so to load, C API >= 1.23 (default: $MODE_EDGE_ORT_LIB, then\n"
+    "                         libonnxruntime.so on the loader's path; the onnxruntime wheel's file is\n"
+    "                         onnxruntime/capi/libonnxruntime.so.VERSION)\n"
     "  --no-verify            skip the checks of the files' sizes and sha256 against the manifests\n"
     "  --json PATH            write the profile JSON there\n"
     "  --logits PATH          run: write each step's logits there (float32, steps x vocabulary), for parity checks\n"
     "  --repeats N            bench: generations in this process (default 3; the first includes the loads)\n"
     "  --alternate A,B        bench: run expert A, then B, then A ... (an expert switch before each run; with a\n"
-    "                         --budget-mb that holds one expert, each evicts the other and loads anew)\n";
+    "                         --budget-mb that holds one expert, each evicts the other and loads anew; the\n"
+    "                         summary gives the median expert load)\n";
 
 struct Usage : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -59,7 +68,7 @@ double number(const std::string& option, const std::string& value, double lo, do
             v <= hi && (!integer || v == std::floor(v));
   if (!ok) {
     std::ostringstream range;
-    range << (lo_open ? "> " : ">= ") << lo << " and <= " << hi;
+    range << std::fixed << std::setprecision(integer ? 0 : 1) << (lo_open ? "> " : ">= ") << lo << " and <= " << hi;
     throw Usage(option + " must be " + (integer ? "an integer " : "a number ") + range.str() + ", got '" + value + "'");
   }
   return v;
@@ -73,7 +82,11 @@ std::vector<int64_t> parse_ids(std::string text, const std::string& where) {
   for (std::string word; in >> word;) {
     char* end = nullptr;
     long long v = std::strtoll(word.c_str(), &end, 10);
-    if (!end || *end || v < 0) throw Usage(where + ": '" + word + "' is not a token id (an integer >= 0)");
+    if (!end || *end || v < 0) {
+      std::string shown;  // printable and short: a binary file's bytes stay out of the message
+      for (char c : word.substr(0, 20)) shown += std::isprint(static_cast<unsigned char>(c)) ? c : '?';
+      throw Usage(where + ": '" + shown + "' is not a token id (an integer >= 0)");
+    }
     ids.push_back(v);
   }
   if (ids.empty()) throw Usage(where + " holds no token ids; give at least one");
@@ -121,15 +134,56 @@ int print_token(int64_t token, void* user) {
   return 1;
 }
 
+// The text of --ids-file: a file, a pipe, or "-" for standard input.
+std::string read_ids_file(const std::string& path) {
+  if (path == "-") {
+    std::ostringstream text;
+    text << std::cin.rdbuf();
+    return text.str();
+  }
+  struct stat st;
+  if (stat(path.c_str(), &st) != 0) throw Usage("--ids-file " + path + " does not exist");
+  if (S_ISDIR(st.st_mode)) throw Usage("--ids-file " + path + " is a folder; give a file of token ids (or - for stdin)");
+  std::ifstream f(path, std::ios::binary);
+  std::ostringstream text;
+  if (!f || !(text << f.rdbuf())) throw Usage("--ids-file " + path + " cannot be read");
+  return text.str();
+}
+
+// Options that take a value, by command (the others: --no-verify, --help).
+const std::vector<std::string> kValueOptions = {
+    "--ids", "--ids-file", "--experts", "--router", "--route-top-k", "--max-new-tokens", "--temperature", "--top-k",
+    "--top-p", "--seed", "--budget-mb", "--threads", "--ort-lib", "--json", "--logits", "--repeats", "--alternate"};
+
+void check_option(const std::string& command, const std::string& opt) {
+  if (opt == "--prompt")
+    throw Usage("the native runtime takes token ids, not text: `mode-edge tokenize --bundle BUNDLE --prompt TEXT` "
+                "gives them (for --ids)");
+  if (opt == "--bundle") throw Usage("BUNDLE is the first argument after the command: mode-edge-native " + command +
+                                     " BUNDLE --ids ...");
+  bool known = std::find(kValueOptions.begin(), kValueOptions.end(), opt) != kValueOptions.end();
+  if (!known || (opt == "--logits" && command != "run") ||
+      ((opt == "--repeats" || opt == "--alternate") && command != "bench"))
+    throw Usage("unknown option " + opt + " for " + command + " (see mode-edge-native --help)");
+}
+
 int main_(int argc, char** argv) {
-  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h")) {
+  auto help = [](int i, int argc, char** argv) {
+    for (; i < argc; i++)
+      if (!std::strcmp(argv[i], "--help") || !std::strcmp(argv[i], "-h")) return true;
+    return false;
+  };
+  if (argc < 2 || help(1, argc, argv)) {
     std::fputs(kUsage, argc < 2 ? stderr : stdout);
     return argc < 2 ? 2 : 0;
   }
   std::string command = argv[1];
   if (command != "run" && command != "bench") throw Usage("unknown command '" + command + "'; use run or bench");
-  if (argc < 3 || argv[2][0] == '-') throw Usage(command + " needs the BUNDLE folder first");
-  std::string bundle = argv[2], json_path, logits_path, ort_lib, experts = "auto", router = "centroid";
+  if (argc < 3 || argv[2][0] == '-') {
+    if (argc >= 3) check_option(command, argv[2]);  // --bundle, --prompt: say what to do instead
+    throw Usage(command + " needs the BUNDLE folder first: mode-edge-native " + command + " BUNDLE --ids ...");
+  }
+  std::string bundle = argv[2], json_path, logits_path, ort_lib, experts = "auto", router = "centroid", ids_from;
   std::vector<std::string> alternate;
   std::vector<int64_t> ids;
   mode_edge_options o;
@@ -139,26 +193,23 @@ int main_(int argc, char** argv) {
   int repeats = 3;
   for (int i = 3; i < argc; i++) {
     std::string opt = argv[i];
-    if (opt == "--help" || opt == "-h") {
-      std::fputs(kUsage, stdout);
-      return 0;
-    }
     if (opt == "--no-verify") {
       o.verify = 0;
       continue;
     }
-    if (i + 1 >= argc) throw Usage(opt + " needs a value (see --help)");
+    if (opt.rfind("--", 0) != 0) throw Usage("unexpected argument '" + opt + "' (see mode-edge-native --help)");
+    check_option(command, opt);
+    if (i + 1 >= argc) throw Usage(opt + " needs a value (see mode-edge-native --help)");
     std::string v = argv[++i];
-    if (opt == "--ids") ids = parse_ids(v, "--ids");
-    else if (opt == "--ids-file") {
-      struct stat st;
-      std::ifstream f(v, std::ios::binary);
-      if (stat(v.c_str(), &st) != 0 || !S_ISREG(st.st_mode) || !f) throw Usage("--ids-file " + v + " is not a readable file");
-      std::ostringstream text;
-      text << f.rdbuf();
-      ids = parse_ids(text.str(), v);
-    } else if (opt == "--experts") experts = v;
-    else if (opt == "--router") router = v;
+    if (opt == "--ids" || opt == "--ids-file") {
+      if (!ids_from.empty()) throw Usage("give the prompt's token ids once: " + ids_from + " and " + opt + " both");
+      ids_from = opt;
+      ids = parse_ids(opt == "--ids" ? v : read_ids_file(v), opt == "--ids" ? "--ids" : v);
+    } else if (opt == "--experts") {
+      experts = v;
+      if (experts.find_first_not_of(" ,") == std::string::npos)
+        throw Usage("--experts is empty; give auto, none or comma-separated expert names");
+    } else if (opt == "--router") router = v;
     else if (opt == "--route-top-k") g.route_top_k = static_cast<int>(number(opt, v, 1, 1e9, true));  // all, above
     else if (opt == "--max-new-tokens") g.max_new_tokens = static_cast<int64_t>(number(opt, v, 1, 1e9, true));
     else if (opt == "--temperature") g.temperature = number(opt, v, 0, 1e9, false);
@@ -169,16 +220,24 @@ int main_(int argc, char** argv) {
     else if (opt == "--threads") o.threads = static_cast<int>(number(opt, v, 1, 1024, true));
     else if (opt == "--ort-lib") ort_lib = v;
     else if (opt == "--json") json_path = v;
-    else if (opt == "--logits" && command == "run") logits_path = v;
-    else if (opt == "--repeats" && command == "bench") repeats = static_cast<int>(number(opt, v, 1, 1e6, true));
-    else if (opt == "--alternate" && command == "bench") {
+    else if (opt == "--logits") logits_path = v;
+    else if (opt == "--repeats") repeats = static_cast<int>(number(opt, v, 1, 1e6, true));
+    else if (opt == "--alternate") {
       std::stringstream parts(v);
       for (std::string name; std::getline(parts, name, ',');) alternate.push_back(name);
-      if (alternate.size() != 2) throw Usage("--alternate takes two expert names, A,B");
+      if (alternate.size() != 2 || alternate[0] == alternate[1] || alternate[0] == "auto" || alternate[0] == "none" ||
+          alternate[1] == "auto" || alternate[1] == "none")
+        throw Usage("--alternate takes two different expert names, A,B");
     }
-    else throw Usage("unknown option " + opt + " (see --help)");
   }
-  if (ids.empty()) throw Usage("give the prompt's token ids with --ids or --ids-file");
+  if (ids.empty()) throw Usage("give the prompt's token ids with --ids or --ids-file (mode-edge tokenize makes them)");
+  if (!alternate.empty() && experts != "auto") throw Usage("--alternate chooses the experts; leave out --experts");
+  if (!json_path.empty()) {  // a path that cannot be written is said before the work, not after it
+    std::ofstream probe(json_path + ".tmp");
+    if (!probe) throw Usage("--json " + json_path + " cannot be written; choose a writable path");
+    probe.close();
+    std::remove((json_path + ".tmp").c_str());
+  }
   g.experts = experts.c_str();
   g.router = router.c_str();
   o.ort_library = ort_lib.empty() ? nullptr : ort_lib.c_str();
@@ -202,8 +261,15 @@ int main_(int argc, char** argv) {
     }
     std::printf("\n");
     out = nlohmann::json::parse(mode_edge_profile_json(s));
+    std::string chosen;  // as mode-edge run says it, on stderr
+    for (auto& e : out["experts"]) chosen += (chosen.empty() ? "" : ", ") + e.get<std::string>();
+    if (out["router"].is_string()) chosen = (chosen.empty() ? "none" : chosen) + ", chosen by the " +
+                                            out["router"].get<std::string>() + " router";
+    std::fprintf(stderr, "[experts: %s; %lld tokens, %.1f tok/s decode]\n", chosen.empty() ? "none" : chosen.c_str(),
+                 out["new_tokens"].get<long long>(),
+                 out["decode_tokens_per_s"].is_number() ? out["decode_tokens_per_s"].get<double>() : 0.0);
   } else {
-    std::vector<double> decode, ttft;
+    std::vector<double> decode, ttft, switches;
     out = {{"runs", nlohmann::json::array()}};
     for (int r = 0; r < repeats; r++) {
       if (!alternate.empty()) g.experts = alternate[r % 2].c_str();
@@ -213,10 +279,17 @@ int main_(int argc, char** argv) {
       if (r > 0 || repeats == 1) {  // the first run pays the loads; the medians are of the others
         if (p["decode_tokens_per_s"].is_number()) decode.push_back(p["decode_tokens_per_s"]);
         ttft.push_back(p["time_to_first_token_s"]);
+        if (!alternate.empty() && p["load_s"].contains("expert " + alternate[r % 2]))
+          switches.push_back(p["load_s"]["expert " + alternate[r % 2]]);
       }
     }
     out["median"] = {{"decode_tokens_per_s", median(decode)}, {"time_to_first_token_s", median(ttft)}};
-    std::printf("decode %.1f tok/s, TTFT %.1f ms (median of %zu)\n", median(decode), 1000 * median(ttft), ttft.size());
+    std::printf("decode %.1f tok/s, TTFT %.1f ms (median of %zu)", median(decode), 1000 * median(ttft), ttft.size());
+    if (!switches.empty()) {
+      out["median"]["expert_load_s"] = median(switches);
+      std::printf("; expert load at a switch %.1f ms (median of %zu)", 1000 * median(switches), switches.size());
+    }
+    std::printf("\n");
   }
   if (!json_path.empty())
     write_atomically(json_path, out.dump(1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
