@@ -116,7 +116,8 @@ def main() -> None:
     from mode_edge.devices.profiles import load_profile
 
     if load_profile("host").threads != args.threads:
-        raise SystemExit(f"`mode-edge run --device host` runs {load_profile('host').threads} threads; pass that --threads")
+        host = load_profile("host").threads
+        raise SystemExit(f"`mode-edge run --device host` runs {host} threads; pass --threads {host}")
     if not NATIVE.exists():
         raise SystemExit(f"{NATIVE} is missing; build it with `make native`")
     from runtime import in_worker
@@ -143,8 +144,8 @@ def main() -> None:
                            repeats=args.switches)  # fmt: skip
     med = {k: {m: statistics.median(r[m] for r in rs) for m in rs[0]} for k, rs in runs.items()}
     read_ms = 1000 * statistics.median(python["read_s"])
-    switch = {"native_ms": 1000 * statistics.median(native_s), "python_ms": 1000 * statistics.median(python["switch_s"]),
-              "read_files_ms": read_ms}  # fmt: skip
+    switch = {"native_ms": 1000 * statistics.median(native_s),
+              "python_ms": 1000 * statistics.median(python["switch_s"]), "read_files_ms": read_ms}  # fmt: skip
     n, p = med["native"], med["python"]
     ratios = {
         "decode_native_over_python": n["decode_tokens_per_s"] / p["decode_tokens_per_s"],
@@ -152,15 +153,20 @@ def main() -> None:
         "peak_rss_python_minus_native_mb": p["peak_rss_mb"] - n["peak_rss_mb"],
         "native_switch_over_read": switch["native_ms"] / read_ms,
     }
-    md = [f"# Native vs Python runtime (`{args.bundle.name}`, expert {args.expert}, {n['prompt_tokens']}-token prompt, "
-          f"{args.new_tokens} new tokens, {args.threads} threads, median of {args.rounds} interleaved rounds, a fresh "
-          "process each)", "",
-          "| runtime | decode tok/s | prefill tok/s | TTFT ms | peak RSS MB | base load ms |", "|---|---|---|---|---|---|"]
+    md = [
+        f"# Native vs Python runtime (`{args.bundle.name}`, expert {args.expert}, {n['prompt_tokens']}-token prompt, "
+        f"{args.new_tokens} new tokens, {args.threads} threads, median of {args.rounds} interleaved rounds, a fresh "
+        "process each)",
+        "",
+        "| runtime | decode tok/s | prefill tok/s | TTFT ms | peak RSS MB | base load ms |",
+        "|---|---|---|---|---|---|",
+    ]
     for label, m in med.items():
         md.append(f"| {label} | {m['decode_tokens_per_s']:.1f} | {m['prefill_tokens_per_s']:.0f} | {m['ttft_ms']:.0f} "
                   f"| {m['peak_rss_mb']:.0f} | {m['base_load_ms']:.0f} |")  # fmt: skip
-    md += ["", f"Expert switch (median of {args.switches}, a budget holding one expert): native {switch['native_ms']:.1f} "
-           f"ms, Python {switch['python_ms']:.1f} ms; reading the expert's files {read_ms:.1f} ms.", "",
+    md += ["", f"Expert switch (median of {args.switches}, a budget holding one expert): native "
+           f"{switch['native_ms']:.1f} ms, Python {switch['python_ms']:.1f} ms; reading the expert's files "
+           f"{read_ms:.1f} ms.", "",
            "| target | measured | met |", "|---|---|---|",
            f"| decode >= 1.2x Python | {ratios['decode_native_over_python']:.2f}x | "
            f"{'yes' if ratios['decode_native_over_python'] >= 1.2 else 'no'} |",

@@ -8,7 +8,8 @@
 
 The runtime travels as source (mode_edge without its training and export halves: pure Python); the device needs a
 Python 3.10+ with the bare install's dependencies (numpy, onnxruntime, tokenizers, safetensors, psutil, click, rich),
-found as `transport.python` of the profile (default `python3`). See README "Benchmark on a device".
+found as `transport.python` of the profile (default `python3`). See README "Benchmark on a device". With
+`--runtime native` (remote_native_bench) the native build and onnxruntime's library travel instead: no Python there.
 """
 
 from __future__ import annotations
@@ -142,3 +143,51 @@ def remote_bench(profile: DeviceProfile, bundle: Path, experts: list[str] | None
         remote.pull(f"{workdir}/result.json", tmp / "result.json")
         return read_json(tmp / "result.json", "the benchmark on the device wrote no result; rerun it",
                          "the result came back damaged; rerun the benchmark")  # fmt: skip
+
+
+def remote_native_bench(profile: DeviceProfile, bundle: Path, experts: list[str] | None, new_tokens: int,
+                        build: Path | None = None, ort_lib: Path | None = None) -> dict:  # fmt: skip
+    """The native runtime's benchmark on the device: push the bundle, the native build (mode-edge-native,
+    libmode_edge.so, built for the device: `make native-arm64` for an aarch64 board) and the device's
+    libonnxruntime.so, run one configuration per process there on token ids tokenized here, pull each profile back.
+    No Python is needed on the device."""
+    from mode_edge.runtimes.native_bench import (
+        BINARY,
+        LIBRARY,
+        document,
+        native_build,
+        ort_library,
+        prompt_ids,
+        run_args,
+        selections,
+    )
+
+    t = profile.transport
+    remote = Ssh(t) if t["kind"] == "ssh" else Adb(t)
+    workdir = t.get("workdir", "mode-edge")
+    build, lib = native_build(build), ort_library(ort_lib)
+    ids, runs = prompt_ids(bundle), []
+    todo = selections(bundle, experts)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        with tarfile.open(tmp / "payload.tar", "w") as tar:  # one archive: one round trip, however many files
+            tar.add(bundle, arcname="bundle")
+            tar.add(build / BINARY, arcname=f"native/{BINARY}")
+            tar.add(build / LIBRARY, arcname=f"native/{LIBRARY}")
+            tar.add(lib, arcname="native/libonnxruntime.so")
+        remote.shell(f"mkdir -p {workdir} && rm -rf {workdir}/bundle {workdir}/native", f"prepare {workdir}")
+        remote.push(tmp / "payload.tar", f"{workdir}/payload.tar")
+        remote.shell(f"cd {workdir} && tar xf payload.tar && rm payload.tar", "unpack on the device")
+        env = f"cd {workdir} && MODE_EDGE_ORT_LIB=native/libonnxruntime.so LD_LIBRARY_PATH=native"
+        for i, selection in enumerate(todo):
+            args = " ".join(shlex.quote(a) for a in run_args("bundle", ids, selection, new_tokens, profile,
+                                                             f"result{i}.json"))  # fmt: skip
+            remote.shell(f"{env} ./native/{BINARY} {args} > /dev/null", f"run the native benchmark on {profile.name}")
+            remote.pull(f"{workdir}/result{i}.json", tmp / "result.json")
+            profile_json = read_json(tmp / "result.json", "the device wrote no result; rerun it",
+                                     "the result came back damaged; rerun it")  # fmt: skip
+            runs.append({"selection": selection, **profile_json})
+        uname = remote.shell("uname -srm && (nproc || getconf _NPROCESSORS_ONLN)", "read the device's machine").split()
+    machine = {"platform": " ".join(uname[:-2]), "machine": uname[-2] if len(uname) > 1 else "?",
+               "cpus": int(uname[-1]) if uname and uname[-1].isdigit() else None}  # fmt: skip
+    return document(profile, bundle, new_tokens, runs, machine)

@@ -109,9 +109,18 @@ def run_cmd(bundle, experts, prompt, max_new_tokens, temperature, top_k, top_p, 
 @click.option("--experts", default=None, help="Comma-separated experts to run one at a time (default: every one).")
 @click.option("--new-tokens", type=POSITIVE, default=32, show_default=True, help="Tokens generated per run.")
 @BACKEND
+@click.option("--runtime", type=click.Choice(["python", "native"]), default="python", show_default=True,
+              help="python: the torch-free Python runtime; native: the C++ runtime (runtimes/native, `make native`), "
+                   "which needs no Python on the device (ONNX only).")  # fmt: skip
+@click.option("--native-build", type=click.Path(path_type=Path), default=None,
+              help="--runtime native: the folder holding mode-edge-native and libmode_edge.so for the device "
+                   "(default: build/native; build/native-arm64 from `make native-arm64` for an aarch64 board).")
+@click.option("--ort-lib", type=click.Path(path_type=Path), default=None,
+              help="--runtime native: the libonnxruntime.so to run with (pushed to a device; default: "
+                   "$MODE_EDGE_ORT_LIB, else the onnxruntime wheel's).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, callback=output_file,
               help="Write the results here.")
-def bench_cmd(bundle, device, experts, new_tokens, backend, json_out):
+def bench_cmd(bundle, device, experts, new_tokens, backend, runtime, native_build, ort_lib, json_out):
     """Generate --new-tokens with the bare base and with each expert, profiling latency and memory. On a device
     with an ssh or adb transport, the bundle and the runtime are pushed there, the benchmark runs there, and the
     JSON comes back."""
@@ -120,7 +129,23 @@ def bench_cmd(bundle, device, experts, new_tokens, backend, json_out):
 
     names = None if experts is None else expert_list(experts, "--experts")
     profile = load_profile(device)
-    if profile.transport["kind"] == "local":
+    if runtime == "native":
+        if backend != "onnx":
+            raise UserError("--runtime native runs ONNX graphs; leave out --backend executorch")
+        from mode_edge.bundle import read_bundle
+
+        read_bundle(bundle)  # a clear error here rather than on the device
+        if profile.transport["kind"] == "local":
+            from mode_edge.runtimes.native_bench import run_native_bench
+
+            result = run_native_bench(bundle, profile, names, new_tokens, native_build, ort_lib)
+        else:
+            from mode_edge.devices.transports import remote_native_bench
+
+            result = remote_native_bench(profile, bundle, names, new_tokens, native_build, ort_lib)
+    elif native_build or ort_lib:
+        raise UserError("--native-build and --ort-lib are for --runtime native")
+    elif profile.transport["kind"] == "local":
         result = run_bench(bundle, profile, names, new_tokens, backend)
     else:
         from mode_edge.bundle import read_bundle

@@ -98,6 +98,7 @@ def print_bench(result: dict) -> None:
     from mode_edge.progress import results_console
 
     where = f"{result['machine']['machine']}, {result['threads']} threads, {result['backend']}"
+    where += ", native runtime" if result.get("runtime") == "native" else ""
     title = f"bench on {result['device']} ({where})"
     t = Table("experts", "load ms", "TTFT ms", "prefill tok/s", "decode tok/s", "p50 ms", "p95 ms", "peak RSS MB",
               title=title)  # fmt: skip

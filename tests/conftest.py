@@ -178,3 +178,14 @@ def routed(tiny, toy_domains, tmp_path_factory):
     compose(tiny, [root / "hex", root / "digits"], [toy_domains["hex"], toy_domains["digits"]], root / "both",
             ROUTED_TRAIN, freeze_experts=True)  # fmt: skip
     return root
+
+
+@pytest.fixture(scope="session")
+def native() -> Path:
+    """The native runtime's CLI (runtimes/native), built by `make native` (a no-op when it is up to date)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(["make", "-s", "native"], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return root / "build" / "native" / "mode-edge-native"

@@ -3,7 +3,8 @@ the same greedy tokens token for token (fp32 and int8, prompts shorter and longe
 two and routed), the same routing answers with every router, switching through the C API within a budget without
 growing memory, and the refusals (bad checksum, another base, missing pack, bad options) as one line with exit 2.
 
-`make test` builds it first (`make native`); the fixture builds it too, so the tests never run an old binary."""
+`make test` builds it first (`make native`); the `native` fixture (conftest) builds it too, so the tests never run
+an old binary."""
 
 from __future__ import annotations
 
@@ -24,13 +25,6 @@ ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "build" / "native"
 ORT_LIB = next(p for p in (Path(onnxruntime.__file__).parent / "capi").glob("libonnxruntime.so*"))
 MB = 1 << 20
-
-
-@pytest.fixture(scope="session")
-def native() -> Path:
-    proc = subprocess.run(["make", "-s", "native"], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return BUILD / "mode-edge-native"
 
 
 def run_native(binary: Path, bundle: Path, ids: list[int], *args: str, json_out: Path | None = None,
@@ -137,8 +131,9 @@ def test_switching_through_the_c_api_within_a_budget_reloads_and_does_not_grow(n
     tokens are the Python runtime's, and 1,000 switches grow RSS by less than the first 100 left it at + 8 MB."""
     probe = Session(int8_bundle)
     budget = (probe.base_bytes + 1.5 * probe.expert_bytes("code")) / MB
+    env = {**os.environ, "MODE_EDGE_ORT_LIB": str(ORT_LIB)}
     proc = subprocess.run([str(BUILD / "switch_loop"), str(int8_bundle), str(budget), "1000", "code", "prose"],
-                          capture_output=True, text=True, env={**os.environ, "MODE_EDGE_ORT_LIB": str(ORT_LIB)})  # fmt: skip
+                          capture_output=True, text=True, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["loads"] == 1000  # each generation loaded its expert: the other had been evicted
@@ -154,7 +149,8 @@ def test_sampling_options_behave_as_documented(native, int8_bundle):
     prompt = PROMPTS[9]
 
     def tokens(*args):
-        code, got, err, _ = run_native(native, int8_bundle, prompt, "--experts", "code", "--max-new-tokens", "24", *args)
+        code, got, err, _ = run_native(native, int8_bundle, prompt, "--experts", "code", "--max-new-tokens", "24",
+                                       *args)  # fmt: skip
         assert code == 0, err
         return got
 

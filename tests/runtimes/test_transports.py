@@ -106,3 +106,43 @@ def test_host_bench_and_plan(int8_bundle, tmp_path):
         "plan", "--bundle", int8_bundle, "--device", tmp_path / "tight.json", "--experts", "code,prose", ok=False
     )
     assert proc.returncode == 1 and "does NOT fit" in proc.stdout
+
+
+def test_native_bench_over_ssh_needs_no_python_on_the_board(sshd, native, int8_bundle, tmp_path):
+    """--runtime native pushes the bundle, the native build and onnxruntime's library (no Python runtime), runs
+    each configuration there on token ids tokenized here, and brings every profile back."""
+    port, key = sshd
+    workdir = tmp_path / "board"
+    profile = json.loads(cli("devices", "show", "raspberry-pi-5").stdout)
+    profile["transport"] = {
+        "kind": "ssh", "host": "127.0.0.1", "port": port, "user": getpass.getuser(), "workdir": str(workdir),
+        "options": ["-i", str(key), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"],
+    }  # fmt: skip
+    profile["threads"] = 1
+    (tmp_path / "pi.json").write_text(json.dumps(profile))
+    out = tmp_path / "result.json"
+    proc = cli("bench", "--bundle", int8_bundle, "--device", tmp_path / "pi.json", "--runtime", "native",
+               "--experts", "code", "--new-tokens", "4", "--json", out)  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["runtime"] == "native" and result["threads"] == 1 and result["machine"]["machine"] == "x86_64"
+    assert [r["selection"] for r in result["runs"]] == [[], ["code"]]
+    assert [r["experts"] for r in result["runs"]] == [[], ["code"]]
+    assert all(r["new_tokens"] == 4 and r["decode_tokens_per_s"] > 0 and r["runtime"] == "native"
+               for r in result["runs"])  # fmt: skip
+    assert (workdir / "native" / "mode-edge-native").exists() and not (workdir / "runtime").exists()
+    assert "native runtime" in proc.stdout
+
+
+def test_host_bench_with_the_native_runtime(native, int8_bundle, tmp_path):
+    out = tmp_path / "native.json"
+    cli("bench", "--bundle", int8_bundle, "--runtime", "native", "--new-tokens", "4", "--json", out)
+    result = json.loads(out.read_text())
+    assert result["runtime"] == "native" and [r["selection"] for r in result["runs"]] == [[], ["code"], ["prose"]]
+    assert result["runs"][1]["memory"]["added_by"]["expert code"]["disk_mb"] > 0
+    assert all(r["new_tokens"] == 4 for r in result["runs"])
+    assert_user_error(cli("bench", "--bundle", int8_bundle, "--runtime", "native", "--backend", "executorch",
+                          ok=False), "--runtime native runs ONNX graphs")  # fmt: skip
+    assert_user_error(cli("bench", "--bundle", int8_bundle, "--runtime", "native", "--native-build", tmp_path,
+                          ok=False), "holds no native runtime")  # fmt: skip
+    assert_user_error(cli("bench", "--bundle", int8_bundle, "--ort-lib", tmp_path, ok=False),
+                      "are for --runtime native")
