@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo demo-quick test fuzz bench bench-peers native native-asan native-arm64 test-arm64 clean
+.PHONY: install demo demo-quick test fuzz bench bench-peers native native-asan native-arm64 arm64-userland test-arm64 clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -42,8 +42,9 @@ native-asan:
 	cmake --build build/native-asan -j2
 
 # the native runtime for aarch64 Linux (build/native-arm64), cross-compiled with Debian's g++-aarch64-linux-gnu, and
-# its parity with the Python runtime run under qemu-aarch64-static against the aarch64 onnxruntime wheel's library
-# (installs the cross compiler and qemu with apt-get where missing; about 2 minutes in all on 2 cores)
+# its parity with the Python runtime run under qemu-aarch64-static against the aarch64 onnxruntime wheel's library,
+# and the Python runtime itself on an arm64 userland under qemu (installs the cross compiler and qemu with apt-get
+# where missing; about 3 minutes in all on 2 cores)
 NATIVE_ARM64 ?= $(HOME)/.cache/mode-edge/native-arm64
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 native-arm64: $(STAMP)
@@ -52,7 +53,11 @@ native-arm64: $(STAMP)
 	runtimes/native/fetch_deps.sh $(NATIVE_DEPS) > /dev/null
 	runtimes/native/cross_arm64.sh $(NATIVE_ARM64) $(NATIVE_DEPS)/include build/native-arm64 $(VENV)/bin/pip
 
-test-arm64: $(STAMP) native-arm64
+# the Python runtime's arm64 userland: bookworm's arm64 python3.11 and aarch64 wheels, extracted into the same cache
+arm64-userland: $(STAMP)
+	runtimes/native/arm64_python.sh $(NATIVE_ARM64) $(PY)
+
+test-arm64: $(STAMP) native-arm64 arm64-userland
 	MODE_EDGE_ARM64=$(NATIVE_ARM64) $(PY) -m pytest -q tests/runtimes/test_native_arm64.py
 
 # the parsers' fuzz tests at 50x the examples `make test` runs, and installs killed at every step rather than every

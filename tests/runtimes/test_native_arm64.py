@@ -5,13 +5,18 @@ their activations per block at accuracy level 4, which ARM and x86 kernels round
 on the tiny model's logits of ~0.5), and ARM cores with and without dot-product instructions differ again, so
 QEMU_CPU names one (cortex-a76) and the bound is 2e-2: the check that the quantized kernels run and agree on tokens.
 
-Run by `make test-arm64` (it builds the binary and sets MODE_EDGE_ARM64 to the folder of the aarch64 libraries);
+The Python runtime runs there too: bookworm's arm64 python3.11 with aarch64 wheels (runtimes/native/arm64_python.sh),
+`mode-edge run` under qemu, the same text as on this host.
+
+Run by `make test-arm64` (it builds the binary and the userland and sets MODE_EDGE_ARM64 to their cache folder);
 skipped in `make test`, whose machine need not have a cross compiler or qemu."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -50,3 +55,27 @@ def test_aarch64_native_runtime_matches_the_python_runtime(fp32_bundle, int8_bun
         logits = np.fromfile(tmp_path / "logits.bin", dtype=np.float32).reshape(len(got), -1)
         np.testing.assert_allclose(logits, python_logits(session, prompt, names, got), rtol=0,
                                    atol=1e-4 if which == "fp32" else 2e-2, err_msg=f"{n}-token prompt")  # fmt: skip
+
+
+@pytest.mark.parametrize("which", ["fp32", "int8"])
+def test_the_python_runtime_on_an_arm64_userland_says_what_it_says_here(fp32_bundle, int8_bundle, which, tmp_path):
+    """`mode-edge run` from the device half of the package (devices/transports.runtime_tree: no torch exists there),
+    on arm64 python3.11 under qemu, prints the text this host's `mode-edge run` prints, with the same routing."""
+    from mode_edge.devices.transports import runtime_tree
+
+    bundle = fp32_bundle if which == "fp32" else int8_bundle
+    cache, runtime = Path(CACHE), runtime_tree(tmp_path / "runtime")
+    env = {**os.environ, "QEMU_LD_PREFIX": str(cache / "python-root"), "QEMU_CPU": "cortex-a76",
+           "PYTHONPATH": f"{runtime}:{cache / 'python-site'}"}  # fmt: skip
+    for experts in ("code", "auto"):
+        args = ["run", "--bundle", str(bundle), "--experts", experts, "--prompt", "import os\nfor name in",
+                "--max-new-tokens", "12"]  # fmt: skip
+        arm = subprocess.run(["qemu-aarch64-static", str(cache / "python-root/usr/bin/python3.11"), "-m",
+                              "mode_edge.cli", *args, "--json", "arm.json"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True)  # fmt: skip
+        here = subprocess.run([sys.executable, "-m", "mode_edge.cli", *args, "--json", "here.json"], cwd=tmp_path,
+                              capture_output=True, text=True)  # fmt: skip
+        assert arm.returncode == 0 and here.returncode == 0, arm.stderr[-2000:] + here.stderr[-2000:]
+        assert arm.stdout == here.stdout
+        arm_profile, here_profile = (json.loads((tmp_path / f).read_text()) for f in ("arm.json", "here.json"))
+        assert arm_profile["experts"] == here_profile["experts"] and arm_profile["new_tokens"] == 12
