@@ -9,23 +9,9 @@ set -eu
 CACHE=$(mkdir -p "$1" && cd "$1" && pwd) PY=$2
 ROOT="$CACHE/python-root" SITE="$CACHE/python-site"
 if [ ! -x "$ROOT/usr/bin/python3.11" ]; then
-  APT="$CACHE/python-apt"
-  mkdir -p "$APT/lists/partial" "$APT/cache/archives/partial" "$APT/debs"
-  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main" \
-    > "$APT/sources.list"
-  set -- -o "Dir::State=$APT" -o "Dir::State::Lists=$APT/lists" -o "Dir::Cache=$APT/cache" \
-    -o "Dir::Etc::SourceList=$APT/sources.list" -o "Dir::Etc::SourceParts=/dev/null" -o "APT::Architectures=arm64" \
-    -o "APT::Architecture=arm64" -o "Debug::NoLocking=1" -q
-  apt-get "$@" update >&2
-  # python3.11's dependency closure without what only a full system needs (perl, dpkg, mime-support's tools)
-  PKGS=$(apt-cache "$@" depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks --no-replaces \
-    --no-enhances python3.11 libstdc++6 | grep -v '^ \|<' | sort -u \
-    | grep -v -x -e dpkg -e tar -e install-info -e mailcap -e mime-support -e 'perl.*' -e 'libperl.*')
-  (cd "$APT/debs" && apt-get "$@" download $PKGS 2>&1 | grep -v unsandboxed >&2 || true)
-  rm -rf "$ROOT.tmp" && mkdir -p "$ROOT.tmp"
-  for deb in "$APT"/debs/*.deb; do dpkg-deb -x "$deb" "$ROOT.tmp"; done
-  test -x "$ROOT.tmp/usr/bin/python3.11" || { echo "python3.11:arm64 was not fetched" >&2; exit 1; }
-  rm -rf "$ROOT" && mv "$ROOT.tmp" "$ROOT" && rm -rf "$APT/debs"
+  # python3.11's dependency closure, less what only a full system needs (perl, dpkg, mime-support's tools)
+  "$(dirname "$0")/apt_extract.sh" "$CACHE" arm64 bookworm "$ROOT" --closure python3.11 libstdc++6
+  test -x "$ROOT/usr/bin/python3.11" || { echo "python3.11:arm64 was not fetched" >&2; exit 1; }
 fi
 if [ ! -d "$SITE/onnxruntime" ]; then
   PINS=$("$PY" -c "import importlib.metadata as m; print(' '.join(f'{p}=={m.version(p)}' for p in \

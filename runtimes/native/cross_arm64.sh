@@ -9,19 +9,8 @@ CACHE=$(mkdir -p "$1" && cd "$1" && pwd) DEPS_INCLUDE=$2 BUILD=$3 PIP=$4
 ORT_VERSION=1.27.0
 SYSROOT="$CACHE/sysroot"
 if [ ! -f "$SYSROOT/usr/lib/aarch64-linux-gnu/libcrypto.so.3" ]; then
-  APT="$CACHE/apt"
-  mkdir -p "$APT/lists/partial" "$APT/cache/archives/partial" "$APT/debs"
-  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main" \
-    > "$APT/sources.list"
-  set -- -o "Dir::State=$APT" -o "Dir::State::Lists=$APT/lists" -o "Dir::Cache=$APT/cache" \
-    -o "Dir::Etc::SourceList=$APT/sources.list" -o "Dir::Etc::SourceParts=/dev/null" -o "APT::Architectures=arm64" \
-    -o "APT::Architecture=arm64" -o "Debug::NoLocking=1" -q
-  apt-get "$@" update >&2
-  (cd "$APT/debs" && apt-get "$@" download libssl-dev:arm64 libssl3:arm64 2>&1 | grep -v unsandboxed >&2 || true)
-  rm -rf "$SYSROOT.tmp" && mkdir -p "$SYSROOT.tmp"
-  for deb in "$APT"/debs/*.deb; do dpkg-deb -x "$deb" "$SYSROOT.tmp"; done
-  test -f "$SYSROOT.tmp/usr/lib/aarch64-linux-gnu/libcrypto.so.3" || { echo "libssl3:arm64 was not fetched" >&2; exit 1; }
-  rm -rf "$SYSROOT" && mv "$SYSROOT.tmp" "$SYSROOT" && rm -rf "$APT/debs"
+  "$(dirname "$0")/apt_extract.sh" "$CACHE" arm64 bookworm "$SYSROOT" libssl-dev libssl3
+  test -f "$SYSROOT/usr/lib/aarch64-linux-gnu/libcrypto.so.3" || { echo "libssl3:arm64 was not fetched" >&2; exit 1; }
 fi
 ORT_DIR="$CACHE/onnxruntime-$ORT_VERSION"
 if [ ! -f "$ORT_DIR/libonnxruntime.so" ]; then

@@ -55,7 +55,9 @@ def sshd(tmp_path):
     proc.wait(timeout=10)
 
 
-def test_bench_over_ssh_runs_on_the_remote_and_brings_the_json_back(sshd, int8_bundle, tmp_path):
+def board_profile(sshd, tmp_path) -> Path:
+    """TMP/pi.json: the raspberry-pi-5 profile with 1 thread and an ssh transport to the loopback sshd, whose
+    workdir (returned) is TMP/board and whose python is this one."""
     port, key = sshd
     workdir = tmp_path / "board"
     profile = json.loads(cli("devices", "show", "raspberry-pi-5").stdout)
@@ -66,6 +68,11 @@ def test_bench_over_ssh_runs_on_the_remote_and_brings_the_json_back(sshd, int8_b
     }  # fmt: skip
     profile["threads"] = 1
     (tmp_path / "pi.json").write_text(json.dumps(profile))
+    return workdir
+
+
+def test_bench_over_ssh_runs_on_the_remote_and_brings_the_json_back(sshd, int8_bundle, tmp_path):
+    workdir = board_profile(sshd, tmp_path)
     out = tmp_path / "result.json"
     proc = cli("bench", "--bundle", int8_bundle, "--device", tmp_path / "pi.json", "--experts", "code",
                "--new-tokens", "4", "--json", out)  # fmt: skip
@@ -111,15 +118,7 @@ def test_host_bench_and_plan(int8_bundle, tmp_path):
 def test_native_bench_over_ssh_needs_no_python_on_the_board(sshd, native, int8_bundle, tmp_path):
     """--runtime native pushes the bundle, the native build and onnxruntime's library (no Python runtime), runs
     each configuration there on token ids tokenized here, and brings every profile back."""
-    port, key = sshd
-    workdir = tmp_path / "board"
-    profile = json.loads(cli("devices", "show", "raspberry-pi-5").stdout)
-    profile["transport"] = {
-        "kind": "ssh", "host": "127.0.0.1", "port": port, "user": getpass.getuser(), "workdir": str(workdir),
-        "options": ["-i", str(key), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"],
-    }  # fmt: skip
-    profile["threads"] = 1
-    (tmp_path / "pi.json").write_text(json.dumps(profile))
+    workdir = board_profile(sshd, tmp_path)
     out = tmp_path / "result.json"
     proc = cli("bench", "--bundle", int8_bundle, "--device", tmp_path / "pi.json", "--runtime", "native",
                "--experts", "code", "--new-tokens", "4", "--json", out)  # fmt: skip

@@ -1,6 +1,5 @@
 #include "session.h"
 
-#include <dirent.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -51,6 +50,7 @@ Session::Session(const std::string& bundle, SessionOptions options) : options_(s
       Pack pack = read_pack(bb, name, options_.verify);
       gates_[name] = read_gate(pack.folder + "/" + pack.gate, bb.n_blocks, bb.decoder.dim, "expert '" + name + "'",
                                reinstall_fix(bb, name));
+      for (auto& [rel, record] : pack.files) pack_files_[name].push_back(rel);
       verified_[name] = stamps(bb, name);
     } catch (const UserError& e) {
       damaged_[name] = e.what();
@@ -67,23 +67,17 @@ Session::Session(const std::string& bundle, SessionOptions options) : options_(s
 }
 
 std::string Session::stamps(const Bundle& b, const std::string& name) const {
-  std::string out;  // size, mtime, ctime and inode of pack.json and the expert folder's files: a changed one differs
+  std::string out;  // size, mtime, ctime and inode of pack.json and the pack's files: a changed one differs
   std::string folder = b.expert_folder(name);
-  auto add = [&](const std::string& path) {
+  std::vector<std::string> files = {"pack.json"};
+  auto listed = pack_files_.find(name);
+  if (listed != pack_files_.end()) files.insert(files.end(), listed->second.begin(), listed->second.end());
+  for (auto& rel : files) {
     struct stat st;
-    if (lstat(path.c_str(), &st) != 0) return;
-    out += path + ":" + std::to_string(st.st_size) + ":" + std::to_string(st.st_mtim.tv_sec) + "." +
+    if (lstat((folder + "/" + rel).c_str(), &st) != 0) continue;
+    out += rel + ":" + std::to_string(st.st_size) + ":" + std::to_string(st.st_mtim.tv_sec) + "." +
            std::to_string(st.st_mtim.tv_nsec) + ":" + std::to_string(st.st_ctim.tv_sec) + "." +
-           std::to_string(st.st_ctim.tv_nsec) + ":" +
-           std::to_string(st.st_ino) + ";";
-  };
-  add(folder + "/pack.json");
-  if (DIR* dir = opendir(folder.c_str())) {
-    std::vector<std::string> files;
-    while (dirent* e = readdir(dir)) files.push_back(e->d_name);
-    closedir(dir);
-    std::sort(files.begin(), files.end());
-    for (auto& f : files) add(folder + "/" + f);
+           std::to_string(st.st_ctim.tv_nsec) + ":" + std::to_string(st.st_ino) + ";";
   }
   return out;
 }

@@ -68,6 +68,7 @@ class Session {
   std::vector<std::string> pending_warnings_, warnings_;  // not said yet; said since the last generation
   std::string unrouted_warning_;  // said at the first routing by centroid or logistic
   std::map<std::string, std::string> verified_;  // per installed expert: its files' stamps when last hashed
+  std::map<std::string, std::vector<std::string>> pack_files_;  // per installed expert: the files its pack lists
   std::string stamps(const Bundle& b, const std::string& name) const;
   Profile profile_;  // the next generation's (holds the base's load until the first one)
   nlohmann::json last_profile_, last_scores_, last_router_;
