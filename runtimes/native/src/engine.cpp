@@ -123,10 +123,10 @@ void Engine::reserve(Cache& cache, int64_t total) {
   cache.capacity = std::min(want, context());
   for (auto& [key, buffers] : cache.kv)
     for (auto& b : buffers) {  // keep the filled positions of every head
-      std::vector<float> grown(hkv * cache.capacity * hd, 0.0f);
+      KvBuffer grown(hkv * cache.capacity * hd);
       for (int64_t h = 0; h < hkv; h++)
         std::copy_n(b.data() + h * old * hd, cache.pos * hd, grown.data() + h * cache.capacity * hd);
-      b.swap(grown);
+      b = std::move(grown);
     }
   rotary_tables(bundle_.decoder.rope_theta, hd, cache.capacity, cache.cos, cache.sin);
 }
@@ -136,7 +136,8 @@ void Engine::run_block(Graph& graph, const std::string& key, int layers, const s
   const auto& info = ort_.cpu();
   int64_t d = bundle_.decoder.dim, hkv = bundle_.decoder.n_kv_heads, hd = bundle_.decoder.head_dim;
   auto& kv = cache.kv[key];
-  if (kv.empty()) kv.assign(2 * layers, std::vector<float>(hkv * cache.capacity * hd, 0.0f));
+  if (kv.empty())
+    for (int j = 0; j < 2 * layers; j++) kv.emplace_back(hkv * cache.capacity * hd);
   int32_t seqlens = static_cast<int32_t>(cache.pos + T - 1), total = static_cast<int32_t>(cache.pos + T);
   int64_t h_shape[] = {1, T, d}, one[] = {1}, table[] = {cache.capacity, hd / 2}, kv_shape[] = {1, hkv, cache.capacity, hd};
   int64_t g_shape[] = {1, T};
