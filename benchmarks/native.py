@@ -36,9 +36,10 @@ NATIVE = ROOT / "build" / "native" / "mode-edge-native"
 
 
 def ort_library() -> Path:
-    import onnxruntime
+    """The libonnxruntime.so the native runs load: the one `mode-edge bench --runtime native` would use."""
+    from mode_edge.runtimes.native_bench import ort_library as locate
 
-    return next((Path(onnxruntime.__file__).parent / "capi").glob("libonnxruntime.so*"))
+    return locate(None)
 
 
 def prompt_of(bundle: Path, tokens: int) -> tuple[str, list[int]]:

@@ -92,6 +92,7 @@ Engine::Engine(OrtRuntime& ort, Bundle bundle, bool verify) : ort_(ort), bundle_
     int layers = bundle_.components.at("base/block" + std::to_string(i)).layers;
     blocks_.push_back(load("base/block" + std::to_string(i), block_names(layers, false)));
     block_layers_.push_back(layers);
+    block_keys_.push_back("block" + std::to_string(i));
   }
   head_ = load("base/head", {{"hidden"}, {"logits"}});
 }
@@ -104,6 +105,7 @@ void Engine::load_expert(const std::string& name, bool verify) {
     e.blocks.push_back(load_graph(ort_, pack.folder + "/" + c.onnx, c, block_names(c.layers, true),
                                   reinstall_fix(bundle_, name)));
     e.layers.push_back(c.layers);
+    e.keys.push_back(name + "/block" + std::to_string(e.keys.size()));
   }
   experts_[name] = std::move(e);
 }
@@ -178,8 +180,9 @@ void Engine::forward_chunk(const int64_t* ids, int64_t T, Cache& cache, GraphTim
   std::vector<std::vector<float>> ys(active_experts.size()), gs(active_experts.size());
   for (int i = 0; i < bundle_.n_blocks; i++) {
     if (visit) (*visit)(i, h.data(), T);
-    std::string key = "block" + std::to_string(i);
-    timed(times, "backbone", [&] { run_block(*blocks_[i], key, block_layers_[i], h, T, cache, y_bb, nullptr); });
+    timed(times, "backbone", [&] {
+      run_block(*blocks_[i], block_keys_[i], block_layers_[i], h, T, cache, y_bb, nullptr);
+    });
     if (active_experts.empty()) {
       h.swap(y_bb);
       continue;
@@ -188,7 +191,7 @@ void Engine::forward_chunk(const int64_t* ids, int64_t T, Cache& cache, GraphTim
     for (size_t j = 0; j < active_experts.size(); j++) {
       Expert& e = *active_experts[j];
       timed(times, "experts", [&] {
-        run_block(*e.blocks[i], active[j] + "/" + key, e.layers[i], h, T, cache, ys[j], &gs[j]);
+        run_block(*e.blocks[i], e.keys[i], e.layers[i], h, T, cache, ys[j], &gs[j]);
       });
       outs.push_back(&ys[j]);
       gates.push_back(&gs[j]);

@@ -76,6 +76,7 @@ class Engine {
   struct Expert {
     std::vector<std::unique_ptr<Graph>> blocks;
     std::vector<int> layers;
+    std::vector<std::string> keys;  // its cache's component keys, NAME/block{i} (made once, not per token)
   };
   void forward_chunk(const int64_t* ids, int64_t T, Cache& cache, GraphTimes* times, std::vector<float>* logits,
                      const std::function<void(int, const float*, int64_t)>* visit);
@@ -89,6 +90,7 @@ class Engine {
   std::unique_ptr<Graph> embed_, head_;
   std::vector<std::unique_ptr<Graph>> blocks_;
   std::vector<int> block_layers_;
+  std::vector<std::string> block_keys_;  // block{i}: the backbone blocks' cache keys
   std::map<std::string, Expert> experts_;
 };
 

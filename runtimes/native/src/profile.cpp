@@ -11,12 +11,14 @@ namespace {
 
 constexpr double kMB = 1 << 20;
 
-// The value in kB of field `key` ("VmRSS:") in a /proc file, in bytes; -1 where absent.
-int64_t proc_kb(const char* file, const std::string& key) {
+// The values in kB of fields `keys` ("VmRSS:") in a /proc file, in bytes, in the order given; -1 where absent.
+std::vector<int64_t> proc_kb(const char* file, const std::vector<std::string>& keys) {
+  std::vector<int64_t> out(keys.size(), -1);
   std::ifstream f(file);
   for (std::string line; std::getline(f, line);)
-    if (line.rfind(key, 0) == 0) return std::stoll(line.substr(key.size())) * 1024;
-  return -1;
+    for (size_t i = 0; i < keys.size(); i++)
+      if (line.rfind(keys[i], 0) == 0) out[i] = std::stoll(line.substr(keys[i].size())) * 1024;
+  return out;
 }
 
 double round_to(double v, int digits) {
@@ -43,8 +45,8 @@ double now_seconds() {
 }
 
 Memory memory_now() {
-  return {proc_kb("/proc/self/status", "VmRSS:"), proc_kb("/proc/self/smaps_rollup", "Pss:"),
-          proc_kb("/proc/self/status", "VmHWM:")};
+  auto status = proc_kb("/proc/self/status", {"VmRSS:", "VmHWM:"});
+  return {status[0], proc_kb("/proc/self/smaps_rollup", {"Pss:"})[0], status[1]};
 }
 
 Profile::Profile() {

@@ -42,6 +42,7 @@ Session::Session(const std::string& bundle, SessionOptions options) : options_(s
     throw UserError("the base alone needs " + mb(b.base_bytes) + " MB, more than the memory budget of " + mb(*budget_) +
                     " MB; export with a smaller --quant (int4) or raise the memory budget");
   OrtRuntime& ort = OrtRuntime::get(options_.ort_library, options_.threads);
+  ort_version_ = ort.version();
   int64_t base_bytes = b.base_bytes;
   profile_.load("base", base_bytes, [&] { engine_ = std::make_unique<Engine>(ort, std::move(b), options_.verify); });
   const Bundle& bb = engine_->bundle();
@@ -218,7 +219,7 @@ void Session::generate(const std::vector<int64_t>& prompt, const GenerateOptions
                             {"route_scores", automatic ? last_scores_ : nlohmann::json(nullptr)},
                             {"backend", "onnx"},
                             {"runtime", "native"},
-                            {"onnxruntime", OrtRuntime::get(options_.ort_library, options_.threads).version()},
+                            {"onnxruntime", ort_version_},
                             {"new_tokens", n_new},
                             {"warnings", warnings_}};
   summary.update(p.summary());

@@ -66,7 +66,8 @@ class Session {
   std::map<std::string, GateFile> gates_;
   std::map<std::string, std::string> damaged_;  // installed experts that failed their checks: the reason
   std::vector<std::string> pending_warnings_, warnings_;  // not said yet; said since the last generation
-  std::string unrouted_warning_;  // said at the first routing by centroid or logistic
+  std::string unrouted_warning_;
+  std::string ort_version_;  // of the onnxruntime library the graphs run on, for the profile  // said at the first routing by centroid or logistic
   std::map<std::string, std::string> verified_;  // per installed expert: its files' stamps when last hashed
   std::map<std::string, std::vector<std::string>> pack_files_;  // per installed expert: the files its pack lists
   std::string stamps(const Bundle& b, const std::string& name) const;
