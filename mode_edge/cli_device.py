@@ -60,13 +60,17 @@ BACKEND = click.option(
     help="Folder or http(s) URL holding NAME.modepack files: selected experts that are not installed are "
     "downloaded (resuming a broken download), verified and installed first.",
 )
+@click.option("--trust", "trust", multiple=True, metavar="PUB",
+              help="Load only packs signed by this key (a .pub file from `mode-edge keys generate`, or its line; "
+                   "repeat for several): checked at every load, whatever the bundle's own trust store says. An app "
+                   "pins its publisher's key this way, outside the writable bundle.")
 @click.option("--profile", "show_profile", is_flag=True, help="Print the latency and memory profile afterwards.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, callback=output_file,
               help="Write the profile as JSON.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, callback=image_file,
               help="Write a PNG timeline (needs matplotlib).")
 def run_cmd(bundle, experts, prompt, max_new_tokens, temperature, top_k, top_p, seed, route_top_k, router, backend,
-            device, pack_source, show_profile, json_out, plot):  # fmt: skip
+            device, pack_source, trust, show_profile, json_out, plot):  # fmt: skip
     """Load the base, select experts (or route to them), and print the continuation of --prompt as it is generated.
     Only the selected experts' graphs are loaded."""
     from mode_edge.devices.profiles import load_profile
@@ -74,6 +78,9 @@ def run_cmd(bundle, experts, prompt, max_new_tokens, temperature, top_k, top_p, 
     from mode_edge.runtimes.profiler import plot_timeline, print_summary
     from mode_edge.runtimes.run import parse_experts, run
 
+    from mode_edge.signing import pinned_keys
+
+    trusted = pinned_keys(trust)  # before anything loads: a wrong key file is the only line printed
     prof = load_profile(device)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
 
@@ -83,7 +90,7 @@ def run_cmd(bundle, experts, prompt, max_new_tokens, temperature, top_k, top_p, 
 
     _, summary, profile = run(bundle, parse_experts(experts), prompt, max_new_tokens, sampling, backend=backend,
                               threads=prof.threads, budget_mb=prof.memory_budget_mb, route_top_k=route_top_k,
-                              router=router, pack_source=pack_source, on_text=emit)  # fmt: skip
+                              router=router, pack_source=pack_source, on_text=emit, trusted_keys=trusted)  # fmt: skip
     sys.stdout.write("\n")
     chosen = ", ".join(summary["experts"]) or "none"
     if summary.get("router"):  # --experts auto: say that the router chose them, and which router

@@ -213,6 +213,44 @@ def check_signature(signature: dict, trusted: dict, body: dict, what: str, role:
     return kid
 
 
+def pinned_keys(keys: list[str] | tuple[str, ...]) -> dict:
+    """Keys a run pins for loading packs (`mode-edge run --trust PUB`, an app's own copy of its publisher's key):
+    key id -> {"public_key": "ed25519 BASE64"}, each given as a .pub file or its line. Unlike the bundle's trust
+    store, which only install consults and which lives in the writable bundle, pinned keys come from outside it, so
+    a pack placed into the bundle behind install's back (manifest edited too) still has to carry their signature.
+    Raises UserError for what is not a public key."""
+    out = {}
+    for key in keys:
+        raw = parse_public(key, "--trust")
+        out[key_id(raw)] = {"public_key": public_line(raw)}
+    return out
+
+
+def check_installed_signature(folder: Path, name: str, pack: dict, pack_sha: str, keys: dict, fix: str) -> str:
+    """The id of the pinned key (`pinned_keys`) whose signature the installed expert NAME carries in
+    FOLDER/PACK_SIGNATURE, over its name (as the bundle lists it), version and pack.json sha256 (PACK_SHA: the
+    bytes just checked against the bundle manifest; pack.json pins every other file by sha256, which the caller
+    verifies). Raises UserError naming the key and the fix for a missing, foreign or non-matching signature."""
+    from mode_edge.bundle import pack_version  # not at the top: bundle imports this module (through integrity)
+
+    path, what = Path(folder) / PACK_SIGNATURE, f"expert {name!r}"
+    pinned = ", ".join(sorted(keys))
+    if not is_file(path):
+        raise UserError(f"{what} is not signed ({path} is missing), and this run loads only packs signed by "
+                        f"{pinned} (--trust); install its signed pack, or drop --trust")  # fmt: skip
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SIGNATURE_BYTES + 1)
+    except OSError as e:
+        raise UserError(f"{what}: {path} cannot be read ({e.strerror}); {fix}") from None
+    signature = read_signature(raw, f"{what} ({path})")
+    if signature["key_id"] not in keys:
+        raise UserError(f"{what} is signed by key {signature['key_id'][:16]}, not by a key this run trusts "
+                        f"({pinned}, --trust); install the pack its publisher signed, or pass their .pub to "
+                        f"--trust")  # fmt: skip
+    return check_signature(signature, keys, statement(name, pack_version(pack), pack_sha), what)
+
+
 def trusted_keys(manifest: dict) -> dict:
     """A bundle manifest's trust store: key id -> {"public_key", "label", "roles"} (every key, whatever it signs:
     `key_roles` says which); {} when it trusts no keys."""

@@ -31,6 +31,7 @@ from mode_edge.names import check_name
 from mode_edge.ranges import check_number, check_optional, check_seed
 from mode_edge.runtimes.backends import load_graph
 from mode_edge.runtimes.kv_cache import Cache
+from mode_edge.signing import check_installed_signature
 
 
 class LoadedExpert:
@@ -49,9 +50,13 @@ prompt takes the same time in chunks of 128, 256 or one call (~930 ms)."""
 class Engine:
     """The bundle's base graphs, loaded once; experts come and go with `load_expert` / `unload_expert`."""
 
-    def __init__(self, bundle: Path, backend: str = "onnx", threads: int | None = None, verify: bool = True):
+    def __init__(self, bundle: Path, backend: str = "onnx", threads: int | None = None, verify: bool = True,
+                 trusted_keys: dict | None = None):  # fmt: skip
+        """trusted_keys: keys pinned by the caller (signing.pinned_keys); when given, every expert must carry the
+        signature of one of them (checked at each load, before its files)."""
         check_optional("threads", threads, lo=1, integer=True)
         self.bundle = Path(bundle)
+        self.trusted_keys = trusted_keys or {}
         self.manifest = read_bundle(self.bundle)
         if backend not in self.manifest["formats"]:
             mixed = self.manifest["quantization"].get("scheme") == "mixed" and backend == "executorch"
@@ -115,11 +120,14 @@ class Engine:
         return self.experts[name]
 
     def check_expert(self, name: str, verify: bool = True) -> dict:
-        """The installed expert's pack manifest, checked against the bundle manifest (its sha256), the base, and
-        (with `verify`) every file it lists; a damaged expert raises a UserError naming the file and the fix."""
+        """The installed expert's pack manifest, checked against the bundle manifest (its sha256), the base, the
+        pinned keys (its signature, when the engine has trusted_keys) and (with `verify`) every file it lists; a damaged expert raises a UserError naming the file and the fix."""
         folder = expert_folder(self.bundle, self.manifest, name)
-        pack = read_pack_manifest(folder, self.manifest["experts"][name]["pack_sha256"], self.n_blocks)
+        pack_sha = self.manifest["experts"][name]["pack_sha256"]
+        pack = read_pack_manifest(folder, pack_sha, self.n_blocks)
         check_pack_fits(pack, self.manifest, f"expert {name!r} in {self.bundle}")
+        if self.trusted_keys:
+            check_installed_signature(folder, name, pack, pack_sha, self.trusted_keys, reinstall_fix(folder))
         if verify:
             verify_files(folder, pack["files"], f"expert {name!r}", reinstall_fix(folder))
         return pack

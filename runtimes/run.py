@@ -44,9 +44,10 @@ def run(
     bundle: Path, experts: list[str] | str, prompt: str, max_new_tokens: int, sampling: Sampling,
     backend: str = "onnx", threads: int | None = None, budget_mb: float | None = None, route_top_k: int = 1,
     router: str = "centroid", pack_source: str | None = None, on_text: Callable[[str], None] | None = None,
+    trusted_keys: dict | None = None,
 ) -> tuple[str, dict, Profile]:  # fmt: skip
     """Generate; returns the new text, the profile summary (the chosen experts, and the router when --experts auto
-    chose them) and the raw profile. In a process of its own (backends.OWN_PROCESS: the `mode-edge` command, a bench
+    chose them) and the raw profile. trusted_keys: keys pinned for loading packs (Session). In a process of its own (backends.OWN_PROCESS: the `mode-edge` command, a bench
     worker) every ONNX session runs on one global thread pool (backends.use_global_thread_pool)."""
     check_number("--max-new-tokens", max_new_tokens, lo=1, integer=True)
     check_number("--route-top-k", route_top_k, lo=1, integer=True)
@@ -63,7 +64,7 @@ def run(
         base_bytes = total_bytes(read_bundle(bundle)["files"])
         session = profile.load(
             "base", lambda: Session(bundle, backend, threads, budget_mb, pack_source=pack_source,
-                                    warn=warnings.append), base_bytes  # fmt: skip
+                                    warn=warnings.append, trusted_keys=trusted_keys), base_bytes  # fmt: skip
         )
         session.loader = lambda name, load: profile.load(f"expert {name}", load, session.expert_bytes(name))
         tokenizer = load_tokenizer(bundle)

@@ -55,15 +55,19 @@ class Session:
 
     Every installed expert is checked before its gate rows are read; a damaged one is reported once through `warn`
     (one line), kept out of routing and selection (`damaged`), and everything else runs. Asking for it by name is a
-    UserError naming the damaged file and the fix."""
+    UserError naming the damaged file and the fix. With `trusted_keys` (signing.pinned_keys: keys the caller pins,
+    `mode-edge run --trust`), an expert not signed by one of them fails its checks in the same way."""
 
     def __init__(self, bundle: Path, backend: str = "onnx", threads: int | None = None,
                  budget_mb: float | None = None, verify: bool = True, pack_source: str | None = None,
-                 warn: Callable[[str], None] = warn_stderr):  # fmt: skip
+                 warn: Callable[[str], None] = warn_stderr, trusted_keys: dict | None = None):  # fmt: skip
         check_optional("memory budget (MB)", budget_mb, lo=0, lo_open=True)
+        if trusted_keys and not verify:
+            raise UserError("pinned keys (--trust) vouch for a pack's files through their sha256, so the files must "
+                            "be verified: drop --no-verify")  # fmt: skip
         self.bundle = Path(bundle)
         self.budget = None if budget_mb is None else int(budget_mb * MB)
-        self.engine = Engine(self.bundle, backend=backend, threads=threads, verify=verify)
+        self.engine = Engine(self.bundle, backend=backend, threads=threads, verify=verify, trusted_keys=trusted_keys)
         self.base_bytes = total_bytes(self.engine.manifest["files"])
         if self.budget is not None and self.base_bytes > self.budget:
             raise UserError(

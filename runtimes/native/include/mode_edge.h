@@ -45,6 +45,10 @@ typedef struct {
                                 first open, so a later open asking another count is refused */
   int verify;                /* 1: sha256 of every file before loading it (default) */
   const char* ort_library;   /* path to libonnxruntime.so; NULL: $MODE_EDGE_ORT_LIB, else the loader's search */
+  const char* trusted_keys;  /* NULL, or public keys the app pins, one per line ("ed25519 BASE64" as in a .pub file
+                                from `mode-edge keys generate`, or a .pub file's path): then only packs signed by one
+                                of them load (pack.sig checked at every load; an unsigned or foreign pack is left out
+                                as a damaged one is, and selecting it is an error). Needs verify = 1. */
 } mode_edge_options;
 
 typedef struct {

@@ -174,7 +174,7 @@ void verify_files(const std::string& folder, const FileRecords& files, const std
   }
 }
 
-Pack read_pack(const Bundle& bundle, const std::string& name, bool verify) {
+Pack read_pack(const Bundle& bundle, const std::string& name, bool verify, const PinnedKeys& keys) {
   auto entry = bundle.experts.find(name);
   if (entry == bundle.experts.end()) {
     std::string list;
@@ -193,6 +193,7 @@ Pack read_pack(const Bundle& bundle, const std::string& name, bool verify) {
     Pack p;
     p.name = name;
     p.folder = folder;
+    if (m.contains("version")) p.version = integer(m, "version", 1, int64_t(1) << 53, path);
     p.files = read_records(m.at("files"), path);
     for (int i = 0; i < bundle.n_blocks; i++)
       p.blocks.push_back(read_component(m.at("components").at("block" + std::to_string(i)), p.files, path));
@@ -211,6 +212,7 @@ Pack read_pack(const Bundle& bundle, const std::string& name, bool verify) {
     return p;
   });
   if (!p.files.count(p.gate)) throw UserError(path + " names a gate file it does not list; " + fix);
+  if (!keys.empty()) check_pack_signature(folder, name, p.version, entry->second.pack_sha256, keys, fix);
   if (verify) verify_files(folder, p.files, what, fix);
   return p;
 }

@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "signature.h"
+
 namespace mode_edge {
 
 struct FileRecord {
@@ -51,6 +53,7 @@ struct Bundle {
 
 struct Pack {
   std::string name, folder;
+  int64_t version = 1;            // packs made before versions count as 1
   std::vector<Component> blocks;  // block{i}, i < n_blocks
   std::string gate;               // the gate file (safetensors), relative to folder
   FileRecords files;
@@ -63,8 +66,9 @@ Bundle read_bundle(const std::string& root);
 void verify_files(const std::string& folder, const FileRecords& files, const std::string& what, const std::string& fix);
 
 // Installed expert NAME's pack.json: its sha256 against the bundle's record, then its fields, its base fingerprint and
-// cache interface against the bundle's; `verify`: every file it lists too. Throws UserError naming the fix.
-Pack read_pack(const Bundle& bundle, const std::string& name, bool verify);
+// cache interface against the bundle's; with pinned `keys`, its pack.sig (signature.h); `verify`: every file it lists
+// too. Throws UserError naming the fix.
+Pack read_pack(const Bundle& bundle, const std::string& name, bool verify, const PinnedKeys& keys = {});
 
 // "reinstall its pack (`mode-edge install --bundle B NAME.modepack`)"
 std::string reinstall_fix(const Bundle& bundle, const std::string& name);

@@ -1,5 +1,6 @@
 // The C API (include/mode_edge.h) over Session: exceptions become a status and a thread-local message.
 #include <memory>
+#include <sstream>
 #include <string>
 
 #include "errors.h"
@@ -37,7 +38,7 @@ mode_edge_status guarded(F fn) {
 
 extern "C" {
 
-void mode_edge_default_options(mode_edge_options* o) { *o = {0.0, 0, 1, nullptr}; }
+void mode_edge_default_options(mode_edge_options* o) { *o = {0.0, 0, 1, nullptr, nullptr}; }
 
 void mode_edge_default_generate_options(mode_edge_generate_options* o) {
   *o = {"auto", 1, "centroid", 64, 0.0, 0, 1.0, 0, nullptr};
@@ -55,6 +56,9 @@ mode_edge_status mode_edge_open(const char* bundle, const mode_edge_options* opt
     so.threads = o.threads;
     so.verify = o.verify != 0;
     so.ort_library = o.ort_library ? o.ort_library : "";
+    std::stringstream keys(o.trusted_keys ? o.trusted_keys : "");
+    for (std::string line; std::getline(keys, line);)
+      if (line.find_first_not_of(" \t\r") != std::string::npos) so.trusted_keys.push_back(line);
     auto s = std::make_unique<mode_edge_session>();
     s->session = std::make_unique<mode_edge::Session>(bundle, so);
     *out = s.release();

@@ -97,9 +97,9 @@ Engine::Engine(OrtRuntime& ort, Bundle bundle, bool verify) : ort_(ort), bundle_
   head_ = load("base/head", {{"hidden"}, {"logits"}});
 }
 
-void Engine::load_expert(const std::string& name, bool verify) {
+void Engine::load_expert(const std::string& name, bool verify, const PinnedKeys& keys) {
   if (loaded(name)) return;
-  Pack pack = read_pack(bundle_, name, verify);
+  Pack pack = read_pack(bundle_, name, verify, keys);
   Expert e;
   for (auto& c : pack.blocks) {
     e.blocks.push_back(load_graph(ort_, pack.folder + "/" + c.onnx, c, block_names(c.layers, true),

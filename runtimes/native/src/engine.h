@@ -57,8 +57,9 @@ class Engine {
   const Bundle& bundle() const { return bundle_; }
   int64_t context() const { return bundle_.decoder.max_seq_len; }
 
-  // Load installed expert NAME's graphs (checked and, with `verify`, its files' sha256); a loaded one stays.
-  void load_expert(const std::string& name, bool verify);
+  // Load installed expert NAME's graphs (checked, signed by one of `keys` when any, and, with `verify`, its files'
+  // sha256); a loaded one stays.
+  void load_expert(const std::string& name, bool verify, const PinnedKeys& keys = {});
   void unload_expert(const std::string& name);
   bool loaded(const std::string& name) const { return experts_.count(name) > 0; }
   // The experts a forward mixes, in order (each loaded).

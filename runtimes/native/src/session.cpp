@@ -36,6 +36,10 @@ Session::Session(const std::string& bundle, SessionOptions options) : options_(s
     throw UserError("the memory budget (MB) must be a number > 0 (0: none)");
   if (options_.threads < 0 || options_.threads > 1024) throw UserError("--threads must be an integer in 1 .. 1024");
   if (options_.budget_mb > 0) budget_ = options_.budget_mb * kMB;
+  keys_ = parse_pinned_keys(options_.trusted_keys);
+  if (!keys_.empty() && !options_.verify)
+    throw UserError("trusted keys vouch for a pack's files through their sha256, so the files must be verified: drop "
+                    "--no-verify");
   profile_.mark("start");
   Bundle b = read_bundle(bundle);
   if (budget_ && b.base_bytes > *budget_)
@@ -48,7 +52,7 @@ Session::Session(const std::string& bundle, SessionOptions options) : options_(s
   const Bundle& bb = engine_->bundle();
   for (auto& name : installed(bb)) {
     try {  // each pack's files are verified here; a load hashes them again only if they changed since (stamps)
-      Pack pack = read_pack(bb, name, options_.verify);
+      Pack pack = read_pack(bb, name, options_.verify, keys_);
       gates_[name] = read_gate(pack.folder + "/" + pack.gate, bb.n_blocks, bb.decoder.dim, "expert '" + name + "'",
                                reinstall_fix(bb, name));
       for (auto& [rel, record] : pack.files) pack_files_[name].push_back(rel);
@@ -116,7 +120,7 @@ std::vector<std::string> Session::select(const std::vector<std::string>& names) 
   for (auto& n : names) {
     if (!engine_->loaded(n)) {  // hashed again only if a file changed since it was verified
       bool changed = options_.verify && stamps(engine_->bundle(), n) != verified_[n];
-      profile_.load("expert " + n, expert_bytes(n), [&] { engine_->load_expert(n, changed); });
+      profile_.load("expert " + n, expert_bytes(n), [&] { engine_->load_expert(n, changed, keys_); });
       if (changed) verified_[n] = stamps(engine_->bundle(), n);
     }
     lru_.remove(n);

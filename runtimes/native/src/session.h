@@ -22,6 +22,9 @@ struct SessionOptions {
   int threads = 0;          // 0: onnxruntime's default (one per physical core)
   bool verify = true;       // sha256 of every file before it is loaded
   std::string ort_library;  // "" : $MODE_EDGE_ORT_LIB or libonnxruntime.so
+  // Public keys (.pub paths or "ed25519 BASE64" lines) the app pins: when any, every pack must carry one's signature
+  // (checked at each load; one without is left out as a damaged pack is). Needs verify.
+  std::vector<std::string> trusted_keys;
   // One line per warning, said once the first selection stands (default: "warning: ..." on stderr); the profile
   // JSON of that generation lists them too ("warnings").
   std::function<void(const std::string&)> warn;
@@ -64,6 +67,7 @@ class Session {
   std::optional<double> budget_;  // bytes
   std::list<std::string> lru_;  // loaded experts, least recently used first
   std::map<std::string, GateFile> gates_;
+  PinnedKeys keys_;
   std::map<std::string, std::string> damaged_;  // installed experts that failed their checks: the reason
   std::vector<std::string> pending_warnings_, warnings_;  // not said yet; said since the last generation
   std::string unrouted_warning_;

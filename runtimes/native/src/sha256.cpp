@@ -11,6 +11,23 @@
 #include "errors.h"
 
 namespace mode_edge {
+namespace {
+
+std::string hex(const unsigned char* digest, unsigned len) {
+  static const char* digits = "0123456789abcdef";
+  std::string out;
+  for (unsigned i = 0; i < len; i++) out += {digits[digest[i] >> 4], digits[digest[i] & 15]};
+  return out;
+}
+
+}  // namespace
+
+std::string sha256_hex(const unsigned char* data, size_t size) {
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned len = 0;
+  if (EVP_Digest(data, size, digest, &len, EVP_sha256(), nullptr) != 1) throw std::runtime_error("sha256 failed");
+  return hex(digest, len);
+}
 
 std::string sha256_file(const std::string& path) {
   std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(path.c_str(), "rb"), std::fclose);
@@ -25,10 +42,7 @@ std::string sha256_file(const std::string& path) {
   unsigned char digest[EVP_MAX_MD_SIZE];
   unsigned len = 0;
   if (EVP_DigestFinal_ex(ctx.get(), digest, &len) != 1) throw std::runtime_error("sha256: final failed");
-  static const char* hex = "0123456789abcdef";
-  std::string out;
-  for (unsigned i = 0; i < len; i++) out += {hex[digest[i] >> 4], hex[digest[i] & 15]};
-  return out;
+  return hex(digest, len);
 }
 
 }  // namespace mode_edge

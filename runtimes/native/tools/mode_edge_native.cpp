@@ -47,6 +47,8 @@ const char* kUsage =
     "                         libonnxruntime.so on the loader's path; the onnxruntime wheel's file is\n"
     "                         onnxruntime/capi/libonnxruntime.so.VERSION)\n"
     "  --no-verify            skip the checks of the files' sizes and sha256 against the manifests\n"
+    "  --trust PUB            load only packs signed by this key (a .pub file from `mode-edge keys generate`, or\n"
+    "                         its line; repeat for several): what an app pins outside the writable bundle\n"
     "  --json PATH            write the profile JSON there\n"
     "  --logits PATH          run: write each step's logits there (float32, steps x vocabulary), for parity checks\n"
     "  --repeats N            bench: generations in this process (default 3; the first includes the loads)\n"
@@ -153,7 +155,8 @@ std::string read_ids_file(const std::string& path) {
 // Options that take a value, by command (the others: --no-verify, --help).
 const std::vector<std::string> kValueOptions = {
     "--ids", "--ids-file", "--experts", "--router", "--route-top-k", "--max-new-tokens", "--temperature", "--top-k",
-    "--top-p", "--seed", "--budget-mb", "--threads", "--ort-lib", "--json", "--logits", "--repeats", "--alternate"};
+    "--top-p", "--seed", "--budget-mb", "--threads", "--ort-lib", "--json", "--logits", "--repeats", "--alternate",
+    "--trust"};
 
 void check_option(const std::string& command, const std::string& opt) {
   if (opt == "--prompt")
@@ -183,7 +186,7 @@ int main_(int argc, char** argv) {
     if (argc >= 3) check_option(command, argv[2]);  // --bundle, --prompt: say what to do instead
     throw Usage(command + " needs the BUNDLE folder first: mode-edge-native " + command + " BUNDLE --ids ...");
   }
-  std::string bundle = argv[2], json_path, logits_path, ort_lib, experts = "auto", router = "centroid", ids_from;
+  std::string bundle = argv[2], json_path, logits_path, ort_lib, experts = "auto", router = "centroid", ids_from, trusted;
   std::vector<std::string> alternate;
   std::vector<int64_t> ids;
   mode_edge_options o;
@@ -219,6 +222,10 @@ int main_(int argc, char** argv) {
     else if (opt == "--budget-mb") o.budget_mb = number(opt, v, 0, 1e9, false, true);
     else if (opt == "--threads") o.threads = static_cast<int>(number(opt, v, 1, 1024, true));
     else if (opt == "--ort-lib") ort_lib = v;
+    else if (opt == "--trust") {
+      if (v.find('\n') != std::string::npos) throw Usage("--trust takes one key per option; repeat --trust for several");
+      trusted += v + "\n";
+    }
     else if (opt == "--json") json_path = v;
     else if (opt == "--logits") logits_path = v;
     else if (opt == "--repeats") repeats = static_cast<int>(number(opt, v, 1, 1e6, true));
@@ -241,6 +248,7 @@ int main_(int argc, char** argv) {
   g.experts = experts.c_str();
   g.router = router.c_str();
   o.ort_library = ort_lib.empty() ? nullptr : ort_lib.c_str();
+  o.trusted_keys = trusted.empty() ? nullptr : trusted.c_str();
   mode_edge_session* s = nullptr;
   if (auto status = mode_edge_open(bundle.c_str(), &o, &s)) return fail(status);
   std::unique_ptr<mode_edge_session, void (*)(mode_edge_session*)> owned(s, mode_edge_close);
