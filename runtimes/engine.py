@@ -254,8 +254,31 @@ class Sampling:
         check_seed(self.seed)
 
 
-def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
-    """One token id drawn from the last position's logits (V,) under `s`."""
+class SplitMix64:
+    """The random stream of both runtimes' samplers, seeded with Sampling.seed: SplitMix64 (Steele, Lea and Flood,
+    "Fast splittable pseudorandom number generators", OOPSLA 2014; the generator of Java's SplittableRandom). Its
+    few exact 64-bit integer steps give the same draws here and in the native runtime (runtimes/native/src/
+    sampling.cpp), which numpy's generators and the C++ library's (other algorithms, other seeding) would not, so a
+    seed samples the same tokens on the workstation and on the device."""
+
+    MASK = (1 << 64) - 1
+
+    def __init__(self, seed: int):
+        self.state = seed & self.MASK
+
+    def uniform(self) -> float:
+        """The next draw in [0, 1): the top 53 bits of the next 64-bit output."""
+        self.state = (self.state + 0x9E3779B97F4A7C15) & self.MASK
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & self.MASK
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & self.MASK
+        return ((z ^ (z >> 31)) >> 11) * 2.0**-53
+
+
+def sample(logits: np.ndarray, s: Sampling, rng: SplitMix64) -> int:
+    """One token id drawn from the last position's logits (V,) under `s`: the weights exp(z) of the tokens kept,
+    their running sum in index order, and the first token whose running sum exceeds one uniform draw times the
+    total (inverse transform sampling), step for step as the native runtime draws it."""
     if s.temperature == 0:
         return int(np.argmax(logits))
     z = logits.astype(np.float64)
@@ -263,16 +286,17 @@ def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
     if 0 < s.top_k < len(z):  # 0: off; k >= vocabulary: every token (clamped, as Hugging Face and vLLM do)
         kth = np.partition(z, -s.top_k)[-s.top_k]
         z = np.where(z < kth, -np.inf, z)
-    p = np.exp(z)
-    p /= p.sum()
+    w = np.exp(z)
     if s.top_p < 1:
-        order = np.argsort(-p)
-        keep = np.cumsum(p[order]) - p[order] < s.top_p  # the smallest set whose mass reaches top_p
-        mask = np.zeros_like(p, dtype=bool)
-        mask[order[keep]] = True
-        p = np.where(mask, p, 0)
-        p /= p.sum()
-    return int(rng.choice(len(p), p=p))
+        p = w / w.sum()
+        order = np.argsort(-p, kind="stable")
+        before = np.concatenate(([0.0], np.cumsum(p[order])[:-1]))  # the mass of the likelier tokens
+        keep = np.zeros(len(p), dtype=bool)
+        keep[order[before < s.top_p]] = True  # the smallest set whose mass reaches top_p
+        w = np.where(keep, w, 0.0)
+    cdf = np.cumsum(w)
+    token = int(np.searchsorted(cdf, rng.uniform() * cdf[-1], side="right"))
+    return token if token < len(w) else int(np.flatnonzero(w)[-1])  # rounding past the total: the last kept
 
 
 def generate(
@@ -284,7 +308,7 @@ def generate(
         raise UserError("the prompt is empty; give at least one token")
     check_number("--max-new-tokens", max_new_tokens, lo=1, integer=True)
     sampling = sampling or Sampling()
-    rng = np.random.default_rng(sampling.seed)
+    rng = SplitMix64(sampling.seed)
     cache = engine.new_cache(len(prompt) + max_new_tokens)
     logits = engine.forward(np.array([prompt], dtype=np.int64), cache, timer, last_only=True)
     for _ in range(max_new_tokens):

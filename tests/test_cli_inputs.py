@@ -98,13 +98,13 @@ def test_configs_refuse_bad_numbers(make):
 
 
 def test_runtime_api_validates_its_arguments(int8_bundle):
-    from mode_edge.runtimes.engine import Sampling, sample
+    from mode_edge.runtimes.engine import Sampling, SplitMix64, sample
     from mode_edge.runtimes.session import Session
 
     for kw in (dict(temperature=math.nan), dict(top_p=0.0), dict(top_p=1.01), dict(top_k=-1), dict(seed=2**40)):
         with pytest.raises(UserError, match="must be"):
             Sampling(**kw)
-    logits, rng = np.random.default_rng(0).normal(size=257).astype(np.float32), np.random.default_rng(0)
+    logits, rng = np.random.default_rng(0).normal(size=257).astype(np.float32), SplitMix64(0)
     assert 0 <= sample(logits, Sampling(temperature=1.0, top_k=10_000), rng) < 257
     with pytest.raises(UserError, match="memory budget"):
         Session(int8_bundle, budget_mb=math.nan)

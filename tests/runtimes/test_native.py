@@ -161,6 +161,23 @@ def test_sampling_options_behave_as_documented(native, int8_bundle):
     assert hot[0] == hot[1] and hot[0] != hot[2] and hot[0] != greedy
 
 
+@pytest.mark.parametrize("settings", [("--temperature", "1.5"), ("--temperature", "0.8", "--top-k", "20"),
+                                      ("--temperature", "1.2", "--top-p", "0.9")])  # fmt: skip
+def test_a_seed_samples_the_python_runtimes_tokens(native, fp32_bundle, settings):
+    """One random stream (SplitMix64) and one draw (inverse transform over the running sum) in both runtimes: the
+    same seed samples the same tokens, on the fp32 bundle, whose logits agree to 1e-5."""
+    from mode_edge.runtimes.engine import Sampling
+
+    options = {k.lstrip("-").replace("-", "_"): float(v) for k, v in zip(settings[::2], settings[1::2])}
+    options = {k: int(v) if k == "top_k" else v for k, v in options.items()}
+    session = Session(fp32_bundle)
+    for seed in (1, 2):
+        python = list(session.generate(PROMPTS[9], ["code"], 24, Sampling(**options, seed=seed)))
+        code, tokens, err, _ = run_native(native, fp32_bundle, PROMPTS[9], "--experts", "code", "--max-new-tokens",
+                                          "24", "--seed", str(seed), *settings)  # fmt: skip
+        assert code == 0 and tokens == python, err
+
+
 def test_no_leak_over_expert_switches_under_leak_sanitizer(int8_bundle):
     """The C API's switch loop built with AddressSanitizer: 100 evict-and-reload switches (1,000 take minutes under
     ASan; the release build's 1,000 above bound the growth), then LeakSanitizer's check at exit."""

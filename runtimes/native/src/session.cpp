@@ -196,7 +196,7 @@ void Session::generate(const std::vector<int64_t>& prompt, const GenerateOptions
   }
   select(chosen);
   p.mark("experts selected");
-  std::mt19937_64 rng(o.sampling.seed);
+  SplitMix64 rng(o.sampling.seed);
   Cache cache;
   cache.capacity_hint = static_cast<int64_t>(prompt.size()) + o.max_new_tokens;
   int64_t n_new = 0;
