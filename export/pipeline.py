@@ -356,7 +356,8 @@ def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict,
             "block_ranges": model.ranges,
         },  # fmt: skip
         "tokenizer": {"file": "tokenizer.json", "eos_id": backbone.tokenizer.eos_id,
-                      "prefix_ids": list(backbone.tokenizer.prefix_ids)},  # fmt: skip
+                      "prefix_ids": list(backbone.tokenizer.prefix_ids),
+                      **chat_entry(backbone.tokenizer)},  # fmt: skip
         "quantization": quant_record(cfg),
         "formats": list(cfg.formats),
         "kv_cache": {fmt: KV_CACHE[fmt] for fmt in cfg.formats},
@@ -366,6 +367,14 @@ def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict,
         "experts": experts,
         "export": {"source": str(run_label(record)), "verify_max_abs_diff": verify},
     }
+
+
+def chat_entry(tokenizer) -> dict:
+    """{"chat": the chat template record (mode_edge/chat.chat_record)} for a tokenizer with a template, else {}."""
+    from mode_edge.chat import chat_record
+
+    chat = chat_record(tokenizer.chat_template, tokenizer.special_tokens, tokenizer)
+    return {"chat": chat} if chat else {}
 
 
 def quant_record(cfg: ExportConfig) -> dict:

@@ -60,6 +60,11 @@ BACKEND = click.option(
     help="Folder or http(s) URL holding NAME.modepack files: selected experts that are not installed are "
     "downloaded (resuming a broken download), verified and installed first.",
 )
+@click.option("--chat", is_flag=True,
+              help="--prompt is a user message: put it into the bundle's chat template (the checkpoint's, recorded at "
+                   "export), stop at the end of the assistant's turn, print the reply alone; 'auto' routes on the "
+                   "message, not the template.")
+@click.option("--system", type=CleanText(), default=None, help="With --chat: a system message before the user's.")
 @click.option("--trust", "trust", multiple=True, metavar="PUB",
               help="Load only packs signed by this key (a .pub file from `mode-edge keys generate`, or its line; "
                    "repeat for several): checked at every load, whatever the bundle's own trust store says. An app "
@@ -70,7 +75,7 @@ BACKEND = click.option(
 @click.option("--plot", type=click.Path(path_type=Path), default=None, callback=image_file,
               help="Write a PNG timeline (needs matplotlib).")
 def run_cmd(bundle, experts, prompt, max_new_tokens, temperature, top_k, top_p, seed, route_top_k, router, backend,
-            device, pack_source, trust, show_profile, json_out, plot):  # fmt: skip
+            device, pack_source, chat, system, trust, show_profile, json_out, plot):  # fmt: skip
     """Load the base, select experts (or route to them), and print the continuation of --prompt as it is generated.
     Only the selected experts' graphs are loaded."""
     from mode_edge.devices.profiles import load_profile
@@ -90,7 +95,8 @@ def run_cmd(bundle, experts, prompt, max_new_tokens, temperature, top_k, top_p, 
 
     _, summary, profile = run(bundle, parse_experts(experts), prompt, max_new_tokens, sampling, backend=backend,
                               threads=prof.threads, budget_mb=prof.memory_budget_mb, route_top_k=route_top_k,
-                              router=router, pack_source=pack_source, on_text=emit, trusted_keys=trusted)  # fmt: skip
+                              router=router, pack_source=pack_source, on_text=emit, trusted_keys=trusted, chat=chat,
+                              system=system)  # fmt: skip
     sys.stdout.write("\n")
     chosen = ", ".join(summary["experts"]) or "none"
     if summary.get("router"):  # --experts auto: say that the router chose them, and which router
@@ -200,19 +206,30 @@ def plan_cmd(bundle, device, experts, loaded):
               help="Text to encode as `mode-edge run` encodes a prompt (the bundle's prefix ids first).")
 @click.option("--decode", "ids", default=None,
               help="Token ids to turn into text, comma- or space-separated (as mode-edge-native prints them).")
-def tokenize_cmd(bundle, prompt, ids):
+@click.option("--chat", is_flag=True,
+              help="Encode --prompt as a user message in the bundle's chat template, as `mode-edge run --chat` does "
+                   "(for `mode-edge-native run --chat`; route it with --route-ids of the plain --prompt's ids).")
+@click.option("--system", type=CleanText(), default=None, help="With --chat: a system message before the user's.")
+def tokenize_cmd(bundle, prompt, ids, chat, system):
     """For the native runtime (runtimes/native), which works on token ids: prints the prompt's ids on one line,
     comma-separated (for `mode-edge-native run --ids` or --ids-file), or the text of --decode's ids."""
+    from mode_edge.chat import chat_template
     from mode_edge.runtimes.run import load_tokenizer
 
     if (prompt is None) == (ids is None):
         raise UserError("give exactly one of --prompt TEXT (to encode) and --decode IDS (to decode)")
+    if (chat or system is not None) and prompt is None:
+        raise UserError("--chat and --system encode a --prompt; --decode prints the text of ids as they are")
+    if system is not None and not chat:
+        raise UserError("--system is a chat message: pass --chat too (or put the text into --prompt)")
     tokenizer = load_tokenizer(bundle)
     if prompt is not None:
         encoded = tokenizer.encode(prompt, prefix=False)
         if not encoded:
             raise UserError("the prompt is empty (no tokens); pass some text with --prompt")
-        click.echo(",".join(map(str, [*tokenizer.prefix_ids, *encoded])))
+        template = chat_template(bundle) if chat else None
+        ids_ = template.encode(tokenizer, prompt, system) if template else [*tokenizer.prefix_ids, *encoded]
+        click.echo(",".join(map(str, ids_)))
         return
     words = ids.replace(",", " ").split()
     if not words or not all(w.isascii() and w.isdigit() and int(w) < tokenizer.vocab_size for w in words):

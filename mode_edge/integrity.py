@@ -112,6 +112,21 @@ def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def chat_shape_ok(chat, vocab_size: int) -> bool:
+    """A manifest's tokenizer.chat (mode_edge/chat.chat_record): template and special tokens as strings, stop ids
+    in the vocabulary, pieces as lists of strings."""
+    def strings(v, n=None):
+        return isinstance(v, list) and all(isinstance(s, str) for s in v) and (n is None or len(v) == n)
+
+    if not isinstance(chat, dict) or not isinstance(chat.get("template"), str):
+        return False
+    special, stops, pieces = chat.get("special_tokens"), chat.get("stop_ids"), chat.get("pieces")
+    return (isinstance(special, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in special.items())
+            and isinstance(stops, list) and all(is_int(i) and 0 <= i < vocab_size for i in stops)
+            and isinstance(pieces, dict) and strings(pieces.get("user"), 2)
+            and (pieces.get("system_user") is None or strings(pieces["system_user"], 3)))  # fmt: skip
+
+
 def check_bundle_shape(m: dict, what: str, fix: str) -> None:
     """The fields the runtime reads from a bundle manifest, with their types, so a flipped byte that leaves valid
     JSON is refused here rather than as a KeyError deep inside."""
@@ -123,6 +138,7 @@ def check_bundle_shape(m: dict, what: str, fix: str) -> None:
     ranges = base.get("block_ranges")
     need(isinstance(ranges, list) and ranges, what, "base.block_ranges", fix)
     need(isinstance(tok, dict) and isinstance(tok.get("file"), str), what, "tokenizer", fix)
+    need(tok.get("chat") is None or chat_shape_ok(tok["chat"], dec["vocab_size"]), what, "tokenizer.chat", fix)
     need(isinstance(m.get("quantization"), dict), what, "quantization", fix)
     pte = m.get("executorch")  # absent in exports before the .pte bounds
     need(pte is None or (isinstance(pte, dict) and all(is_int(pte.get(k)) and pte[k] > 0 for k in

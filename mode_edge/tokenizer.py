@@ -10,7 +10,7 @@ encodes as training did; a manifest without it (older bundles) means no prefix.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -28,6 +28,10 @@ class TextTokenizer:
     """Appended after every document in training streams, and the stop token of generation."""
     prefix_ids: tuple[int, ...] = ()
     """Put before every text, as the checkpoint's tokenizer does (its BOS); see `checkpoint_prefix`."""
+    chat_template: str | None = None
+    """The checkpoint's chat template (Jinja source), recorded in the bundle at export (mode_edge/chat.py)."""
+    special_tokens: dict[str, str] = field(default_factory=dict)
+    """The special tokens by role (bos_token, eos_token, ...): what a chat template may name."""
 
     def __post_init__(self):
         self.prefix_ids = tuple(int(i) for i in self.prefix_ids)
@@ -43,6 +47,19 @@ class TextTokenizer:
         head = list(self.prefix_ids) if prefix else []
         encodings = self.tokenizer.encode_batch([clean(t)[0] for t in texts], add_special_tokens=False)
         return [head + e.ids for e in encodings]
+
+    def encode_template(self, text: str) -> list[int]:
+        """Token ids of a chat template's own text, its control tokens ("<|im_start|>") recognized as such, no
+        prefix: only templates are encoded this way, never a user's text (mode_edge/chat.py)."""
+        self.tokenizer.encode_special_tokens = False
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tokenizer.encode_special_tokens = True
+
+    def control_ids(self) -> set[int]:
+        """Ids of the control tokens (added tokens marked special: BOS, EOS, chat markers)."""
+        return {i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
 
     def decode(self, ids: list[int]) -> str:
         """The text of `ids` without control tokens (BOS, EOS, chat markers)."""
@@ -79,4 +96,12 @@ def byte_tokenizer() -> TextTokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<|endoftext|>"])
-    return TextTokenizer(tok, eos_id=tok.token_to_id("<|endoftext|>"))
+    return TextTokenizer(tok, eos_id=tok.token_to_id("<|endoftext|>"), chat_template=TINY_CHAT_TEMPLATE,
+                         special_tokens={"eos_token": "<|endoftext|>"})  # fmt: skip
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<' + message['role'] + '>\\n' + message['content'] + eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<assistant>\\n' }}{% endif %}"
+)
+"""The tiny test backbone's chat template: role markers in plain text, its one control token ending each turn."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -301,9 +301,11 @@ def sample(logits: np.ndarray, s: Sampling, rng: SplitMix64) -> int:
 
 def generate(
     engine: Engine, prompt: list[int], max_new_tokens: int, sampling: Sampling | None = None,
-    stop: int | None = None, timer: Callable | None = None,
+    stop: int | Iterable[int] | None = None, timer: Callable | None = None,
 ) -> Iterator[int]:  # fmt: skip
-    """Yield new token ids one at a time: one prefill over the prompt, then one-token decode steps."""
+    """Yield new token ids one at a time: one prefill over the prompt, then one-token decode steps; after a token
+    of `stop` (an id or several: EOS, a chat template's end of turn), which is yielded, nothing more."""
+    stops = {stop} if isinstance(stop, int) else set(stop or ())
     if not prompt:
         raise UserError("the prompt is empty; give at least one token")
     check_number("--max-new-tokens", max_new_tokens, lo=1, integer=True)
@@ -314,6 +316,6 @@ def generate(
     for _ in range(max_new_tokens):
         token = sample(logits[0, -1], sampling, rng)
         yield token
-        if token == stop:
+        if token in stops:
             return
         logits = engine.forward(np.array([[token]], dtype=np.int64), cache, timer)

@@ -9,6 +9,7 @@ from typing import Callable
 from tokenizers import Tokenizer
 
 from mode_edge.bundle import REEXPORT, read_bundle, total_bytes
+from mode_edge.chat import chat_template
 from mode_edge.errors import UserError
 from mode_edge.integrity import checked_load
 from mode_edge.names import check_names, split_names
@@ -44,13 +45,18 @@ def run(
     bundle: Path, experts: list[str] | str, prompt: str, max_new_tokens: int, sampling: Sampling,
     backend: str = "onnx", threads: int | None = None, budget_mb: float | None = None, route_top_k: int = 1,
     router: str = "centroid", pack_source: str | None = None, on_text: Callable[[str], None] | None = None,
-    trusted_keys: dict | None = None,
+    trusted_keys: dict | None = None, chat: bool = False, system: str | None = None,
 ) -> tuple[str, dict, Profile]:  # fmt: skip
     """Generate; returns the new text, the profile summary (the chosen experts, and the router when --experts auto
-    chose them) and the raw profile. trusted_keys: keys pinned for loading packs (Session). In a process of its own (backends.OWN_PROCESS: the `mode-edge` command, a bench
+    chose them) and the raw profile. trusted_keys: keys pinned for loading packs (Session). chat: `prompt` is a
+    user message (and `system` a system message) put into the bundle's chat template; generation stops at the
+    template's end of turn too, routing reads the user's message alone, and the text returned is the reply. In a process of its own (backends.OWN_PROCESS: the `mode-edge` command, a bench
     worker) every ONNX session runs on one global thread pool (backends.use_global_thread_pool)."""
     check_number("--max-new-tokens", max_new_tokens, lo=1, integer=True)
     check_number("--route-top-k", route_top_k, lo=1, integer=True)
+    if system is not None and not chat:
+        raise UserError("--system is a chat message: pass --chat too (or put the text into --prompt)")
+    template = chat_template(bundle) if chat else None
     if isinstance(experts, str):  # 'auto', 'none' or comma-separated names, as on the command line
         experts = parse_experts(experts)
     else:
@@ -71,11 +77,14 @@ def run(
         ids = tokenizer.encode(prompt, prefix=False)
         if not ids:
             raise UserError("the prompt is empty (no tokens); pass some text with --prompt")
-        ids = [*tokenizer.prefix_ids, *ids]  # the checkpoint's BOS, as in training
+        ids = route_ids = [*tokenizer.prefix_ids, *ids]  # the checkpoint's BOS, as in training
+        if template is not None:  # the template writes its own BOS where it wants one
+            ids = template.encode(tokenizer, prompt, system)
         profile.prompt_tokens = len(ids)
         session.check_context(len(ids), max_new_tokens)  # before routing: a refusal is the only line printed
         t = time.perf_counter()
-        chosen = session.route(ids, route_top_k, router) if experts == "auto" else [] if experts == "none" else experts
+        chosen = (session.route(route_ids, route_top_k, router) if experts == "auto"
+                  else [] if experts == "none" else experts)  # fmt: skip
         profile.route_s = time.perf_counter() - t if experts == "auto" else 0.0
         session.select(chosen)
         for message in warnings:  # (a damaged pack that --pack-source replaced meanwhile is not damaged any more)
@@ -86,7 +95,8 @@ def run(
         out: list[int] = []
         text = ""
         t = time.perf_counter()
-        for token in session.generate(ids, chosen, max_new_tokens, sampling, timer=profile.timer):
+        stops = template.stop_ids if template is not None else ()
+        for token in session.generate(ids, chosen, max_new_tokens, sampling, timer=profile.timer, stop_ids=stops):
             now = time.perf_counter()
             profile.token_s.append(now - t)
             if len(profile.token_s) == 1:

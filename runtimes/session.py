@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from safetensors.numpy import load_file
@@ -235,15 +235,20 @@ class Session:
 
     def generate(self, prompt: list[int], experts: list[str] | str = "auto", max_new_tokens: int = 64,
                  sampling: Sampling | None = None, top_k_experts: int = 1, timer=None,
-                 router: str = "centroid") -> Iterator[int]:  # fmt: skip
-        """Token ids as they come. `experts`: a list of names, 'auto' (route on the prompt) or 'none'."""
+                 router: str = "centroid", stop_ids: Iterable[int] = (),
+                 route_prompt: list[int] | None = None) -> Iterator[int]:  # fmt: skip
+        """Token ids as they come, until max_new_tokens, the bundle's EOS or a token of `stop_ids` (a chat
+        template's end of turn: ChatTemplate.stop_ids). `experts`: a list of names, 'auto' (route on
+        `route_prompt`, by default the prompt: a chat prompt routes on the user's message, not on the template's
+        boilerplate) or 'none'."""
         self.check_context(len(prompt), max_new_tokens)  # before routing, which reads the whole prompt
         if experts == "auto":
-            experts = self.route(prompt, top_k_experts, router)
+            experts = self.route(prompt if route_prompt is None else route_prompt, top_k_experts, router)
         elif experts == "none":
             experts = []
         elif isinstance(experts, str):
             raise UserError(f"experts must be a list of names, 'auto' or 'none', got {experts!r}")
         self.select(list(experts))
         eos = self.engine.manifest["tokenizer"].get("eos_id")
-        return generate(self.engine, prompt, max_new_tokens, sampling, stop=eos, timer=timer)
+        stops = {*stop_ids, *([] if eos is None else [eos])}
+        return generate(self.engine, prompt, max_new_tokens, sampling, stop=stops, timer=timer)

@@ -181,6 +181,17 @@ def routed(tiny, toy_domains, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def routed_bundle(routed, tmp_path_factory) -> Path:
+    """The composed hex + digits model exported (ONNX fp32): packs that carry router statistics (trained with
+    general text), so centroid and logistic decide."""
+    from mode_edge.export.pipeline import export_bundle
+
+    out = tmp_path_factory.mktemp("routed-bundle") / "routed"
+    export_bundle(routed / "both", out, ExportConfig(formats=("onnx",), quant="fp32"))
+    return out
+
+
+@pytest.fixture(scope="session")
 def native() -> Path:
     """The native runtime's CLI (runtimes/native), built by `make native` (a no-op when it is up to date)."""
     import subprocess

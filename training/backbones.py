@@ -133,7 +133,12 @@ def _load_hf(directory: Path, gguf_file: str | None) -> tuple[Decoder, TextToken
         hf_tok.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in hf_tok.get_vocab() else hf_tok.eos_token_id
     )
     backend = hf_tok.backend_tokenizer
-    return decoder, TextTokenizer(backend, eos_id=int(eos), prefix_ids=checkpoint_prefix(backend))
+    template = hf_tok.chat_template
+    if isinstance(template, dict):  # several named templates (tool use, RAG): the default one is the chat's
+        template = template.get("default")
+    special = {k: v for k, v in hf_tok.special_tokens_map.items() if isinstance(v, str)}
+    return decoder, TextTokenizer(backend, eos_id=int(eos), prefix_ids=checkpoint_prefix(backend),
+                                  chat_template=template, special_tokens=special)  # fmt: skip
 
 
 def tiny_decoder(seed: int = 0) -> Decoder:

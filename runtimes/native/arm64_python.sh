@@ -13,9 +13,9 @@ if [ ! -x "$ROOT/usr/bin/python3.11" ]; then
   "$(dirname "$0")/apt_extract.sh" "$CACHE" arm64 bookworm "$ROOT" --closure python3.11 libstdc++6
   test -x "$ROOT/usr/bin/python3.11" || { echo "python3.11:arm64 was not fetched" >&2; exit 1; }
 fi
-if [ ! -d "$SITE/onnxruntime" ]; then
+if [ ! -d "$SITE/onnxruntime" ] || [ ! -d "$SITE/jinja2" ]; then  # (jinja2: chat templates, added later)
   PINS=$("$PY" -c "import importlib.metadata as m; print(' '.join(f'{p}=={m.version(p)}' for p in \
-    ('numpy', 'tokenizers', 'safetensors', 'psutil', 'click', 'rich', 'filelock', 'cryptography')))")
+    ('numpy', 'tokenizers', 'safetensors', 'psutil', 'click', 'rich', 'filelock', 'cryptography', 'jinja2')))")
   rm -rf "$CACHE/wheels" "$SITE.tmp" && mkdir -p "$CACHE/wheels" "$SITE.tmp"
   "$PY" -m pip download -q --only-binary=:all: --python-version 3.11 --implementation cp --platform any \
     --platform manylinux2014_aarch64 --platform manylinux_2_17_aarch64 --platform manylinux_2_28_aarch64 \

@@ -17,7 +17,6 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from mode_edge.config import ExportConfig
 from mode_edge.runtimes.session import Session
 from tests.damage import flip
 
@@ -74,16 +73,6 @@ def test_native_tokens_and_logits_are_the_python_runtimes(native, fp32_bundle, i
         atol = 1e-5 if which == "fp32" else 1e-4
         np.testing.assert_allclose(logits, python_logits(session, prompt, names, got), rtol=0, atol=atol,
                                    err_msg=f"{n}-token prompt")  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def routed_bundle(routed, tmp_path_factory) -> Path:
-    """Packs that carry router statistics (trained with general text): centroid and logistic decide."""
-    from mode_edge.export.pipeline import export_bundle
-
-    out = tmp_path_factory.mktemp("native") / "routed"
-    export_bundle(routed / "both", out, ExportConfig(formats=("onnx",), quant="fp32"))
-    return out
 
 
 @pytest.mark.parametrize("router", ["centroid", "logistic", "gate"])

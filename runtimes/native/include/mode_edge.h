@@ -64,6 +64,14 @@ typedef struct {
   /* NULL, or called before each token is drawn with the logits it is drawn from (vocabulary-size floats, valid
    * during the call) and the generate call's user_data: for an app's own sampling or a parity check. */
   void (*on_logits)(const float* logits, size_t vocab_size, void* user_data);
+  /* 1: the prompt is a chat prompt (the bundle's chat template applied: `mode-edge tokenize --chat`, or the
+   * manifest's tokenizer.chat.pieces around the messages' ids): stop at the template's end of turn as well as at
+   * the end of sequence. An error for a bundle without a chat template. */
+  int chat;
+  /* NULL, or the ids "auto" routes on instead of the prompt (a chat prompt's user message, so that the template's
+   * boilerplate does not decide), n_route_ids of them */
+  const int64_t* route_ids;
+  size_t n_route_ids;
 } mode_edge_generate_options;
 
 /* Called with each new token id; return 0 to stop generating. */

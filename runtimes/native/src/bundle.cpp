@@ -155,6 +155,15 @@ Bundle read_bundle(const std::string& root) {
     }
     const json& tok = m.at("tokenizer");
     if (tok.contains("eos_id") && !tok["eos_id"].is_null()) b.eos_id = integer(tok, "eos_id", 0, big, path);
+    if (tok.contains("chat") && !tok["chat"].is_null()) {
+      std::vector<int64_t> stops;
+      for (const json& id : tok["chat"].at("stop_ids")) {
+        if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() >= b.decoder.vocab_size)
+          throw UserError(path + ": tokenizer.chat.stop_ids holds " + id.dump() + ", not a token id; " + kReexport);
+        stops.push_back(id.get<int64_t>());
+      }
+      b.chat_stop_ids = stops;
+    }
     return b;
   });
 }

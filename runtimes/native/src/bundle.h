@@ -48,6 +48,8 @@ struct Bundle {
   int64_t base_bytes = 0;  // weight bytes of the base on disk: what the memory budget counts
   std::map<std::string, ExpertEntry> experts;
   std::optional<int64_t> eos_id;
+  // tokenizer.chat.stop_ids: the chat template's end-of-turn ids (mode_edge/chat.py); nullopt without a template
+  std::optional<std::vector<int64_t>> chat_stop_ids;
   std::string expert_folder(const std::string& name) const;  // root/experts/NAME@ID
 };
 

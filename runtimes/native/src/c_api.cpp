@@ -41,7 +41,7 @@ extern "C" {
 void mode_edge_default_options(mode_edge_options* o) { *o = {0.0, 0, 1, nullptr, nullptr}; }
 
 void mode_edge_default_generate_options(mode_edge_generate_options* o) {
-  *o = {"auto", 1, "centroid", 64, 0.0, 0, 1.0, 0, nullptr};
+  *o = {"auto", 1, "centroid", 64, 0.0, 0, 1.0, 0, nullptr, 0, nullptr, 0};
 }
 
 mode_edge_status mode_edge_open(const char* bundle, const mode_edge_options* options, mode_edge_session** out) {
@@ -92,6 +92,9 @@ mode_edge_status mode_edge_generate(mode_edge_session* s, const int64_t* prompt,
     g.router = o.router ? o.router : "centroid";
     g.max_new_tokens = o.max_new_tokens;
     g.sampling = {o.temperature, o.top_k, o.top_p, o.seed};
+    if (o.n_route_ids && !o.route_ids) throw mode_edge::UserError("mode_edge_generate: route_ids must not be NULL");
+    g.chat = o.chat != 0;
+    if (o.n_route_ids) g.route_ids.assign(o.route_ids, o.route_ids + o.n_route_ids);
     if (o.on_logits) g.on_logits = [&](const std::vector<float>& l) { o.on_logits(l.data(), l.size(), user_data); };
     s->session->generate(std::vector<int64_t>(prompt, prompt + n_prompt), g,
                          [&](int64_t token) { return on_token ? on_token(token, user_data) != 0 : true; });

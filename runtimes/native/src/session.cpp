@@ -177,6 +177,16 @@ void Session::generate(const std::vector<int64_t>& prompt, const GenerateOptions
     if (id < 0 || id >= b.decoder.vocab_size)
       throw UserError("token id " + std::to_string(id) + " is outside the vocabulary (0 .. " +
                       std::to_string(b.decoder.vocab_size - 1) + "); tokenize with this bundle's tokenizer.json");
+  if (o.chat && !b.chat_stop_ids)
+    throw UserError("bundle " + b.root + " has no chat template (its checkpoint has none, or it was exported before "
+                    "bundles recorded one): drop --chat, or export it again");
+  for (int64_t id : o.route_ids)
+    if (id < 0 || id >= b.decoder.vocab_size)
+      throw UserError("route token id " + std::to_string(id) + " is outside the vocabulary (0 .. " +
+                      std::to_string(b.decoder.vocab_size - 1) + "); tokenize with this bundle's tokenizer.json");
+  std::vector<int64_t> stops;  // the bundle's eos, and with chat the template's end of turn
+  if (b.eos_id) stops.push_back(*b.eos_id);
+  if (o.chat) stops.insert(stops.end(), b.chat_stop_ids->begin(), b.chat_stop_ids->end());
   int64_t limit = engine_->context();
   if (int64_t(prompt.size()) + o.max_new_tokens > limit)
     throw UserError("prompt (" + std::to_string(prompt.size()) + " tokens) + --max-new-tokens " +
@@ -191,7 +201,7 @@ void Session::generate(const std::vector<int64_t>& prompt, const GenerateOptions
   p.prompt_tokens = static_cast<int64_t>(prompt.size());
   if (automatic) {
     double t = now_seconds();
-    chosen = route(prompt, o.route_top_k, o.router);
+    chosen = route(o.route_ids.empty() ? prompt : o.route_ids, o.route_top_k, o.router);
     p.route_s = now_seconds() - t;
   }
   select(chosen);
@@ -214,7 +224,8 @@ void Session::generate(const std::vector<int64_t>& prompt, const GenerateOptions
     n_new++;
     bool more = on_token(token);
     t = now_seconds();  // the caller's time is not the model's
-    if (!more || (b.eos_id && token == *b.eos_id) || i + 1 == o.max_new_tokens) break;
+    bool stop = std::find(stops.begin(), stops.end(), token) != stops.end();
+    if (!more || stop || i + 1 == o.max_new_tokens) break;
     logits = engine_->forward({token}, cache, &p.graph_s);
   }
   p.mark("decode done");

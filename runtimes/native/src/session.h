@@ -38,6 +38,8 @@ struct GenerateOptions {
   int64_t max_new_tokens = 64;
   Sampling sampling;
   std::function<void(const std::vector<float>&)> on_logits;  // each step's logits before its token is drawn
+  bool chat = false;  // the prompt is a chat template's: stop at its end of turn too (UserError without a template)
+  std::vector<int64_t> route_ids;  // "auto" routes on these when given (a chat prompt's user message), else the prompt
 };
 
 class Session {

@@ -33,6 +33,9 @@ const char* kUsage =
     "  --ids LIST             prompt token ids, comma- or space-separated\n"
     "  --ids-file FILE        prompt token ids in a file or pipe (whitespace, commas or a JSON list; - : stdin)\n"
     "  --experts X            auto (route on the prompt, default), none, or comma-separated names\n"
+    "  --chat                 the ids are a chat prompt (`mode-edge tokenize --chat`): stop at the end of the\n"
+    "                         assistant's turn too\n"
+    "  --route-ids LIST       auto routes on these ids instead (the user's message: `mode-edge tokenize --prompt`)\n"
     "  --router R             centroid (default), logistic or gate, for --experts auto\n"
     "  --route-top-k K        most experts auto picks (default 1)\n"
     "  --max-new-tokens N     default 64\n"
@@ -152,11 +155,11 @@ std::string read_ids_file(const std::string& path) {
   return text.str();
 }
 
-// Options that take a value, by command (the others: --no-verify, --help).
+// Options that take a value, by command (the others: --no-verify, --chat, --help).
 const std::vector<std::string> kValueOptions = {
     "--ids", "--ids-file", "--experts", "--router", "--route-top-k", "--max-new-tokens", "--temperature", "--top-k",
     "--top-p", "--seed", "--budget-mb", "--threads", "--ort-lib", "--json", "--logits", "--repeats", "--alternate",
-    "--trust"};
+    "--trust", "--route-ids"};
 
 void check_option(const std::string& command, const std::string& opt) {
   if (opt == "--prompt")
@@ -188,7 +191,7 @@ int main_(int argc, char** argv) {
   }
   std::string bundle = argv[2], json_path, logits_path, ort_lib, experts = "auto", router = "centroid", ids_from, trusted;
   std::vector<std::string> alternate;
-  std::vector<int64_t> ids;
+  std::vector<int64_t> ids, route_ids;
   mode_edge_options o;
   mode_edge_default_options(&o);
   mode_edge_generate_options g;
@@ -200,6 +203,10 @@ int main_(int argc, char** argv) {
       o.verify = 0;
       continue;
     }
+    if (opt == "--chat") {
+      g.chat = 1;
+      continue;
+    }
     if (opt.rfind("--", 0) != 0) throw Usage("unexpected argument '" + opt + "' (see mode-edge-native --help)");
     check_option(command, opt);
     if (i + 1 >= argc) throw Usage(opt + " needs a value (see mode-edge-native --help)");
@@ -208,6 +215,8 @@ int main_(int argc, char** argv) {
       if (!ids_from.empty()) throw Usage("give the prompt's token ids once: " + ids_from + " and " + opt + " both");
       ids_from = opt;
       ids = parse_ids(opt == "--ids" ? v : read_ids_file(v), opt == "--ids" ? "--ids" : v);
+    } else if (opt == "--route-ids") {
+      route_ids = parse_ids(v, "--route-ids");
     } else if (opt == "--experts") {
       experts = v;
       if (experts.find_first_not_of(" ,") == std::string::npos)
@@ -249,6 +258,8 @@ int main_(int argc, char** argv) {
   g.router = router.c_str();
   o.ort_library = ort_lib.empty() ? nullptr : ort_lib.c_str();
   o.trusted_keys = trusted.empty() ? nullptr : trusted.c_str();
+  g.route_ids = route_ids.empty() ? nullptr : route_ids.data();
+  g.n_route_ids = route_ids.size();
   mode_edge_session* s = nullptr;
   if (auto status = mode_edge_open(bundle.c_str(), &o, &s)) return fail(status);
   std::unique_ptr<mode_edge_session, void (*)(mode_edge_session*)> owned(s, mode_edge_close);
