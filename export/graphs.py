@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from mode_edge.config import DecoderConfig
 from mode_edge.integrity import POSITION_INPUTS
-from mode_edge.training.model import Decoder, DecoderLayer, ExpertBlock, MoDEModel, RMSNorm
+from mode_edge.training.model import Decoder, DecoderLayer, ExpertBlock, MoDEModel, RMSNorm, rope_inv_freq
 
 
 def kv_names(n_layers: int, prefix: str = "") -> tuple[list[str], list[str]]:
@@ -57,8 +57,9 @@ def attend(layer: DecoderLayer, inv_freq: torch.Tensor, x, past_k, past_v):
     B, T, _ = x.shape
     P = past_k.shape[2]
     h = layer.input_layernorm(x)
-    q = attn.q_proj(h).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)  # (B, H, T, hd)
-    k = attn.k_proj(h).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+    q, k = attn.heads(attn.q_proj(h).view(B, T, attn.n_heads, attn.head_dim),
+                      attn.k_proj(h).view(B, T, attn.n_kv_heads, attn.head_dim))  # fmt: skip
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd), (B, Hkv, T, hd)
     v = attn.v_proj(h).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
     positions = torch.arange(T, device=x.device) + P
     # The rotary angles are computed for these positions rather than read from Rotary's table: a table for the
@@ -84,6 +85,10 @@ def attend_in_place(layer: DecoderLayer, x, past_k, past_v, positions: tuple):
     attn = layer.self_attn
     h = rms_norm(layer.input_layernorm, x)
     q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)  # (B, T, H*hd), (B, T, Hkv*hd) x 2
+    if hasattr(attn, "q_norm"):  # Qwen3's per-head norms, before GroupQueryAttention rotates q and k
+        B, T, _ = q.shape
+        q = rms_norm(attn.q_norm, q.view(B, T, attn.n_heads, attn.head_dim)).reshape(B, T, -1)
+        k = rms_norm(attn.k_norm, k.view(B, T, attn.n_kv_heads, attn.head_dim)).reshape(B, T, -1)
     if torch.onnx.is_in_onnx_export():
         y, k_all, v_all = torch.onnx.ops.symbolic_multi_out(
             "com.microsoft::GroupQueryAttention", [q, k, v, past_k, past_v, *positions],
@@ -147,8 +152,7 @@ class LayerStack(nn.Module):
             raise ValueError(f"kv_cache must be 'buffer' or 'concat', not {kv_cache!r}")
         self.layers, self.kv_cache = layers, kv_cache
         self.max_seq_len = cfg.max_seq_len
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)  # the same frequencies as Rotary's
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # the same frequencies as Rotary's
 
     def split_inputs(self, rest: tuple) -> tuple[tuple, tuple]:
         """A forward's inputs after hidden -> (positions, past): POSITION_INPUTS lead in the "buffer" interface."""

@@ -60,12 +60,27 @@ class DecoderConfig(_Serialisable):
     """Whether the query, key and value projections carry a bias (Qwen2 does)."""
     max_seq_len: int = 2048
     """Longest sequence the rotary table is built for."""
+    rope_scaling: dict | None = None
+    """Rotary frequency scaling (mode_edge/rope.py): None for plain RoPE, or Llama 3.x's {"rope_type": "llama3",
+    "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} (Hugging Face's names)."""
+    qk_norm: bool = False
+    """Whether queries and keys go through an RMS norm per head before the rotary embedding (Qwen3)."""
+
+    OPTIONAL = {"rope_scaling": None, "qk_norm": False}
+    """Fields left out of `to_dict` at these values, so that a backbone's record, and the fingerprint every pack
+    is bound to, stay what they were before the field existed."""
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in self.OPTIONAL or v != self.OPTIONAL[k]}
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "head_dim", "max_seq_len"):
             check_number(f"DecoderConfig.{name}", getattr(self, name), lo=1, integer=True)
         for name in ("rope_theta", "norm_eps"):
             check_number(f"DecoderConfig.{name}", getattr(self, name), lo=0, lo_open=True)
+        from mode_edge.rope import check_rope_scaling
+
+        check_rope_scaling(self.rope_scaling, "DecoderConfig.rope_scaling")
         if self.n_heads % self.n_kv_heads:
             raise UserError(
                 f"DecoderConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"

@@ -20,6 +20,7 @@ from typing import Callable, TypeVar
 
 from mode_edge.errors import UserError
 from mode_edge.files import sha256_file, write_json
+from mode_edge.rope import check_rope_scaling
 from mode_edge.signing import ROLES
 
 KV_CACHE = {"onnx": "buffer", "executorch": "concat"}
@@ -146,6 +147,10 @@ def check_bundle_shape(m: dict, what: str, fix: str) -> None:
     formats = m.get("formats")
     need(isinstance(formats, list) and formats and all(isinstance(f, str) for f in formats), what, "formats", fix)
     need(isinstance(dec.get("rope_theta"), (int, float)) and dec["rope_theta"] > 0, what, "base.decoder", fix)
+    try:
+        check_rope_scaling(dec.get("rope_scaling"), "base.decoder.rope_scaling")
+    except UserError:
+        need(False, what, "base.decoder.rope_scaling", fix)
     kv = m.get("kv_cache")  # each format's cache interface (runtimes/kv_cache.py), the one this version reads
     need(isinstance(kv, dict) and all(kv.get(f) == KV_CACHE.get(f) for f in formats), what, "kv_cache", fix)
     files, comps = m.get("files"), m.get("components")

@@ -29,6 +29,7 @@ from mode_edge.errors import UserError
 from mode_edge.integrity import checked_load
 from mode_edge.names import check_name
 from mode_edge.ranges import check_number, check_optional, check_seed
+from mode_edge.rope import inv_freq as rope_frequencies
 from mode_edge.runtimes.backends import load_graph
 from mode_edge.runtimes.kv_cache import Cache
 from mode_edge.signing import check_installed_signature
@@ -76,7 +77,8 @@ class Engine:
         self.block_layers = [comps[f"base/block{i}"]["layers"] for i in range(self.n_blocks)]
         d = self.manifest["base"]["decoder"]
         self.kv_shape = (d["n_kv_heads"], d["head_dim"])
-        self.rope_theta: float = d["rope_theta"]
+        self.inv_freq = rope_frequencies(d["rope_theta"], d["head_dim"], d.get("rope_scaling"))
+        """The rotary frequencies (hd/2,) float64 the cos/sin tables are made of (mode_edge/rope.py)."""
         self.kv_cache: str = self.manifest["kv_cache"][backend]
         """How the graphs take their cache: "buffer" (written in place) or "concat" (runtimes/kv_cache.py)."""
         limits = self.manifest.get("executorch") if backend == "executorch" else None
@@ -166,7 +168,7 @@ class Engine:
                             "or --max-new-tokens")  # fmt: skip
         if self.kv_cache != "buffer":
             return []
-        cache.reserve(total, self.context, *self.kv_shape, self.rope_theta)
+        cache.reserve(total, self.context, *self.kv_shape, self.inv_freq)
         return cache.positions(tokens)
 
     def _run_block(self, graph, key: str, layers: int, h: np.ndarray, positions: list, cache: Cache,

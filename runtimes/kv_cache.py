@@ -17,12 +17,12 @@ GROWTH = 2
 """When a cache runs out of positions, its buffers grow to hold GROWTH times as many (at most the context)."""
 
 
-def rotary_tables(theta: float, head_dim: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of positions 0 .. length-1 times each rotary frequency theta^(-2i/hd), (length, hd/2) float32 each:
-    GroupQueryAttention's cos_cache / sin_cache. Computed in float64 and rounded once, so that they are the nearest
-    float32 values (numpy's float32 cos is off by one unit in the last place for ~10% of them) and the native runtime
-    (runtimes/native/src/engine.cpp), computing the same in C++, feeds the graphs the very same tables."""
-    inv_freq = float(theta) ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+def rotary_tables(inv_freq: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of positions 0 .. length-1 times each rotary frequency (inv_freq (hd/2,) float64: mode_edge/rope.py),
+    (length, hd/2) float32 each: GroupQueryAttention's cos_cache / sin_cache. Computed in float64 and rounded once, so
+    that they are the nearest float32 values (numpy's float32 cos is off by one unit in the last place for ~10% of
+    them) and the native runtime (runtimes/native/src/engine.cpp), computing the same in C++, feeds the graphs the
+    very same tables."""
     freqs = np.arange(length, dtype=np.float64)[:, None] * inv_freq[None, :]
     return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
 
@@ -44,7 +44,7 @@ class Cache:
     bindings: dict[str, object] = field(default_factory=dict)
     """Per component, the graph's I/O binding with this cache's buffers bound (OnnxGraph.run_in_place)."""
 
-    def reserve(self, total: int, context: int, kv_heads: int, head_dim: int, theta: float) -> None:
+    def reserve(self, total: int, context: int, kv_heads: int, head_dim: int, inv_freq: np.ndarray) -> None:
         """Make room for `total` positions in every buffer ("buffer" caches): at the first call, max(total,
         capacity_hint); after, GROWTH times the capacity, each at most `context`. The filled positions are kept."""
         if total <= self.capacity:
@@ -59,7 +59,7 @@ class Cache:
                 grown.append(new)
             self.kv[key] = grown
         self.bindings.clear()  # they name the old buffers
-        self.tables = rotary_tables(theta, head_dim, self.capacity)
+        self.tables = rotary_tables(inv_freq, self.capacity)
 
     def buffers(self, key: str, layers: int, kv_heads: int, head_dim: int) -> list[np.ndarray]:
         """The buffers of component `key` (2 per layer, k before v), allocated at the first call."""

@@ -44,10 +44,21 @@ def prose_data(tmp_path_factory) -> Path:
     return out
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
+"""Llama 3.x's rope scaling at the tiny size: with head_dim 16, frequencies fall in all three bands (scaled,
+interpolated, kept), and prompts past 64 positions reach the scaled ones' range."""
+
+
 def save_tiny_hf_checkpoint(path: Path, model_type: str = "llama", seed: int = 1):
-    """A Llama (or Qwen2) checkpoint folder with the tiny architecture, random weights and the byte tokenizer."""
+    """A checkpoint folder with the tiny architecture, random weights and the byte tokenizer: model_type llama,
+    qwen2, llama3 (Llama with Llama 3.x's rope scaling) or qwen3 (per-head q and k norms). In the last two every
+    norm weight is drawn around 1, so that a norm the decoder skipped or applied twice shows in the logits."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+        Qwen3ForCausalLM,
+    )  # fmt: skip
 
     from mode_edge.tokenizer import byte_tokenizer
 
@@ -60,8 +71,18 @@ def save_tiny_hf_checkpoint(path: Path, model_type: str = "llama", seed: int = 1
     torch.manual_seed(seed)
     if model_type == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**kw))
+    elif model_type == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**kw, head_dim=c.head_dim))
+    elif model_type == "llama3":
+        model = LlamaForCausalLM(LlamaConfig(**kw, head_dim=c.head_dim, rope_parameters=dict(LLAMA3_ROPE)))
     else:
         model = LlamaForCausalLM(LlamaConfig(**kw, head_dim=c.head_dim))
+    if model_type in ("llama3", "qwen3"):
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
     model.save_pretrained(path)
     tok = byte_tokenizer()
     PreTrainedTokenizerFast(tokenizer_object=tok.tokenizer, eos_token="<|endoftext|>").save_pretrained(path)

@@ -20,11 +20,14 @@ import torch
 
 from mode_edge.config import DecoderConfig, MoDELayout
 from mode_edge.errors import UserError
+from mode_edge.rope import LLAMA3_KEYS
 from mode_edge.tokenizer import TextTokenizer, byte_tokenizer, checkpoint_prefix
 from mode_edge.training.model import Decoder
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+"""Hugging Face model types read into our decoder: Llama (incl. 3.x with its rope scaling), Mistral, Qwen2 / 2.5
+(biased q, k, v projections), Qwen3 (per-head q and k norms)."""
 TINY_CONFIG = DecoderConfig(
     vocab_size=257, dim=64, n_layers=6, n_heads=4, n_kv_heads=2, hidden_dim=128, head_dim=16,
     rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True, max_seq_len=1024,
@@ -72,13 +75,19 @@ def smollm2_dir() -> Path:
 def _hf_decoder_config(hf) -> DecoderConfig:
     if hf.model_type not in SUPPORTED_MODEL_TYPES:
         raise UserError(
-            f"backbone type {hf.model_type!r} is not supported; "
-            f"use a Llama-family decoder ({', '.join(SUPPORTED_MODEL_TYPES)})"
+            f"backbone type {hf.model_type!r} (config.json model_type) is not supported; supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     rope = getattr(hf, "rope_parameters", None) or {}
     rope_type = rope.get("rope_type", "default")
-    if rope_type != "default":
-        raise UserError(f"rope scaling {rope_type!r} of this checkpoint is not supported yet; use one with plain RoPE")
+    if rope_type not in ("default", "llama3"):
+        raise UserError(f"rope scaling {rope_type!r} (config.json rope_scaling.rope_type) is not supported; "
+                        f"supported: default (plain RoPE) and llama3")  # fmt: skip
+    # Sliding-window attention (Mistral 7B v0.1: 4096; Qwen with use_sliding_window) equals full attention over a
+    # context no longer than the window, so the context is capped there rather than the checkpoint refused.
+    windowed = hf.model_type == "mistral" or getattr(hf, "use_sliding_window", False)
+    window = getattr(hf, "sliding_window", None) if windowed else None
+    scaling = {"rope_type": "llama3", **{k: rope[k] for k in LLAMA3_KEYS}} if rope_type == "llama3" else None
     if getattr(hf, "hidden_act", "silu") != "silu":
         raise UserError(f"activation {hf.hidden_act!r} is not supported; Llama-family decoders use silu")
     return DecoderConfig(
@@ -93,7 +102,9 @@ def _hf_decoder_config(hf) -> DecoderConfig:
         norm_eps=float(hf.rms_norm_eps),
         tie_embeddings=bool(hf.tie_word_embeddings),
         attn_bias=bool(getattr(hf, "attention_bias", hf.model_type == "qwen2")),
-        max_seq_len=min(int(getattr(hf, "max_position_embeddings", 2048)), 8192),
+        max_seq_len=min(int(getattr(hf, "max_position_embeddings", 2048)), 8192, int(window or 8192)),
+        rope_scaling=scaling,
+        qk_norm=hf.model_type == "qwen3",
     )
 
 
@@ -113,11 +124,18 @@ def decoder_from_hf(hf_model) -> Decoder:
 
 def _load_hf(directory: Path, gguf_file: str | None) -> tuple[Decoder, TextTokenizer]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub, even by accident
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    if gguf_file is None:  # what is not supported is said before gigabytes of weights are read
+        try:
+            config = AutoConfig.from_pretrained(directory)
+        except Exception:  # noqa: BLE001 - a damaged config.json: the load below names the problem
+            config = None
+        if config is not None:
+            _hf_decoder_config(config)
     try:
         hf_tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
         # transformers' GGUF reader draws a tqdm bar of its own that no setting turns off once tqdm is imported;

@@ -12,6 +12,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mode_edge.config import DecoderConfig, MoDELayout
+from mode_edge.rope import inv_freq as rope_frequencies
+
+
+def rope_inv_freq(cfg: DecoderConfig) -> torch.Tensor:
+    """The rotary frequencies of `cfg` (head_dim / 2,) fp32: mode_edge/rope.py's, computed in float64, rounded once."""
+    return torch.from_numpy(rope_frequencies(cfg.rope_theta, cfg.head_dim, cfg.rope_scaling)).float()
 
 
 class KVCache:
@@ -35,11 +41,12 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding tables (the rotate-half convention of Hugging Face's Llama)."""
+    """Rotary position embedding tables (the rotate-half convention of Hugging Face's Llama; frequencies, with
+    Llama 3.x's scaling where the config has it, from mode_edge/rope.py)."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+        inv_freq = rope_inv_freq(cfg)
         freqs = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)  # (max_seq_len, head_dim)
         self.register_buffer("cos", emb.cos(), persistent=False)
@@ -62,12 +69,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        if cfg.qk_norm:  # Qwen3: an RMS norm over each head's query and key, before the rotary embedding
+            self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps), RMSNorm(cfg.head_dim, cfg.norm_eps)
+
+    def heads(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (B, T, H, hd) and k (B, T, Hkv, hd) through the per-head norms where the architecture has them."""
+        return (self.q_norm(q), self.k_norm(k)) if hasattr(self, "q_norm") else (q, k)
 
     def forward(self, x: torch.Tensor, rope: Rotary, cache: KVCache | None, name: str) -> torch.Tensor:
         B, T, _ = x.shape
         pos = cache.pos if cache is not None else 0
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        q, k = self.heads(self.q_proj(x).view(B, T, self.n_heads, self.head_dim),
+                          self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim))  # fmt: skip
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd), (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = rope(q, pos), rope(k, pos)
         if cache is not None:

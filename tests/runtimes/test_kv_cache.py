@@ -8,6 +8,7 @@ import torch
 
 from mode_edge.export.pipeline import load_model
 from mode_edge.runtimes.engine import PREFILL_CHUNK, Engine
+from mode_edge.rope import inv_freq as rope_frequencies
 from mode_edge.runtimes.kv_cache import GROWTH, rotary_tables
 from mode_edge.training.model import KVCache
 
@@ -66,6 +67,6 @@ def test_rotary_tables_match_the_models(composed_run):
     """The runtime's numpy tables equal the PyTorch model's rotary tables (cos, sin of the first half)."""
     _, model, _ = load_model(composed_run, None)
     cfg, rope = model.backbone.cfg, model.backbone.rope
-    cos, sin = rotary_tables(cfg.rope_theta, cfg.head_dim, 100)
+    cos, sin = rotary_tables(rope_frequencies(cfg.rope_theta, cfg.head_dim, cfg.rope_scaling), 100)
     np.testing.assert_allclose(cos, rope.cos[:100, : cfg.head_dim // 2].numpy(), atol=1e-6)
     np.testing.assert_allclose(sin, rope.sin[:100, : cfg.head_dim // 2].numpy(), atol=1e-6)

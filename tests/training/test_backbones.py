@@ -46,6 +46,31 @@ def test_a_broken_checkpoint_folder_is_refused(tmp_path):
         load_backbone(str(tmp_path))
 
 
+def unsupported_checkpoint(path, kind: str):
+    """A tiny checkpoint folder transformers writes and reads, of an architecture or rope scaling not supported."""
+    from transformers import Gemma3TextConfig, Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    kw = dict(vocab_size=257, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=128, head_dim=16)  # fmt: skip
+    if kind == "gemma3":
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**kw))
+    else:
+        rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+        model = LlamaForCausalLM(LlamaConfig(**kw, rope_parameters=rope))
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind,field,supported", [
+    ("gemma3", "backbone type 'gemma3_text' (config.json model_type)", "llama, mistral, qwen2, qwen3"),
+    ("yarn", "rope scaling 'yarn' (config.json rope_scaling.rope_type)", "default (plain RoPE) and llama3"),
+])  # fmt: skip
+def test_what_is_not_supported_is_named_with_the_supported_list(tmp_path, kind, field, supported):
+    with pytest.raises(UserError) as refused:
+        load_backbone(str(unsupported_checkpoint(tmp_path / kind, kind)))
+    assert field in str(refused.value) and supported in str(refused.value)
+
+
 @pytest.mark.slow
 def test_smollm2_matches_transformers_on_real_weights():
     """The built-in backbone, loaded from its GGUF file, against transformers' own Llama on the same weights."""

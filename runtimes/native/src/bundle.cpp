@@ -133,9 +133,24 @@ Bundle read_bundle(const std::string& root) {
     const int64_t big = int64_t(1) << 24;  // far above any phone-sized model, far below an overflow
     b.decoder = {integer(d, "vocab_size", 1, big, path), integer(d, "dim", 1, big, path),
                  integer(d, "n_kv_heads", 1, 4096, path), integer(d, "head_dim", 2, 4096, path),
-                 integer(d, "max_seq_len", 1, big, path), d.at("rope_theta").get<double>()};
+                 integer(d, "max_seq_len", 1, big, path), d.at("rope_theta").get<double>(), std::nullopt};
     if (b.decoder.head_dim % 2 || !(b.decoder.rope_theta > 0) || !std::isfinite(b.decoder.rope_theta))
       throw UserError(path + " holds an impossible base.decoder (head_dim odd or rope_theta not > 0); " + kReexport);
+    if (d.contains("rope_scaling") && !d["rope_scaling"].is_null()) {
+      const json& s = d["rope_scaling"];
+      std::array<double, 4> v{};
+      const char* keys[] = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"};
+      bool ok = s.is_object() && s.value("rope_type", json()) == "llama3";
+      for (int i = 0; ok && i < 4; i++) {
+        ok = s.contains(keys[i]) && s[keys[i]].is_number() && !s[keys[i]].is_boolean();
+        if (ok) v[i] = s[keys[i]].get<double>();
+        ok = ok && v[i] > 0 && std::isfinite(v[i]);
+      }
+      if (!ok || v[2] <= v[1])
+        throw UserError(path + " holds a base.decoder.rope_scaling the native runtime cannot use (Llama 3's: "
+                        "rope_type llama3 with positive factors, high_freq_factor > low_freq_factor); " + kReexport);
+      b.decoder.rope_llama3 = v;
+    }
     b.fingerprint = m.at("base").at("fingerprint");
     b.n_blocks = static_cast<int>(m.at("base").at("block_ranges").size());
     if (b.n_blocks < 1) throw UserError(path + " lists no blocks (base.block_ranges); " + kReexport);

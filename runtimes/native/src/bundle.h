@@ -2,6 +2,7 @@
 // the same files, checks and messages as the Python runtime (mode_edge/bundle.py; docs/bundle-format.md).
 // Only ONNX graphs with the "buffer" KV cache (bundle format version 2) run here.
 #pragma once
+#include <array>
 #include <cstdint>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -29,6 +30,9 @@ struct Component {
 struct Decoder {
   int64_t vocab_size = 0, dim = 0, n_kv_heads = 0, head_dim = 0, max_seq_len = 0;
   double rope_theta = 0;
+  // Llama 3.x's rotary scaling (mode_edge/rope.py): factor, low_freq_factor, high_freq_factor,
+  // original_max_position_embeddings; nullopt: plain RoPE
+  std::optional<std::array<double, 4>> rope_llama3;
 };
 
 struct ExpertEntry {

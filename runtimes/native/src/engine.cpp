@@ -46,10 +46,19 @@ std::unique_ptr<Graph> load_graph(OrtRuntime& ort, const std::string& path, cons
 
 }  // namespace
 
-void rotary_tables(double theta, int64_t head_dim, int64_t length, std::vector<float>& cos, std::vector<float>& sin) {
-  int64_t half = head_dim / 2;
+void rotary_tables(const Decoder& d, int64_t length, std::vector<float>& cos, std::vector<float>& sin) {
+  int64_t half = d.head_dim / 2;
   std::vector<double> inv_freq(half);
-  for (int64_t i = 0; i < half; i++) inv_freq[i] = std::pow(theta, -static_cast<double>(2 * i) / head_dim);
+  for (int64_t i = 0; i < half; i++) {
+    double freq = std::pow(d.rope_theta, -static_cast<double>(2 * i) / d.head_dim);
+    if (d.rope_llama3) {  // mode_edge/rope.py, operation for operation
+      auto [factor, low, high, old] = *d.rope_llama3;
+      double wavelen = 2 * M_PI / freq, smooth = (old / wavelen - low) / (high - low);
+      if (wavelen >= old / high && wavelen <= old / low) freq = (1 - smooth) * freq / factor + smooth * freq;
+      else if (wavelen > old / low) freq = freq / factor;
+    }
+    inv_freq[i] = freq;
+  }
   cos.resize(length * half);
   sin.resize(length * half);
   for (int64_t p = 0; p < length; p++)
@@ -130,7 +139,7 @@ void Engine::reserve(Cache& cache, int64_t total) {
         std::copy_n(b.data() + h * old * hd, cache.pos * hd, grown.data() + h * cache.capacity * hd);
       b = std::move(grown);
     }
-  rotary_tables(bundle_.decoder.rope_theta, hd, cache.capacity, cache.cos, cache.sin);
+  rotary_tables(bundle_.decoder, cache.capacity, cache.cos, cache.sin);
 }
 
 void Engine::run_block(Graph& graph, const std::string& key, int layers, const std::vector<float>& h, int64_t T,

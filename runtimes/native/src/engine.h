@@ -95,9 +95,10 @@ class Engine {
   std::map<std::string, Expert> experts_;
 };
 
-// Rotary tables of positions 0 .. length-1: cos and sin of p * theta^(-2i/hd), (length, hd/2) floats each, computed
-// in double and rounded once, as runtimes/kv_cache.rotary_tables does (the same tables: the same logits).
-void rotary_tables(double theta, int64_t head_dim, int64_t length, std::vector<float>& cos, std::vector<float>& sin);
+// Rotary tables of positions 0 .. length-1: cos and sin of p * inv_freq[i] with inv_freq = theta^(-2i/hd), scaled as
+// Llama 3 does where the decoder says so (mode_edge/rope.py), (length, hd/2) floats each, computed in double and
+// rounded once, as runtimes/kv_cache.rotary_tables does (the same tables: the same logits).
+void rotary_tables(const Decoder& decoder, int64_t length, std::vector<float>& cos, std::vector<float>& sin);
 
 // The gate's mix over T tokens of width d: per token a = softmax([0, g_1 .. g_N]) and out = a_0 y_0 + sum_j a_j y_j.
 // ys[0] is the backbone's output; logits[j-1] the gate logits (T) of ys[j]. Writes out (T, d).

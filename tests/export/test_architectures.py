@@ -1,0 +1,83 @@
+"""Backbones beyond plain Llama through the whole pipeline: a tiny Llama 3.x checkpoint (its rope scaling) and a tiny
+Qwen3 one (per-head q and k norms), saved by transformers, loaded with --base, an expert trained on them, exported,
+and run: the runtime's logits equal PyTorch's (fp32) and its greedy tokens too (fp32 and int8), and the native
+runtime's logits equal the Python runtime's (its C++ rotary tables, scaled as Llama 3 does)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mode_edge.config import ExportConfig, MoDELayout, TrainConfig
+from mode_edge.export.pipeline import export_bundle, load_model
+from mode_edge.runtimes.engine import Engine, generate
+from mode_edge.training.backbones import load_backbone
+from mode_edge.training.evaluate import greedy
+from mode_edge.training.model import KVCache
+from mode_edge.training.train_expert import train_expert
+from tests.conftest import save_tiny_hf_checkpoint
+
+LAYOUT = MoDELayout(n_blocks=2, expert_layers=2, gate_bias=0.0)
+TRAIN = TrainConfig(steps=4, batch_size=2, seq_len=32, warmup_steps=1, lr=1e-2, checkpoint_every=4)
+PROMPT = list(range(3, 83))  # 80 positions: past the tiny Llama 3 checkpoint's original context of 64
+
+
+@pytest.fixture(scope="module", params=["llama3", "qwen3"])
+def exported(request, code_data, tmp_path_factory):
+    """(architecture, trained run, {quant: bundle}): fp32 for both, int8 for Llama 3 (one quantized export each
+    architecture would add a minute to the suite for what int8 already shows on the other)."""
+    root = tmp_path_factory.mktemp(request.param)
+    save_tiny_hf_checkpoint(root / "checkpoint", request.param)
+    backbone = load_backbone(str(root / "checkpoint"))
+    train_expert(backbone, "code", code_data, root / "code", LAYOUT, TRAIN)
+    quants = ("fp32", "int8") if request.param == "llama3" else ("fp32",)
+    bundles = {}
+    for quant in quants:
+        bundles[quant] = root / quant
+        export_bundle(root / "code", bundles[quant], ExportConfig(formats=("onnx",), quant=quant))
+    return request.param, root / "code", bundles
+
+
+def pytorch_logits(model, ids: list[int], steps: list[int]) -> np.ndarray:
+    """The PyTorch model's last-position logits after the prompt, then after each of `steps`, (1 + len, V)."""
+    cache, out = KVCache(), []
+    with torch.no_grad():
+        out.append(model(torch.tensor([ids]), cache)[0, -1])
+        for token in steps:
+            out.append(model(torch.tensor([[token]]), cache)[0, -1])
+    return torch.stack(out).numpy()
+
+
+def test_exported_architecture_runs_as_pytorch(exported):
+    arch, run, bundles = exported
+    _, model, _ = load_model(run, None)
+    manifest_decoder = Engine(bundles["fp32"]).manifest["base"]["decoder"]
+    assert ("rope_scaling" in manifest_decoder) == (arch == "llama3") and manifest_decoder.get("qk_norm") == (
+        arch == "qwen3" or None)  # fmt: skip
+    engine = Engine(bundles["fp32"])
+    engine.load_expert("code")
+    want = greedy(model, PROMPT, 12)
+    assert list(generate(engine, PROMPT, 12)) == want
+    cache = engine.new_cache(len(PROMPT) + 12)
+    got = [engine.forward(np.array([PROMPT], dtype=np.int64), cache, last_only=True)[0, -1]]
+    got += [engine.forward(np.array([[t]], dtype=np.int64), cache)[0, -1] for t in want[:-1]]
+    np.testing.assert_allclose(np.stack(got), pytorch_logits(model, PROMPT, want[:-1]), atol=1e-4, rtol=0)
+    for quant in set(bundles) - {"fp32"}:
+        engine = Engine(bundles[quant])
+        engine.load_expert("code")
+        assert list(generate(engine, PROMPT, 12)) == want, quant
+
+
+def test_native_runtime_takes_the_architecture(native, exported, tmp_path):
+    """Native logits equal the Python runtime's: for Llama 3, its own rotary tables are scaled as mode_edge/rope.py."""
+    from mode_edge.runtimes.session import Session
+    from tests.runtimes.test_native import python_logits, run_native
+
+    arch, _, bundles = exported
+    session = Session(bundles["fp32"])
+    code, tokens, err, _ = run_native(native, bundles["fp32"], PROMPT, "--experts", "code", "--max-new-tokens", "8",
+                                      "--logits", str(tmp_path / "logits.bin"))  # fmt: skip
+    assert code == 0 and tokens == list(session.generate(PROMPT, ["code"], 8)), err
+    native = np.fromfile(tmp_path / "logits.bin", dtype=np.float32).reshape(len(tokens), -1)
+    np.testing.assert_allclose(native, python_logits(session, PROMPT, ["code"], tokens), atol=1e-5, rtol=0)
