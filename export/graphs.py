@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from mode_edge.config import DecoderConfig
 from mode_edge.integrity import POSITION_INPUTS
+from mode_edge.rope import scale as rope_scale
 from mode_edge.training.model import Decoder, DecoderLayer, ExpertBlock, MoDEModel, RMSNorm, rope_inv_freq
 
 
@@ -37,11 +38,12 @@ def kv_names(n_layers: int, prefix: str = "") -> tuple[list[str], list[str]]:
     return [prefix + n for n in past], [prefix + n.replace("past_", "present_") for n in past]
 
 
-def rotary_tables(inv_freq: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of positions 0 .. length-1 times each frequency, (length, hd/2) fp32 each: GroupQueryAttention's
-    cos_cache / sin_cache (the runtime's numpy twin: runtimes/kv_cache.rotary_tables)."""
+def rotary_tables(inv_freq: torch.Tensor, length: int, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of positions 0 .. length-1 times each frequency, times `scale` (mode_edge/rope.scale), (length,
+    hd/2) fp32 each: GroupQueryAttention's cos_cache / sin_cache (the runtime's numpy twin:
+    runtimes/kv_cache.rotary_tables)."""
     freqs = torch.arange(length, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    return freqs.cos(), freqs.sin()
+    return freqs.cos() * scale, freqs.sin() * scale
 
 
 def rotate_half(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -50,9 +52,9 @@ def rotate_half(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return t * cos + torch.cat([-t2, t1], dim=-1) * sin
 
 
-def attend(layer: DecoderLayer, inv_freq: torch.Tensor, x, past_k, past_v):
+def attend(layer: DecoderLayer, inv_freq: torch.Tensor, x, past_k, past_v, scale: float = 1.0):
     """One decoder layer on x (B, T, d) after P cached positions ("concat" cache); returns (y, k, v) with the grown
-    cache."""
+    cache. scale: what cos and sin are multiplied by (mode_edge/rope.scale)."""
     attn = layer.self_attn
     B, T, _ = x.shape
     P = past_k.shape[2]
@@ -66,7 +68,7 @@ def attend(layer: DecoderLayer, inv_freq: torch.Tensor, x, past_k, past_v):
     # longest context would weigh megabytes in every block graph.
     freqs = positions[:, None].float() * inv_freq[None, :]  # (T, hd/2)
     emb = torch.cat([freqs, freqs], dim=-1)
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)  # (T, hd)
+    cos, sin = (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)  # (T, hd)
     q, k = rotate_half(q, cos, sin), rotate_half(k, cos, sin)
     k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, Hkv, S, hd), S = P + T
     mask = torch.arange(P + T, device=x.device)[None, :] <= positions[:, None]  # (T, S): query i sees keys <= P+i
@@ -153,6 +155,7 @@ class LayerStack(nn.Module):
         self.layers, self.kv_cache = layers, kv_cache
         self.max_seq_len = cfg.max_seq_len
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # the same frequencies as Rotary's
+        self.rope_scale = rope_scale(cfg.rope_scaling)
 
     def split_inputs(self, rest: tuple) -> tuple[tuple, tuple]:
         """A forward's inputs after hidden -> (positions, past): POSITION_INPUTS lead in the "buffer" interface."""
@@ -165,7 +168,7 @@ class LayerStack(nn.Module):
             if self.kv_cache == "buffer":
                 x, k, v = attend_in_place(layer, x, past[2 * j], past[2 * j + 1], positions)
             else:
-                x, k, v = attend(layer, self.inv_freq, x, past[2 * j], past[2 * j + 1])
+                x, k, v = attend(layer, self.inv_freq, x, past[2 * j], past[2 * j + 1], self.rope_scale)
             present += [k, v]
         return x, present
 
@@ -255,7 +258,7 @@ def with_cache(graph: nn.Module, first: torch.Tensor, past: int, fill) -> tuple:
     kv = [fill(B, attn.n_kv_heads, length, attn.head_dim) for _ in range(2 * layers)]
     if graph.kv_cache == "concat":
         return (first, *kv)
-    cos, sin = rotary_tables(graph.inv_freq, length)
+    cos, sin = rotary_tables(graph.inv_freq, length, graph.rope_scale)
     total = past + T
     return (first, torch.full((B,), total - 1, dtype=torch.int32), torch.tensor(total, dtype=torch.int32), cos, sin,
             *kv)  # fmt: skip
@@ -290,7 +293,7 @@ class FusedGraph(nn.Module):
                 self.stacks.append(ExpertBlockGraph(expert, cfg, kv_cache))
         self.layers = [layer for stack in self.stacks for layer in stack.layers]  # for graph_layers()
         self.max_seq_len = cfg.max_seq_len
-        self.inv_freq = self.stacks[0].inv_freq
+        self.inv_freq, self.rope_scale = self.stacks[0].inv_freq, self.stacks[0].rope_scale
 
     def forward(self, input_ids, *rest):
         positions, past = self.stacks[0].split_inputs(rest)

@@ -82,7 +82,6 @@ def run_cmd(bundle, experts, prompt, max_new_tokens, temperature, top_k, top_p, 
     from mode_edge.runtimes.engine import Sampling
     from mode_edge.runtimes.profiler import plot_timeline, print_summary
     from mode_edge.runtimes.run import parse_experts, run
-
     from mode_edge.signing import pinned_keys
 
     trusted = pinned_keys(trust)  # before anything loads: a wrong key file is the only line printed

@@ -61,8 +61,9 @@ class DecoderConfig(_Serialisable):
     max_seq_len: int = 2048
     """Longest sequence the rotary table is built for."""
     rope_scaling: dict | None = None
-    """Rotary frequency scaling (mode_edge/rope.py): None for plain RoPE, or Llama 3.x's {"rope_type": "llama3",
-    "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} (Hugging Face's names)."""
+    """Rotary frequency scaling (mode_edge/rope.py): None for plain RoPE, Llama 3.x's {"rope_type": "llama3",
+    "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} (Hugging Face's names), or
+    Phi-3.5 / Phi-4's {"rope_type": "longrope", "short_factor": [...], "attention_factor"}."""
     qk_norm: bool = False
     """Whether queries and keys go through an RMS norm per head before the rotary embedding (Qwen3)."""
 
@@ -80,7 +81,7 @@ class DecoderConfig(_Serialisable):
             check_number(f"DecoderConfig.{name}", getattr(self, name), lo=0, lo_open=True)
         from mode_edge.rope import check_rope_scaling
 
-        check_rope_scaling(self.rope_scaling, "DecoderConfig.rope_scaling")
+        check_rope_scaling(self.rope_scaling, "DecoderConfig.rope_scaling", self.head_dim)
         if self.n_heads % self.n_kv_heads:
             raise UserError(
                 f"DecoderConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"

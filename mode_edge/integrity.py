@@ -148,7 +148,7 @@ def check_bundle_shape(m: dict, what: str, fix: str) -> None:
     need(isinstance(formats, list) and formats and all(isinstance(f, str) for f in formats), what, "formats", fix)
     need(isinstance(dec.get("rope_theta"), (int, float)) and dec["rope_theta"] > 0, what, "base.decoder", fix)
     try:
-        check_rope_scaling(dec.get("rope_scaling"), "base.decoder.rope_scaling")
+        check_rope_scaling(dec.get("rope_scaling"), "base.decoder.rope_scaling", dec["head_dim"])
     except UserError:
         need(False, what, "base.decoder.rope_scaling", fix)
     kv = m.get("kv_cache")  # each format's cache interface (runtimes/kv_cache.py), the one this version reads

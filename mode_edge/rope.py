@@ -5,7 +5,10 @@ the native runtime's engine.cpp computes the same formula). Pure numpy.
 Plain RoPE (Su et al. 2021): inv_freq[i] = theta ** (-2i / head_dim). Llama 3.x scales it for a longer context
 ("llama3" rope type, Hugging Face's `_compute_llama3_parameters`): wavelengths 2 pi / inv_freq longer than
 original_max_position_embeddings / low_freq_factor are divided by `factor`, shorter than .. / high_freq_factor are
-kept, and the band between is interpolated linearly in original_max_position_embeddings / wavelength.
+kept, and the band between is interpolated linearly in original_max_position_embeddings / wavelength. Phi-3.5 /
+Phi-4 ("longrope", LongRoPE, Ding et al. 2024, as Hugging Face's `_compute_longrope_parameters`): each frequency
+divided by its own `short_factor`, and cos and sin multiplied by `attention_factor`; the long factors apply only past
+the original context, which the backbone loader caps the context at, so they are not recorded.
 """
 
 from __future__ import annotations
@@ -20,17 +23,30 @@ from mode_edge.errors import UserError
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
-def check_rope_scaling(scaling, what: str) -> None:
-    """None, or a complete llama3 scaling with positive numbers and high_freq_factor > low_freq_factor. Raises
-    UserError naming the field."""
+def positive(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and v > 0 and math.isfinite(v)
+
+
+def check_rope_scaling(scaling, what: str, head_dim: int | None = None) -> None:
+    """None; or llama3 with positive LLAMA3_KEYS and high_freq_factor > low_freq_factor; or longrope with a positive
+    attention_factor and head_dim / 2 positive short_factor values (the length checked when head_dim is given).
+    Raises UserError naming the field."""
     if scaling is None:
         return
-    ok = isinstance(scaling, dict) and scaling.get("rope_type") == "llama3" and all(
-        isinstance(scaling.get(k), numbers.Real) and not isinstance(scaling.get(k), bool) and scaling[k] > 0
-        and math.isfinite(scaling[k]) for k in LLAMA3_KEYS)  # fmt: skip
-    if not ok or scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
-        raise UserError(f"{what} must be null or {{'rope_type': 'llama3', {', '.join(repr(k) for k in LLAMA3_KEYS)}}} "
-                        f"with positive numbers and high_freq_factor > low_freq_factor, got {scaling!r}")
+    kind = scaling.get("rope_type") if isinstance(scaling, dict) else None
+    if kind == "llama3":
+        ok = all(positive(scaling.get(k)) for k in LLAMA3_KEYS)
+        ok = ok and scaling["high_freq_factor"] > scaling["low_freq_factor"]
+    elif kind == "longrope":
+        short = scaling.get("short_factor")
+        ok = positive(scaling.get("attention_factor")) and isinstance(short, list) and all(map(positive, short))
+        ok = ok and (head_dim is None or len(short) == head_dim // 2)
+    else:
+        ok = False
+    if not ok:
+        raise UserError(f"{what} must be null, {{'rope_type': 'llama3', {', '.join(repr(k) for k in LLAMA3_KEYS)}}} "
+                        f"(positive, high_freq_factor > low_freq_factor) or {{'rope_type': 'longrope', "
+                        f"'short_factor': [head_dim / 2 positive numbers], 'attention_factor'}}, got {scaling!r}")
 
 
 def inv_freq(theta: float, head_dim: int, scaling: dict | None = None) -> np.ndarray:
@@ -38,9 +54,16 @@ def inv_freq(theta: float, head_dim: int, scaling: dict | None = None) -> np.nda
     freq = float(theta) ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     if scaling is None:
         return freq
+    if scaling["rope_type"] == "longrope":
+        return freq / np.asarray(scaling["short_factor"], dtype=np.float64)
     factor, low, high, old = (float(scaling[k]) for k in LLAMA3_KEYS)
     wavelen = 2 * math.pi / freq
     smooth = (old / wavelen - low) / (high - low)
     scaled = np.where(wavelen > old / low, freq / factor, freq)
     medium = (wavelen >= old / high) & (wavelen <= old / low)
     return np.where(medium, (1 - smooth) * freq / factor + smooth * freq, scaled)
+
+
+def scale(scaling: dict | None) -> float:
+    """What cos and sin are multiplied by: longrope's attention_factor, else 1."""
+    return float(scaling["attention_factor"]) if scaling is not None and scaling["rope_type"] == "longrope" else 1.0

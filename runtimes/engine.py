@@ -30,6 +30,7 @@ from mode_edge.integrity import checked_load
 from mode_edge.names import check_name
 from mode_edge.ranges import check_number, check_optional, check_seed
 from mode_edge.rope import inv_freq as rope_frequencies
+from mode_edge.rope import scale as rope_scale
 from mode_edge.runtimes.backends import load_graph
 from mode_edge.runtimes.kv_cache import Cache
 from mode_edge.signing import check_installed_signature
@@ -77,8 +78,9 @@ class Engine:
         self.block_layers = [comps[f"base/block{i}"]["layers"] for i in range(self.n_blocks)]
         d = self.manifest["base"]["decoder"]
         self.kv_shape = (d["n_kv_heads"], d["head_dim"])
-        self.inv_freq = rope_frequencies(d["rope_theta"], d["head_dim"], d.get("rope_scaling"))
-        """The rotary frequencies (hd/2,) float64 the cos/sin tables are made of (mode_edge/rope.py)."""
+        self.rope = (rope_frequencies(d["rope_theta"], d["head_dim"], d.get("rope_scaling")),
+                     rope_scale(d.get("rope_scaling")))  # fmt: skip
+        """The rotary frequencies (hd/2,) float64 the cos/sin tables are made of, and their scale (mode_edge/rope)."""
         self.kv_cache: str = self.manifest["kv_cache"][backend]
         """How the graphs take their cache: "buffer" (written in place) or "concat" (runtimes/kv_cache.py)."""
         limits = self.manifest.get("executorch") if backend == "executorch" else None
@@ -123,7 +125,8 @@ class Engine:
 
     def check_expert(self, name: str, verify: bool = True) -> dict:
         """The installed expert's pack manifest, checked against the bundle manifest (its sha256), the base, the
-        pinned keys (its signature, when the engine has trusted_keys) and (with `verify`) every file it lists; a damaged expert raises a UserError naming the file and the fix."""
+        pinned keys (its signature, when the engine has trusted_keys) and (with `verify`) every file it lists; a
+        damaged expert raises a UserError naming the file and the fix."""
         folder = expert_folder(self.bundle, self.manifest, name)
         pack_sha = self.manifest["experts"][name]["pack_sha256"]
         pack = read_pack_manifest(folder, pack_sha, self.n_blocks)
@@ -168,7 +171,7 @@ class Engine:
                             "or --max-new-tokens")  # fmt: skip
         if self.kv_cache != "buffer":
             return []
-        cache.reserve(total, self.context, *self.kv_shape, self.inv_freq)
+        cache.reserve(total, self.context, *self.kv_shape, self.rope)
         return cache.positions(tokens)
 
     def _run_block(self, graph, key: str, layers: int, h: np.ndarray, positions: list, cache: Cache,

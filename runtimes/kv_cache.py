@@ -17,14 +17,14 @@ GROWTH = 2
 """When a cache runs out of positions, its buffers grow to hold GROWTH times as many (at most the context)."""
 
 
-def rotary_tables(inv_freq: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+def rotary_tables(inv_freq: np.ndarray, length: int, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin of positions 0 .. length-1 times each rotary frequency (inv_freq (hd/2,) float64: mode_edge/rope.py),
-    (length, hd/2) float32 each: GroupQueryAttention's cos_cache / sin_cache. Computed in float64 and rounded once, so
-    that they are the nearest float32 values (numpy's float32 cos is off by one unit in the last place for ~10% of
-    them) and the native runtime (runtimes/native/src/engine.cpp), computing the same in C++, feeds the graphs the
-    very same tables."""
+    times `scale` (mode_edge/rope.scale), (length, hd/2) float32 each: GroupQueryAttention's cos_cache / sin_cache.
+    Computed in float64 and rounded once, so that they are the nearest float32 values (numpy's float32 cos is off by
+    one unit in the last place for ~10% of them) and the native runtime (runtimes/native/src/engine.cpp), computing
+    the same in C++, feeds the graphs the very same tables."""
     freqs = np.arange(length, dtype=np.float64)[:, None] * inv_freq[None, :]
-    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+    return (np.cos(freqs) * scale).astype(np.float32), (np.sin(freqs) * scale).astype(np.float32)
 
 
 @dataclass
@@ -44,9 +44,10 @@ class Cache:
     bindings: dict[str, object] = field(default_factory=dict)
     """Per component, the graph's I/O binding with this cache's buffers bound (OnnxGraph.run_in_place)."""
 
-    def reserve(self, total: int, context: int, kv_heads: int, head_dim: int, inv_freq: np.ndarray) -> None:
+    def reserve(self, total: int, context: int, kv_heads: int, head_dim: int, rope: tuple[np.ndarray, float]) -> None:
         """Make room for `total` positions in every buffer ("buffer" caches): at the first call, max(total,
-        capacity_hint); after, GROWTH times the capacity, each at most `context`. The filled positions are kept."""
+        capacity_hint); after, GROWTH times the capacity, each at most `context`. The filled positions are kept.
+        rope: (inv_freq, scale) of the rotary tables."""
         if total <= self.capacity:
             return
         want = max(total, self.capacity_hint) if self.capacity == 0 else max(total, GROWTH * self.capacity)
@@ -59,7 +60,7 @@ class Cache:
                 grown.append(new)
             self.kv[key] = grown
         self.bindings.clear()  # they name the old buffers
-        self.tables = rotary_tables(inv_freq, self.capacity)
+        self.tables = rotary_tables(rope[0], self.capacity, rope[1])
 
     def buffers(self, key: str, layers: int, kv_heads: int, head_dim: int) -> list[np.ndarray]:
         """The buffers of component `key` (2 per layer, k before v), allocated at the first call."""

@@ -50,8 +50,9 @@ def run(
     """Generate; returns the new text, the profile summary (the chosen experts, and the router when --experts auto
     chose them) and the raw profile. trusted_keys: keys pinned for loading packs (Session). chat: `prompt` is a
     user message (and `system` a system message) put into the bundle's chat template; generation stops at the
-    template's end of turn too, routing reads the user's message alone, and the text returned is the reply. In a process of its own (backends.OWN_PROCESS: the `mode-edge` command, a bench
-    worker) every ONNX session runs on one global thread pool (backends.use_global_thread_pool)."""
+    template's end of turn too, routing reads the user's message alone, and the text returned is the reply. In a
+    process of its own (backends.OWN_PROCESS: the `mode-edge` command, a bench worker) every ONNX session runs on
+    one global thread pool (backends.use_global_thread_pool)."""
     check_number("--max-new-tokens", max_new_tokens, lo=1, integer=True)
     check_number("--route-top-k", route_top_k, lo=1, integer=True)
     if system is not None and not chat:

@@ -50,13 +50,28 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low
 interpolated, kept), and prompts past 64 positions reach the scaled ones' range."""
 
 
+PHI3_ROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
+             "short_factor": [1.0 + 0.15 * i for i in range(8)],
+             "long_factor": [2.0 + i for i in range(8)]}  # fmt: skip
+"""LongRoPE at the tiny size: a factor per frequency, and max_position_embeddings 1024 over an original 64, so the
+attention factor is sqrt(1 + ln 16 / ln 64) (transformers' default)."""
+
+
 def save_tiny_hf_checkpoint(path: Path, model_type: str = "llama", seed: int = 1):
     """A checkpoint folder with the tiny architecture, random weights and the byte tokenizer: model_type llama,
-    qwen2, llama3 (Llama with Llama 3.x's rope scaling) or qwen3 (per-head q and k norms). In the last two every
-    norm weight is drawn around 1, so that a norm the decoder skipped or applied twice shows in the logits."""
+    qwen2, llama3 (Llama with Llama 3.x's rope scaling), qwen3 (per-head q and k norms) or phi3 (fused projections,
+    LongRoPE). In the last three every norm weight is drawn around 1, so that a norm the decoder skipped or applied
+    twice shows in the logits."""
     import torch
     from transformers import (
-        LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Phi3Config,
+        Phi3ForCausalLM,
+        PreTrainedTokenizerFast,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
         Qwen3ForCausalLM,
     )  # fmt: skip
 
@@ -71,13 +86,16 @@ def save_tiny_hf_checkpoint(path: Path, model_type: str = "llama", seed: int = 1
     torch.manual_seed(seed)
     if model_type == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**kw))
+    elif model_type == "phi3":
+        model = Phi3ForCausalLM(Phi3Config(**kw, pad_token_id=None, original_max_position_embeddings=64,
+                                           rope_parameters=dict(PHI3_ROPE)))  # fmt: skip
     elif model_type == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**kw, head_dim=c.head_dim))
     elif model_type == "llama3":
         model = LlamaForCausalLM(LlamaConfig(**kw, head_dim=c.head_dim, rope_parameters=dict(LLAMA3_ROPE)))
     else:
         model = LlamaForCausalLM(LlamaConfig(**kw, head_dim=c.head_dim))
-    if model_type in ("llama3", "qwen3"):
+    if model_type in ("llama3", "qwen3", "phi3"):
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, p in model.named_parameters():

@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +26,10 @@ from mode_edge.tokenizer import TextTokenizer, byte_tokenizer, checkpoint_prefix
 from mode_edge.training.model import Decoder
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 """Hugging Face model types read into our decoder: Llama (incl. 3.x with its rope scaling), Mistral, Qwen2 / 2.5
-(biased q, k, v projections), Qwen3 (per-head q and k norms)."""
+(biased q, k, v projections), Qwen3 (per-head q and k norms), Phi-3 / 3.5 / 4-mini (fused projections, split on
+load; LongRoPE)."""
 TINY_CONFIG = DecoderConfig(
     vocab_size=257, dim=64, n_layers=6, n_heads=4, n_kv_heads=2, hidden_dim=128, head_dim=16,
     rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True, max_seq_len=1024,
@@ -80,14 +82,21 @@ def _hf_decoder_config(hf) -> DecoderConfig:
         )
     rope = getattr(hf, "rope_parameters", None) or {}
     rope_type = rope.get("rope_type", "default")
-    if rope_type not in ("default", "llama3"):
+    if rope_type not in ("default", "llama3", "longrope"):
         raise UserError(f"rope scaling {rope_type!r} (config.json rope_scaling.rope_type) is not supported; "
-                        f"supported: default (plain RoPE) and llama3")  # fmt: skip
+                        f"supported: default (plain RoPE), llama3 and longrope")  # fmt: skip
+    partial = rope.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise UserError(f"partial rotary embeddings (config.json partial_rotary_factor {partial}, Phi-4-mini's) are "
+                        f"not supported; supported: rotation of the whole head (1.0)")  # fmt: skip
     # Sliding-window attention (Mistral 7B v0.1: 4096; Qwen with use_sliding_window) equals full attention over a
     # context no longer than the window, so the context is capped there rather than the checkpoint refused.
-    windowed = hf.model_type == "mistral" or getattr(hf, "use_sliding_window", False)
+    windowed = hf.model_type in ("mistral", "phi3") or getattr(hf, "use_sliding_window", False)
     window = getattr(hf, "sliding_window", None) if windowed else None
     scaling = {"rope_type": "llama3", **{k: rope[k] for k in LLAMA3_KEYS}} if rope_type == "llama3" else None
+    if rope_type == "longrope":  # the short factors hold within the original context, where the context is capped
+        scaling, original = longrope_scaling(hf, rope)
+        window = min(window or original, original)
     if getattr(hf, "hidden_act", "silu") != "silu":
         raise UserError(f"activation {hf.hidden_act!r} is not supported; Llama-family decoders use silu")
     return DecoderConfig(
@@ -108,10 +117,41 @@ def _hf_decoder_config(hf) -> DecoderConfig:
     )
 
 
+def longrope_scaling(hf, rope: dict) -> tuple[dict, int]:
+    """(DecoderConfig.rope_scaling, the original context) of a LongRoPE checkpoint: its short factors and the
+    attention factor as transformers' `_compute_longrope_parameters` derives it when the config gives none
+    (sqrt(1 + ln(factor) / ln(original)), factor = max_position_embeddings / original)."""
+    original = int(rope.get("original_max_position_embeddings") or hf.original_max_position_embeddings)
+    factor = rope.get("factor") or hf.max_position_embeddings / original
+    attention = rope.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return {"rope_type": "longrope", "short_factor": [float(f) for f in rope["short_factor"]],
+            "attention_factor": float(attention)}, original  # fmt: skip
+
+
+def split_fused(state: dict, cfg: DecoderConfig) -> dict:
+    """Phi-3's fused projections as separate ones: qkv_proj (rows q, then k, then v) and gate_up_proj (rows gate,
+    then up), the layout transformers' Phi3Attention and Phi3MLP read them in."""
+    out = {}
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    for name, t in state.items():
+        if name.endswith("self_attn.qkv_proj.weight"):
+            stem = name.removesuffix("qkv_proj.weight")
+            for part, rows in zip(("q_proj", "k_proj", "v_proj"), t.split([q, kv, kv])):
+                out[f"{stem}{part}.weight"] = rows
+        elif name.endswith("mlp.gate_up_proj.weight"):
+            stem = name.removesuffix("gate_up_proj.weight")
+            out[f"{stem}gate_proj.weight"], out[f"{stem}up_proj.weight"] = t.chunk(2)
+        else:
+            out[name] = t
+    return out
+
+
 def decoder_from_hf(hf_model) -> Decoder:
     """Copy a transformers causal LM's weights into our decoder (names match after dropping the `model.` prefix)."""
     decoder = Decoder(_hf_decoder_config(hf_model.config))
-    state = {k.removeprefix("model."): v for k, v in hf_model.state_dict().items()}
+    state = split_fused({k.removeprefix("model."): v for k, v in hf_model.state_dict().items()}, decoder.cfg)
     if decoder.lm_head is None:
         state.pop("lm_head.weight", None)
     missing, unexpected = decoder.load_state_dict(state, strict=False)

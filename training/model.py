@@ -13,11 +13,14 @@ import torch.nn.functional as F
 
 from mode_edge.config import DecoderConfig, MoDELayout
 from mode_edge.rope import inv_freq as rope_frequencies
+from mode_edge.rope import scale as rope_scale
 
 
 def rope_inv_freq(cfg: DecoderConfig) -> torch.Tensor:
-    """The rotary frequencies of `cfg` (head_dim / 2,) fp32: mode_edge/rope.py's, computed in float64, rounded once."""
-    return torch.from_numpy(rope_frequencies(cfg.rope_theta, cfg.head_dim, cfg.rope_scaling)).float()
+    """The rotary frequencies of `cfg` (head_dim / 2,) fp32: mode_edge/rope.py's, computed in float64, rounded once.
+    On the current default device (torch.tensor honours it, torch.from_numpy does not: a model built on the meta
+    device, as peft's loaders build it, needs its tables there too)."""
+    return torch.tensor(rope_frequencies(cfg.rope_theta, cfg.head_dim, cfg.rope_scaling), dtype=torch.float32)
 
 
 class KVCache:
@@ -49,8 +52,9 @@ class Rotary(nn.Module):
         inv_freq = rope_inv_freq(cfg)
         freqs = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)  # (max_seq_len, head_dim)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        s = rope_scale(cfg.rope_scaling)  # longrope's attention factor; 1 otherwise
+        self.register_buffer("cos", emb.cos() * s, persistent=False)
+        self.register_buffer("sin", emb.sin() * s, persistent=False)
 
     def forward(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         """x: (B, H, T, head_dim), positions pos .. pos+T-1."""

@@ -1,7 +1,8 @@
-"""Backbones beyond plain Llama through the whole pipeline: a tiny Llama 3.x checkpoint (its rope scaling) and a tiny
-Qwen3 one (per-head q and k norms), saved by transformers, loaded with --base, an expert trained on them, exported,
-and run: the runtime's logits equal PyTorch's (fp32) and its greedy tokens too (fp32 and int8), and the native
-runtime's logits equal the Python runtime's (its C++ rotary tables, scaled as Llama 3 does)."""
+"""Backbones beyond plain Llama through the whole pipeline: tiny Llama 3.x (its rope scaling), Qwen3 (per-head q and
+k norms) and Phi-3.5-style (fused projections, LongRoPE) checkpoints, saved by transformers, loaded with --base, an
+expert trained on each, exported, and run: the runtime's logits equal PyTorch's (fp32) and its greedy tokens too
+(fp32, and int8 for Llama 3), and the native runtime's logits equal the Python runtime's (its C++ rotary tables,
+scaled as mode_edge/rope.py scales them)."""
 
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ from tests.conftest import save_tiny_hf_checkpoint
 
 LAYOUT = MoDELayout(n_blocks=2, expert_layers=2, gate_bias=0.0)
 TRAIN = TrainConfig(steps=4, batch_size=2, seq_len=32, warmup_steps=1, lr=1e-2, checkpoint_every=4)
-PROMPT = list(range(3, 83))  # 80 positions: past the tiny Llama 3 checkpoint's original context of 64
+PROMPTS = {"llama3": list(range(3, 83)), "qwen3": list(range(3, 83)), "phi3": list(range(3, 43))}
+"""80 positions: past the tiny Llama 3 checkpoint's original context of 64. Phi-3's context is capped at its 64."""
 
 
-@pytest.fixture(scope="module", params=["llama3", "qwen3"])
+@pytest.fixture(scope="module", params=["llama3", "qwen3", "phi3"])
 def exported(request, code_data, tmp_path_factory):
     """(architecture, trained run, {quant: bundle}): fp32 for both, int8 for Llama 3 (one quantized export each
     architecture would add a minute to the suite for what int8 already shows on the other)."""
@@ -53,20 +55,21 @@ def test_exported_architecture_runs_as_pytorch(exported):
     arch, run, bundles = exported
     _, model, _ = load_model(run, None)
     manifest_decoder = Engine(bundles["fp32"]).manifest["base"]["decoder"]
-    assert ("rope_scaling" in manifest_decoder) == (arch == "llama3") and manifest_decoder.get("qk_norm") == (
+    assert ("rope_scaling" in manifest_decoder) == (arch != "qwen3") and manifest_decoder.get("qk_norm") == (
         arch == "qwen3" or None)  # fmt: skip
+    prompt = PROMPTS[arch]
     engine = Engine(bundles["fp32"])
     engine.load_expert("code")
-    want = greedy(model, PROMPT, 12)
-    assert list(generate(engine, PROMPT, 12)) == want
-    cache = engine.new_cache(len(PROMPT) + 12)
-    got = [engine.forward(np.array([PROMPT], dtype=np.int64), cache, last_only=True)[0, -1]]
+    want = greedy(model, prompt, 12)
+    assert list(generate(engine, prompt, 12)) == want
+    cache = engine.new_cache(len(prompt) + 12)
+    got = [engine.forward(np.array([prompt], dtype=np.int64), cache, last_only=True)[0, -1]]
     got += [engine.forward(np.array([[t]], dtype=np.int64), cache)[0, -1] for t in want[:-1]]
-    np.testing.assert_allclose(np.stack(got), pytorch_logits(model, PROMPT, want[:-1]), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.stack(got), pytorch_logits(model, prompt, want[:-1]), atol=1e-4, rtol=0)
     for quant in set(bundles) - {"fp32"}:
         engine = Engine(bundles[quant])
         engine.load_expert("code")
-        assert list(generate(engine, PROMPT, 12)) == want, quant
+        assert list(generate(engine, prompt, 12)) == want, quant
 
 
 def test_native_runtime_takes_the_architecture(native, exported, tmp_path):
@@ -75,9 +78,10 @@ def test_native_runtime_takes_the_architecture(native, exported, tmp_path):
     from tests.runtimes.test_native import python_logits, run_native
 
     arch, _, bundles = exported
+    prompt = PROMPTS[arch]
     session = Session(bundles["fp32"])
-    code, tokens, err, _ = run_native(native, bundles["fp32"], PROMPT, "--experts", "code", "--max-new-tokens", "8",
+    code, tokens, err, _ = run_native(native, bundles["fp32"], prompt, "--experts", "code", "--max-new-tokens", "8",
                                       "--logits", str(tmp_path / "logits.bin"))  # fmt: skip
-    assert code == 0 and tokens == list(session.generate(PROMPT, ["code"], 8)), err
+    assert code == 0 and tokens == list(session.generate(prompt, ["code"], 8)), err
     native = np.fromfile(tmp_path / "logits.bin", dtype=np.float32).reshape(len(tokens), -1)
-    np.testing.assert_allclose(native, python_logits(session, PROMPT, ["code"], tokens), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(native, python_logits(session, prompt, ["code"], tokens), atol=1e-5, rtol=0)

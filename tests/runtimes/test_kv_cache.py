@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mode_edge.export.pipeline import load_model
-from mode_edge.runtimes.engine import PREFILL_CHUNK, Engine
 from mode_edge.rope import inv_freq as rope_frequencies
+from mode_edge.runtimes.engine import PREFILL_CHUNK, Engine
 from mode_edge.runtimes.kv_cache import GROWTH, rotary_tables
 from mode_edge.training.model import KVCache
 

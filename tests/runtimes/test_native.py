@@ -68,9 +68,9 @@ def test_native_tokens_and_logits_are_the_python_runtimes(native, fp32_bundle, i
         assert got == want, f"{n}-token prompt"
         logits = np.fromfile(tmp_path / "logits.bin", dtype=np.float32).reshape(len(got), -1)
         # fp32: the same up to the order of float rounding in the gate's mix; int8 graphs quantize their activations
-        # (accuracy level 4), where a last-bit difference of the mix may move one rounding step (~1e-5 here; a wrong
-        # mix or cache moves the logits by 1e-3 and more)
-        atol = 1e-5 if which == "fp32" else 1e-4
+        # (accuracy level 4), where a last-bit difference of the mix may move one rounding step (measured 1e-5 to
+        # 2.4e-4, depending on how the tiny experts trained; a wrong mix or cache moves the logits by 1e-3 and more)
+        atol = 1e-5 if which == "fp32" else 5e-4
         np.testing.assert_allclose(logits, python_logits(session, prompt, names, got), rtol=0, atol=atol,
                                    err_msg=f"{n}-token prompt")  # fmt: skip
 

@@ -112,7 +112,8 @@ def test_changed_weights_with_every_checksum_rewritten_run_unless_a_key_is_pinne
     (folder / "pack.json").write_text(json.dumps(signed_version))
     rewrite_records(bundle, "code")
     refused("run", "--bundle", bundle, "--prompt", PROMPT, "--experts", "code", "--trust", publisher, message=message)
-    assert "does not match its content" in native_refused(native, bundle, "--experts", "code", "--trust", str(publisher))
+    err = native_refused(native, bundle, "--experts", "code", "--trust", str(publisher))
+    assert "does not match its content" in err
 
 
 def test_bad_keys_and_signatures_are_one_line(native, signed, tmp_path):

@@ -48,7 +48,7 @@ def test_a_broken_checkpoint_folder_is_refused(tmp_path):
 
 def unsupported_checkpoint(path, kind: str):
     """A tiny checkpoint folder transformers writes and reads, of an architecture or rope scaling not supported."""
-    from transformers import Gemma3TextConfig, Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
     kw = dict(vocab_size=257, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=128, head_dim=16)  # fmt: skip

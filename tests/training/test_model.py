@@ -24,31 +24,34 @@ def trained_like(expert: Expert, seed: int) -> Expert:
     return expert
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "llama3", "qwen3"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "llama3", "qwen3", "phi3"])
 def test_decoder_matches_transformers_logits(tmp_path, model_type):
-    """100 positions: past Llama 3's original context of the tiny checkpoint (64), where its scaling matters."""
+    """100 positions: past Llama 3's original context of the tiny checkpoint (64), where its scaling matters. Phi-3's
+    context is capped at its original 64 (LongRoPE's short factors hold there), so 64 positions."""
     from tests.conftest import save_tiny_hf_checkpoint
 
     hf = save_tiny_hf_checkpoint(tmp_path / model_type, model_type)
     ours = decoder_from_hf(hf).eval()
-    assert (ours.cfg.rope_scaling is not None) == (model_type == "llama3")
+    assert (ours.cfg.rope_scaling or {}).get("rope_type") == {"llama3": "llama3", "phi3": "longrope"}.get(model_type)
     assert ours.cfg.qk_norm == (model_type == "qwen3")
-    idx = tokens(100)
+    assert ours.cfg.max_seq_len == (64 if model_type == "phi3" else 1024)
+    idx = tokens(64 if model_type == "phi3" else 100)
     with torch.no_grad():
         assert_close(ours(idx), hf(idx).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("model_type", ["llama3", "qwen3"])
+@pytest.mark.parametrize("model_type", ["llama3", "qwen3", "phi3"])
 def test_kv_cache_decoding_matches_full_forward_for_each_architecture(tmp_path, model_type):
     from tests.conftest import save_tiny_hf_checkpoint
 
     decoder = decoder_from_hf(save_tiny_hf_checkpoint(tmp_path / model_type, model_type)).eval()
     model = MoDEModel(decoder, LAYOUT, {"a": trained_like(Expert.init_from(decoder, LAYOUT), 1)})
-    idx = tokens(90)
+    n = min(90, decoder.cfg.max_seq_len)
+    idx = tokens(n)
     with torch.no_grad():
         full = model(idx)
         cache = KVCache()
-        parts = [model(idx[:, :70], cache)] + [model(idx[:, t : t + 1], cache) for t in range(70, 90)]
+        parts = [model(idx[:, : n - 20], cache)] + [model(idx[:, t : t + 1], cache) for t in range(n - 20, n)]
     assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
 
 

@@ -68,6 +68,39 @@ FileRecords read_records(const json& files, const std::string& path) {
   return out;
 }
 
+bool positive(const json& v) {
+  return v.is_number() && !v.is_boolean() && v.get<double>() > 0 && std::isfinite(v.get<double>());
+}
+
+// base.decoder.rope_scaling (mode_edge/rope.check_rope_scaling): llama3 or longrope, every number positive.
+void read_rope_scaling(const json& s, Decoder& d, const std::string& path) {
+  std::string kind = s.is_object() && s.contains("rope_type") && s["rope_type"].is_string() ? s["rope_type"] : "";
+  bool ok = false;
+  if (kind == "llama3") {
+    const char* keys[] = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"};
+    std::array<double, 4> v{};
+    ok = true;
+    for (int i = 0; ok && i < 4; i++) {
+      ok = s.contains(keys[i]) && positive(s[keys[i]]);
+      if (ok) v[i] = s[keys[i]].get<double>();
+    }
+    ok = ok && v[2] > v[1];
+    if (ok) d.rope_llama3 = v;
+  } else if (kind == "longrope") {
+    const json& f = s.contains("short_factor") ? s["short_factor"] : json();
+    ok = s.contains("attention_factor") && positive(s["attention_factor"]) && f.is_array() &&
+         static_cast<int64_t>(f.size()) == d.head_dim / 2;
+    for (size_t i = 0; ok && i < f.size(); i++) ok = positive(f[i]);
+    if (ok) {
+      for (auto& v : f) d.rope_short_factor.push_back(v.get<double>());
+      d.rope_scale = s["attention_factor"].get<double>();
+    }
+  }
+  if (!ok)
+    throw UserError(path + " holds a base.decoder.rope_scaling the native runtime cannot use (llama3 or longrope, "
+                    "every factor positive); " + kReexport);
+}
+
 // What a pack must share with its bundle (mode_edge/bundle._precision): scheme (mixed counts as int4) and block size.
 std::string precision(const json& q) {
   if (!q.is_object()) return q.dump();
@@ -133,24 +166,10 @@ Bundle read_bundle(const std::string& root) {
     const int64_t big = int64_t(1) << 24;  // far above any phone-sized model, far below an overflow
     b.decoder = {integer(d, "vocab_size", 1, big, path), integer(d, "dim", 1, big, path),
                  integer(d, "n_kv_heads", 1, 4096, path), integer(d, "head_dim", 2, 4096, path),
-                 integer(d, "max_seq_len", 1, big, path), d.at("rope_theta").get<double>(), std::nullopt};
+                 integer(d, "max_seq_len", 1, big, path), d.at("rope_theta").get<double>(), std::nullopt, {}, 1.0};
     if (b.decoder.head_dim % 2 || !(b.decoder.rope_theta > 0) || !std::isfinite(b.decoder.rope_theta))
       throw UserError(path + " holds an impossible base.decoder (head_dim odd or rope_theta not > 0); " + kReexport);
-    if (d.contains("rope_scaling") && !d["rope_scaling"].is_null()) {
-      const json& s = d["rope_scaling"];
-      std::array<double, 4> v{};
-      const char* keys[] = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"};
-      bool ok = s.is_object() && s.value("rope_type", json()) == "llama3";
-      for (int i = 0; ok && i < 4; i++) {
-        ok = s.contains(keys[i]) && s[keys[i]].is_number() && !s[keys[i]].is_boolean();
-        if (ok) v[i] = s[keys[i]].get<double>();
-        ok = ok && v[i] > 0 && std::isfinite(v[i]);
-      }
-      if (!ok || v[2] <= v[1])
-        throw UserError(path + " holds a base.decoder.rope_scaling the native runtime cannot use (Llama 3's: "
-                        "rope_type llama3 with positive factors, high_freq_factor > low_freq_factor); " + kReexport);
-      b.decoder.rope_llama3 = v;
-    }
+    if (d.contains("rope_scaling") && !d["rope_scaling"].is_null()) read_rope_scaling(d["rope_scaling"], b.decoder, path);
     b.fingerprint = m.at("base").at("fingerprint");
     b.n_blocks = static_cast<int>(m.at("base").at("block_ranges").size());
     if (b.n_blocks < 1) throw UserError(path + " lists no blocks (base.block_ranges); " + kReexport);

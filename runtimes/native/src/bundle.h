@@ -30,9 +30,11 @@ struct Component {
 struct Decoder {
   int64_t vocab_size = 0, dim = 0, n_kv_heads = 0, head_dim = 0, max_seq_len = 0;
   double rope_theta = 0;
-  // Llama 3.x's rotary scaling (mode_edge/rope.py): factor, low_freq_factor, high_freq_factor,
-  // original_max_position_embeddings; nullopt: plain RoPE
+  // Rotary scaling (mode_edge/rope.py). Llama 3.x: factor, low_freq_factor, high_freq_factor,
+  // original_max_position_embeddings. LongRoPE (Phi-3.5 / 4): a divisor per frequency and a scale of cos and sin.
   std::optional<std::array<double, 4>> rope_llama3;
+  std::vector<double> rope_short_factor;  // empty: none
+  double rope_scale = 1.0;
 };
 
 struct ExpertEntry {

@@ -57,6 +57,7 @@ void rotary_tables(const Decoder& d, int64_t length, std::vector<float>& cos, st
       if (wavelen >= old / high && wavelen <= old / low) freq = (1 - smooth) * freq / factor + smooth * freq;
       else if (wavelen > old / low) freq = freq / factor;
     }
+    if (!d.rope_short_factor.empty()) freq = freq / d.rope_short_factor[i];  // LongRoPE
     inv_freq[i] = freq;
   }
   cos.resize(length * half);
@@ -64,8 +65,8 @@ void rotary_tables(const Decoder& d, int64_t length, std::vector<float>& cos, st
   for (int64_t p = 0; p < length; p++)
     for (int64_t i = 0; i < half; i++) {
       double f = static_cast<double>(p) * inv_freq[i];
-      cos[p * half + i] = static_cast<float>(std::cos(f));
-      sin[p * half + i] = static_cast<float>(std::sin(f));
+      cos[p * half + i] = static_cast<float>(std::cos(f) * d.rope_scale);
+      sin[p * half + i] = static_cast<float>(std::sin(f) * d.rope_scale);
     }
 }
 
