@@ -102,6 +102,14 @@ def train_options(method: str):
     return decorate
 
 
+def main_echo(text: str) -> None:
+    """A training command's last line, from rank 0 only under torchrun (training/distributed.py)."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(text)
+
+
 def make_train_config(**kw):
     from mode_edge.config import TrainConfig
 
@@ -197,7 +205,7 @@ def train_expert_cmd(base, domain, data, out, blocks, expert_layers, init, gener
     general_corpus = load_corpus(general) if general else None
     backbone = load_base(base)
     record = train_expert(backbone, domain, corpus, out, layout, cfg, general_corpus, stay_out)
-    click.echo(f"expert {domain}: {record['tokens']} tokens in {record['wall_s']:.0f}s "
+    main_echo(f"expert {domain}: {record['tokens']} tokens in {record['wall_s']:.0f}s "
                f"({record['tokens_per_s']:.0f} tok/s) -> {out}")  # fmt: skip
 
 
@@ -221,7 +229,7 @@ def train_compose_cmd(base, experts, data, out, freeze_experts, **train_kw):
     corpora = [load_corpus(d) for d in csv_paths(data)]
     backbone = load_base(base or base_of(expert_runs[0]))
     record = compose(backbone, expert_runs, corpora, out, cfg, freeze_experts)
-    click.echo(f"composed: {record['tokens']} tokens in {record['wall_s']:.0f}s -> {out}")
+    main_echo(f"composed: {record['tokens']} tokens in {record['wall_s']:.0f}s -> {out}")
 
 
 @train.command("full-ft", short_help="Baseline: full fine-tuning.")
@@ -238,7 +246,7 @@ def train_full_ft_cmd(base, data, out, **train_kw):
     require_absent(out)
     corpora = [load_corpus(d) for d in csv_paths(data)]
     record = train_full_ft(load_base(base), corpora, out, cfg)
-    click.echo(f"full-ft: {record['tokens']} tokens in {record['wall_s']:.0f}s -> {out}")
+    main_echo(f"full-ft: {record['tokens']} tokens in {record['wall_s']:.0f}s -> {out}")
 
 
 @train.command("lora", short_help="Baseline: LoRA adapters (peft).")
@@ -261,7 +269,7 @@ def train_lora_cmd(base, data, out, rank, alpha, targets, **train_kw):
     require_absent(out)
     corpora = [load_corpus(d) for d in csv_paths(data)]
     record = train_lora(load_base(base), corpora, out, cfg, settings)
-    click.echo(f"lora: {record['trainable_parameters']} trainable parameters, {record['tokens']} tokens -> {out}")
+    main_echo(f"lora: {record['trainable_parameters']} trainable parameters, {record['tokens']} tokens -> {out}")
 
 
 def base_of(run: Path) -> str:

@@ -8,8 +8,10 @@ Only the parameters handed in learn; everything else (the frozen backbone above 
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -23,6 +25,7 @@ from mode_edge.files import atomic_dir, partial_path, read_json, write_json
 from mode_edge.integrity import check_file, checked_load, file_record, is_int
 from mode_edge.memory import PeakRSS
 from mode_edge.progress import console, training_progress
+from mode_edge.training import distributed
 
 STATE_DIR = "train_state"
 NOTHING_DONE = {"step": 0, "history": [], "tokens": 0, "wall_s": 0.0, "peak_rss_mb": 0.0}
@@ -118,10 +121,21 @@ def train(
     loss_fn: Callable = lm_loss,
 ) -> dict:
     """Train the named `params` of `model` (a token-ids -> logits module) on `loss_fn(model, batch)`; returns loss
-    history and throughput."""
+    history and throughput. Under torchrun, data parallel over the processes (training/distributed.py): the same
+    result as one process with the same global batch, checkpoints written by rank 0."""
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but this torch has no CUDA device; use --device cpu")
+    rank, size = distributed.world()
+    if device.type == "cuda" and size > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
+    with distributed.process_group(device):
+        return _train(model, params, batches, cfg, work, device, rank, size, signature=signature, label=label,
+                      loss_fn=loss_fn)  # fmt: skip
+
+
+def _train(model, params, batches, cfg: TrainConfig, work: Path, device: torch.device, rank: int, size: int, *,
+           signature: dict, label: str, loss_fn: Callable) -> dict:  # fmt: skip
     model.to(device)
     for p in params.values():
         p.requires_grad_(True)
@@ -132,6 +146,8 @@ def train(
         before = _load_state(state_dir, params, optimizer, signature)
         for _ in range(before["step"] * cfg.grad_accum):  # replay the deterministic data order up to the checkpoint
             next(batches)
+    if size > 1:
+        distributed.broadcast_parameters(params)
     step, history = before["step"], list(before["history"])
     tokens, t0 = 0, time.perf_counter()
 
@@ -140,24 +156,29 @@ def train(
         return {"step": step, "history": history, "tokens": before["tokens"] + tokens, "wall_s": round(wall, 2),
                 "peak_rss_mb": round(max(before["peak_rss_mb"], peak_mb), 1)}  # fmt: skip
 
-    with PeakRSS() as memory, training_progress(label, cfg.steps, start=step) as advance:
+    progress = training_progress(label, cfg.steps, start=step) if rank == 0 else nullcontext(lambda **_: None)
+    with PeakRSS() as memory, progress as advance:
         while step < cfg.steps:
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(step, cfg)
             total = 0.0
             for _ in range(cfg.grad_accum):
-                batch = _to(next(batches), device)
+                batch = next(batches)
+                batch = _to(distributed.rows_of(batch, rank, size) if size > 1 else batch, device)
                 loss = loss_fn(model, batch)
                 (loss / cfg.grad_accum).backward()
                 total += loss.item() / cfg.grad_accum
-                tokens += (batch[0] if isinstance(batch, tuple) else batch)[:, 1:].numel()
+                tokens += (batch[0] if isinstance(batch, tuple) else batch)[:, 1:].numel() * size
+            if size > 1:
+                distributed.average_gradients(params, size)
+                total = distributed.average(total, size, device)
             torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             history.append(round(total, 5))
             advance(loss=total, tokens_per_s=tokens / (time.perf_counter() - t0))
-            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            if rank == 0 and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 _save_state(state_dir, params, optimizer, spent(memory.peak_mb), signature)
     result = spent(memory.peak_mb)
     for p in params.values():
@@ -180,7 +201,11 @@ def train_into(
     loss_fn: Callable = lm_loss,
 ) -> dict:
     """Train, then let `save(work, result)` write the run, which appears as `out` only when complete. An interrupted
-    run keeps its checkpoint in the hidden partial folder, and the same call with the same settings resumes it."""
+    run keeps its checkpoint in the hidden partial folder, and the same call with the same settings resumes it.
+    Under torchrun only rank 0 writes; the other ranks train beside it, reading its checkpoint to resume."""
+    if distributed.world()[0] != 0:
+        return train(model, params, batches, cfg, partial_path(out), signature=signature, label=label,
+                     loss_fn=loss_fn)  # fmt: skip
     if partial_path(out).exists():
         console.print(f"resuming the interrupted run in {partial_path(out)}")
     with atomic_dir(out, keep_partial_on_error=True) as work:

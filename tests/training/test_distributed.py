@@ -1,0 +1,88 @@
+"""Training past one process: `mode-edge train ...` under a real `torchrun` (gloo, 2 processes, one thread each) on the
+tiny backbone. Two ranks with half the global batch each end on the weights one process reaches with the whole
+batch; a run interrupted in one process resumes under two and ends where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from torch.testing import assert_close
+
+from mode_edge.training import runs
+from mode_edge.training.backbones import load_backbone
+from tests.cli_runner import invoke
+
+BIN = Path(sys.executable).parent
+ARGS = ["--base", "tiny", "--domain", "code", "--steps", "6", "--batch-size", "4", "--seq-len", "48",
+        "--warmup-steps", "1", "--lr", "1e-3", "--checkpoint-every", "2"]  # fmt: skip
+
+
+def torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={processes}", "--no-python",
+           str(BIN / "mode-edge"), *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def expert_weights(run: Path) -> dict:
+    return runs.load_run_experts(run, load_backbone("tiny"))[0].expert.state_dict()
+
+
+def history(run: Path) -> list[float]:
+    return json.loads((run / "model.json").read_text())["history"]["code"]
+
+
+@pytest.fixture(scope="module")
+def single(code_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "run"
+    invoke("train", "expert", *ARGS, "--data", code_data, "--out", out)
+    return out
+
+
+def test_two_ranks_reach_the_weights_of_one_process_with_the_global_batch(single, code_data, tmp_path):
+    proc = torchrun("train", "expert", *ARGS, "--data", str(code_data), "--out", str(tmp_path / "ddp"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("expert code:") == 1  # the last line from rank 0 alone
+    a, b = expert_weights(tmp_path / "ddp"), expert_weights(single)
+    for k in a:
+        assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert history(tmp_path / "ddp") == pytest.approx(history(single), rel=1e-5)
+    record = runs.read_model_record(tmp_path / "ddp")["training"]
+    assert record["tokens"] == runs.read_model_record(single)["training"]["tokens"]  # every rank's tokens counted
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # one run folder, no partial left
+
+
+def test_an_interrupted_run_resumes_under_another_world_size(single, code_data, tmp_path):
+    import mode_edge.training.train_expert as te
+
+    def failing(stream):
+        for i, batch in enumerate(stream):
+            if i == 3:  # during step 4 of 6, after the checkpoint of step 2
+                raise KeyboardInterrupt
+            yield batch
+
+    original = te.TokenStream
+    te.TokenStream = lambda *a, **k: failing(original(*a, **k))
+    try:  # (the command catches the interrupt, says how to resume, and exits non-zero)
+        assert invoke("train", "expert", *ARGS, "--data", code_data, "--out", tmp_path / "run", ok=False).exit_code
+    finally:
+        te.TokenStream = original
+    assert json.loads((tmp_path / ".run.partial/train_state/state.json").read_text())["step"] == 2
+    proc = torchrun("train", "expert", *ARGS, "--data", str(code_data), "--out", str(tmp_path / "run"))
+    assert proc.returncode == 0 and "resuming" in proc.stderr, proc.stderr[-3000:]
+    a, b = expert_weights(tmp_path / "run"), expert_weights(single)
+    for k in a:
+        assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert history(tmp_path / "run") == pytest.approx(history(single), rel=1e-5)
+
+
+def test_a_global_batch_that_does_not_divide_is_one_line(code_data, tmp_path):
+    args = [a if a != "4" else "3" for a in ARGS]
+    proc = torchrun("train", "expert", *args, "--data", str(code_data), "--out", str(tmp_path / "odd"))
+    assert proc.returncode != 0 and "--batch-size 3 does not divide among 2 processes" in proc.stderr
+    assert "Traceback" not in proc.stderr.split("--batch-size 3")[0][-2000:]
