@@ -8,10 +8,12 @@ trim_blocks and lstrip_blocks, loop controls, the `raise_exception` and `strftim
 does not escape HTML, the tokenizer's special tokens as variables; transformers/utils/chat_template_utils.py), so the
 text equals what the checkpoint saw in training.
 
-Token ids are made so that only the template can produce control tokens: the template is rendered once with markers
-in place of the messages, and split there into pieces; the pieces are encoded with their control tokens
-("<|im_start|>"), the messages as text. A user who types "<|im_end|>" gets those characters, not the end of a turn.
-The pieces are recorded too, so an app without Jinja (the native runtime's callers) concatenates them instead.
+Token ids are made so that only the template can produce control tokens. A prompt whose messages spell no control
+token is encoded whole, as transformers encodes it (the same ids for every tokenizer, whatever its normalizer
+prepends or merges across a message's edges). One whose message spells a control token ("<|im_end|>") is encoded in
+pieces instead: the template rendered with markers in place of the messages and split there, the pieces with their
+control tokens, the messages as text, so the user gets those characters and not the end of a turn. The pieces are
+recorded too, so an app without Jinja (the native runtime's callers) concatenates them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from mode_edge.errors import UserError
 MARK = "\ue000mode-edge-{}\ue001"
 """A message's place in the rendered template: private-use characters that no template or tokenizer gives meaning."""
 ROLES = ("system", "user")
+RESERVED = ("messages", "tools", "documents", "add_generation_prompt")
+"""Names the template is rendered with: no special token may take one (manifest shape, mode_edge/integrity.py)."""
 
 
 def environment():
@@ -78,6 +82,9 @@ class ChatTemplate:
         except jinja2.TemplateError as e:
             raise UserError(f"the bundle's chat template failed: {e}; check --system (some templates refuse one) "
                             f"or run without --chat") from None  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - a template is a program: any failure of it is one line
+            raise UserError(f"the bundle's chat template failed ({type(e).__name__}: {e}); run without --chat, or "
+                            f"export the bundle again") from None  # fmt: skip
 
     def pieces(self, system: bool) -> list[str]:
         """The rendered prompt around its messages: [before system, between, after user] with a system message,
@@ -87,16 +94,21 @@ class ChatTemplate:
         out = []
         for role in roles:
             before, found, text = text.partition(MARK.format(role))
-            if not found:
+            if not found or MARK.format(role) in text:
                 raise UserError(f"the bundle's chat template does not show the {role} message as given; run without "
                                 f"--chat (or without --system)")  # fmt: skip
             out.append(before)
         return [*out, text]
 
     def encode(self, tokenizer, user: str, system: str | None = None) -> list[int]:
-        """Token ids of the chat prompt: the pieces with their control tokens, the messages as plain text
-        (mode_edge.tokenizer.TextTokenizer). No BOS is added: the template writes it where it wants one."""
+        """Token ids of the chat prompt (mode_edge.tokenizer.TextTokenizer): the rendered prompt encoded whole when
+        no message spells a control token, else the pieces with their control tokens and the messages as plain text
+        (module docstring). No BOS is added: the template writes it where it wants one."""
         messages = [system, user] if system is not None else [user]
+        spelled = {tokenizer.tokenizer.id_to_token(i) for i in tokenizer.control_ids()}
+        if not any(token in m for token in spelled for m in messages):
+            roles = ROLES if system is not None else ROLES[1:]
+            return tokenizer.encode_template(self.render([{"role": r, "content": m} for r, m in zip(roles, messages)]))
         pieces = self.pieces(system is not None)
         ids = tokenizer.encode_template(pieces[0])
         for message, piece in zip(messages, pieces[1:]):
@@ -119,19 +131,27 @@ def chat_template(bundle) -> ChatTemplate:
 def chat_record(template: str | None, special_tokens: dict[str, str], tokenizer) -> dict | None:
     """What the export records in the manifest (tokenizer.chat): the template, its special tokens, the end-of-turn
     ids (the control tokens the template writes right after an assistant message: "<|im_end|>", "<|eot_id|>",
-    "<end_of_turn>") and the pre-rendered pieces with and without a system message. None without a template."""
+    "<end_of_turn>") and the pre-rendered pieces with and without a system message. None without a template, and
+    None with a warning for a template that cannot render a user message (the bundle then runs without --chat)."""
     if not template:
         return None
-    chat = ChatTemplate(template, special_tokens, ())
+    chat = ChatTemplate(template, {k: v for k, v in special_tokens.items() if k not in RESERVED}, ())
     reply = MARK.format("assistant")
-    text = chat.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}], False)
+    try:
+        text = chat.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}], False)
+        pieces = {"user": chat.pieces(False)}
+    except UserError as e:
+        from mode_edge.progress import console
+
+        console.print(f"warning: the checkpoint's chat template is left out of the bundle ({e}); `run --chat` will "
+                      f"refuse it")  # fmt: skip
+        return None
     after = text.partition(reply)[2]
     control = tokenizer.control_ids()
     stop = next((i for i in tokenizer.encode_template(after) if i in control), None)
     stops = sorted({i for i in (stop, tokenizer.eos_id) if i is not None})
-    pieces = {"user": chat.pieces(False)}
     try:
         pieces["system_user"] = chat.pieces(True)
     except UserError:  # a template that refuses a system message (Gemma's folds it into the user's)
         pass
-    return {"template": template, "special_tokens": special_tokens, "stop_ids": stops, "pieces": pieces}
+    return {"template": template, "special_tokens": chat.special_tokens, "stop_ids": stops, "pieces": pieces}

@@ -63,7 +63,8 @@ class DecoderConfig(_Serialisable):
     rope_scaling: dict | None = None
     """Rotary frequency scaling (mode_edge/rope.py): None for plain RoPE, Llama 3.x's {"rope_type": "llama3",
     "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} (Hugging Face's names), or
-    Phi-3.5 / Phi-4's {"rope_type": "longrope", "short_factor": [...], "attention_factor"}."""
+    Phi-3.5-mini's (and Phi-3's long-context variants') {"rope_type": "longrope", "short_factor": [...],
+    "attention_factor"}."""
     qk_norm: bool = False
     """Whether queries and keys go through an RMS norm per head before the rotary embedding (Qwen3)."""
 

@@ -20,6 +20,7 @@ from typing import Callable, TypeVar
 
 from mode_edge.errors import UserError
 from mode_edge.files import sha256_file, write_json
+from mode_edge.chat import RESERVED
 from mode_edge.rope import check_rope_scaling
 from mode_edge.signing import ROLES
 
@@ -122,7 +123,8 @@ def chat_shape_ok(chat, vocab_size: int) -> bool:
     if not isinstance(chat, dict) or not isinstance(chat.get("template"), str):
         return False
     special, stops, pieces = chat.get("special_tokens"), chat.get("stop_ids"), chat.get("pieces")
-    return (isinstance(special, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in special.items())
+    return (isinstance(special, dict) and all(isinstance(k, str) and isinstance(v, str) and k not in RESERVED
+                                              for k, v in special.items())
             and isinstance(stops, list) and all(is_int(i) and 0 <= i < vocab_size for i in stops)
             and isinstance(pieces, dict) and strings(pieces.get("user"), 2)
             and (pieces.get("system_user") is None or strings(pieces["system_user"], 3)))  # fmt: skip

@@ -5,8 +5,8 @@ the native runtime's engine.cpp computes the same formula). Pure numpy.
 Plain RoPE (Su et al. 2021): inv_freq[i] = theta ** (-2i / head_dim). Llama 3.x scales it for a longer context
 ("llama3" rope type, Hugging Face's `_compute_llama3_parameters`): wavelengths 2 pi / inv_freq longer than
 original_max_position_embeddings / low_freq_factor are divided by `factor`, shorter than .. / high_freq_factor are
-kept, and the band between is interpolated linearly in original_max_position_embeddings / wavelength. Phi-3.5 /
-Phi-4 ("longrope", LongRoPE, Ding et al. 2024, as Hugging Face's `_compute_longrope_parameters`): each frequency
+kept, and the band between is interpolated linearly in original_max_position_embeddings / wavelength. Phi-3.5-mini
+("longrope", LongRoPE, Ding et al. 2024, as Hugging Face's `_compute_longrope_parameters`): each frequency
 divided by its own `short_factor`, and cos and sin multiplied by `attention_factor`; the long factors apply only past
 the original context, which the backbone loader caps the context at, so they are not recorded.
 """

@@ -57,6 +57,9 @@ class Engine:
         """trusted_keys: keys pinned by the caller (signing.pinned_keys); when given, every expert must carry the
         signature of one of them (checked at each load, before its files)."""
         check_optional("threads", threads, lo=1, integer=True)
+        if trusted_keys and not verify:
+            raise UserError("pinned keys (--trust) vouch for a pack's files through their sha256, so the files must "
+                            "be verified: drop --no-verify")  # fmt: skip
         self.bundle = Path(bundle)
         self.trusted_keys = trusted_keys or {}
         self.manifest = read_bundle(self.bundle)
@@ -133,8 +136,9 @@ class Engine:
         check_pack_fits(pack, self.manifest, f"expert {name!r} in {self.bundle}")
         if self.trusted_keys:
             check_installed_signature(folder, name, pack, pack_sha, self.trusted_keys, reinstall_fix(folder))
-        if verify:
-            verify_files(folder, pack["files"], f"expert {name!r}", reinstall_fix(folder))
+        if verify:  # with pinned keys every file is hashed: the hash cache lives in the writable bundle
+            verify_files(folder, pack["files"], f"expert {name!r}", reinstall_fix(folder),
+                         cached=not self.trusted_keys)  # fmt: skip
         return pack
 
     def unload_expert(self, name: str) -> None:
@@ -293,7 +297,7 @@ def sample(logits: np.ndarray, s: Sampling, rng: SplitMix64) -> int:
         z = np.where(z < kth, -np.inf, z)
     w = np.exp(z)
     if s.top_p < 1:
-        p = w / w.sum()
+        p = w / np.cumsum(w)[-1]  # the sum in index order, as the native runtime adds
         order = np.argsort(-p, kind="stable")
         before = np.concatenate(([0.0], np.cumsum(p[order])[:-1]))  # the mass of the likelier tokens
         keep = np.zeros(len(p), dtype=bool)

@@ -62,9 +62,6 @@ class Session:
                  budget_mb: float | None = None, verify: bool = True, pack_source: str | None = None,
                  warn: Callable[[str], None] = warn_stderr, trusted_keys: dict | None = None):  # fmt: skip
         check_optional("memory budget (MB)", budget_mb, lo=0, lo_open=True)
-        if trusted_keys and not verify:
-            raise UserError("pinned keys (--trust) vouch for a pack's files through their sha256, so the files must "
-                            "be verified: drop --no-verify")  # fmt: skip
         self.bundle = Path(bundle)
         self.budget = None if budget_mb is None else int(budget_mb * MB)
         self.engine = Engine(self.bundle, backend=backend, threads=threads, verify=verify, trusted_keys=trusted_keys)

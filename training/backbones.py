@@ -28,8 +28,8 @@ from mode_edge.training.model import Decoder
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 """Hugging Face model types read into our decoder: Llama (incl. 3.x with its rope scaling), Mistral, Qwen2 / 2.5
-(biased q, k, v projections), Qwen3 (per-head q and k norms), Phi-3 / 3.5 / 4-mini (fused projections, split on
-load; LongRoPE)."""
+(biased q, k, v projections), Qwen3 (per-head q and k norms), Phi-3 / 3.5-mini (fused projections, split on load;
+LongRoPE; Phi-4-mini's partial rotary embedding is refused)."""
 TINY_CONFIG = DecoderConfig(
     vocab_size=257, dim=64, n_layers=6, n_heads=4, n_kv_heads=2, hidden_dim=128, head_dim=16,
     rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True, max_seq_len=1024,

@@ -44,8 +44,8 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding tables (the rotate-half convention of Hugging Face's Llama; frequencies, with
-    Llama 3.x's scaling where the config has it, from mode_edge/rope.py)."""
+    """Rotary position embedding tables (the rotate-half convention of Hugging Face's Llama; frequencies and the
+    scale of cos and sin, with Llama 3.x's or LongRoPE's scaling where the config has one, from mode_edge/rope.py)."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()

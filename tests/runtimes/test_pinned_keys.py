@@ -116,6 +116,32 @@ def test_changed_weights_with_every_checksum_rewritten_run_unless_a_key_is_pinne
     assert "does not match its content" in err
 
 
+def test_a_forged_hash_cache_does_not_let_changed_weights_past_a_pinned_key(native, signed):
+    """The cache of verified hashes (.verified.json) lives in the writable bundle: with pinned keys it is not
+    trusted, so weights changed in place with a forged cache entry (and pack.json, pack.sig untouched) are refused."""
+    import os
+
+    from mode_edge.integrity import CACHE, stamp
+
+    bundle, publisher, _ = signed
+    python_run(bundle, "--experts", "code")  # fills the cache
+    folder = expert_folder(bundle, read_bundle(bundle), "code")
+    pack = json.loads((folder / "pack.json").read_text())
+    biggest = max(pack["files"], key=lambda rel: pack["files"][rel]["bytes"])
+    flip(folder / biggest)
+    cache = json.loads((folder / CACHE).read_text())
+    cache[biggest] = [*stamp(folder / biggest), pack["files"][biggest]["sha256"]]
+    (folder / CACHE).write_text(json.dumps(cache))
+    os.utime(folder / biggest)
+    cache[biggest] = [*stamp(folder / biggest), pack["files"][biggest]["sha256"]]
+    (folder / CACHE).write_text(json.dumps(cache))
+    python_run(bundle, "--experts", "code")  # without pinning the cache is believed (its documented limit)
+    refused("run", "--bundle", bundle, "--prompt", PROMPT, "--experts", "code", "--trust", publisher,
+            message="does not match its sha256")  # fmt: skip
+    assert "does not match its sha256" in native_refused(native, bundle, "--experts", "code", "--trust",
+                                                         str(publisher))  # fmt: skip
+
+
 def test_bad_keys_and_signatures_are_one_line(native, signed, tmp_path):
     bundle, publisher, _ = signed
     private = publisher.with_suffix(".key")
@@ -124,6 +150,8 @@ def test_bad_keys_and_signatures_are_one_line(native, signed, tmp_path):
         refused("run", "--bundle", bundle, "--prompt", PROMPT, "--trust", key, message=piece)
         assert piece in native_refused(native, bundle, "--trust", str(key))
     assert "drop --no-verify" in native_refused(native, bundle, "--trust", str(publisher), "--no-verify")
+    assert "--trust is empty" in native_refused(native, bundle, "--trust", " ")
+    refused("run", "--bundle", bundle, "--prompt", PROMPT, "--trust", "", message="--trust")
     folder = expert_folder(bundle, read_bundle(bundle), "code")
     (folder / "pack.sig").write_text('{"algorithm": "ed25519", "key_id": "x", "signature": "not base64!"}')
     message = "is not an ed25519 signature"

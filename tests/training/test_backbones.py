@@ -63,7 +63,7 @@ def unsupported_checkpoint(path, kind: str):
 
 @pytest.mark.parametrize("kind,field,supported", [
     ("gemma3", "backbone type 'gemma3_text' (config.json model_type)", "llama, mistral, qwen2, qwen3"),
-    ("yarn", "rope scaling 'yarn' (config.json rope_scaling.rope_type)", "default (plain RoPE) and llama3"),
+    ("yarn", "rope scaling 'yarn' (config.json rope_scaling.rope_type)", "default (plain RoPE), llama3 and longrope"),
 ])  # fmt: skip
 def test_what_is_not_supported_is_named_with_the_supported_list(tmp_path, kind, field, supported):
     with pytest.raises(UserError) as refused:

@@ -191,6 +191,8 @@ Bundle read_bundle(const std::string& root) {
     if (tok.contains("eos_id") && !tok["eos_id"].is_null()) b.eos_id = integer(tok, "eos_id", 0, big, path);
     if (tok.contains("chat") && !tok["chat"].is_null()) {
       std::vector<int64_t> stops;
+      if (!tok["chat"].at("stop_ids").is_array())
+        throw UserError(path + ": tokenizer.chat.stop_ids is not a list of token ids; " + kReexport);
       for (const json& id : tok["chat"].at("stop_ids")) {
         if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() >= b.decoder.vocab_size)
           throw UserError(path + ": tokenizer.chat.stop_ids holds " + id.dump() + ", not a token id; " + kReexport);

@@ -59,6 +59,9 @@ mode_edge_status mode_edge_open(const char* bundle, const mode_edge_options* opt
     std::stringstream keys(o.trusted_keys ? o.trusted_keys : "");
     for (std::string line; std::getline(keys, line);)
       if (line.find_first_not_of(" \t\r") != std::string::npos) so.trusted_keys.push_back(line);
+    if (o.trusted_keys && so.trusted_keys.empty())  // pinning asked for, with nothing to pin: never "no check"
+      throw mode_edge::UserError("trusted_keys holds no key; give one public key per line (a .pub file's line or its "
+                                 "path), or NULL to pin none");
     auto s = std::make_unique<mode_edge_session>();
     s->session = std::make_unique<mode_edge::Session>(bundle, so);
     *out = s.release();

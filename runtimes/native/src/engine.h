@@ -96,8 +96,9 @@ class Engine {
 };
 
 // Rotary tables of positions 0 .. length-1: cos and sin of p * inv_freq[i] with inv_freq = theta^(-2i/hd), scaled as
-// Llama 3 does where the decoder says so (mode_edge/rope.py), (length, hd/2) floats each, computed in double and
-// rounded once, as runtimes/kv_cache.rotary_tables does (the same tables: the same logits).
+// Llama 3 or LongRoPE does where the decoder says so (LongRoPE also multiplies cos and sin by its attention factor;
+// mode_edge/rope.py), (length, hd/2) floats each, computed in double and rounded once, as
+// runtimes/kv_cache.rotary_tables does (the same tables: the same logits).
 void rotary_tables(const Decoder& decoder, int64_t length, std::vector<float>& cos, std::vector<float>& sin);
 
 // The gate's mix over T tokens of width d: per token a = softmax([0, g_1 .. g_N]) and out = a_0 y_0 + sum_j a_j y_j.

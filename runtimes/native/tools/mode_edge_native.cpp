@@ -233,6 +233,8 @@ int main_(int argc, char** argv) {
     else if (opt == "--ort-lib") ort_lib = v;
     else if (opt == "--trust") {
       if (v.find('\n') != std::string::npos) throw Usage("--trust takes one key per option; repeat --trust for several");
+      if (v.find_first_not_of(" \t\r") == std::string::npos)
+        throw Usage("--trust is empty; give a .pub file from `mode-edge keys generate` or its line");
       trusted += v + "\n";
     }
     else if (opt == "--json") json_path = v;
