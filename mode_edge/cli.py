@@ -4,6 +4,7 @@ modules (torch, transformers) only when it runs, so device-side commands never l
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -29,7 +30,8 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as e:
-            click.secho(f"error: {e}", fg="red", err=True)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the same mistake: say it once
+                click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(2)
         except click.UsageError as e:
             usage_error(e, ctx.command_path)
@@ -102,6 +104,18 @@ def train_options(method: str):
     return decorate
 
 
+class Folder(click.Path):
+    """A folder path option; "" (an unset shell variable) is refused rather than read as the current folder."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty; give a folder", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+FOLDER = Folder(path_type=Path)
+
+
 def main_echo(text: str) -> None:
     """A training command's last line, from rank 0 only under torchrun (training/distributed.py)."""
     import os
@@ -149,7 +163,7 @@ def train():
 @click.option("--base", default="smollm2", show_default=True, help=BASE_HELP)
 @click.option("--domain", required=True, help="Name of the expert (usually its domain).")
 @click.option(
-    "--data", type=click.Path(path_type=Path), required=True, help="Corpus folder (prepared, or .txt/.jsonl files)."
+    "--data", type=FOLDER, required=True, help="Corpus folder (prepared, or .txt/.jsonl files)."
 )
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder to create.")
 @click.option("--blocks", type=POSITIVE, default=3, show_default=True,
@@ -162,7 +176,7 @@ def train():
     show_default=True,
     help="Expert layers start as copies of the block's last backbone layers, or random.",
 )
-@click.option("--general", type=click.Path(path_type=Path), default=None,
+@click.option("--general", type=FOLDER, default=None,
               help="General-text corpus (e.g. from `data prepare --domain general`): a share of each batch comes from "
                    "it and teaches the expert to stay out of text that is not its domain; it also fits the router "
                    "that lets `run --experts auto` tell this domain from general text.")

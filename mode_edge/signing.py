@@ -50,6 +50,9 @@ def generate_key(out: Path) -> str:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    if not str(out).strip() or not Path(out).name:
+        raise UserError("--out is empty; give the key pair's name, e.g. keys/publisher (writes keys/publisher.key "
+                        "and keys/publisher.pub)")  # fmt: skip
     out = Path(out)
     private_path, public_path = out.with_name(out.name + ".key"), out.with_name(out.name + ".pub")
     for path in (private_path, public_path):
@@ -221,6 +224,8 @@ def pinned_keys(keys: list[str] | tuple[str, ...]) -> dict:
     Raises UserError for what is not a public key."""
     out = {}
     for key in keys:
+        if not key.strip():
+            raise UserError("--trust is empty; give a .pub file from `mode-edge keys generate` or its line")
         raw = parse_public(key, "--trust")
         out[key_id(raw)] = {"public_key": public_line(raw)}
     return out

@@ -38,6 +38,8 @@ def load_tokenizer(bundle: Path) -> TextTokenizer:
 
 def parse_experts(value: str) -> list[str] | str:
     """`--experts`: 'auto', 'none', or comma-separated expert names (each checked before any file is touched)."""
+    if not value.strip(" ,"):
+        raise UserError("--experts is empty; give auto, none or comma-separated expert names")
     return split_names(value, "--experts", keywords=("auto", "none"))
 
 

@@ -134,3 +134,15 @@ def test_run_refuses_a_plot_it_cannot_write_before_generating(int8_bundle, tmp_p
         refused("run", "--bundle", int8_bundle, "--prompt", "x", "--plot", tmp_path / name,
                 message=("--plot", "name a .png, .svg, .pdf file"))  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+def test_empty_values_are_refused_not_read_as_defaults(int8_bundle, tmp_path):
+    """An unset shell variable passed as "" must not mean the current folder, the bare base or no key."""
+    from tests.cli_runner import refused
+
+    refused("keys", "generate", "--out", "", message="--out is empty")
+    refused("run", "--bundle", int8_bundle, "--prompt", "hi", "--experts", "", message="--experts is empty")
+    refused("run", "--bundle", int8_bundle, "--prompt", "hi", "--trust", " ", message="--trust is empty")
+    refused("train", "expert", "--base", "tiny", "--domain", "code", "--data", "", "--out", tmp_path / "r",
+            message=("--data", "is empty"))  # fmt: skip
+    assert not (tmp_path / "r").exists()

@@ -84,5 +84,5 @@ def test_an_interrupted_run_resumes_under_another_world_size(single, code_data, 
 def test_a_global_batch_that_does_not_divide_is_one_line(code_data, tmp_path):
     args = [a if a != "4" else "3" for a in ARGS]
     proc = torchrun("train", "expert", *args, "--data", str(code_data), "--out", str(tmp_path / "odd"))
-    assert proc.returncode != 0 and "--batch-size 3 does not divide among 2 processes" in proc.stderr
-    assert "Traceback" not in proc.stderr.split("--batch-size 3")[0][-2000:]
+    assert proc.returncode != 0 and proc.stderr.count("--batch-size 3 does not divide among 2 processes") == 1
+    assert "Traceback" not in proc.stderr.split("--batch-size 3")[0][-2000:]  # (torchrun then reports the ranks)
