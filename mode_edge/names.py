@@ -22,8 +22,13 @@ def check_name(name: object, where: str = "") -> str:
     from: an option, a file) and the rule."""
     from mode_edge.errors import UserError
 
-    if not isinstance(name, str) or not NAME.fullmatch(name) or name.lower() in RESERVED:
-        raise UserError(f"{where + ': ' if where else ''}expert name {name!r} is not a plain name; {RULE}")
+    where = where + ": " if where else ""
+    if isinstance(name, str) and name.lower() in RESERVED:
+        raise UserError(f"{where}{name!r} is a reserved word, not an expert name: '{name.lower()}' alone means "
+                        f"{'route on the prompt' if name.lower() == 'auto' else 'the bare base'}, written in lower "
+                        f"case and not in a list")  # fmt: skip
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise UserError(f"{where}expert name {name!r} is not a plain name; {RULE}")
     return name
 
 

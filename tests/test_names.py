@@ -13,12 +13,18 @@ from mode_edge.names import check_name, check_names
 from mode_edge.packs import make_pack
 from tests.cli_runner import refused, tree
 
-BAD = ["../../escaped", "../outside", "a/b", "/tmp/abs", ".", "..", "", "a\x00b", "tab\tname", "auto", "x" * 65]
+BAD = ["../../escaped", "../outside", "a/b", "/tmp/abs", ".", "..", "", "a\x00b", "tab\tname", "x" * 65]
 
 
 @pytest.mark.parametrize("name", BAD)
 def test_check_name_refuses_paths_and_odd_names(name):
     with pytest.raises(UserError, match="is not a plain name"):
+        check_name(name)
+
+
+@pytest.mark.parametrize("name", ["auto", "AUTO", "None"])
+def test_the_reserved_words_are_named_as_such(name):
+    with pytest.raises(UserError, match="is a reserved word, not an expert name"):
         check_name(name)
 
 

@@ -25,6 +25,12 @@ inline bool plain_name(const std::string& name) {
 // Each name plain and named once; else UserError "WHERE: ...".
 inline std::vector<std::string> check_names(const std::vector<std::string>& names, const std::string& where) {
   for (auto& n : names) {
+    std::string lower(n);
+    std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return std::tolower(c); });
+    if (lower == "auto" || lower == "none")
+      throw UserError(where + ": '" + n + "' is a reserved word, not an expert name: '" + lower + "' alone means " +
+                      (lower == "auto" ? "route on the prompt" : "the bare base") +
+                      ", written in lower case and not in a list");
     if (!plain_name(n))
       throw UserError(where + ": expert name '" + n + "' is not a plain name; use 1-64 letters, digits, '_', '-' or "
                       "'.', starting with a letter or digit (not 'auto' or 'none')");
