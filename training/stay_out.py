@@ -39,6 +39,20 @@ def mixed_rows(domain: TokenStream, general: TokenStream, share: float) -> Itera
         yield torch.where(is_general[:, None], rows_general, rows_domain), is_general
 
 
+def row_shares(n_domain: int, n_general: int, device: torch.device) -> tuple[float, float]:
+    """What this process's mean over its domain rows and its mean over its general rows weigh so that, once the
+    trainer averages the ranks' gradients (training/distributed.py), the result is the gradient of the global
+    batch's means: world size x this rank's rows / all ranks' rows of each kind. (1, 1) in a single process."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return 1.0, 1.0
+    counts = torch.tensor([n_domain, n_general], dtype=torch.float64, device=device)  # (NCCL: on the GPU)
+    dist.all_reduce(counts)
+    size = dist.get_world_size()
+    return tuple(size * n / float(total) if total else 0.0 for n, total in zip((n_domain, n_general), counts.tolist()))
+
+
 class StayOutLoss:
     """Cross-entropy on the domain rows plus `weight` x the stay-out penalty on the general rows.
 
@@ -71,11 +85,12 @@ class StayOutLoss:
         tokens, is_general = batch
         logits = model(tokens[:, :-1])  # (B, T, V)
         domain = ~is_general
+        share = row_shares(int(domain.sum()), int(is_general.sum()), tokens.device)
         loss = logits.sum() * 0.0  # keeps the graph when no row carries a loss (all general rows, weight 0)
         if domain.any():
-            loss = F.cross_entropy(logits[domain].flatten(0, 1).float(), tokens[domain, 1:].flatten())
+            loss = share[0] * F.cross_entropy(logits[domain].flatten(0, 1).float(), tokens[domain, 1:].flatten())
         if is_general.any() and self.cfg.weight > 0:
-            loss = loss + self.cfg.weight * self.penalty(logits, tokens, is_general)
+            loss = loss + share[1] * self.cfg.weight * self.penalty(logits, tokens, is_general)
         self.outputs.clear()
         return loss
 

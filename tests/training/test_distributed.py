@@ -57,6 +57,19 @@ def test_two_ranks_reach_the_weights_of_one_process_with_the_global_batch(single
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # one run folder, no partial left
 
 
+def test_stay_out_training_is_the_same_with_its_general_rows_on_one_rank(code_data, prose_data, tmp_path):
+    """--general: one general row in each batch of 4, so one rank holds it and the other none; the stay-out loss
+    weighs each rank's means by its share of the global rows, and the weights match one process's."""
+    args = [*ARGS, "--general", str(prose_data)]
+    invoke("train", "expert", *args, "--data", code_data, "--out", tmp_path / "single")
+    proc = torchrun("train", "expert", *args, "--data", str(code_data), "--out", str(tmp_path / "ddp"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = expert_weights(tmp_path / "ddp"), expert_weights(tmp_path / "single")
+    for k in a:
+        assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert history(tmp_path / "ddp") == pytest.approx(history(tmp_path / "single"), rel=1e-5)
+
+
 def test_an_interrupted_run_resumes_under_another_world_size(single, code_data, tmp_path):
     import mode_edge.training.train_expert as te
 
