@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 
 from mode_edge.errors import UserError
 
@@ -70,12 +71,17 @@ class ChatTemplate:
     stop_ids: tuple[int, ...]
     """Token ids that end the assistant's turn (besides the bundle's EOS)."""
 
+    @cached_property
+    def compiled(self):
+        """The template compiled once in the sandbox (a prompt renders it up to three times: whole, and in pieces)."""
+        return environment().from_string(self.template)
+
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The template's text for `messages` ([{"role", "content"}]). Raises UserError for a template that fails."""
         import jinja2
 
         try:
-            return environment().from_string(self.template).render(
+            return self.compiled.render(
                 messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
                 **self.special_tokens,
             )  # fmt: skip

@@ -30,7 +30,7 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as e:
-            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the same mistake: say it once
+            if rank0():  # under torchrun every rank meets the same mistake: say it once
                 click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(2)
         except click.UsageError as e:
@@ -116,11 +116,15 @@ class Folder(click.Path):
 FOLDER = Folder(path_type=Path)
 
 
+def rank0() -> bool:
+    """Whether this process speaks for a torchrun job: rank 0 (RANK, as training/distributed.world reads it without
+    importing torch), or a process that is not part of one."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main_echo(text: str) -> None:
     """A training command's last line, from rank 0 only under torchrun (training/distributed.py)."""
-    import os
-
-    if os.environ.get("RANK", "0") == "0":
+    if rank0():
         click.echo(text)
 
 

@@ -5,13 +5,14 @@ verifies with OpenSSL what the Python one signed and verifies with `cryptography
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
+from mode_edge import signing
 from mode_edge.bundle import expert_folder, read_bundle
+from mode_edge.files import sha256_file
 from tests.cli_runner import invoke, refused
 from tests.damage import flip
 from tests.runtimes.test_native import run_native
@@ -34,9 +35,7 @@ def signed(bundle, tmp_path):
 
 
 def key_id(pub: Path) -> str:
-    import base64
-
-    return hashlib.sha256(base64.b64decode(pub.read_text().split()[1])).hexdigest()[:16]
+    return signing.key_id(signing.parse_public(str(pub), "key"))
 
 
 def python_run(bundle, *args) -> str:
@@ -56,9 +55,9 @@ def rewrite_records(bundle: Path, name: str) -> None:
     folder = expert_folder(bundle, manifest, name)
     pack = json.loads((folder / "pack.json").read_text())
     for rel, rec in pack["files"].items():
-        rec["sha256"] = hashlib.sha256((folder / rel).read_bytes()).hexdigest()
+        rec["sha256"] = sha256_file(folder / rel)
     (folder / "pack.json").write_text(json.dumps(pack, indent=2))
-    manifest["experts"][name]["pack_sha256"] = hashlib.sha256((folder / "pack.json").read_bytes()).hexdigest()
+    manifest["experts"][name]["pack_sha256"] = sha256_file(folder / "pack.json")
     (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
