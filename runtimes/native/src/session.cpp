@@ -173,17 +173,17 @@ void Session::generate(const std::vector<int64_t>& prompt, const GenerateOptions
   if (prompt.empty()) throw UserError("the prompt is empty; give at least one token id");
   if (o.max_new_tokens < 1) throw UserError("--max-new-tokens must be an integer >= 1");
   const Bundle& b = engine_->bundle();
-  for (int64_t id : prompt)
-    if (id < 0 || id >= b.decoder.vocab_size)
-      throw UserError("token id " + std::to_string(id) + " is outside the vocabulary (0 .. " +
-                      std::to_string(b.decoder.vocab_size - 1) + "); tokenize with this bundle's tokenizer.json");
+  auto in_vocabulary = [&](const std::vector<int64_t>& ids, const std::string& what) {
+    for (int64_t id : ids)
+      if (id < 0 || id >= b.decoder.vocab_size)
+        throw UserError(what + " " + std::to_string(id) + " is outside the vocabulary (0 .. " +
+                        std::to_string(b.decoder.vocab_size - 1) + "); tokenize with this bundle's tokenizer.json");
+  };
+  in_vocabulary(prompt, "token id");
   if (o.chat && !b.chat_stop_ids)
     throw UserError("bundle " + b.root + " has no chat template (its checkpoint has none, or it was exported before "
                     "bundles recorded one): drop --chat, or export it again");
-  for (int64_t id : o.route_ids)
-    if (id < 0 || id >= b.decoder.vocab_size)
-      throw UserError("route token id " + std::to_string(id) + " is outside the vocabulary (0 .. " +
-                      std::to_string(b.decoder.vocab_size - 1) + "); tokenize with this bundle's tokenizer.json");
+  in_vocabulary(o.route_ids, "route token id");
   std::vector<int64_t> stops;  // the bundle's eos, and with chat the template's end of turn
   if (b.eos_id) stops.push_back(*b.eos_id);
   if (o.chat) stops.insert(stops.end(), b.chat_stop_ids->begin(), b.chat_stop_ids->end());
