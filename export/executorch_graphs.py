@@ -5,7 +5,10 @@ weights (Int8DynamicActivationIntxWeightConfig): the schemes XNNPACK runs native
 int4 bundle (a tied head gets a Linear of its own: torchao does not see an F.linear), and the embedding is 8-bit
 blocks of 32, gathered by ExecuTorch's quantized kernel (the ONNX bundle's bytes, exactly). Weight-only int8
 (IntxWeightOnlyConfig) lowers without complaint in executorch 1.5.1 but its .pte computes garbage (max abs error
-~2e8 on a tiny block, measured), so it is not offered. Each component is its own
+~2e8 on a tiny block, measured), so it is not offered. Weights with 4-bit blocks of their own (the GGUF's Q4_0 / Q4_1
+rows of the backbone, GPTQ's blocks of an expert) are not rounded again: their codes and scales become the 4-bit
+weight as they are (`SourceBlockLinear`), so at either precision the backbone is the trained model up to the 8-bit
+rounding of activations XNNPACK's scheme needs. Each component is its own
 program with its weights inside: the split into per-expert files is what lets a pack ship alone, so program-data
 separation (.ptd) would only add a second file per component here.
 """
@@ -56,9 +59,91 @@ class LinearHeadGraph(torch.nn.Module):
         return self.lm_head(self.norm(hidden))
 
 
-def quantize_module(module: torch.nn.Module, quant: str, block_size: int) -> torch.nn.Module:
+def xnnpack_codes(blocks) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """4-bit blocks as XNNPACK's symmetric 4-bit weights take them: codes (N, K/32, 32) int8 in [-8, 7], scales
+    (N, K/32) float32, all positive, and what each block adds beyond scale * code, (N, K/32) float32 or None when
+    nothing. A block's d (q - 8) is the code q - 8 at scale d, except where XNNPACK refuses the scale: a negative d
+    (ggml's Q4_0 takes the sign of the largest magnitude) becomes (-d) (7 - q) plus -d added, since d (q - 8) =
+    (-d) (8 - q) and 8 - q runs to 8; a zero d (a block of equal values) becomes codes 0 at scale 1."""
+    codes = blocks.codes().astype(np.int16) - 8
+    d = blocks.scales.astype(np.float32)
+    constants = blocks.block_constants()
+    added = np.zeros_like(d) if constants is None else constants.copy()
+    negative, zero = d < 0, d == 0
+    codes = np.where(negative[..., None], -codes - 1, codes)
+    added = np.where(negative, added - d, added)
+    codes = np.where(zero[..., None], 0, codes)
+    scales = np.where(negative, -d, np.where(zero, np.float32(1), d)).astype(np.float32)
+    constants = added.astype(np.float32) if constants is not None or negative.any() else None
+    return codes.astype(np.int8), np.ascontiguousarray(scales), constants
+
+
+class SourceBlockLinear(torch.nn.Module):
+    """A linear layer over 4-bit blocks of 32 that a source holds (export/source_blocks.Blocks: a GGUF's Q4_0 /
+    Q4_1, GPTQ's), in XNNPACK's one 4-bit scheme without rounding them again: the codes q - 8 in [-8, 7] with the
+    blocks' own scales d are the symmetric 4-bit weight (8-bit dynamic activations, as torchao's
+    Int8DynamicActivationIntxWeightConfig makes it), and what a block adds beyond d (q - 8) (Q4_1: m + 8 d; a zero
+    point z: d (8 - z)) is a small fp32 product of the input's block sums, as the ONNX bundle computes it:
+
+        y = x W^T = x (d (q - 8))^T + (sums of x over each block) @ offsets^T     (1/32 of the multiply-adds)
+
+    x (..., K) -> y (..., N), plus `bias` (N,) when given. Exact but for two roundings XNNPACK's scheme makes: x to
+    8 bits per token in the first term, and the block scales to bfloat16 in the .pte (XNNPACK stores blockwise
+    scales so: 2^-9 of a block's weights at most, against up to 1/30 of the range for rounding Q4_1's grid again).
+    Raises ValueError for blocks that are not 4-bit."""
+
+    def __init__(self, blocks, bias: torch.Tensor | None = None):
+        super().__init__()
+        from torchao.quantization import IntxUnpackedToInt8Tensor
+        from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+            IntxUnpackedToInt8TensorActivationQuantization as ActivationQuantization,
+        )
+
+        if blocks.bits != 4:
+            raise ValueError(f"SourceBlockLinear takes 4-bit blocks, not {blocks.bits}-bit {blocks.source_type}")
+        n, groups = blocks.scales.shape
+        codes, scales, constants = xnnpack_codes(blocks)
+        weight = IntxUnpackedToInt8Tensor(
+            torch.from_numpy(codes.reshape(n, -1)), torch.from_numpy(scales), torch.zeros(n, groups, dtype=torch.int8),
+            torch.int4, (1, codes.shape[-1]), torch.float32, ActivationQuantization.INT8_ASYM_PER_TOKEN,
+        )  # fmt: skip
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.groups = groups
+        self.offsets = None if constants is None else torch.nn.Parameter(
+            torch.from_numpy(np.ascontiguousarray(constants.T)), requires_grad=False)  # (K/32, N)  # fmt: skip
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x):
+        y = torch.nn.functional.linear(x, self.weight, self.bias)
+        if self.offsets is None:
+            return y
+        return y + x.unflatten(-1, (self.groups, -1)).sum(-1) @ self.offsets
+
+
+def use_source_blocks(module: torch.nn.Module, source) -> dict[str, int]:
+    """Replace, in place, every nn.Linear of `module` whose weight `source` holds as 4-bit blocks
+    (anything with find(weight (N, K)) -> Blocks | None) by a SourceBlockLinear over them; returns the count of
+    replaced layers per source type (the manifest's export.block_sources). 8-bit blocks (an embedding's, --quant
+    mixed's) are left to torchao: XNNPACK's 8-bit weights are per channel, not per block."""
+    counts: dict[str, int] = {}
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, torch.nn.Linear):
+                continue
+            blocks = source.find(child.weight.detach().numpy())
+            if blocks is None or blocks.bits != 4:
+                continue
+            setattr(parent, name, SourceBlockLinear(blocks, child.bias))
+            counts[blocks.source_type] = counts.get(blocks.source_type, 0) + 1
+    return counts
+
+
+def quantize_module(module: torch.nn.Module, quant: str, block_size: int, source=None,
+                    counts: dict[str, int] | None = None) -> torch.nn.Module:  # fmt: skip
     """The graph at the .pte's precision: linears as 8-bit dynamic activations with 8-bit per-channel or 4-bit
-    grouped weights (torchao); the embed graph's table as 8-bit blocks of 32 (Int8EmbedGraph)."""
+    grouped weights (torchao), those whose 4-bit blocks `source` holds over those blocks as they are
+    (`use_source_blocks`; `counts` receives what it replaced); the embed graph's table as 8-bit blocks of 32
+    (Int8EmbedGraph)."""
     if quant == "fp32":
         return module
     from mode_edge.export.graphs import EmbedGraph, HeadGraph
@@ -74,6 +159,10 @@ def quantize_module(module: torch.nn.Module, quant: str, block_size: int) -> tor
     from torchao.quantization.granularity import PerAxis, PerGroup
 
     module = copy.deepcopy(module)  # quantize_ rewrites in place; the graph shares its weights with the model
+    if source is not None:
+        replaced = use_source_blocks(module, source)
+        if counts is not None:
+            counts.update(replaced)
     if quant == "int8" or head:  # the head at 8 bits in an int4 bundle too, as the ONNX bundle keeps it
         config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
     else:
@@ -88,21 +177,28 @@ activation for the largest shapes the program accepts, up front: a SmolLM2 head 
 12.4 GB (65,536 tokens x 49,152 logits), which is what made an earlier full export grow past 19 GB."""
 
 
-def export_pte(graph: torch.nn.Module, cfg, path: Path, quant: str, block_size: int, context: int) -> int:
-    """Write PATH (.pte) for at most PTE_TOKENS_PER_CALL tokens a call and `context` cached positions; returns the
-    bytes of activation memory the program plans (ExecuTorch allocates them when it loads the method)."""
+def lower(module: torch.nn.Module, inputs: tuple, shapes=None, check_ir: bool = True):
+    """torch.export of `module` on `inputs` (dynamic `shapes` as torch.export takes them), lowered to XNNPACK
+    wherever its partitioner takes the ops: the ExecutorchProgramManager (.buffer: the .pte's bytes)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
-    module = quantize_module(graph, quant, block_size).eval()
+    with quiet(), torch.no_grad():
+        program = torch.export.export(module, inputs, dynamic_shapes=shapes)
+        return to_edge_transform_and_lower(
+            program, partitioner=[XnnpackPartitioner()], compile_config=EdgeCompileConfig(_check_ir_validity=check_ir)
+        ).to_executorch()
+
+
+def export_pte(graph: torch.nn.Module, cfg, path: Path, quant: str, block_size: int, context: int, source=None,
+               counts: dict[str, int] | None = None) -> int:  # fmt: skip
+    """Write PATH (.pte) for at most PTE_TOKENS_PER_CALL tokens a call and `context` cached positions, its linears
+    over `source`'s 4-bit blocks where it holds them (`quantize_module`; `counts` receives how many, by block type);
+    returns the bytes of activation memory the program plans (ExecuTorch allocates them when it loads the method)."""
+    module = quantize_module(graph, quant, block_size, source, counts).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     shapes = dynamic_shapes(graph, max_tokens=PTE_TOKENS_PER_CALL, max_context=context)
-    with quiet(), torch.no_grad():
-        program = torch.export.export(module, example_inputs(graph, cfg), dynamic_shapes=shapes)
-        # the quantized embedding op is not core ATen, which the edge dialect's validity check insists on
-        check = not isinstance(module, Int8EmbedGraph)
-        lowered = to_edge_transform_and_lower(
-            program, partitioner=[XnnpackPartitioner()], compile_config=EdgeCompileConfig(_check_ir_validity=check)
-        ).to_executorch()
+    # the quantized embedding op is not core ATen, which the edge dialect's validity check insists on
+    lowered = lower(module, example_inputs(graph, cfg), shapes, check_ir=not isinstance(module, Int8EmbedGraph))
     path.write_bytes(lowered.buffer)
     return int(sum(lowered.executorch_program.execution_plan[0].non_const_buffer_sizes))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from mode_edge.config import DecoderConfig
 from mode_edge.integrity import POSITION_INPUTS
 from mode_edge.rope import scale as rope_scale
-from mode_edge.training.model import Decoder, DecoderLayer, ExpertBlock, MoDEModel, RMSNorm, rope_inv_freq
+from mode_edge.training.model import Decoder, DecoderLayer, ExpertBlock, MoDEModel, RMSNorm, rope_inv_freq, rotate_half
 
 
 def kv_names(n_layers: int, prefix: str = "") -> tuple[list[str], list[str]]:
@@ -46,12 +46,6 @@ def rotary_tables(inv_freq: torch.Tensor, length: int, scale: float = 1.0) -> tu
     return freqs.cos() * scale, freqs.sin() * scale
 
 
-def rotate_half(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in Hugging Face Llama's rotate-half convention: t (B, H, T, hd), cos and sin (T, hd)."""
-    t1, t2 = t.chunk(2, dim=-1)
-    return t * cos + torch.cat([-t2, t1], dim=-1) * sin
-
-
 def attend(layer: DecoderLayer, inv_freq: torch.Tensor, x, past_k, past_v, scale: float = 1.0):
     """One decoder layer on x (B, T, d) after P cached positions ("concat" cache); returns (y, k, v) with the grown
     cache. scale: what cos and sin are multiplied by (mode_edge/rope.scale)."""
@@ -66,9 +60,9 @@ def attend(layer: DecoderLayer, inv_freq: torch.Tensor, x, past_k, past_v, scale
     positions = torch.arange(T, device=x.device) + P
     # The rotary angles are computed for these positions rather than read from Rotary's table: a table for the
     # longest context would weigh megabytes in every block graph.
-    freqs = positions[:, None].float() * inv_freq[None, :]  # (T, hd/2)
+    freqs = positions[:, None].float() * inv_freq[None, :]  # (T, r/2), r the rotated dimensions
     emb = torch.cat([freqs, freqs], dim=-1)
-    cos, sin = (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)  # (T, hd)
+    cos, sin = (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)  # (T, r)
     q, k = rotate_half(q, cos, sin), rotate_half(k, cos, sin)
     k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, Hkv, S, hd), S = P + T
     mask = torch.arange(P + T, device=x.device)[None, :] <= positions[:, None]  # (T, S): query i sees keys <= P+i
@@ -119,7 +113,7 @@ def group_query_attention(q, k, v, past_k, past_v, positions: tuple, n_heads: in
     hkv, hd = past_k.shape[1], past_k.shape[3]
     S = int(total)
     P = S - T
-    cos = torch.cat([cos_cache[P:S]] * 2, dim=-1)  # (T, hd)
+    cos = torch.cat([cos_cache[P:S]] * 2, dim=-1)  # (T, r), r <= hd the rotated dimensions
     sin = torch.cat([sin_cache[P:S]] * 2, dim=-1)
     q = rotate_half(q.view(B, T, n_heads, hd).transpose(1, 2), cos, sin)
     k = rotate_half(k.view(B, T, hkv, hd).transpose(1, 2), cos, sin)

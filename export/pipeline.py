@@ -98,10 +98,11 @@ def export_graph(rel: str, graph, fmt: str, dcfg, work: Path, fp32: Path, cfg: E
         from mode_edge.export.executorch_graphs import export_pte
 
         context = pte_limits(cfg, dcfg)["context"]
-        nbytes = export_pte(graph, dcfg, work / (rel + ".pte"), cfg.quant, cfg.block_size, context)
+        counts: dict[str, int] = {}
+        nbytes = export_pte(graph, dcfg, work / (rel + ".pte"), cfg.quant, cfg.block_size, context, source, counts)
         if planned is not None:
             planned[rel] = nbytes
-        return {}
+        return counts
     from mode_edge.export.onnx_graphs import export_onnx, quantize_onnx
 
     target = work / (rel + ".onnx") if cfg.quant == "fp32" else fp32 / (rel + ".onnx")
@@ -140,14 +141,15 @@ def pte_limits(cfg: ExportConfig, dcfg) -> dict[str, int]:
 def source_blocks(backbone: Backbone, model: MoDEModel, cfg: ExportConfig, progress, corpora: dict[str, Path],
                   fallback: bool = False) -> tuple[object, str]:  # fmt: skip
     """Where the quantized ONNX bundle's weights come from when not rounded by onnxruntime's quantizer, asked in
-    order: the blocks of the GGUF file the backbone was loaded from (exactly the trained weights); with --quant
+    order: the blocks of the GGUF file the backbone was loaded from (exactly the trained weights; the .pte graphs
+    take the 4-bit ones, export/executorch_graphs.SourceBlockLinear); with --quant
     mixed, the 8-bit blocks of the layers that get more bits (export/mixed_precision.py); with calibration
     `corpora` ({expert: corpus}, --quant-method gptq), GPTQ's blocks of every other linear layer
     (export/calibrate.py); the embedding rounded once to 8 bits (for the embed graph and a tied head alike). None
-    for fp32 or ExecuTorch-only bundles. Returns (the source, the rounding method in the end): with `fallback` (gptq
+    for fp32 bundles. Returns (the source, the rounding method in the end): with `fallback` (gptq
     chosen by --quant-method auto), a calibration that fails (an unreadable or too small corpus) falls back to rtn,
     said in one line."""
-    if cfg.quant == "fp32" or "onnx" not in cfg.formats:
+    if cfg.quant == "fp32":
         return None, cfg.quant_method
     from mode_edge.export.source_blocks import EmbeddingBlocks, FirstOf, SourceBlocks
     from mode_edge.training.backbones import resolve_spec
@@ -190,7 +192,7 @@ def source_blocks(backbone: Backbone, model: MoDEModel, cfg: ExportConfig, progr
 def resolve_quant_method(run: Path, record: dict, cfg: ExportConfig) -> tuple[ExportConfig, dict[str, Path]]:
     """cfg with --quant-method auto made concrete (gptq if it can run, else rtn, said in one line), and the corpus
     each expert is calibrated on ({} unless gptq). Raises UserError when an explicit gptq finds a text gone."""
-    if cfg.quant not in ("int4", "mixed") or "onnx" not in cfg.formats:
+    if cfg.quant not in ("int4", "mixed"):
         return dataclasses.replace(cfg, quant_method="rtn"), {}
     if cfg.quant_method == "gptq":
         return cfg, calibration_texts(run, record, cfg)
@@ -240,7 +242,7 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
         progress.show("load the source's blocks")
         source, method = source_blocks(backbone, model, cfg, progress, corpora, fallback=auto)
         cfg = dataclasses.replace(cfg, quant_method=method)
-        exact: dict[str, dict[str, int]] = {}
+        exact: dict[str, dict[str, dict[str, int]]] = {}  # format -> graph -> block type -> weights
         steps = len(names) * (len(cfg.formats) + 1)
         progress.start(steps)
         verify: dict[str, dict] = {}
@@ -256,7 +258,7 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
                     graph = graphs[fmt][rel]
                     counts = export_graph(rel, graph, fmt, dcfg, work, fp32, cfg, progress, source, planned, compute)
                     if counts:
-                        exact[rel] = counts
+                        exact.setdefault(fmt, {})[rel] = counts
                     progress.advance()
                 progress.show(f"verify {rel}")
                 verify[rel] = verify_graph(graphs, dcfg, work, fp32, rel, cfg)
@@ -269,8 +271,10 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
             manifest = write_bundle(work, backbone, model, record, graphs, cfg, verify, routers, shared, compute)
             wall = time.perf_counter() - started
             manifest["export"]["wall_s"] = round(wall, 1)
-            if exact:
-                manifest["export"]["block_sources"] = exact
+            if exact.get("onnx"):
+                manifest["export"]["block_sources"] = exact["onnx"]
+            if exact.get("executorch"):
+                manifest["export"]["pte_block_sources"] = exact["executorch"]
             if planned:
                 manifest["export"]["pte_planned_bytes"] = planned
             write_manifest(work, manifest)

@@ -83,6 +83,16 @@ class Blocks:
         """(N, K/32) float32: what each block adds beyond d * (q - 8), m + 8 d, as onnxruntime computes it (fp32)."""
         return (self.minimums + np.float32(8) * self.scales).astype(np.float32)
 
+    def block_constants(self) -> np.ndarray | None:
+        """(N, K/32) float32 or None: for 4-bit blocks, what each block adds beyond d * (q - 8), the symmetric product
+        over the codes: Q4_1's m + 8 d, an explicit zero point z's d * (8 - z); None where nothing is added (Q4_0,
+        symmetric blocks)."""
+        if self.minimums is not None:
+            return self.offsets()
+        if self.zero_points is not None:
+            return (self.scales * (np.float32(8) - self.zero_points.astype(np.float32))).astype(np.float32)
+        return None
+
     def dequantize(self) -> np.ndarray:
         """(N, K) float32: the weight these blocks stand for, computed as onnxruntime does."""
         default = np.float32(8 if self.bits == 4 else 128)

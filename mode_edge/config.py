@@ -67,13 +67,21 @@ class DecoderConfig(_Serialisable):
     "attention_factor"}."""
     qk_norm: bool = False
     """Whether queries and keys go through an RMS norm per head before the rotary embedding (Qwen3)."""
+    rotary_dim: int | None = None
+    """Leading dimensions of each head the rotary embedding turns (Phi-4-mini: 96 of 128, its partial_rotary_factor
+    0.75); the rest pass unrotated. None: the whole head."""
 
-    OPTIONAL = {"rope_scaling": None, "qk_norm": False}
+    OPTIONAL = {"rope_scaling": None, "qk_norm": False, "rotary_dim": None}
     """Fields left out of `to_dict` at these values, so that a backbone's record, and the fingerprint every pack
     is bound to, stay what they were before the field existed."""
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in self.OPTIONAL or v != self.OPTIONAL[k]}
+
+    @property
+    def rotated(self) -> int:
+        """Dimensions of each head the rotary embedding turns (rotary_dim, else head_dim)."""
+        return self.rotary_dim or self.head_dim
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "head_dim", "max_seq_len"):
@@ -82,7 +90,12 @@ class DecoderConfig(_Serialisable):
             check_number(f"DecoderConfig.{name}", getattr(self, name), lo=0, lo_open=True)
         from mode_edge.rope import check_rope_scaling
 
-        check_rope_scaling(self.rope_scaling, "DecoderConfig.rope_scaling", self.head_dim)
+        if self.rotary_dim is not None:
+            check_number("DecoderConfig.rotary_dim", self.rotary_dim, lo=2, hi=self.head_dim, integer=True)
+            if self.rotary_dim % 2:
+                raise UserError(f"DecoderConfig.rotary_dim must be even (pairs of dimensions turn), got "
+                                f"{self.rotary_dim}")  # fmt: skip
+        check_rope_scaling(self.rope_scaling, "DecoderConfig.rope_scaling", self.rotated)
         if self.n_heads % self.n_kv_heads:
             raise UserError(
                 f"DecoderConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
@@ -238,11 +251,11 @@ class ExportConfig(_Serialisable):
     embedding of the head): 0 keeps the base exactly the trained model (fp32 arithmetic on the blocks), 4 multiplies
     in int8 (faster; rounds each block of activations)."""
     source_blocks: bool = True
-    """ONNX int8 / int4 / mixed: write each backbone weight from the blocks of its quantized source (a GGUF's Q4_0,
-    Q4_1 or Q8_0 rows) instead of rounding it again, so the base equals the model that was trained
-    (export/source_blocks.py)."""
+    """int8 / int4 / mixed: write each backbone weight from the blocks of its quantized source (a GGUF's Q4_0,
+    Q4_1 or Q8_0 rows; .pte graphs: the 4-bit ones) instead of rounding it again, so the base equals the model that
+    was trained (export/source_blocks.py, export/executorch_graphs.SourceBlockLinear)."""
     quant_method: str = "auto"
-    """ONNX int4 and mixed: how the 4-bit weights without source blocks (experts; a backbone from fp16/fp32
+    """int4 (ONNX and .pte) and mixed: how the 4-bit weights without source blocks (experts; a backbone from fp16/fp32
     weights) are rounded: 'rtn' round-to-nearest, 'kquant' llama.cpp's scale/minimum search, 'gptq' calibrated on
     each expert's training text (export/calibrate.py), 'auto' gptq when every expert's text is at hand and the
     block size is 32, else rtn (measured: GPTQ's expert graphs err 1.5-4x less than RTN's;

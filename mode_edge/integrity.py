@@ -149,8 +149,11 @@ def check_bundle_shape(m: dict, what: str, fix: str) -> None:
     formats = m.get("formats")
     need(isinstance(formats, list) and formats and all(isinstance(f, str) for f in formats), what, "formats", fix)
     need(isinstance(dec.get("rope_theta"), (int, float)) and dec["rope_theta"] > 0, what, "base.decoder", fix)
+    rotary = dec.get("rotary_dim")  # absent: the whole head turns
+    need(rotary is None or (is_int(rotary) and 2 <= rotary <= dec["head_dim"] and rotary % 2 == 0), what,
+         "base.decoder.rotary_dim", fix)  # fmt: skip
     try:
-        check_rope_scaling(dec.get("rope_scaling"), "base.decoder.rope_scaling", dec["head_dim"])
+        check_rope_scaling(dec.get("rope_scaling"), "base.decoder.rope_scaling", rotary or dec["head_dim"])
     except UserError:
         need(False, what, "base.decoder.rope_scaling", fix)
     kv = m.get("kv_cache")  # each format's cache interface (runtimes/kv_cache.py), the one this version reads

@@ -29,8 +29,9 @@ def positive(v) -> bool:
 
 def check_rope_scaling(scaling, what: str, head_dim: int | None = None) -> None:
     """None; or llama3 with positive LLAMA3_KEYS and high_freq_factor > low_freq_factor; or longrope with a positive
-    attention_factor and head_dim / 2 positive short_factor values (the length checked when head_dim is given).
-    Raises UserError naming the field."""
+    attention_factor and head_dim / 2 positive short_factor values (the length checked when head_dim is given:
+    the dimensions the rotary embedding turns, fewer than a head's under a partial one). Raises UserError naming the
+    field."""
     if scaling is None:
         return
     kind = scaling.get("rope_type") if isinstance(scaling, dict) else None
@@ -46,7 +47,8 @@ def check_rope_scaling(scaling, what: str, head_dim: int | None = None) -> None:
     if not ok:
         raise UserError(f"{what} must be null, {{'rope_type': 'llama3', {', '.join(repr(k) for k in LLAMA3_KEYS)}}} "
                         f"(positive, high_freq_factor > low_freq_factor) or {{'rope_type': 'longrope', "
-                        f"'short_factor': [head_dim / 2 positive numbers], 'attention_factor'}}, got {scaling!r}")
+                        f"'short_factor': [one positive number per turned frequency], 'attention_factor'}}, "
+                        f"got {scaling!r}")  # fmt: skip
 
 
 def inv_freq(theta: float, head_dim: int, scaling: dict | None = None) -> np.ndarray:

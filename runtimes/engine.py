@@ -81,9 +81,10 @@ class Engine:
         self.block_layers = [comps[f"base/block{i}"]["layers"] for i in range(self.n_blocks)]
         d = self.manifest["base"]["decoder"]
         self.kv_shape = (d["n_kv_heads"], d["head_dim"])
-        self.rope = (rope_frequencies(d["rope_theta"], d["head_dim"], d.get("rope_scaling")),
+        self.rope = (rope_frequencies(d["rope_theta"], d.get("rotary_dim") or d["head_dim"], d.get("rope_scaling")),
                      rope_scale(d.get("rope_scaling")))  # fmt: skip
-        """The rotary frequencies (hd/2,) float64 the cos/sin tables are made of, and their scale (mode_edge/rope)."""
+        """The rotary frequencies (r/2,) float64 the cos/sin tables are made of (r: the rotated dimensions of a head,
+        rotary_dim or head_dim), and their scale (mode_edge/rope)."""
         self.kv_cache: str = self.manifest["kv_cache"][backend]
         """How the graphs take their cache: "buffer" (written in place) or "concat" (runtimes/kv_cache.py)."""
         limits = self.manifest.get("executorch") if backend == "executorch" else None

@@ -56,12 +56,18 @@ PHI3_ROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_posit
 """LongRoPE at the tiny size: a factor per frequency, and max_position_embeddings 1024 over an original 64, so the
 attention factor is sqrt(1 + ln 16 / ln 64) (transformers' default)."""
 
+PHI4_ROPE = {**PHI3_ROPE, "partial_rotary_factor": 0.75, "short_factor": [1.0 + 0.05 * i for i in range(24)],
+             "long_factor": [2.0 + i for i in range(24)]}  # fmt: skip
+"""Phi-4-mini's rotary embedding at a small size: LongRoPE over the first 48 of 64 dimensions of each head (its
+0.75 of 128), a factor per turned frequency."""
+
 
 def save_tiny_hf_checkpoint(path: Path, model_type: str = "llama", seed: int = 1):
     """A checkpoint folder with the tiny architecture, random weights and the byte tokenizer: model_type llama,
-    qwen2, llama3 (Llama with Llama 3.x's rope scaling), qwen3 (per-head q and k norms) or phi3 (fused projections,
-    LongRoPE). In the last three every norm weight is drawn around 1, so that a norm the decoder skipped or applied
-    twice shows in the logits."""
+    qwen2, llama3 (Llama with Llama 3.x's rope scaling), qwen3 (per-head q and k norms), phi3 (fused projections,
+    LongRoPE) or phi4 (Phi-4-mini's: phi3 with a partial rotary embedding, heads of 64 with 48 turned; two query
+    heads over one key/value head). In the last four every norm weight is drawn around 1, so that a norm the decoder
+    skipped or applied twice shows in the logits."""
     import torch
     from transformers import (
         LlamaConfig,
@@ -89,13 +95,17 @@ def save_tiny_hf_checkpoint(path: Path, model_type: str = "llama", seed: int = 1
     elif model_type == "phi3":
         model = Phi3ForCausalLM(Phi3Config(**kw, pad_token_id=None, original_max_position_embeddings=64,
                                            rope_parameters=dict(PHI3_ROPE)))  # fmt: skip
+    elif model_type == "phi4":
+        kw.update(hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+        model = Phi3ForCausalLM(Phi3Config(**kw, pad_token_id=None, original_max_position_embeddings=64,
+                                           partial_rotary_factor=0.75, rope_parameters=dict(PHI4_ROPE)))  # fmt: skip
     elif model_type == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**kw, head_dim=c.head_dim))
     elif model_type == "llama3":
         model = LlamaForCausalLM(LlamaConfig(**kw, head_dim=c.head_dim, rope_parameters=dict(LLAMA3_ROPE)))
     else:
         model = LlamaForCausalLM(LlamaConfig(**kw, head_dim=c.head_dim))
-    if model_type in ("llama3", "qwen3", "phi3"):
+    if model_type in ("llama3", "qwen3", "phi3", "phi4"):
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, p in model.named_parameters():

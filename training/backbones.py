@@ -29,7 +29,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 """Hugging Face model types read into our decoder: Llama (incl. 3.x with its rope scaling), Mistral, Qwen2 / 2.5
 (biased q, k, v projections), Qwen3 (per-head q and k norms), Phi-3 / 3.5-mini (fused projections, split on load;
-LongRoPE; Phi-4-mini's partial rotary embedding is refused)."""
+LongRoPE; Phi-4-mini's partial rotary embedding)."""
 TINY_CONFIG = DecoderConfig(
     vocab_size=257, dim=64, n_layers=6, n_heads=4, n_kv_heads=2, hidden_dim=128, head_dim=16,
     rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True, max_seq_len=1024,
@@ -85,10 +85,13 @@ def _hf_decoder_config(hf) -> DecoderConfig:
     if rope_type not in ("default", "llama3", "longrope"):
         raise UserError(f"rope scaling {rope_type!r} (config.json rope_scaling.rope_type) is not supported; "
                         f"supported: default (plain RoPE), llama3 and longrope")  # fmt: skip
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     partial = rope.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", 1.0))
-    if partial != 1.0:
-        raise UserError(f"partial rotary embeddings (config.json partial_rotary_factor {partial}, Phi-4-mini's) are "
-                        f"not supported; supported: rotation of the whole head (1.0)")  # fmt: skip
+    rotary_dim = int(head_dim * partial)  # (transformers' own rounding)
+    if rotary_dim != head_dim and (not 0 < partial < 1 or rotary_dim % 16):
+        raise UserError(f"a partial rotary embedding over {rotary_dim} of {head_dim} dimensions (config.json "
+                        f"partial_rotary_factor {partial}) is not supported: onnxruntime's GroupQueryAttention "
+                        f"turns a multiple of 16 dimensions (Phi-4-mini: 96 of 128)")  # fmt: skip
     # Sliding-window attention (Mistral 7B v0.1: 4096; Qwen with use_sliding_window) equals full attention over a
     # context no longer than the window, so the context is capped there rather than the checkpoint refused.
     windowed = hf.model_type in ("mistral", "phi3") or getattr(hf, "use_sliding_window", False)
@@ -106,7 +109,7 @@ def _hf_decoder_config(hf) -> DecoderConfig:
         n_heads=hf.num_attention_heads,
         n_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
         hidden_dim=hf.intermediate_size,
-        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+        head_dim=head_dim,
         rope_theta=float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))),
         norm_eps=float(hf.rms_norm_eps),
         tie_embeddings=bool(hf.tie_word_embeddings),
@@ -114,6 +117,7 @@ def _hf_decoder_config(hf) -> DecoderConfig:
         max_seq_len=min(int(getattr(hf, "max_position_embeddings", 2048)), 8192, int(window or 8192)),
         rope_scaling=scaling,
         qk_norm=hf.model_type == "qwen3",
+        rotary_dim=rotary_dim if rotary_dim != head_dim else None,
     )
 
 

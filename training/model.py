@@ -20,7 +20,7 @@ def rope_inv_freq(cfg: DecoderConfig) -> torch.Tensor:
     """The rotary frequencies of `cfg` (head_dim / 2,) fp32: mode_edge/rope.py's, computed in float64, rounded once.
     On the current default device (torch.tensor honours it, torch.from_numpy does not: a model built on the meta
     device, as peft's loaders build it, needs its tables there too)."""
-    return torch.tensor(rope_frequencies(cfg.rope_theta, cfg.head_dim, cfg.rope_scaling), dtype=torch.float32)
+    return torch.tensor(rope_frequencies(cfg.rope_theta, cfg.rotated, cfg.rope_scaling), dtype=torch.float32)
 
 
 class KVCache:
@@ -43,15 +43,27 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def rotate_half(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in Hugging Face Llama's rotate-half convention: t (B, H, T, hd), cos and sin (T, r) with r
+    <= hd the dimensions turned (r < hd: a partial rotary embedding, as Phi-4-mini's; the last hd - r pass as they
+    are)."""
+    r = cos.shape[-1]
+    turned = t[..., :r] if r < t.shape[-1] else t
+    t1, t2 = turned.chunk(2, dim=-1)
+    turned = turned * cos + torch.cat([-t2, t1], dim=-1) * sin
+    return torch.cat([turned, t[..., r:]], dim=-1) if r < t.shape[-1] else turned
+
+
 class Rotary(nn.Module):
     """Rotary position embedding tables (the rotate-half convention of Hugging Face's Llama; frequencies and the
-    scale of cos and sin, with Llama 3.x's or LongRoPE's scaling where the config has one, from mode_edge/rope.py)."""
+    scale of cos and sin, with Llama 3.x's or LongRoPE's scaling where the config has one, from mode_edge/rope.py;
+    over the first cfg.rotated dimensions of each head)."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         inv_freq = rope_inv_freq(cfg)
         freqs = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32), inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)  # (max_seq_len, head_dim)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (max_seq_len, rotated)
         s = rope_scale(cfg.rope_scaling)  # longrope's attention factor; 1 otherwise
         self.register_buffer("cos", emb.cos() * s, persistent=False)
         self.register_buffer("sin", emb.sin() * s, persistent=False)
@@ -59,10 +71,7 @@ class Rotary(nn.Module):
     def forward(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         """x: (B, H, T, head_dim), positions pos .. pos+T-1."""
         T = x.shape[-2]
-        cos = self.cos[pos : pos + T].to(x.dtype)
-        sin = self.sin[pos : pos + T].to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+        return rotate_half(x, self.cos[pos : pos + T].to(x.dtype), self.sin[pos : pos + T].to(x.dtype))
 
 
 class Attention(nn.Module):

@@ -1,8 +1,8 @@
 """Backbones beyond plain Llama through the whole pipeline: tiny Llama 3.x (its rope scaling), Qwen3 (per-head q and
-k norms) and Phi-3.5-style (fused projections, LongRoPE) checkpoints, saved by transformers, loaded with --base, an
-expert trained on each, exported, and run: the runtime's logits equal PyTorch's (fp32) and its greedy tokens too
-(fp32, and int8 for Llama 3), and the native runtime's logits equal the Python runtime's (its C++ rotary tables,
-scaled as mode_edge/rope.py scales them)."""
+k norms) and Phi-4-mini-style (fused projections, LongRoPE, a partial rotary embedding) checkpoints, saved by
+transformers, loaded with --base, an expert trained on each, exported, and run: the runtime's logits equal PyTorch's
+(fp32) and its greedy tokens too (fp32, and int8 for Llama 3), and the native runtime's logits equal the Python
+runtime's (its C++ rotary tables, scaled as mode_edge/rope.py scales them, over the turned dimensions)."""
 
 from __future__ import annotations
 
@@ -21,11 +21,12 @@ from tests.conftest import save_tiny_hf_checkpoint
 
 LAYOUT = MoDELayout(n_blocks=2, expert_layers=2, gate_bias=0.0)
 TRAIN = TrainConfig(steps=4, batch_size=2, seq_len=32, warmup_steps=1, lr=1e-2, checkpoint_every=4)
-PROMPTS = {"llama3": list(range(3, 83)), "qwen3": list(range(3, 83)), "phi3": list(range(3, 43))}
-"""80 positions: past the tiny Llama 3 checkpoint's original context of 64. Phi-3's context is capped at its 64."""
+PROMPTS = {"llama3": list(range(3, 83)), "qwen3": list(range(3, 83)), "phi4": list(range(3, 43))}
+"""80 positions: past the tiny Llama 3 checkpoint's original context of 64. Phi-4-mini's context is capped at its
+original 64 (LongRoPE's short factors hold there)."""
 
 
-@pytest.fixture(scope="module", params=["llama3", "qwen3", "phi3"])
+@pytest.fixture(scope="module", params=["llama3", "qwen3", "phi4"])
 def exported(request, code_data, tmp_path_factory):
     """(architecture, trained run, {quant: bundle}): fp32 for both, int8 for Llama 3 (one quantized export each
     architecture would add a minute to the suite for what int8 already shows on the other)."""

@@ -108,6 +108,26 @@ def test_calibrated_expert_graph_beats_round_to_nearest_on_held_out_text(compose
     rtn = expert_graph_error(tmp_path / "rtn.onnx", fs, refs)
     assert gptq < 0.9 * rtn, (gptq, rtn)
 
+    # the .pte expert block over the same GPTQ blocks (XNNPACK's 4-bit codes, the zero points as block offsets)
+    from mode_edge.export.executorch_graphs import export_pte
+    from mode_edge.runtimes.backends import load_graph
+
+    pte_graph = split(model, "concat")[rel]
+    inputs = [prefill_inputs(pte_graph, h[None]) for h in composed_block_inputs(model, test)[1]]
+    with torch.no_grad():
+        pte_refs = [pte_graph(*i)[0].numpy() for i in inputs]
+    errors = {}
+    for method, source in (("gptq", calibrated), ("rtn", None)):
+        counts = {}
+        export_pte(pte_graph, cfg, tmp_path / f"{method}.pte", "int4", 32, 64, source, counts)
+        assert counts == ({"gptq": 14} if source else {})
+        run = load_graph(tmp_path / f"{method}.pte")
+        errors[method] = float(np.mean([
+            np.sqrt(((run([t.numpy() for t in i])[0] - r) ** 2).mean() / ((r - i[0].numpy()) ** 2).mean())
+            for i, r in zip(inputs, pte_refs)
+        ]))  # fmt: skip
+    assert errors["gptq"] < 0.9 * errors["rtn"], errors
+
 
 def test_export_quant_method_gptq_end_to_end_and_its_refusals(composed_run, tmp_path):
     out = tmp_path / "gptq"

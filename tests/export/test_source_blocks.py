@@ -267,3 +267,44 @@ def test_8_bit_embedding_blocks_have_11_bit_scales_so_their_nibble_form_is_exact
     high, low = (blocks.q >> 4).astype(np.float32), (blocks.q & 15).astype(np.float32)
     nibbles = (np.float32(16) * d[..., None]) * (high - 8) + d[..., None] * low
     np.testing.assert_array_equal(nibbles, d[..., None] * (blocks.q.astype(np.float32) - 128))
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1"])
+def test_pte_linears_take_the_4bit_blocks_as_they_are(tiny_gguf, name, tmp_path):
+    """A .pte linear over a GGUF's Q4_0 / Q4_1 rows holds their codes and scales (and Q4_1's offsets) as they are:
+    its weight is the source weight to fp32 precision, and lowered to XNNPACK it errs only by the 8-bit rounding of
+    activations, several times less than the same weight rounded again by torchao's symmetric 4-bit scheme."""
+    from executorch.runtime import Runtime
+
+    from mode_edge.export.executorch_graphs import SourceBlockLinear, lower, quantize_module
+
+    path, weights = tiny_gguf
+    w = weights[name][RNG.permutation(len(weights[name]))]
+    layer = torch.nn.Linear(w.shape[1], w.shape[0])
+    layer.weight.data = torch.from_numpy(w)
+    module = torch.nn.Sequential(layer)
+    counts = {}
+    exact = quantize_module(module, "int4", 32, SourceBlocks(path), counts)
+    assert counts == {SHAPES[name][0].name: 1} and isinstance(exact[0], SourceBlockLinear)
+    # XNNPACK refuses scales <= 0: ggml's Q4_0 signs its scales, and a block of equal values has scale 0
+    assert (exact[0].weight.scale > 0).all() and exact[0].weight.qdata.min() >= -8 and exact[0].weight.qdata.max() <= 7
+    if name == "q4_0":
+        assert (SourceBlocks(path).find(w).scales < 0).any()
+    held = exact[0].weight.dequantize()
+    if exact[0].offsets is not None:
+        held = held + exact[0].offsets.T.repeat_interleave(32, dim=1)
+    np.testing.assert_allclose(held.numpy(), w, rtol=1e-6, atol=1e-7)
+    assert torch.equal(exact[0].bias, layer.bias)
+    rounded = quantize_module(module, "int4", 32)  # no source: torchao's own 4-bit blocks of the same weight
+    assert counts == {SHAPES[name][0].name: 1} and isinstance(rounded[0].weight, type(exact[0].weight))
+
+    x = torch.from_numpy(RNG.standard_normal((1, 5, w.shape[1])).astype(np.float32))
+    ref = (x @ torch.from_numpy(w).T + layer.bias).detach().numpy()
+    errors = {}
+    for kind, m in (("exact", exact), ("rounded", rounded)):
+        (tmp_path / f"{kind}.pte").write_bytes(lower(m.eval(), (x,)).buffer)
+        got = Runtime.get().load_program(str(tmp_path / f"{kind}.pte")).load_method("forward").execute([x])[0]
+        errors[kind] = float(np.abs(got.numpy() - ref).max() / np.abs(ref).max())
+    assert 0 < errors["exact"] < 0.02  # the activations' 8-bit rounding, no more
+    if name == "q4_1":  # Q4_1's asymmetric grid is not symmetric 4-bit's: rounding it again costs several times more
+        assert errors["rounded"] > 3 * errors["exact"], errors

@@ -48,12 +48,22 @@ def test_a_broken_checkpoint_folder_is_refused(tmp_path):
 
 def unsupported_checkpoint(path, kind: str):
     """A tiny checkpoint folder transformers writes and reads, of an architecture or rope scaling not supported."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Phi3Config,
+        Phi3ForCausalLM,
+    )  # fmt: skip
 
     kw = dict(vocab_size=257, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=128, head_dim=16)  # fmt: skip
     if kind == "gemma3":
         model = Gemma3ForCausalLM(Gemma3TextConfig(**kw))
+    elif kind == "partial":  # half of 16 dimensions: GroupQueryAttention turns multiples of 16
+        kw.pop("head_dim")
+        model = Phi3ForCausalLM(Phi3Config(**kw, pad_token_id=None, partial_rotary_factor=0.5))
     else:
         rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
         model = LlamaForCausalLM(LlamaConfig(**kw, rope_parameters=rope))
@@ -64,6 +74,7 @@ def unsupported_checkpoint(path, kind: str):
 @pytest.mark.parametrize("kind,field,supported", [
     ("gemma3", "backbone type 'gemma3_text' (config.json model_type)", "llama, mistral, qwen2, qwen3"),
     ("yarn", "rope scaling 'yarn' (config.json rope_scaling.rope_type)", "default (plain RoPE), llama3 and longrope"),
+    ("partial", "over 8 of 16 dimensions (config.json partial_rotary_factor 0.5)", "a multiple of 16"),
 ])  # fmt: skip
 def test_what_is_not_supported_is_named_with_the_supported_list(tmp_path, kind, field, supported):
     with pytest.raises(UserError) as refused:

@@ -24,23 +24,27 @@ def trained_like(expert: Expert, seed: int) -> Expert:
     return expert
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "llama3", "qwen3", "phi3"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "llama3", "qwen3", "phi3", "phi4"])
 def test_decoder_matches_transformers_logits(tmp_path, model_type):
     """100 positions: past Llama 3's original context of the tiny checkpoint (64), where its scaling matters. Phi-3's
-    context is capped at its original 64 (LongRoPE's short factors hold there), so 64 positions."""
+    context is capped at its original 64 (LongRoPE's short factors hold there), so 64 positions; phi4 turns 48 of
+    each head's 64 dimensions (Phi-4-mini's partial rotary embedding)."""
     from tests.conftest import save_tiny_hf_checkpoint
 
     hf = save_tiny_hf_checkpoint(tmp_path / model_type, model_type)
     ours = decoder_from_hf(hf).eval()
-    assert (ours.cfg.rope_scaling or {}).get("rope_type") == {"llama3": "llama3", "phi3": "longrope"}.get(model_type)
+    phi = model_type in ("phi3", "phi4")
+    rope_type = "longrope" if phi else "llama3" if model_type == "llama3" else None
+    assert (ours.cfg.rope_scaling or {}).get("rope_type") == rope_type
     assert ours.cfg.qk_norm == (model_type == "qwen3")
-    assert ours.cfg.max_seq_len == (64 if model_type == "phi3" else 1024)
-    idx = tokens(64 if model_type == "phi3" else 100)
+    assert (ours.cfg.rotary_dim, ours.cfg.rotated) == ((48, 48) if model_type == "phi4" else (None, 16))
+    assert ours.cfg.max_seq_len == (64 if phi else 1024)
+    idx = tokens(64 if phi else 100)
     with torch.no_grad():
         assert_close(ours(idx), hf(idx).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("model_type", ["llama3", "qwen3", "phi3"])
+@pytest.mark.parametrize("model_type", ["llama3", "qwen3", "phi3", "phi4"])
 def test_kv_cache_decoding_matches_full_forward_for_each_architecture(tmp_path, model_type):
     from tests.conftest import save_tiny_hf_checkpoint
 

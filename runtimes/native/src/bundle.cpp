@@ -89,7 +89,7 @@ void read_rope_scaling(const json& s, Decoder& d, const std::string& path) {
   } else if (kind == "longrope") {
     const json& f = s.contains("short_factor") ? s["short_factor"] : json();
     ok = s.contains("attention_factor") && positive(s["attention_factor"]) && f.is_array() &&
-         static_cast<int64_t>(f.size()) == d.head_dim / 2;
+         static_cast<int64_t>(f.size()) == d.rotary_dim / 2;
     for (size_t i = 0; ok && i < f.size(); i++) ok = positive(f[i]);
     if (ok) {
       for (auto& v : f) d.rope_short_factor.push_back(v.get<double>());
@@ -167,8 +167,12 @@ Bundle read_bundle(const std::string& root) {
     b.decoder = {integer(d, "vocab_size", 1, big, path), integer(d, "dim", 1, big, path),
                  integer(d, "n_kv_heads", 1, 4096, path), integer(d, "head_dim", 2, 4096, path),
                  integer(d, "max_seq_len", 1, big, path), d.at("rope_theta").get<double>(), std::nullopt, {}, 1.0};
-    if (b.decoder.head_dim % 2 || !(b.decoder.rope_theta > 0) || !std::isfinite(b.decoder.rope_theta))
-      throw UserError(path + " holds an impossible base.decoder (head_dim odd or rope_theta not > 0); " + kReexport);
+    b.decoder.rotary_dim = d.contains("rotary_dim") && !d["rotary_dim"].is_null()
+                               ? integer(d, "rotary_dim", 2, b.decoder.head_dim, path) : b.decoder.head_dim;
+    if (b.decoder.head_dim % 2 || b.decoder.rotary_dim % 2 || !(b.decoder.rope_theta > 0) ||
+        !std::isfinite(b.decoder.rope_theta))
+      throw UserError(path + " holds an impossible base.decoder (head_dim or rotary_dim odd, or rope_theta not > 0); " +
+                      kReexport);
     if (d.contains("rope_scaling") && !d["rope_scaling"].is_null()) read_rope_scaling(d["rope_scaling"], b.decoder, path);
     b.fingerprint = m.at("base").at("fingerprint");
     b.n_blocks = static_cast<int>(m.at("base").at("block_ranges").size());

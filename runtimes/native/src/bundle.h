@@ -35,6 +35,7 @@ struct Decoder {
   std::optional<std::array<double, 4>> rope_llama3;
   std::vector<double> rope_short_factor;  // empty: none
   double rope_scale = 1.0;
+  int64_t rotary_dim = 0;  // leading dimensions of a head the rotary embedding turns (Phi-4-mini: 96 of 128)
 };
 
 struct ExpertEntry {

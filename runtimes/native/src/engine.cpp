@@ -47,10 +47,10 @@ std::unique_ptr<Graph> load_graph(OrtRuntime& ort, const std::string& path, cons
 }  // namespace
 
 void rotary_tables(const Decoder& d, int64_t length, std::vector<float>& cos, std::vector<float>& sin) {
-  int64_t half = d.head_dim / 2;
+  int64_t half = d.rotary_dim / 2;
   std::vector<double> inv_freq(half);
   for (int64_t i = 0; i < half; i++) {
-    double freq = std::pow(d.rope_theta, -static_cast<double>(2 * i) / d.head_dim);
+    double freq = std::pow(d.rope_theta, -static_cast<double>(2 * i) / d.rotary_dim);
     if (d.rope_llama3) {  // mode_edge/rope.py, operation for operation
       auto [factor, low, high, old] = *d.rope_llama3;
       double wavelen = 2 * M_PI / freq, smooth = (old / wavelen - low) / (high - low);
@@ -151,7 +151,8 @@ void Engine::run_block(Graph& graph, const std::string& key, int layers, const s
   if (kv.empty())
     for (int j = 0; j < 2 * layers; j++) kv.emplace_back(hkv * cache.capacity * hd);
   int32_t seqlens = static_cast<int32_t>(cache.pos + T - 1), total = static_cast<int32_t>(cache.pos + T);
-  int64_t h_shape[] = {1, T, d}, one[] = {1}, table[] = {cache.capacity, hd / 2}, kv_shape[] = {1, hkv, cache.capacity, hd};
+  int64_t h_shape[] = {1, T, d}, one[] = {1}, kv_shape[] = {1, hkv, cache.capacity, hd};
+  int64_t table[] = {cache.capacity, bundle_.decoder.rotary_dim / 2};
   int64_t g_shape[] = {1, T};
   std::vector<Ort::Value> in, out;
   in.push_back(Ort::Value::CreateTensor<float>(info, const_cast<float*>(h.data()), h.size(), h_shape, 3));
