@@ -23,7 +23,7 @@ demo-quick: $(STAMP)
 	$(VENV)/bin/mode-edge demo --quick --out runs/demo-quick
 
 test: $(STAMP) native
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # the native runtime (runtimes/native): C++17 on onnxruntime's C API. Its headers (onnxruntime's, nlohmann/json) are
 # fetched once into a cache outside the checkout; the binary and library land in build/native (about 1 minute on 2

@@ -44,14 +44,16 @@ class Int8EmbedGraph(torch.nn.Module):
 
 
 class LinearHeadGraph(torch.nn.Module):
-    """A tied model's head graph with its matrix as an nn.Linear of its own (a copy of the embedding: the .pte holds
-    its weights anyway), so that torchao quantizes it: hidden (B, T, d) -> logits (B, T, V)."""
+    """The head graph as the final norm and an nn.Linear of its own, so that torchao quantizes it: a tied model's
+    F.linear on the embedding becomes a Linear over a copy of it (the .pte holds its weights anyway), and an untied
+    head leaves the rest of the decoder behind (the head graph holds all of it, which quantization would walk):
+    hidden (B, T, d) -> logits (B, T, V)."""
 
     def __init__(self, graph: torch.nn.Module):
         super().__init__()
         decoder = graph.decoder
         self.norm = copy.deepcopy(decoder.norm)
-        weight = decoder.embed_tokens.weight.detach()
+        weight = (decoder.lm_head or decoder.embed_tokens).weight.detach()
         self.lm_head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
         self.lm_head.weight.data.copy_(weight)
 
@@ -78,6 +80,12 @@ def xnnpack_codes(blocks) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     return codes.astype(np.int8), np.ascontiguousarray(scales), constants
 
 
+def block_sum_matrix(k: int, groups: int) -> torch.nn.Parameter:
+    """S (groups, k) float32: row g is 1 over columns g k/groups .. (g + 1) k/groups - 1, so x @ S^T sums each
+    block of x."""
+    return torch.nn.Parameter(torch.kron(torch.eye(groups), torch.ones(1, k // groups)), requires_grad=False)
+
+
 class SourceBlockLinear(torch.nn.Module):
     """A linear layer over 4-bit blocks of 32 that a source holds (export/source_blocks.Blocks: a GGUF's Q4_0 /
     Q4_1, GPTQ's), in XNNPACK's one 4-bit scheme without rounding them again: the codes q - 8 in [-8, 7] with the
@@ -85,14 +93,16 @@ class SourceBlockLinear(torch.nn.Module):
     Int8DynamicActivationIntxWeightConfig makes it), and what a block adds beyond d (q - 8) (Q4_1: m + 8 d; a zero
     point z: d (8 - z)) is a small fp32 product of the input's block sums, as the ONNX bundle computes it:
 
-        y = x W^T = x (d (q - 8))^T + (sums of x over each block) @ offsets^T     (1/32 of the multiply-adds)
+        y = x W^T = x (d (q - 8))^T + (x @ S^T) @ offsets^T     (S (K/32, K): 1 where column k is in block g)
 
-    x (..., K) -> y (..., N), plus `bias` (N,) when given. Exact but for two roundings XNNPACK's scheme makes: x to
-    8 bits per token in the first term, and the block scales to bfloat16 in the .pte (XNNPACK stores blockwise
-    scales so: 2^-9 of a block's weights at most, against up to 1/30 of the range for rounding Q4_1's grid again).
-    Raises ValueError for blocks that are not 4-bit."""
+    The block sums are a product with the 0/1 matrix S rather than a reshape and a sum: XNNPACK takes linears, so
+    the layer stays one delegated subgraph (a sum op runs outside it, splitting the graph at every layer); S is
+    shared by every layer of the same width (`block_sums`). x (..., K) -> y (..., N), plus `bias` (N,) when given.
+    Exact but for two roundings XNNPACK's scheme makes: x to 8 bits per token in the first term, and the block
+    scales to bfloat16 in the .pte (XNNPACK stores blockwise scales so: 2^-8 of a scale at most, against up to 1/30
+    of a block's range for rounding Q4_1's grid again). Raises ValueError for blocks that are not 4-bit."""
 
-    def __init__(self, blocks, bias: torch.Tensor | None = None):
+    def __init__(self, blocks, bias: torch.Tensor | None = None, block_sums: torch.nn.Parameter | None = None):
         super().__init__()
         from torchao.quantization import IntxUnpackedToInt8Tensor
         from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
@@ -108,16 +118,18 @@ class SourceBlockLinear(torch.nn.Module):
             torch.int4, (1, codes.shape[-1]), torch.float32, ActivationQuantization.INT8_ASYM_PER_TOKEN,
         )  # fmt: skip
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
-        self.groups = groups
         self.offsets = None if constants is None else torch.nn.Parameter(
-            torch.from_numpy(np.ascontiguousarray(constants.T)), requires_grad=False)  # (K/32, N)  # fmt: skip
+            torch.from_numpy(np.ascontiguousarray(constants)), requires_grad=False)  # (N, K/32)  # fmt: skip
+        self.block_sums = None if constants is None else block_sums if block_sums is not None else (
+            block_sum_matrix(codes.shape[1] * codes.shape[2], groups))  # fmt: skip
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x):
-        y = torch.nn.functional.linear(x, self.weight, self.bias)
+        y = torch.nn.functional.linear(x, self.weight, self.bias)  # (..., N)
         if self.offsets is None:
             return y
-        return y + x.unflatten(-1, (self.groups, -1)).sum(-1) @ self.offsets
+        sums = torch.nn.functional.linear(x, self.block_sums)  # (..., K/32)
+        return y + torch.nn.functional.linear(sums, self.offsets)
 
 
 def use_source_blocks(module: torch.nn.Module, source) -> dict[str, int]:
@@ -126,6 +138,7 @@ def use_source_blocks(module: torch.nn.Module, source) -> dict[str, int]:
     replaced layers per source type (the manifest's export.block_sources). 8-bit blocks (an embedding's, --quant
     mixed's) are left to torchao: XNNPACK's 8-bit weights are per channel, not per block."""
     counts: dict[str, int] = {}
+    sums: dict[tuple[int, int], torch.nn.Parameter] = {}  # one block-sum matrix per (width, blocks), shared
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, torch.nn.Linear):
@@ -133,7 +146,11 @@ def use_source_blocks(module: torch.nn.Module, source) -> dict[str, int]:
             blocks = source.find(child.weight.detach().numpy())
             if blocks is None or blocks.bits != 4:
                 continue
-            setattr(parent, name, SourceBlockLinear(blocks, child.bias))
+            shape = (child.in_features, blocks.scales.shape[1])
+            layer = SourceBlockLinear(blocks, child.bias, sums.get(shape))
+            if layer.block_sums is not None:
+                sums[shape] = layer.block_sums
+            setattr(parent, name, layer)
             counts[blocks.source_type] = counts.get(blocks.source_type, 0) + 1
     return counts
 
@@ -153,7 +170,7 @@ def quantize_module(module: torch.nn.Module, quant: str, block_size: int, source
 
         return Int8EmbedGraph(module)
     head = isinstance(module, HeadGraph)
-    if head and module.decoder.lm_head is None:
+    if head:
         module = LinearHeadGraph(module)
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup

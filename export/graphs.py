@@ -12,7 +12,7 @@ graph that holds attention layers takes the cache as tensors. Two cache interfac
 
     embed      input_ids (B, T) int64                                     -> hidden (B, T, d)
     block{i}   "buffer": hidden, seqlens_k (B,) int32, total_sequence_length () int32, cos_cache and sin_cache
-               (C, hd/2), past k/v per layer (B, Hkv, C, hd)              -> hidden, present k/v (B, Hkv, C, hd)
+               (C, r/2), past k/v per layer (B, Hkv, C, hd)              -> hidden, present k/v (B, Hkv, C, hd)
                "concat": hidden, past k/v per layer (B, Hkv, P, hd)       -> hidden, present k/v (B, Hkv, P+T, hd)
     expert{i}  (per expert) as its block, with gate_logit (B, T) after hidden
     head       hidden                                                     -> logits (B, T, V)
@@ -40,8 +40,8 @@ def kv_names(n_layers: int, prefix: str = "") -> tuple[list[str], list[str]]:
 
 def rotary_tables(inv_freq: torch.Tensor, length: int, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of positions 0 .. length-1 times each frequency, times `scale` (mode_edge/rope.scale), (length,
-    hd/2) fp32 each: GroupQueryAttention's cos_cache / sin_cache (the runtime's numpy twin:
-    runtimes/kv_cache.rotary_tables)."""
+    r/2) fp32 each, r the rotated dimensions of a head: GroupQueryAttention's cos_cache / sin_cache (the runtime's
+    numpy twin: runtimes/kv_cache.rotary_tables)."""
     freqs = torch.arange(length, dtype=torch.float32)[:, None] * inv_freq[None, :]
     return freqs.cos() * scale, freqs.sin() * scale
 

@@ -91,7 +91,9 @@ class DecoderConfig(_Serialisable):
         from mode_edge.rope import check_rope_scaling
 
         if self.rotary_dim is not None:
-            check_number("DecoderConfig.rotary_dim", self.rotary_dim, lo=2, hi=self.head_dim, integer=True)
+            # (below head_dim: None is the whole head, one spelling, so that fingerprints stay canonical)
+            check_number("DecoderConfig.rotary_dim", self.rotary_dim, lo=2, hi=self.head_dim, hi_open=True,
+                         integer=True)  # fmt: skip
             if self.rotary_dim % 2:
                 raise UserError(f"DecoderConfig.rotary_dim must be even (pairs of dimensions turn), got "
                                 f"{self.rotary_dim}")  # fmt: skip
@@ -255,11 +257,12 @@ class ExportConfig(_Serialisable):
     Q4_1 or Q8_0 rows; .pte graphs: the 4-bit ones) instead of rounding it again, so the base equals the model that
     was trained (export/source_blocks.py, export/executorch_graphs.SourceBlockLinear)."""
     quant_method: str = "auto"
-    """int4 (ONNX and .pte) and mixed: how the 4-bit weights without source blocks (experts; a backbone from fp16/fp32
-    weights) are rounded: 'rtn' round-to-nearest, 'kquant' llama.cpp's scale/minimum search, 'gptq' calibrated on
-    each expert's training text (export/calibrate.py), 'auto' gptq when every expert's text is at hand and the
-    block size is 32, else rtn (measured: GPTQ's expert graphs err 1.5-4x less than RTN's;
-    benchmarks/results/quant_methods.md). int8 (and mixed's 8-bit layers) are always round-to-nearest."""
+    """int4 and mixed: how the 4-bit weights without source blocks (experts; a backbone from fp16/fp32
+    weights) are rounded: 'rtn' round-to-nearest, 'kquant' llama.cpp's scale/minimum search (ONNX only), 'gptq'
+    calibrated on each expert's training text (export/calibrate.py; the .pte graphs take GPTQ's blocks as they are),
+    'auto' gptq when every expert's text is at hand and the block size is 32, else rtn (measured: GPTQ's expert
+    graphs err 1.5-4x less than RTN's; benchmarks/results/quant_methods.md). int8 (and mixed's 8-bit layers) are
+    always round-to-nearest."""
     pte_context: int = 2048
     """ExecuTorch: the longest context (cached positions) the .pte graphs take, at most the backbone's. ExecuTorch
     plans activation memory for it up front (the present KV cache of every layer), so it is bounded here."""
@@ -276,6 +279,9 @@ class ExportConfig(_Serialisable):
             raise UserError("--quant mixed writes its 8-bit layers beside the 4-bit ones, which onnxruntime's k-quant "
                             "path does not keep; pass --quant-method gptq or rtn with mixed, or --quant int4 for "
                             "kquant")  # fmt: skip
+        if self.quant_method == "kquant" and "onnx" not in self.formats and self.quant == "int4":
+            raise UserError("--quant-method kquant is onnxruntime's k-quant search, for ONNX bundles; ExecuTorch's "
+                            "4-bit weights take gptq or rtn (or add onnx to --format)")  # fmt: skip
         if self.quant == "mixed" and "executorch" in self.formats:
             raise UserError("--quant mixed is for ONNX bundles (ExecuTorch's XNNPACK takes one scheme a graph); "
                             "pass --format onnx, or --quant int4 for ExecuTorch")  # fmt: skip

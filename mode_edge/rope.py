@@ -27,11 +27,10 @@ def positive(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and v > 0 and math.isfinite(v)
 
 
-def check_rope_scaling(scaling, what: str, head_dim: int | None = None) -> None:
+def check_rope_scaling(scaling, what: str, rotated: int | None = None) -> None:
     """None; or llama3 with positive LLAMA3_KEYS and high_freq_factor > low_freq_factor; or longrope with a positive
-    attention_factor and head_dim / 2 positive short_factor values (the length checked when head_dim is given:
-    the dimensions the rotary embedding turns, fewer than a head's under a partial one). Raises UserError naming the
-    field."""
+    attention_factor and rotated / 2 positive short_factor values (the length checked when `rotated`, the dimensions
+    of a head the rotary embedding turns, is given). Raises UserError naming the field."""
     if scaling is None:
         return
     kind = scaling.get("rope_type") if isinstance(scaling, dict) else None
@@ -41,7 +40,7 @@ def check_rope_scaling(scaling, what: str, head_dim: int | None = None) -> None:
     elif kind == "longrope":
         short = scaling.get("short_factor")
         ok = positive(scaling.get("attention_factor")) and isinstance(short, list) and all(map(positive, short))
-        ok = ok and (head_dim is None or len(short) == head_dim // 2)
+        ok = ok and (rotated is None or len(short) == rotated // 2)
     else:
         ok = False
     if not ok:

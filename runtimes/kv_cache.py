@@ -18,9 +18,9 @@ GROWTH = 2
 
 
 def rotary_tables(inv_freq: np.ndarray, length: int, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of positions 0 .. length-1 times each rotary frequency (inv_freq (hd/2,) float64: mode_edge/rope.py),
-    times `scale` (mode_edge/rope.scale), (length, hd/2) float32 each: GroupQueryAttention's cos_cache / sin_cache.
-    Computed in float64 and rounded once, so that they are the nearest float32 values (numpy's float32 cos is off by
+    """cos and sin of positions 0 .. length-1 times each rotary frequency (inv_freq (r/2,) float64, r the rotated
+    dimensions of a head: mode_edge/rope.py), times `scale` (mode_edge/rope.scale), (length, r/2) float32 each:
+    GroupQueryAttention's cos_cache / sin_cache. Computed in float64 and rounded once, so that they are the nearest float32 values (numpy's float32 cos is off by
     one unit in the last place for ~10% of them) and the native runtime (runtimes/native/src/engine.cpp), computing
     the same in C++, feeds the graphs the very same tables."""
     freqs = np.arange(length, dtype=np.float64)[:, None] * inv_freq[None, :]
@@ -40,7 +40,7 @@ class Cache:
     capacity_hint: int = 0
     capacity: int = 0
     tables: tuple[np.ndarray, np.ndarray] | None = None
-    """cos_cache, sin_cache (capacity, hd/2) of the "buffer" graphs."""
+    """cos_cache, sin_cache (capacity, r/2) of the "buffer" graphs."""
     bindings: dict[str, object] = field(default_factory=dict)
     """Per component, the graph's I/O binding with this cache's buffers bound (OnnxGraph.run_in_place)."""
 

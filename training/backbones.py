@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mode_edge.config import DecoderConfig, MoDELayout
@@ -87,8 +88,10 @@ def _hf_decoder_config(hf) -> DecoderConfig:
                         f"supported: default (plain RoPE), llama3 and longrope")  # fmt: skip
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     partial = rope.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", 1.0))
+    if not (isinstance(partial, (int, float)) and 0 < partial <= 1):
+        raise UserError(f"config.json partial_rotary_factor must be in (0, 1], got {partial!r}")
     rotary_dim = int(head_dim * partial)  # (transformers' own rounding)
-    if rotary_dim != head_dim and (not 0 < partial < 1 or rotary_dim % 16):
+    if rotary_dim != head_dim and (rotary_dim == 0 or rotary_dim % 16):
         raise UserError(f"a partial rotary embedding over {rotary_dim} of {head_dim} dimensions (config.json "
                         f"partial_rotary_factor {partial}) is not supported: onnxruntime's GroupQueryAttention "
                         f"turns a multiple of 16 dimensions (Phi-4-mini: 96 of 128)")  # fmt: skip
@@ -191,6 +194,8 @@ def _load_hf(directory: Path, gguf_file: str | None) -> tuple[Decoder, TextToken
         raise UserError(f"could not load a checkpoint from {directory / (gguf_file or '')} ({first}); it is missing "
                         "files, cut short or corrupted: download or copy it again") from None  # fmt: skip
     decoder = decoder_from_hf(hf_model)
+    if gguf_file is not None:
+        check_gguf_rope(directory / gguf_file, decoder.cfg)
     eos = (
         hf_tok.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in hf_tok.get_vocab() else hf_tok.eos_token_id
     )
@@ -201,6 +206,42 @@ def _load_hf(directory: Path, gguf_file: str | None) -> tuple[Decoder, TextToken
     special = {k: v for k, v in hf_tok.special_tokens_map.items() if isinstance(v, str)}
     return decoder, TextTokenizer(backend, eos_id=int(eos), prefix_ids=checkpoint_prefix(backend),
                                   chat_template=template, special_tokens=special)  # fmt: skip
+
+
+GGUF_ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_short.weight", "rope_factors_long.weight")
+"""Where llama.cpp's converter stores rotary scaling as tensors: Llama 3.x's per-frequency divisors (rope_freqs) and
+LongRoPE's short and long factors (Phi-3.5 / 4)."""
+
+
+def check_gguf_rope(path: Path, cfg: DecoderConfig) -> None:
+    """Refuse a GGUF file whose rotary embedding transformers' GGUF reader did not carry into `cfg`: a rotated width
+    (`{arch}.rope.dimension_count`, Phi-4-mini's 96 of 128) other than cfg.rotated, or frequencies scaled by a tensor
+    (GGUF_ROPE_TENSORS) that differ from cfg's. The reader maps neither (transformers 5.x): the model would load with
+    plain RoPE over the whole head and compute other logits than the checkpoint's, silently. Raises UserError."""
+    from gguf import GGUFReader
+
+    from mode_edge.rope import inv_freq
+
+    reader = GGUFReader(str(path))
+    arch_field = reader.fields.get("general.architecture")
+    arch = arch_field.contents() if arch_field is not None else "llama"
+    dims = reader.fields.get(f"{arch}.rope.dimension_count")
+    fix = "load the checkpoint's Hugging Face folder (config.json and safetensors) instead"
+    if dims is not None and int(dims.contents()) != cfg.rotated:
+        raise UserError(f"{path.name} turns {dims.contents()} of each head's {cfg.head_dim} dimensions "
+                        f"({arch}.rope.dimension_count), which transformers' GGUF reader does not carry over; {fix}")
+    ours = inv_freq(cfg.rope_theta, cfg.rotated, cfg.rope_scaling)
+    plain = inv_freq(cfg.rope_theta, cfg.rotated)
+    for t in reader.tensors:
+        if t.name not in GGUF_ROPE_TENSORS:
+            continue
+        factors = np.asarray(t.data, dtype=np.float64).reshape(-1)
+        short = cfg.rope_scaling is not None and cfg.rope_scaling.get("rope_type") == "longrope"
+        if t.name == "rope_factors_long.weight" and short:
+            continue  # the long factors apply past the original context, where the context is capped
+        if len(factors) != len(ours) or not np.allclose(plain / factors, ours, rtol=1e-5):
+            raise UserError(f"{path.name} scales its rotary frequencies by the tensor {t.name}, which transformers' "
+                            f"GGUF reader does not carry over; {fix}")  # fmt: skip
 
 
 def tiny_decoder(seed: int = 0) -> Decoder:

@@ -17,7 +17,7 @@ from mode_edge.rope import scale as rope_scale
 
 
 def rope_inv_freq(cfg: DecoderConfig) -> torch.Tensor:
-    """The rotary frequencies of `cfg` (head_dim / 2,) fp32: mode_edge/rope.py's, computed in float64, rounded once.
+    """The rotary frequencies of `cfg` (cfg.rotated / 2,) fp32: mode_edge/rope.py's, computed in float64, rounded once.
     On the current default device (torch.tensor honours it, torch.from_numpy does not: a model built on the meta
     device, as peft's loaders build it, needs its tables there too)."""
     return torch.tensor(rope_frequencies(cfg.rope_theta, cfg.rotated, cfg.rope_scaling), dtype=torch.float32)

@@ -58,6 +58,7 @@ def test_exported_architecture_runs_as_pytorch(exported):
     manifest_decoder = Engine(bundles["fp32"]).manifest["base"]["decoder"]
     assert ("rope_scaling" in manifest_decoder) == (arch != "qwen3") and manifest_decoder.get("qk_norm") == (
         arch == "qwen3" or None)  # fmt: skip
+    assert manifest_decoder.get("rotary_dim") == (48 if arch == "phi4" else None)
     prompt = PROMPTS[arch]
     engine = Engine(bundles["fp32"])
     engine.load_expert("code")

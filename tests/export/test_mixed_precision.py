@@ -69,6 +69,8 @@ def test_quant_mixed_refusals_executorch_kquant_and_a_file_for_out(composed_run,
     assert not (tmp_path / "pte").exists()
     refused("export", "--model", composed_run, "--out", tmp_path / "kq", "--quant", "mixed", "--quant-method",
             "kquant", message=("k-quant", "--quant-method gptq or rtn"))  # fmt: skip
+    refused("export", "--model", composed_run, "--out", tmp_path / "kq", "--quant", "int4", "--format", "executorch",
+            "--quant-method", "kquant", message=("k-quant search, for ONNX bundles", "gptq or rtn"))  # fmt: skip
     (tmp_path / "file").write_text("not a bundle")
     refused("export", "--model", composed_run, "--out", tmp_path / "file", "--quant", "mixed", "--overwrite",
             message="is a file; a bundle is a folder")  # fmt: skip

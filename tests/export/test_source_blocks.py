@@ -292,19 +292,42 @@ def test_pte_linears_take_the_4bit_blocks_as_they_are(tiny_gguf, name, tmp_path)
         assert (SourceBlocks(path).find(w).scales < 0).any()
     held = exact[0].weight.dequantize()
     if exact[0].offsets is not None:
-        held = held + exact[0].offsets.T.repeat_interleave(32, dim=1)
+        held = held + exact[0].offsets.repeat_interleave(32, dim=1)
     np.testing.assert_allclose(held.numpy(), w, rtol=1e-6, atol=1e-7)
     assert torch.equal(exact[0].bias, layer.bias)
     rounded = quantize_module(module, "int4", 32)  # no source: torchao's own 4-bit blocks of the same weight
-    assert counts == {SHAPES[name][0].name: 1} and isinstance(rounded[0].weight, type(exact[0].weight))
+    assert isinstance(rounded[0], torch.nn.Linear) and isinstance(rounded[0].weight, type(exact[0].weight))
 
     x = torch.from_numpy(RNG.standard_normal((1, 5, w.shape[1])).astype(np.float32))
     ref = (x @ torch.from_numpy(w).T + layer.bias).detach().numpy()
     errors = {}
     for kind, m in (("exact", exact), ("rounded", rounded)):
-        (tmp_path / f"{kind}.pte").write_bytes(lower(m.eval(), (x,)).buffer)
+        lowered = lower(m.eval(), (x,))
+        ops = [str(n.target) for n in lowered.exported_program().graph.nodes if n.op == "call_function"]
+        assert ops.count("executorch_call_delegate") == 1 and not [o for o in ops if "aten" in o], ops  # one subgraph
+        (tmp_path / f"{kind}.pte").write_bytes(lowered.buffer)
         got = Runtime.get().load_program(str(tmp_path / f"{kind}.pte")).load_method("forward").execute([x])[0]
         errors[kind] = float(np.abs(got.numpy() - ref).max() / np.abs(ref).max())
     assert 0 < errors["exact"] < 0.02  # the activations' 8-bit rounding, no more
     if name == "q4_1":  # Q4_1's asymmetric grid is not symmetric 4-bit's: rounding it again costs several times more
         assert errors["rounded"] > 3 * errors["exact"], errors
+
+
+def test_xnnpack_codes_make_every_scale_positive_and_keep_the_weight():
+    """XNNPACK refuses blockwise scales <= 0: a negative scale (ggml's Q4_0 signs them), a zero one (a block of equal
+    values) and GPTQ's zero points all become codes in [-8, 7] at positive scales plus a per-block constant, and
+    scale * code + constant is the blocks' weight."""
+    from mode_edge.export.executorch_graphs import xnnpack_codes
+    from mode_edge.export.source_blocks import Blocks
+
+    codes = RNG.integers(0, 16, (3, 4, 32))
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    scales = np.array([[0.5, -0.25, 0.0, 2.0]] * 3, np.float32)
+    cases = [Blocks("Q4_0", 4, packed, scales, None),
+             Blocks("Q4_1", 4, packed, scales, None, minimums=np.full((3, 4), -0.75, np.float32)),
+             Blocks("gptq", 4, packed, np.abs(scales), RNG.integers(0, 16, (3, 4)).astype(np.uint8))]  # fmt: skip
+    for blocks in cases:
+        c, d, constants = xnnpack_codes(blocks)
+        assert c.min() >= -8 and c.max() <= 7 and (d > 0).all(), blocks.source_type
+        got = c.astype(np.float32) * d[..., None] + (0 if constants is None else constants[..., None])
+        np.testing.assert_allclose(got.reshape(3, -1), blocks.dequantize(), rtol=1e-6, atol=1e-6)

@@ -1,10 +1,12 @@
+import dataclasses
+
 import pytest
 import torch
 from torch.testing import assert_close
 
 from mode_edge.config import MoDELayout
 from mode_edge.errors import UserError
-from mode_edge.training.backbones import load_backbone, tiny_decoder, weights_sha256
+from mode_edge.training.backbones import TINY_CONFIG, load_backbone, tiny_decoder, weights_sha256
 
 
 def test_tiny_backbone_is_deterministic_and_frozen(tiny):
@@ -104,3 +106,39 @@ def test_a_gguf_file_or_a_folder_holding_one_resolves_to_it(tmp_path):
     assert resolve_spec(str(smollm2_dir() / SMOLLM2_GGUF)) == (smollm2_dir(), SMOLLM2_GGUF)
     (tmp_path / "model.gguf").write_bytes(b"GGUF")
     assert resolve_spec(str(tmp_path)) == (tmp_path, "model.gguf")
+
+
+def test_a_gguf_whose_rotary_embedding_transformers_drops_is_refused(tmp_path):
+    """transformers' GGUF reader carries neither the rotated width (Phi-4-mini's 96 of 128) nor frequencies scaled by
+    a tensor (Llama 3.x's rope_freqs, LongRoPE's factors) into its config: such a file would load as plain RoPE over
+    the whole head, so it is refused; one whose tensor matches what the config says loads."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from mode_edge.rope import inv_freq
+    from mode_edge.training.backbones import check_gguf_rope
+    from tests.conftest import LLAMA3_ROPE
+
+    def gguf(name, arch, dims=None, tensors=()):
+        path = tmp_path / f"{name}.gguf"
+        writer = GGUFWriter(str(path), arch)
+        if dims is not None:
+            writer.add_rope_dimension_count(dims)
+        for tensor_name, values in tensors:
+            writer.add_tensor(tensor_name, np.asarray(values, np.float32))
+        writer.add_tensor("token_embd.weight", np.zeros((4, 64), np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path
+
+    plain = TINY_CONFIG
+    llama3 = dataclasses.replace(TINY_CONFIG, rope_scaling={k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"})
+    factors = inv_freq(plain.rope_theta, 16) / inv_freq(plain.rope_theta, 16, llama3.rope_scaling)
+    with pytest.raises(UserError, match=r"turns 8 of each head's 16 dimensions \(phi3.rope.dimension_count\)"):
+        check_gguf_rope(gguf("partial", "phi3", dims=8), plain)
+    with pytest.raises(UserError, match="scales its rotary frequencies by the tensor rope_freqs.weight"):
+        check_gguf_rope(gguf("llama3", "llama", dims=16, tensors=[("rope_freqs.weight", factors)]), plain)
+    check_gguf_rope(gguf("llama3", "llama", dims=16, tensors=[("rope_freqs.weight", factors)]), llama3)
+    check_gguf_rope(gguf("plain", "llama", dims=16), plain)

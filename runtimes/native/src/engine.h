@@ -40,7 +40,7 @@ class KvBuffer {
 
 // Keys and values of every graph's attention layers, by component ("block{i}", "NAME/block{i}"), for the first `pos`
 // tokens, in buffers of `capacity` positions that GroupQueryAttention writes in place: (1, Hkv, capacity, hd) floats
-// each, k before v per layer. cos/sin: the rotary tables (capacity, hd/2) of positions 0 .. capacity-1.
+// each, k before v per layer. cos/sin: the rotary tables (capacity, r/2), r = rotary_dim, of positions 0 .. capacity-1.
 struct Cache {
   int64_t pos = 0, capacity = 0, capacity_hint = 0;
   std::map<std::string, std::vector<KvBuffer>> kv;
@@ -95,9 +95,9 @@ class Engine {
   std::map<std::string, Expert> experts_;
 };
 
-// Rotary tables of positions 0 .. length-1: cos and sin of p * inv_freq[i] with inv_freq = theta^(-2i/hd), scaled as
-// Llama 3 or LongRoPE does where the decoder says so (LongRoPE also multiplies cos and sin by its attention factor;
-// mode_edge/rope.py), (length, hd/2) floats each, computed in double and rounded once, as
+// Rotary tables of positions 0 .. length-1: cos and sin of p * inv_freq[i] with inv_freq = theta^(-2i/rotary_dim),
+// scaled as Llama 3 or LongRoPE does where the decoder says so (LongRoPE also multiplies cos and sin by its attention
+// factor; mode_edge/rope.py), (length, rotary_dim/2) floats each, computed in double and rounded once, as
 // runtimes/kv_cache.rotary_tables does (the same tables: the same logits).
 void rotary_tables(const Decoder& decoder, int64_t length, std::vector<float>& cos, std::vector<float>& sin);
 
