@@ -23,6 +23,7 @@ import torch
 
 from mode_edge.export.graphs import example_inputs
 from mode_edge.export.onnx_graphs import dynamic_shapes, quiet
+from mode_edge.export.source_blocks import BLOCK
 
 
 class Int8EmbedGraph(torch.nn.Module):
@@ -80,10 +81,31 @@ def xnnpack_codes(blocks) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     return codes.astype(np.int8), np.ascontiguousarray(scales), constants
 
 
-def block_sum_matrix(k: int, groups: int) -> torch.nn.Parameter:
-    """S (groups, k) float32: row g is 1 over columns g k/groups .. (g + 1) k/groups - 1, so x @ S^T sums each
-    block of x."""
-    return torch.nn.Parameter(torch.kron(torch.eye(groups), torch.ones(1, k // groups)), requires_grad=False)
+def int4_weight(codes: np.ndarray, scales: np.ndarray):
+    """codes (N, K/32, 32) int8 in [-8, 7] and scales (N, K/32) float32 > 0 -> torchao's IntxUnpackedToInt8Tensor
+    (N, K), symmetric 4-bit blocks of 32 with 8-bit dynamic per-token activations: the weight XNNPACK lowers to its
+    blockwise 4-bit kernel (the tensor Int8DynamicActivationIntxWeightConfig makes, with the codes given)."""
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8TensorActivationQuantization as ActivationQuantization,
+    )
+
+    n, groups, block = codes.shape
+    return IntxUnpackedToInt8Tensor(
+        torch.from_numpy(np.ascontiguousarray(codes).reshape(n, -1)), torch.from_numpy(np.ascontiguousarray(scales)),
+        torch.zeros(n, groups, dtype=torch.int8), torch.int4, (1, block), torch.float32,
+        ActivationQuantization.INT8_ASYM_PER_TOKEN,
+    )  # fmt: skip
+
+
+def block_sums_weight(groups: int) -> torch.nn.Parameter:
+    """The 4-bit weight (groups, 32 groups) whose row g has code 1 over block g and 0 elsewhere, at scale 1: its
+    product with x is the sums of x's blocks of 32, of the same 8-bit activations the layer's own product rounds x
+    to. (A sum op would run outside XNNPACK and split the graph at every layer; an fp32 0/1 matrix would be read at
+    32 bits a weight.)"""
+    codes = np.zeros((groups, groups, BLOCK), np.int8)
+    codes[np.arange(groups), np.arange(groups)] = 1
+    return torch.nn.Parameter(int4_weight(codes, np.ones((groups, groups), np.float32)), requires_grad=False)
 
 
 class SourceBlockLinear(torch.nn.Module):
@@ -93,35 +115,24 @@ class SourceBlockLinear(torch.nn.Module):
     Int8DynamicActivationIntxWeightConfig makes it), and what a block adds beyond d (q - 8) (Q4_1: m + 8 d; a zero
     point z: d (8 - z)) is a small fp32 product of the input's block sums, as the ONNX bundle computes it:
 
-        y = x W^T = x (d (q - 8))^T + (x @ S^T) @ offsets^T     (S (K/32, K): 1 where column k is in block g)
+        y = x W^T = x (d (q - 8))^T + (x @ S^T) @ offsets^T     (S (K/32, K): code 1 where column k is in block g)
 
-    The block sums are a product with the 0/1 matrix S rather than a reshape and a sum: XNNPACK takes linears, so
-    the layer stays one delegated subgraph (a sum op runs outside it, splitting the graph at every layer); S is
-    shared by every layer of the same width (`block_sums`). x (..., K) -> y (..., N), plus `bias` (N,) when given.
-    Exact but for two roundings XNNPACK's scheme makes: x to 8 bits per token in the first term, and the block
-    scales to bfloat16 in the .pte (XNNPACK stores blockwise scales so: 2^-8 of a scale at most, against up to 1/30
-    of a block's range for rounding Q4_1's grid again). Raises ValueError for blocks that are not 4-bit."""
+    with x rounded to 8 bits per token in both products (XNNPACK's dynamic quantization, the same rounding in
+    both), so y is the source's weight times that activation, exactly but for the block scales, which XNNPACK stores
+    as bfloat16 (2^-8 of a scale at most, against up to 1/30 of a block's range for rounding Q4_1's grid again).
+    S is a 4-bit weight shared by every layer of the same width (`block_sums`). x (..., K) -> y (..., N), plus
+    `bias` (N,) when given. Raises ValueError for blocks that are not 4-bit."""
 
     def __init__(self, blocks, bias: torch.Tensor | None = None, block_sums: torch.nn.Parameter | None = None):
         super().__init__()
-        from torchao.quantization import IntxUnpackedToInt8Tensor
-        from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
-            IntxUnpackedToInt8TensorActivationQuantization as ActivationQuantization,
-        )
-
         if blocks.bits != 4:
             raise ValueError(f"SourceBlockLinear takes 4-bit blocks, not {blocks.bits}-bit {blocks.source_type}")
-        n, groups = blocks.scales.shape
         codes, scales, constants = xnnpack_codes(blocks)
-        weight = IntxUnpackedToInt8Tensor(
-            torch.from_numpy(codes.reshape(n, -1)), torch.from_numpy(scales), torch.zeros(n, groups, dtype=torch.int8),
-            torch.int4, (1, codes.shape[-1]), torch.float32, ActivationQuantization.INT8_ASYM_PER_TOKEN,
-        )  # fmt: skip
-        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.weight = torch.nn.Parameter(int4_weight(codes, scales), requires_grad=False)
         self.offsets = None if constants is None else torch.nn.Parameter(
             torch.from_numpy(np.ascontiguousarray(constants)), requires_grad=False)  # (N, K/32)  # fmt: skip
         self.block_sums = None if constants is None else block_sums if block_sums is not None else (
-            block_sum_matrix(codes.shape[1] * codes.shape[2], groups))  # fmt: skip
+            block_sums_weight(scales.shape[1]))  # fmt: skip
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x):
@@ -138,7 +149,7 @@ def use_source_blocks(module: torch.nn.Module, source) -> dict[str, int]:
     replaced layers per source type (the manifest's export.block_sources). 8-bit blocks (an embedding's, --quant
     mixed's) are left to torchao: XNNPACK's 8-bit weights are per channel, not per block."""
     counts: dict[str, int] = {}
-    sums: dict[tuple[int, int], torch.nn.Parameter] = {}  # one block-sum matrix per (width, blocks), shared
+    sums: dict[int, torch.nn.Parameter] = {}  # one block-sum weight per count of blocks, shared
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, torch.nn.Linear):
@@ -146,10 +157,10 @@ def use_source_blocks(module: torch.nn.Module, source) -> dict[str, int]:
             blocks = source.find(child.weight.detach().numpy())
             if blocks is None or blocks.bits != 4:
                 continue
-            shape = (child.in_features, blocks.scales.shape[1])
-            layer = SourceBlockLinear(blocks, child.bias, sums.get(shape))
+            groups = blocks.scales.shape[1]
+            layer = SourceBlockLinear(blocks, child.bias, sums.get(groups))
             if layer.block_sums is not None:
-                sums[shape] = layer.block_sums
+                sums[groups] = layer.block_sums
             setattr(parent, name, layer)
             counts[blocks.source_type] = counts.get(blocks.source_type, 0) + 1
     return counts

@@ -51,13 +51,14 @@ def human_bytes(n: int) -> str:
               help="ONNX int8 / int4: compute type of the base's own blocks (a GGUF's, the 8-bit head): 0 keeps "
                    "the base exactly the trained model, 4 multiplies in int8 (faster, not exact).")
 @click.option("--source-blocks/--requantize-base", default=True, show_default=True,
-              help="ONNX int8 / int4 / mixed, backbone from a GGUF file: write its Q4_0 / Q4_1 / Q8_0 weights from the "
-                   "file's own blocks (exactly the trained model), or round them again.")
+              help="int8 / int4 / mixed, backbone from a GGUF file: write its Q4_0 / Q4_1 / Q8_0 weights from the "
+                   "file's own blocks (exactly the trained model; .pte graphs take the 4-bit ones), or round them "
+                   "again.")
 @click.option("--quant-method", type=click.Choice(QUANT_METHODS), default="auto", show_default=True,
-              help="ONNX int4 / mixed: how 4-bit weights without source blocks (the experts) are rounded: rtn "
-                   "round-to-nearest, kquant llama.cpp's scale/minimum search, gptq calibrated on each expert's "
-                   "training text; auto is gptq when the texts are at hand and --block-size is 32, else rtn (said in "
-                   "the log).")
+              help="int4 / mixed: how 4-bit weights without source blocks (the experts) are rounded: rtn "
+                   "round-to-nearest, kquant llama.cpp's scale/minimum search (ONNX only), gptq calibrated on each "
+                   "expert's training text; auto is gptq when the texts are at hand and --block-size is 32, else rtn "
+                   "(said in the log).")
 @click.option("--calibration-data", type=click.Path(path_type=Path), default=None,
               help="--quant-method gptq: a prepared corpus to calibrate on (default: each expert's training text).")
 @click.option("--pte-context", type=Int(64, None), default=2048, show_default=True,
