@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo demo-quick test fuzz bench bench-peers native native-asan native-arm64 arm64-userland test-arm64 clean
+.PHONY: install demo demo-quick test test-real fuzz bench bench-peers native native-asan native-arm64 arm64-userland test-arm64 clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,7 +23,11 @@ demo-quick: $(STAMP)
 	$(VENV)/bin/mode-edge demo --quick --out runs/demo-quick
 
 test: $(STAMP) native
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 -m "not real_scale"
+
+# checks at the real backbone's size that would push `make test` past its time budget (about 1 minute)
+test-real: $(STAMP) native
+	$(PY) -m pytest -q -m real_scale
 
 # the native runtime (runtimes/native): C++17 on onnxruntime's C API. Its headers (onnxruntime's, nlohmann/json) are
 # fetched once into a cache outside the checkout; the binary and library land in build/native (about 1 minute on 2

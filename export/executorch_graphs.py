@@ -99,7 +99,7 @@ def int4_weight(codes: np.ndarray, scales: np.ndarray):
 
 
 def block_sums_weight(groups: int) -> torch.nn.Parameter:
-    """The 4-bit weight (groups, 32 groups) whose row g has code 1 over block g and 0 elsewhere, at scale 1: its
+    """The 4-bit weight S (groups, 32 groups) whose row g has code 1 over block g and 0 elsewhere, at scale 1: its
     product with x is the sums of x's blocks of 32, of the same 8-bit activations the layer's own product rounds x
     to. (A sum op would run outside XNNPACK and split the graph at every layer; an fp32 0/1 matrix would be read at
     32 bits a weight.)"""
@@ -113,15 +113,17 @@ class SourceBlockLinear(torch.nn.Module):
     Q4_1, GPTQ's), in XNNPACK's one 4-bit scheme without rounding them again: the codes q - 8 in [-8, 7] with the
     blocks' own scales d are the symmetric 4-bit weight (8-bit dynamic activations, as torchao's
     Int8DynamicActivationIntxWeightConfig makes it), and what a block adds beyond d (q - 8) (Q4_1: m + 8 d; a zero
-    point z: d (8 - z)) is a small fp32 product of the input's block sums, as the ONNX bundle computes it:
+    point z: d (8 - z)) is a small fp32 product of the input's block sums (as in the ONNX bundle, which sums x in
+    fp32):
 
         y = x W^T = x (d (q - 8))^T + (x @ S^T) @ offsets^T     (S (K/32, K): code 1 where column k is in block g)
 
     with x rounded to 8 bits per token in both products (XNNPACK's dynamic quantization, the same rounding in
     both), so y is the source's weight times that activation, exactly but for the block scales, which XNNPACK stores
-    as bfloat16 (2^-8 of a scale at most, against up to 1/30 of a block's range for rounding Q4_1's grid again).
-    S is a 4-bit weight shared by every layer of the same width (`block_sums`). x (..., K) -> y (..., N), plus
-    `bias` (N,) when given. Raises ValueError for blocks that are not 4-bit."""
+    as bfloat16: a weight moves by at most 8 * 2^-8 d, 1/480 of a Q4_1 block's range, where rounding Q4_1's grid
+    again moves it by up to 1/30. `block_sums`: S = block_sums_weight(K/32), passed to share one among the layers
+    of a width (made here when None). x (..., K) -> y (..., N), plus `bias` (N,) when given. Raises ValueError for
+    blocks that are not 4-bit."""
 
     def __init__(self, blocks, bias: torch.Tensor | None = None, block_sums: torch.nn.Parameter | None = None):
         super().__init__()
@@ -146,10 +148,10 @@ class SourceBlockLinear(torch.nn.Module):
 def use_source_blocks(module: torch.nn.Module, source) -> dict[str, int]:
     """Replace, in place, every nn.Linear of `module` whose weight `source` holds as 4-bit blocks
     (anything with find(weight (N, K)) -> Blocks | None) by a SourceBlockLinear over them; returns the count of
-    replaced layers per source type (the manifest's export.block_sources). 8-bit blocks (an embedding's, --quant
+    replaced layers per source type (the manifest's export.pte_block_sources). 8-bit blocks (an embedding's, --quant
     mixed's) are left to torchao: XNNPACK's 8-bit weights are per channel, not per block."""
     counts: dict[str, int] = {}
-    sums: dict[int, torch.nn.Parameter] = {}  # one block-sum weight per count of blocks, shared
+    sums: dict[tuple[int, int], torch.nn.Parameter] = {}  # one block-sum weight per (width, blocks), shared
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, torch.nn.Linear):
@@ -157,10 +159,10 @@ def use_source_blocks(module: torch.nn.Module, source) -> dict[str, int]:
             blocks = source.find(child.weight.detach().numpy())
             if blocks is None or blocks.bits != 4:
                 continue
-            groups = blocks.scales.shape[1]
-            layer = SourceBlockLinear(blocks, child.bias, sums.get(groups))
+            shape = (child.in_features, blocks.scales.shape[1])
+            layer = SourceBlockLinear(blocks, child.bias, sums.get(shape))
             if layer.block_sums is not None:
-                sums[groups] = layer.block_sums
+                sums[shape] = layer.block_sums
             setattr(parent, name, layer)
             counts[blocks.source_type] = counts.get(blocks.source_type, 0) + 1
     return counts

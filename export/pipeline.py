@@ -196,6 +196,9 @@ def resolve_quant_method(run: Path, record: dict, cfg: ExportConfig) -> tuple[Ex
         return dataclasses.replace(cfg, quant_method="rtn"), {}
     if cfg.quant_method == "gptq":
         return cfg, calibration_texts(run, record, cfg)
+    if cfg.quant_method == "kquant" and "executorch" in cfg.formats:  # (ExecuTorch alone is refused by ExportConfig)
+        console.print("--quant-method kquant rounds the ONNX graphs' experts; the .pte graphs' are rounded to "
+                      "nearest by torchao")  # fmt: skip
     if cfg.quant_method != "auto":
         return cfg, {}
     if cfg.block_size != 32:

@@ -2,7 +2,8 @@
 (training/model.Rotary), the exported graphs (export/graphs.py) and the runtimes' cos/sin tables (runtimes/kv_cache.py;
 the native runtime's engine.cpp computes the same formula). Pure numpy.
 
-Plain RoPE (Su et al. 2021): inv_freq[i] = theta ** (-2i / head_dim). Llama 3.x scales it for a longer context
+Plain RoPE (Su et al. 2021): inv_freq[i] = theta ** (-2i / r), r the dimensions of a head it turns (the head's, or
+fewer under a partial rotary embedding, Phi-4-mini's). Llama 3.x scales it for a longer context
 ("llama3" rope type, Hugging Face's `_compute_llama3_parameters`): wavelengths 2 pi / inv_freq longer than
 original_max_position_embeddings / low_freq_factor are divided by `factor`, shorter than .. / high_freq_factor are
 kept, and the band between is interpolated linearly in original_max_position_embeddings / wavelength. Phi-3.5-mini
@@ -50,9 +51,10 @@ def check_rope_scaling(scaling, what: str, rotated: int | None = None) -> None:
                         f"got {scaling!r}")  # fmt: skip
 
 
-def inv_freq(theta: float, head_dim: int, scaling: dict | None = None) -> np.ndarray:
-    """The rotary frequencies (head_dim / 2,) in float64, radians per position."""
-    freq = float(theta) ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+def inv_freq(theta: float, rotated: int, scaling: dict | None = None) -> np.ndarray:
+    """The rotary frequencies (rotated / 2,) in float64, radians per position; `rotated`: the dimensions of a head
+    the rotation turns."""
+    freq = float(theta) ** (-np.arange(0, rotated, 2, dtype=np.float64) / rotated)
     if scaling is None:
         return freq
     if scaling["rope_type"] == "longrope":

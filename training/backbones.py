@@ -176,13 +176,16 @@ def _load_hf(directory: Path, gguf_file: str | None) -> tuple[Decoder, TextToken
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    if gguf_file is None:  # what is not supported is said before gigabytes of weights are read
-        try:
-            config = AutoConfig.from_pretrained(directory)
-        except Exception:  # noqa: BLE001 - a damaged config.json: the load below names the problem
-            config = None
-        if config is not None:
-            _hf_decoder_config(config)
+    # what is not supported is said before gigabytes of weights are read (a GGUF's config: from its metadata)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            config = AutoConfig.from_pretrained(directory, gguf_file=gguf_file)
+    except Exception:  # noqa: BLE001 - a damaged config.json or GGUF header: the load below names the problem
+        config = None
+    if config is not None:
+        cfg = _hf_decoder_config(config)
+        if gguf_file is not None:
+            check_gguf_rope(directory / gguf_file, cfg)
     try:
         hf_tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
         # transformers' GGUF reader draws a tqdm bar of its own that no setting turns off once tqdm is imported;
@@ -194,8 +197,6 @@ def _load_hf(directory: Path, gguf_file: str | None) -> tuple[Decoder, TextToken
         raise UserError(f"could not load a checkpoint from {directory / (gguf_file or '')} ({first}); it is missing "
                         "files, cut short or corrupted: download or copy it again") from None  # fmt: skip
     decoder = decoder_from_hf(hf_model)
-    if gguf_file is not None:
-        check_gguf_rope(directory / gguf_file, decoder.cfg)
     eos = (
         hf_tok.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in hf_tok.get_vocab() else hf_tok.eos_token_id
     )
@@ -215,9 +216,11 @@ LongRoPE's short and long factors (Phi-3.5 / 4)."""
 
 def check_gguf_rope(path: Path, cfg: DecoderConfig) -> None:
     """Refuse a GGUF file whose rotary embedding transformers' GGUF reader did not carry into `cfg`: a rotated width
-    (`{arch}.rope.dimension_count`, Phi-4-mini's 96 of 128) other than cfg.rotated, or frequencies scaled by a tensor
-    (GGUF_ROPE_TENSORS) that differ from cfg's. The reader maps neither (transformers 5.x): the model would load with
-    plain RoPE over the whole head and compute other logits than the checkpoint's, silently. Raises UserError."""
+    (`{arch}.rope.dimension_count`, Phi-4-mini's 96 of 128) other than cfg.rotated, scaling written as metadata
+    (`{arch}.rope.scaling.type` / `.factor`, `rope.scale_linear`: YaRN, linear), or frequencies scaled by a tensor
+    (GGUF_ROPE_TENSORS) that differ from cfg's. The reader maps none of these (transformers 5.x: its configs from
+    GGUF have no rope scaling, so in practice every such factor must be 1): the model would load with plain RoPE
+    over the whole head and compute other logits than the checkpoint's, silently. Raises UserError."""
     from gguf import GGUFReader
 
     from mode_edge.rope import inv_freq
@@ -230,6 +233,12 @@ def check_gguf_rope(path: Path, cfg: DecoderConfig) -> None:
     if dims is not None and int(dims.contents()) != cfg.rotated:
         raise UserError(f"{path.name} turns {dims.contents()} of each head's {cfg.head_dim} dimensions "
                         f"({arch}.rope.dimension_count), which transformers' GGUF reader does not carry over; {fix}")
+    kind = reader.fields.get(f"{arch}.rope.scaling.type")
+    kind = kind.contents() if kind is not None else "none"
+    factors = [reader.fields.get(f"{arch}.rope.{k}") for k in ("scaling.factor", "scale_linear")]
+    if kind != "none" or any(f is not None and float(f.contents()) != 1.0 for f in factors):
+        raise UserError(f"{path.name} scales its rotary embedding ({arch}.rope.scaling: {kind}), which transformers' "
+                        f"GGUF reader does not carry over; {fix}")  # fmt: skip
     ours = inv_freq(cfg.rope_theta, cfg.rotated, cfg.rope_scaling)
     plain = inv_freq(cfg.rope_theta, cfg.rotated)
     for t in reader.tensors:

@@ -186,6 +186,7 @@ def test_an_embedding_that_differs_from_the_head_is_not_shared(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.real_scale
 def test_smollm2_int4_base_graphs_equal_the_pytorch_backbone(tmp_path):
     """The built-in backbone's first block (10 layers), embedding and tied head at int4 from the GGUF's blocks:
     fp32 tolerance against PyTorch, and the same next token at every position."""

@@ -109,21 +109,27 @@ def test_a_gguf_file_or_a_folder_holding_one_resolves_to_it(tmp_path):
 
 
 def test_a_gguf_whose_rotary_embedding_transformers_drops_is_refused(tmp_path):
-    """transformers' GGUF reader carries neither the rotated width (Phi-4-mini's 96 of 128) nor frequencies scaled by
-    a tensor (Llama 3.x's rope_freqs, LongRoPE's factors) into its config: such a file would load as plain RoPE over
-    the whole head, so it is refused; one whose tensor matches what the config says loads."""
+    """transformers' GGUF reader carries neither the rotated width (Phi-4-mini's 96 of 128), nor scaling written as
+    metadata (YaRN), nor frequencies scaled by a tensor (Llama 3.x's rope_freqs) into its config: such a file would
+    load as plain RoPE over the whole head, so it is refused; one whose tensor matches what the config says passes.
+    The Llama 3 divisors are computed as llama.cpp's converter writes them, not with mode_edge/rope.py."""
+    import math
+
     import numpy as np
     from gguf import GGUFWriter
+    from gguf import constants as gguf_constants
 
-    from mode_edge.rope import inv_freq
     from mode_edge.training.backbones import check_gguf_rope
     from tests.conftest import LLAMA3_ROPE
 
-    def gguf(name, arch, dims=None, tensors=()):
+    def gguf(name, arch, dims=None, tensors=(), yarn=False):
         path = tmp_path / f"{name}.gguf"
         writer = GGUFWriter(str(path), arch)
         if dims is not None:
             writer.add_rope_dimension_count(dims)
+        if yarn:
+            writer.add_rope_scaling_type(gguf_constants.RopeScalingType.YARN)
+            writer.add_rope_scaling_factor(4.0)
         for tensor_name, values in tensors:
             writer.add_tensor(tensor_name, np.asarray(values, np.float32))
         writer.add_tensor("token_embd.weight", np.zeros((4, 64), np.float32))
@@ -135,10 +141,23 @@ def test_a_gguf_whose_rotary_embedding_transformers_drops_is_refused(tmp_path):
 
     plain = TINY_CONFIG
     llama3 = dataclasses.replace(TINY_CONFIG, rope_scaling={k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"})
-    factors = inv_freq(plain.rope_theta, 16) / inv_freq(plain.rope_theta, 16, llama3.rope_scaling)
+    # llama.cpp's convert_hf_to_gguf (LlamaModel, rope_type llama3): a divisor per frequency
+    factor, low, high, old = 8.0, 1.0, 4.0, 64
+    factors = []
+    for freq in plain.rope_theta ** (-np.arange(0, 16, 2) / 16):
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
     with pytest.raises(UserError, match=r"turns 8 of each head's 16 dimensions \(phi3.rope.dimension_count\)"):
         check_gguf_rope(gguf("partial", "phi3", dims=8), plain)
     with pytest.raises(UserError, match="scales its rotary frequencies by the tensor rope_freqs.weight"):
         check_gguf_rope(gguf("llama3", "llama", dims=16, tensors=[("rope_freqs.weight", factors)]), plain)
     check_gguf_rope(gguf("llama3", "llama", dims=16, tensors=[("rope_freqs.weight", factors)]), llama3)
     check_gguf_rope(gguf("plain", "llama", dims=16), plain)
+    with pytest.raises(UserError, match=r"scales its rotary embedding \(qwen3.rope.scaling: yarn\)"):
+        check_gguf_rope(gguf("yarn", "qwen3", dims=16, yarn=True), plain)
