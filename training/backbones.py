@@ -241,12 +241,12 @@ def check_gguf_rope(path: Path, cfg: DecoderConfig) -> None:
                         f"GGUF reader does not carry over; {fix}")  # fmt: skip
     ours = inv_freq(cfg.rope_theta, cfg.rotated, cfg.rope_scaling)
     plain = inv_freq(cfg.rope_theta, cfg.rotated)
+    longrope = cfg.rope_scaling is not None and cfg.rope_scaling.get("rope_type") == "longrope"
     for t in reader.tensors:
         if t.name not in GGUF_ROPE_TENSORS:
             continue
         factors = np.asarray(t.data, dtype=np.float64).reshape(-1)
-        short = cfg.rope_scaling is not None and cfg.rope_scaling.get("rope_type") == "longrope"
-        if t.name == "rope_factors_long.weight" and short:
+        if t.name == "rope_factors_long.weight" and longrope:
             continue  # the long factors apply past the original context, where the context is capped
         if len(factors) != len(ours) or not np.allclose(plain / factors, ours, rtol=1e-5):
             raise UserError(f"{path.name} scales its rotary frequencies by the tensor {t.name}, which transformers' "
