@@ -80,7 +80,8 @@ bench-peers: $(STAMP)
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" $(PY) -m pip install -q \
 		llama-cpp-python==0.3.36 onnxruntime-genai==0.18.0
 	mkdir -p runs && $(PY) benchmarks/peers.py --prepare runs/peers > runs/peers.gguf
-	$(PY) benchmarks/peers.py --gguf "$$(cat runs/peers.gguf)" --genai runs/peers/genai-int4 --bundle mode-edge=$(BUNDLE)
+	$(PY) benchmarks/peers.py --gguf "$$(cat runs/peers.gguf)" --lora-gguf runs/peers/lora.gguf \
+		--genai runs/peers/genai-int4 --genai-lora runs/peers/genai-int4-lora --bundle mode-edge=$(BUNDLE)
 
 clean:
 	rm -rf $(VENV) runs

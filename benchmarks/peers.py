@@ -5,14 +5,19 @@
 
 Variants: llama.cpp (llama-cpp-python, `pip install llama-cpp-python` built with CMAKE_ARGS="-DGGML_NATIVE=OFF
 -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON": GGML_NATIVE enables AMX here and crashes) on the GGUF the backbone
-ships as; onnxruntime-genai (`pip install onnxruntime-genai`) on its builder's output (`python -m
-onnxruntime_genai.models.builder -i CHECKPOINT -o GENAI -p int4 -e cpu`, CHECKPOINT the backbone saved as a Hugging
-Face folder); mode-edge's Python runtime on each --bundle, base only and with --expert loaded. Each measurement is a
+ships as, and with --lora-gguf loaded at start; onnxruntime-genai (`pip install onnxruntime-genai`) on its builder's
+output (`python -m onnxruntime_genai.models.builder -i CHECKPOINT -o GENAI -p int4 -e cpu`, CHECKPOINT the backbone
+saved as a Hugging Face folder), and on --genai-lora, its build with a LoRA adapter (`--extra_options
+adapter_path=LORA`: each LoRA a 4-bit MatMul pair beside its projection, fixed in the graph); mode-edge's Python
+runtime on each --bundle, base only and with --expert loaded. The LoRA adapter (--prepare) has about one expert's
+parameters (LORA_RANK). Each measurement is a
 fresh process (so load time and peak RSS are its own), greedy, the same token ids for all (the start of this
 repository's runtimes/engine.py, tokenized by the backbone's tokenizer), every run generating exactly --new-tokens
 (end-of-sequence ignored); the variants take turns for --rounds rounds and the medians are reported. Figures: load
 s, TTFT and prefill tok/s at 128 and 512 prompt tokens, decode tok/s over --new-tokens after the 128-token prompt
-and over 64 tokens ending at 1,024 tokens of context, peak RSS (VmHWM), bytes on disk, and the memory-bandwidth floor: weight bytes over a numpy copy's bandwidth.
+and over 64 tokens ending at 1,024 tokens of context, peak RSS (VmHWM), bytes on disk, the memory-bandwidth floor
+(weight bytes over a numpy copy's bandwidth), and where there is something to switch (llama.cpp's LoRA, mode-edge's
+expert) the time to load it again beside the time to read its files.
 Run it on idle cores; `make bench-peers` installs the two peers, prepares the genai build (--prepare) and runs it on
 BUNDLE (default runs/demo/bundle). Writes benchmarks/results/peers.{json,md} and peers.png.
 """
@@ -36,6 +41,8 @@ from common import RESULTS, machine, write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT_LENGTHS = (128, 512)
+SWITCHES = 5
+"""Adapter / expert switches timed per run (median), after the other figures."""
 LONG_CONTEXT, LONG_DECODE = 1024, 64
 """Decode is also timed over the last LONG_DECODE tokens of a LONG_CONTEXT-token context (a cache that grows)."""
 
@@ -57,11 +64,11 @@ def prompt_ids(tokenizer_json: Path, n: int) -> list[int]:
 
 
 class LlamaCpp:
-    def __init__(self, gguf: str, threads: int):
+    def __init__(self, gguf: str, threads: int, lora: str | None = None):
         from llama_cpp import Llama
 
         self.llm = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512,
-                         verbose=False)  # fmt: skip
+                         lora_path=lora, verbose=False)  # fmt: skip
 
     def prefill(self, ids: list[int]) -> int:
         self.llm.reset()
@@ -71,6 +78,23 @@ class LlamaCpp:
     def step(self, token: int) -> int:
         self.llm.eval([token])
         return self.greedy()
+
+    def switch_s(self) -> float:
+        """Seconds to load the LoRA adapter again from its file and make it the context's adapter (a switch
+        between adapters of this size); the adapter loaded at start is active again afterwards."""
+        import llama_cpp
+
+        t = time.perf_counter()
+        adapter = llama_cpp.llama_adapter_lora_init(self.llm.model, self.llm.lora_path.encode())
+        if adapter is None or llama_cpp.llama_set_adapters_lora(
+            self.llm.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter), 1, (llama_cpp.ctypes.c_float * 1)(1.0)
+        ):
+            raise RuntimeError(f"llama.cpp could not load or set {self.llm.lora_path}")
+        took = time.perf_counter() - t
+        llama_cpp.llama_set_adapters_lora(self.llm.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(
+            self.llm._lora_adapter), 1, (llama_cpp.ctypes.c_float * 1)(1.0))  # fmt: skip
+        llama_cpp.llama_adapter_lora_free(adapter)
+        return took
 
     def greedy(self) -> int:
         """argmax of the last position's logits (llama-cpp-python 0.3.x keeps `scores` only with logits_all)."""
@@ -87,7 +111,7 @@ class Genai:
         import onnxruntime_genai as og
 
         self.tmp = tempfile.TemporaryDirectory()
-        for f in Path(folder).iterdir():
+        for f in Path(folder).resolve().iterdir():  # (absolute: the links live in another folder)
             os.symlink(f, Path(self.tmp.name) / f.name)
         config = json.loads((Path(folder) / "genai_config.json").read_text())
         options = config["model"]["decoder"].setdefault("session_options", {})
@@ -131,12 +155,35 @@ class ModeEdge:
         logits = self.engine.forward(np.array([[token]], dtype=np.int64), self.cache)
         return int(np.argmax(logits[0, -1]))
 
+    def switch_s(self) -> float:
+        """Seconds to load the expert again (its sessions created from its files) after evicting it."""
+        (name,) = self.session.engine.active
+        self.session.evict(name)
+        t = time.perf_counter()
+        self.session.select([name])
+        return time.perf_counter() - t
+
+
+def files_read_s(spec: dict) -> float:
+    """Seconds to read the files a switch loads (the LoRA GGUF; the expert's pack files), from the page cache."""
+    if spec["kind"] == "llama.cpp":
+        files = [Path(spec["lora"])]
+    else:
+        from mode_edge.bundle import expert_folder, read_bundle
+
+        folder = expert_folder(spec["path"], read_bundle(spec["path"]), spec["expert"])
+        files = [folder / rel for rel in json.loads((folder / "pack.json").read_text())["files"]]
+    t = time.perf_counter()
+    for f in files:
+        f.read_bytes()
+    return time.perf_counter() - t
+
 
 def worker(spec: dict) -> dict:
     """One fresh-process measurement of one variant (see the module docstring)."""
     t = time.perf_counter()
     if spec["kind"] == "llama.cpp":
-        runtime = LlamaCpp(spec["path"], spec["threads"])
+        runtime = LlamaCpp(spec["path"], spec["threads"], spec.get("lora"))
     elif spec["kind"] == "genai":
         runtime = Genai(spec["path"], spec["threads"], spec["new_tokens"])
     else:
@@ -162,6 +209,9 @@ def worker(spec: dict) -> dict:
         token = runtime.step(token)
     out[f"decode_ctx{LONG_CONTEXT}_tok_s"] = LONG_DECODE / (time.perf_counter() - t)
     out["peak_rss_mb"] = peak_rss_mb()
+    if spec.get("lora") or spec.get("expert"):  # after the peak: a switch's transient memory is not counted
+        out["switch_s"] = statistics.median(runtime.switch_s() for _ in range(SWITCHES))
+        out["switch_read_s"] = statistics.median(files_read_s(spec) for _ in range(SWITCHES))
     return out
 
 
@@ -185,11 +235,12 @@ def copy_bandwidth_gb_s(mb: int = 512, repeats: int = 5) -> float:
     return 2 * a.nbytes / best / 1e9
 
 
-def disk_bytes(kind: str, path: str, expert: str | None) -> int:
-    """Bytes of the model's files: the GGUF; the genai folder's model files; the bundle's base plus the expert."""
+def disk_bytes(kind: str, path: str, expert: str | None, lora: str | None = None) -> int:
+    """Bytes of the model's files: the GGUF (plus the LoRA GGUF); the genai folder's model files; the bundle's base
+    plus the expert."""
     p = Path(path)
     if kind == "llama.cpp":
-        return p.stat().st_size
+        return p.stat().st_size + (Path(lora).stat().st_size if lora else 0)
     if kind == "genai":
         return sum(f.stat().st_size for f in p.iterdir() if f.name.startswith("model.onnx"))
     from mode_edge.bundle import read_bundle, total_bytes
@@ -219,10 +270,74 @@ def plot(med: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+LORA_RANK = 64
+"""The peers' LoRA adapter: rank 64 on all seven projections of every layer, 19.5M parameters on SmolLM2-135M,
+about one mode-edge expert's size (the demo's code expert: 21.2M)."""
+GGUF_PROJECTIONS = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                    "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}  # fmt: skip
+"""Hugging Face projection names -> llama.cpp's tensor names (blk.N.NAME.weight)."""
+
+
+def make_lora(ckpt: Path, out: Path) -> None:
+    """A peft LoRA adapter (adapter_config.json + adapter_model.safetensors) of rank LORA_RANK on every projection
+    of the checkpoint folder `ckpt`, alpha = rank (scale 1). Its B matrices are drawn from N(0, 0.02) (peft starts
+    them at zero, which would leave the outputs unchanged); the speed of a LoRA does not depend on its values."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=list(GGUF_PROJECTIONS))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(ckpt), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(std=0.02)
+    model.save_pretrained(out)
+
+
+def rope_permute(rows: np.ndarray, heads: int) -> np.ndarray:
+    """(heads * head_dim, ...) -> the same rows in llama.cpp's order for q_proj / k_proj (its converter interleaves
+    each head's two rotary halves: convert_hf_to_gguf.py, LlamaModel.permute), applied to a LoRA's B, whose rows are
+    the projection's outputs."""
+    return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def lora_gguf(adapter: Path, ckpt: Path, out: Path) -> None:
+    """The peft adapter folder `adapter` (of the Llama checkpoint `ckpt`) as a llama.cpp LoRA GGUF (F16): general.type
+    "adapter", adapter.type "lora", adapter.lora.alpha, and per projection blk.N.NAME.weight.lora_a (r, in) and
+    .lora_b (out, r), as llama.cpp's convert_lora_to_gguf.py writes them (llama-adapter.cpp reads them)."""
+    import re
+
+    import gguf
+    from safetensors.numpy import load_file
+
+    config = json.loads((ckpt / "config.json").read_text())
+    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+    alpha = json.loads((adapter / "adapter_config.json").read_text())["lora_alpha"]
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+    for name, value in sorted(load_file(adapter / "adapter_model.safetensors").items()):
+        layer, projection, half = re.fullmatch(r".*\.layers\.(\d+)\.\w+\.(\w+)\.lora_([AB])\.weight", name).groups()
+        if half == "B" and projection in heads:
+            value = rope_permute(value, heads[projection])
+        gguf_name = f"blk.{layer}.{GGUF_PROJECTIONS[projection]}.weight.lora_{half.lower()}"
+        writer.add_tensor(gguf_name, value.astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def prepare(folder: Path) -> None:
     """FOLDER/ckpt: the built-in backbone as a Hugging Face folder (transformers refuses save_pretrained on a model
-    it loaded from GGUF, so a LlamaForCausalLM is built from that model's config and given its state dict), and
-    FOLDER/genai-int4: onnxruntime-genai's builder run on it. Prints the GGUF path for --gguf. Skips what exists."""
+    it loaded from GGUF, so a LlamaForCausalLM is built from that model's config and given its state dict),
+    FOLDER/genai-int4: onnxruntime-genai's builder run on it, FOLDER/lora: a LoRA adapter of about one expert's size
+    (`make_lora`), FOLDER/lora.gguf: the same for llama.cpp, FOLDER/genai-int4-lora: genai's builder with the
+    adapter (it adds each LoRA as a MatMul pair beside its projection). Prints the GGUF path for --gguf. Skips what
+    exists."""
     from mode_edge.training.backbones import resolve_spec
 
     directory, gguf = resolve_spec("smollm2")
@@ -241,6 +356,16 @@ def prepare(folder: Path) -> None:
     if not (genai / "genai_config.json").is_file():
         subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt), "-o", str(genai),
                         "-p", "int4", "-e", "cpu"], check=True, stdout=sys.stderr)  # fmt: skip
+    lora = folder / "lora"
+    if not (lora / "adapter_config.json").is_file():
+        make_lora(ckpt, lora)
+    if not (folder / "lora.gguf").is_file():
+        lora_gguf(lora, ckpt, folder / "lora.gguf.partial")
+        os.replace(folder / "lora.gguf.partial", folder / "lora.gguf")
+    if not (folder / "genai-int4-lora" / "genai_config.json").is_file():
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt), "-o",
+                        str(folder / "genai-int4-lora"), "-p", "int4", "-e", "cpu", "--extra_options",
+                        f"adapter_path={lora.resolve()}"], check=True, stdout=sys.stderr)  # fmt: skip
     print(directory / gguf)  # the only line on stdout: `make bench-peers` reads it
 
 
@@ -250,6 +375,10 @@ def main() -> None:
     ap.add_argument("--prepare", type=Path, help="Make the genai build in this folder (see `prepare`) and exit.")
     ap.add_argument("--gguf", help="The backbone's GGUF file (llama.cpp).")
     ap.add_argument("--genai", help="onnxruntime-genai's builder output folder.")
+    ap.add_argument("--lora-gguf", help="A llama.cpp LoRA adapter (GGUF) for the GGUF: adds llama.cpp with it loaded "
+                    "at start (--prepare writes FOLDER/lora.gguf).")
+    ap.add_argument("--genai-lora", help="onnxruntime-genai's builder output with a LoRA adapter built in "
+                    "(--prepare writes FOLDER/genai-int4-lora).")
     ap.add_argument("--bundle", action="append", default=[], help="LABEL=PATH: a mode-edge bundle (repeatable).")
     ap.add_argument("--expert", default="code", help="The expert loaded in the 'with one expert' rows.")
     ap.add_argument("--threads", type=int, default=2)
@@ -270,8 +399,14 @@ def main() -> None:
     specs = []
     if args.gguf:
         specs.append({"label": f"llama.cpp {Path(args.gguf).name}", "kind": "llama.cpp", "path": args.gguf})
+    if args.gguf and args.lora_gguf:
+        specs.append({"label": f"llama.cpp {Path(args.gguf).name} + LoRA {Path(args.lora_gguf).name}",
+                      "kind": "llama.cpp", "path": args.gguf, "lora": args.lora_gguf})  # fmt: skip
     if args.genai:
         specs.append({"label": f"onnxruntime-genai {Path(args.genai).name}", "kind": "genai", "path": args.genai})
+    if args.genai_lora:
+        specs.append({"label": f"onnxruntime-genai {Path(args.genai_lora).name}", "kind": "genai",
+                      "path": args.genai_lora})  # fmt: skip
     for label, path in bundles.items():
         specs.append({"label": f"mode-edge {label}, base only", "kind": "mode-edge", "path": path})
         specs.append({"label": f"mode-edge {label} + {args.expert}", "kind": "mode-edge", "path": path,
@@ -281,20 +416,23 @@ def main() -> None:
         for spec in specs:
             runs[spec["label"]].append(run_worker({**common, **spec}))
             print(f"round {r + 1}/{args.rounds}: {spec['label']}: {runs[spec['label']][-1]}", file=sys.stderr)
-    keys = [k for k in next(iter(runs.values()))[0] if k != "first_tokens"]
-    med = {label: {k: statistics.median(r[k] for r in rs) for k in keys} for label, rs in runs.items()}
+    med = {label: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "first_tokens"}
+           for label, rs in runs.items()}  # fmt: skip
     bandwidth = copy_bandwidth_gb_s()
-    sizes = {s["label"]: disk_bytes(s["kind"], s["path"], s.get("expert")) for s in specs}
+    sizes = {s["label"]: disk_bytes(s["kind"], s["path"], s.get("expert"), s.get("lora")) for s in specs}
     md = [f"# mode-edge beside llama.cpp and onnxruntime-genai ({args.threads} threads, greedy, median of "
           f"{args.rounds} interleaved fresh-process runs)", "",
           f"Decode over {args.new_tokens} new tokens after a 128-token prompt; memory-bandwidth floor from a numpy "
           f"copy: {bandwidth:.1f} GB/s (the decode tok/s if every weight byte on disk were read once per token).", "",
           "| runtime | load s | TTFT 128 ms | TTFT 512 ms | prefill 512 tok/s | decode tok/s | at 1,024 ctx | "
-          "peak RSS MB | disk MB | floor tok/s |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+          "peak RSS MB | disk MB | floor tok/s | switch ms (read ms) |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for label, m in med.items():
+        switch = f"{1000 * m['switch_s']:.1f} ({1000 * m['switch_read_s']:.1f})" if "switch_s" in m else "-"
         md.append(f"| {label} | {m['load_s']:.2f} | {1000 * m['ttft_128_s']:.0f} | {1000 * m['ttft_512_s']:.0f} | "
                   f"{m['prefill_512_tok_s']:.0f} | {m['decode_tok_s']:.1f} | {m[f'decode_ctx{LONG_CONTEXT}_tok_s']:.1f} "
-                  f"| {m['peak_rss_mb']:.0f} | {sizes[label] / 1e6:.1f} | {bandwidth * 1e9 / sizes[label]:.0f} |")  # fmt: skip
+                  f"| {m['peak_rss_mb']:.0f} | {sizes[label] / 1e6:.1f} | {bandwidth * 1e9 / sizes[label]:.0f} | "
+                  f"{switch} |")  # fmt: skip
     data = {"specs": specs, "runs": runs, "median": med, "disk_bytes": sizes, "copy_bandwidth_gb_s": bandwidth,
             "new_tokens": args.new_tokens, "threads": args.threads, "machine": machine()}  # fmt: skip
     write("peers", data, "\n".join(md) + "\n")

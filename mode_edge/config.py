@@ -64,7 +64,8 @@ class DecoderConfig(_Serialisable):
     """Rotary frequency scaling (mode_edge/rope.py): None for plain RoPE, Llama 3.x's {"rope_type": "llama3",
     "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} (Hugging Face's names), or
     Phi-3.5-mini's (and Phi-3's long-context variants') {"rope_type": "longrope", "short_factor": [...],
-    "attention_factor"}."""
+    "attention_factor"}, or a GGUF file's divisors per frequency (llama.cpp's rope_freqs: Llama 3.x's scaling as
+    the file holds it; linear scaling) {"rope_type": "frequency_factors", "factors": [...]}."""
     qk_norm: bool = False
     """Whether queries and keys go through an RMS norm per head before the rotary embedding (Qwen3)."""
     rotary_dim: int | None = None

@@ -9,7 +9,9 @@ original_max_position_embeddings / low_freq_factor are divided by `factor`, shor
 kept, and the band between is interpolated linearly in original_max_position_embeddings / wavelength. Phi-3.5-mini
 ("longrope", LongRoPE, Ding et al. 2024, as Hugging Face's `_compute_longrope_parameters`): each frequency
 divided by its own `short_factor`, and cos and sin multiplied by `attention_factor`; the long factors apply only past
-the original context, which the backbone loader caps the context at, so they are not recorded.
+the original context, which the backbone loader caps the context at, so they are not recorded. A GGUF file holds
+Llama 3.x's scaling (and linear scaling) as what llama.cpp computes with, one divisor per frequency (its rope_freqs
+tensor, ggml's freq_factors): "frequency_factors", each frequency divided by its factor.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import numpy as np
 from mode_edge.errors import UserError
 
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+FACTORS = {"longrope": "short_factor", "frequency_factors": "factors"}
+"""Rope types that divide each frequency by a factor of its own, and the key of their list."""
 
 
 def positive(v) -> bool:
@@ -38,16 +42,19 @@ def check_rope_scaling(scaling, what: str, rotated: int | None = None) -> None:
     if kind == "llama3":
         ok = all(positive(scaling.get(k)) for k in LLAMA3_KEYS)
         ok = ok and scaling["high_freq_factor"] > scaling["low_freq_factor"]
-    elif kind == "longrope":
-        short = scaling.get("short_factor")
-        ok = positive(scaling.get("attention_factor")) and isinstance(short, list) and all(map(positive, short))
-        ok = ok and (rotated is None or len(short) == rotated // 2)
+    elif kind in ("longrope", "frequency_factors"):
+        key = FACTORS[kind]
+        factors = scaling.get(key)
+        ok = isinstance(factors, list) and all(map(positive, factors))
+        ok = ok and (rotated is None or len(factors) == rotated // 2)
+        ok = ok and (kind == "frequency_factors" or positive(scaling.get("attention_factor")))
     else:
         ok = False
     if not ok:
         raise UserError(f"{what} must be null, {{'rope_type': 'llama3', {', '.join(repr(k) for k in LLAMA3_KEYS)}}} "
-                        f"(positive, high_freq_factor > low_freq_factor) or {{'rope_type': 'longrope', "
-                        f"'short_factor': [one positive number per turned frequency], 'attention_factor'}}, "
+                        f"(positive, high_freq_factor > low_freq_factor), {{'rope_type': 'longrope', "
+                        f"'short_factor': [one positive number per turned frequency], 'attention_factor'}} or "
+                        f"{{'rope_type': 'frequency_factors', 'factors': [one positive number per turned frequency]}}, "
                         f"got {scaling!r}")  # fmt: skip
 
 
@@ -57,8 +64,8 @@ def inv_freq(theta: float, rotated: int, scaling: dict | None = None) -> np.ndar
     freq = float(theta) ** (-np.arange(0, rotated, 2, dtype=np.float64) / rotated)
     if scaling is None:
         return freq
-    if scaling["rope_type"] == "longrope":
-        return freq / np.asarray(scaling["short_factor"], dtype=np.float64)
+    if scaling["rope_type"] in FACTORS:
+        return freq / np.asarray(scaling[FACTORS[scaling["rope_type"]]], dtype=np.float64)
     factor, low, high, old = (float(scaling[k]) for k in LLAMA3_KEYS)
     wavelen = 2 * math.pi / freq
     smooth = (old / wavelen - low) / (high - low)

@@ -22,7 +22,7 @@ import torch
 
 from mode_edge.config import DecoderConfig, MoDELayout
 from mode_edge.errors import UserError
-from mode_edge.rope import LLAMA3_KEYS
+from mode_edge.rope import LLAMA3_KEYS, positive
 from mode_edge.tokenizer import TextTokenizer, byte_tokenizer, checkpoint_prefix
 from mode_edge.training.model import Decoder
 
@@ -83,9 +83,9 @@ def _hf_decoder_config(hf) -> DecoderConfig:
         )
     rope = getattr(hf, "rope_parameters", None) or {}
     rope_type = rope.get("rope_type", "default")
-    if rope_type not in ("default", "llama3", "longrope"):
+    if rope_type not in ("default", "llama3", "longrope", "linear"):
         raise UserError(f"rope scaling {rope_type!r} (config.json rope_scaling.rope_type) is not supported; "
-                        f"supported: default (plain RoPE), llama3 and longrope")  # fmt: skip
+                        f"supported: default (plain RoPE), llama3, longrope and linear")  # fmt: skip
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     partial = rope.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", 1.0))
     if not (isinstance(partial, (int, float)) and 0 < partial <= 1):
@@ -100,6 +100,10 @@ def _hf_decoder_config(hf) -> DecoderConfig:
     windowed = hf.model_type in ("mistral", "phi3") or getattr(hf, "use_sliding_window", False)
     window = getattr(hf, "sliding_window", None) if windowed else None
     scaling = {"rope_type": "llama3", **{k: rope[k] for k in LLAMA3_KEYS}} if rope_type == "llama3" else None
+    if rope_type == "linear":  # positions divided by the factor: every frequency divided by it
+        if not positive(rope.get("factor")):
+            raise UserError(f"config.json rope_scaling.factor must be a positive number, got {rope.get('factor')!r}")
+        scaling = {"rope_type": "frequency_factors", "factors": [float(rope["factor"])] * (rotary_dim // 2)}
     if rope_type == "longrope":  # the short factors hold within the original context, where the context is capped
         scaling, original = longrope_scaling(hf, rope)
         window = min(window or original, original)
@@ -155,9 +159,11 @@ def split_fused(state: dict, cfg: DecoderConfig) -> dict:
     return out
 
 
-def decoder_from_hf(hf_model) -> Decoder:
-    """Copy a transformers causal LM's weights into our decoder (names match after dropping the `model.` prefix)."""
-    decoder = Decoder(_hf_decoder_config(hf_model.config))
+def decoder_from_hf(hf_model, cfg: DecoderConfig | None = None) -> Decoder:
+    """Copy a transformers causal LM's weights into our decoder (names match after dropping the `model.` prefix);
+    `cfg`: its architecture where the model's config lacks some of it (a GGUF's rotary settings, `gguf_rope`),
+    else read from the model's config."""
+    decoder = Decoder(cfg or _hf_decoder_config(hf_model.config))
     state = split_fused({k.removeprefix("model."): v for k, v in hf_model.state_dict().items()}, decoder.cfg)
     if decoder.lm_head is None:
         state.pop("lm_head.weight", None)
@@ -182,10 +188,11 @@ def _load_hf(directory: Path, gguf_file: str | None) -> tuple[Decoder, TextToken
             config = AutoConfig.from_pretrained(directory, gguf_file=gguf_file)
     except Exception:  # noqa: BLE001 - a damaged config.json or GGUF header: the load below names the problem
         config = None
+    cfg = None
     if config is not None:
         cfg = _hf_decoder_config(config)
         if gguf_file is not None:
-            check_gguf_rope(directory / gguf_file, cfg)
+            cfg = gguf_rope(directory / gguf_file, cfg)
     try:
         hf_tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
         # transformers' GGUF reader draws a tqdm bar of its own that no setting turns off once tqdm is imported;
@@ -196,7 +203,7 @@ def _load_hf(directory: Path, gguf_file: str | None) -> tuple[Decoder, TextToken
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"could not load a checkpoint from {directory / (gguf_file or '')} ({first}); it is missing "
                         "files, cut short or corrupted: download or copy it again") from None  # fmt: skip
-    decoder = decoder_from_hf(hf_model)
+    decoder = decoder_from_hf(hf_model, cfg)
     eos = (
         hf_tok.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in hf_tok.get_vocab() else hf_tok.eos_token_id
     )
@@ -214,13 +221,23 @@ GGUF_ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_short.weight", "rope_fac
 LongRoPE's short and long factors (Phi-3.5 / 4)."""
 
 
-def check_gguf_rope(path: Path, cfg: DecoderConfig) -> None:
-    """Refuse a GGUF file whose rotary embedding transformers' GGUF reader did not carry into `cfg`: a rotated width
-    (`{arch}.rope.dimension_count`, Phi-4-mini's 96 of 128) other than cfg.rotated, scaling written as metadata
-    (`{arch}.rope.scaling.type` / `.factor`, `rope.scale_linear`: YaRN, linear), or frequencies scaled by a tensor
-    (GGUF_ROPE_TENSORS) that differ from cfg's. The reader maps none of these (transformers 5.x: its configs from
-    GGUF have no rope scaling, so in practice every such factor must be 1): the model would load with plain RoPE
-    over the whole head and compute other logits than the checkpoint's, silently. Raises UserError."""
+def gguf_rope(path: Path, cfg: DecoderConfig) -> DecoderConfig:
+    """`cfg` (transformers' reading of the GGUF file `path`) with the file's rotary settings that reader drops
+    (transformers 5.x: its configs from GGUF have no rope scaling and no partial rotary width; loaded as they are,
+    such a model would compute other logits than the checkpoint's, silently):
+    - `{arch}.rope.dimension_count` below the head's width: a partial rotary embedding (Phi-4-mini's 96 of 128),
+      a multiple of 16 as onnxruntime's GroupQueryAttention turns (and as the Hugging Face path requires);
+    - llama.cpp's per-frequency divisors, the rope_freqs tensor (Llama 3.x's scaling as its converter writes it),
+      and linear scaling (`{arch}.rope.scaling.type` linear with `.factor`, or `rope.scale_linear`): kept as they
+      are, rope_scaling {"rope_type": "frequency_factors", "factors"} (mode_edge/rope.py), which computes what
+      llama.cpp computes;
+    - LongRoPE (Phi-3.5 / 4): rope_factors_short with `rope.scaling.attn_factor` (computed as transformers does when
+      absent) and the context capped at `rope.scaling.original_context_length`, as the Hugging Face path caps it
+      (the long factors apply only past it).
+    Settings `cfg` already has are kept when the file's agree with them. Raises UserError, naming the key or
+    tensor, for other scaling (YaRN), a rotary width that is not supported, or factors of the wrong length."""
+    import dataclasses
+
     from gguf import GGUFReader
 
     from mode_edge.rope import inv_freq
@@ -228,29 +245,52 @@ def check_gguf_rope(path: Path, cfg: DecoderConfig) -> None:
     reader = GGUFReader(str(path))
     arch_field = reader.fields.get("general.architecture")
     arch = arch_field.contents() if arch_field is not None else "llama"
-    dims = reader.fields.get(f"{arch}.rope.dimension_count")
-    fix = "load the checkpoint's Hugging Face folder (config.json and safetensors) instead"
-    if dims is not None and int(dims.contents()) != cfg.rotated:
-        raise UserError(f"{path.name} turns {dims.contents()} of each head's {cfg.head_dim} dimensions "
-                        f"({arch}.rope.dimension_count), which transformers' GGUF reader does not carry over; {fix}")
-    kind = reader.fields.get(f"{arch}.rope.scaling.type")
-    kind = kind.contents() if kind is not None else "none"
-    factors = [reader.fields.get(f"{arch}.rope.{k}") for k in ("scaling.factor", "scale_linear")]
-    if kind != "none" or any(f is not None and float(f.contents()) != 1.0 for f in factors):
-        raise UserError(f"{path.name} scales its rotary embedding ({arch}.rope.scaling: {kind}), which transformers' "
-                        f"GGUF reader does not carry over; {fix}")  # fmt: skip
-    ours = inv_freq(cfg.rope_theta, cfg.rotated, cfg.rope_scaling)
-    plain = inv_freq(cfg.rope_theta, cfg.rotated)
-    longrope = cfg.rope_scaling is not None and cfg.rope_scaling.get("rope_type") == "longrope"
-    for t in reader.tensors:
-        if t.name not in GGUF_ROPE_TENSORS:
-            continue
-        factors = np.asarray(t.data, dtype=np.float64).reshape(-1)
-        if t.name == "rope_factors_long.weight" and longrope:
-            continue  # the long factors apply past the original context, where the context is capped
-        if len(factors) != len(ours) or not np.allclose(plain / factors, ours, rtol=1e-5):
-            raise UserError(f"{path.name} scales its rotary frequencies by the tensor {t.name}, which transformers' "
-                            f"GGUF reader does not carry over; {fix}")  # fmt: skip
+
+    def field(key: str):
+        found = reader.fields.get(f"{arch}.{key}")
+        return found.contents() if found is not None else None
+
+    dims = field("rope.dimension_count")
+    rotated = int(dims) if dims is not None else cfg.rotated
+    if rotated > cfg.head_dim or rotated % 2 or (rotated != cfg.head_dim and rotated % 16):
+        raise UserError(f"{path.name} turns {rotated} of each head's {cfg.head_dim} dimensions "
+                        f"({arch}.rope.dimension_count), which is not supported: a partial rotary embedding must "
+                        f"turn a multiple of 16 (onnxruntime's GroupQueryAttention; Phi-4-mini: 96 of 128)")  # fmt: skip
+    tensors = {t.name: np.asarray(t.data, dtype=np.float64).reshape(-1) for t in reader.tensors
+               if t.name in GGUF_ROPE_TENSORS}  # fmt: skip
+    for name, values in tensors.items():
+        if len(values) != rotated // 2 or not np.all(values > 0) or not np.all(np.isfinite(values)):
+            raise UserError(f"{path.name} holds {len(values)} rotary factors in {name} where its "
+                            f"{rotated} turned dimensions need {rotated // 2} positive ones; the file is damaged "
+                            f"or not a supported checkpoint")  # fmt: skip
+    kind = field("rope.scaling.type") or "none"
+    linear = field("rope.scaling.factor") if kind == "linear" else field("rope.scale_linear")
+    if kind not in ("none", "linear"):
+        raise UserError(f"{path.name} scales its rotary embedding with {kind} ({arch}.rope.scaling.type), which is "
+                        f"not supported; supported: linear, llama.cpp's rope_freqs (Llama 3.x) and LongRoPE's "
+                        f"factors (Phi-3.5 / 4)")  # fmt: skip
+    replace = {"rotary_dim": rotated if rotated != cfg.head_dim else None}
+    if "rope_factors_short.weight" in tensors:
+        if linear not in (None, 1.0) or "rope_freqs.weight" in tensors:
+            raise UserError(f"{path.name} combines LongRoPE's factors with other rotary scaling, which is not "
+                            f"supported")  # fmt: skip
+        original = int(field("rope.scaling.original_context_length") or cfg.max_seq_len)
+        attention = field("rope.scaling.attn_factor")
+        if attention is None:  # transformers' _compute_longrope_parameters
+            factor = int(field("context_length") or original) / original
+            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        replace["rope_scaling"] = {"rope_type": "longrope",
+                                   "short_factor": tensors["rope_factors_short.weight"].tolist(),
+                                   "attention_factor": float(attention)}  # fmt: skip
+        replace["max_seq_len"] = min(cfg.max_seq_len, original)
+    else:
+        divisors = np.full(rotated // 2, float(linear or 1.0)) * tensors.get("rope_freqs.weight", 1.0)
+        theirs = inv_freq(cfg.rope_theta, rotated) / divisors
+        if cfg.rope_scaling is None or not np.allclose(inv_freq(cfg.rope_theta, rotated, cfg.rope_scaling), theirs,
+                                                       rtol=1e-5):  # fmt: skip
+            factors = {"rope_type": "frequency_factors", "factors": divisors.tolist()}
+            replace["rope_scaling"] = None if np.all(divisors == 1.0) else factors
+    return dataclasses.replace(cfg, **replace)
 
 
 def tiny_decoder(seed: int = 0) -> Decoder:

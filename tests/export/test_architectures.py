@@ -75,7 +75,8 @@ def test_exported_architecture_runs_as_pytorch(exported):
 
 
 def test_native_runtime_takes_the_architecture(native, exported, tmp_path):
-    """Native logits equal the Python runtime's: for Llama 3, its own rotary tables are scaled as mode_edge/rope.py."""
+    """Native logits equal the Python runtime's: for Llama 3, its own rotary tables are scaled as mode_edge/rope.py,
+    from the Llama 3 parameters and from the divisors a GGUF gives (`check_frequency_factors`)."""
     from mode_edge.runtimes.session import Session
     from tests.runtimes.test_native import python_logits, run_native
 
@@ -85,5 +86,38 @@ def test_native_runtime_takes_the_architecture(native, exported, tmp_path):
     code, tokens, err, _ = run_native(native, bundles["fp32"], prompt, "--experts", "code", "--max-new-tokens", "8",
                                       "--logits", str(tmp_path / "logits.bin"))  # fmt: skip
     assert code == 0 and tokens == list(session.generate(prompt, ["code"], 8)), err
-    native = np.fromfile(tmp_path / "logits.bin", dtype=np.float32).reshape(len(tokens), -1)
-    np.testing.assert_allclose(native, python_logits(session, prompt, ["code"], tokens), atol=1e-5, rtol=0)
+    got = np.fromfile(tmp_path / "logits.bin", dtype=np.float32).reshape(len(tokens), -1)
+    np.testing.assert_allclose(got, python_logits(session, prompt, ["code"], tokens), atol=1e-5, rtol=0)
+    if arch == "llama3":
+        check_frequency_factors(native, bundles, tmp_path)
+
+
+def check_frequency_factors(native, bundles: dict, tmp_path) -> None:
+    """A GGUF's rotary divisors (rope_scaling "frequency_factors", training/backbones.gguf_rope) in place of the
+    Llama 3 parameters they stand for: the Python and native runtimes compute the logits they computed before."""
+    import json
+    import shutil
+
+    from mode_edge.rope import inv_freq
+    from mode_edge.runtimes.session import Session
+    from tests.runtimes.test_native import python_logits, run_native
+
+    arch = "llama3"
+    bundle = shutil.copytree(bundles["fp32"], tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    decoder = manifest["base"]["decoder"]
+    divisors = inv_freq(decoder["rope_theta"], decoder["head_dim"]) / inv_freq(
+        decoder["rope_theta"], decoder["head_dim"], decoder["rope_scaling"])  # fmt: skip
+    assert 1.0 < divisors.max() and not np.allclose(divisors, divisors[0])  # scaled, and not all alike
+    decoder["rope_scaling"] = {"rope_type": "frequency_factors", "factors": divisors.tolist()}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    prompt = PROMPTS[arch]
+    want_session = Session(bundles["fp32"])
+    want_tokens = list(want_session.generate(prompt, ["code"], 8))
+    want = python_logits(want_session, prompt, ["code"], want_tokens)
+    np.testing.assert_allclose(python_logits(Session(bundle), prompt, ["code"], want_tokens), want, atol=1e-5, rtol=0)
+    code, tokens, err, _ = run_native(native, bundle, prompt, "--experts", "code", "--max-new-tokens", "8",
+                                      "--logits", str(tmp_path / "logits.bin"))  # fmt: skip
+    assert code == 0 and tokens == want_tokens, err
+    got = np.fromfile(tmp_path / "logits.bin", dtype=np.float32).reshape(len(tokens), -1)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

@@ -75,7 +75,7 @@ def unsupported_checkpoint(path, kind: str):
 
 @pytest.mark.parametrize("kind,field,supported", [
     ("gemma3", "backbone type 'gemma3_text' (config.json model_type)", "llama, mistral, qwen2, qwen3"),
-    ("yarn", "rope scaling 'yarn' (config.json rope_scaling.rope_type)", "default (plain RoPE), llama3 and longrope"),
+    ("yarn", "rope scaling 'yarn' (config.json rope_scaling.rope_type)", "default (plain RoPE), llama3, longrope and linear"),
     ("partial", "over 8 of 16 dimensions (config.json partial_rotary_factor 0.5)", "a multiple of 16"),
 ])  # fmt: skip
 def test_what_is_not_supported_is_named_with_the_supported_list(tmp_path, kind, field, supported):
@@ -108,56 +108,117 @@ def test_a_gguf_file_or_a_folder_holding_one_resolves_to_it(tmp_path):
     assert resolve_spec(str(tmp_path)) == (tmp_path, "model.gguf")
 
 
-def test_a_gguf_whose_rotary_embedding_transformers_drops_is_refused(tmp_path):
-    """transformers' GGUF reader carries neither the rotated width (Phi-4-mini's 96 of 128), nor scaling written as
-    metadata (YaRN), nor frequencies scaled by a tensor (Llama 3.x's rope_freqs) into its config: such a file would
-    load as plain RoPE over the whole head, so it is refused; one whose tensor matches what the config says passes.
-    The Llama 3 divisors are computed as llama.cpp's converter writes them, not with mode_edge/rope.py."""
+def write_gguf(path, arch, dims=None, tensors=(), keys=()):
+    """A GGUF file holding only rotary metadata and tensors (what `gguf_rope` reads) and one embedding."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), arch)
+    if dims is not None:
+        writer.add_rope_dimension_count(dims)
+    for key, value in keys:
+        (writer.add_string if isinstance(value, str) else writer.add_float32 if isinstance(value, float)
+         else writer.add_uint32)(f"{arch}.{key}", value)  # fmt: skip
+    for tensor_name, values in tensors:
+        writer.add_tensor(tensor_name, np.asarray(values, np.float32))
+    writer.add_tensor("token_embd.weight", np.zeros((4, 64), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def llama_cpp_divisors(theta: float, rotated: int, factor: float, low: float, high: float, old: int) -> list[float]:
+    """Llama 3.x's rope_freqs tensor as llama.cpp's convert_hf_to_gguf (LlamaModel) writes it: a divisor per
+    frequency, computed there, not with mode_edge/rope.py."""
     import math
 
     import numpy as np
-    from gguf import GGUFWriter
-    from gguf import constants as gguf_constants
 
-    from mode_edge.training.backbones import check_gguf_rope
-    from tests.conftest import LLAMA3_ROPE
-
-    def gguf(name, arch, dims=None, tensors=(), yarn=False):
-        path = tmp_path / f"{name}.gguf"
-        writer = GGUFWriter(str(path), arch)
-        if dims is not None:
-            writer.add_rope_dimension_count(dims)
-        if yarn:
-            writer.add_rope_scaling_type(gguf_constants.RopeScalingType.YARN)
-            writer.add_rope_scaling_factor(4.0)
-        for tensor_name, values in tensors:
-            writer.add_tensor(tensor_name, np.asarray(values, np.float32))
-        writer.add_tensor("token_embd.weight", np.zeros((4, 64), np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        return path
-
-    plain = TINY_CONFIG
-    llama3 = dataclasses.replace(TINY_CONFIG, rope_scaling={k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"})
-    # llama.cpp's convert_hf_to_gguf (LlamaModel, rope_type llama3): a divisor per frequency
-    factor, low, high, old = 8.0, 1.0, 4.0, 64
-    factors = []
-    for freq in plain.rope_theta ** (-np.arange(0, 16, 2) / 16):
+    out = []
+    for freq in theta ** (-np.arange(0, rotated, 2) / rotated):
         wavelen = 2 * math.pi / freq
         if wavelen < old / high:
-            factors.append(1.0)
+            out.append(1.0)
         elif wavelen > old / low:
-            factors.append(factor)
+            out.append(factor)
         else:
             smooth = (old / wavelen - low) / (high - low)
-            factors.append(1 / ((1 - smooth) / factor + smooth))
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama3", "linear", "phi4"])
+def test_a_gguf_s_rotary_settings_are_read_from_the_file(tmp_path, kind):
+    """transformers' GGUF reader carries neither the rotated width (Phi-4-mini's 96 of 128) nor any rotary scaling
+    into its config. `gguf_rope` reads them from the file: the decoder built from the reader's plain config plus the
+    file's settings computes the logits of transformers' model with the scaling in its config (Llama 3.x's divisors
+    as llama.cpp writes them; linear scaling; LongRoPE with a partial rotary width and the attention factor in the
+    metadata), past the original context where the scaling matters; without them it would not."""
+    import dataclasses
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mode_edge.training.backbones import _hf_decoder_config, decoder_from_hf, gguf_rope
+    from mode_edge.training.model import Decoder
+    from tests.conftest import LLAMA3_ROPE, PHI4_ROPE, save_tiny_hf_checkpoint
+
+    if kind == "phi4":
+        hf = save_tiny_hf_checkpoint(tmp_path / "phi4", "phi4")
+        want = _hf_decoder_config(hf.config)
+        plain = dataclasses.replace(want, rotary_dim=None, rope_scaling=None, max_seq_len=1024)
+        keys = [("rope.scaling.attn_factor", want.rope_scaling["attention_factor"]),
+                ("rope.scaling.original_context_length", 64), ("context_length", 1024)]  # fmt: skip
+        tensors = [("rope_factors_short.weight", PHI4_ROPE["short_factor"]),
+                   ("rope_factors_long.weight", PHI4_ROPE["long_factor"])]  # fmt: skip
+        path = write_gguf(tmp_path / "phi4.gguf", "phi3", dims=48, tensors=tensors, keys=keys)
+        n = 64
+    else:
+        rope = dict(LLAMA3_ROPE) if kind == "llama3" else {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
+        c = TINY_CONFIG
+        torch.manual_seed(0)
+        hf = LlamaForCausalLM(LlamaConfig(
+            vocab_size=c.vocab_size, hidden_size=c.dim, num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
+            num_key_value_heads=c.n_kv_heads, intermediate_size=c.hidden_dim, head_dim=c.head_dim,
+            rms_norm_eps=c.norm_eps, tie_word_embeddings=True, max_position_embeddings=1024,
+            rope_parameters=rope)).eval()  # fmt: skip
+        plain = dataclasses.replace(TINY_CONFIG, max_seq_len=1024)
+        if kind == "llama3":
+            divisors = llama_cpp_divisors(10000.0, 16, 8.0, 1.0, 4.0, 64)
+            path = write_gguf(tmp_path / "llama3.gguf", "llama", dims=16, tensors=[("rope_freqs.weight", divisors)])
+        else:
+            keys = [("rope.scaling.type", "linear"), ("rope.scaling.factor", 4.0)]
+            path = write_gguf(tmp_path / "linear.gguf", "llama", dims=16, keys=keys)
+        n = 100
+    cfg = gguf_rope(path, plain)
+    if kind == "phi4":
+        assert (cfg.rotary_dim, cfg.max_seq_len, cfg.rope_scaling["rope_type"]) == (48, 64, "longrope")
+    else:
+        assert cfg.rope_scaling["rope_type"] == "frequency_factors"
+    if kind == "linear":  # the same scaling from a Hugging Face folder's config
+        assert _hf_decoder_config(hf.config).rope_scaling == cfg.rope_scaling
+    idx = torch.randint(0, 257, (1, n), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want_logits = hf(idx).logits
+        assert_close(decoder_from_hf(hf, cfg).eval()(idx), want_logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(decoder_from_hf(hf, plain).eval()(idx), want_logits, atol=1e-3)
+    assert isinstance(Decoder(cfg), Decoder) and gguf_rope(write_gguf(tmp_path / "p.gguf", "llama"), plain) == plain
+
+
+def test_a_gguf_s_unsupported_rotary_settings_are_refused_naming_them(tmp_path):
+    """YaRN, a partial width GroupQueryAttention cannot turn, factors of the wrong length: one line each."""
+    plain = TINY_CONFIG
+    from mode_edge.training.backbones import gguf_rope
+
     with pytest.raises(UserError, match=r"turns 8 of each head's 16 dimensions \(phi3.rope.dimension_count\)"):
-        check_gguf_rope(gguf("partial", "phi3", dims=8), plain)
-    with pytest.raises(UserError, match="scales its rotary frequencies by the tensor rope_freqs.weight"):
-        check_gguf_rope(gguf("llama3", "llama", dims=16, tensors=[("rope_freqs.weight", factors)]), plain)
-    check_gguf_rope(gguf("llama3", "llama", dims=16, tensors=[("rope_freqs.weight", factors)]), llama3)
-    check_gguf_rope(gguf("plain", "llama", dims=16), plain)
-    with pytest.raises(UserError, match=r"scales its rotary embedding \(qwen3.rope.scaling: yarn\)"):
-        check_gguf_rope(gguf("yarn", "qwen3", dims=16, yarn=True), plain)
+        gguf_rope(write_gguf(tmp_path / "partial.gguf", "phi3", dims=8), plain)
+    yarn = write_gguf(tmp_path / "yarn.gguf", "qwen3", keys=[("rope.scaling.type", "yarn"),
+                                                              ("rope.scaling.factor", 4.0)])  # fmt: skip
+    with pytest.raises(UserError, match=r"with yarn \(qwen3.rope.scaling.type\), which is not supported"):
+        gguf_rope(yarn, plain)
+    with pytest.raises(UserError, match=r"'rope_type': 'frequency_factors', 'factors': \[one positive number"):
+        dataclasses.replace(plain, rope_scaling={"rope_type": "frequency_factors", "factors": [2.0] * 7})
+    with pytest.raises(UserError, match="holds 3 rotary factors in rope_freqs.weight where its 16 turned"):
+        gguf_rope(write_gguf(tmp_path / "short.gguf", "llama", tensors=[("rope_freqs.weight", [1.0, 2.0, 4.0])]),
+                  plain)  # fmt: skip

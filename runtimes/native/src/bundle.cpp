@@ -72,7 +72,8 @@ bool positive(const json& v) {
   return v.is_number() && !v.is_boolean() && v.get<double>() > 0 && std::isfinite(v.get<double>());
 }
 
-// base.decoder.rope_scaling (mode_edge/rope.check_rope_scaling): llama3 or longrope, every number positive.
+// base.decoder.rope_scaling (mode_edge/rope.check_rope_scaling): llama3, longrope or frequency_factors (a GGUF's
+// per-frequency divisors), every number positive.
 void read_rope_scaling(const json& s, Decoder& d, const std::string& path) {
   std::string kind = s.is_object() && s.contains("rope_type") && s["rope_type"].is_string() ? s["rope_type"] : "";
   bool ok = false;
@@ -86,19 +87,21 @@ void read_rope_scaling(const json& s, Decoder& d, const std::string& path) {
     }
     ok = ok && v[2] > v[1];
     if (ok) d.rope_llama3 = v;
-  } else if (kind == "longrope") {
-    const json& f = s.contains("short_factor") ? s["short_factor"] : json();
-    ok = s.contains("attention_factor") && positive(s["attention_factor"]) && f.is_array() &&
+  } else if (kind == "longrope" || kind == "frequency_factors") {  // each frequency divided by its own factor
+    bool longrope = kind == "longrope";
+    const char* key = longrope ? "short_factor" : "factors";
+    const json& f = s.contains(key) ? s[key] : json();
+    ok = (!longrope || (s.contains("attention_factor") && positive(s["attention_factor"]))) && f.is_array() &&
          static_cast<int64_t>(f.size()) == d.rotary_dim / 2;
     for (size_t i = 0; ok && i < f.size(); i++) ok = positive(f[i]);
     if (ok) {
       for (auto& v : f) d.rope_short_factor.push_back(v.get<double>());
-      d.rope_scale = s["attention_factor"].get<double>();
+      d.rope_scale = longrope ? s["attention_factor"].get<double>() : 1.0;
     }
   }
   if (!ok)
-    throw UserError(path + " holds a base.decoder.rope_scaling the native runtime cannot use (llama3 or longrope, "
-                    "every factor positive); " + kReexport);
+    throw UserError(path + " holds a base.decoder.rope_scaling the native runtime cannot use (llama3, longrope or "
+                    "frequency_factors, every factor positive); " + kReexport);
 }
 
 // What a pack must share with its bundle (mode_edge/bundle._precision): scheme (mixed counts as int4) and block size.
