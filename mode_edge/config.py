@@ -32,6 +32,13 @@ class _Serialisable:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+ACTIVATIONS = ("silu", "gelu_tanh")
+"""Feed-forward gate activations (DecoderConfig.activation)."""
+LLAMA_DEFAULTS = ("activation", "sandwich_norms", "embed_scale", "query_scale", "layer_types", "sliding_window",
+                  "rope_local_theta")  # fmt: skip
+"""The DecoderConfig fields that set a layer apart from the Llama family's (Gemma 3's)."""
+
+
 @dataclass(frozen=True)
 class DecoderConfig(_Serialisable):
     """Architecture of a Llama-family decoder-only backbone."""
@@ -72,7 +79,29 @@ class DecoderConfig(_Serialisable):
     """Leading dimensions of each head the rotary embedding turns (Phi-4-mini: 96 of 128, its partial_rotary_factor
     0.75); the rest pass unrotated. None: the whole head."""
 
-    OPTIONAL = {"rope_scaling": None, "qk_norm": False, "rotary_dim": None}
+    activation: str = "silu"
+    """The feed-forward's gate activation: "silu" (SwiGLU, the Llama family) or "gelu_tanh" (GeGLU with GELU's tanh
+    approximation, Gemma's gelu_pytorch_tanh)."""
+    sandwich_norms: bool = False
+    """Gemma 3's layer: RMS norms before and after both the attention and the feed-forward (pre-norm only
+    otherwise)."""
+    embed_scale: float | None = None
+    """What the token embedding's rows are multiplied by on the way in (Gemma: sqrt(dim), in fp32); the tied head
+    reads the unscaled table. None: 1."""
+    query_scale: float | None = None
+    """The attention logits' scale (Gemma 3: query_pre_attn_scalar ** -0.5). None: head_dim ** -0.5."""
+    layer_types: list | None = None
+    """Per backbone layer, "full_attention" or "sliding_attention" (Gemma 3: five sliding layers to one full); None:
+    every layer full. An expert layer has the type of the backbone layer it is copied from."""
+    sliding_window: int | None = None
+    """Keys a sliding layer's query sees, itself included (Hugging Face's sliding_window)."""
+    rope_local_theta: float | None = None
+    """The rotary base of the sliding layers (Gemma 3: 10,000 against the full layers' 1,000,000), plain RoPE over
+    the same dimensions; None: rope_theta for every layer."""
+
+    OPTIONAL = {"rope_scaling": None, "qk_norm": False, "rotary_dim": None, "activation": "silu",
+                "sandwich_norms": False, "embed_scale": None, "query_scale": None, "layer_types": None,
+                "sliding_window": None, "rope_local_theta": None}  # fmt: skip
     """Fields left out of `to_dict` at these values, so that a backbone's record, and the fingerprint every pack
     is bound to, stay what they were before the field existed."""
 
@@ -83,6 +112,17 @@ class DecoderConfig(_Serialisable):
     def rotated(self) -> int:
         """Dimensions of each head the rotary embedding turns (rotary_dim, else head_dim)."""
         return self.rotary_dim or self.head_dim
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of backbone layer `layer` (0-based), None for a full-attention layer."""
+        sliding = self.layer_types is not None and self.layer_types[layer] == "sliding_attention"
+        return self.sliding_window if sliding else None
+
+    @property
+    def llama_layers(self) -> bool:
+        """Whether every layer is a Llama-family layer (pre-norms, SwiGLU, full attention, unscaled embedding,
+        one rotary base): what the exported graphs implement."""
+        return all(getattr(self, k) == self.OPTIONAL[k] for k in LLAMA_DEFAULTS)
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "head_dim", "max_seq_len"):
@@ -99,6 +139,21 @@ class DecoderConfig(_Serialisable):
                 raise UserError(f"DecoderConfig.rotary_dim must be even (pairs of dimensions turn), got "
                                 f"{self.rotary_dim}")  # fmt: skip
         check_rope_scaling(self.rope_scaling, "DecoderConfig.rope_scaling", self.rotated)
+        if self.activation not in ACTIVATIONS:
+            raise UserError(f"DecoderConfig.activation must be one of {', '.join(ACTIVATIONS)}, got "
+                            f"{self.activation!r}")  # fmt: skip
+        for name in ("embed_scale", "query_scale", "rope_local_theta"):
+            if getattr(self, name) is not None:
+                check_number(f"DecoderConfig.{name}", getattr(self, name), lo=0, lo_open=True)
+        if self.layer_types is not None:
+            kinds = ("full_attention", "sliding_attention")
+            if not isinstance(self.layer_types, list) or len(self.layer_types) != self.n_layers or any(
+                    t not in kinds for t in self.layer_types):  # fmt: skip
+                raise UserError(f"DecoderConfig.layer_types must list {self.n_layers} of {', '.join(kinds)}, got "
+                                f"{self.layer_types!r}")  # fmt: skip
+        sliding = self.layer_types is not None and "sliding_attention" in self.layer_types
+        if sliding:
+            check_number("DecoderConfig.sliding_window", self.sliding_window, lo=1, integer=True)
         if self.n_heads % self.n_kv_heads:
             raise UserError(
                 f"DecoderConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"

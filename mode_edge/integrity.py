@@ -156,6 +156,12 @@ def check_bundle_shape(m: dict, what: str, fix: str) -> None:
         check_rope_scaling(dec.get("rope_scaling"), "base.decoder.rope_scaling", rotary or dec["head_dim"])
     except UserError:
         need(False, what, "base.decoder.rope_scaling", fix)
+    from mode_edge.config import LLAMA_DEFAULTS, DecoderConfig  # (config imports this module through bundle)
+
+    for key in LLAMA_DEFAULTS:  # Gemma 3's layers: the graphs implement none of them (written only when set)
+        if dec.get(key, DecoderConfig.OPTIONAL[key]) != DecoderConfig.OPTIONAL[key]:
+            raise UserError(f"{what} holds base.decoder.{key}, layers the runtime does not implement (a Gemma 3 "
+                            f"base); this version exports and runs Llama-family layers only")  # fmt: skip
     kv = m.get("kv_cache")  # each format's cache interface (runtimes/kv_cache.py), the one this version reads
     need(isinstance(kv, dict) and all(kv.get(f) == KV_CACHE.get(f) for f in formats), what, "kv_cache", fix)
     files, comps = m.get("files"), m.get("components")

@@ -62,14 +62,26 @@ PHI4_ROPE = {**PHI3_ROPE, "partial_rotary_factor": 0.75, "short_factor": [1.0 + 
 0.75 of 128), a factor per turned frequency."""
 
 
+GEMMA3 = {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"] * 3,
+          "query_pre_attn_scalar": 24, "rms_norm_eps": 1e-6,
+          "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                              "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0}}}  # fmt: skip
+"""Gemma 3 at the tiny size: every MoDE block of two layers holds one sliding layer (window 8, so prompts of 40
+tokens leave it) and one full layer, whose rotary table has Gemma 3 4B's base and linear scaling."""
+
+
 def save_tiny_hf_checkpoint(path: Path, model_type: str = "llama", seed: int = 1):
     """A checkpoint folder with the tiny architecture, random weights and the byte tokenizer: model_type llama,
     qwen2, llama3 (Llama with Llama 3.x's rope scaling), qwen3 (per-head q and k norms), phi3 (fused projections,
     LongRoPE) or phi4 (Phi-4-mini's: phi3 with a partial rotary embedding, heads of 64 with 48 turned; two query
-    heads over one key/value head). In the last four every norm weight is drawn around 1, so that a norm the decoder
-    skipped or applied twice shows in the logits."""
+    heads over one key/value head) or gemma3 (Gemma 3's text model: GeGLU, sandwich norms of 1 + w, a scaled
+    embedding and query scale, sliding layers of window 8 with their own rotary base beside full ones with linear
+    scaling, GEMMA3). In the last five every norm weight is drawn around 1 (Gemma's w around 0), so that a norm the
+    decoder skipped or applied twice shows in the logits."""
     import torch
     from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
         LlamaConfig,
         LlamaForCausalLM,
         Phi3Config,
@@ -101,16 +113,19 @@ def save_tiny_hf_checkpoint(path: Path, model_type: str = "llama", seed: int = 1
                                            partial_rotary_factor=0.75, rope_parameters=dict(PHI4_ROPE)))  # fmt: skip
     elif model_type == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**kw, head_dim=c.head_dim))
+    elif model_type == "gemma3":
+        kw.pop("rms_norm_eps")
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**kw, head_dim=c.head_dim, **GEMMA3))
     elif model_type == "llama3":
         model = LlamaForCausalLM(LlamaConfig(**kw, head_dim=c.head_dim, rope_parameters=dict(LLAMA3_ROPE)))
     else:
         model = LlamaForCausalLM(LlamaConfig(**kw, head_dim=c.head_dim))
-    if model_type in ("llama3", "qwen3", "phi3", "phi4"):
+    if model_type in ("llama3", "qwen3", "phi3", "phi4", "gemma3"):
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith("norm.weight"):
-                    p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+                    p.copy_((model_type != "gemma3") + 0.2 * torch.randn(p.shape, generator=gen))
     model.save_pretrained(path)
     tok = byte_tokenizer()
     PreTrainedTokenizerFast(tokenizer_object=tok.tokenizer, eos_token="<|endoftext|>").save_pretrained(path)

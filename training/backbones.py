@@ -27,10 +27,10 @@ from mode_edge.tokenizer import TextTokenizer, byte_tokenizer, checkpoint_prefix
 from mode_edge.training.model import Decoder
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text")
 """Hugging Face model types read into our decoder: Llama (incl. 3.x with its rope scaling), Mistral, Qwen2 / 2.5
 (biased q, k, v projections), Qwen3 (per-head q and k norms), Phi-3 / 3.5-mini (fused projections, split on load;
-LongRoPE; Phi-4-mini's partial rotary embedding)."""
+LongRoPE; Phi-4-mini's partial rotary embedding), Gemma 3's text models (`gemma3_fields`; PyTorch only so far)."""
 TINY_CONFIG = DecoderConfig(
     vocab_size=257, dim=64, n_layers=6, n_heads=4, n_kv_heads=2, hidden_dim=128, head_dim=16,
     rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True, max_seq_len=1024,
@@ -82,6 +82,9 @@ def _hf_decoder_config(hf) -> DecoderConfig:
             f"{', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     rope = getattr(hf, "rope_parameters", None) or {}
+    gemma = gemma3_fields(hf) if hf.model_type == "gemma3_text" else {}
+    if gemma:  # rotary parameters per layer type: the full layers' here, the sliding layers' base in `gemma`
+        rope = rope.get("full_attention") or {}
     rope_type = rope.get("rope_type", "default")
     if rope_type not in ("default", "llama3", "longrope", "linear"):
         raise UserError(f"rope scaling {rope_type!r} (config.json rope_scaling.rope_type) is not supported; "
@@ -107,7 +110,7 @@ def _hf_decoder_config(hf) -> DecoderConfig:
     if rope_type == "longrope":  # the short factors hold within the original context, where the context is capped
         scaling, original = longrope_scaling(hf, rope)
         window = min(window or original, original)
-    if getattr(hf, "hidden_act", "silu") != "silu":
+    if not gemma and getattr(hf, "hidden_act", "silu") != "silu":
         raise UserError(f"activation {hf.hidden_act!r} is not supported; Llama-family decoders use silu")
     return DecoderConfig(
         vocab_size=hf.vocab_size,
@@ -123,9 +126,38 @@ def _hf_decoder_config(hf) -> DecoderConfig:
         attn_bias=bool(getattr(hf, "attention_bias", hf.model_type == "qwen2")),
         max_seq_len=min(int(getattr(hf, "max_position_embeddings", 2048)), 8192, int(window or 8192)),
         rope_scaling=scaling,
-        qk_norm=hf.model_type == "qwen3",
+        qk_norm=hf.model_type in ("qwen3", "gemma3_text"),
         rotary_dim=rotary_dim if rotary_dim != head_dim else None,
+        **gemma,
     )
+
+
+def gemma3_fields(hf) -> dict:
+    """The DecoderConfig fields of a Gemma 3 text model (transformers' Gemma3TextConfig) beyond the Llama family's:
+    GeGLU (gelu_pytorch_tanh), sandwich norms, the embedding scaled by sqrt(hidden_size), the attention logits by
+    query_pre_attn_scalar ** -0.5, its layer types with the sliding window and the sliding layers' rotary base (plain
+    RoPE). Its norms' weights w act as 1 + w: `decoder_from_hf` stores 1 + w. Raises UserError for what is not
+    supported: logit soft-capping (Gemma 2), bidirectional attention, scaled rotary tables for the sliding layers,
+    an activation other than GELU-tanh."""
+    if getattr(hf, "attn_logit_softcapping", None) is not None or getattr(hf, "final_logit_softcapping", None):
+        raise UserError("logit soft-capping (config.json attn_logit_softcapping / final_logit_softcapping) is not "
+                        "supported; Gemma 3 has none")  # fmt: skip
+    if getattr(hf, "use_bidirectional_attention", False):
+        raise UserError("bidirectional attention (config.json use_bidirectional_attention) is not supported")
+    act = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", None)
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise UserError(f"activation {act!r} (config.json hidden_activation) is not supported for Gemma 3; "
+                        f"supported: gelu_pytorch_tanh")  # fmt: skip
+    local = (getattr(hf, "rope_parameters", None) or {}).get("sliding_attention") or {}
+    if local.get("rope_type", "default") != "default":
+        raise UserError(f"rope scaling {local['rope_type']!r} on the sliding layers (config.json rope_parameters."
+                        f"sliding_attention) is not supported; supported: default (plain RoPE)")  # fmt: skip
+    types = list(hf.layer_types)
+    sliding = "sliding_attention" in types
+    return {"activation": "gelu_tanh", "sandwich_norms": True, "embed_scale": float(hf.hidden_size**0.5),
+            "query_scale": float(hf.query_pre_attn_scalar**-0.5), "layer_types": types,
+            "sliding_window": int(hf.sliding_window) if sliding else None,
+            "rope_local_theta": float(local.get("rope_theta", 10000.0)) if sliding else None}  # fmt: skip
 
 
 def longrope_scaling(hf, rope: dict) -> tuple[dict, int]:
@@ -165,6 +197,8 @@ def decoder_from_hf(hf_model, cfg: DecoderConfig | None = None) -> Decoder:
     else read from the model's config."""
     decoder = Decoder(cfg or _hf_decoder_config(hf_model.config))
     state = split_fused({k.removeprefix("model."): v for k, v in hf_model.state_dict().items()}, decoder.cfg)
+    if hf_model.config.model_type == "gemma3_text":  # Gemma's norms scale by 1 + w (in fp32, as ours by w)
+        state = {k: v.float() + 1 if k.endswith("norm.weight") else v for k, v in state.items()}
     if decoder.lm_head is None:
         state.pop("lm_head.weight", None)
     missing, unexpected = decoder.load_state_dict(state, strict=False)

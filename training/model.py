@@ -1,7 +1,7 @@
 """The MoDE model in plain PyTorch, read top to bottom.
 
-Small pieces first (RMS norm, rotary embedding, attention with a KV cache, SwiGLU MLP, decoder layer), then the frozen
-backbone, then an expert's per-block layer stack with its gate row, the MoDE block that mixes backbone and experts,
+Small pieces first (RMS norm, rotary embedding, attention with a KV cache and, for Gemma 3's local layers, a sliding
+window, SwiGLU / GeGLU MLP, decoder layer: pre-norm, or Gemma 3's sandwich of norms), then the frozen backbone, then an expert's per-block layer stack with its gate row, the MoDE block that mixes backbone and experts,
 and the full MoDE model. Parameter names of the backbone follow Hugging Face's Llama so checkpoints copy in by name.
 """
 
@@ -57,27 +57,51 @@ def rotate_half(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 class Rotary(nn.Module):
     """Rotary position embedding tables (the rotate-half convention of Hugging Face's Llama; frequencies and the
     scale of cos and sin, with Llama 3.x's or LongRoPE's scaling where the config has one, from mode_edge/rope.py;
-    over the first cfg.rotated dimensions of each head)."""
+    over the first cfg.rotated dimensions of each head). With cfg.rope_local_theta, a second pair for the sliding
+    layers: plain RoPE of that base (Gemma 3's local layers)."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        inv_freq = rope_inv_freq(cfg)
-        freqs = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32), inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)  # (max_seq_len, rotated)
+        positions = torch.arange(cfg.max_seq_len, dtype=torch.float32)
         s = rope_scale(cfg.rope_scaling)  # longrope's attention factor; 1 otherwise
-        self.register_buffer("cos", emb.cos() * s, persistent=False)
-        self.register_buffer("sin", emb.sin() * s, persistent=False)
+        tables = {"": (rope_inv_freq(cfg), s)}
+        if cfg.rope_local_theta is not None:
+            local = torch.tensor(rope_frequencies(cfg.rope_local_theta, cfg.rotated), dtype=torch.float32)
+            tables["local_"] = (local, 1.0)
+        for prefix, (inv_freq, scale) in tables.items():
+            freqs = torch.outer(positions, inv_freq)
+            emb = torch.cat([freqs, freqs], dim=-1)  # (max_seq_len, rotated)
+            self.register_buffer(prefix + "cos", emb.cos() * scale, persistent=False)
+            self.register_buffer(prefix + "sin", emb.sin() * scale, persistent=False)
 
-    def forward(self, x: torch.Tensor, pos: int) -> torch.Tensor:
-        """x: (B, H, T, head_dim), positions pos .. pos+T-1."""
+    def forward(self, x: torch.Tensor, pos: int, local: bool = False) -> torch.Tensor:
+        """x: (B, H, T, head_dim), positions pos .. pos+T-1; `local`: the sliding layers' tables."""
         T = x.shape[-2]
-        return rotate_half(x, self.cos[pos : pos + T].to(x.dtype), self.sin[pos : pos + T].to(x.dtype))
+        cos, sin = (self.local_cos, self.local_sin) if local else (self.cos, self.sin)
+        return rotate_half(x, cos[pos : pos + T].to(x.dtype), sin[pos : pos + T].to(x.dtype))
+
+
+def attention_mask(T: int, S: int, window: int | None, device) -> torch.Tensor | None:
+    """(T, S) bool, True where query i (at position S - T + i) sees key j: j <= S - T + i, and within a sliding
+    window j > S - T + i - window (the query itself and window - 1 keys before it, Hugging Face's sliding window);
+    None where scaled_dot_product_attention needs no mask (one query over all keys)."""
+    if T == 1 and (window is None or S <= window):
+        return None
+    q = torch.arange(S - T, S, device=device)[:, None]
+    k = torch.arange(S, device=device)[None, :]
+    visible = k <= q
+    return visible & (k > q - window) if window is not None else visible
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: DecoderConfig):
+    """Grouped-query attention with a KV cache. `layer`: the backbone layer whose kind it has (full attention, or
+    a sliding window with the local rotary tables: DecoderConfig.window, rope_local_theta)."""
+
+    def __init__(self, cfg: DecoderConfig, layer: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.window, self.scale = cfg.window(layer), cfg.query_scale
+        self.local = self.window is not None and cfg.rope_local_theta is not None
         self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.attn_bias)
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
@@ -96,7 +120,7 @@ class Attention(nn.Module):
                           self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim))  # fmt: skip
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd), (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = rope(q, pos), rope(k, pos)
+        q, k = rope(q, pos, self.local), rope(k, pos, self.local)
         if cache is not None:
             if name in cache.kv:
                 past_k, past_v = cache.kv[name]
@@ -106,15 +130,17 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, S, hd)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         S = k.shape[2]
-        if T == 1:
-            y = F.scaled_dot_product_attention(q, k, v)
-        elif S == T:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # a chunk of several new tokens after a cached prefix: query i sees keys up to S - T + i
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if S == T and T > 1 and self.window is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:  # one query, or a chunk after a cached prefix (query i sees keys up to S - T + i), or a window
+            mask = attention_mask(T, S, self.window, x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*hd)
         return self.o_proj(y)
+
+
+ACTIVATION = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+"""DecoderConfig.activation -> the gate's function (SwiGLU; Gemma's GeGLU with GELU's tanh approximation)."""
 
 
 class MLP(nn.Module):
@@ -123,22 +149,36 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.act = ACTIVATION[cfg.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DecoderConfig):
+    """Pre-norm attention and feed-forward, each added to the residual stream. With cfg.sandwich_norms (Gemma 3)
+    each sublayer's output is normed too before it is added: input_layernorm -> attention -> post_attention_layernorm,
+    pre_feedforward_layernorm -> MLP -> post_feedforward_layernorm (Hugging Face's names; in a Llama layer
+    post_attention_layernorm is the feed-forward's pre-norm). `layer`: the backbone layer whose attention kind it
+    has."""
+
+    def __init__(self, cfg: DecoderConfig, layer: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        if cfg.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, rope: Rotary, cache: KVCache | None, name: str) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache, name)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attended = self.self_attn(self.input_layernorm(x), rope, cache, name)
+        if not hasattr(self, "post_feedforward_layernorm"):
+            x = x + attended
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(attended)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 def run_layers(layers: nn.ModuleList, x: torch.Tensor, rope: Rotary, cache: KVCache | None, names: list[str]):
@@ -154,17 +194,25 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.rope = Rotary(cfg)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) token ids -> (B, T, d): the embedding's rows, times cfg.embed_scale where set (in fp32, as
+        Gemma's scaled embedding multiplies)."""
+        x = self.embed_tokens(idx)
+        if self.cfg.embed_scale is None:
+            return x
+        return x * torch.tensor(self.cfg.embed_scale, dtype=torch.float32).to(x.dtype)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         h = self.norm(h)
         return F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)  # (B, T, V)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = self.embed_tokens(idx)  # (B, T, d)
+        x = self.embed(idx)  # (B, T, d)
         x = run_layers(self.layers, x, self.rope, cache, [f"bb.{i}" for i in range(len(self.layers))])
         if cache is not None:
             cache.pos += idx.shape[1]
@@ -209,13 +257,17 @@ class Expert(nn.Module):
 
     @classmethod
     def empty(cls, cfg: DecoderConfig, layout: MoDELayout) -> "Expert":
+        """Expert layer k of a block has the attention kind of the backbone layer it is copied from (`init_from`):
+        the k-th of the block's last expert_layers (a random init with more layers than the block: the block's first
+        for the extra ones)."""
+        E = layout.expert_layers
         return cls(
             [
                 ExpertBlock(
-                    nn.ModuleList(DecoderLayer(cfg) for _ in range(layout.expert_layers)),
+                    nn.ModuleList(DecoderLayer(cfg, max(start, end - E + k)) for k in range(E)),
                     Gate(cfg.dim, layout.gate_bias, cfg.norm_eps),
                 )
-                for _ in range(layout.n_blocks)
+                for start, end in layout.block_ranges(cfg.n_layers)
             ]
         )
 
@@ -299,7 +351,7 @@ class MoDEModel(nn.Module):
         return self._blocks
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = self.backbone.embed_tokens(idx)  # (B, T, d)
+        x = self.backbone.embed(idx)  # (B, T, d)
         for block in self._blocks:
             x = block(x, self.backbone.rope, cache)
         if cache is not None:

@@ -32,7 +32,7 @@ ROUTER_FILE = "router.safetensors"
 @torch.no_grad()
 def block_inputs(decoder: Decoder, layout: MoDELayout, ids: torch.Tensor) -> list[np.ndarray]:
     """The backbone's input to each MoDE block for token ids (B, T): per block (B, T, d), as numpy."""
-    x = decoder.embed_tokens(ids)  # (B, T, d)
+    x = decoder.embed(ids)  # (B, T, d)
     out = []
     for start, end in layout.block_ranges(decoder.cfg.n_layers):
         out.append(x.float().numpy())

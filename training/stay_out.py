@@ -130,7 +130,7 @@ def data_gate_init(
     inputs: dict[str, list[list[torch.Tensor]]] = {"domain": [[] for _ in ranges], "general": [[] for _ in ranges]}
     for kind, stream in (("domain", domain), ("general", general)):
         for _ in range(n_batches):
-            x = decoder.embed_tokens(next(stream)[:, :-1])  # (B, T, d)
+            x = decoder.embed(next(stream)[:, :-1])  # (B, T, d)
             for i, (start, end) in enumerate(ranges):
                 inputs[kind][i].append(_normalised(x, expert.blocks[i].gate.eps).flatten(0, 1))  # (B*T, d)
                 x = run_layers(decoder.layers[start:end], x, decoder.rope, None, [f"bb.{k}" for k in range(start, end)])

@@ -90,6 +90,28 @@ def test_native_runtime_takes_the_architecture(native, exported, tmp_path):
     np.testing.assert_allclose(got, python_logits(session, prompt, ["code"], tokens), atol=1e-5, rtol=0)
     if arch == "llama3":
         check_frequency_factors(native, bundles, tmp_path)
+        check_gemma_layers_refused(native, bundles, tmp_path)
+
+
+def check_gemma_layers_refused(native, bundles: dict, tmp_path) -> None:
+    """A manifest whose base has Gemma 3's layers (none of which the graphs implement; the exporter refuses such a
+    base, `test_an_expert_trains_on_gemma3_and_export_says_it_cannot_yet`) is refused by both runtimes in one line,
+    not run as a Llama."""
+    import json
+    import shutil
+
+    from mode_edge.errors import UserError
+    from tests.runtimes.test_native import run_native
+
+    for key, value in (("sliding_window", 8), ("activation", "gelu_tanh"), ("sandwich_norms", True)):
+        bundle = shutil.copytree(bundles["fp32"], tmp_path / f"gemma-{key}")
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        manifest["base"]["decoder"][key] = value
+        (bundle / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(UserError, match=f"holds base.decoder.{key}, layers the runtime does not implement"):
+            Engine(bundle)
+        code, _, err, _ = run_native(native, bundle, PROMPTS["llama3"], "--max-new-tokens", "1")
+        assert code == 2 and f"base.decoder.{key}, layers the native runtime does not implement" in err, err
 
 
 def check_frequency_factors(native, bundles: dict, tmp_path) -> None:
@@ -121,3 +143,21 @@ def check_frequency_factors(native, bundles: dict, tmp_path) -> None:
     assert code == 0 and tokens == want_tokens, err
     got = np.fromfile(tmp_path / "logits.bin", dtype=np.float32).reshape(len(tokens), -1)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_an_expert_trains_on_gemma3_and_export_says_it_cannot_yet(code_data, tmp_path):
+    """Gemma 3 (sliding-window layers, sandwich norms, GeGLU) trains and reloads in PyTorch; its graphs are not
+    written yet, so export refuses in one line before writing anything."""
+    from mode_edge.errors import UserError
+
+    save_tiny_hf_checkpoint(tmp_path / "checkpoint", "gemma3")
+    backbone = load_backbone(str(tmp_path / "checkpoint"))
+    train_expert(backbone, "code", code_data, tmp_path / "code", LAYOUT, TRAIN)
+    _, model, _ = load_model(tmp_path / "code", None)
+    assert not model.backbone.cfg.llama_layers and model.backbone.cfg.sliding_window == 8
+    with torch.no_grad():
+        logits = model(torch.tensor([PROMPTS["llama3"]]))
+    assert torch.isfinite(logits).all()
+    with pytest.raises(UserError, match="Gemma 3 backbone .* does not export yet"):
+        export_bundle(tmp_path / "code", tmp_path / "bundle", ExportConfig(formats=("onnx",), quant="fp32"))
+    assert not (tmp_path / "bundle").exists()

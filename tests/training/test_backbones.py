@@ -51,8 +51,8 @@ def test_a_broken_checkpoint_folder_is_refused(tmp_path):
 def unsupported_checkpoint(path, kind: str):
     """A tiny checkpoint folder transformers writes and reads, of an architecture or rope scaling not supported."""
     from transformers import (
-        Gemma3ForCausalLM,
-        Gemma3TextConfig,
+        Gemma2Config,
+        Gemma2ForCausalLM,
         LlamaConfig,
         LlamaForCausalLM,
         Phi3Config,
@@ -61,8 +61,8 @@ def unsupported_checkpoint(path, kind: str):
 
     kw = dict(vocab_size=257, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=128, head_dim=16)  # fmt: skip
-    if kind == "gemma3":
-        model = Gemma3ForCausalLM(Gemma3TextConfig(**kw))
+    if kind == "gemma2":
+        model = Gemma2ForCausalLM(Gemma2Config(**kw))
     elif kind == "partial":  # half of 16 dimensions: GroupQueryAttention turns multiples of 16
         kw.pop("head_dim")
         model = Phi3ForCausalLM(Phi3Config(**kw, pad_token_id=None, partial_rotary_factor=0.5))
@@ -74,7 +74,7 @@ def unsupported_checkpoint(path, kind: str):
 
 
 @pytest.mark.parametrize("kind,field,supported", [
-    ("gemma3", "backbone type 'gemma3_text' (config.json model_type)", "llama, mistral, qwen2, qwen3"),
+    ("gemma2", "backbone type 'gemma2' (config.json model_type)", "llama, mistral, qwen2, qwen3, phi3, gemma3_text"),
     ("yarn", "rope scaling 'yarn' (config.json rope_scaling.rope_type)", "default (plain RoPE), llama3, longrope and linear"),
     ("partial", "over 8 of 16 dimensions (config.json partial_rotary_factor 0.5)", "a multiple of 16"),
 ])  # fmt: skip

@@ -24,19 +24,21 @@ def trained_like(expert: Expert, seed: int) -> Expert:
     return expert
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "llama3", "qwen3", "phi3", "phi4"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "llama3", "qwen3", "phi3", "phi4", "gemma3"])
 def test_decoder_matches_transformers_logits(tmp_path, model_type):
-    """100 positions: past Llama 3's original context of the tiny checkpoint (64), where its scaling matters. Phi-3's
-    context is capped at its original 64 (LongRoPE's short factors hold there), so 64 positions; phi4 turns 48 of
-    each head's 64 dimensions (Phi-4-mini's partial rotary embedding)."""
+    """100 positions: past Llama 3's original context of the tiny checkpoint (64), where its scaling matters, and
+    past Gemma 3's sliding window (8) many times over. Phi-3's context is capped at its original 64 (LongRoPE's short
+    factors hold there), so 64 positions; phi4 turns 48 of each head's 64 dimensions (Phi-4-mini's partial rotary
+    embedding)."""
     from tests.conftest import save_tiny_hf_checkpoint
 
     hf = save_tiny_hf_checkpoint(tmp_path / model_type, model_type)
     ours = decoder_from_hf(hf).eval()
     phi = model_type in ("phi3", "phi4")
-    rope_type = "longrope" if phi else "llama3" if model_type == "llama3" else None
+    rope_type = {"llama3": "llama3", "gemma3": "frequency_factors"}.get(model_type, "longrope" if phi else None)
     assert (ours.cfg.rope_scaling or {}).get("rope_type") == rope_type
-    assert ours.cfg.qk_norm == (model_type == "qwen3")
+    assert ours.cfg.qk_norm == (model_type in ("qwen3", "gemma3"))
+    assert ours.cfg.llama_layers == (model_type != "gemma3")
     assert (ours.cfg.rotary_dim, ours.cfg.rotated) == ((48, 48) if model_type == "phi4" else (None, 16))
     assert ours.cfg.max_seq_len == (64 if phi else 1024)
     idx = tokens(64 if phi else 100)
@@ -44,12 +46,16 @@ def test_decoder_matches_transformers_logits(tmp_path, model_type):
         assert_close(ours(idx), hf(idx).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("model_type", ["llama3", "qwen3", "phi3", "phi4"])
+@pytest.mark.parametrize("model_type", ["llama3", "qwen3", "phi3", "phi4", "gemma3"])
 def test_kv_cache_decoding_matches_full_forward_for_each_architecture(tmp_path, model_type):
     from tests.conftest import save_tiny_hf_checkpoint
 
     decoder = decoder_from_hf(save_tiny_hf_checkpoint(tmp_path / model_type, model_type)).eval()
     model = MoDEModel(decoder, LAYOUT, {"a": trained_like(Expert.init_from(decoder, LAYOUT), 1)})
+    for (_, end), block in zip(LAYOUT.block_ranges(decoder.cfg.n_layers), model.experts["a"].blocks):
+        for k, layer in enumerate(block.layers):  # the attention kind of the layer it was copied from
+            source = decoder.layers[end - LAYOUT.expert_layers + k].self_attn
+            assert (layer.self_attn.window, layer.self_attn.local) == (source.window, source.local)
     n = min(90, decoder.cfg.max_seq_len)
     idx = tokens(n)
     with torch.no_grad():
