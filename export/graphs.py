@@ -12,12 +12,17 @@ graph that holds attention layers takes the cache as tensors. Two cache interfac
 
     embed      input_ids (B, T) int64                                     -> hidden (B, T, d)
     block{i}   "buffer": hidden, seqlens_k (B,) int32, total_sequence_length () int32, cos_cache and sin_cache
-               (C, r/2), past k/v per layer (B, Hkv, C, hd)              -> hidden, present k/v (B, Hkv, C, hd)
+               (C, r/2) [, local_cos_cache and local_sin_cache (C, r/2): the sliding layers' tables, where the
+               decoder has rope_local_theta (Gemma 3)], past k/v per layer (B, Hkv, C, hd)
+                                                                          -> hidden, present k/v (B, Hkv, C, hd)
                "concat": hidden, past k/v per layer (B, Hkv, P, hd)       -> hidden, present k/v (B, Hkv, P+T, hd)
     expert{i}  (per expert) as its block, with gate_logit (B, T) after hidden
     head       hidden                                                     -> logits (B, T, V)
 
-The gate's softmax and the mix run in the runtime (numpy), over whichever experts are loaded.
+The gate's softmax and the mix run in the runtime (numpy), over whichever experts are loaded. Gemma 3's layers are
+the same graphs with their differences in place: the sandwich norms, GeGLU (the layer's own MLP), the embedding's
+scale, the attention's scale and, in a sliding layer, the window (GroupQueryAttention's local_window_size: keys
+j > i - window, as Hugging Face's) over the full cache buffer, with the local rotary tables.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mode_edge.config import DecoderConfig
-from mode_edge.integrity import POSITION_INPUTS
+from mode_edge.integrity import LOCAL_ROTARY_INPUTS, POSITION_INPUTS
+from mode_edge.rope import inv_freq as rope_frequencies
 from mode_edge.rope import scale as rope_scale
 from mode_edge.training.model import Decoder, DecoderLayer, ExpertBlock, MoDEModel, RMSNorm, rope_inv_freq, rotate_half
 
@@ -48,7 +54,8 @@ def rotary_tables(inv_freq: torch.Tensor, length: int, scale: float = 1.0) -> tu
 
 def attend(layer: DecoderLayer, inv_freq: torch.Tensor, x, past_k, past_v, scale: float = 1.0):
     """One decoder layer on x (B, T, d) after P cached positions ("concat" cache); returns (y, k, v) with the grown
-    cache. scale: what cos and sin are multiplied by (mode_edge/rope.scale)."""
+    cache. inv_freq: the layer's rotary frequencies (a sliding layer's local ones); scale: what cos and sin are
+    multiplied by (mode_edge/rope.scale)."""
     attn = layer.self_attn
     B, T, _ = x.shape
     P = past_k.shape[2]
@@ -65,20 +72,34 @@ def attend(layer: DecoderLayer, inv_freq: torch.Tensor, x, past_k, past_v, scale
     cos, sin = (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)  # (T, r)
     q, k = rotate_half(q, cos, sin), rotate_half(k, cos, sin)
     k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, Hkv, S, hd), S = P + T
-    mask = torch.arange(P + T, device=x.device)[None, :] <= positions[:, None]  # (T, S): query i sees keys <= P+i
-    y = grouped_attention(q, k, v, mask)
+    keys = torch.arange(P + T, device=x.device)[None, :]
+    mask = keys <= positions[:, None]  # (T, S): query i sees keys <= P+i
+    if attn.window is not None:  # and in a sliding layer only the last `window` of them
+        mask = mask & (keys > positions[:, None] - attn.window)
+    y = grouped_attention(q, k, v, mask, attn.scale)
     y = y.transpose(1, 2).reshape(B, T, attn.n_heads * attn.head_dim)
-    x = x + attn.o_proj(y)
-    return x + layer.mlp(layer.post_attention_layernorm(x)), k, v
+    return feed_forward(layer, x, attn.o_proj(y)), k, v
+
+
+def feed_forward(layer: DecoderLayer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """The rest of a decoder layer after its attention output `attended` (B, T, d): the residual add and the
+    feed-forward, with Gemma 3's sandwich norms where the layer has them (training/model.DecoderLayer)."""
+    if not hasattr(layer, "post_feedforward_layernorm"):
+        x = x + attended
+        return x + layer.mlp(rms_norm(layer.post_attention_layernorm, x))
+    x = x + rms_norm(layer.post_attention_layernorm, attended)
+    return x + rms_norm(layer.post_feedforward_layernorm, layer.mlp(rms_norm(layer.pre_feedforward_layernorm, x)))
 
 
 def attend_in_place(layer: DecoderLayer, x, past_k, past_v, positions: tuple):
     """One decoder layer on x (B, T, d) with a "buffer" cache: past_k / past_v (B, Hkv, C, hd) hold P = total - T
-    cached positions, `positions` = (seqlens_k, total_sequence_length, cos_cache, sin_cache). Returns (y, k, v), the
-    buffers with this call's keys and values written at P .. total-1. Under torch.onnx.export this is one
-    com.microsoft GroupQueryAttention node (onnxruntime's contrib operator, as onnxruntime-genai's model builder
-    emits it); in PyTorch, `group_query_attention` computes the same thing."""
+    cached positions, `positions` = (seqlens_k, total_sequence_length, cos_cache, sin_cache[, local_cos_cache,
+    local_sin_cache]). Returns (y, k, v), the buffers with this call's keys and values written at P .. total-1. Under
+    torch.onnx.export this is one com.microsoft GroupQueryAttention node (onnxruntime's contrib operator, as
+    onnxruntime-genai's model builder emits it; a sliding layer's with local_window_size and the local tables); in
+    PyTorch, `group_query_attention` computes the same thing."""
     attn = layer.self_attn
+    positions = (*positions[:2], *positions[4:6]) if attn.local else positions[:4]
     h = rms_norm(layer.input_layernorm, x)
     q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)  # (B, T, H*hd), (B, T, Hkv*hd) x 2
     if hasattr(attn, "q_norm"):  # Qwen3's per-head norms, before GroupQueryAttention rotates q and k
@@ -86,15 +107,19 @@ def attend_in_place(layer: DecoderLayer, x, past_k, past_v, positions: tuple):
         q = rms_norm(attn.q_norm, q.view(B, T, attn.n_heads, attn.head_dim)).reshape(B, T, -1)
         k = rms_norm(attn.k_norm, k.view(B, T, attn.n_kv_heads, attn.head_dim)).reshape(B, T, -1)
     if torch.onnx.is_in_onnx_export():
+        attrs = dict(num_heads=attn.n_heads, kv_num_heads=attn.n_kv_heads, do_rotary=1, rotary_interleaved=0)
+        if attn.scale is not None:
+            attrs["scale"] = attn.scale
+        if attn.window is not None:
+            attrs["local_window_size"] = attn.window
         y, k_all, v_all = torch.onnx.ops.symbolic_multi_out(
-            "com.microsoft::GroupQueryAttention", [q, k, v, past_k, past_v, *positions],
-            dict(num_heads=attn.n_heads, kv_num_heads=attn.n_kv_heads, do_rotary=1, rotary_interleaved=0),
+            "com.microsoft::GroupQueryAttention", [q, k, v, past_k, past_v, *positions], attrs,
             dtypes=[x.dtype] * 3, shapes=[q.shape, past_k.shape, past_v.shape], version=1,
         )  # fmt: skip
     else:
-        y, k_all, v_all = group_query_attention(q, k, v, past_k, past_v, positions, attn.n_heads)
-    x = x + attn.o_proj(y)
-    return x + layer.mlp(rms_norm(layer.post_attention_layernorm, x)), k_all, v_all
+        y, k_all, v_all = group_query_attention(q, k, v, past_k, past_v, positions, attn.n_heads, attn.window,
+                                                attn.scale)  # fmt: skip
+    return feed_forward(layer, x, attn.o_proj(y)), k_all, v_all
 
 
 def rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
@@ -104,10 +129,13 @@ def rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
     return norm.weight * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
 
 
-def group_query_attention(q, k, v, past_k, past_v, positions: tuple, n_heads: int):
+def group_query_attention(q, k, v, past_k, past_v, positions: tuple, n_heads: int, window: int | None = None,
+                          scale: float | None = None):  # fmt: skip
     """What GroupQueryAttention computes for one sequence (do_rotary, rotate-half), in PyTorch: the reference the
     exported graphs are verified against. q (1, T, H*hd), k and v (1, T, Hkv*hd), past_k / past_v (1, Hkv, C, hd);
-    positions as `attend_in_place` takes them. -> (y (1, T, H*hd), k and v buffers (1, Hkv, max(C, total), hd))."""
+    positions (seqlens_k, total_sequence_length, cos_cache, sin_cache), the layer's tables; window: its
+    local_window_size (keys j > i - window), None for full attention; scale: of the logits, None for hd ** -0.5.
+    -> (y (1, T, H*hd), k and v buffers (1, Hkv, max(C, total), hd))."""
     _, total, cos_cache, sin_cache = positions
     B, T, _ = q.shape
     hkv, hd = past_k.shape[1], past_k.shape[3]
@@ -123,19 +151,24 @@ def group_query_attention(q, k, v, past_k, past_v, positions: tuple, n_heads: in
     v_all = torch.zeros_like(k_all)
     k_all[:, :, : past_k.shape[2]], v_all[:, :, : past_v.shape[2]] = past_k, past_v
     k_all[:, :, P:S], v_all[:, :, P:S] = k, v
-    mask = torch.arange(S)[None, :] <= torch.arange(P, S)[:, None]  # (T, S): query i sees keys <= P+i
-    y = grouped_attention(q, k_all[:, :, :S], v_all[:, :, :S], mask)
+    keys, queries = torch.arange(S)[None, :], torch.arange(P, S)[:, None]
+    mask = keys <= queries  # (T, S): query i sees keys <= P+i
+    if window is not None:
+        mask = mask & (keys > queries - window)
+    y = grouped_attention(q, k_all[:, :, :S], v_all[:, :, :S], mask, scale)
     return y.transpose(1, 2).reshape(B, T, n_heads * hd), k_all, v_all
 
 
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Grouped-query attention: q (B, H, T, hd), k and v (B, Hkv, S, hd), mask (T, S) bool (True: may attend) ->
-    (B, H, T, hd); query head h reads key/value head h // (H / Hkv). scaled_dot_product_attention over the cache
-    repeated per query head, which ExecuTorch's XNNPACK lowering takes as it is."""
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                      scale: float | None = None) -> torch.Tensor:  # fmt: skip
+    """Grouped-query attention: q (B, H, T, hd), k and v (B, Hkv, S, hd), mask (T, S) bool (True: may attend),
+    scale of the logits (None: hd ** -0.5) -> (B, H, T, hd); query head h reads key/value head h // (H / Hkv).
+    scaled_dot_product_attention over the cache repeated per query head, which ExecuTorch's XNNPACK lowering takes
+    as it is."""
     rep = q.shape[1] // k.shape[1]
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 class LayerStack(nn.Module):
@@ -150,10 +183,21 @@ class LayerStack(nn.Module):
         self.max_seq_len = cfg.max_seq_len
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # the same frequencies as Rotary's
         self.rope_scale = rope_scale(cfg.rope_scaling)
+        self.local = cfg.rope_local_theta is not None  # the sliding layers' own tables: in every block graph
+        if self.local:
+            local = torch.tensor(rope_frequencies(cfg.rope_local_theta, cfg.rotated), dtype=torch.float32)
+            self.register_buffer("local_inv_freq", local, persistent=False)
+
+    def position_names(self) -> list[str]:
+        """The inputs between hidden and the cache: POSITION_INPUTS (and LOCAL_ROTARY_INPUTS) in the "buffer"
+        interface, none in the "concat" one."""
+        if self.kv_cache != "buffer":
+            return []
+        return POSITION_INPUTS + (LOCAL_ROTARY_INPUTS if self.local else [])
 
     def split_inputs(self, rest: tuple) -> tuple[tuple, tuple]:
-        """A forward's inputs after hidden -> (positions, past): POSITION_INPUTS lead in the "buffer" interface."""
-        n = len(POSITION_INPUTS) if self.kv_cache == "buffer" else 0
+        """A forward's inputs after hidden -> (positions, past)."""
+        n = len(self.position_names())
         return tuple(rest[:n]), tuple(rest[n:])
 
     def run(self, x, past, positions: tuple = ()):
@@ -162,7 +206,9 @@ class LayerStack(nn.Module):
             if self.kv_cache == "buffer":
                 x, k, v = attend_in_place(layer, x, past[2 * j], past[2 * j + 1], positions)
             else:
-                x, k, v = attend(layer, self.inv_freq, x, past[2 * j], past[2 * j + 1], self.rope_scale)
+                local = layer.self_attn.local
+                x, k, v = attend(layer, self.local_inv_freq if local else self.inv_freq, x, past[2 * j],
+                                 past[2 * j + 1], 1.0 if local else self.rope_scale)  # fmt: skip
             present += [k, v]
         return x, present
 
@@ -170,10 +216,11 @@ class LayerStack(nn.Module):
 class EmbedGraph(nn.Module):
     def __init__(self, decoder: Decoder):
         super().__init__()
-        self.embed_tokens = decoder.embed_tokens
+        self.embed_tokens, self.scale = decoder.embed_tokens, decoder.cfg.embed_scale
 
     def forward(self, input_ids):
-        return self.embed_tokens(input_ids)  # (B, T, d)
+        x = self.embed_tokens(input_ids)  # (B, T, d)
+        return x if self.scale is None else x * torch.tensor(self.scale, dtype=torch.float32)  # (Decoder.embed)
 
 
 class BackboneBlockGraph(LayerStack):
@@ -252,9 +299,11 @@ def with_cache(graph: nn.Module, first: torch.Tensor, past: int, fill) -> tuple:
     kv = [fill(B, attn.n_kv_heads, length, attn.head_dim) for _ in range(2 * layers)]
     if graph.kv_cache == "concat":
         return (first, *kv)
-    cos, sin = rotary_tables(graph.inv_freq, length, graph.rope_scale)
+    tables = rotary_tables(graph.inv_freq, length, graph.rope_scale)
+    if graph.local:
+        tables += rotary_tables(graph.local_inv_freq, length)
     total = past + T
-    return (first, torch.full((B,), total - 1, dtype=torch.int32), torch.tensor(total, dtype=torch.int32), cos, sin,
+    return (first, torch.full((B,), total - 1, dtype=torch.int32), torch.tensor(total, dtype=torch.int32), *tables,
             *kv)  # fmt: skip
 
 
@@ -264,7 +313,7 @@ def io_names(graph: nn.Module) -> tuple[list[str], list[str]]:
         return ["input_ids"], ["hidden"]
     if isinstance(graph, HeadGraph):
         return ["hidden"], ["logits"]
-    positions = POSITION_INPUTS if graph.kv_cache == "buffer" else []
+    positions = graph.position_names()
     if isinstance(graph, FusedGraph):
         return ["input_ids", *positions, *past], ["logits", *present]
     if isinstance(graph, ExpertBlockGraph):
@@ -288,10 +337,14 @@ class FusedGraph(nn.Module):
         self.layers = [layer for stack in self.stacks for layer in stack.layers]  # for graph_layers()
         self.max_seq_len = cfg.max_seq_len
         self.inv_freq, self.rope_scale = self.stacks[0].inv_freq, self.stacks[0].rope_scale
+        self.local = self.stacks[0].local
+        if self.local:
+            self.local_inv_freq = self.stacks[0].local_inv_freq
+        self.position_names = self.stacks[0].position_names
 
     def forward(self, input_ids, *rest):
         positions, past = self.stacks[0].split_inputs(rest)
-        h = self.model.backbone.embed_tokens(input_ids)
+        h = self.model.backbone.embed(input_ids)
         present, k, stacks = [], 0, iter(self.stacks)
         for block in self.model.blocks:
             stack = next(stacks)

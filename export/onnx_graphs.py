@@ -39,7 +39,8 @@ def dynamic_shapes(graph, max_tokens: int | None = None, max_context: int | None
     kv = tuple({2: past} for _ in range(2 * graph_layers(graph)))
     if graph.kv_cache == "concat":
         return ({1: tokens}, kv)
-    return ({1: tokens}, (None, None, {0: past}, {0: past}, *kv))
+    tables = tuple({0: past} for _ in range(len(graph.position_names()) - 2))  # (after seqlens_k, total)
+    return ({1: tokens}, (None, None, *tables, *kv))
 
 
 @contextlib.contextmanager

@@ -238,10 +238,6 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
     with stage_progress("export") as progress:
         progress.show("load")
         backbone, model, record = load_model(run, cfg.experts)
-        if not backbone.decoder.cfg.llama_layers:
-            raise UserError(f"{run} is on a Gemma 3 backbone (sliding-window layers, sandwich norms, GeGLU), which "
-                            f"trains and evaluates here but does not export yet: the graphs implement Llama-family "
-                            f"layers (Llama, Qwen2/3, Phi-3/4, Mistral)")  # fmt: skip
         routers = record["routers"]
         graphs = {fmt: split(model, KV_CACHE[fmt]) for fmt in cfg.formats}  # each format's cache interface
         names = list(graphs[cfg.formats[0]])

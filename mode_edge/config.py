@@ -34,9 +34,6 @@ class _Serialisable:
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 """Feed-forward gate activations (DecoderConfig.activation)."""
-LLAMA_DEFAULTS = ("activation", "sandwich_norms", "embed_scale", "query_scale", "layer_types", "sliding_window",
-                  "rope_local_theta")  # fmt: skip
-"""The DecoderConfig fields that set a layer apart from the Llama family's (Gemma 3's)."""
 
 
 @dataclass(frozen=True)
@@ -117,12 +114,6 @@ class DecoderConfig(_Serialisable):
         """The sliding window of backbone layer `layer` (0-based), None for a full-attention layer."""
         sliding = self.layer_types is not None and self.layer_types[layer] == "sliding_attention"
         return self.sliding_window if sliding else None
-
-    @property
-    def llama_layers(self) -> bool:
-        """Whether every layer is a Llama-family layer (pre-norms, SwiGLU, full attention, unscaled embedding,
-        one rotary base): what the exported graphs implement."""
-        return all(getattr(self, k) == self.OPTIONAL[k] for k in LLAMA_DEFAULTS)
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "head_dim", "max_seq_len"):

@@ -28,6 +28,8 @@ KV_CACHE = {"onnx": "buffer", "executorch": "concat"}
 """The cache interface of each format's graphs in this bundle version (export/graphs.py, runtimes/kv_cache.py)."""
 POSITION_INPUTS = ["seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"]
 """What a "buffer" graph takes between its hidden states and its cache, in this order."""
+LOCAL_ROTARY_INPUTS = ["local_cos_cache", "local_sin_cache"]
+"""After POSITION_INPUTS, where the decoder has rope_local_theta (Gemma 3): the sliding layers' rotary tables."""
 
 CACHE = ".verified.json"
 T = TypeVar("T")
@@ -156,12 +158,9 @@ def check_bundle_shape(m: dict, what: str, fix: str) -> None:
         check_rope_scaling(dec.get("rope_scaling"), "base.decoder.rope_scaling", rotary or dec["head_dim"])
     except UserError:
         need(False, what, "base.decoder.rope_scaling", fix)
-    from mode_edge.config import LLAMA_DEFAULTS, DecoderConfig  # (config imports this module through bundle)
-
-    for key in LLAMA_DEFAULTS:  # Gemma 3's layers: the graphs implement none of them (written only when set)
-        if dec.get(key, DecoderConfig.OPTIONAL[key]) != DecoderConfig.OPTIONAL[key]:
-            raise UserError(f"{what} holds base.decoder.{key}, layers the runtime does not implement (a Gemma 3 "
-                            f"base); this version exports and runs Llama-family layers only")  # fmt: skip
+    local = dec.get("rope_local_theta")  # the sliding layers' rotary base (Gemma 3): a second pair of tables
+    need(local is None or (isinstance(local, (int, float)) and not isinstance(local, bool) and local > 0), what,
+         "base.decoder.rope_local_theta", fix)  # fmt: skip
     kv = m.get("kv_cache")  # each format's cache interface (runtimes/kv_cache.py), the one this version reads
     need(isinstance(kv, dict) and all(kv.get(f) == KV_CACHE.get(f) for f in formats), what, "kv_cache", fix)
     files, comps = m.get("files"), m.get("components")

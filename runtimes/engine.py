@@ -85,6 +85,9 @@ class Engine:
                      rope_scale(d.get("rope_scaling")))  # fmt: skip
         """The rotary frequencies (r/2,) float64 the cos/sin tables are made of (r: the rotated dimensions of a head,
         rotary_dim or head_dim), and their scale (mode_edge/rope)."""
+        local = d.get("rope_local_theta")
+        self.local_rope = (rope_frequencies(local, d.get("rotary_dim") or d["head_dim"]), 1.0) if local else None
+        """The sliding layers' (Gemma 3: plain RoPE of base rope_local_theta), or None: the graphs take one pair."""
         self.kv_cache: str = self.manifest["kv_cache"][backend]
         """How the graphs take their cache: "buffer" (written in place) or "concat" (runtimes/kv_cache.py)."""
         limits = self.manifest.get("executorch") if backend == "executorch" else None
@@ -176,7 +179,7 @@ class Engine:
                             "or --max-new-tokens")  # fmt: skip
         if self.kv_cache != "buffer":
             return []
-        cache.reserve(total, self.context, *self.kv_shape, self.rope)
+        cache.reserve(total, self.context, *self.kv_shape, self.rope, self.local_rope)
         return cache.positions(tokens)
 
     def _run_block(self, graph, key: str, layers: int, h: np.ndarray, positions: list, cache: Cache,

@@ -1,5 +1,6 @@
 """Backbones beyond plain Llama through the whole pipeline: tiny Llama 3.x (its rope scaling), Qwen3 (per-head q and
-k norms) and Phi-4-mini-style (fused projections, LongRoPE, a partial rotary embedding) checkpoints, saved by
+k norms), Phi-4-mini-style (fused projections, LongRoPE, a partial rotary embedding) and Gemma 3 (sliding-window
+layers with their own rotary tables, sandwich norms, GeGLU, scaled embedding and logits) checkpoints, saved by
 transformers, loaded with --base, an expert trained on each, exported, and run: the runtime's logits equal PyTorch's
 (fp32) and its greedy tokens too (fp32, and int8 for Llama 3), and the native runtime's logits equal the Python
 runtime's (its C++ rotary tables, scaled as mode_edge/rope.py scales them, over the turned dimensions)."""
@@ -21,12 +22,13 @@ from tests.conftest import save_tiny_hf_checkpoint
 
 LAYOUT = MoDELayout(n_blocks=2, expert_layers=2, gate_bias=0.0)
 TRAIN = TrainConfig(steps=4, batch_size=2, seq_len=32, warmup_steps=1, lr=1e-2, checkpoint_every=4)
-PROMPTS = {"llama3": list(range(3, 83)), "qwen3": list(range(3, 83)), "phi4": list(range(3, 43))}
+PROMPTS = {"llama3": list(range(3, 83)), "qwen3": list(range(3, 83)), "phi4": list(range(3, 43)),
+           "gemma3": list(range(3, 43))}  # fmt: skip
 """80 positions: past the tiny Llama 3 checkpoint's original context of 64. Phi-4-mini's context is capped at its
-original 64 (LongRoPE's short factors hold there)."""
+original 64 (LongRoPE's short factors hold there). Gemma 3's: 40, five times its sliding window."""
 
 
-@pytest.fixture(scope="module", params=["llama3", "qwen3", "phi4"])
+@pytest.fixture(scope="module", params=["llama3", "qwen3", "phi4", "gemma3"])
 def exported(request, code_data, tmp_path_factory):
     """(architecture, trained run, {quant: bundle}): fp32 for both, int8 for Llama 3 (one quantized export each
     architecture would add a minute to the suite for what int8 already shows on the other)."""
@@ -57,7 +59,8 @@ def test_exported_architecture_runs_as_pytorch(exported):
     _, model, _ = load_model(run, None)
     manifest_decoder = Engine(bundles["fp32"]).manifest["base"]["decoder"]
     assert ("rope_scaling" in manifest_decoder) == (arch != "qwen3") and manifest_decoder.get("qk_norm") == (
-        arch == "qwen3" or None)  # fmt: skip
+        arch in ("qwen3", "gemma3") or None)  # fmt: skip
+    assert manifest_decoder.get("sliding_window") == (8 if arch == "gemma3" else None)
     assert manifest_decoder.get("rotary_dim") == (48 if arch == "phi4" else None)
     prompt = PROMPTS[arch]
     engine = Engine(bundles["fp32"])
@@ -90,28 +93,6 @@ def test_native_runtime_takes_the_architecture(native, exported, tmp_path):
     np.testing.assert_allclose(got, python_logits(session, prompt, ["code"], tokens), atol=1e-5, rtol=0)
     if arch == "llama3":
         check_frequency_factors(native, bundles, tmp_path)
-        check_gemma_layers_refused(native, bundles, tmp_path)
-
-
-def check_gemma_layers_refused(native, bundles: dict, tmp_path) -> None:
-    """A manifest whose base has Gemma 3's layers (none of which the graphs implement; the exporter refuses such a
-    base, `test_an_expert_trains_on_gemma3_and_export_says_it_cannot_yet`) is refused by both runtimes in one line,
-    not run as a Llama."""
-    import json
-    import shutil
-
-    from mode_edge.errors import UserError
-    from tests.runtimes.test_native import run_native
-
-    for key, value in (("sliding_window", 8), ("activation", "gelu_tanh"), ("sandwich_norms", True)):
-        bundle = shutil.copytree(bundles["fp32"], tmp_path / f"gemma-{key}")
-        manifest = json.loads((bundle / "manifest.json").read_text())
-        manifest["base"]["decoder"][key] = value
-        (bundle / "manifest.json").write_text(json.dumps(manifest))
-        with pytest.raises(UserError, match=f"holds base.decoder.{key}, layers the runtime does not implement"):
-            Engine(bundle)
-        code, _, err, _ = run_native(native, bundle, PROMPTS["llama3"], "--max-new-tokens", "1")
-        assert code == 2 and f"base.decoder.{key}, layers the native runtime does not implement" in err, err
 
 
 def check_frequency_factors(native, bundles: dict, tmp_path) -> None:
@@ -144,20 +125,3 @@ def check_frequency_factors(native, bundles: dict, tmp_path) -> None:
     got = np.fromfile(tmp_path / "logits.bin", dtype=np.float32).reshape(len(tokens), -1)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
-
-def test_an_expert_trains_on_gemma3_and_export_says_it_cannot_yet(code_data, tmp_path):
-    """Gemma 3 (sliding-window layers, sandwich norms, GeGLU) trains and reloads in PyTorch; its graphs are not
-    written yet, so export refuses in one line before writing anything."""
-    from mode_edge.errors import UserError
-
-    save_tiny_hf_checkpoint(tmp_path / "checkpoint", "gemma3")
-    backbone = load_backbone(str(tmp_path / "checkpoint"))
-    train_expert(backbone, "code", code_data, tmp_path / "code", LAYOUT, TRAIN)
-    _, model, _ = load_model(tmp_path / "code", None)
-    assert not model.backbone.cfg.llama_layers and model.backbone.cfg.sliding_window == 8
-    with torch.no_grad():
-        logits = model(torch.tensor([PROMPTS["llama3"]]))
-    assert torch.isfinite(logits).all()
-    with pytest.raises(UserError, match="Gemma 3 backbone .* does not export yet"):
-        export_bundle(tmp_path / "code", tmp_path / "bundle", ExportConfig(formats=("onnx",), quant="fp32"))
-    assert not (tmp_path / "bundle").exists()

@@ -17,8 +17,11 @@ def run_split(graphs, n_blocks, experts, ids, cache, capacity=None):
     P, T = cache.get("pos", 0), ids.shape[1]
     positions = ()
     if capacity is not None:
-        cos, sin = rotary_tables(graphs["base/block0"].inv_freq, capacity)
-        positions = (torch.tensor([P + T - 1], dtype=torch.int32), torch.tensor(P + T, dtype=torch.int32), cos, sin)
+        block = graphs["base/block0"]
+        tables = rotary_tables(block.inv_freq, capacity, block.rope_scale)
+        if block.local:  # Gemma 3's sliding layers' tables
+            tables += rotary_tables(block.local_inv_freq, capacity)
+        positions = (torch.tensor([P + T - 1], dtype=torch.int32), torch.tensor(P + T, dtype=torch.int32), *tables)
     h = graphs["base/embed"](ids)
     for i in range(n_blocks):
         comps = [f"base/block{i}"] + [f"experts/{n}/block{i}" for n in experts]
@@ -58,6 +61,30 @@ def test_split_graphs_match_the_model_over_prefill_and_decode(tiny, kv_cache):
     for chunk in (ids[:, :7], ids[:, 7:8], ids[:, 8:11], ids[:, 11:]):  # prefill, decode, a chunk, decode
         ref = model(chunk, ref_cache)
         got = run_split(graphs, 3, ["a", "b"], chunk, cache, CAPACITY[kv_cache])
+        assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_cache", ["buffer", "concat"])
+@torch.no_grad()
+def test_gemma3_split_graphs_match_the_model_past_the_sliding_window(tmp_path, kv_cache):
+    """Gemma 3's layers in both cache interfaces' graphs (the PyTorch references of GroupQueryAttention with
+    local_window_size and of the .pte graphs' masks): 40 positions, five windows of 8, with copied expert layers of
+    both kinds."""
+    from mode_edge.training.backbones import decoder_from_hf
+    from tests.conftest import save_tiny_hf_checkpoint
+
+    decoder = decoder_from_hf(save_tiny_hf_checkpoint(tmp_path / "gemma3", "gemma3")).eval()
+    layout = MoDELayout(n_blocks=3, expert_layers=2, gate_bias=0.5)
+    experts = {"a": Expert.init_from(decoder, layout)}
+    for blk in experts["a"].blocks:
+        blk.gate.weight.normal_()
+    model = MoDEModel(decoder, layout, experts).eval()
+    graphs = split(model, kv_cache)
+    ids = torch.randint(0, 257, (1, 40), generator=torch.Generator().manual_seed(0))
+    ref_cache, cache = KVCache(), {}
+    for chunk in (ids[:, :20], ids[:, 20:21], ids[:, 21:30], ids[:, 30:]):
+        ref = model(chunk, ref_cache)
+        got = run_split(graphs, 3, ["a"], chunk, cache, 48 if kv_cache == "buffer" else None)
         assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 

@@ -38,7 +38,7 @@ def test_decoder_matches_transformers_logits(tmp_path, model_type):
     rope_type = {"llama3": "llama3", "gemma3": "frequency_factors"}.get(model_type, "longrope" if phi else None)
     assert (ours.cfg.rope_scaling or {}).get("rope_type") == rope_type
     assert ours.cfg.qk_norm == (model_type in ("qwen3", "gemma3"))
-    assert ours.cfg.llama_layers == (model_type != "gemma3")
+    assert (ours.cfg.sliding_window, ours.cfg.sandwich_norms) == ((8, True) if model_type == "gemma3" else (None, False))
     assert (ours.cfg.rotary_dim, ours.cfg.rotated) == ((48, 48) if model_type == "phi4" else (None, 16))
     assert ours.cfg.max_seq_len == (64 if phi else 1024)
     idx = tokens(64 if phi else 100)

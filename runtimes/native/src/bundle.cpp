@@ -177,14 +177,13 @@ Bundle read_bundle(const std::string& root) {
       throw UserError(path + " holds an impossible base.decoder (head_dim or rotary_dim odd, or rope_theta not > 0); " +
                       kReexport);
     if (d.contains("rope_scaling") && !d["rope_scaling"].is_null()) read_rope_scaling(d["rope_scaling"], b.decoder, path);
-    // Layers other than the Llama family's (mode_edge/config.LLAMA_DEFAULTS: Gemma 3's) are written only when set;
-    // the graphs here implement none of them, so such a base is refused rather than run as something else.
-    for (const char* key : {"activation", "sandwich_norms", "embed_scale", "query_scale", "layer_types",
-                            "sliding_window", "rope_local_theta"})
-      if (d.contains(key) && !d[key].is_null() && !(std::string(key) == "activation" && d[key] == "silu") &&
-          !(d[key].is_boolean() && !d[key].get<bool>()))
-        throw UserError(path + " holds base.decoder." + key + ", layers the native runtime does not implement (a "
-                        "Gemma 3 base); this version exports and runs Llama-family layers only");
+    // Gemma 3's sliding layers turn by their own base (plain RoPE): a second pair of tables. Its other layer
+    // differences (norms, GeGLU, scales, the window) are inside the graphs.
+    if (d.contains("rope_local_theta") && !d["rope_local_theta"].is_null()) {
+      if (!positive(d["rope_local_theta"]))
+        throw UserError(path + " holds an impossible base.decoder.rope_local_theta (not > 0); " + kReexport);
+      b.decoder.rope_local_theta = d["rope_local_theta"].get<double>();
+    }
     b.fingerprint = m.at("base").at("fingerprint");
     b.n_blocks = static_cast<int>(m.at("base").at("block_ranges").size());
     if (b.n_blocks < 1) throw UserError(path + " lists no blocks (base.block_ranges); " + kReexport);

@@ -24,8 +24,9 @@ void timed(GraphTimes* times, const char* kind, F fn) {
 // The graph interface of docs/bundle-format.md: a component's input and output names, in order.
 using Names = std::pair<std::vector<std::string>, std::vector<std::string>>;
 
-Names block_names(int layers, bool expert) {
+Names block_names(int layers, bool expert, bool local_tables) {
   Names n{{"hidden", "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"}, {"hidden_out"}};
+  if (local_tables) n.first.insert(n.first.end(), {"local_cos_cache", "local_sin_cache"});  // Gemma 3's sliding layers
   if (expert) n.second.push_back("gate_logit");
   for (int j = 0; j < layers; j++)
     for (const char* kv : {"key", "value"}) {
@@ -46,11 +47,16 @@ std::unique_ptr<Graph> load_graph(OrtRuntime& ort, const std::string& path, cons
 
 }  // namespace
 
-void rotary_tables(const Decoder& d, int64_t length, std::vector<float>& cos, std::vector<float>& sin) {
+void rotary_tables(const Decoder& d, int64_t length, std::vector<float>& cos, std::vector<float>& sin, bool local) {
   int64_t half = d.rotary_dim / 2;
   std::vector<double> inv_freq(half);
+  double scale = local ? 1.0 : d.rope_scale;
   for (int64_t i = 0; i < half; i++) {
-    double freq = std::pow(d.rope_theta, -static_cast<double>(2 * i) / d.rotary_dim);
+    double freq = std::pow(local ? d.rope_local_theta : d.rope_theta, -static_cast<double>(2 * i) / d.rotary_dim);
+    if (local) {
+      inv_freq[i] = freq;
+      continue;
+    }
     if (d.rope_llama3) {  // mode_edge/rope.py, operation for operation
       auto [factor, low, high, old] = *d.rope_llama3;
       double wavelen = 2 * M_PI / freq, smooth = (old / wavelen - low) / (high - low);
@@ -65,8 +71,8 @@ void rotary_tables(const Decoder& d, int64_t length, std::vector<float>& cos, st
   for (int64_t p = 0; p < length; p++)
     for (int64_t i = 0; i < half; i++) {
       double f = static_cast<double>(p) * inv_freq[i];
-      cos[p * half + i] = static_cast<float>(std::cos(f) * d.rope_scale);
-      sin[p * half + i] = static_cast<float>(std::sin(f) * d.rope_scale);
+      cos[p * half + i] = static_cast<float>(std::cos(f) * scale);
+      sin[p * half + i] = static_cast<float>(std::sin(f) * scale);
     }
 }
 
@@ -100,7 +106,7 @@ Engine::Engine(OrtRuntime& ort, Bundle bundle, bool verify) : ort_(ort), bundle_
   embed_ = load("base/embed", {{"input_ids"}, {"hidden"}});
   for (int i = 0; i < bundle_.n_blocks; i++) {
     int layers = bundle_.components.at("base/block" + std::to_string(i)).layers;
-    blocks_.push_back(load("base/block" + std::to_string(i), block_names(layers, false)));
+    blocks_.push_back(load("base/block" + std::to_string(i), block_names(layers, false, local_tables())));
     block_layers_.push_back(layers);
     block_keys_.push_back("block" + std::to_string(i));
   }
@@ -112,7 +118,7 @@ void Engine::load_expert(const std::string& name, bool verify, const PinnedKeys&
   Pack pack = read_pack(bundle_, name, verify, keys);
   Expert e;
   for (auto& c : pack.blocks) {
-    e.blocks.push_back(load_graph(ort_, pack.folder + "/" + c.onnx, c, block_names(c.layers, true),
+    e.blocks.push_back(load_graph(ort_, pack.folder + "/" + c.onnx, c, block_names(c.layers, true, local_tables()),
                                   reinstall_fix(bundle_, name)));
     e.layers.push_back(c.layers);
     e.keys.push_back(name + "/block" + std::to_string(e.keys.size()));
@@ -141,6 +147,8 @@ void Engine::reserve(Cache& cache, int64_t total) {
       b = std::move(grown);
     }
   rotary_tables(bundle_.decoder, cache.capacity, cache.cos, cache.sin);
+  if (bundle_.decoder.rope_local_theta > 0)
+    rotary_tables(bundle_.decoder, cache.capacity, cache.local_cos, cache.local_sin, true);
 }
 
 void Engine::run_block(Graph& graph, const std::string& key, int layers, const std::vector<float>& h, int64_t T,
@@ -160,6 +168,10 @@ void Engine::run_block(Graph& graph, const std::string& key, int layers, const s
   in.push_back(Ort::Value::CreateTensor<int32_t>(info, &total, 1, nullptr, 0));
   in.push_back(Ort::Value::CreateTensor<float>(info, cache.cos.data(), cache.cos.size(), table, 2));
   in.push_back(Ort::Value::CreateTensor<float>(info, cache.sin.data(), cache.sin.size(), table, 2));
+  if (bundle_.decoder.rope_local_theta > 0) {
+    in.push_back(Ort::Value::CreateTensor<float>(info, cache.local_cos.data(), cache.local_cos.size(), table, 2));
+    in.push_back(Ort::Value::CreateTensor<float>(info, cache.local_sin.data(), cache.local_sin.size(), table, 2));
+  }
   y.resize(T * d);
   out.push_back(Ort::Value::CreateTensor<float>(info, y.data(), y.size(), h_shape, 3));
   if (g) {

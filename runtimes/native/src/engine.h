@@ -45,6 +45,7 @@ struct Cache {
   int64_t pos = 0, capacity = 0, capacity_hint = 0;
   std::map<std::string, std::vector<KvBuffer>> kv;
   std::vector<float> cos, sin;
+  std::vector<float> local_cos, local_sin;  // the sliding layers' tables (rope_local_theta); empty: none
 };
 
 // Seconds spent per graph kind ("embed", "backbone", "experts", "gate+mix", "head"), as the Python profile splits them.
@@ -56,6 +57,8 @@ class Engine {
   Engine(OrtRuntime& ort, Bundle bundle, bool verify);
   const Bundle& bundle() const { return bundle_; }
   int64_t context() const { return bundle_.decoder.max_seq_len; }
+  // Whether the block graphs take the sliding layers' rotary tables too (Gemma 3).
+  bool local_tables() const { return bundle_.decoder.rope_local_theta > 0; }
 
   // Load installed expert NAME's graphs (checked, signed by one of `keys` when any, and, with `verify`, its files'
   // sha256); a loaded one stays.
@@ -99,7 +102,9 @@ class Engine {
 // scaled as Llama 3 or LongRoPE does where the decoder says so (LongRoPE also multiplies cos and sin by its attention
 // factor; mode_edge/rope.py), (length, rotary_dim/2) floats each, computed in double and rounded once, as
 // runtimes/kv_cache.rotary_tables does (the same tables: the same logits).
-void rotary_tables(const Decoder& decoder, int64_t length, std::vector<float>& cos, std::vector<float>& sin);
+// `local`: the sliding layers' tables, plain RoPE of base rope_local_theta (Gemma 3).
+void rotary_tables(const Decoder& decoder, int64_t length, std::vector<float>& cos, std::vector<float>& sin,
+                   bool local = false);
 
 // The gate's mix over T tokens of width d: per token a = softmax([0, g_1 .. g_N]) and out = a_0 y_0 + sum_j a_j y_j.
 // ys[0] is the backbone's output; logits[j-1] the gate logits (T) of ys[j]. Writes out (T, d).
