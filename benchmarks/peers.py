@@ -64,11 +64,30 @@ def prompt_ids(tokenizer_json: Path, n: int) -> list[int]:
 
 
 class LlamaCpp:
+    """llama.cpp on the GGUF, with the LoRA adapter `lora` attached after the model loads (llama-cpp-python's own
+    lora_path would load the base without mmap, which changes its load time and memory, not only the LoRA's)."""
+
     def __init__(self, gguf: str, threads: int, lora: str | None = None):
         from llama_cpp import Llama
 
         self.llm = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512,
-                         lora_path=lora, verbose=False)  # fmt: skip
+                         verbose=False)  # fmt: skip
+        self.lora, self.adapter = lora, None
+        if lora:
+            self.adapter = self.attach(lora)
+
+    def attach(self, path: str):
+        """Load the LoRA GGUF at `path` and make it the context's only adapter (scale 1); returns it."""
+        import llama_cpp
+
+        adapter = llama_cpp.llama_adapter_lora_init(self.llm.model, path.encode())
+        if adapter is None:
+            raise RuntimeError(f"llama.cpp could not load the LoRA adapter {path}")
+        if llama_cpp.llama_set_adapters_lora(self.llm.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter), 1,
+                                             (llama_cpp.ctypes.c_float * 1)(1.0)):  # fmt: skip
+            llama_cpp.llama_adapter_lora_free(adapter)
+            raise RuntimeError(f"llama.cpp could not set the LoRA adapter {path}")
+        return adapter
 
     def prefill(self, ids: list[int]) -> int:
         self.llm.reset()
@@ -81,18 +100,15 @@ class LlamaCpp:
 
     def switch_s(self) -> float:
         """Seconds to load the LoRA adapter again from its file and make it the context's adapter (a switch
-        between adapters of this size); the adapter loaded at start is active again afterwards."""
+        between adapters of this size; llama.cpp rebuilds its compute graph at the next decode, not timed here),
+        after which the first adapter is the context's again."""
         import llama_cpp
 
         t = time.perf_counter()
-        adapter = llama_cpp.llama_adapter_lora_init(self.llm.model, self.llm.lora_path.encode())
-        if adapter is None or llama_cpp.llama_set_adapters_lora(
-            self.llm.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter), 1, (llama_cpp.ctypes.c_float * 1)(1.0)
-        ):
-            raise RuntimeError(f"llama.cpp could not load or set {self.llm.lora_path}")
+        adapter = self.attach(self.lora)
         took = time.perf_counter() - t
-        llama_cpp.llama_set_adapters_lora(self.llm.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(
-            self.llm._lora_adapter), 1, (llama_cpp.ctypes.c_float * 1)(1.0))  # fmt: skip
+        llama_cpp.llama_set_adapters_lora(self.llm.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.adapter), 1,
+                                          (llama_cpp.ctypes.c_float * 1)(1.0))  # fmt: skip
         llama_cpp.llama_adapter_lora_free(adapter)
         return took
 

@@ -28,8 +28,9 @@ from mode_edge.export.source_blocks import BLOCK
 
 class Int8EmbedGraph(torch.nn.Module):
     """The embed graph with its table in symmetric 8-bit blocks of 32 (export/source_blocks.int8_blocks, the same
-    codes and scales as the ONNX bundle's embedding), gathered by ExecuTorch's quantized embedding_byte kernel:
-    input_ids (B, T) int64 -> hidden (B, T, d) float32."""
+    codes and scales as the ONNX bundle's embedding), gathered by ExecuTorch's quantized embedding_byte kernel, then
+    times the embed graph's scale where it has one (Gemma's sqrt(d)): input_ids (B, T) int64 -> hidden (B, T, d)
+    float32."""
 
     def __init__(self, graph: torch.nn.Module):
         super().__init__()
@@ -39,9 +40,11 @@ class Int8EmbedGraph(torch.nn.Module):
         q = torch.from_numpy(blocks.q.astype(np.int16) - 128).to(torch.int8)  # (V, D/32, 32), stored + 128
         self.register_buffer("q", q.reshape(len(q), -1))  # (V, D)
         self.register_buffer("scales", torch.from_numpy(blocks.scales))  # (V, D/32)
+        self.scale = graph.scale
 
     def forward(self, input_ids):
-        return torch.ops.quantized_decomposed.embedding_byte.default(self.q, self.scales, None, -127, 127, input_ids)
+        x = torch.ops.quantized_decomposed.embedding_byte.default(self.q, self.scales, None, -127, 127, input_ids)
+        return x if self.scale is None else x * torch.tensor(self.scale, dtype=torch.float32)  # (scaled_embedding)
 
 
 class LinearHeadGraph(torch.nn.Module):

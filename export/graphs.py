@@ -35,7 +35,17 @@ from mode_edge.config import DecoderConfig
 from mode_edge.integrity import LOCAL_ROTARY_INPUTS, POSITION_INPUTS
 from mode_edge.rope import inv_freq as rope_frequencies
 from mode_edge.rope import scale as rope_scale
-from mode_edge.training.model import Decoder, DecoderLayer, ExpertBlock, MoDEModel, RMSNorm, rope_inv_freq, rotate_half
+from mode_edge.training.model import (
+    Decoder,
+    DecoderLayer,
+    ExpertBlock,
+    MoDEModel,
+    RMSNorm,
+    attention_mask,
+    rope_inv_freq,
+    rotate_half,
+    scaled_embedding,
+)
 
 
 def kv_names(n_layers: int, prefix: str = "") -> tuple[list[str], list[str]]:
@@ -72,11 +82,7 @@ def attend(layer: DecoderLayer, inv_freq: torch.Tensor, x, past_k, past_v, scale
     cos, sin = (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)  # (T, r)
     q, k = rotate_half(q, cos, sin), rotate_half(k, cos, sin)
     k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, Hkv, S, hd), S = P + T
-    keys = torch.arange(P + T, device=x.device)[None, :]
-    mask = keys <= positions[:, None]  # (T, S): query i sees keys <= P+i
-    if attn.window is not None:  # and in a sliding layer only the last `window` of them
-        mask = mask & (keys > positions[:, None] - attn.window)
-    y = grouped_attention(q, k, v, mask, attn.scale)
+    y = grouped_attention(q, k, v, attention_mask(T, P + T, attn.window, x.device), attn.scale)
     y = y.transpose(1, 2).reshape(B, T, attn.n_heads * attn.head_dim)
     return feed_forward(layer, x, attn.o_proj(y)), k, v
 
@@ -151,11 +157,7 @@ def group_query_attention(q, k, v, past_k, past_v, positions: tuple, n_heads: in
     v_all = torch.zeros_like(k_all)
     k_all[:, :, : past_k.shape[2]], v_all[:, :, : past_v.shape[2]] = past_k, past_v
     k_all[:, :, P:S], v_all[:, :, P:S] = k, v
-    keys, queries = torch.arange(S)[None, :], torch.arange(P, S)[:, None]
-    mask = keys <= queries  # (T, S): query i sees keys <= P+i
-    if window is not None:
-        mask = mask & (keys > queries - window)
-    y = grouped_attention(q, k_all[:, :, :S], v_all[:, :, :S], mask, scale)
+    y = grouped_attention(q, k_all[:, :, :S], v_all[:, :, :S], attention_mask(T, S, window), scale)
     return y.transpose(1, 2).reshape(B, T, n_heads * hd), k_all, v_all
 
 
@@ -214,13 +216,14 @@ class LayerStack(nn.Module):
 
 
 class EmbedGraph(nn.Module):
+    """input_ids (B, T) -> hidden (B, T, d): Decoder.embed (the table's rows, times cfg.embed_scale where set)."""
+
     def __init__(self, decoder: Decoder):
         super().__init__()
         self.embed_tokens, self.scale = decoder.embed_tokens, decoder.cfg.embed_scale
 
     def forward(self, input_ids):
-        x = self.embed_tokens(input_ids)  # (B, T, d)
-        return x if self.scale is None else x * torch.tensor(self.scale, dtype=torch.float32)  # (Decoder.embed)
+        return scaled_embedding(self.embed_tokens, self.scale, input_ids)
 
 
 class BackboneBlockGraph(LayerStack):

@@ -145,6 +145,10 @@ class DecoderConfig(_Serialisable):
         sliding = self.layer_types is not None and "sliding_attention" in self.layer_types
         if sliding:
             check_number("DecoderConfig.sliding_window", self.sliding_window, lo=1, integer=True)
+        for name in ("sliding_window", "rope_local_theta"):  # (meaningless without a sliding layer: refused, not
+            if not sliding and getattr(self, name) is not None:  # silently ignored)
+                raise UserError(f"DecoderConfig.{name} is set but layer_types has no sliding_attention layer; "
+                                f"leave it out (null)")  # fmt: skip
         if self.n_heads % self.n_kv_heads:
             raise UserError(
                 f"DecoderConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"

@@ -21,7 +21,7 @@ from typing import Callable, TypeVar
 from mode_edge.errors import UserError
 from mode_edge.files import sha256_file, write_json
 from mode_edge.chat import RESERVED
-from mode_edge.rope import check_rope_scaling
+from mode_edge.rope import check_rope_scaling, positive
 from mode_edge.signing import ROLES
 
 KV_CACHE = {"onnx": "buffer", "executorch": "concat"}
@@ -159,8 +159,7 @@ def check_bundle_shape(m: dict, what: str, fix: str) -> None:
     except UserError:
         need(False, what, "base.decoder.rope_scaling", fix)
     local = dec.get("rope_local_theta")  # the sliding layers' rotary base (Gemma 3): a second pair of tables
-    need(local is None or (isinstance(local, (int, float)) and not isinstance(local, bool) and local > 0), what,
-         "base.decoder.rope_local_theta", fix)  # fmt: skip
+    need(local is None or positive(local), what, "base.decoder.rope_local_theta", fix)
     kv = m.get("kv_cache")  # each format's cache interface (runtimes/kv_cache.py), the one this version reads
     need(isinstance(kv, dict) and all(kv.get(f) == KV_CACHE.get(f) for f in formats), what, "kv_cache", fix)
     files, comps = m.get("files"), m.get("components")

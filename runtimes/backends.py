@@ -58,6 +58,22 @@ def use_global_thread_pool(threads: int | None) -> None:
         _global_pool.append(threads)
 
 
+SLIDING_WINDOW_ORT = (1, 24)
+"""The first onnxruntime whose GroupQueryAttention local_window_size counts the query itself (onnxruntime PR #25927),
+as the exported sliding-window layers (Gemma 3) need: earlier releases attend to one key more, silently."""
+
+
+def check_sliding_window_support(bundle: str) -> None:
+    """Raise UserError when this process's onnxruntime predates SLIDING_WINDOW_ORT (for a bundle with sliding
+    layers)."""
+    import onnxruntime as ort
+
+    have = tuple(int(p) for p in ort.__version__.split(".")[:2])
+    if have < SLIDING_WINDOW_ORT:
+        raise UserError(f"bundle {bundle} has sliding-window layers, whose window onnxruntime {ort.__version__} "
+                        f"counts one key wider (fixed in 1.24); `pip install 'onnxruntime>=1.24'`")  # fmt: skip
+
+
 class OnnxGraph:
     def __init__(self, path: Path, threads: int | None):
         import onnxruntime as ort

@@ -31,7 +31,7 @@ from mode_edge.names import check_name
 from mode_edge.ranges import check_number, check_optional, check_seed
 from mode_edge.rope import inv_freq as rope_frequencies
 from mode_edge.rope import scale as rope_scale
-from mode_edge.runtimes.backends import load_graph
+from mode_edge.runtimes.backends import check_sliding_window_support, load_graph
 from mode_edge.runtimes.kv_cache import Cache
 from mode_edge.signing import check_installed_signature
 
@@ -73,6 +73,8 @@ class Engine:
         if verify:  # sizes at every start, sha256 once per file version (mode_edge/integrity.py)
             verify_files(self.bundle, self.manifest["files"], f"bundle {bundle}", REEXPORT)
         self.backend, self.threads = backend, threads
+        if backend == "onnx" and self.manifest["base"]["decoder"].get("sliding_window"):
+            check_sliding_window_support(str(bundle))
         comps = self.manifest["components"]
         self.n_blocks = len(self.manifest["base"]["block_ranges"])
         self.embed = self._graph(comps["base/embed"][backend])

@@ -62,12 +62,14 @@ PHI4_ROPE = {**PHI3_ROPE, "partial_rotary_factor": 0.75, "short_factor": [1.0 + 
 0.75 of 128), a factor per turned frequency."""
 
 
-GEMMA3 = {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"] * 3,
+GEMMA3 = {"sliding_window": 8, "layer_types": ["sliding_attention", "sliding_attention", "full_attention"] * 2,
           "query_pre_attn_scalar": 24, "rms_norm_eps": 1e-6,
           "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                               "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0}}}  # fmt: skip
-"""Gemma 3 at the tiny size: every MoDE block of two layers holds one sliding layer (window 8, so prompts of 40
-tokens leave it) and one full layer, whose rotary table has Gemma 3 4B's base and linear scaling."""
+"""Gemma 3 at the tiny size: two sliding layers (window 8, so prompts of 40 tokens leave it) to one full layer, whose
+rotary table has Gemma 3 4B's base and linear scaling; in blocks of two layers the first block has sliding layers
+only, so its graph never reads the full layers' tables (and a one-layer expert copied from a full layer never reads
+the local ones)."""
 
 
 def save_tiny_hf_checkpoint(path: Path, model_type: str = "llama", seed: int = 1):
@@ -76,7 +78,7 @@ def save_tiny_hf_checkpoint(path: Path, model_type: str = "llama", seed: int = 1
     LongRoPE) or phi4 (Phi-4-mini's: phi3 with a partial rotary embedding, heads of 64 with 48 turned; two query
     heads over one key/value head) or gemma3 (Gemma 3's text model: GeGLU, sandwich norms of 1 + w, a scaled
     embedding and query scale, sliding layers of window 8 with their own rotary base beside full ones with linear
-    scaling, GEMMA3). In the last five every norm weight is drawn around 1 (Gemma's w around 0), so that a norm the
+    scaling: GEMMA3). In the last five every norm weight is drawn around 1 (Gemma's w around 0), so that a norm the
     decoder skipped or applied twice shows in the logits."""
     import torch
     from transformers import (

@@ -30,7 +30,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text")
 """Hugging Face model types read into our decoder: Llama (incl. 3.x with its rope scaling), Mistral, Qwen2 / 2.5
 (biased q, k, v projections), Qwen3 (per-head q and k norms), Phi-3 / 3.5-mini (fused projections, split on load;
-LongRoPE; Phi-4-mini's partial rotary embedding), Gemma 3's text models (`gemma3_fields`; PyTorch only so far)."""
+LongRoPE; Phi-4-mini's partial rotary embedding), Gemma 3's text models (`gemma3_fields`)."""
 TINY_CONFIG = DecoderConfig(
     vocab_size=257, dim=64, n_layers=6, n_heads=4, n_kv_heads=2, hidden_dim=128, head_dim=16,
     rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True, max_seq_len=1024,
@@ -152,8 +152,14 @@ def gemma3_fields(hf) -> dict:
     if local.get("rope_type", "default") != "default":
         raise UserError(f"rope scaling {local['rope_type']!r} on the sliding layers (config.json rope_parameters."
                         f"sliding_attention) is not supported; supported: default (plain RoPE)")  # fmt: skip
+    for name in ("query_pre_attn_scalar", "layer_types", "hidden_size"):
+        if getattr(hf, name, None) is None:
+            raise UserError(f"config.json has no {name}, which a Gemma 3 model needs; the checkpoint is incomplete")
     types = list(hf.layer_types)
     sliding = "sliding_attention" in types
+    if sliding and not (isinstance(hf.sliding_window, int) and hf.sliding_window > 0):
+        raise UserError(f"config.json sliding_window must be a positive integer for sliding layers, got "
+                        f"{hf.sliding_window!r}")  # fmt: skip
     return {"activation": "gelu_tanh", "sandwich_norms": True, "embed_scale": float(hf.hidden_size**0.5),
             "query_scale": float(hf.query_pre_attn_scalar**-0.5), "layer_types": types,
             "sliding_window": int(hf.sliding_window) if sliding else None,
@@ -299,6 +305,14 @@ def gguf_rope(path: Path, cfg: DecoderConfig) -> DecoderConfig:
                             f"or not a supported checkpoint")  # fmt: skip
     kind = field("rope.scaling.type") or "none"
     linear = field("rope.scaling.factor") if kind == "linear" else field("rope.scale_linear")
+    key = f"{arch}.rope.scaling.factor" if kind == "linear" else f"{arch}.rope.scale_linear"
+    if (kind == "linear" and linear is None) or (linear is not None and not positive(float(linear))):
+        raise UserError(f"{path.name} scales its rotary embedding linearly without a positive factor ({key}: "
+                        f"{linear!r}); the file is damaged or not a supported checkpoint")  # fmt: skip
+    if "rope_factors_long.weight" in tensors and "rope_factors_short.weight" not in tensors:
+        raise UserError(f"{path.name} holds LongRoPE's long factors (rope_factors_long.weight) without its short "
+                        f"ones (rope_factors_short.weight), which the context here needs; the file is damaged or "
+                        f"not a supported checkpoint")  # fmt: skip
     if kind not in ("none", "linear"):
         raise UserError(f"{path.name} scales its rotary embedding with {kind} ({arch}.rope.scaling.type), which is "
                         f"not supported; supported: linear, llama.cpp's rope_freqs (Llama 3.x) and LongRoPE's "

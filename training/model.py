@@ -1,8 +1,9 @@
 """The MoDE model in plain PyTorch, read top to bottom.
 
 Small pieces first (RMS norm, rotary embedding, attention with a KV cache and, for Gemma 3's local layers, a sliding
-window, SwiGLU / GeGLU MLP, decoder layer: pre-norm, or Gemma 3's sandwich of norms), then the frozen backbone, then an expert's per-block layer stack with its gate row, the MoDE block that mixes backbone and experts,
-and the full MoDE model. Parameter names of the backbone follow Hugging Face's Llama so checkpoints copy in by name.
+window, SwiGLU / GeGLU MLP, decoder layer: pre-norm, or Gemma 3's sandwich of norms), then the frozen backbone, then
+an expert's per-block layer stack with its gate row, the MoDE block that mixes backbone and experts, and the full
+MoDE model. Parameter names of the backbone follow Hugging Face's Llama (and Gemma's) so checkpoints copy in by name.
 """
 
 from __future__ import annotations
@@ -81,12 +82,10 @@ class Rotary(nn.Module):
         return rotate_half(x, cos[pos : pos + T].to(x.dtype), sin[pos : pos + T].to(x.dtype))
 
 
-def attention_mask(T: int, S: int, window: int | None, device) -> torch.Tensor | None:
+def attention_mask(T: int, S: int, window: int | None, device=None) -> torch.Tensor:
     """(T, S) bool, True where query i (at position S - T + i) sees key j: j <= S - T + i, and within a sliding
-    window j > S - T + i - window (the query itself and window - 1 keys before it, Hugging Face's sliding window);
-    None where scaled_dot_product_attention needs no mask (one query over all keys)."""
-    if T == 1 and (window is None or S <= window):
-        return None
+    window j > S - T + i - window (the query itself and window - 1 keys before it, Hugging Face's sliding window).
+    The one definition of the mask for the model and the exported graphs' references (export/graphs.py)."""
     q = torch.arange(S - T, S, device=device)[:, None]
     k = torch.arange(S, device=device)[None, :]
     visible = k <= q
@@ -133,7 +132,8 @@ class Attention(nn.Module):
         if S == T and T > 1 and self.window is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:  # one query, or a chunk after a cached prefix (query i sees keys up to S - T + i), or a window
-            mask = attention_mask(T, S, self.window, x.device)
+            sees_all = T == 1 and (self.window is None or S <= self.window)
+            mask = None if sees_all else attention_mask(T, S, self.window, x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*hd)
         return self.o_proj(y)
@@ -187,6 +187,13 @@ def run_layers(layers: nn.ModuleList, x: torch.Tensor, rope: Rotary, cache: KVCa
     return x
 
 
+def scaled_embedding(table: nn.Embedding, scale: float | None, idx: torch.Tensor) -> torch.Tensor:
+    """idx (B, T) token ids -> (B, T, d): the table's rows, times `scale` where set (Gemma's sqrt(d), in fp32 as its
+    scaled embedding multiplies; None: as they are)."""
+    x = table(idx)
+    return x if scale is None else x * torch.tensor(scale, dtype=torch.float32).to(x.dtype)
+
+
 class Decoder(nn.Module):
     """The pretrained backbone: token embedding, L decoder layers, final norm and output head."""
 
@@ -200,12 +207,8 @@ class Decoder(nn.Module):
         self.rope = Rotary(cfg)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx (B, T) token ids -> (B, T, d): the embedding's rows, times cfg.embed_scale where set (in fp32, as
-        Gemma's scaled embedding multiplies)."""
-        x = self.embed_tokens(idx)
-        if self.cfg.embed_scale is None:
-            return x
-        return x * torch.tensor(self.cfg.embed_scale, dtype=torch.float32).to(x.dtype)
+        """idx (B, T) token ids -> (B, T, d) (`scaled_embedding`)."""
+        return scaled_embedding(self.embed_tokens, self.cfg.embed_scale, idx)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         h = self.norm(h)

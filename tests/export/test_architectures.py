@@ -21,6 +21,9 @@ from mode_edge.training.train_expert import train_expert
 from tests.conftest import save_tiny_hf_checkpoint
 
 LAYOUT = MoDELayout(n_blocks=2, expert_layers=2, gate_bias=0.0)
+LAYOUTS = {"gemma3": MoDELayout(n_blocks=3, expert_layers=1, gate_bias=0.0)}
+"""Gemma 3's (tests/conftest.GEMMA3): graphs with sliding layers only (the first backbone block; experts copied from
+a sliding layer) and with a full layer only (the last block's expert), each taking both pairs of rotary tables."""
 TRAIN = TrainConfig(steps=4, batch_size=2, seq_len=32, warmup_steps=1, lr=1e-2, checkpoint_every=4)
 PROMPTS = {"llama3": list(range(3, 83)), "qwen3": list(range(3, 83)), "phi4": list(range(3, 43)),
            "gemma3": list(range(3, 43))}  # fmt: skip
@@ -35,7 +38,7 @@ def exported(request, code_data, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     save_tiny_hf_checkpoint(root / "checkpoint", request.param)
     backbone = load_backbone(str(root / "checkpoint"))
-    train_expert(backbone, "code", code_data, root / "code", LAYOUT, TRAIN)
+    train_expert(backbone, "code", code_data, root / "code", LAYOUTS.get(request.param, LAYOUT), TRAIN)
     quants = ("fp32", "int8") if request.param == "llama3" else ("fp32",)
     bundles = {}
     for quant in quants:
@@ -125,3 +128,19 @@ def check_frequency_factors(native, bundles: dict, tmp_path) -> None:
     got = np.fromfile(tmp_path / "logits.bin", dtype=np.float32).reshape(len(tokens), -1)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
+
+
+def test_a_sliding_window_bundle_needs_an_onnxruntime_that_counts_the_window_as_exported(exported, monkeypatch):
+    """onnxruntime before 1.24 attends to one key more in a sliding layer (PR #25927): such a runtime is refused in
+    one line for a bundle with sliding layers, and only for one."""
+    import onnxruntime
+
+    from mode_edge.errors import UserError
+
+    arch, _, bundles = exported
+    monkeypatch.setattr(onnxruntime, "__version__", "1.23.2")
+    if arch != "gemma3":
+        Engine(bundles["fp32"])  # no sliding layers: any supported onnxruntime
+        return
+    with pytest.raises(UserError, match=r"sliding-window layers, whose window onnxruntime 1.23.2 counts one key"):
+        Engine(bundles["fp32"])

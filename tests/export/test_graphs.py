@@ -120,3 +120,23 @@ def test_fused_graph_is_the_composed_model_with_an_explicit_cache(tiny, kv_cache
         out = fused(chunk, *positions, *past)
         past, pos = list(out[1:]), total
         assert_close(out[0], model(chunk, ref_cache), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_the_8bit_embed_graph_keeps_the_embedding_scale(tmp_path):
+    """The .pte's 8-bit embed graph (export/executorch_graphs.Int8EmbedGraph) replaces the whole embed graph, so it
+    must scale the rows as Gemma's does: its output equals the fp32 graph's within the 8-bit table's rounding."""
+    import executorch.exir  # noqa: F401  (defines quantized_decomposed.embedding_byte, as the .pte export has)
+
+    from mode_edge.export.executorch_graphs import Int8EmbedGraph
+    from mode_edge.export.graphs import EmbedGraph
+    from mode_edge.training.backbones import decoder_from_hf
+    from tests.conftest import save_tiny_hf_checkpoint
+
+    decoder = decoder_from_hf(save_tiny_hf_checkpoint(tmp_path / "gemma3", "gemma3")).eval()
+    fp32 = EmbedGraph(decoder)
+    ids = torch.randint(0, 257, (1, 12), generator=torch.Generator().manual_seed(0))
+    want = fp32(ids)
+    assert fp32.scale == 8.0 and torch.allclose(want, decoder.embed_tokens(ids) * 8.0)  # sqrt(64)
+    got = Int8EmbedGraph(fp32)(ids)
+    assert_close(got, want, atol=8.0 * decoder.embed_tokens.weight.abs().max().item() / 127, rtol=0)

@@ -184,6 +184,7 @@ Bundle read_bundle(const std::string& root) {
         throw UserError(path + " holds an impossible base.decoder.rope_local_theta (not > 0); " + kReexport);
       b.decoder.rope_local_theta = d["rope_local_theta"].get<double>();
     }
+    b.decoder.sliding = d.contains("sliding_window") && !d["sliding_window"].is_null();
     b.fingerprint = m.at("base").at("fingerprint");
     b.n_blocks = static_cast<int>(m.at("base").at("block_ranges").size());
     if (b.n_blocks < 1) throw UserError(path + " lists no blocks (base.block_ranges); " + kReexport);

@@ -37,6 +37,7 @@ struct Decoder {
   double rope_scale = 1.0;
   int64_t rotary_dim = 0;  // leading dimensions of a head the rotary embedding turns (Phi-4-mini: 96 of 128)
   double rope_local_theta = 0;  // the sliding layers' rotary base (Gemma 3), plain RoPE; 0: none
+  bool sliding = false;  // whether some layers attend within a sliding window (base.decoder.sliding_window)
 };
 
 struct ExpertEntry {

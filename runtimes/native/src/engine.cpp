@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 
 #include "errors.h"
 
@@ -98,6 +99,11 @@ void mix(const std::vector<const std::vector<float>*>& ys, const std::vector<con
 }
 
 Engine::Engine(OrtRuntime& ort, Bundle bundle, bool verify) : ort_(ort), bundle_(std::move(bundle)) {
+  int major = 0, minor = 0;
+  std::sscanf(ort_.version().c_str(), "%d.%d", &major, &minor);
+  if (bundle_.decoder.sliding && major == 1 && minor < kSlidingWindowOrtMinor)  // (mode_edge/runtimes/backends.py)
+    throw UserError("bundle " + bundle_.root + " has sliding-window layers, whose window onnxruntime " +
+                    ort_.version() + " counts one key wider (fixed in 1.24); use onnxruntime >= 1.24");
   if (verify) verify_files(bundle_.root, bundle_.files, "bundle " + bundle_.root, kReexport);
   auto load = [&](const std::string& name, const Names& want) {
     const Component& c = bundle_.components.at(name);

@@ -41,6 +41,10 @@ class KvBuffer {
 // Keys and values of every graph's attention layers, by component ("block{i}", "NAME/block{i}"), for the first `pos`
 // tokens, in buffers of `capacity` positions that GroupQueryAttention writes in place: (1, Hkv, capacity, hd) floats
 // each, k before v per layer. cos/sin: the rotary tables (capacity, r/2), r = rotary_dim, of positions 0 .. capacity-1.
+// The first onnxruntime 1.x whose GroupQueryAttention local_window_size counts the query itself, as the exported
+// sliding layers need (onnxruntime PR #25927; earlier releases attend to one key more).
+constexpr int kSlidingWindowOrtMinor = 24;
+
 struct Cache {
   int64_t pos = 0, capacity = 0, capacity_hint = 0;
   std::map<std::string, std::vector<KvBuffer>> kv;
