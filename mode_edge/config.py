@@ -38,7 +38,7 @@ ACTIVATIONS = ("silu", "gelu_tanh")
 
 @dataclass(frozen=True)
 class DecoderConfig(_Serialisable):
-    """Architecture of a Llama-family decoder-only backbone."""
+    """Architecture of a decoder-only backbone: the Llama family's, and the fields that make a layer Gemma 3's."""
 
     vocab_size: int
     """Number of token ids."""

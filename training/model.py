@@ -286,7 +286,7 @@ class Expert(nn.Module):
                     layer.load_state_dict(backbone.layers[end - layout.expert_layers + k].state_dict())
                 else:
                     for name, p in layer.named_parameters():
-                        if name.endswith("layernorm.weight"):
+                        if name.endswith("norm.weight"):  # (incl. q_norm / k_norm: RMS norms start at 1)
                             nn.init.ones_(p)
                         elif name.endswith("bias"):
                             nn.init.zeros_(p)
