@@ -25,7 +25,7 @@ demo-quick: $(STAMP)
 test: $(STAMP) native
 	$(PY) -m pytest -q --durations=15 -m "not real_scale"
 
-# checks at the real backbone's size that would push `make test` past its time budget (about 1 minute)
+# checks at the real backbone's size that would push `make test` past its time budget (about 2 minutes)
 test-real: $(STAMP) native
 	$(PY) -m pytest -q -m real_scale
 

@@ -83,11 +83,17 @@ class LlamaCpp:
         adapter = llama_cpp.llama_adapter_lora_init(self.llm.model, path.encode())
         if adapter is None:
             raise RuntimeError(f"llama.cpp could not load the LoRA adapter {path}")
-        if llama_cpp.llama_set_adapters_lora(self.llm.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter), 1,
-                                             (llama_cpp.ctypes.c_float * 1)(1.0)):  # fmt: skip
+        if not self.use(adapter):
             llama_cpp.llama_adapter_lora_free(adapter)
             raise RuntimeError(f"llama.cpp could not set the LoRA adapter {path}")
         return adapter
+
+    def use(self, adapter) -> bool:
+        """Make `adapter` the context's only LoRA adapter, at scale 1; False where llama.cpp refuses."""
+        import llama_cpp
+
+        adapters, scales = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter), (llama_cpp.ctypes.c_float * 1)(1.0)
+        return llama_cpp.llama_set_adapters_lora(self.llm.ctx, adapters, 1, scales) == 0
 
     def prefill(self, ids: list[int]) -> int:
         self.llm.reset()
@@ -107,8 +113,7 @@ class LlamaCpp:
         t = time.perf_counter()
         adapter = self.attach(self.lora)
         took = time.perf_counter() - t
-        llama_cpp.llama_set_adapters_lora(self.llm.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.adapter), 1,
-                                          (llama_cpp.ctypes.c_float * 1)(1.0))  # fmt: skip
+        self.use(self.adapter)
         llama_cpp.llama_adapter_lora_free(adapter)
         return took
 

@@ -43,8 +43,10 @@ class Int8EmbedGraph(torch.nn.Module):
         self.scale = graph.scale
 
     def forward(self, input_ids):
-        x = torch.ops.quantized_decomposed.embedding_byte.default(self.q, self.scales, None, -127, 127, input_ids)
-        return x if self.scale is None else x * torch.tensor(self.scale, dtype=torch.float32)  # (scaled_embedding)
+        from mode_edge.training.model import scale_rows
+
+        rows = torch.ops.quantized_decomposed.embedding_byte.default(self.q, self.scales, None, -127, 127, input_ids)
+        return scale_rows(rows, self.scale)
 
 
 class LinearHeadGraph(torch.nn.Module):

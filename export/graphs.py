@@ -33,8 +33,6 @@ import torch.nn.functional as F
 
 from mode_edge.config import DecoderConfig
 from mode_edge.integrity import LOCAL_ROTARY_INPUTS, POSITION_INPUTS
-from mode_edge.rope import inv_freq as rope_frequencies
-from mode_edge.rope import scale as rope_scale
 from mode_edge.training.model import (
     Decoder,
     DecoderLayer,
@@ -42,7 +40,7 @@ from mode_edge.training.model import (
     MoDEModel,
     RMSNorm,
     attention_mask,
-    rope_inv_freq,
+    rope_pairs,
     rotate_half,
     scaled_embedding,
 )
@@ -183,19 +181,22 @@ class LayerStack(nn.Module):
             raise ValueError(f"kv_cache must be 'buffer' or 'concat', not {kv_cache!r}")
         self.layers, self.kv_cache = layers, kv_cache
         self.max_seq_len = cfg.max_seq_len
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # the same frequencies as Rotary's
-        self.rope_scale = rope_scale(cfg.rope_scaling)
-        self.local = cfg.rope_local_theta is not None  # the sliding layers' own tables: in every block graph
-        if self.local:
-            local = torch.tensor(rope_frequencies(cfg.rope_local_theta, cfg.rotated), dtype=torch.float32)
-            self.register_buffer("local_inv_freq", local, persistent=False)
+        pairs = rope_pairs(cfg)  # the same frequencies as Rotary's; every block graph takes every pair
+        for i, (inv_freq, _) in enumerate(pairs):
+            self.register_buffer(f"inv_freq{i}", inv_freq, persistent=False)
+        self.rope_scales = [scale for _, scale in pairs]
+
+    def pairs(self) -> list[tuple[torch.Tensor, float]]:
+        """(frequencies, scale) of each pair of rotary tables (training/model.rope_pairs): the full layers', then
+        the sliding layers' where the decoder has their own base (Gemma 3)."""
+        return [(getattr(self, f"inv_freq{i}"), scale) for i, scale in enumerate(self.rope_scales)]
 
     def position_names(self) -> list[str]:
         """The inputs between hidden and the cache: POSITION_INPUTS (and LOCAL_ROTARY_INPUTS) in the "buffer"
         interface, none in the "concat" one."""
         if self.kv_cache != "buffer":
             return []
-        return POSITION_INPUTS + (LOCAL_ROTARY_INPUTS if self.local else [])
+        return POSITION_INPUTS + (LOCAL_ROTARY_INPUTS if len(self.rope_scales) > 1 else [])
 
     def split_inputs(self, rest: tuple) -> tuple[tuple, tuple]:
         """A forward's inputs after hidden -> (positions, past)."""
@@ -208,9 +209,8 @@ class LayerStack(nn.Module):
             if self.kv_cache == "buffer":
                 x, k, v = attend_in_place(layer, x, past[2 * j], past[2 * j + 1], positions)
             else:
-                local = layer.self_attn.local
-                x, k, v = attend(layer, self.local_inv_freq if local else self.inv_freq, x, past[2 * j],
-                                 past[2 * j + 1], 1.0 if local else self.rope_scale)  # fmt: skip
+                inv_freq, scale = self.pairs()[1 if layer.self_attn.local else 0]
+                x, k, v = attend(layer, inv_freq, x, past[2 * j], past[2 * j + 1], scale)
             present += [k, v]
         return x, present
 
@@ -302,9 +302,7 @@ def with_cache(graph: nn.Module, first: torch.Tensor, past: int, fill) -> tuple:
     kv = [fill(B, attn.n_kv_heads, length, attn.head_dim) for _ in range(2 * layers)]
     if graph.kv_cache == "concat":
         return (first, *kv)
-    tables = rotary_tables(graph.inv_freq, length, graph.rope_scale)
-    if graph.local:
-        tables += rotary_tables(graph.local_inv_freq, length)
+    tables = [t for inv_freq, scale in graph.pairs() for t in rotary_tables(inv_freq, length, scale)]
     total = past + T
     return (first, torch.full((B,), total - 1, dtype=torch.int32), torch.tensor(total, dtype=torch.int32), *tables,
             *kv)  # fmt: skip
@@ -339,11 +337,7 @@ class FusedGraph(nn.Module):
                 self.stacks.append(ExpertBlockGraph(expert, cfg, kv_cache))
         self.layers = [layer for stack in self.stacks for layer in stack.layers]  # for graph_layers()
         self.max_seq_len = cfg.max_seq_len
-        self.inv_freq, self.rope_scale = self.stacks[0].inv_freq, self.stacks[0].rope_scale
-        self.local = self.stacks[0].local
-        if self.local:
-            self.local_inv_freq = self.stacks[0].local_inv_freq
-        self.position_names = self.stacks[0].position_names
+        self.pairs, self.position_names = self.stacks[0].pairs, self.stacks[0].position_names  # (every stack's)
 
     def forward(self, input_ids, *rest):
         positions, past = self.stacks[0].split_inputs(rest)

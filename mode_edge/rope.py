@@ -77,3 +77,12 @@ def inv_freq(theta: float, rotated: int, scaling: dict | None = None) -> np.ndar
 def scale(scaling: dict | None) -> float:
     """What cos and sin are multiplied by: longrope's attention_factor, else 1."""
     return float(scaling["attention_factor"]) if scaling is not None and scaling["rope_type"] == "longrope" else 1.0
+
+
+def rotary_pairs(theta: float, rotated: int, scaling: dict | None = None,
+                 local_theta: float | None = None) -> list[tuple[np.ndarray, float]]:  # fmt: skip
+    """The (frequencies (rotated / 2,) float64, scale of cos and sin) of each pair of rotary tables a decoder's
+    attention reads, in the order its graphs take them: the full layers' (`inv_freq`, `scale`), then, with
+    `local_theta` (Gemma 3's sliding layers), plain RoPE of that base over the same dimensions."""
+    pairs = [(inv_freq(theta, rotated, scaling), scale(scaling))]
+    return pairs + ([(inv_freq(local_theta, rotated), 1.0)] if local_theta is not None else [])

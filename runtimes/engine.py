@@ -29,8 +29,7 @@ from mode_edge.errors import UserError
 from mode_edge.integrity import checked_load
 from mode_edge.names import check_name
 from mode_edge.ranges import check_number, check_optional, check_seed
-from mode_edge.rope import inv_freq as rope_frequencies
-from mode_edge.rope import scale as rope_scale
+from mode_edge.rope import rotary_pairs
 from mode_edge.runtimes.backends import check_sliding_window_support, load_graph
 from mode_edge.runtimes.kv_cache import Cache
 from mode_edge.signing import check_installed_signature
@@ -83,13 +82,10 @@ class Engine:
         self.block_layers = [comps[f"base/block{i}"]["layers"] for i in range(self.n_blocks)]
         d = self.manifest["base"]["decoder"]
         self.kv_shape = (d["n_kv_heads"], d["head_dim"])
-        self.rope = (rope_frequencies(d["rope_theta"], d.get("rotary_dim") or d["head_dim"], d.get("rope_scaling")),
-                     rope_scale(d.get("rope_scaling")))  # fmt: skip
-        """The rotary frequencies (r/2,) float64 the cos/sin tables are made of (r: the rotated dimensions of a head,
-        rotary_dim or head_dim), and their scale (mode_edge/rope)."""
-        local = d.get("rope_local_theta")
-        self.local_rope = (rope_frequencies(local, d.get("rotary_dim") or d["head_dim"]), 1.0) if local else None
-        """The sliding layers' (Gemma 3: plain RoPE of base rope_local_theta), or None: the graphs take one pair."""
+        self.ropes = rotary_pairs(d["rope_theta"], d.get("rotary_dim") or d["head_dim"], d.get("rope_scaling"),
+                                  d.get("rope_local_theta"))  # fmt: skip
+        """The rotary frequencies (r/2,) float64 and scale of each pair of cos/sin tables the "buffer" graphs take
+        (r: the rotated dimensions of a head, rotary_dim or head_dim; mode_edge/rope.rotary_pairs)."""
         self.kv_cache: str = self.manifest["kv_cache"][backend]
         """How the graphs take their cache: "buffer" (written in place) or "concat" (runtimes/kv_cache.py)."""
         limits = self.manifest.get("executorch") if backend == "executorch" else None
@@ -181,7 +177,7 @@ class Engine:
                             "or --max-new-tokens")  # fmt: skip
         if self.kv_cache != "buffer":
             return []
-        cache.reserve(total, self.context, *self.kv_shape, self.rope, self.local_rope)
+        cache.reserve(total, self.context, *self.kv_shape, self.ropes)
         return cache.positions(tokens)
 
     def _run_block(self, graph, key: str, layers: int, h: np.ndarray, positions: list, cache: Cache,

@@ -40,16 +40,16 @@ class Cache:
     capacity_hint: int = 0
     capacity: int = 0
     tables: tuple[np.ndarray, ...] | None = None
-    """cos_cache, sin_cache (capacity, r/2) of the "buffer" graphs (then local_cos_cache, local_sin_cache where the
-    graphs take the sliding layers' tables too)."""
+    """The rotary tables (capacity, r/2) of the "buffer" graphs, cos before sin for each pair: cos_cache, sin_cache
+    (then local_cos_cache, local_sin_cache where the graphs take the sliding layers' too)."""
     bindings: dict[str, object] = field(default_factory=dict)
     """Per component, the graph's I/O binding with this cache's buffers bound (OnnxGraph.run_in_place)."""
 
-    def reserve(self, total: int, context: int, kv_heads: int, head_dim: int, rope: tuple[np.ndarray, float],
-                local_rope: tuple[np.ndarray, float] | None = None) -> None:  # fmt: skip
+    def reserve(self, total: int, context: int, kv_heads: int, head_dim: int,
+                ropes: list[tuple[np.ndarray, float]]) -> None:  # fmt: skip
         """Make room for `total` positions in every buffer ("buffer" caches): at the first call, max(total,
         capacity_hint); after, GROWTH times the capacity, each at most `context`. The filled positions are kept.
-        rope: (inv_freq, scale) of the rotary tables; local_rope: the sliding layers' (Gemma 3), or None."""
+        ropes: (inv_freq, scale) of each pair of rotary tables (mode_edge/rope.rotary_pairs)."""
         if total <= self.capacity:
             return
         want = max(total, self.capacity_hint) if self.capacity == 0 else max(total, GROWTH * self.capacity)
@@ -62,9 +62,7 @@ class Cache:
                 grown.append(new)
             self.kv[key] = grown
         self.bindings.clear()  # they name the old buffers
-        self.tables = rotary_tables(rope[0], self.capacity, rope[1])
-        if local_rope is not None:
-            self.tables += rotary_tables(local_rope[0], self.capacity, local_rope[1])
+        self.tables = tuple(t for freq, scale in ropes for t in rotary_tables(freq, self.capacity, scale))
 
     def buffers(self, key: str, layers: int, kv_heads: int, head_dim: int) -> list[np.ndarray]:
         """The buffers of component `key` (2 per layer, k before v), allocated at the first call."""
@@ -75,6 +73,6 @@ class Cache:
 
     def positions(self, tokens: int) -> list[np.ndarray]:
         """The position inputs of a "buffer" graph for `tokens` new tokens after `pos`: seqlens_k (1,) int32 (the
-        total minus one), total_sequence_length () int32, cos_cache, sin_cache (and the local pair, `tables`)."""
+        total minus one), total_sequence_length () int32, then the rotary tables (`tables`)."""
         total = self.pos + tokens
         return [np.array([total - 1], dtype=np.int32), np.array(total, dtype=np.int32), *self.tables]

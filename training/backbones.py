@@ -94,7 +94,7 @@ def _hf_decoder_config(hf) -> DecoderConfig:
     if not (isinstance(partial, (int, float)) and 0 < partial <= 1):
         raise UserError(f"config.json partial_rotary_factor must be in (0, 1], got {partial!r}")
     rotary_dim = int(head_dim * partial)  # (transformers' own rounding)
-    if rotary_dim != head_dim and (rotary_dim == 0 or rotary_dim % 16):
+    if not rotary_width_supported(rotary_dim, head_dim):
         raise UserError(f"a partial rotary embedding over {rotary_dim} of {head_dim} dimensions (config.json "
                         f"partial_rotary_factor {partial}) is not supported: onnxruntime's GroupQueryAttention "
                         f"turns a multiple of 16 dimensions (Phi-4-mini: 96 of 128)")  # fmt: skip
@@ -174,9 +174,21 @@ def longrope_scaling(hf, rope: dict) -> tuple[dict, int]:
     factor = rope.get("factor") or hf.max_position_embeddings / original
     attention = rope.get("attention_factor")
     if attention is None:
-        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        attention = longrope_attention(factor, original)
     return {"rope_type": "longrope", "short_factor": [float(f) for f in rope["short_factor"]],
             "attention_factor": float(attention)}, original  # fmt: skip
+
+
+def longrope_attention(factor: float, original: int) -> float:
+    """LongRoPE's scale of cos and sin where a checkpoint gives none, as transformers' `_compute_longrope_parameters`
+    derives it: sqrt(1 + ln(factor) / ln(original)), 1 for a factor <= 1 (factor: the context over the original)."""
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def rotary_width_supported(rotated: int, head_dim: int) -> bool:
+    """Whether the rotary embedding may turn `rotated` of a head's `head_dim` dimensions: all of them, or a positive
+    multiple of 16 below (onnxruntime's GroupQueryAttention turns a multiple of 16; Phi-4-mini: 96 of 128)."""
+    return rotated == head_dim or (0 < rotated < head_dim and rotated % 16 == 0)
 
 
 def split_fused(state: dict, cfg: DecoderConfig) -> dict:
@@ -292,7 +304,7 @@ def gguf_rope(path: Path, cfg: DecoderConfig) -> DecoderConfig:
 
     dims = field("rope.dimension_count")
     rotated = int(dims) if dims is not None else cfg.rotated
-    if rotated > cfg.head_dim or rotated % 2 or (rotated != cfg.head_dim and rotated % 16):
+    if not rotary_width_supported(rotated, cfg.head_dim):
         raise UserError(f"{path.name} turns {rotated} of each head's {cfg.head_dim} dimensions "
                         f"({arch}.rope.dimension_count), which is not supported: a partial rotary embedding must "
                         f"turn a multiple of 16 (onnxruntime's GroupQueryAttention; Phi-4-mini: 96 of 128)")  # fmt: skip
@@ -324,9 +336,8 @@ def gguf_rope(path: Path, cfg: DecoderConfig) -> DecoderConfig:
                             f"supported")  # fmt: skip
         original = int(field("rope.scaling.original_context_length") or cfg.max_seq_len)
         attention = field("rope.scaling.attn_factor")
-        if attention is None:  # transformers' _compute_longrope_parameters
-            factor = int(field("context_length") or original) / original
-            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        if attention is None:
+            attention = longrope_attention(int(field("context_length") or original) / original, original)
         replace["rope_scaling"] = {"rope_type": "longrope",
                                    "short_factor": tensors["rope_factors_short.weight"].tolist(),
                                    "attention_factor": float(attention)}  # fmt: skip

@@ -13,15 +13,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mode_edge.config import DecoderConfig, MoDELayout
-from mode_edge.rope import inv_freq as rope_frequencies
-from mode_edge.rope import scale as rope_scale
+from mode_edge.rope import rotary_pairs
 
 
-def rope_inv_freq(cfg: DecoderConfig) -> torch.Tensor:
-    """The rotary frequencies of `cfg` (cfg.rotated / 2,) fp32: mode_edge/rope.py's, computed in float64, rounded once.
-    On the current default device (torch.tensor honours it, torch.from_numpy does not: a model built on the meta
-    device, as peft's loaders build it, needs its tables there too)."""
-    return torch.tensor(rope_frequencies(cfg.rope_theta, cfg.rotated, cfg.rope_scaling), dtype=torch.float32)
+def rope_pairs(cfg: DecoderConfig) -> list[tuple[torch.Tensor, float]]:
+    """The (frequencies (cfg.rotated / 2,) fp32, scale of cos and sin) of each pair of rotary tables the layers
+    read: the full layers', then the sliding layers' where cfg has rope_local_theta (mode_edge/rope.rotary_pairs,
+    computed in float64, rounded once). On the current default device (torch.tensor honours it, torch.from_numpy
+    does not: a model built on the meta device, as peft's loaders build it, needs its tables there too)."""
+    pairs = rotary_pairs(cfg.rope_theta, cfg.rotated, cfg.rope_scaling, cfg.rope_local_theta)
+    return [(torch.tensor(freq, dtype=torch.float32), scale) for freq, scale in pairs]
 
 
 class KVCache:
@@ -64,12 +65,7 @@ class Rotary(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         positions = torch.arange(cfg.max_seq_len, dtype=torch.float32)
-        s = rope_scale(cfg.rope_scaling)  # longrope's attention factor; 1 otherwise
-        tables = {"": (rope_inv_freq(cfg), s)}
-        if cfg.rope_local_theta is not None:
-            local = torch.tensor(rope_frequencies(cfg.rope_local_theta, cfg.rotated), dtype=torch.float32)
-            tables["local_"] = (local, 1.0)
-        for prefix, (inv_freq, scale) in tables.items():
+        for prefix, (inv_freq, scale) in zip(("", "local_"), rope_pairs(cfg)):  # (scale: longrope's attention factor)
             freqs = torch.outer(positions, inv_freq)
             emb = torch.cat([freqs, freqs], dim=-1)  # (max_seq_len, rotated)
             self.register_buffer(prefix + "cos", emb.cos() * scale, persistent=False)
@@ -188,9 +184,13 @@ def run_layers(layers: nn.ModuleList, x: torch.Tensor, rope: Rotary, cache: KVCa
 
 
 def scaled_embedding(table: nn.Embedding, scale: float | None, idx: torch.Tensor) -> torch.Tensor:
-    """idx (B, T) token ids -> (B, T, d): the table's rows, times `scale` where set (Gemma's sqrt(d), in fp32 as its
-    scaled embedding multiplies; None: as they are)."""
-    x = table(idx)
+    """idx (B, T) token ids -> (B, T, d): the table's rows (`scale_rows`)."""
+    return scale_rows(table(idx), scale)
+
+
+def scale_rows(x: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Embedding rows x (B, T, d) times `scale` where set (Gemma's sqrt(d), in fp32 as its scaled embedding
+    multiplies; None: as they are)."""
     return x if scale is None else x * torch.tensor(scale, dtype=torch.float32).to(x.dtype)
 
 

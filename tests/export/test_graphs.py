@@ -17,10 +17,8 @@ def run_split(graphs, n_blocks, experts, ids, cache, capacity=None):
     P, T = cache.get("pos", 0), ids.shape[1]
     positions = ()
     if capacity is not None:
-        block = graphs["base/block0"]
-        tables = rotary_tables(block.inv_freq, capacity, block.rope_scale)
-        if block.local:  # Gemma 3's sliding layers' tables
-            tables += rotary_tables(block.local_inv_freq, capacity)
+        # (Gemma 3's: the sliding layers' pair too)
+        tables = [t for f, s in graphs["base/block0"].pairs() for t in rotary_tables(f, capacity, s)]
         positions = (torch.tensor([P + T - 1], dtype=torch.int32), torch.tensor(P + T, dtype=torch.int32), *tables)
     h = graphs["base/embed"](ids)
     for i in range(n_blocks):
@@ -111,7 +109,8 @@ def test_fused_graph_is_the_composed_model_with_an_explicit_cache(tiny, kv_cache
     ids = torch.randint(0, 256, (1, 10))
     capacity = CAPACITY[kv_cache] or 0
     past = [torch.zeros(1, 2, capacity, 16)] * (2 * graph_layers(fused))
-    cos, sin = rotary_tables(fused.inv_freq, capacity)
+    inv_freq, scale = fused.pairs()[0]
+    cos, sin = rotary_tables(inv_freq, capacity, scale)
     ref_cache, pos = KVCache(), 0
     for chunk in (ids[:, :7], ids[:, 7:8], ids[:, 8:]):
         total = pos + chunk.shape[1]

@@ -48,33 +48,48 @@ std::unique_ptr<Graph> load_graph(OrtRuntime& ort, const std::string& path, cons
 
 }  // namespace
 
-void rotary_tables(const Decoder& d, int64_t length, std::vector<float>& cos, std::vector<float>& sin, bool local) {
-  int64_t half = d.rotary_dim / 2;
-  std::vector<double> inv_freq(half);
-  double scale = local ? 1.0 : d.rope_scale;
-  for (int64_t i = 0; i < half; i++) {
-    double freq = std::pow(local ? d.rope_local_theta : d.rope_theta, -static_cast<double>(2 * i) / d.rotary_dim);
-    if (local) {
-      inv_freq[i] = freq;
-      continue;
+namespace {
+
+// theta^(-2i/rotary_dim), i < rotary_dim/2: plain RoPE's frequencies.
+std::vector<double> plain_frequencies(const Decoder& d, double theta) {
+  std::vector<double> inv_freq(d.rotary_dim / 2);
+  for (size_t i = 0; i < inv_freq.size(); i++) inv_freq[i] = std::pow(theta, -static_cast<double>(2 * i) / d.rotary_dim);
+  return inv_freq;
+}
+
+// cos and sin of p * inv_freq[i] times `scale`, positions 0 .. length-1, appended to `tables`.
+void append_pair(const std::vector<double>& inv_freq, double scale, int64_t length,
+                 std::vector<std::vector<float>>& tables) {
+  size_t half = inv_freq.size();
+  std::vector<float> cos(length * half), sin(length * half);
+  for (int64_t p = 0; p < length; p++)
+    for (size_t i = 0; i < half; i++) {
+      double f = static_cast<double>(p) * inv_freq[i];
+      cos[p * half + i] = static_cast<float>(std::cos(f) * scale);
+      sin[p * half + i] = static_cast<float>(std::sin(f) * scale);
     }
+  tables.push_back(std::move(cos));
+  tables.push_back(std::move(sin));
+}
+
+}  // namespace
+
+std::vector<std::vector<float>> rotary_tables(const Decoder& d, int64_t length) {
+  std::vector<double> inv_freq = plain_frequencies(d, d.rope_theta);
+  for (size_t i = 0; i < inv_freq.size(); i++) {
+    double& freq = inv_freq[i];
     if (d.rope_llama3) {  // mode_edge/rope.py, operation for operation
       auto [factor, low, high, old] = *d.rope_llama3;
       double wavelen = 2 * M_PI / freq, smooth = (old / wavelen - low) / (high - low);
       if (wavelen >= old / high && wavelen <= old / low) freq = (1 - smooth) * freq / factor + smooth * freq;
       else if (wavelen > old / low) freq = freq / factor;
     }
-    if (!d.rope_short_factor.empty()) freq = freq / d.rope_short_factor[i];  // LongRoPE
-    inv_freq[i] = freq;
+    if (!d.rope_short_factor.empty()) freq = freq / d.rope_short_factor[i];  // LongRoPE, a GGUF's divisors
   }
-  cos.resize(length * half);
-  sin.resize(length * half);
-  for (int64_t p = 0; p < length; p++)
-    for (int64_t i = 0; i < half; i++) {
-      double f = static_cast<double>(p) * inv_freq[i];
-      cos[p * half + i] = static_cast<float>(std::cos(f) * scale);
-      sin[p * half + i] = static_cast<float>(std::sin(f) * scale);
-    }
+  std::vector<std::vector<float>> tables;
+  append_pair(inv_freq, d.rope_scale, length, tables);
+  if (d.rope_local_theta > 0) append_pair(plain_frequencies(d, d.rope_local_theta), 1.0, length, tables);
+  return tables;
 }
 
 void mix(const std::vector<const std::vector<float>*>& ys, const std::vector<const std::vector<float>*>& logits,
@@ -152,9 +167,7 @@ void Engine::reserve(Cache& cache, int64_t total) {
         std::copy_n(b.data() + h * old * hd, cache.pos * hd, grown.data() + h * cache.capacity * hd);
       b = std::move(grown);
     }
-  rotary_tables(bundle_.decoder, cache.capacity, cache.cos, cache.sin);
-  if (bundle_.decoder.rope_local_theta > 0)
-    rotary_tables(bundle_.decoder, cache.capacity, cache.local_cos, cache.local_sin, true);
+  cache.tables = rotary_tables(bundle_.decoder, cache.capacity);
 }
 
 void Engine::run_block(Graph& graph, const std::string& key, int layers, const std::vector<float>& h, int64_t T,
@@ -172,12 +185,7 @@ void Engine::run_block(Graph& graph, const std::string& key, int layers, const s
   in.push_back(Ort::Value::CreateTensor<float>(info, const_cast<float*>(h.data()), h.size(), h_shape, 3));
   in.push_back(Ort::Value::CreateTensor<int32_t>(info, &seqlens, 1, one, 1));
   in.push_back(Ort::Value::CreateTensor<int32_t>(info, &total, 1, nullptr, 0));
-  in.push_back(Ort::Value::CreateTensor<float>(info, cache.cos.data(), cache.cos.size(), table, 2));
-  in.push_back(Ort::Value::CreateTensor<float>(info, cache.sin.data(), cache.sin.size(), table, 2));
-  if (bundle_.decoder.rope_local_theta > 0) {
-    in.push_back(Ort::Value::CreateTensor<float>(info, cache.local_cos.data(), cache.local_cos.size(), table, 2));
-    in.push_back(Ort::Value::CreateTensor<float>(info, cache.local_sin.data(), cache.local_sin.size(), table, 2));
-  }
+  for (auto& t : cache.tables) in.push_back(Ort::Value::CreateTensor<float>(info, t.data(), t.size(), table, 2));
   y.resize(T * d);
   out.push_back(Ort::Value::CreateTensor<float>(info, y.data(), y.size(), h_shape, 3));
   if (g) {

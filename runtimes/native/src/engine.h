@@ -40,17 +40,17 @@ class KvBuffer {
 
 // Keys and values of every graph's attention layers, by component ("block{i}", "NAME/block{i}"), for the first `pos`
 // tokens, in buffers of `capacity` positions that GroupQueryAttention writes in place: (1, Hkv, capacity, hd) floats
-// each, k before v per layer. cos/sin: the rotary tables (capacity, r/2), r = rotary_dim, of positions 0 .. capacity-1.
-// The first onnxruntime 1.x whose GroupQueryAttention local_window_size counts the query itself, as the exported
-// sliding layers need (onnxruntime PR #25927; earlier releases attend to one key more).
-constexpr int kSlidingWindowOrtMinor = 24;
-
+// each, k before v per layer. tables: the rotary tables (capacity, r/2), r = rotary_dim, of positions 0 .. capacity-1
+// (`rotary_tables`).
 struct Cache {
   int64_t pos = 0, capacity = 0, capacity_hint = 0;
   std::map<std::string, std::vector<KvBuffer>> kv;
-  std::vector<float> cos, sin;
-  std::vector<float> local_cos, local_sin;  // the sliding layers' tables (rope_local_theta); empty: none
+  std::vector<std::vector<float>> tables;
 };
+
+// The first onnxruntime 1.x whose GroupQueryAttention local_window_size counts the query itself, as the exported
+// sliding layers need (onnxruntime PR #25927; earlier releases attend to one key more).
+constexpr int kSlidingWindowOrtMinor = 24;
 
 // Seconds spent per graph kind ("embed", "backbone", "experts", "gate+mix", "head"), as the Python profile splits them.
 using GraphTimes = std::map<std::string, double>;
@@ -102,13 +102,13 @@ class Engine {
   std::map<std::string, Expert> experts_;
 };
 
-// Rotary tables of positions 0 .. length-1: cos and sin of p * inv_freq[i] with inv_freq = theta^(-2i/rotary_dim),
-// scaled as Llama 3 or LongRoPE does where the decoder says so (LongRoPE also multiplies cos and sin by its attention
-// factor; mode_edge/rope.py), (length, rotary_dim/2) floats each, computed in double and rounded once, as
+// The rotary tables the block graphs take, in input order, for positions 0 .. length-1: cos and sin of
+// p * inv_freq[i] with inv_freq = theta^(-2i/rotary_dim), scaled as Llama 3, LongRoPE or a GGUF's divisors do where
+// the decoder says so (LongRoPE also multiplies cos and sin by its attention factor), then, where the decoder has
+// rope_local_theta (Gemma 3), the sliding layers' cos and sin of plain RoPE of that base (mode_edge/rope.
+// rotary_pairs); (length, rotary_dim/2) floats each, computed in double and rounded once, as
 // runtimes/kv_cache.rotary_tables does (the same tables: the same logits).
-// `local`: the sliding layers' tables, plain RoPE of base rope_local_theta (Gemma 3).
-void rotary_tables(const Decoder& decoder, int64_t length, std::vector<float>& cos, std::vector<float>& sin,
-                   bool local = false);
+std::vector<std::vector<float>> rotary_tables(const Decoder& decoder, int64_t length);
 
 // The gate's mix over T tokens of width d: per token a = softmax([0, g_1 .. g_N]) and out = a_0 y_0 + sum_j a_j y_j.
 // ys[0] is the backbone's output; logits[j-1] the gate logits (T) of ys[j]. Writes out (T, d).
