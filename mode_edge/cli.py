@@ -94,7 +94,16 @@ def train_options(method: str):
                      help="Where to train: cpu, or cuda where a GPU is present."),
         click.option("--checkpoint-every", type=POSITIVE, default=50, show_default=True,
                      help="Steps between resumable checkpoints; an interrupted run resumes when rerun."),
+        click.option("--fsdp", is_flag=True,
+                     help="Under torchrun: shard the trainable layers, their gradients and optimizer moments over the "
+                          "processes (FSDP2) instead of a whole copy on each."),
     ]  # fmt: skip
+    if method == "mode":
+        options.append(click.option(
+            "--placement", type=click.Choice(["data", "split"]), default="data", show_default=True,
+            help="Under torchrun: data = each process its rows of every batch; split = each process the whole "
+                 "batch, the backbone on rank 0 and the experts on the others, at the same time (2 to 1 + experts "
+                 "processes)."))  # fmt: skip
 
     def decorate(f):
         for option in reversed(options):
@@ -128,10 +137,17 @@ def main_echo(text: str) -> None:
         click.echo(text)
 
 
-def make_train_config(**kw):
-    from mode_edge.config import TrainConfig
+def make_train_config(experts: int | None = None, **kw):
+    """The TrainConfig and the ParallelConfig of a training command's options (`experts`: how many the run trains,
+    where known before loading, for --placement split's check)."""
+    from mode_edge.config import ParallelConfig, TrainConfig
 
-    return TrainConfig(**kw)
+    parallel = ParallelConfig(fsdp=kw.pop("fsdp"), placement=kw.pop("placement", "data"))
+    if parallel.placement == "split":  # (before the backbone loads; the trainer checks the expert count again)
+        from mode_edge.training.placement import check_processes
+
+        check_processes(int(os.environ.get("WORLD_SIZE", "1")), experts)
+    return TrainConfig(**kw), parallel
 
 
 @main.group(cls=Group)
@@ -203,7 +219,10 @@ def train_expert_cmd(base, domain, data, out, blocks, expert_layers, init, gener
     from mode_edge.training.data import load_corpus
     from mode_edge.training.train_expert import train_expert
 
-    cfg = make_train_config(**train_kw)
+    if general is not None and train_kw["placement"] == "split":
+        raise UserError("--placement split trains with the language-model loss; drop --general (the stay-out penalty "
+                        "reads the backbone's block outputs on every rank), or use --placement data")  # fmt: skip
+    cfg, parallel = make_train_config(experts=1, **train_kw)
     given = {"--general-share": general_share, "--stay-out-weight": stay_out_weight, "--stay-out": penalty}
     if general is None and any(v is not None for v in given.values()):
         named = ", ".join(k for k, v in given.items() if v is not None)
@@ -222,7 +241,7 @@ def train_expert_cmd(base, domain, data, out, blocks, expert_layers, init, gener
     corpus = load_corpus(data)  # fail on bad data before the backbone's load
     general_corpus = load_corpus(general) if general else None
     backbone = load_base(base)
-    record = train_expert(backbone, domain, corpus, out, layout, cfg, general_corpus, stay_out)
+    record = train_expert(backbone, domain, corpus, out, layout, cfg, general_corpus, stay_out, parallel)
     main_echo(f"expert {domain}: {record['tokens']} tokens in {record['wall_s']:.0f}s "
                f"({record['tokens_per_s']:.0f} tok/s) -> {out}")  # fmt: skip
 
@@ -239,14 +258,14 @@ def train_compose_cmd(base, experts, data, out, freeze_experts, **train_kw):
     from mode_edge.training.compose import compose
     from mode_edge.training.data import load_corpus
 
-    cfg = make_train_config(**train_kw)
+    cfg, parallel = make_train_config(**train_kw)
     expert_runs = csv_paths(experts)
     if not expert_runs:
         raise UserError("--experts needs at least one expert run folder")
     require_absent(out)
     corpora = [load_corpus(d) for d in csv_paths(data)]
     backbone = load_base(base or base_of(expert_runs[0]))
-    record = compose(backbone, expert_runs, corpora, out, cfg, freeze_experts)
+    record = compose(backbone, expert_runs, corpora, out, cfg, freeze_experts, parallel)
     main_echo(f"composed: {record['tokens']} tokens in {record['wall_s']:.0f}s -> {out}")
 
 
@@ -260,10 +279,10 @@ def train_full_ft_cmd(base, data, out, **train_kw):
     from mode_edge.training.baselines import train_full_ft
     from mode_edge.training.data import load_corpus
 
-    cfg = make_train_config(**train_kw)
+    cfg, parallel = make_train_config(**train_kw)
     require_absent(out)
     corpora = [load_corpus(d) for d in csv_paths(data)]
-    record = train_full_ft(load_base(base), corpora, out, cfg)
+    record = train_full_ft(load_base(base), corpora, out, cfg, parallel)
     main_echo(f"full-ft: {record['tokens']} tokens in {record['wall_s']:.0f}s -> {out}")
 
 
@@ -282,11 +301,11 @@ def train_lora_cmd(base, data, out, rank, alpha, targets, **train_kw):
     from mode_edge.training.baselines import LoraSettings, train_lora
     from mode_edge.training.data import load_corpus
 
-    cfg = make_train_config(**train_kw)
+    cfg, parallel = make_train_config(**train_kw)
     settings = LoraSettings(rank, alpha, tuple(t for t in targets.split(",") if t))
     require_absent(out)
     corpora = [load_corpus(d) for d in csv_paths(data)]
-    record = train_lora(load_base(base), corpora, out, cfg, settings)
+    record = train_lora(load_base(base), corpora, out, cfg, settings, parallel)
     main_echo(f"lora: {record['trainable_parameters']} trainable parameters, {record['tokens']} tokens -> {out}")
 
 

@@ -105,6 +105,25 @@ class DecoderConfig(_Serialisable):
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in self.OPTIONAL or v != self.OPTIONAL[k]}
 
+    def describe(self) -> str:
+        """One line for a person: the shapes and what sets the architecture apart from a plain Llama layer."""
+        parts = [f"{self.n_layers} layers x {self.dim}", f"{self.n_heads} query / {self.n_kv_heads} KV heads of "
+                 f"{self.head_dim}", f"{'GeGLU' if self.activation == 'gelu_tanh' else 'SwiGLU'} {self.hidden_dim}",
+                 f"RoPE base {self.rope_theta:g}"]  # fmt: skip
+        if self.rope_scaling:
+            parts.append(f"{self.rope_scaling.get('rope_type')} rope scaling")
+        if self.rotary_dim:
+            parts.append(f"rotary over {self.rotary_dim} of {self.head_dim}")
+        if self.qk_norm:
+            parts.append("q/k norms")
+        if self.sandwich_norms:
+            parts.append("sandwich norms")
+        if self.layer_types:
+            sliding = sum(t == "sliding_attention" for t in self.layer_types)
+            parts.append(f"{sliding} of {self.n_layers} layers with a {self.sliding_window}-token sliding window")
+        parts.append(f"context {self.max_seq_len}")
+        return ", ".join(parts)
+
     @property
     def rotated(self) -> int:
         """Dimensions of each head the rotary embedding turns (rotary_dim, else head_dim)."""
@@ -253,6 +272,27 @@ class TrainConfig(_Serialisable):
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len * self.grad_accum
+
+
+@dataclass(frozen=True)
+class ParallelConfig(_Serialisable):
+    """How a training run under `torchrun` spreads over its processes (training/distributed.py). Not part of a run's
+    resume signature: a checkpoint resumes under any of these and at any world size."""
+
+    fsdp: bool = False
+    """Shard the trainable layers, their gradients and their AdamW moments over the processes with FSDP2
+    (training/fsdp.py) instead of a whole copy on each."""
+    placement: str = "data"
+    """'data': every process the whole model and its rows of each batch; 'split': every process the whole batch, the
+    backbone slice of each MoDE block on rank 0 and the experts on the others, at the same time (the MoDE paper's
+    placement; training/placement.py)."""
+
+    def __post_init__(self):
+        if self.placement not in ("data", "split"):
+            raise UserError(f"--placement must be 'data' or 'split', got {self.placement!r}")
+        if self.fsdp and self.placement == "split":
+            raise UserError("--fsdp shards data-parallel training; --placement split already keeps each expert on one "
+                            "process: choose one of them")  # fmt: skip
 
 
 @dataclass(frozen=True)

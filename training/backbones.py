@@ -45,6 +45,11 @@ class Backbone:
     tokenizer: TextTokenizer
     weights_sha256: str
 
+    def describe(self) -> str:
+        """One line for a person: what was loaded from --base."""
+        params = sum(p.numel() for p in self.decoder.parameters())
+        return f"backbone {self.spec}: {params / 1e6:.1f}M parameters, {self.decoder.cfg.describe()}"
+
     def fingerprint(self, layout: MoDELayout | None) -> str:
         """Hash of backbone weights + architecture + block layout + tokenizer: what an expert is bound to.
         Baselines (full fine-tuning, LoRA) have no block layout and pass None."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from mode_edge.config import TrainConfig
+from mode_edge.config import ParallelConfig, TrainConfig
 from mode_edge.errors import UserError
 from mode_edge.files import require_absent
 from mode_edge.integrity import check_file, checked_load, file_record
@@ -55,7 +55,8 @@ class LoraSettings:
 
 
 def _train_baseline(
-    kind: str, backbone: Backbone, model: Decoder, params: dict, data: list, out: Path, cfg: TrainConfig, save, **extra
+    kind: str, backbone: Backbone, model: Decoder, params: dict, data: list, out: Path, cfg: TrainConfig, save,
+    parallel: ParallelConfig, **extra
 ) -> dict:
     out = Path(out)
     require_absent(out)
@@ -76,11 +77,20 @@ def _train_baseline(
         runs.save_model_record(work, kind, backbone, None, [], record)
 
     n_trainable = sum(p.numel() for p in params.values())
-    result = trainer.train_into(out, model, params, batches, cfg, signature=signature, label=kind, save=save_run)
+    result = trainer.train_into(
+        out, model, params, batches, cfg, signature=signature, label=kind, save=save_run, parallel=parallel,
+        header=backbone.describe(),
+    )
     return trainer.training_record(kind, data_paths, cfg, result, trainable_parameters=n_trainable)
 
 
-def train_full_ft(backbone: Backbone, data: list[Corpus | Path], out: Path, cfg: TrainConfig) -> dict:
+def train_full_ft(
+    backbone: Backbone,
+    data: list[Corpus | Path],
+    out: Path,
+    cfg: TrainConfig,
+    parallel: ParallelConfig = ParallelConfig(),
+) -> dict:
     """Fine-tune every weight of a copy of the backbone on the mixed data."""
     model = copy.deepcopy(backbone.decoder)
     params = dict(model.named_parameters())
@@ -88,7 +98,7 @@ def train_full_ft(backbone: Backbone, data: list[Corpus | Path], out: Path, cfg:
     def save(work: Path) -> None:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(work / "weights.safetensors"))
 
-    return _train_baseline("full-ft", backbone, model, params, data, out, cfg, save)
+    return _train_baseline("full-ft", backbone, model, params, data, out, cfg, save, parallel)
 
 
 def shared_decoder(decoder: Decoder) -> Decoder:
@@ -109,7 +119,12 @@ def lora_model(backbone: Backbone, settings: LoraSettings) -> Decoder:
 
 
 def train_lora(
-    backbone: Backbone, data: list[Corpus | Path], out: Path, cfg: TrainConfig, settings: LoraSettings
+    backbone: Backbone,
+    data: list[Corpus | Path],
+    out: Path,
+    cfg: TrainConfig,
+    settings: LoraSettings,
+    parallel: ParallelConfig = ParallelConfig(),
 ) -> dict:
     from peft import get_peft_model_state_dict
 
@@ -121,7 +136,7 @@ def train_lora(
         save_file(adapter, str(work / "adapter.safetensors"))
 
     lora = {**asdict(settings), "targets": list(settings.targets)}
-    return _train_baseline("lora", backbone, model, params, data, out, cfg, save, lora=lora)
+    return _train_baseline("lora", backbone, model, params, data, out, cfg, save, parallel, lora=lora)
 
 
 def load_baseline(run: Path, record: dict, backbone: Backbone) -> Decoder:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mode_edge.config import TrainConfig
+from mode_edge.config import ParallelConfig, TrainConfig
 from mode_edge.errors import UserError
 from mode_edge.files import require_absent
 from mode_edge.training import runs, trainer
@@ -24,6 +24,7 @@ def compose(
     out: Path,
     cfg: TrainConfig,
     freeze_experts: bool,
+    parallel: ParallelConfig = ParallelConfig(),
 ) -> dict:
     out = Path(out)
     require_absent(out)
@@ -58,5 +59,8 @@ def compose(
         runs.save_model_record(work, "composed", backbone, layout, list(experts), extra)
 
     label = f"compose {'+'.join(experts)}"
-    result = trainer.train_into(out, model, params, batches, cfg, signature=signature, label=label, save=save)
+    result = trainer.train_into(
+        out, model, params, batches, cfg, signature=signature, label=label, save=save, parallel=parallel,
+        header=backbone.describe(),
+    )
     return trainer.training_record("compose", data_paths, cfg, result, freeze_experts=freeze_experts)

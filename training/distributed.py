@@ -1,27 +1,30 @@
-"""Data-parallel training across processes launched by `torchrun` (torch.distributed: gloo on CPU, NCCL on CUDA).
+"""Training across processes launched by `torchrun` (torch.distributed: gloo on CPU, NCCL on CUDA).
 
 Every trainer here (expert, compose, full-ft, lora) runs through one loop (training/trainer.py), which asks this
-module who it is. Under `torchrun --nproc-per-node N`, RANK and WORLD_SIZE are set; each rank then:
-- builds the same model and the same deterministic data stream, and takes its own rows of every global batch
-  (`--batch-size` stays the global batch, so a run's result does not depend on how many processes computed it, and a
-  checkpoint resumes at any world size);
-- averages the trainable parameters' gradients over the ranks after each backward, in one all_reduce of their
-  flattened concatenation: what DistributedDataParallel does, done without its wrapper so that every loss function
-  (the stay-out penalty's hooks, LoRA's peft model) sees the plain model. Only trainable parameters take part: the
-  frozen backbone has no gradient to send (its activations' gradients stay local to each rank's backward);
-- leaves writing (checkpoints, the run folder, model.json) and progress to rank 0; every rank reads the same
-  checkpoint when it resumes (one machine, or a shared file system across several).
+module who it is and hands the work that crosses processes to a strategy:
+- `DataParallel` (the default; also the single process): each rank builds the same model and the same deterministic
+  data stream and takes its own rows of every global batch (`--batch-size` stays the global batch, so a run's result
+  does not depend on how many processes computed it, and a checkpoint resumes at any world size); the trainable
+  parameters' gradients are averaged over the ranks after each backward in one all_reduce of their flattened
+  concatenation: what DistributedDataParallel does, done without its wrapper so that every loss function (the
+  stay-out penalty's hooks, LoRA's peft model) sees the plain model. The frozen backbone has no gradient to send;
+- `--fsdp` (training/fsdp.py): the same rows per rank, with the trainable layers sharded by FSDP2;
+- `--placement split` (training/placement.py): every rank the whole batch, the backbone and the experts of each
+  block on different ranks at the same time.
+Rank 0 alone writes checkpoints, the run folder and model.json and shows progress; every rank reads the same
+checkpoint when it resumes (one machine, or a shared file system across several).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
+from mode_edge.config import ParallelConfig
 from mode_edge.errors import UserError
 
 
@@ -90,3 +93,87 @@ def average(value: float, size: int, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
     dist.all_reduce(t)
     return float(t.item()) / size
+
+
+def gathered(value: float, size: int, device: torch.device) -> list[float]:
+    """A number from every rank, in rank order (each rank's peak RSS, for the run's record)."""
+    mine = torch.tensor([value], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+    parts = [torch.zeros_like(mine) for _ in range(size)]
+    dist.all_gather(parts, mine)
+    return [float(t.item()) for t in parts]
+
+
+def batch_tokens(batch) -> int:
+    """Tokens a batch of windows (B, T+1) (or a tuple led by them) trains on: B x T."""
+    first = batch[0] if isinstance(batch, tuple) else batch
+    return first[:, 1:].numel()
+
+
+class DataParallel:
+    """Replicated weights, rows of each global batch split over the ranks, gradients averaged (one process: plain
+    training). The trainer calls, in order: `prepare` once, then per step `rows`, `forward_backward` (per
+    micro-batch), `sync`, `mean`, `clip` and the optimizer step; `full` and `optimizer_state` on every rank for a
+    checkpoint; `finish` after the last step. Subclasses: training/fsdp.py, training/placement.py."""
+
+    def __init__(self, rank: int, size: int, device: torch.device):
+        self.rank, self.size, self.device = rank, size, device
+
+    def prepare(self, model: torch.nn.Module, params: dict[str, torch.nn.Parameter], loss_fn: Callable):
+        """(module to call, parameters to optimise): here the model and `params` themselves, rank 0's values on every
+        rank."""
+        if self.size > 1:
+            broadcast_parameters(params)
+        return model, params
+
+    def rows(self, batch):
+        return rows_of(batch, self.rank, self.size) if self.size > 1 else batch
+
+    def tokens(self, rows) -> int:
+        """Tokens the whole group trained on when this rank trained on `rows`."""
+        return batch_tokens(rows) * self.size
+
+    def forward_backward(self, model, batch, loss_fn: Callable, scale: float) -> float:
+        """Accumulate the gradient of scale x loss_fn(model, batch); returns the loss."""
+        loss = loss_fn(model, batch)
+        (loss * scale).backward()
+        return loss.item()
+
+    def sync(self, params: dict[str, torch.nn.Parameter]) -> None:
+        if self.size > 1:
+            average_gradients(params, self.size)
+
+    def mean(self, value: float) -> float:
+        """The step's loss over the group (what the history records)."""
+        return average(value, self.size, self.device) if self.size > 1 else value
+
+    def clip(self, params: dict[str, torch.nn.Parameter], max_norm: float) -> None:
+        torch.nn.utils.clip_grad_norm_(list(params.values()), max_norm)
+
+    def full(self, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+        """The parameters' whole values, as a checkpoint writes them (collective where weights are spread)."""
+        return {n: p.detach() for n, p in params.items()}
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer, params: dict) -> dict[int, dict[str, torch.Tensor]]:
+        """The optimizer's per-parameter state as whole tensors, by index (collective where it is spread)."""
+        state = optimizer.state_dict()["state"]
+        return {i: {k: torch.as_tensor(v).detach() for k, v in s.items()} for i, s in state.items()}
+
+    def load_optimizer_value(self, param: torch.nn.Parameter, value: torch.Tensor) -> torch.Tensor:
+        """A checkpoint's whole optimizer tensor of `param`, as this strategy's optimizer holds it."""
+        return value
+
+    def finish(self) -> None:
+        """After the last step: the model's own modules hold the trained weights on every rank."""
+
+
+def strategy(parallel: ParallelConfig, rank: int, size: int, device: torch.device) -> DataParallel:
+    """The strategy for a run's options and world (in one process --fsdp has nothing to shard: plain training)."""
+    if parallel.placement == "split":
+        from mode_edge.training.placement import SplitPlacement
+
+        return SplitPlacement(rank, size, device)
+    if parallel.fsdp and size > 1:
+        from mode_edge.training.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel(rank, size, device)
+    return DataParallel(rank, size, device)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mode_edge.config import MoDELayout, StayOutConfig, TrainConfig
+from mode_edge.config import MoDELayout, ParallelConfig, StayOutConfig, TrainConfig
 from mode_edge.errors import UserError
 from mode_edge.files import require_absent
 from mode_edge.names import check_name
@@ -31,6 +31,7 @@ def train_expert(
     cfg: TrainConfig,
     general: Corpus | Path | None = None,
     stay_out: StayOutConfig | None = None,
+    parallel: ParallelConfig = ParallelConfig(),
 ) -> dict:
     """Train expert `name` on corpus `data` (or its folder); writes run folder `out`, returns the training record.
 
@@ -101,7 +102,8 @@ def train_expert(
     label = f"expert {name}" + (f" (stay-out {stay_out.penalty})" if stay_out else "")
     try:
         result = trainer.train_into(
-            out, model, params, batches, cfg, signature=signature, label=label, save=save, loss_fn=loss_fn
+            out, model, params, batches, cfg, signature=signature, label=label, save=save, loss_fn=loss_fn,
+            parallel=parallel, header=backbone.describe(),
         )
     finally:
         if isinstance(loss_fn, StayOutLoss):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from mode_edge.config import TrainConfig
+from mode_edge.config import ParallelConfig, TrainConfig
 from mode_edge.errors import UserError
 from mode_edge.files import atomic_dir, partial_path, read_json, write_json
 from mode_edge.integrity import check_file, checked_load, file_record, is_int
@@ -67,22 +67,28 @@ def param_groups(params: dict[str, torch.nn.Parameter], cfg: TrainConfig) -> lis
     return [g for g in groups if g["params"]]
 
 
-def _save_state(state_dir: Path, params, optimizer, done: dict, signature: dict) -> None:
+def _state_tensors(plan: distributed.DataParallel, params, optimizer) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds: every trainable tensor and optimizer moment, whole (collective under --fsdp and
+    --placement split: every rank calls it)."""
+    tensors = {f"param.{n}": t.cpu().contiguous() for n, t in plan.full(params).items()}
+    for i, s in plan.optimizer_state(optimizer, params).items():
+        tensors.update({f"opt.{i}.{k}": v.cpu().contiguous() for k, v in s.items()})
+    return tensors
+
+
+def _save_state(state_dir: Path, tensors: dict[str, torch.Tensor], done: dict, signature: dict) -> None:
     """`done`: the step reached, the loss history, and the tokens, wall seconds and peak RSS spent so far."""
     state_dir.mkdir(exist_ok=True)
-    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in params.items()}
-    for i, s in optimizer.state_dict()["state"].items():
-        for k, v in s.items():
-            tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
     save_file(tensors, str(state_dir / "state.tmp.safetensors"))
     weights = file_record(state_dir / "state.tmp.safetensors")
     (state_dir / "state.tmp.safetensors").replace(state_dir / "state.safetensors")
     write_json(state_dir / "state.json", {**done, "signature": signature, "weights": weights})
 
 
-def _load_state(state_dir: Path, params, optimizer, signature: dict) -> dict:
+def _load_state(state_dir: Path, params, signature: dict) -> tuple[dict, dict[int, dict[str, torch.Tensor]]]:
     """Resume from the checkpoint in `state_dir`, checked first: a damaged one is refused with the folder to delete
-    (it is never deleted for the user: it holds their progress)."""
+    (it is never deleted for the user: it holds their progress). Copies the weights into `params`; returns what the
+    run spent before it and the optimizer's state by parameter index (whole tensors, for `_load_optimizer`)."""
     fix = f"delete {state_dir.parent} to start the run afresh"
     meta = read_json(state_dir / "state.json", fix, fix)
     weights = state_dir / "state.safetensors"
@@ -100,13 +106,22 @@ def _load_state(state_dir: Path, params, optimizer, signature: dict) -> dict:
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[f"param.{n}"])
-    opt_state = optimizer.state_dict()
+    moments: dict[int, dict[str, torch.Tensor]] = {}
     for key, v in tensors.items():
         if key.startswith("opt."):
             _, i, name = key.split(".", 2)
-            opt_state["state"].setdefault(int(i), {})[name] = v
-    optimizer.load_state_dict(opt_state)
-    return {**NOTHING_DONE, **{k: v for k, v in meta.items() if k not in ("signature", "weights")}}
+            moments.setdefault(int(i), {})[name] = v
+    return {**NOTHING_DONE, **{k: v for k, v in meta.items() if k not in ("signature", "weights")}}, moments
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, moments: dict, plan: distributed.DataParallel) -> None:
+    """Put a checkpoint's optimizer state (whole tensors by parameter index) into `optimizer`, laid out as the
+    strategy holds its parameters (sharded under --fsdp): a checkpoint resumes under any strategy and world size."""
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
+    state = optimizer.state_dict()
+    for i, values in moments.items():
+        state["state"][i] = {k: plan.load_optimizer_value(ordered[i], v) if v.ndim else v for k, v in values.items()}
+    optimizer.load_state_dict(state)
 
 
 def train(
@@ -119,10 +134,11 @@ def train(
     signature: dict,
     label: str,
     loss_fn: Callable = lm_loss,
+    parallel: ParallelConfig = ParallelConfig(),
 ) -> dict:
     """Train the named `params` of `model` (a token-ids -> logits module) on `loss_fn(model, batch)`; returns loss
-    history and throughput. Under torchrun, data parallel over the processes (training/distributed.py): the same
-    result as one process with the same global batch, checkpoints written by rank 0."""
+    history and throughput. Under torchrun, over the processes as `parallel` says (training/distributed.py): data
+    parallel by default, the same result as one process with the same global batch; checkpoints written by rank 0."""
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but this torch has no CUDA device; use --device cpu")
@@ -130,24 +146,30 @@ def train(
     if device.type == "cuda" and size > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
     with distributed.process_group(device):
-        return _train(model, params, batches, cfg, work, device, rank, size, signature=signature, label=label,
-                      loss_fn=loss_fn)  # fmt: skip
+        plan = distributed.strategy(parallel, rank, size, device)
+        result = _train(model, params, batches, cfg, work, device, plan, signature=signature, label=label,
+                        loss_fn=loss_fn)  # fmt: skip
+        if size > 1:
+            peaks = distributed.gathered(result["peak_rss_mb"], size, device)
+            result["parallel"] = {"processes": size, **parallel.to_dict(), "peak_rss_mb": peaks}
+    return result
 
 
-def _train(model, params, batches, cfg: TrainConfig, work: Path, device: torch.device, rank: int, size: int, *,
-           signature: dict, label: str, loss_fn: Callable) -> dict:  # fmt: skip
+def _train(model, params, batches, cfg: TrainConfig, work: Path, device: torch.device,
+           plan: distributed.DataParallel, *, signature: dict, label: str, loss_fn: Callable) -> dict:  # fmt: skip
     model.to(device)
     for p in params.values():
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(param_groups(params, cfg), betas=(0.9, 0.95), eps=1e-8)
     state_dir = work / STATE_DIR
-    before = NOTHING_DONE  # what a resumed run spent before its checkpoint, so that the record covers the whole run
+    before, moments = NOTHING_DONE, {}  # what a resumed run spent before its checkpoint, so the record is the run's
     if (state_dir / "state.json").exists():
-        before = _load_state(state_dir, params, optimizer, signature)
+        before, moments = _load_state(state_dir, params, signature)
         for _ in range(before["step"] * cfg.grad_accum):  # replay the deterministic data order up to the checkpoint
             next(batches)
-    if size > 1:
-        distributed.broadcast_parameters(params)
+    module, trained = plan.prepare(model, params, loss_fn)
+    optimizer = torch.optim.AdamW(param_groups(trained, cfg), betas=(0.9, 0.95), eps=1e-8)
+    if moments:
+        _load_optimizer(optimizer, moments, plan)
     step, history = before["step"], list(before["history"])
     tokens, t0 = 0, time.perf_counter()
 
@@ -156,30 +178,30 @@ def _train(model, params, batches, cfg: TrainConfig, work: Path, device: torch.d
         return {"step": step, "history": history, "tokens": before["tokens"] + tokens, "wall_s": round(wall, 2),
                 "peak_rss_mb": round(max(before["peak_rss_mb"], peak_mb), 1)}  # fmt: skip
 
-    progress = training_progress(label, cfg.steps, start=step) if rank == 0 else nullcontext(lambda **_: None)
+    first = plan.rank == 0
+    progress = training_progress(label, cfg.steps, start=step) if first else nullcontext(lambda **_: None)
     with PeakRSS() as memory, progress as advance:
         while step < cfg.steps:
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(step, cfg)
             total = 0.0
             for _ in range(cfg.grad_accum):
-                batch = next(batches)
-                batch = _to(distributed.rows_of(batch, rank, size) if size > 1 else batch, device)
-                loss = loss_fn(model, batch)
-                (loss / cfg.grad_accum).backward()
-                total += loss.item() / cfg.grad_accum
-                tokens += (batch[0] if isinstance(batch, tuple) else batch)[:, 1:].numel() * size
-            if size > 1:
-                distributed.average_gradients(params, size)
-                total = distributed.average(total, size, device)
-            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+                rows = _to(plan.rows(next(batches)), device)
+                total += plan.forward_backward(module, rows, loss_fn, 1 / cfg.grad_accum) / cfg.grad_accum
+                tokens += plan.tokens(rows)
+            plan.sync(trained)
+            total = plan.mean(total)
+            plan.clip(trained, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             history.append(round(total, 5))
             advance(loss=total, tokens_per_s=tokens / (time.perf_counter() - t0))
-            if rank == 0 and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                _save_state(state_dir, params, optimizer, spent(memory.peak_mb), signature)
+            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                tensors = _state_tensors(plan, trained, optimizer)  # (every rank: gathering may be collective)
+                if first:
+                    _save_state(state_dir, tensors, spent(memory.peak_mb), signature)
+    plan.finish()
     result = spent(memory.peak_mb)
     for p in params.values():
         p.requires_grad_(False)
@@ -199,17 +221,27 @@ def train_into(
     label: str,
     save: Callable[[Path, dict], None],
     loss_fn: Callable = lm_loss,
+    parallel: ParallelConfig = ParallelConfig(),
+    header: str | None = None,
 ) -> dict:
     """Train, then let `save(work, result)` write the run, which appears as `out` only when complete. An interrupted
     run keeps its checkpoint in the hidden partial folder, and the same call with the same settings resumes it.
-    Under torchrun only rank 0 writes; the other ranks train beside it, reading its checkpoint to resume."""
+    Under torchrun only rank 0 writes; the other ranks train beside it, reading its checkpoint to resume. `header`:
+    a line rank 0 shows before training starts (what the run trains on)."""
     if distributed.world()[0] != 0:
         return train(model, params, batches, cfg, partial_path(out), signature=signature, label=label,
-                     loss_fn=loss_fn)  # fmt: skip
+                     loss_fn=loss_fn, parallel=parallel)  # fmt: skip
+    if header:
+        console.print(header, soft_wrap=True)
+    if cfg.warmup_steps > cfg.steps:
+        console.print(f"note: --warmup-steps {cfg.warmup_steps} is longer than the run's --steps {cfg.steps}: the "
+                      f"learning rate stays below --lr (at most {cfg.steps / cfg.warmup_steps:.0%} of it)",
+                      soft_wrap=True)  # fmt: skip
     if partial_path(out).exists():
         console.print(f"resuming the interrupted run in {partial_path(out)}")
     with atomic_dir(out, keep_partial_on_error=True) as work:
-        result = train(model, params, batches, cfg, work, signature=signature, label=label, loss_fn=loss_fn)
+        result = train(model, params, batches, cfg, work, signature=signature, label=label, loss_fn=loss_fn,
+                       parallel=parallel)
         save(work, result)
         shutil.rmtree(work / STATE_DIR, ignore_errors=True)  # absent when no checkpoint was due
     return result
@@ -217,7 +249,7 @@ def train_into(
 
 def training_record(stage: str, data: list[str], cfg: TrainConfig, result: dict, **extra) -> dict:
     """What a run records of how it was trained (the loss history goes to model.json)."""
-    throughput = {k: result[k] for k in ("tokens", "wall_s", "tokens_per_s", "peak_rss_mb")}
+    throughput = {k: result[k] for k in ("tokens", "wall_s", "tokens_per_s", "peak_rss_mb", "parallel") if k in result}
     return {"stage": stage, **extra, "data": data, "config": cfg.to_dict(), **throughput}
 
 

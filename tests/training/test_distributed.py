@@ -1,6 +1,8 @@
 """Training past one process: `mode-edge train ...` under a real `torchrun` (gloo, 2 processes, one thread each) on the
 tiny backbone. Two ranks with half the global batch each end on the weights one process reaches with the whole
-batch; a run interrupted in one process resumes under two and ends where an uninterrupted run ends."""
+batch, with whole copies (data parallel) or sharded layers (--fsdp: experts, full fine-tuning, LoRA); a run
+interrupted in one process resumes under two, sharded or not, and ends where an uninterrupted run ends; with the
+backbone on one rank and the expert on the other (--placement split) the run ends where one process's does."""
 
 from __future__ import annotations
 
@@ -11,11 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from mode_edge.training import runs
 from mode_edge.training.backbones import load_backbone
-from tests.cli_runner import invoke
+from tests.cli_runner import invoke, refused
 
 BIN = Path(sys.executable).parent
 ARGS = ["--base", "tiny", "--domain", "code", "--steps", "6", "--batch-size", "4", "--seq-len", "48",
@@ -33,8 +36,8 @@ def expert_weights(run: Path) -> dict:
     return runs.load_run_experts(run, load_backbone("tiny"))[0].expert.state_dict()
 
 
-def history(run: Path) -> list[float]:
-    return json.loads((run / "model.json").read_text())["history"]["code"]
+def history(run: Path, stage: str = "code") -> list[float]:
+    return json.loads((run / "model.json").read_text())["history"][stage]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +47,9 @@ def single(code_data, tmp_path_factory) -> Path:
     return out
 
 
-def test_two_ranks_reach_the_weights_of_one_process_with_the_global_batch(single, code_data, tmp_path):
-    proc = torchrun("train", "expert", *ARGS, "--data", str(code_data), "--out", str(tmp_path / "ddp"))
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_two_ranks_reach_the_weights_of_one_process_with_the_global_batch(sharding, single, code_data, tmp_path):
+    proc = torchrun("train", "expert", *ARGS, *sharding, "--data", str(code_data), "--out", str(tmp_path / "ddp"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("expert code:") == 1  # the last line from rank 0 alone
     a, b = expert_weights(tmp_path / "ddp"), expert_weights(single)
@@ -55,6 +59,50 @@ def test_two_ranks_reach_the_weights_of_one_process_with_the_global_batch(single
     record = runs.read_model_record(tmp_path / "ddp")["training"]
     assert record["tokens"] == runs.read_model_record(single)["training"]["tokens"]  # every rank's tokens counted
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # one run folder, no partial left
+    peaks = record["parallel"].pop("peak_rss_mb")
+    assert record["parallel"] == {"processes": 2, "fsdp": bool(sharding), "placement": "data"}
+    assert len(peaks) == 2 and peaks[0] == record["peak_rss_mb"] and 50 < peaks[1] < 4000  # each rank's own
+
+
+@pytest.mark.parametrize("kind", ["full-ft", "lora"])
+def test_fsdp_baselines_reach_the_weights_of_one_process(kind, code_data, tmp_path):
+    """Full fine-tuning shards every layer and then the rest (the tied embedding in the root unit); LoRA shards its A
+    and B matrices beside the frozen projections they adapt."""
+    args = [a for a in ARGS if a not in ("--domain", "code")]
+    invoke("train", kind, *args, "--data", code_data, "--out", tmp_path / "single")
+    proc = torchrun("train", kind, *args, "--fsdp", "--data", str(code_data), "--out", str(tmp_path / "fsdp"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    name = "weights.safetensors" if kind == "full-ft" else "adapter.safetensors"
+    a, b = load_file(str(tmp_path / "fsdp" / name)), load_file(str(tmp_path / "single" / name))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert history(tmp_path / "fsdp", kind) == pytest.approx(history(tmp_path / "single", kind), rel=1e-5)
+
+
+def test_split_placement_ends_where_one_process_ends(code_data, tmp_path):
+    """The backbone on rank 0, the expert on rank 1, the whole batch on both. (Random expert layers: copies of the
+    block's own layers compute what the backbone slice computes, so the gate's gradient is zero but for rounding,
+    which AdamW's first steps scale up to a full step, g / |g|, differently in each summation order.)"""
+    args = [*ARGS, "--init", "random", "--data", str(code_data)]
+    invoke("train", "expert", *args, "--out", tmp_path / "single")
+    proc = torchrun("train", "expert", *args, "--placement", "split", "--out", str(tmp_path / "split"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = expert_weights(tmp_path / "split"), expert_weights(tmp_path / "single")
+    for k in a:
+        assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert history(tmp_path / "split") == pytest.approx(history(tmp_path / "single"), rel=1e-5)
+    record, reference = (runs.read_model_record(tmp_path / r)["training"] for r in ("split", "single"))
+    assert record["tokens"] == reference["tokens"]  # the batch counted once, not once per rank
+    assert record["parallel"]["placement"] == "split"
+
+
+def test_split_placement_refusals_are_one_line_and_leave_nothing(code_data, prose_data, tmp_path):
+    for extra, message in ((["--placement", "split"], "launch 2 to 2 processes"),
+                           (["--placement", "split", "--general", prose_data], "drop --general"),
+                           (["--placement", "split", "--fsdp"], "choose one of them")):  # fmt: skip
+        refused("train", "expert", *ARGS, *extra, "--data", code_data, "--out", tmp_path / "run", message=message)
+        assert not list(tmp_path.iterdir())
 
 
 def test_stay_out_training_is_the_same_with_its_general_rows_on_one_rank(code_data, prose_data, tmp_path):
@@ -70,7 +118,8 @@ def test_stay_out_training_is_the_same_with_its_general_rows_on_one_rank(code_da
     assert history(tmp_path / "ddp") == pytest.approx(history(tmp_path / "single"), rel=1e-5)
 
 
-def test_an_interrupted_run_resumes_under_another_world_size(single, code_data, tmp_path):
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_an_interrupted_run_resumes_under_another_world_size(sharding, single, code_data, tmp_path):
     import mode_edge.training.train_expert as te
 
     def failing(stream):
@@ -86,7 +135,7 @@ def test_an_interrupted_run_resumes_under_another_world_size(single, code_data, 
     finally:
         te.TokenStream = original
     assert json.loads((tmp_path / ".run.partial/train_state/state.json").read_text())["step"] == 2
-    proc = torchrun("train", "expert", *ARGS, "--data", str(code_data), "--out", str(tmp_path / "run"))
+    proc = torchrun("train", "expert", *ARGS, *sharding, "--data", str(code_data), "--out", str(tmp_path / "run"))
     assert proc.returncode == 0 and "resuming" in proc.stderr, proc.stderr[-3000:]
     a, b = expert_weights(tmp_path / "run"), expert_weights(single)
     for k in a:

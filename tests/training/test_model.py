@@ -41,6 +41,12 @@ def test_decoder_matches_transformers_logits(tmp_path, model_type):
     assert (ours.cfg.sliding_window, ours.cfg.sandwich_norms) == ((8, True) if model_type == "gemma3" else (None, False))
     assert (ours.cfg.rotary_dim, ours.cfg.rotated) == ((48, 48) if model_type == "phi4" else (None, 16))
     assert ours.cfg.max_seq_len == (64 if phi else 1024)
+    described = ours.cfg.describe()  # (what a training run's first line says of its backbone)
+    assert ("GeGLU" in described, "sandwich norms" in described) == (model_type == "gemma3",) * 2
+    assert ("q/k norms" in described) == ours.cfg.qk_norm
+    assert (f"{rope_type} rope scaling" in described) == bool(rope_type)
+    if model_type == "gemma3":
+        assert f"of {ours.cfg.n_layers} layers with a 8-token sliding window" in described
     idx = tokens(64 if phi else 100)
     with torch.no_grad():
         assert_close(ours(idx), hf(idx).logits, rtol=1e-5, atol=1e-5)

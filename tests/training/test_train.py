@@ -170,3 +170,18 @@ def test_unknown_expert_subset_and_existing_output_are_refused(expert_runs, tiny
         train_expert(tiny, "code", code_data, expert_runs / "code", LAYOUT, CFG)
     with pytest.raises(UserError, match="expert name 'a/b'"):
         train_expert(tiny, "a/b", code_data, expert_runs / "x", LAYOUT, CFG)
+
+
+def test_a_run_says_what_it_trains_on_and_warns_of_a_warmup_past_its_end(code_data, tmp_path):
+    from tests.cli_runner import invoke
+
+    args = ["--base", "tiny", "--domain", "code", "--data", code_data, "--steps", "2", "--batch-size", "2",
+            "--seq-len", "32"]  # fmt: skip
+    result = invoke("train", "expert", *args, "--out", tmp_path / "run", "--warmup-steps", "5")
+    lines = result.stderr.splitlines()
+    assert lines[0] == ("backbone tiny: 0.2M parameters, 6 layers x 64, 4 query / 2 KV heads of 16, SwiGLU 128, "
+                        "RoPE base 10000, context 1024")  # fmt: skip
+    assert lines[1] == ("note: --warmup-steps 5 is longer than the run's --steps 2: the learning rate stays below "
+                        "--lr (at most 40% of it)")  # fmt: skip
+    quiet = invoke("train", "expert", *args, "--out", tmp_path / "run2", "--warmup-steps", "2")
+    assert "note:" not in quiet.stderr

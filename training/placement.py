@@ -1,0 +1,204 @@
+"""`--placement split`: the MoDE paper's placement of backbone and experts on different ranks (arXiv 2410.07490 §3.4:
+within a block, the backbone slice and the experts only meet at the gate's weighted sum, so they can run on different
+devices at the same time).
+
+Every rank trains on the whole global batch. In each block, rank 0 runs the backbone slice and the other ranks the
+experts (expert k on rank 1 + k mod (N - 1)); each rank computes the gate (a few numbers per token) and its share of
+the weighted sum, and the shares meet in one all_reduce (the last block's in a reduce to rank 0, which alone runs the
+output head and the loss). Backward runs the same way in reverse, with the collectives of Megatron-LM's tensor
+parallel regions (Shoeybi et al., arXiv 1909.08053): a block's input gradient is the sum of every rank's part (an
+all_reduce), the merged output's gradient is the same on every rank (no communication), and the head's gradient
+comes from rank 0 (a broadcast).
+
+The frozen backbone needs no weight gradients, and autograd computes none for it: rank 0's backward through a later
+block's slice is input-gradient matmuls only, and through the first block's slice (whose input is the frozen
+embedding) nothing at all. The other ranks never run the output head (a 49152 x 576 matmul in SmolLM2, forward and
+backward, as much as seven of its layers).
+
+Each expert's weights learn on their own rank only; the gate rows are replicated and their gradients summed over the
+ranks (each rank holds the part that flows through its own branches). Checkpoints and the end of training bring every
+expert's weights (and moments) to all ranks, so rank 0 writes them all.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mode_edge.errors import UserError
+from mode_edge.training.distributed import DataParallel, batch_tokens
+from mode_edge.training.model import MoDEModel, run_layers
+
+
+def check_processes(size: int, n_experts: int | None = None) -> None:
+    """Refuse a world the placement cannot fill: rank 0 and at least one expert rank, no rank without an expert.
+    `n_experts` None: not known yet (only the lower bound is checked)."""
+    if size < 2 or (n_experts is not None and size > 1 + n_experts):
+        most = "1 + experts" if n_experts is None else 1 + n_experts
+        raise UserError(f"--placement split puts the backbone on one process and the {n_experts or ''} expert(s) "
+                        f"on the others: launch 2 to {most} processes (torchrun --nproc-per-node), not "
+                        f"{size}")  # fmt: skip
+
+
+class _CopyToRanks(torch.autograd.Function):
+    """Forward: the same tensor on every rank. Backward: the sum of the ranks' gradients (all_reduce)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Forward: the sum of the ranks' tensors on every rank (all_reduce). Backward: each rank's own gradient, which
+    is every rank's (they all compute the same from the sum)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.contiguous().clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _SumToFirst(torch.autograd.Function):
+    """Forward: the sum of the ranks' tensors on rank 0 (reduce). Backward: rank 0's gradient on every rank
+    (broadcast); the other ranks start their backward here with a zero gradient, which the broadcast replaces."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.contiguous().clone()
+        dist.reduce(x, dst=0)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.broadcast(grad, src=0)
+        return grad
+
+
+class SplitMoDE(nn.Module):
+    """A MoDEModel's forward with its blocks' branches on different ranks: logits (B, T, V) on rank 0, the last block's
+    share of the weighted sum (B, T, d) on the others."""
+
+    def __init__(self, model: MoDEModel, rank: int, owners: dict[str, int]):
+        super().__init__()
+        self.model, self.rank, self.owners = model, rank, owners
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        x = model.backbone.embed(idx)  # (B, T, d)
+        for i, block in enumerate(model.blocks):
+            x_in = _CopyToRanks.apply(x)
+            a = block.gate_weights(x_in).to(x.dtype)  # (B, T, 1 + N)
+            share = torch.zeros_like(x)
+            if self.rank == 0:
+                share = a[..., :1] * run_layers(block.backbone, x_in, model.backbone.rope, None, block.backbone_names)
+            for j, (name, expert) in enumerate(block.experts.items(), start=1):
+                if self.owners[name] == self.rank:
+                    names = [f"{name}.{block.index}.{k}" for k in range(len(expert.layers))]
+                    y = run_layers(expert.layers, x_in, model.backbone.rope, None, names)
+                    share = share + a[..., j : j + 1] * y
+            x = (_SumToFirst if i == len(model.blocks) - 1 else _SumOverRanks).apply(share)
+        return model.backbone.head(x) if self.rank == 0 else x
+
+
+class SplitPlacement(DataParallel):
+    """The strategy of `--placement split` (see the module's docstring)."""
+
+    def prepare(self, model: nn.Module, params: dict[str, nn.Parameter], loss_fn: Callable):
+        from mode_edge.training.trainer import lm_loss
+
+        if not isinstance(model, MoDEModel) or not model.experts:
+            raise UserError("--placement split places MoDE experts beside the backbone; it applies to `train expert` "
+                            "and `train compose`, not to the baselines")  # fmt: skip
+        if loss_fn is not lm_loss:
+            raise UserError("--placement split trains with the language-model loss; drop --general (the stay-out "
+                            "penalty reads the backbone's block outputs on every rank), or use --placement "
+                            "data")  # fmt: skip
+        experts = list(model.experts)
+        check_processes(self.size, len(experts))
+        super().prepare(model, params, loss_fn)
+        self.owners = {name: 1 + k % (self.size - 1) for k, name in enumerate(experts)}
+        self.params = params
+        mine = lambda n: n.split(".", 1)[0] in experts and self.owners[n.split(".", 1)[0]] == self.rank  # noqa: E731
+        self.gates = {n: p for n, p in params.items() if ".gate." in n}
+        self.own = {n: p for n, p in params.items() if n not in self.gates and mine(n)}
+        if set(params) - set(self.gates) - {n for n in params if n.split(".", 1)[0] in experts}:
+            raise UserError("--placement split trains experts' layers and gates only")
+        self.forward = SplitMoDE(model, self.rank, self.owners)
+        return self.forward, params
+
+    def rows(self, batch):
+        return batch  # every rank computes its branches for every row
+
+    def tokens(self, rows) -> int:
+        return batch_tokens(rows)
+
+    def forward_backward(self, model, batch, loss_fn: Callable, scale: float) -> float:
+        if self.rank == 0:
+            return super().forward_backward(model, batch, loss_fn, scale)
+        share = model(batch[:, :-1])
+        share.backward(torch.zeros_like(share))  # the real gradient arrives by broadcast from rank 0
+        return 0.0
+
+    def sync(self, params: dict[str, nn.Parameter]) -> None:
+        for p in self.gates.values():  # each rank holds the part through its own branches: the sum is the gradient
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
+    def mean(self, value: float) -> float:
+        return value  # rank 0 alone computes the loss, over the whole batch
+
+    def clip(self, params: dict[str, nn.Parameter], max_norm: float) -> None:
+        own = [p.grad.float().pow(2).sum() for p in self.own.values() if p.grad is not None]
+        square = torch.stack(own).sum() if own else torch.zeros((), device=self.device)
+        dist.all_reduce(square)  # every expert's layers, each counted on its own rank
+        gates = [p.grad for p in self.gates.values()]
+        total = torch.sqrt(square + torch.nn.utils.get_total_norm(gates).float().pow(2))
+        torch.nn.utils.clip_grads_with_norm_([*self.own.values(), *self.gates.values()], max_norm, total)
+
+    def _from_owner(self, name: str, tensors: list[torch.Tensor]) -> None:
+        """Broadcast the tensors of parameter `name` (its value, or its moments) from the rank that trains it to
+        every rank, in place; a gate row's are the same everywhere already. Collective: the same order on every
+        rank."""
+        if name in self.gates:
+            return
+        for t in tensors:
+            sent = t.to(self.device)  # (NCCL sends GPU tensors only; AdamW keeps its step count on the CPU)
+            dist.broadcast(sent, src=self.owners[name.split(".", 1)[0]])
+            t.copy_(sent)
+
+    def full(self, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            for n, p in params.items():
+                self._from_owner(n, [p.data])
+        return {n: p.detach() for n, p in params.items()}
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer, params: dict) -> dict[int, dict[str, torch.Tensor]]:
+        names = {id(p): n for n, p in params.items()}
+        state = optimizer.state_dict()["state"]
+        moments = {}
+        for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
+            held = state.get(i, {})  # a rank has moments only for what it stepped: the owner's are broadcast
+            moments[i] = {"step": torch.as_tensor(held.get("step", 0.0), dtype=torch.float32).clone(),
+                          "exp_avg": held.get("exp_avg", torch.zeros_like(p)),
+                          "exp_avg_sq": held.get("exp_avg_sq", torch.zeros_like(p))}  # fmt: skip
+            self._from_owner(names[id(p)], list(moments[i].values()))
+        return moments
+
+    def finish(self) -> None:
+        self.full(self.params)
