@@ -87,7 +87,8 @@ def report(results: dict, args: argparse.Namespace, cfg: dict) -> None:
         + f"\n\nTarget: split <= 0.8x data parallel with 2 experts. The MoDE paper: {PAPER_RATIO:.2f}x (three "
         "meshes against one SPMD mesh on 8 TPUv5e).\n"
     )  # fmt: skip
-    write("placement", {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "backbone": cfg,
+    recorded = {k: str(v) for k, v in vars(args).items() if k != "report"}
+    write("placement", {"machine": machine(), "args": recorded, "backbone": cfg,
                         "summary": summary, "runs": results}, markdown)  # fmt: skip
 
 
@@ -101,7 +102,7 @@ def backbone_shapes(base: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, required=True, help="a prepared corpus (e.g. the code domain)")
+    parser.add_argument("--data", type=Path, help="a prepared corpus (e.g. the code domain); not with --report")
     parser.add_argument("--base", default="smollm2")
     parser.add_argument("--experts", default="1,2,4", help="comma-separated expert counts")
     parser.add_argument("--processes", type=int, default=2)
@@ -116,9 +117,13 @@ def main() -> None:
     if args.report:
         earlier = json.loads(args.report.read_text())
         for k, v in earlier["args"].items():
-            if k not in ("report", "data"):
+            if k == "data":
+                args.data = Path(v)
+            elif k != "report":
                 setattr(args, k, type(getattr(args, k))(v))
         return report(earlier["runs"], args, cfg)
+    if args.data is None:
+        parser.error("--data is required (or --report to rewrite an earlier report)")
     counts = [int(n) for n in args.experts.split(",")]
     results: dict[str, dict[str, list[dict]]] = {f"{n}:{v}": [] for n in counts for v in ("data", "split")}
     with tempfile.TemporaryDirectory() as tmp:

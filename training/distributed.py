@@ -2,7 +2,7 @@
 
 Every trainer here (expert, compose, full-ft, lora) runs through one loop (training/trainer.py), which asks this
 module who it is and hands the work that crosses processes to a strategy:
-- `DataParallel` (the default; also the single process): each rank builds the same model and the same deterministic
+- `DataParallelPlan` (the default; also the single process): each rank builds the same model and the same deterministic
   data stream and takes its own rows of every global batch (`--batch-size` stays the global batch, so a run's result
   does not depend on how many processes computed it, and a checkpoint resumes at any world size); the trainable
   parameters' gradients are averaged over the ranks after each backward in one all_reduce of their flattened
@@ -78,10 +78,17 @@ def broadcast_parameters(params: dict[str, torch.nn.Parameter]) -> None:
 def average_gradients(params: dict[str, torch.nn.Parameter], size: int) -> None:
     """Replace each trainable parameter's gradient (B_rank rows' mean) by its mean over the ranks: with equal rows
     per rank, the gradient of the global batch's mean loss. One all_reduce of the flattened gradients."""
+    sum_gradients(params, divide=size)
+
+
+def sum_gradients(params: dict[str, torch.nn.Parameter], divide: int = 1) -> None:
+    """Replace each parameter's gradient (None: zeros) by its sum over the ranks, divided by `divide`: one
+    all_reduce of the flattened gradients."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
-    flat /= size
+    if divide != 1:
+        flat /= divide
     offset = 0
     for p, g in zip(params.values(), grads):
         p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
@@ -109,7 +116,7 @@ def batch_tokens(batch) -> int:
     return first[:, 1:].numel()
 
 
-class DataParallel:
+class DataParallelPlan:
     """Replicated weights, rows of each global batch split over the ranks, gradients averaged (one process: plain
     training). The trainer calls, in order: `prepare` once, then per step `rows`, `forward_backward` (per
     micro-batch), `sync`, `mean`, `clip` and the optimizer step; `full` and `optimizer_state` on every rank for a
@@ -149,14 +156,22 @@ class DataParallel:
     def clip(self, params: dict[str, torch.nn.Parameter], max_norm: float) -> None:
         torch.nn.utils.clip_grad_norm_(list(params.values()), max_norm)
 
-    def full(self, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
-        """The parameters' whole values, as a checkpoint writes them (collective where weights are spread)."""
-        return {n: p.detach() for n, p in params.items()}
+    def full(self, params: dict[str, torch.nn.Parameter], keep: bool) -> dict[str, torch.Tensor]:
+        """The parameters' whole values on the CPU where `keep` (rank 0, writing a checkpoint), {} elsewhere. Every
+        rank calls it: where weights are spread it is collective, and a rank that does not keep a tensor drops it
+        at once, so that no rank holds the whole model beside its share for long."""
+        return {n: p.detach().cpu() for n, p in params.items()} if keep else {}
 
-    def optimizer_state(self, optimizer: torch.optim.Optimizer, params: dict) -> dict[int, dict[str, torch.Tensor]]:
-        """The optimizer's per-parameter state as whole tensors, by index (collective where it is spread)."""
+    def optimizer_state(self, optimizer: torch.optim.Optimizer, params: dict, keep: bool) -> dict[int, dict]:
+        """The optimizer's per-parameter state as whole CPU tensors, by parameter index, where `keep`; as `full`."""
+        if not keep:
+            return {}
         state = optimizer.state_dict()["state"]
-        return {i: {k: torch.as_tensor(v).detach() for k, v in s.items()} for i, s in state.items()}
+        return {i: {k: torch.as_tensor(v).detach().cpu() for k, v in s.items()} for i, s in state.items()}
+
+    def holds_state(self, name: str) -> bool:
+        """Whether this rank's optimizer keeps state for parameter `name` (every rank, in data parallel)."""
+        return True
 
     def load_optimizer_value(self, param: torch.nn.Parameter, value: torch.Tensor) -> torch.Tensor:
         """A checkpoint's whole optimizer tensor of `param`, as this strategy's optimizer holds it."""
@@ -166,14 +181,14 @@ class DataParallel:
         """After the last step: the model's own modules hold the trained weights on every rank."""
 
 
-def strategy(parallel: ParallelConfig, rank: int, size: int, device: torch.device) -> DataParallel:
+def strategy(parallel: ParallelConfig, rank: int, size: int, device: torch.device) -> DataParallelPlan:
     """The strategy for a run's options and world (in one process --fsdp has nothing to shard: plain training)."""
     if parallel.placement == "split":
-        from mode_edge.training.placement import SplitPlacement
+        from mode_edge.training.placement import SplitPlan
 
-        return SplitPlacement(rank, size, device)
+        return SplitPlan(rank, size, device)
     if parallel.fsdp and size > 1:
-        from mode_edge.training.fsdp import FullyShardedDataParallel
+        from mode_edge.training.fsdp import FSDPPlan
 
-        return FullyShardedDataParallel(rank, size, device)
-    return DataParallel(rank, size, device)
+        return FSDPPlan(rank, size, device)
+    return DataParallelPlan(rank, size, device)

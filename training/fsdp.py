@@ -26,7 +26,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from mode_edge.training.distributed import DataParallel, average_gradients
+from mode_edge.training.distributed import DataParallelPlan, average_gradients
 from mode_edge.training.model import Decoder, DecoderLayer
 
 UNIT_KINDS = (DecoderLayer, Decoder)
@@ -63,8 +63,15 @@ def total_grad_norm(params: list[nn.Parameter]) -> float:
     return square**0.5
 
 
-class FullyShardedDataParallel(DataParallel):
-    """DataParallel with the trainable layers sharded (see the module's docstring)."""
+def _gathered(t: torch.Tensor, keep: bool) -> torch.Tensor | None:
+    """A sharded tensor made whole (collective) or a replicated one as it is; on the CPU where `keep`, else None
+    (dropped at once)."""
+    whole = t.full_tensor() if isinstance(t, DTensor) else t
+    return whole.cpu() if keep else None
+
+
+class FSDPPlan(DataParallelPlan):
+    """DataParallelPlan with the trainable layers sharded (see the module's docstring)."""
 
     def prepare(self, model: nn.Module, params: dict[str, nn.Parameter], loss_fn: Callable):
         super().prepare(model, params, loss_fn)  # rank 0's values everywhere, before each rank keeps its shard
@@ -95,12 +102,13 @@ class FullyShardedDataParallel(DataParallel):
             if p.grad is not None:
                 p.grad.mul_(coef)
 
-    def full(self, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-        return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in params.items()}
+    def full(self, params: dict[str, nn.Parameter], keep: bool) -> dict[str, torch.Tensor]:
+        return {n: t for n, p in params.items() if (t := _gathered(p.detach(), keep)) is not None}
 
-    def optimizer_state(self, optimizer: torch.optim.Optimizer, params: dict) -> dict[int, dict[str, torch.Tensor]]:
-        whole = lambda v: v.full_tensor() if isinstance(v, DTensor) else torch.as_tensor(v)  # noqa: E731
-        return {i: {k: whole(v).detach() for k, v in s.items()} for i, s in optimizer.state_dict()["state"].items()}
+    def optimizer_state(self, optimizer: torch.optim.Optimizer, params: dict, keep: bool) -> dict[int, dict]:
+        state = optimizer.state_dict()["state"]
+        gathered = {i: {k: _gathered(torch.as_tensor(v), keep) for k, v in s.items()} for i, s in state.items()}
+        return gathered if keep else {}
 
     def load_optimizer_value(self, param: nn.Parameter, value: torch.Tensor) -> torch.Tensor:
         if not isinstance(param, DTensor):
@@ -109,7 +117,7 @@ class FullyShardedDataParallel(DataParallel):
 
     def finish(self) -> None:
         with torch.no_grad():
-            for n, whole in self.full(self.trained).items():  # (collective: every rank, in the same order)
-                if isinstance(self.trained[n], DTensor):
-                    self.params[n].data = whole
+            for n, p in self.trained.items():  # (collective: every rank, in the same order)
+                if isinstance(p, DTensor):
+                    self.params[n].data = p.full_tensor()
         self.trained = self.replicated = {}

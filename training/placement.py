@@ -13,7 +13,7 @@ comes from rank 0 (a broadcast).
 The frozen backbone needs no weight gradients, and autograd computes none for it: rank 0's backward through a later
 block's slice is input-gradient matmuls only, and through the first block's slice (whose input is the frozen
 embedding) nothing at all. The other ranks never run the output head (a 49152 x 576 matmul in SmolLM2, forward and
-backward, as much as seven of its layers).
+backward, as much as eight of its layers).
 
 Each expert's weights learn on their own rank only; the gate rows are replicated and their gradients summed over the
 ranks (each rank holds the part that flows through its own branches). Checkpoints and the end of training bring every
@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mode_edge.errors import UserError
-from mode_edge.training.distributed import DataParallel, batch_tokens
+from mode_edge.training.distributed import DataParallelPlan, batch_tokens, sum_gradients
 from mode_edge.training.model import MoDEModel, run_layers
 
 
@@ -37,14 +37,15 @@ def check_processes(size: int, n_experts: int | None = None) -> None:
     """Refuse a world the placement cannot fill: rank 0 and at least one expert rank, no rank without an expert.
     `n_experts` None: not known yet (only the lower bound is checked)."""
     if size < 2 or (n_experts is not None and size > 1 + n_experts):
-        most = "1 + experts" if n_experts is None else 1 + n_experts
-        raise UserError(f"--placement split puts the backbone on one process and the {n_experts or ''} expert(s) "
-                        f"on the others: launch 2 to {most} processes (torchrun --nproc-per-node), not "
-                        f"{size}")  # fmt: skip
+        experts = "the experts" if n_experts is None else f"the {n_experts} expert(s)"
+        launch = "exactly 2" if n_experts == 1 else f"2 to {'1 + experts' if n_experts is None else 1 + n_experts}"
+        raise UserError(f"--placement split puts the backbone on one process and {experts} on the others: launch "
+                        f"{launch} processes (torchrun --nproc-per-node), not {size}")  # fmt: skip
 
 
 class _CopyToRanks(torch.autograd.Function):
-    """Forward: the same tensor on every rank. Backward: the sum of the ranks' gradients (all_reduce)."""
+    """A block's input x (B, T, d), the same on every rank. Forward: x. Backward: the sum of the ranks' gradients
+    (all_reduce), each rank's holding the part through its own branches and gate columns."""
 
     @staticmethod
     def forward(ctx, x):
@@ -58,8 +59,8 @@ class _CopyToRanks(torch.autograd.Function):
 
 
 class _SumOverRanks(torch.autograd.Function):
-    """Forward: the sum of the ranks' tensors on every rank (all_reduce). Backward: each rank's own gradient, which
-    is every rank's (they all compute the same from the sum)."""
+    """A block's merge: each rank's share of the weighted sum (B, T, d) in, the sum out on every rank (all_reduce).
+    Backward: each rank's own gradient, which is every rank's (they all compute the same from the sum)."""
 
     @staticmethod
     def forward(ctx, x):
@@ -73,8 +74,9 @@ class _SumOverRanks(torch.autograd.Function):
 
 
 class _SumToFirst(torch.autograd.Function):
-    """Forward: the sum of the ranks' tensors on rank 0 (reduce). Backward: rank 0's gradient on every rank
-    (broadcast); the other ranks start their backward here with a zero gradient, which the broadcast replaces."""
+    """The last block's merge: the shares (B, T, d) summed on rank 0 (reduce; what the other ranks get back is not
+    used). Backward: rank 0's gradient on every rank (broadcast); the other ranks start their backward here with a
+    zero gradient, which the broadcast replaces."""
 
     @staticmethod
     def forward(ctx, x):
@@ -90,8 +92,8 @@ class _SumToFirst(torch.autograd.Function):
 
 
 class SplitMoDE(nn.Module):
-    """A MoDEModel's forward with its blocks' branches on different ranks: logits (B, T, V) on rank 0, the last block's
-    share of the weighted sum (B, T, d) on the others."""
+    """A MoDEModel's forward with its blocks' branches on different ranks. idx (B, T) -> logits (B, T, V) on rank 0;
+    on the others a (B, T, d) tensor to start the backward from (its value unused)."""
 
     def __init__(self, model: MoDEModel, rank: int, owners: dict[str, int]):
         super().__init__()
@@ -115,10 +117,13 @@ class SplitMoDE(nn.Module):
         return model.backbone.head(x) if self.rank == 0 else x
 
 
-class SplitPlacement(DataParallel):
+class SplitPlan(DataParallelPlan):
     """The strategy of `--placement split` (see the module's docstring)."""
 
     def prepare(self, model: nn.Module, params: dict[str, nn.Parameter], loss_fn: Callable):
+        """(SplitMoDE over `model`, `params`). Raises UserError for a model without experts, a loss other than the
+        language model's, a world the placement cannot fill (`check_processes`), or parameters that are not the
+        experts' layers and gates."""
         from mode_edge.training.trainer import lm_loss
 
         if not isinstance(model, MoDEModel) or not model.experts:
@@ -138,8 +143,7 @@ class SplitPlacement(DataParallel):
         self.own = {n: p for n, p in params.items() if n not in self.gates and mine(n)}
         if set(params) - set(self.gates) - {n for n in params if n.split(".", 1)[0] in experts}:
             raise UserError("--placement split trains experts' layers and gates only")
-        self.forward = SplitMoDE(model, self.rank, self.owners)
-        return self.forward, params
+        return SplitMoDE(model, self.rank, self.owners), params
 
     def rows(self, batch):
         return batch  # every rank computes its branches for every row
@@ -155,10 +159,7 @@ class SplitPlacement(DataParallel):
         return 0.0
 
     def sync(self, params: dict[str, nn.Parameter]) -> None:
-        for p in self.gates.values():  # each rank holds the part through its own branches: the sum is the gradient
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
+        sum_gradients(self.gates)  # each rank holds the part through its own branches: the sum is the gradient
 
     def mean(self, value: float) -> float:
         return value  # rank 0 alone computes the loss, over the whole batch
@@ -182,23 +183,29 @@ class SplitPlacement(DataParallel):
             dist.broadcast(sent, src=self.owners[name.split(".", 1)[0]])
             t.copy_(sent)
 
-    def full(self, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
+    def full(self, params: dict[str, nn.Parameter], keep: bool) -> dict[str, torch.Tensor]:
+        with torch.no_grad():  # every rank's copy of every expert brought up to date (each rank holds the model)
             for n, p in params.items():
                 self._from_owner(n, [p.data])
-        return {n: p.detach() for n, p in params.items()}
+        return {n: p.detach().cpu() for n, p in params.items()} if keep else {}
 
-    def optimizer_state(self, optimizer: torch.optim.Optimizer, params: dict) -> dict[int, dict[str, torch.Tensor]]:
+    def optimizer_state(self, optimizer: torch.optim.Optimizer, params: dict, keep: bool) -> dict[int, dict]:
         names = {id(p): n for n, p in params.items()}
         state = optimizer.state_dict()["state"]
         moments = {}
         for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
-            held = state.get(i, {})  # a rank has moments only for what it stepped: the owner's are broadcast
-            moments[i] = {"step": torch.as_tensor(held.get("step", 0.0), dtype=torch.float32).clone(),
-                          "exp_avg": held.get("exp_avg", torch.zeros_like(p)),
-                          "exp_avg_sq": held.get("exp_avg_sq", torch.zeros_like(p))}  # fmt: skip
-            self._from_owner(names[id(p)], list(moments[i].values()))
+            held = state.get(i) or {  # a rank has moments only for what it steps: the owner's are broadcast
+                "step": torch.zeros((), dtype=torch.float32), "exp_avg": torch.zeros_like(p),
+                "exp_avg_sq": torch.zeros_like(p)}  # fmt: skip
+            whole = {k: torch.as_tensor(held[k], dtype=torch.float32 if k == "step" else None).clone()
+                     for k in sorted(held)}  # (one order on every rank: a resumed state holds the file's order)
+            self._from_owner(names[id(p)], list(whole.values()))
+            if keep:
+                moments[i] = {k: v.cpu() for k, v in whole.items()}
         return moments
 
+    def holds_state(self, name: str) -> bool:
+        return name in self.gates or name in self.own
+
     def finish(self) -> None:
-        self.full(self.params)
+        self.full(self.params, keep=False)

@@ -67,12 +67,13 @@ def param_groups(params: dict[str, torch.nn.Parameter], cfg: TrainConfig) -> lis
     return [g for g in groups if g["params"]]
 
 
-def _state_tensors(plan: distributed.DataParallel, params, optimizer) -> dict[str, torch.Tensor]:
-    """What a checkpoint holds: every trainable tensor and optimizer moment, whole (collective under --fsdp and
-    --placement split: every rank calls it)."""
-    tensors = {f"param.{n}": t.cpu().contiguous() for n, t in plan.full(params).items()}
-    for i, s in plan.optimizer_state(optimizer, params).items():
-        tensors.update({f"opt.{i}.{k}": v.cpu().contiguous() for k, v in s.items()})
+def _state_tensors(plan: distributed.DataParallelPlan, params, optimizer) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds: every trainable tensor and optimizer moment, whole, on rank 0 ({} on the others).
+    Every rank calls it: gathering is collective under --fsdp and --placement split."""
+    keep = plan.rank == 0
+    tensors = {f"param.{n}": t.contiguous() for n, t in plan.full(params, keep).items()}
+    for i, s in plan.optimizer_state(optimizer, params, keep).items():
+        tensors.update({f"opt.{i}.{k}": v.contiguous() for k, v in s.items()})
     return tensors
 
 
@@ -114,13 +115,18 @@ def _load_state(state_dir: Path, params, signature: dict) -> tuple[dict, dict[in
     return {**NOTHING_DONE, **{k: v for k, v in meta.items() if k not in ("signature", "weights")}}, moments
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, moments: dict, plan: distributed.DataParallel) -> None:
-    """Put a checkpoint's optimizer state (whole tensors by parameter index) into `optimizer`, laid out as the
-    strategy holds its parameters (sharded under --fsdp): a checkpoint resumes under any strategy and world size."""
+def _load_optimizer(optimizer: torch.optim.Optimizer, moments: dict, params: dict,
+                    plan: distributed.DataParallelPlan) -> None:  # fmt: skip
+    """Put a checkpoint's optimizer state (whole tensors by parameter index) into `optimizer` over `params`, laid
+    out as the strategy holds them (sharded under --fsdp; only the rank's own experts under --placement split): a
+    checkpoint resumes under any strategy and world size."""
+    names = {id(p): n for n, p in params.items()}
     ordered = [p for group in optimizer.param_groups for p in group["params"]]
     state = optimizer.state_dict()
     for i, values in moments.items():
-        state["state"][i] = {k: plan.load_optimizer_value(ordered[i], v) if v.ndim else v for k, v in values.items()}
+        if plan.holds_state(names[id(ordered[i])]):
+            state["state"][i] = {k: plan.load_optimizer_value(ordered[i], v) if v.ndim else v
+                                 for k, v in values.items()}  # fmt: skip
     optimizer.load_state_dict(state)
 
 
@@ -145,6 +151,7 @@ def train(
     rank, size = distributed.world()
     if device.type == "cuda" and size > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
+        torch.cuda.set_device(device)  # (FSDP and NCCL take the current device for this process's)
     with distributed.process_group(device):
         plan = distributed.strategy(parallel, rank, size, device)
         result = _train(model, params, batches, cfg, work, device, plan, signature=signature, label=label,
@@ -156,7 +163,7 @@ def train(
 
 
 def _train(model, params, batches, cfg: TrainConfig, work: Path, device: torch.device,
-           plan: distributed.DataParallel, *, signature: dict, label: str, loss_fn: Callable) -> dict:  # fmt: skip
+           plan: distributed.DataParallelPlan, *, signature: dict, label: str, loss_fn: Callable) -> dict:  # fmt: skip
     model.to(device)
     for p in params.values():
         p.requires_grad_(True)
@@ -169,7 +176,7 @@ def _train(model, params, batches, cfg: TrainConfig, work: Path, device: torch.d
     module, trained = plan.prepare(model, params, loss_fn)
     optimizer = torch.optim.AdamW(param_groups(trained, cfg), betas=(0.9, 0.95), eps=1e-8)
     if moments:
-        _load_optimizer(optimizer, moments, plan)
+        _load_optimizer(optimizer, moments, trained, plan)
     step, history = before["step"], list(before["history"])
     tokens, t0 = 0, time.perf_counter()
 

@@ -22,7 +22,10 @@ from tests.cli_runner import invoke, refused
 
 BIN = Path(sys.executable).parent
 ARGS = ["--base", "tiny", "--domain", "code", "--steps", "6", "--batch-size", "4", "--seq-len", "48",
-        "--warmup-steps", "1", "--lr", "1e-3", "--checkpoint-every", "2"]  # fmt: skip
+        "--warmup-steps", "1", "--lr", "1e-3", "--checkpoint-every", "2", "--init", "random"]  # fmt: skip
+"""Random expert layers: the tiny backbone's blocks hold 2 layers, so an expert of 2 layers copied from its block
+(--init copy) computes what the backbone slice computes, the gate's gradient is zero but for rounding, and AdamW's
+first steps scale that rounding up towards a full step (g / (|g| + eps)), differently in each summation order."""
 
 
 def torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
@@ -67,8 +70,8 @@ def test_two_ranks_reach_the_weights_of_one_process_with_the_global_batch(shardi
 @pytest.mark.parametrize("kind", ["full-ft", "lora"])
 def test_fsdp_baselines_reach_the_weights_of_one_process(kind, code_data, tmp_path):
     """Full fine-tuning shards every layer and then the rest (the tied embedding in the root unit); LoRA shards its A
-    and B matrices beside the frozen projections they adapt."""
-    args = [a for a in ARGS if a not in ("--domain", "code")]
+    and B matrices beside the frozen projections they adapt. Two micro-batches per step (--grad-accum 2)."""
+    args = [*(a for a in ARGS if a not in ("--domain", "code", "--init", "random")), "--grad-accum", "2"]
     invoke("train", kind, *args, "--data", code_data, "--out", tmp_path / "single")
     proc = torchrun("train", kind, *args, "--fsdp", "--data", str(code_data), "--out", str(tmp_path / "fsdp"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -81,10 +84,8 @@ def test_fsdp_baselines_reach_the_weights_of_one_process(kind, code_data, tmp_pa
 
 
 def test_split_placement_ends_where_one_process_ends(code_data, tmp_path):
-    """The backbone on rank 0, the expert on rank 1, the whole batch on both. (Random expert layers: copies of the
-    block's own layers compute what the backbone slice computes, so the gate's gradient is zero but for rounding,
-    which AdamW's first steps scale up to a full step, g / |g|, differently in each summation order.)"""
-    args = [*ARGS, "--init", "random", "--data", str(code_data)]
+    """The backbone on rank 0, the expert on rank 1, the whole batch on both, two micro-batches per step."""
+    args = [*ARGS, "--grad-accum", "2", "--data", str(code_data)]
     invoke("train", "expert", *args, "--out", tmp_path / "single")
     proc = torchrun("train", "expert", *args, "--placement", "split", "--out", str(tmp_path / "split"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -98,7 +99,7 @@ def test_split_placement_ends_where_one_process_ends(code_data, tmp_path):
 
 
 def test_split_placement_refusals_are_one_line_and_leave_nothing(code_data, prose_data, tmp_path):
-    for extra, message in ((["--placement", "split"], "launch 2 to 2 processes"),
+    for extra, message in ((["--placement", "split"], "launch exactly 2 processes"),
                            (["--placement", "split", "--general", prose_data], "drop --general"),
                            (["--placement", "split", "--fsdp"], "choose one of them")):  # fmt: skip
         refused("train", "expert", *ARGS, *extra, "--data", code_data, "--out", tmp_path / "run", message=message)
@@ -118,8 +119,9 @@ def test_stay_out_training_is_the_same_with_its_general_rows_on_one_rank(code_da
     assert history(tmp_path / "ddp") == pytest.approx(history(tmp_path / "single"), rel=1e-5)
 
 
-@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"], ["--placement", "split"]], ids=["ddp", "fsdp", "split"])
 def test_an_interrupted_run_resumes_under_another_world_size(sharding, single, code_data, tmp_path):
+    """Resumed from one process's checkpoint: whole copies, sharded, or with the expert on its own rank."""
     import mode_edge.training.train_expert as te
 
     def failing(stream):

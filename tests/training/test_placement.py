@@ -17,7 +17,7 @@ from torch.testing import assert_close
 
 from mode_edge.config import MoDELayout, TrainConfig
 from mode_edge.training.backbones import tiny_decoder
-from mode_edge.training.distributed import DataParallel
+from mode_edge.training.distributed import DataParallelPlan
 from mode_edge.training.model import Expert, MoDEModel
 from mode_edge.training.trainer import _state_tensors, lm_loss, named_params, param_groups
 
@@ -44,7 +44,7 @@ def model_and_batch(n_experts: int):
 CFG = TrainConfig(lr=1e-3, warmup_steps=0)
 
 
-def one_step(plan: DataParallel, model, params, batch) -> tuple[dict, dict, torch.nn.Module]:
+def one_step(plan: DataParallelPlan, model, params, batch) -> tuple[dict, dict, torch.nn.Module]:
     """Prepare, one AdamW step on this rank's rows, the checkpoint tensors; also the parameters and module trained."""
     module, trained = plan.prepare(model, params, lm_loss)
     optimizer = torch.optim.AdamW(param_groups(trained, CFG), betas=(0.9, 0.95), eps=1e-8)
@@ -60,16 +60,16 @@ def _rank(rank: int, size: int, port: int, n_experts: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=size)
     try:
-        from mode_edge.training.placement import SplitPlacement
+        from mode_edge.training.placement import SplitPlan
 
         model, params, batch = model_and_batch(n_experts)
-        plan = SplitPlacement(rank, size, torch.device("cpu"))
+        plan = SplitPlan(rank, size, torch.device("cpu"))
         module, _ = plan.prepare(model, params, lm_loss)
         loss = plan.forward_backward(module, batch, lm_loss, 1.0)
         plan.sync(params)
         grads = {n: p.grad.clone() for n, p in plan.own.items()} | {n: p.grad.clone() for n, p in plan.gates.items()}
         model, params, batch = model_and_batch(n_experts)  # a fresh start for one whole step
-        state, _, _ = one_step(SplitPlacement(rank, size, torch.device("cpu")), model, params, batch)
+        state, _, _ = one_step(SplitPlan(rank, size, torch.device("cpu")), model, params, batch)
         torch.save({"loss": loss, "grads": grads, "state": state}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -102,22 +102,21 @@ def test_split_placement_gives_the_single_process_loss_and_gradients(n_experts, 
     owners = {n.split(".")[0] for r in ranks[1:] for n in r["grads"] if ".gate." not in n}
     assert owners == set(model.experts) and not [n for n in ranks[0]["grads"] if ".gate." not in n]
     model, params, batch = model_and_batch(n_experts)
-    reference, _, _ = one_step(DataParallel(0, 1, torch.device("cpu")), model, params, batch)
-    for r in ranks:
-        assert sorted(r["state"]) == sorted(reference)
-        for key, value in reference.items():
-            scale = float(value.abs().max())  # (moments and weights differ in size by orders of magnitude)
-            assert_close(r["state"][key], value, rtol=1e-4, atol=1e-5 * scale, msg=lambda m, key=key: f"{key}: {m}")
+    reference, _, _ = one_step(DataParallelPlan(0, 1, torch.device("cpu")), model, params, batch)
+    assert sorted(ranks[0]["state"]) == sorted(reference) and all(r["state"] == {} for r in ranks[1:])
+    for key, value in reference.items():  # rank 0, which writes checkpoints, holds every expert's from its owner
+        scale = float(value.abs().max())  # (moments and weights differ in size by orders of magnitude)
+        assert_close(ranks[0]["state"][key], value, rtol=1e-4, atol=1e-5 * scale, msg=lambda m, k=key: f"{k}: {m}")
 
 
 def test_split_placement_refuses_what_it_cannot_place(tmp_path: Path):
     from mode_edge.errors import UserError
-    from mode_edge.training.placement import SplitPlacement
+    from mode_edge.training.placement import SplitPlan
 
     model, params, _ = model_and_batch(1)
-    with pytest.raises(UserError, match="launch 2 to 2 processes"):
-        SplitPlacement(0, 3, torch.device("cpu")).prepare(model, params, lm_loss)
+    with pytest.raises(UserError, match="launch exactly 2 processes"):
+        SplitPlan(0, 3, torch.device("cpu")).prepare(model, params, lm_loss)
     with pytest.raises(UserError, match="drop --general"):
-        SplitPlacement(0, 2, torch.device("cpu")).prepare(model, params, lambda m, b: lm_loss(m, b))
+        SplitPlan(0, 2, torch.device("cpu")).prepare(model, params, lambda m, b: lm_loss(m, b))
     with pytest.raises(UserError, match="not to the baselines"):
-        SplitPlacement(0, 2, torch.device("cpu")).prepare(model.backbone, params, lm_loss)
+        SplitPlan(0, 2, torch.device("cpu")).prepare(model.backbone, params, lm_loss)
