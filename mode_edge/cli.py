@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -32,6 +33,8 @@ class Group(click.Group):
         except UserError as e:
             if rank0():  # under torchrun every rank meets the same mistake: say it once
                 click.secho(f"error: {e}", fg="red", err=True)
+            else:  # ... and give rank 0 the time to say it (and to clean up) before torchrun, seeing this rank
+                time.sleep(RANK0_GRACE_S)  # fail, stops the others
             sys.exit(2)
         except click.UsageError as e:
             usage_error(e, ctx.command_path)
@@ -123,6 +126,11 @@ class Folder(click.Path):
 
 
 FOLDER = Folder(path_type=Path)
+
+
+RANK0_GRACE_S = 3.0
+"""Seconds a torchrun worker other than rank 0 waits before leaving on a user mistake: torchrun stops every process
+as soon as one fails, and rank 0, which meets the same mistake, must first print it and remove what it started."""
 
 
 def rank0() -> bool:

@@ -240,6 +240,9 @@ def train_into(
                      loss_fn=loss_fn, parallel=parallel)  # fmt: skip
     if header:
         console.print(header, soft_wrap=True)
+    if parallel.fsdp and distributed.world()[1] == 1:
+        console.print("note: --fsdp shards over torchrun's processes; in one process it trains as without it",
+                      soft_wrap=True)  # fmt: skip
     if cfg.warmup_steps > cfg.steps:
         console.print(f"note: --warmup-steps {cfg.warmup_steps} is longer than the run's --steps {cfg.steps}: the "
                       f"learning rate stays below --lr (at most {cfg.steps / cfg.warmup_steps:.0%} of it)",

@@ -146,7 +146,9 @@ def test_an_interrupted_run_resumes_under_another_world_size(sharding, single, c
 
 
 def test_a_global_batch_that_does_not_divide_is_one_line(code_data, tmp_path):
-    args = [a if a != "4" else "3" for a in ARGS]
-    proc = torchrun("train", "expert", *args, "--data", str(code_data), "--out", str(tmp_path / "odd"))
-    assert proc.returncode != 0 and proc.stderr.count("--batch-size 3 does not divide among 2 processes") == 1
-    assert "Traceback" not in proc.stderr.split("--batch-size 3")[0][-2000:]  # (torchrun then reports the ranks)
+    """Three processes: the other ranks meet the mistake as rank 0 does, and wait for it to say so and to remove its
+    partial run folder before they fail (torchrun stops every process as soon as one fails)."""
+    proc = torchrun("train", "expert", *ARGS, "--data", str(code_data), "--out", str(tmp_path / "odd"), processes=3)
+    assert proc.returncode != 0 and proc.stderr.count("--batch-size 4 does not divide among 3 processes") == 1
+    assert "Traceback" not in proc.stderr.split("--batch-size 4")[0][-2000:]  # (torchrun then reports the ranks)
+    assert not list(tmp_path.iterdir())
