@@ -82,7 +82,9 @@ def train_options(method: str):
 
     options = [
         click.option("--steps", type=POSITIVE, default=200, show_default=True, help="Optimizer steps."),
-        click.option("--batch-size", type=POSITIVE, default=4, show_default=True, help="Sequences per micro-batch."),
+        click.option("--batch-size", type=POSITIVE, default=4, show_default=True,
+                     help="Sequences per micro-batch; under torchrun the global batch, split across the processes "
+                          "(data parallel, --fsdp)."),
         click.option("--seq-len", type=POSITIVE, default=256, show_default=True,
                      help="Tokens per sequence; at most the backbone's context (max positions)."),
         click.option("--grad-accum", type=POSITIVE, default=1, show_default=True,
