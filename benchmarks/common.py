@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -45,3 +48,16 @@ def write(name: str, data: dict, markdown: str) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown)
     print(markdown)
+
+
+def mode_edge(*args: str, processes: int = 1, threads: int = 1) -> subprocess.CompletedProcess:
+    """`mode-edge ARGS` in a fresh process with `threads` OpenMP threads, under `torchrun --standalone` with
+    `processes` workers when more than one; exits with the command's stderr when it fails."""
+    cmd = [str(Path(sys.executable).parent / "mode-edge"), *args]
+    if processes > 1:
+        torchrun = Path(sys.executable).parent / "torchrun"
+        cmd = [str(torchrun), "--standalone", f"--nproc-per-node={processes}", "--no-python", *cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if proc.returncode:
+        raise SystemExit(f"mode-edge {' '.join(args[:2])} failed:\n{proc.stderr[-3000:]}")
+    return proc

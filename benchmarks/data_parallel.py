@@ -17,16 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import machine, median, write  # noqa: E402
+from common import machine, median, mode_edge, write  # noqa: E402
 
-BIN = Path(sys.executable).parent
 VARIANTS = {  # name: (processes, threads per process, extra options)
     "1 process x 1 thread": (1, 1, []),
     "2 processes x 1 thread (torchrun)": (2, 1, []),
@@ -41,13 +39,7 @@ def run(variant: str, args: argparse.Namespace, out: Path) -> dict:
     train = ["train", *stage, "--base", args.base, "--data", str(args.data), "--out", str(out),
              "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
              "--warmup-steps", "1", "--checkpoint-every", "100000", *extra]  # fmt: skip
-    cmd = [str(BIN / "mode-edge"), *train]
-    if processes > 1:
-        cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={processes}", "--no-python", *cmd]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode:
-        raise SystemExit(f"{variant} failed:\n{proc.stderr[-2000:]}")
+    mode_edge(*train, processes=processes, threads=threads)
     return json.loads((out / "model.json").read_text())["training"]
 
 

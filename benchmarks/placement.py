@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -29,21 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import machine, median, write  # noqa: E402
+from common import machine, median, mode_edge, write  # noqa: E402
 
-BIN = Path(sys.executable).parent
 BLOCKS, EXPERT_LAYERS = 3, 2  # the default layout (mode_edge.config.MoDELayout)
 PAPER_RATIO = 204 / 329  # MoDE paper, 8 TPUv5e, 4 experts x 6 layers in 2 blocks: three meshes vs one SPMD mesh
-
-
-def mode_edge(*args: str, processes: int = 1) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "mode-edge"), *args]
-    if processes > 1:
-        cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={processes}", "--no-python", *cmd]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(args[:2])} failed:\n{proc.stderr[-3000:]}")
-    return proc
 
 
 def estimate(cfg: dict, n_experts: int, processes: int) -> float:

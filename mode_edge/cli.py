@@ -229,9 +229,10 @@ def train_expert_cmd(base, domain, data, out, blocks, expert_layers, init, gener
     from mode_edge.training.data import load_corpus
     from mode_edge.training.train_expert import train_expert
 
-    if general is not None and train_kw["placement"] == "split":
-        raise UserError("--placement split trains with the language-model loss; drop --general (the stay-out penalty "
-                        "reads the backbone's block outputs on every rank), or use --placement data")  # fmt: skip
+    if train_kw["placement"] == "split":  # (before the backbone loads)
+        from mode_edge.training.placement import check_stay_out
+
+        check_stay_out(general is not None)
     cfg, parallel = make_train_config(experts=1, **train_kw)
     given = {"--general-share": general_share, "--stay-out-weight": stay_out_weight, "--stay-out": penalty}
     if general is None and any(v is not None for v in given.values()):

@@ -97,9 +97,7 @@ def sum_gradients(params: dict[str, torch.nn.Parameter], divide: int = 1) -> Non
 
 def average(value: float, size: int, device: torch.device) -> float:
     """The mean of a number over the ranks (the step's loss, for a history that is the global batch's)."""
-    t = torch.tensor([value], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
-    dist.all_reduce(t)
-    return float(t.item()) / size
+    return sum(gathered(value, size, device)) / size
 
 
 def gathered(value: float, size: int, device: torch.device) -> list[float]:
@@ -156,18 +154,22 @@ class DataParallelPlan:
     def clip(self, params: dict[str, torch.nn.Parameter], max_norm: float) -> None:
         torch.nn.utils.clip_grad_norm_(list(params.values()), max_norm)
 
+    def whole(self, t: torch.Tensor, keep: bool) -> torch.Tensor | None:
+        """One tensor of a checkpoint, whole, on the CPU where `keep`; None elsewhere (a strategy that spreads weights
+        gathers it first, collectively, and a rank that does not keep it drops it at once)."""
+        return t.detach().cpu() if keep else None
+
     def full(self, params: dict[str, torch.nn.Parameter], keep: bool) -> dict[str, torch.Tensor]:
-        """The parameters' whole values on the CPU where `keep` (rank 0, writing a checkpoint), {} elsewhere. Every
-        rank calls it: where weights are spread it is collective, and a rank that does not keep a tensor drops it
-        at once, so that no rank holds the whole model beside its share for long."""
-        return {n: p.detach().cpu() for n, p in params.items()} if keep else {}
+        """The parameters' whole values where `keep` (rank 0, writing a checkpoint), {} elsewhere. Every rank calls
+        it, in the same order: no rank holds the whole model beside its share for long."""
+        wholes = {n: self.whole(p, keep) for n, p in params.items()}
+        return wholes if keep else {}
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer, params: dict, keep: bool) -> dict[int, dict]:
-        """The optimizer's per-parameter state as whole CPU tensors, by parameter index, where `keep`; as `full`."""
-        if not keep:
-            return {}
+        """The optimizer's per-parameter state as whole tensors, by parameter index, where `keep`; as `full`."""
         state = optimizer.state_dict()["state"]
-        return {i: {k: torch.as_tensor(v).detach().cpu() for k, v in s.items()} for i, s in state.items()}
+        wholes = {i: {k: self.whole(torch.as_tensor(v), keep) for k, v in s.items()} for i, s in state.items()}
+        return wholes if keep else {}
 
     def holds_state(self, name: str) -> bool:
         """Whether this rank's optimizer keeps state for parameter `name` (every rank, in data parallel)."""

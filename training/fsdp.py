@@ -63,13 +63,6 @@ def total_grad_norm(params: list[nn.Parameter]) -> float:
     return square**0.5
 
 
-def _gathered(t: torch.Tensor, keep: bool) -> torch.Tensor | None:
-    """A sharded tensor made whole (collective) or a replicated one as it is; on the CPU where `keep`, else None
-    (dropped at once)."""
-    whole = t.full_tensor() if isinstance(t, DTensor) else t
-    return whole.cpu() if keep else None
-
-
 class FSDPPlan(DataParallelPlan):
     """DataParallelPlan with the trainable layers sharded (see the module's docstring)."""
 
@@ -102,13 +95,8 @@ class FSDPPlan(DataParallelPlan):
             if p.grad is not None:
                 p.grad.mul_(coef)
 
-    def full(self, params: dict[str, nn.Parameter], keep: bool) -> dict[str, torch.Tensor]:
-        return {n: t for n, p in params.items() if (t := _gathered(p.detach(), keep)) is not None}
-
-    def optimizer_state(self, optimizer: torch.optim.Optimizer, params: dict, keep: bool) -> dict[int, dict]:
-        state = optimizer.state_dict()["state"]
-        gathered = {i: {k: _gathered(torch.as_tensor(v), keep) for k, v in s.items()} for i, s in state.items()}
-        return gathered if keep else {}
+    def whole(self, t: torch.Tensor, keep: bool) -> torch.Tensor | None:
+        return super().whole(t.full_tensor() if isinstance(t, DTensor) else t, keep)  # (gathering is collective)
 
     def load_optimizer_value(self, param: nn.Parameter, value: torch.Tensor) -> torch.Tensor:
         if not isinstance(param, DTensor):

@@ -33,6 +33,14 @@ from mode_edge.training.distributed import DataParallelPlan, batch_tokens, sum_g
 from mode_edge.training.model import MoDEModel, run_layers
 
 
+def check_stay_out(stay_out: bool) -> None:
+    """Refuse the stay-out penalty (`train expert --general`), which reads the backbone's block outputs on every
+    rank."""
+    if stay_out:
+        raise UserError("--placement split trains with the language-model loss; drop --general (the stay-out "
+                        "penalty reads the backbone's block outputs on every rank), or use --placement data")  # fmt: skip
+
+
 def check_processes(size: int, n_experts: int | None = None) -> None:
     """Refuse a world the placement cannot fill: rank 0 and at least one expert rank, no rank without an expert.
     `n_experts` None: not known yet (only the lower bound is checked)."""
@@ -41,6 +49,11 @@ def check_processes(size: int, n_experts: int | None = None) -> None:
         launch = "exactly 2" if n_experts == 1 else f"2 to {'1 + experts' if n_experts is None else 1 + n_experts}"
         raise UserError(f"--placement split puts the backbone on one process and {experts} on the others: launch "
                         f"{launch} processes (torchrun --nproc-per-node), not {size}")  # fmt: skip
+
+
+def expert_of(name: str) -> str:
+    """The expert a trained parameter belongs to: the trainers name them `EXPERT.blocks...` (trainer.named_params)."""
+    return name.split(".", 1)[0]
 
 
 class _CopyToRanks(torch.autograd.Function):
@@ -105,14 +118,14 @@ class SplitMoDE(nn.Module):
         for i, block in enumerate(model.blocks):
             x_in = _CopyToRanks.apply(x)
             a = block.gate_weights(x_in).to(x.dtype)  # (B, T, 1 + N)
-            share = torch.zeros_like(x)
+            share = None  # this rank's branches' part of the weighted sum (every rank has at least one)
             if self.rank == 0:
                 share = a[..., :1] * run_layers(block.backbone, x_in, model.backbone.rope, None, block.backbone_names)
             for j, (name, expert) in enumerate(block.experts.items(), start=1):
                 if self.owners[name] == self.rank:
                     names = [f"{name}.{block.index}.{k}" for k in range(len(expert.layers))]
-                    y = run_layers(expert.layers, x_in, model.backbone.rope, None, names)
-                    share = share + a[..., j : j + 1] * y
+                    term = a[..., j : j + 1] * run_layers(expert.layers, x_in, model.backbone.rope, None, names)
+                    share = term if share is None else share + term
             x = (_SumToFirst if i == len(model.blocks) - 1 else _SumOverRanks).apply(share)
         return model.backbone.head(x) if self.rank == 0 else x
 
@@ -124,25 +137,20 @@ class SplitPlan(DataParallelPlan):
         """(SplitMoDE over `model`, `params`). Raises UserError for a model without experts, a loss other than the
         language model's, a world the placement cannot fill (`check_processes`), or parameters that are not the
         experts' layers and gates."""
-        from mode_edge.training.trainer import lm_loss
+        from mode_edge.training.trainer import is_gate, lm_loss
 
         if not isinstance(model, MoDEModel) or not model.experts:
             raise UserError("--placement split places MoDE experts beside the backbone; it applies to `train expert` "
                             "and `train compose`, not to the baselines")  # fmt: skip
-        if loss_fn is not lm_loss:
-            raise UserError("--placement split trains with the language-model loss; drop --general (the stay-out "
-                            "penalty reads the backbone's block outputs on every rank), or use --placement "
-                            "data")  # fmt: skip
-        experts = list(model.experts)
-        check_processes(self.size, len(experts))
-        super().prepare(model, params, loss_fn)
-        self.owners = {name: 1 + k % (self.size - 1) for k, name in enumerate(experts)}
-        self.params = params
-        mine = lambda n: n.split(".", 1)[0] in experts and self.owners[n.split(".", 1)[0]] == self.rank  # noqa: E731
-        self.gates = {n: p for n, p in params.items() if ".gate." in n}
-        self.own = {n: p for n, p in params.items() if n not in self.gates and mine(n)}
-        if set(params) - set(self.gates) - {n for n in params if n.split(".", 1)[0] in experts}:
+        check_stay_out(loss_fn is not lm_loss)
+        check_processes(self.size, len(model.experts))
+        if any(expert_of(n) not in model.experts for n in params):
             raise UserError("--placement split trains experts' layers and gates only")
+        super().prepare(model, params, loss_fn)
+        self.owners = {name: 1 + k % (self.size - 1) for k, name in enumerate(model.experts)}
+        self.params = params
+        self.gates = {n: p for n, p in params.items() if is_gate(n)}
+        self.own = {n: p for n, p in params.items() if not is_gate(n) and self.owners[expert_of(n)] == self.rank}
         return SplitMoDE(model, self.rank, self.owners), params
 
     def rows(self, batch):
@@ -165,8 +173,8 @@ class SplitPlan(DataParallelPlan):
         return value  # rank 0 alone computes the loss, over the whole batch
 
     def clip(self, params: dict[str, nn.Parameter], max_norm: float) -> None:
-        own = [p.grad.float().pow(2).sum() for p in self.own.values() if p.grad is not None]
-        square = torch.stack(own).sum() if own else torch.zeros((), device=self.device)
+        own = [p.grad for p in self.own.values() if p.grad is not None]
+        square = torch.nn.utils.get_total_norm(own).float().pow(2) if own else torch.zeros((), device=self.device)
         dist.all_reduce(square)  # every expert's layers, each counted on its own rank
         gates = [p.grad for p in self.gates.values()]
         total = torch.sqrt(square + torch.nn.utils.get_total_norm(gates).float().pow(2))
@@ -180,7 +188,7 @@ class SplitPlan(DataParallelPlan):
             return
         for t in tensors:
             sent = t.to(self.device)  # (NCCL sends GPU tensors only; AdamW keeps its step count on the CPU)
-            dist.broadcast(sent, src=self.owners[name.split(".", 1)[0]])
+            dist.broadcast(sent, src=self.owners[expert_of(name)])
             t.copy_(sent)
 
     def full(self, params: dict[str, nn.Parameter], keep: bool) -> dict[str, torch.Tensor]:
