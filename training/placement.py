@@ -38,7 +38,8 @@ def check_stay_out(stay_out: bool) -> None:
     rank."""
     if stay_out:
         raise UserError("--placement split trains with the language-model loss; drop --general (the stay-out "
-                        "penalty reads the backbone's block outputs on every rank), or use --placement data")  # fmt: skip
+                        "penalty reads the backbone's block outputs on every rank), or use --placement "
+                        "data")  # fmt: skip
 
 
 def check_processes(size: int, n_experts: int | None = None) -> None:
