@@ -13,6 +13,9 @@ Weights are stacked at export (numpy) when they are initializers; computed ones 
 offset computed from scales and minimums) are stacked by a Concat node, which onnxruntime folds when the session
 loads. The merged node computes exactly what its parts did: each output row of a MatMulNBits depends only on its own
 weights, scales and zero points.
+
+Where the merged q/k/v output goes straight into GroupQueryAttention, the Split goes too (`pack_qkv`): the operator
+takes q, k and v packed in one tensor, as onnxruntime-genai's builder feeds it.
 """
 
 from __future__ import annotations
@@ -86,8 +89,44 @@ def fuse_parallel_matmuls(model: onnx.ModelProto) -> int:
     return removed
 
 
-def _attr(node, name: str):
-    return next(helper.get_attribute_value(a) for a in node.attribute if a.name == name)
+def pack_qkv(model: onnx.ModelProto) -> int:
+    """Feed, in place, each GroupQueryAttention whose query, key and value are the three outputs of one Split along
+    the last axis (the merged q/k/v projection, in that order, read by nothing else) with the Split's input: its
+    packed-QKV form, (B, T, (num_heads + 2 kv_num_heads) * head_size) with the key and value inputs left empty,
+    which the operator splits itself. Returns the Split nodes removed. Measured on the SmolLM2 int4 bundle with one
+    expert (2 threads, interleaved in-process runs): a decode step 5.95 -> 5.56 ms (36 Splits fewer a token)."""
+    nodes = list(model.graph.node)
+    producers = {o: n for n in nodes for o in n.output}
+    readers: dict[str, int] = {}
+    for n in nodes:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    outputs = {o.name for o in model.graph.output}
+    removed = []
+    for n in nodes:
+        if n.op_type != "GroupQueryAttention" or len(n.input) < 3:
+            continue
+        split = producers.get(n.input[0])
+        if (split is None or split.op_type != "Split" or list(split.output) != list(n.input[:3])
+                or _attr(split, "axis", 0) not in (-1, 2) or len(split.input) < 2
+                or any(readers.get(o) != 1 or o in outputs for o in split.output)):  # fmt: skip
+            continue
+        n.input[0], n.input[1], n.input[2] = split.input[0], "", ""
+        removed.append(split)
+    if removed:
+        kept = [n for n in nodes if all(n is not r for r in removed)]
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+        used = {i for n in kept for i in n.input}
+        sizes = {r.input[1] for r in removed} - used  # the split sizes, unless something else reads them
+        inits = [i for i in model.graph.initializer if i.name not in sizes]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(inits)
+    return len(removed)
+
+
+def _attr(node, name: str, default=None):
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def _stack(names: list[str], out: str, inits: dict, nodes: list, new_inits: list, drop: set, axis: int = 0,

@@ -93,12 +93,13 @@ def quantize_onnx(src: Path, dst: Path, quant: str, block_size: int, accuracy_le
     and minimum (onnxruntime's KQuantWeightOnlyQuantConfig). The rounded weights (GPTQ's included) compute at
     `accuracy_level`; "auto" measures levels 4 and 0 on `measure` (feeds, one decode feed) against src and keeps
     the better (export/accuracy_levels.py). Projections that read the same input (q/k/v, gate/up) are then merged
-    into one MatMulNBits each (export/fuse_matmuls.py). Returns the count of weights written from `source` by block
-    type, and the measured choice (None when nothing was measured)."""
+    into one MatMulNBits each, and q/k/v fed packed to GroupQueryAttention (export/fuse_matmuls.py). Returns the
+    count of weights written from `source` by block type, and the measured choice (None when nothing was
+    measured)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import KQuantWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     from mode_edge.export.accuracy_levels import CANDIDATES, choose_level
-    from mode_edge.export.fuse_matmuls import fuse_parallel_matmuls
+    from mode_edge.export.fuse_matmuls import fuse_parallel_matmuls, pack_qkv
     from mode_edge.export.source_blocks import ROUNDED_HERE, write_source_blocks
 
     bits = {"int8": 8, "int4": 4, "mixed": 4}[quant]
@@ -128,6 +129,7 @@ def quantize_onnx(src: Path, dst: Path, quant: str, block_size: int, accuracy_le
                    if n.op_type == "MatMulNBits" and origins.get(n.name, "rounded") in ROUNDED_HERE}  # fmt: skip
         compute = choose_level(model, rounded, src, *measure) if auto and rounded else None
         fuse_parallel_matmuls(model)
+        pack_qkv(model)
         save_external(model, dst)
     return exact, compute
 

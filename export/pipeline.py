@@ -154,16 +154,17 @@ def source_blocks(backbone: Backbone, model: MoDEModel, cfg: ExportConfig, progr
     from mode_edge.export.source_blocks import EmbeddingBlocks, FirstOf, SourceBlocks
     from mode_edge.training.backbones import resolve_spec
 
-    embedding = EmbeddingBlocks(backbone.decoder.embed_tokens.weight.detach().numpy(), cfg.base_accuracy_level)
-    gguf = None
+    gguf, gguf_file = None, None
     if cfg.source_blocks and backbone.spec != "tiny":
         directory, gguf_file = resolve_spec(backbone.spec)
-        if gguf_file is not None:
-            gguf = SourceBlocks(directory / gguf_file, cfg.base_accuracy_level)
-            if gguf.other_types:
-                console.print(f"{gguf_file}: weights stored as {', '.join(sorted(gguf.other_types))} are "
-                              f"dequantized and rounded again to {cfg.quant}; Q4_0, Q4_1 and Q8_0 weights are "
-                              f"written from their own blocks")  # fmt: skip
+    source_level, embedding_level = cfg.base_levels(exact_base=gguf_file is not None)
+    embedding = EmbeddingBlocks(backbone.decoder.embed_tokens.weight.detach().numpy(), embedding_level)
+    if gguf_file is not None:
+        gguf = SourceBlocks(directory / gguf_file, source_level)
+        if gguf.other_types:
+            console.print(f"{gguf_file}: weights stored as {', '.join(sorted(gguf.other_types))} are "
+                          f"dequantized and rounded again to {cfg.quant}; Q4_0, Q4_1 and Q8_0 weights are "
+                          f"written from their own blocks")  # fmt: skip
     more_bits = None
     if cfg.quant == "mixed":
         from mode_edge.export.mixed_precision import MoreBits

@@ -47,9 +47,12 @@ def human_bytes(n: int) -> str:
                    "per block (fastest on CPUs with dot-product instructions, and lossier); auto measures both on "
                    "each graph against fp32 and keeps 4 unless its error is over 2x level 0's (recorded in the "
                    "manifest).")
-@click.option("--base-accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
+@click.option("--base-accuracy-level", type=click.Choice(["auto", "0", "1", "2", "3", "4"]), default="auto",
+              show_default=True,
               help="ONNX int8 / int4: compute type of the base's own blocks (a GGUF's, the 8-bit head): 0 keeps "
-                   "the base exactly the trained model, 4 multiplies in int8 (faster, not exact).")
+                   "the base exactly the trained model, 4 multiplies in int8 (faster, not exact); auto is 0 for a "
+                   "base written from its GGUF's blocks and, for a base rounded again, the level of its other "
+                   "rounded weights.")
 @click.option("--source-blocks/--requantize-base", default=True, show_default=True,
               help="int8 / int4 / mixed, backbone from a GGUF file: write its Q4_0 / Q4_1 / Q8_0 weights from the "
                    "file's own blocks (exactly the trained model; .pte graphs take the 4-bit ones), or round them "
@@ -81,7 +84,8 @@ def export_cmd(run, out, formats, quant, block_size, accuracy_level, base_accura
         formats=fmts, quant=quant or defaults.get("quant", "int8"), block_size=block_size,
         experts=split_names(experts, "--experts") if experts else None, overwrite=overwrite,
         accuracy_level=accuracy_level if accuracy_level == "auto" else int(accuracy_level),
-        base_accuracy_level=base_accuracy_level, source_blocks=source_blocks,
+        base_accuracy_level=base_accuracy_level if base_accuracy_level == "auto" else int(base_accuracy_level),
+        source_blocks=source_blocks,
         quant_method=quant_method, pte_context=pte_context,
         calibration_data=str(calibration_data) if calibration_data else None,
     )  # fmt: skip

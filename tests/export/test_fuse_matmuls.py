@@ -1,5 +1,6 @@
 """Parallel MatMulNBits merged into one (export/fuse_matmuls.py): the same outputs as the separate nodes, for the
-weights onnxruntime's quantizer rounds (int8 and int4, each accuracy level), with other readers left alone."""
+weights onnxruntime's quantizer rounds (int8 and int4, each accuracy level), with other readers left alone; the
+merged q/k/v fed packed to GroupQueryAttention: the same attention and cache as through the Split."""
 
 import numpy as np
 import onnx
@@ -8,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-from mode_edge.export.fuse_matmuls import fuse_parallel_matmuls
+from mode_edge.export.fuse_matmuls import fuse_parallel_matmuls, pack_qkv
 
 RNG = np.random.default_rng(1)
 
@@ -47,3 +48,66 @@ def test_merged_projections_compute_what_the_separate_ones_did(bits, level, symm
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
     assert fuse_parallel_matmuls(model) == 0  # nothing left to merge
+
+
+def attention_layer(rotary: bool) -> onnx.ModelProto:
+    """q/k/v projections (64 -> 4 heads, 2 kv heads of 16) into GroupQueryAttention with a cache of 8 positions
+    bound in place (the bundles' "buffer" interface), and the output projection."""
+    heads, kv_heads, hd = 4, 2, 16
+    weights = {n: RNG.standard_normal((64, c)).astype(np.float32) * 0.1
+               for n, c in (("Q", heads * hd), ("K", kv_heads * hd), ("V", kv_heads * hd))}  # fmt: skip
+    weights["O"] = RNG.standard_normal((heads * hd, 64)).astype(np.float32) * 0.1
+    nodes = [helper.make_node("MatMul", ["x", w], [w.lower()], name=f"proj_{w}") for w in "QKV"]
+    nodes.append(helper.make_node("GroupQueryAttention", ["q", "k", "v", "past_key", "past_value", "seqlens_k",
+                                                          "total_sequence_length", *(["cos", "sin"] * rotary)],
+                                  ["attn", "present_key", "present_value"], domain="com.microsoft",
+                                  num_heads=heads, kv_num_heads=kv_heads, do_rotary=int(rotary)))  # fmt: skip
+    nodes.append(helper.make_node("MatMul", ["attn", "O"], ["y"], name="proj_O"))
+    cache = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, kv_heads, 8, hd])
+             for n in ("past_key", "past_value")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "t", 64]), *cache,
+              helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+              helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+              *[helper.make_tensor_value_info(n, TensorProto.FLOAT, [8, hd // 2])
+                for n in ("cos", "sin")][: 2 * rotary]]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "t", 64]),
+               *[helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, kv_heads, 8, hd])
+                 for n in ("present_key", "present_value")]]  # fmt: skip
+    inits = [numpy_helper.from_array(w, n) for n, w in weights.items()]
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(helper.make_graph(nodes, "layer", inputs, outputs, inits), opset_imports=opsets)
+
+
+@pytest.mark.parametrize("rotary", [False, True])
+def test_packed_qkv_attends_as_the_split_did(rotary):
+    q = MatMulNBitsQuantizer(attention_layer(rotary), bits=4, block_size=32, is_symmetric=True, accuracy_level=4)
+    q.process()
+    model = q.model.model
+    assert fuse_parallel_matmuls(model) == 2
+    split = onnx.ModelProto.FromString(model.SerializeToString())
+    assert pack_qkv(model) == 1
+    onnx.checker.check_model(model, full_check=True)
+    assert not any(n.op_type == "Split" for n in model.graph.node)
+    assert "" in next(n for n in model.graph.node if n.op_type == "GroupQueryAttention").input[:3]
+    assert len(model.graph.initializer) == len(split.graph.initializer) - 1  # the split sizes went with the Split
+    assert pack_qkv(model) == 0
+
+    freqs = np.arange(8)[:, None] * 10000.0 ** (-np.arange(8) / 8)[None, :]
+    tables = {"cos": np.cos(freqs).astype(np.float32), "sin": np.sin(freqs).astype(np.float32)} if rotary else {}
+    runs = []
+    for m in (split, model):  # a 5-token prefill, then one decode step, each writing the cache in place
+        session = ort.InferenceSession(m.SerializeToString())
+        cache = [np.zeros((1, 2, 8, 16), np.float32) for _ in range(2)]
+        out = []
+        for pos, t in ((0, 5), (5, 1)):
+            x = np.random.default_rng(pos).standard_normal((1, t, 64)).astype(np.float32)
+            feeds = {"x": x, "past_key": cache[0], "past_value": cache[1], **tables,
+                     "seqlens_k": np.array([pos + t - 1], np.int32),
+                     "total_sequence_length": np.array(pos + t, np.int32)}  # fmt: skip
+            y, *cache = session.run(None, feeds)
+            out.append(y)
+        runs.append((out, cache))
+    (want, want_cache), (got, got_cache) = runs
+    for g, w in zip(got + got_cache, want + want_cache):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+    assert np.abs(want_cache[0][:, :, :6]).min() > 0 and not want_cache[0][:, :, 6:].any()  # 6 positions written
