@@ -153,11 +153,18 @@ def make_train_config(experts: int | None = None, **kw):
     from mode_edge.config import ParallelConfig, TrainConfig
 
     parallel = ParallelConfig(fsdp=kw.pop("fsdp"), placement=kw.pop("placement", "data"))
-    if parallel.placement == "split":  # (before the backbone loads; the trainer checks the expert count again)
+    cfg = TrainConfig(**kw)
+    # Checked before the backbone loads (the trainer checks again): a mistake costs one line, not a load first.
+    from mode_edge.training.distributed import check_batch, world
+
+    size = world()[1]
+    if parallel.placement == "split":
         from mode_edge.training.placement import check_processes
 
-        check_processes(int(os.environ.get("WORLD_SIZE", "1")), experts)
-    return TrainConfig(**kw), parallel
+        check_processes(size, experts)
+    else:  # (split placement gives every rank the whole batch)
+        check_batch(cfg.batch_size, size)
+    return cfg, parallel
 
 
 @main.group(cls=Group)

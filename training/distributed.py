@@ -56,13 +56,18 @@ def process_group(device: torch.device) -> Iterator[tuple[int, int]]:
             dist.destroy_process_group()
 
 
+def check_batch(batch_size: int, size: int) -> None:
+    """Raise UserError when a global batch of `batch_size` rows does not divide among `size` processes."""
+    if batch_size % size:
+        raise UserError(f"--batch-size {batch_size} does not divide among {size} processes; choose a multiple of "
+                        f"{size} (it is the global batch, split across the processes)")  # fmt: skip
+
+
 def rows_of(batch, rank: int, size: int):
     """This rank's rows of a global batch: windows (B, T+1), or a tuple of per-row tensors. Raises UserError when B
     does not divide among the ranks."""
     first = batch[0] if isinstance(batch, tuple) else batch
-    if first.shape[0] % size:
-        raise UserError(f"--batch-size {first.shape[0]} does not divide among {size} processes; choose a multiple of "
-                        f"{size} (it is the global batch, split across the processes)")  # fmt: skip
+    check_batch(first.shape[0], size)
     n = first.shape[0] // size
     pick = slice(rank * n, (rank + 1) * n)
     return tuple(t[pick] for t in batch) if isinstance(batch, tuple) else batch[pick]
