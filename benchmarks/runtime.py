@@ -156,6 +156,7 @@ def build_fused(model_run: Path, expert: str, quantization: dict, out: Path) -> 
     cfg = ExportConfig(quant=quantization["scheme"], block_size=quantization["block_size"],
                        accuracy_level=quantization["accuracy_level"],
                        base_accuracy_level=quantization.get("base_accuracy_level", 0),
+                       source_blocks=quantization.get("source_blocks", True),
                        quant_method=quantization.get("method", "rtn"))  # fmt: skip
     cfg, corpora = resolve_quant_method(model_run, check_run(model_run, [expert]), cfg)
     with stage_progress("fused graph") as progress:

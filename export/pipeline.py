@@ -154,17 +154,17 @@ def source_blocks(backbone: Backbone, model: MoDEModel, cfg: ExportConfig, progr
     from mode_edge.export.source_blocks import EmbeddingBlocks, FirstOf, SourceBlocks
     from mode_edge.training.backbones import resolve_spec
 
-    gguf, gguf_file = None, None
+    source_level, embedding_level = cfg.base_levels()
+    embedding = EmbeddingBlocks(backbone.decoder.embed_tokens.weight.detach().numpy(), embedding_level)
+    gguf = None
     if cfg.source_blocks and backbone.spec != "tiny":
         directory, gguf_file = resolve_spec(backbone.spec)
-    source_level, embedding_level = cfg.base_levels(exact_base=gguf_file is not None)
-    embedding = EmbeddingBlocks(backbone.decoder.embed_tokens.weight.detach().numpy(), embedding_level)
-    if gguf_file is not None:
-        gguf = SourceBlocks(directory / gguf_file, source_level)
-        if gguf.other_types:
-            console.print(f"{gguf_file}: weights stored as {', '.join(sorted(gguf.other_types))} are "
-                          f"dequantized and rounded again to {cfg.quant}; Q4_0, Q4_1 and Q8_0 weights are "
-                          f"written from their own blocks")  # fmt: skip
+        if gguf_file is not None:
+            gguf = SourceBlocks(directory / gguf_file, source_level)
+            if gguf.other_types:
+                console.print(f"{gguf_file}: weights stored as {', '.join(sorted(gguf.other_types))} are "
+                              f"dequantized and rounded again to {cfg.quant}; Q4_0, Q4_1 and Q8_0 weights are "
+                              f"written from their own blocks")  # fmt: skip
     more_bits = None
     if cfg.quant == "mixed":
         from mode_edge.export.mixed_precision import MoreBits
@@ -389,8 +389,10 @@ def quant_record(cfg: ExportConfig) -> dict:
     if cfg.quant == "fp32":
         return {"scheme": "fp32"}
     method = {"method": cfg.quant_method} if cfg.quant in ("int4", "mixed") else {}
+    source, embedding = cfg.base_levels()
     return {"scheme": cfg.quant, "block_size": cfg.block_size, "accuracy_level": cfg.accuracy_level,
-            "base_accuracy_level": cfg.base_accuracy_level, **method}
+            "base_accuracy_level": cfg.base_accuracy_level, "source_blocks": cfg.source_blocks,
+            "base_levels": {"source_blocks": source, "embedding": embedding}, **method}
 
 
 def run_label(record: dict) -> str:

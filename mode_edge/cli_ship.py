@@ -51,8 +51,8 @@ def human_bytes(n: int) -> str:
               show_default=True,
               help="ONNX int8 / int4: compute type of the base's own blocks (a GGUF's, the 8-bit head): 0 keeps "
                    "the base exactly the trained model, 4 multiplies in int8 (faster, not exact); auto is 0 for a "
-                   "base written from its GGUF's blocks and, for a base rounded again, the level of its other "
-                   "rounded weights.")
+                   "GGUF's own blocks and 4 (or --accuracy-level's number) for a head rounded here "
+                   "(--requantize-base, a checkpoint without GGUF).")
 @click.option("--source-blocks/--requantize-base", default=True, show_default=True,
               help="int8 / int4 / mixed, backbone from a GGUF file: write its Q4_0 / Q4_1 / Q8_0 weights from the "
                    "file's own blocks (exactly the trained model; .pte graphs take the 4-bit ones), or round them "

@@ -342,9 +342,8 @@ class ExportConfig(_Serialisable):
     base_accuracy_level: int | str = "auto"
     """MatMulNBits compute type of the weights written from source blocks (the GGUF's own, the shared 8-bit
     embedding of the head): 0 keeps the base exactly the trained model (fp32 arithmetic on the blocks), 4 multiplies
-    in int8 (faster; rounds each block of activations); 'auto' (`base_levels`): 0 for a base written from its
-    source's blocks, and for a rounded one (--requantize-base, a checkpoint without quantized source) the level
-    of the rest of its rounded weights."""
+    in int8 (faster; rounds each block of activations); 'auto' (`base_levels`): 0 for a source's blocks, 4 (or
+    --accuracy-level's number) for an embedding rounded here."""
     source_blocks: bool = True
     """int8 / int4 / mixed: write each backbone weight from the blocks of its quantized source (a GGUF's Q4_0,
     Q4_1 or Q8_0 rows; .pte graphs: the 4-bit ones) instead of rounding it again, so the base equals the model that
@@ -397,18 +396,18 @@ class ExportConfig(_Serialisable):
                 raise UserError(f"{option} must be 0, 1, 2, 3 or 4 (onnxruntime's MatMulNBits compute types) or auto, "
                                 f"got {level!r}")  # fmt: skip
 
-    def base_levels(self, exact_base: bool) -> tuple[int, int]:
-        """The compute types (source blocks, the rounded 8-bit embedding) for a base that is (`exact_base`) or is not
-        written from its source's blocks. Under 'auto' an exact base computes in fp32, so that it stays the trained
-        model, and a base rounded again computes as its other rounded weights do (--accuracy-level; auto: 4), its
-        head included: the head in fp32 took a quarter of a decode step there and kept nothing exact. Measured on
-        the SmolLM2 int4 bundle with --requantize-base and the code expert: decode step 5.96 -> 5.65 ms (head 1.46
-        -> 0.94 ms), and the change against PyTorch (`mode-edge eval --bundle`, 4,096 tokens per domain) -1.88 /
+    def base_levels(self) -> tuple[int, int]:
+        """The compute types of (a source's own blocks, the embedding rounded here to 8-bit blocks, which a tied head
+        multiplies). Under 'auto' a source's blocks compute in fp32, so that the base stays the trained model, and an
+        embedding rounded here (no source holds it: a checkpoint without quantized source, --requantize-base, a GGUF
+        whose embedding is another block type) at 4, or at --accuracy-level where that is a number: nothing exact is
+        kept there, and in fp32 the head took a quarter of a decode step. Measured on the SmolLM2 int4 bundle with
+        --requantize-base and the code expert: the head 1.46 -> 0.94 ms a decode step (5.96 -> 5.65 ms in all, one
+        run of each), and the change against PyTorch (`mode-edge eval --bundle`, 4,096 tokens per domain) -1.88 /
         -1.25 / -7.86 / -3.98 points with the head at level 0, -1.71 / -1.37 / -8.01 / -3.78 at level 4."""
         if self.base_accuracy_level != "auto":
             return self.base_accuracy_level, self.base_accuracy_level
-        rounded = 4 if self.accuracy_level == "auto" else self.accuracy_level
-        return 0, 0 if exact_base else rounded
+        return 0, 4 if self.accuracy_level == "auto" else self.accuracy_level
 
 
 def check_seq_len(seq_len: int, max_seq_len: int, option: str = "--seq-len") -> None:

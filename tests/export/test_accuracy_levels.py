@@ -77,8 +77,8 @@ def test_auto_keeps_int8_activations_where_fp32_compute_is_much_slower(tiny, tmp
 
 
 def test_a_sources_own_blocks_keep_their_level(tiny, tmp_path):
-    """The head of a tied model is written from the embedding's 8-bit blocks at the base's level (0): nothing of
-    it is rounded here, so auto measures nothing and changes nothing."""
+    """The head of a tied model written from the embedding's 8-bit blocks keeps the level they carry (0 here):
+    nothing of it is rounded by onnxruntime's quantizer, so auto measures nothing and changes nothing."""
     graph = split(MoDEModel(tiny.decoder, LAYOUT, {}).eval(), "buffer")["base/head"]
     src, dst = tmp_path / "fp32.onnx", tmp_path / "head.onnx"
     export_onnx(graph, tiny.decoder.cfg, src)

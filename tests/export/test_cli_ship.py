@@ -16,11 +16,12 @@ def test_export_inspect_pack_install_from_the_command_line(composed_run, tmp_pat
     assert "base/block0" in proc.stdout and "experts/code/block0" in proc.stdout
     info = json.loads(cli("inspect", bundle, "--json").stdout)
     assert info["quantization"] == {"scheme": "int4", "block_size": 16, "accuracy_level": "auto",
-                                  "base_accuracy_level": "auto", "method": "rtn"}
+                                  "base_accuracy_level": "auto", "source_blocks": True,
+                                  "base_levels": {"source_blocks": 0, "embedding": 4}, "method": "rtn"}
     assert list(info["experts"]) == ["code"]
     assert info["formats"] == ["onnx"] and len(info["fingerprint"]) == 64
-    # --base-accuracy-level auto: the tiny backbone has no GGUF, so its base is rounded and its 8-bit head multiplies
-    # int8 activations as the rest does (a GGUF's exact base keeps level 0: test_base_accuracy_levels below)
+    # --base-accuracy-level auto: the tiny backbone has no GGUF, so its embedding is rounded here and the tied head
+    # multiplies int8 activations as the rest does (a GGUF's own blocks keep level 0: test_source_blocks.py)
     head = onnx.load(bundle / "base" / "head.onnx", load_external_data=False)
     (matmul,) = [n for n in head.graph.node if n.op_type == "MatMulNBits"]
     assert {a.name: a.i for a in matmul.attribute if a.name in ("bits", "accuracy_level")} == {
@@ -39,12 +40,13 @@ def test_export_inspect_pack_install_from_the_command_line(composed_run, tmp_pat
 
 
 def test_base_accuracy_levels():
-    """(source blocks, rounded 8-bit embedding) compute types under each --base-accuracy-level / --accuracy-level."""
-    assert ExportConfig(quant="int4").base_levels(exact_base=True) == (0, 0)  # the trained model, exactly
-    assert ExportConfig(quant="int4").base_levels(exact_base=False) == (0, 4)  # rounded again: as fast as the rest
-    assert ExportConfig(quant="int4", accuracy_level=0).base_levels(exact_base=False) == (0, 0)
-    assert ExportConfig(quant="int4", base_accuracy_level=4).base_levels(exact_base=True) == (4, 4)
-    assert ExportConfig(quant="int4", base_accuracy_level=0).base_levels(exact_base=False) == (0, 0)
+    """(a source's own blocks, an embedding rounded here) compute types under each --base-accuracy-level and
+    --accuracy-level."""
+    assert ExportConfig(quant="int4").base_levels() == (0, 4)  # exact where exact; a rounded head as fast as the rest
+    assert ExportConfig(quant="int4", accuracy_level=0).base_levels() == (0, 0)
+    assert ExportConfig(quant="int4", accuracy_level=4).base_levels() == (0, 4)
+    assert ExportConfig(quant="int4", base_accuracy_level=4).base_levels() == (4, 4)
+    assert ExportConfig(quant="int4", base_accuracy_level=0).base_levels() == (0, 0)
 
 
 def test_export_bad_input_is_one_line_and_leaves_nothing(composed_run, tmp_path):

@@ -51,8 +51,8 @@ def test_merged_projections_compute_what_the_separate_ones_did(bits, level, symm
 
 
 def attention_layer(rotary: bool) -> onnx.ModelProto:
-    """q/k/v projections (64 -> 4 heads, 2 kv heads of 16) into GroupQueryAttention with a cache of 8 positions
-    bound in place (the bundles' "buffer" interface), and the output projection."""
+    """q/k/v projections (64 -> 4 heads, 2 kv heads of 16) into GroupQueryAttention with a cache buffer of 8
+    positions (the bundles' "buffer" interface, fed back here as arrays), and the output projection."""
     heads, kv_heads, hd = 4, 2, 16
     weights = {n: RNG.standard_normal((64, c)).astype(np.float32) * 0.1
                for n, c in (("Q", heads * hd), ("K", kv_heads * hd), ("V", kv_heads * hd))}  # fmt: skip
@@ -95,7 +95,7 @@ def test_packed_qkv_attends_as_the_split_did(rotary):
     freqs = np.arange(8)[:, None] * 10000.0 ** (-np.arange(8) / 8)[None, :]
     tables = {"cos": np.cos(freqs).astype(np.float32), "sin": np.sin(freqs).astype(np.float32)} if rotary else {}
     runs = []
-    for m in (split, model):  # a 5-token prefill, then one decode step, each writing the cache in place
+    for m in (split, model):  # a 5-token prefill, then one decode step, each writing its positions of the cache
         session = ort.InferenceSession(m.SerializeToString())
         cache = [np.zeros((1, 2, 8, 16), np.float32) for _ in range(2)]
         out = []
@@ -111,3 +111,25 @@ def test_packed_qkv_attends_as_the_split_did(rotary):
     for g, w in zip(got + got_cache, want + want_cache):
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
     assert np.abs(want_cache[0][:, :, :6]).min() > 0 and not want_cache[0][:, :, 6:].any()  # 6 positions written
+
+
+def test_a_split_read_elsewhere_stays():
+    """q/k/v that something else reads too (a graph output, another node) keep their Split; the sizes a kept Split
+    shares stay with it."""
+    q = MatMulNBitsQuantizer(attention_layer(False), bits=4, block_size=32, is_symmetric=True, accuracy_level=4)
+    q.process()
+    model = q.model.model
+    fuse_parallel_matmuls(model)
+    out = onnx.ModelProto.FromString(model.SerializeToString())
+    out.graph.output.append(helper.make_tensor_value_info("k", TensorProto.FLOAT, [1, "t", 32]))
+    assert pack_qkv(out) == 0 and sum(n.op_type == "Split" for n in out.graph.node) == 1
+    read = onnx.ModelProto.FromString(model.SerializeToString())
+    split = next(n for n in read.graph.node if n.op_type == "Split")
+    read.graph.node.append(helper.make_node("Split", ["v", split.input[1]], ["v0", "v1"], axis=-1))  # shares sizes
+    assert pack_qkv(read) == 0
+    shared = onnx.ModelProto.FromString(model.SerializeToString())
+    other = helper.make_node("Split", ["x", split.input[1]], ["x0", "x1", "x2"], axis=-1)  # 64 = 32 + 16 + 16
+    shared.graph.node.append(other)
+    shared.graph.output.extend(helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, [1, "t", "n"]) for i in range(3))
+    assert pack_qkv(shared) == 1 and split.input[1] in {i.name for i in shared.graph.initializer}
+    onnx.checker.check_model(shared, full_check=True)
