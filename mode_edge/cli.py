@@ -38,8 +38,10 @@ class Group(click.Group):
             sys.exit(2)
         except click.UsageError as e:
             usage_error(e, ctx.command_path)
-        except KeyboardInterrupt:
-            click.echo("interrupted; rerun the same command to resume where a checkpoint was saved", err=True)
+        except KeyboardInterrupt as e:  # (a training run says where its checkpoint is: training/trainer.train_into)
+            if rank0():
+                click.echo(str(e) or "interrupted; rerun the same command to resume where a checkpoint was saved",
+                           err=True)  # fmt: skip
             sys.exit(130)
 
     def make_context(self, info_name, args, parent=None, **extra):
@@ -284,7 +286,8 @@ def train_compose_cmd(base, experts, data, out, freeze_experts, **train_kw):
     corpora = [load_corpus(d) for d in csv_paths(data)]
     backbone = load_base(base or base_of(expert_runs[0]))
     record = compose(backbone, expert_runs, corpora, out, cfg, freeze_experts, parallel)
-    main_echo(f"composed: {record['tokens']} tokens in {record['wall_s']:.0f}s -> {out}")
+    main_echo(f"composed: {record['tokens']} tokens in {record['wall_s']:.0f}s ({record['tokens_per_s']:.0f} tok/s) "
+              f"-> {out}")  # fmt: skip
 
 
 @train.command("full-ft", short_help="Baseline: full fine-tuning.")
@@ -301,7 +304,8 @@ def train_full_ft_cmd(base, data, out, **train_kw):
     require_absent(out)
     corpora = [load_corpus(d) for d in csv_paths(data)]
     record = train_full_ft(load_base(base), corpora, out, cfg, parallel)
-    main_echo(f"full-ft: {record['tokens']} tokens in {record['wall_s']:.0f}s -> {out}")
+    main_echo(f"full-ft: {record['tokens']} tokens in {record['wall_s']:.0f}s ({record['tokens_per_s']:.0f} tok/s) "
+              f"-> {out}")  # fmt: skip
 
 
 @train.command("lora", short_help="Baseline: LoRA adapters (peft).")
@@ -324,7 +328,8 @@ def train_lora_cmd(base, data, out, rank, alpha, targets, **train_kw):
     require_absent(out)
     corpora = [load_corpus(d) for d in csv_paths(data)]
     record = train_lora(load_base(base), corpora, out, cfg, settings, parallel)
-    main_echo(f"lora: {record['trainable_parameters']} trainable parameters, {record['tokens']} tokens -> {out}")
+    main_echo(f"lora: {record['trainable_parameters']} trainable parameters, {record['tokens']} tokens in "
+              f"{record['wall_s']:.0f}s ({record['tokens_per_s']:.0f} tok/s) -> {out}")  # fmt: skip
 
 
 def base_of(run: Path) -> str:

@@ -7,6 +7,7 @@ Only the parameters handed in learn; everything else (the frozen backbone above 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -28,7 +29,9 @@ from mode_edge.progress import console, training_progress
 from mode_edge.training import distributed
 
 STATE_DIR = "train_state"
-NOTHING_DONE = {"step": 0, "history": [], "tokens": 0, "wall_s": 0.0, "peak_rss_mb": 0.0}
+NOTHING_DONE = {"step": 0, "history": [], "tokens": 0, "wall_s": 0.0, "peak_rss_mb": 0.0, "launches": []}
+"""What a run has spent before its first step; a checkpoint holds the same keys for the steps before it
+(`launches`: each launch's first step, processes and strategy)."""
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -154,8 +157,9 @@ def train(
         torch.cuda.set_device(device)  # (FSDP and NCCL take the current device for this process's)
     with distributed.process_group(device):
         plan = distributed.strategy(parallel, rank, size, device)
+        launch = {"processes": size, **parallel.to_dict()}
         result = _train(model, params, batches, cfg, work, device, plan, signature=signature, label=label,
-                        loss_fn=loss_fn)  # fmt: skip
+                        loss_fn=loss_fn, launch=launch)  # fmt: skip
         if size > 1:
             peaks = distributed.gathered(result["peak_rss_mb"], size, device)
             result["parallel"] = {"processes": size, **parallel.to_dict(), "peak_rss_mb": peaks}
@@ -163,7 +167,8 @@ def train(
 
 
 def _train(model, params, batches, cfg: TrainConfig, work: Path, device: torch.device,
-           plan: distributed.DataParallelPlan, *, signature: dict, label: str, loss_fn: Callable) -> dict:  # fmt: skip
+           plan: distributed.DataParallelPlan, *, signature: dict, label: str, loss_fn: Callable,
+           launch: dict) -> dict:  # fmt: skip
     model.to(device)
     for p in params.values():
         p.requires_grad_(True)
@@ -179,11 +184,12 @@ def _train(model, params, batches, cfg: TrainConfig, work: Path, device: torch.d
         _load_optimizer(optimizer, moments, trained, plan)
     step, history = before["step"], list(before["history"])
     tokens, t0 = 0, time.perf_counter()
+    launches = [*before["launches"], {"from_step": step, **launch}]  # a resumed run records every launch
 
     def spent(peak_mb: float) -> dict:
         wall = before["wall_s"] + time.perf_counter() - t0
         return {"step": step, "history": history, "tokens": before["tokens"] + tokens, "wall_s": round(wall, 2),
-                "peak_rss_mb": round(max(before["peak_rss_mb"], peak_mb), 1)}  # fmt: skip
+                "peak_rss_mb": round(max(before["peak_rss_mb"], peak_mb), 1), "launches": launches}  # fmt: skip
 
     first = plan.rank == 0
     progress = training_progress(label, cfg.steps, start=step) if first else nullcontext(lambda **_: None)
@@ -247,19 +253,43 @@ def train_into(
         console.print(f"note: --warmup-steps {cfg.warmup_steps} is longer than the run's --steps {cfg.steps}: the "
                       f"learning rate stays below --lr (at most {cfg.steps / cfg.warmup_steps:.0%} of it)",
                       soft_wrap=True)  # fmt: skip
-    if partial_path(out).exists():
-        console.print(f"resuming the interrupted run in {partial_path(out)}")
+    partial = partial_path(out)
+    if partial.exists():
+        saved = checkpoint_step(partial)
+        console.print(f"resuming the interrupted run in {partial} from its checkpoint of step {saved} of {cfg.steps}"
+                      if saved is not None else f"the interrupted run in {partial} saved no checkpoint: training "
+                      f"starts from step 0 there", soft_wrap=True)  # fmt: skip
     with atomic_dir(out, keep_partial_on_error=True) as work:
-        result = train(model, params, batches, cfg, work, signature=signature, label=label, loss_fn=loss_fn,
-                       parallel=parallel)
+        try:
+            result = train(model, params, batches, cfg, work, signature=signature, label=label, loss_fn=loss_fn,
+                           parallel=parallel)
+        except KeyboardInterrupt:  # say what a rerun will find (the command line prints it, exit code 130)
+            saved = checkpoint_step(work)
+            raise KeyboardInterrupt(
+                f"interrupted; the checkpoint of step {saved} of {cfg.steps} is kept in {partial}: rerun the same "
+                f"command to resume from it" if saved is not None else f"interrupted before the first checkpoint "
+                f"(one every {cfg.checkpoint_every} steps): a rerun of the same command starts from step 0"
+            ) from None
         save(work, result)
         shutil.rmtree(work / STATE_DIR, ignore_errors=True)  # absent when no checkpoint was due
     return result
 
 
+def checkpoint_step(work: Path) -> int | None:
+    """The step of the checkpoint a run folder (its partial folder) holds, or None where it holds none (or an
+    unreadable one, which resuming then refuses with its own message)."""
+    try:
+        step = json.loads((work / STATE_DIR / "state.json").read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if is_int(step) else None
+
+
 def training_record(stage: str, data: list[str], cfg: TrainConfig, result: dict, **extra) -> dict:
     """What a run records of how it was trained (the loss history goes to model.json)."""
     throughput = {k: result[k] for k in ("tokens", "wall_s", "tokens_per_s", "peak_rss_mb", "parallel") if k in result}
+    if len(result.get("launches", ())) > 1:  # resumed: each launch's first step, processes and strategy
+        throughput["launches"] = result["launches"]
     return {"stage": stage, **extra, "data": data, "config": cfg.to_dict(), **throughput}
 
 

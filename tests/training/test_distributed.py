@@ -133,12 +133,17 @@ def test_an_interrupted_run_resumes_under_another_world_size(sharding, single, c
     original = te.TokenStream
     te.TokenStream = lambda *a, **k: failing(original(*a, **k))
     try:  # (the command catches the interrupt, says how to resume, and exits non-zero)
-        assert invoke("train", "expert", *ARGS, "--data", code_data, "--out", tmp_path / "run", ok=False).exit_code
+        result = invoke("train", "expert", *ARGS, "--data", code_data, "--out", tmp_path / "run", ok=False)
     finally:
         te.TokenStream = original
+    assert result.exit_code == 130 and "the checkpoint of step 2 of 6 is kept in" in result.stderr
     assert json.loads((tmp_path / ".run.partial/train_state/state.json").read_text())["step"] == 2
     proc = torchrun("train", "expert", *ARGS, *sharding, "--data", str(code_data), "--out", str(tmp_path / "run"))
-    assert proc.returncode == 0 and "resuming" in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 0 and "from its checkpoint of step 2 of 6" in proc.stderr, proc.stderr[-3000:]
+    launches = runs.read_model_record(tmp_path / "run")["training"]["launches"]  # the record keeps both launches
+    assert [(launch["from_step"], launch["processes"]) for launch in launches] == [(0, 1), (2, 2)]
+    assert launches[1]["fsdp"] == ("--fsdp" in sharding) and launches[1]["placement"] == (
+        "split" if "split" in sharding else "data")
     a, b = expert_weights(tmp_path / "run"), expert_weights(single)
     for k in a:
         assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

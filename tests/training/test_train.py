@@ -111,6 +111,48 @@ def test_interrupted_training_resumes_to_the_same_weights(tiny, code_data, tmp_p
     assert spent[0]["wall_s"] > 0 and spent[0]["peak_rss_mb"] > 0
 
 
+def test_an_interrupt_says_what_a_rerun_will_find(code_data, tmp_path):
+    """Ctrl-C through the command line: before the first checkpoint a rerun starts afresh, after one it resumes from
+    that step; each says so in one line (exit code 130), and the rerun's first line names the step it resumes."""
+    import mode_edge.training.train_expert as te
+    from tests.cli_runner import invoke
+
+    args = ["train", "expert", "--base", "tiny", "--domain", "code", "--data", code_data, "--out", tmp_path / "run",
+            "--steps", "6", "--batch-size", "2", "--seq-len", "32", "--warmup-steps", "1", "--checkpoint-every", "2"]
+    original = te.TokenStream
+
+    def interrupted_after(batches: int):
+        def stream(*a, **k):
+            for i, batch in enumerate(original(*a, **k)):
+                if i == batches:
+                    raise KeyboardInterrupt
+                yield batch
+
+        return stream
+
+    try:
+        te.TokenStream = interrupted_after(1)  # during step 2: no checkpoint yet
+        first = invoke(*args, ok=False)
+        te.TokenStream = interrupted_after(3)  # during step 4, after the checkpoint of step 2
+        second = invoke(*args, ok=False)
+    finally:
+        te.TokenStream = original
+    assert first.exit_code == second.exit_code == 130
+    last = [r.stderr.strip().splitlines()[-1] for r in (first, second)]
+    assert last[0] == ("interrupted before the first checkpoint (one every 2 steps): a rerun of the same command "
+                       "starts from step 0")
+    assert "saved no checkpoint: training starts from step 0" in " ".join(second.stderr.split())
+    partial = tmp_path / ".run.partial"
+    assert last[1] == (f"interrupted; the checkpoint of step 2 of 6 is kept in {partial}: rerun the same command to "
+                       "resume from it")
+    done = invoke(*args)
+    assert f"resuming the interrupted run in {partial} from its checkpoint of step 2 of 6" in (
+        " ".join(done.stderr.split()))
+    assert "tok/s) ->" in done.stdout
+    launches = runs.read_model_record(tmp_path / "run")["training"]["launches"]  # (the first launch saved nothing)
+    assert [(launch["from_step"], launch["processes"]) for launch in launches] == [(0, 1), (2, 1)]
+
+
 @pytest.mark.parametrize("freeze", [False, True])
 def test_compose_trains_gates_and_optionally_experts(expert_runs, tiny, code_data, prose_data, tmp_path, freeze):
     before_backbone = snapshot(tiny.decoder)
