@@ -83,7 +83,7 @@ def train_expert(
 
     def record(result: dict) -> dict:
         return trainer.training_record(
-            "expert", [data_path], cfg, result, domain=corpus.name, general=general_path,
+            "expert", [data_path], cfg, result, domain=name, general=general_path,
             stay_out=stay_out.to_dict() if stay_out else None, gates_at_init=gates_at_init,
         )  # fmt: skip
 

@@ -117,7 +117,7 @@ def test_an_interrupt_says_what_a_rerun_will_find(code_data, tmp_path):
     import mode_edge.training.train_expert as te
     from tests.cli_runner import invoke
 
-    args = ["train", "expert", "--base", "tiny", "--domain", "code", "--data", code_data, "--out", tmp_path / "run",
+    args = ["train", "expert", "--base", "tiny", "--domain", "legal", "--data", code_data, "--out", tmp_path / "run",
             "--steps", "6", "--batch-size", "2", "--seq-len", "32", "--warmup-steps", "1", "--checkpoint-every", "2"]
     original = te.TokenStream
 
@@ -149,8 +149,9 @@ def test_an_interrupt_says_what_a_rerun_will_find(code_data, tmp_path):
     assert f"resuming the interrupted run in {partial} from its checkpoint of step 2 of 6" in (
         " ".join(done.stderr.split()))
     assert "tok/s) ->" in done.stdout
-    launches = runs.read_model_record(tmp_path / "run")["training"]["launches"]  # (the first launch saved nothing)
-    assert [(launch["from_step"], launch["processes"]) for launch in launches] == [(0, 1), (2, 1)]
+    training = runs.read_model_record(tmp_path / "run")["training"]
+    assert [(launch["from_step"], launch["processes"]) for launch in training["launches"]] == [(0, 1), (2, 1)]
+    assert training["domain"] == "legal"  # the expert's --domain, not its data folder's name
 
 
 @pytest.mark.parametrize("freeze", [False, True])
