@@ -94,9 +94,9 @@ def pack_qkv(model: onnx.ModelProto) -> int:
     the last axis (the merged q/k/v projection, in that order, read by nothing else) with the Split's input: its
     packed-QKV form, (B, T, (num_heads + 2 kv_num_heads) * head_size) with the key and value inputs left empty,
     which the operator splits itself. Subgraphs are not searched (the exported graphs have none). Returns the Split
-    nodes removed. Measured on the SmolLM2 int4 bundle with one
-    expert, the base rounded again (2 threads, 3 interleaved in-process runs each): a decode step 5.92-6.63 ->
-    5.53-5.59 ms (36 Splits fewer a token); no change measured on the exact base, whose fp32 kernels dominate."""
+    nodes removed. Measured on the SmolLM2 int4 bundle with one expert, the base rounded again (2 threads, 3
+    interleaved in-process runs each): a decode step 5.92-6.63 -> 5.53-5.59 ms (36 Splits fewer a token); no
+    change measured on the exact base, whose fp32 kernels dominate."""
     nodes = list(model.graph.node)
     producers = {o: n for n in nodes for o in n.output}
     readers: dict[str, int] = {}
