@@ -272,6 +272,11 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
                 verify["base/embed"] = verify_graph(graphs, dcfg, work, fp32, "base/embed", cfg)
             shutil.rmtree(fp32, ignore_errors=True)
             progress.show("write")
+            # The record says whether the base *is* its GGUF's blocks, not only whether they were looked for.
+            from mode_edge.export.source_blocks import BLOCK_BYTES  # (the GGUF block types)
+
+            written = {kind for graphs_counts in exact.values() for counts in graphs_counts.values() for kind in counts}
+            cfg = dataclasses.replace(cfg, source_blocks=bool(written & set(BLOCK_BYTES)))
             manifest = write_bundle(work, backbone, model, record, graphs, cfg, verify, routers, shared, compute)
             wall = time.perf_counter() - started
             manifest["export"]["wall_s"] = round(wall, 1)
@@ -390,9 +395,10 @@ def quant_record(cfg: ExportConfig) -> dict:
         return {"scheme": "fp32"}
     method = {"method": cfg.quant_method} if cfg.quant in ("int4", "mixed") else {}
     source, embedding = cfg.base_levels()
+    levels = {"source_blocks": source, "embedding": embedding} if cfg.source_blocks else {"embedding": embedding}
     return {"scheme": cfg.quant, "block_size": cfg.block_size, "accuracy_level": cfg.accuracy_level,
             "base_accuracy_level": cfg.base_accuracy_level, "source_blocks": cfg.source_blocks,
-            "base_levels": {"source_blocks": source, "embedding": embedding}, **method}
+            "base_levels": levels, **method}
 
 
 def run_label(record: dict) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -40,8 +41,7 @@ class Group(click.Group):
             usage_error(e, ctx.command_path)
         except KeyboardInterrupt as e:  # (a training run says where its checkpoint is: training/trainer.train_into)
             if rank0():
-                click.echo(str(e) or "interrupted; rerun the same command to resume where a checkpoint was saved",
-                           err=True)  # fmt: skip
+                click.echo(str(e) or "interrupted", err=True)
             sys.exit(130)
 
     def make_context(self, info_name, args, parent=None, **extra):
@@ -93,8 +93,6 @@ def train_options(method: str):
                      help="Micro-batches per optimizer step."),
         click.option("--lr", type=Float(0, lo_open=True), default=DEFAULT_LR[method], show_default=True,
                      help="Peak learning rate of the weights that learn."),
-        click.option("--gate-lr", type=Float(0, lo_open=True), default=5e-3, show_default=True,
-                     help="Peak learning rate of gate rows."),
         click.option("--warmup-steps", type=Int(0), default=20, show_default=True, help="Linear warm-up steps."),
         click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for initialisation and data order."),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
@@ -105,7 +103,9 @@ def train_options(method: str):
                      help="Under torchrun: shard the trainable layers, their gradients and optimizer moments over the "
                           "processes (FSDP2) instead of a whole copy on each."),
     ]  # fmt: skip
-    if method == "mode":
+    if method == "mode":  # (the baselines have no gates and no experts to place)
+        options.append(click.option("--gate-lr", type=Float(0, lo_open=True), default=5e-3, show_default=True,
+                                    help="Peak learning rate of gate rows."))  # fmt: skip
         options.append(click.option(
             "--placement", type=click.Choice(["data", "split"]), default="data", show_default=True,
             help="Under torchrun: data = each process its rows of every batch; split = each process the whole "
@@ -502,6 +502,12 @@ for command in cli_ship.COMMANDS + cli_trust.COMMANDS + cli_device.COMMANDS:  # 
     main.add_command(command)
 
 
+def terminated(signum, frame) -> None:
+    """SIGTERM (what `timeout`, job schedulers and torchrun send) ends a command as Ctrl-C does: a training run says
+    which checkpoint a rerun resumes from, an export or install removes what it had half written; exit code 130."""
+    raise KeyboardInterrupt
+
+
 def entry() -> None:
     """The `mode-edge` console script (and `python -m mode_edge.cli`): main() in a process of its own, where `mode-edge
     run` puts every onnxruntime session on one global thread pool (runtimes/run.run). Tests drive main() inside their
@@ -509,6 +515,7 @@ def entry() -> None:
     from mode_edge.runtimes import backends
 
     backends.OWN_PROCESS = True
+    signal.signal(signal.SIGTERM, terminated)
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return main()
     # A torchrun worker leaves without the interpreter's finalization: torch 2.13's gloo teardown at exit aborts now

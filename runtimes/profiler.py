@@ -148,7 +148,8 @@ def print_summary(s: dict) -> None:
         m.add_row(p["phase"], f"{p['rss_mb']:.1f}", "-" if p["pss_mb"] is None else f"{p['pss_mb']:.1f}")
     m.add_row("[bold]sampled peak", f"[bold]{s['memory']['peak_rss_mb']:.1f}", "")
     for k, v in s["memory"]["added_by"].items():
-        m.add_row(f"added by {k}", f"{v['rss_added_mb']:.1f}", f"(disk {v['disk_mb']:.1f} MB, x{v['ratio']})")
+        ratio = f", x{v['ratio']:.2f}" if v["ratio"] is not None else ""
+        m.add_row(f"added by {k}", f"{v['rss_added_mb']:.1f}", f"(disk {v['disk_mb']:.1f} MB{ratio})")
     results_console.print(m)
 
 

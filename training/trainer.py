@@ -89,6 +89,32 @@ def _save_state(state_dir: Path, tensors: dict[str, torch.Tensor], done: dict, s
     write_json(state_dir / "state.json", {**done, "signature": signature, "weights": weights})
 
 
+RESUMABLE = ("checkpoint_every",)
+"""Training settings a resumed run may change: they do not change what it computes."""
+
+
+def check_same_settings(work: Path, saved: dict, now: dict) -> None:
+    """Raise UserError, naming what differs, when the run interrupted in `work` had other settings."""
+    changed = changed_settings(saved, now)
+    if changed:
+        raise UserError(f"{work} holds an interrupted run with other settings ({', '.join(changed)}); rerun with the "
+                        f"same options to resume it, or delete that folder to start afresh")  # fmt: skip
+
+
+def changed_settings(saved: dict, now: dict) -> list[str]:
+    """Where two runs' signatures differ: training settings as their options (--lr), the rest by key (data, base,
+    layout, ...); RESUMABLE settings aside."""
+    changed = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if key == "train" and isinstance(a, dict) and isinstance(b, dict):
+            changed += [f"--{k.replace('_', '-')}" for k in sorted(set(a) | set(b))
+                        if k not in RESUMABLE and a.get(k) != b.get(k)]  # fmt: skip
+        elif a != b:
+            changed.append(key)
+    return changed
+
+
 def _load_state(state_dir: Path, params, signature: dict) -> tuple[dict, dict[int, dict[str, torch.Tensor]]]:
     """Resume from the checkpoint in `state_dir`, checked first: a damaged one is refused with the folder to delete
     (it is never deleted for the user: it holds their progress). Copies the weights into `params`; returns what the
@@ -99,11 +125,7 @@ def _load_state(state_dir: Path, params, signature: dict) -> tuple[dict, dict[in
     if not weights.is_file() or not isinstance(meta.get("signature"), dict) or not is_int(meta.get("step")):
         raise UserError(f"the checkpoint in {state_dir} is incomplete or damaged; {fix}")
     check_file(weights, meta.get("weights"), fix)
-    if meta["signature"] != signature:
-        raise UserError(
-            f"{state_dir.parent} holds an interrupted run with other settings; rerun with the same options "
-            f"to resume it, or delete that folder to start afresh"
-        )
+    check_same_settings(state_dir.parent, meta["signature"], signature)
     tensors = checked_load(weights, lambda: load_file(str(weights)), fix)
     if any(f"param.{n}" not in tensors or tensors[f"param.{n}"].shape != p.shape for n, p in params.items()):
         raise UserError(f"{weights} does not hold this run's weights; {fix}")
@@ -244,6 +266,10 @@ def train_into(
     if distributed.world()[0] != 0:
         return train(model, params, batches, cfg, partial_path(out), signature=signature, label=label,
                      loss_fn=loss_fn, parallel=parallel)  # fmt: skip
+    partial = partial_path(out)
+    saved = saved_state(partial)
+    if isinstance(saved.get("signature"), dict):  # refused before anything is said (a damaged state: on loading)
+        check_same_settings(partial, saved["signature"], signature)
     if header:
         console.print(header, soft_wrap=True)
     if parallel.fsdp and distributed.world()[1] == 1:
@@ -253,11 +279,10 @@ def train_into(
         console.print(f"note: --warmup-steps {cfg.warmup_steps} is longer than the run's --steps {cfg.steps}: the "
                       f"learning rate stays below --lr (at most {cfg.steps / cfg.warmup_steps:.0%} of it)",
                       soft_wrap=True)  # fmt: skip
-    partial = partial_path(out)
     if partial.exists():
-        saved = checkpoint_step(partial)
-        console.print(f"resuming the interrupted run in {partial} from its checkpoint of step {saved} of {cfg.steps}"
-                      if saved is not None else f"the interrupted run in {partial} saved no checkpoint: training "
+        step = checkpoint_step(partial)
+        console.print(f"resuming the interrupted run in {partial} from its checkpoint of step {step} of {cfg.steps}"
+                      if step is not None else f"the interrupted run in {partial} saved no checkpoint: training "
                       f"starts from step 0 there", soft_wrap=True)  # fmt: skip
     with atomic_dir(out, keep_partial_on_error=True) as work:
         try:
@@ -275,13 +300,19 @@ def train_into(
     return result
 
 
-def checkpoint_step(work: Path) -> int | None:
-    """The step of the checkpoint a run folder (its partial folder) holds, or None where it holds none (or an
-    unreadable one, which resuming then refuses with its own message)."""
+def saved_state(work: Path) -> dict:
+    """The checkpoint record (state.json) a run folder (its partial folder) holds, or {} where it holds none or an
+    unreadable one (which resuming then refuses with its own message)."""
     try:
-        step = json.loads((work / STATE_DIR / "state.json").read_text()).get("step")
-    except (OSError, ValueError, AttributeError):
-        return None
+        meta = json.loads((work / STATE_DIR / "state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def checkpoint_step(work: Path) -> int | None:
+    """The step of the checkpoint in a run folder, or None (see `saved_state`)."""
+    step = saved_state(work).get("step")
     return step if is_int(step) else None
 
 

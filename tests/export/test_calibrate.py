@@ -134,8 +134,8 @@ def test_export_quant_method_gptq_end_to_end_and_its_refusals(composed_run, tmp_
     invoke("export", "--model", composed_run, "--out", out, "--quant", "int4")  # --quant-method auto: gptq here
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["quantization"] == {"scheme": "int4", "block_size": 32, "accuracy_level": "auto",
-                                        "base_accuracy_level": "auto", "source_blocks": True,
-                                        "base_levels": {"source_blocks": 0, "embedding": 4}, "method": "gptq"}
+                                        "base_accuracy_level": "auto", "source_blocks": False,
+                                        "base_levels": {"embedding": 4}, "method": "gptq"}
     sources = manifest["export"]["block_sources"]
     assert {rel: c.get("gptq") for rel, c in sources.items() if rel.startswith("experts/")} == {
         f"experts/{e}/block{i}": 14 for e in ("code", "prose") for i in (0, 1)

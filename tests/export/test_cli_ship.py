@@ -16,8 +16,8 @@ def test_export_inspect_pack_install_from_the_command_line(composed_run, tmp_pat
     assert "base/block0" in proc.stdout and "experts/code/block0" in proc.stdout
     info = json.loads(cli("inspect", bundle, "--json").stdout)
     assert info["quantization"] == {"scheme": "int4", "block_size": 16, "accuracy_level": "auto",
-                                  "base_accuracy_level": "auto", "source_blocks": True,
-                                  "base_levels": {"source_blocks": 0, "embedding": 4}, "method": "rtn"}
+                                  "base_accuracy_level": "auto", "source_blocks": False,  # (no GGUF: nothing kept)
+                                  "base_levels": {"embedding": 4}, "method": "rtn"}
     assert list(info["experts"]) == ["code"]
     assert info["formats"] == ["onnx"] and len(info["fingerprint"]) == 64
     # --base-accuracy-level auto: the tiny backbone has no GGUF, so its embedding is rounded here and the tied head

@@ -115,7 +115,7 @@ def test_an_interrupt_says_what_a_rerun_will_find(code_data, tmp_path):
     """Ctrl-C through the command line: before the first checkpoint a rerun starts afresh, after one it resumes from
     that step; each says so in one line (exit code 130), and the rerun's first line names the step it resumes."""
     import mode_edge.training.train_expert as te
-    from tests.cli_runner import invoke
+    from tests.cli_runner import invoke, refused
 
     args = ["train", "expert", "--base", "tiny", "--domain", "legal", "--data", code_data, "--out", tmp_path / "run",
             "--steps", "6", "--batch-size", "2", "--seq-len", "32", "--warmup-steps", "1", "--checkpoint-every", "2"]
@@ -145,7 +145,9 @@ def test_an_interrupt_says_what_a_rerun_will_find(code_data, tmp_path):
     partial = tmp_path / ".run.partial"
     assert last[1] == (f"interrupted; the checkpoint of step 2 of 6 is kept in {partial}: rerun the same command to "
                        "resume from it")
-    done = invoke(*args)
+    lr = refused(*args, "--lr", "2e-3", message=("other settings (--lr)", "delete that folder"))
+    assert "--checkpoint-every" not in lr
+    done = invoke(*args, "--checkpoint-every", "3")  # a setting that changes nothing computed: it resumes
     assert f"resuming the interrupted run in {partial} from its checkpoint of step 2 of 6" in (
         " ".join(done.stderr.split()))
     assert "tok/s) ->" in done.stdout
