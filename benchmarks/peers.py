@@ -9,7 +9,8 @@ ships as, and with --lora-gguf loaded at start; onnxruntime-genai (`pip install 
 output (`python -m onnxruntime_genai.models.builder -i CHECKPOINT -o GENAI -p int4 -e cpu`, CHECKPOINT the backbone
 saved as a Hugging Face folder), and on --genai-lora, its build with a LoRA adapter (`--extra_options
 adapter_path=LORA`: each LoRA a 4-bit MatMul pair beside its projection, fixed in the graph); mode-edge's Python
-runtime on each --bundle, base only and with --expert loaded. The LoRA adapter (--prepare) has about one expert's
+runtime on each --bundle, base only and with --expert loaded, and with --native the native runtime (C++,
+runtimes/native: `make native`) on each bundle too. The LoRA adapter (--prepare) has about one expert's
 parameters (LORA_RANK). Each measurement is a
 fresh process (so load time and peak RSS are its own), greedy, the same token ids for all (the start of this
 repository's runtimes/engine.py, tokenized by the backbone's tokenizer), every run generating exactly --new-tokens
@@ -19,7 +20,11 @@ and over 64 tokens ending at 1,024 tokens of context, peak RSS (VmHWM), bytes on
 (weight bytes over a numpy copy's bandwidth), and where there is something to switch (llama.cpp's LoRA, mode-edge's
 expert) the time to load it again beside the time to read its files.
 Run it on idle cores; `make bench-peers` installs the two peers, prepares the genai build (--prepare) and runs it on
-BUNDLE (default runs/demo/bundle). Writes benchmarks/results/peers.{json,md} and peers.png.
+BUNDLE (default runs/demo/bundle). Writes benchmarks/results/peers.{json,md} and peers.png (or --name's).
+The native runtime generates once a process, so its figures come from three fresh processes a round (the 128-token
+prompt with --new-tokens, the 512-token prompt, the 1,024-token context), its peak RSS the largest of the three, its
+load the base's and the expert's graphs; it stops at end-of-sequence (the decode figures count what it generated)
+and its switch is `benchmarks/native.py`'s to measure.
 """
 
 from __future__ import annotations
@@ -236,7 +241,41 @@ def worker(spec: dict) -> dict:
     return out
 
 
+def native_worker(spec: dict) -> dict:
+    """The native runtime's figures for one round (see the module docstring): fresh `mode-edge-native run`
+    processes on the same token ids, each one's --json profile and kernel high-water mark."""
+    from native import NATIVE, measured, ort_library
+
+    env = {**os.environ, "MODE_EDGE_ORT_LIB": str(ort_library())}
+    out, peaks = {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def run(ids: list[int], new_tokens: int) -> dict:
+            profile = Path(tmp) / "profile.json"
+            cmd = [str(NATIVE), "run", spec["path"], "--ids", ",".join(map(str, ids)), "--experts",
+                   spec.get("expert") or "none", "--max-new-tokens", str(new_tokens), "--threads",
+                   str(spec["threads"]), "--json", str(profile)]  # fmt: skip
+            peaks.append(measured(cmd, env)[0] / 2**20)
+            return json.loads(profile.read_text())
+
+        for n in PROMPT_LENGTHS:
+            first = n == PROMPT_LENGTHS[0]
+            p = run(prompt_ids(Path(spec["tokenizer"]), n), spec["new_tokens"] if first else 1)
+            out[f"ttft_{n}_s"] = p["time_to_first_token_s"]
+            out[f"prefill_{n}_tok_s"] = n / p["time_to_first_token_s"]
+            if first:
+                out["load_s"] = sum(p["load_s"].values())
+                out["decode_tok_s"] = p["decode_tokens_per_s"]
+                out["new_tokens"] = p["new_tokens"]
+        p = run(prompt_ids(Path(spec["tokenizer"]), LONG_CONTEXT - LONG_DECODE), LONG_DECODE + 1)
+        out[f"decode_ctx{LONG_CONTEXT}_tok_s"] = p["decode_tokens_per_s"]
+    out["peak_rss_mb"] = max(peaks)
+    return out
+
+
 def run_worker(spec: dict) -> dict:
+    if spec["kind"] == "native":
+        return native_worker(spec)
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
                           timeout=1800)  # fmt: skip
     if proc.returncode != 0:
@@ -405,6 +444,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--native", action="store_true", help="Also the native runtime (build/native/mode-edge-native) on "
+                    "each bundle.")  # fmt: skip
+    ap.add_argument("--name", default="peers", help="Results file name in benchmarks/results/ (no suffix).")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -432,6 +474,10 @@ def main() -> None:
         specs.append({"label": f"mode-edge {label}, base only", "kind": "mode-edge", "path": path})
         specs.append({"label": f"mode-edge {label} + {args.expert}", "kind": "mode-edge", "path": path,
                       "expert": args.expert})  # fmt: skip
+        if args.native:
+            specs.append({"label": f"mode-edge native {label}, base only", "kind": "native", "path": path})
+            specs.append({"label": f"mode-edge native {label} + {args.expert}", "kind": "native", "path": path,
+                          "expert": args.expert})  # fmt: skip
     runs: dict[str, list[dict]] = {s["label"]: [] for s in specs}
     for r in range(args.rounds):
         for spec in specs:
@@ -456,8 +502,8 @@ def main() -> None:
                   f"{switch} |")  # fmt: skip
     data = {"specs": specs, "runs": runs, "median": med, "disk_bytes": sizes, "copy_bandwidth_gb_s": bandwidth,
             "new_tokens": args.new_tokens, "threads": args.threads, "machine": machine()}  # fmt: skip
-    write("peers", data, "\n".join(md) + "\n")
-    plot(med, RESULTS / "peers.png")
+    write(args.name, data, "\n".join(md) + "\n")
+    plot(med, RESULTS / f"{args.name}.png")
 
 
 if __name__ == "__main__":
