@@ -456,6 +456,13 @@ def main() -> None:
         return
     if not args.bundle:
         ap.error("give at least one --bundle (its tokenizer is the prompts' too)")
+    if args.rounds < 1 or args.new_tokens < 2:
+        ap.error("--rounds must be at least 1 and --new-tokens at least 2 (decode is timed after the first token)")
+    if args.native:
+        from native import NATIVE
+
+        if not NATIVE.exists():
+            ap.error(f"--native: {NATIVE} is missing; build it with `make native`")
     bundles = dict(b.split("=", 1) for b in args.bundle)
     tokenizer = str(Path(next(iter(bundles.values()))) / "tokenizer.json")
     common = {"threads": args.threads, "new_tokens": args.new_tokens, "tokenizer": tokenizer}
