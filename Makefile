@@ -76,12 +76,12 @@ bench: $(STAMP)
 # mode-edge beside llama.cpp and onnxruntime-genai on the same backbone (benchmarks/peers.py): builds llama.cpp from
 # its sdist (about 4 minutes on 2 cores; GGML_NATIVE would enable AMX here, which crashes)
 BUNDLE ?= runs/demo/bundle
-bench-peers: $(STAMP)
+bench-peers: $(STAMP) native
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" $(PY) -m pip install -q \
 		llama-cpp-python==0.3.36 onnxruntime-genai==0.18.0
 	mkdir -p runs && $(PY) benchmarks/peers.py --prepare runs/peers > runs/peers.gguf
 	$(PY) benchmarks/peers.py --gguf "$$(cat runs/peers.gguf)" --lora-gguf runs/peers/lora.gguf \
-		--genai runs/peers/genai-int4 --genai-lora runs/peers/genai-int4-lora --bundle mode-edge=$(BUNDLE)
+		--genai runs/peers/genai-int4 --genai-lora runs/peers/genai-int4-lora --bundle mode-edge=$(BUNDLE) --native
 
 clean:
 	rm -rf $(VENV) runs
