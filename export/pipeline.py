@@ -157,6 +157,9 @@ def source_blocks(backbone: Backbone, model: MoDEModel, cfg: ExportConfig, progr
     source_level, embedding_level = cfg.base_levels()
     embedding = EmbeddingBlocks(backbone.decoder.embed_tokens.weight.detach().numpy(), embedding_level)
     gguf = None
+    if not cfg.source_blocks and (backbone.spec == "tiny" or resolve_spec(backbone.spec)[1] is None):
+        console.print("note: --requantize-base changes nothing here: the backbone was not loaded from a GGUF file, so "
+                      "it has no blocks to keep and is rounded either way")  # fmt: skip
     if cfg.source_blocks and backbone.spec != "tiny":
         directory, gguf_file = resolve_spec(backbone.spec)
         if gguf_file is not None:

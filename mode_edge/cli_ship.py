@@ -89,6 +89,11 @@ def export_cmd(run, out, formats, quant, block_size, accuracy_level, base_accura
         quant_method=quant_method, pte_context=pte_context,
         calibration_data=str(calibration_data) if calibration_data else None,
     )  # fmt: skip
+    if cfg.quant == "fp32" and (accuracy_level != "auto" or base_accuracy_level != "auto"):
+        from mode_edge.progress import console
+
+        console.print("note: --accuracy-level and --base-accuracy-level apply to int8, int4 and mixed bundles; an fp32 "
+                      "bundle has no quantized weights")  # fmt: skip
     if calibration_data is not None and not Path(calibration_data).is_dir():
         raise UserError(f"--calibration-data {calibration_data} is not a folder; pass a corpus from `mode-edge data "
                         f"prepare` or a folder of .txt / .jsonl files")  # fmt: skip

@@ -39,6 +39,17 @@ def test_export_inspect_pack_install_from_the_command_line(composed_run, tmp_pat
     assert list(json.loads(cli("inspect", bundle, "--json").stdout)["experts"]) == ["code"]
 
 
+def test_options_that_change_nothing_say_so(composed_run, tmp_path):
+    """--requantize-base on a backbone without GGUF blocks, and compute types for an fp32 bundle: a note each."""
+    proc = cli("export", "--model", composed_run, "--out", tmp_path / "b", "--quant", "int4", "--requantize-base",
+               "--experts", "code")  # fmt: skip
+    assert "--requantize-base changes nothing here" in " ".join(proc.stderr.split())
+    assert json.loads(cli("inspect", tmp_path / "b", "--json").stdout)["quantization"]["source_blocks"] is False
+    proc = cli("export", "--model", composed_run, "--out", tmp_path / "f", "--base-accuracy-level", "4",
+               "--quant", "fp32", "--experts", "code")  # fmt: skip
+    assert "apply to int8, int4 and mixed bundles" in " ".join(proc.stderr.split())
+
+
 def test_base_accuracy_levels():
     """(a source's own blocks, an embedding rounded here) compute types under each --base-accuracy-level and
     --accuracy-level."""
