@@ -183,8 +183,7 @@ def train(
         result = _train(model, params, batches, cfg, work, device, plan, signature=signature, label=label,
                         loss_fn=loss_fn, launch=launch)  # fmt: skip
         if size > 1:
-            peaks = distributed.gathered(result["peak_rss_mb"], size, device)
-            result["parallel"] = {"processes": size, **parallel.to_dict(), "peak_rss_mb": peaks}
+            result["parallel"] = {**launch, "peak_rss_mb": distributed.gathered(result["peak_rss_mb"], size, device)}
     return result
 
 
@@ -280,7 +279,7 @@ def train_into(
                       f"learning rate stays below --lr (at most {cfg.steps / cfg.warmup_steps:.0%} of it)",
                       soft_wrap=True)  # fmt: skip
     if partial.exists():
-        step = checkpoint_step(partial)
+        step = saved["step"] if is_int(saved.get("step")) else None  # (the state.json read above)
         console.print(f"resuming the interrupted run in {partial} from its checkpoint of step {step} of {cfg.steps}"
                       if step is not None else f"the interrupted run in {partial} saved no checkpoint: training "
                       f"starts from step 0 there", soft_wrap=True)  # fmt: skip
