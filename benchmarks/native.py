@@ -78,11 +78,19 @@ def run_python(bundle: Path, expert: str, text: str, new_tokens: int, threads: i
     return {**summary(profile.get("profile", profile)), "peak_rss_mb": peak / 2**20}
 
 
-def run_native(bundle: Path, expert: str, ids: list[int], new_tokens: int, threads: int, out: Path) -> dict:
+def native_profile(bundle: Path, expert: str, ids: list[int], new_tokens: int, threads: int, out: Path,
+                   ) -> tuple[dict, float]:  # fmt: skip
+    """One `mode-edge-native run` in a fresh process (`expert`: names, or none): its --json profile (written to
+    `out`) and its peak RSS in MB."""
     cmd = [str(NATIVE), "run", str(bundle), "--ids", ",".join(map(str, ids)), "--experts", expert,
            "--max-new-tokens", str(new_tokens), "--threads", str(threads), "--json", str(out)]  # fmt: skip
     peak, _ = measured(cmd, {**os.environ, "MODE_EDGE_ORT_LIB": str(ort_library())})
-    return {**summary(json.loads(out.read_text())), "peak_rss_mb": peak / 2**20}
+    return json.loads(out.read_text()), peak / 2**20
+
+
+def run_native(bundle: Path, expert: str, ids: list[int], new_tokens: int, threads: int, out: Path) -> dict:
+    profile, peak_mb = native_profile(bundle, expert, ids, new_tokens, threads, out)
+    return {**summary(profile), "peak_rss_mb": peak_mb}
 
 
 def summary(p: dict) -> dict:

@@ -244,19 +244,16 @@ def worker(spec: dict) -> dict:
 def native_worker(spec: dict) -> dict:
     """The native runtime's figures for one round (see the module docstring): fresh `mode-edge-native run`
     processes on the same token ids, each one's --json profile and kernel high-water mark."""
-    from native import NATIVE, measured, ort_library
+    from native import native_profile
 
-    env = {**os.environ, "MODE_EDGE_ORT_LIB": str(ort_library())}
     out, peaks = {}, []
     with tempfile.TemporaryDirectory() as tmp:
 
         def run(ids: list[int], new_tokens: int) -> dict:
-            profile = Path(tmp) / "profile.json"
-            cmd = [str(NATIVE), "run", spec["path"], "--ids", ",".join(map(str, ids)), "--experts",
-                   spec.get("expert") or "none", "--max-new-tokens", str(new_tokens), "--threads",
-                   str(spec["threads"]), "--json", str(profile)]  # fmt: skip
-            peaks.append(measured(cmd, env)[0] / 2**20)
-            return json.loads(profile.read_text())
+            profile, peak_mb = native_profile(Path(spec["path"]), spec.get("expert") or "none", ids, new_tokens,
+                                              spec["threads"], Path(tmp) / "profile.json")  # fmt: skip
+            peaks.append(peak_mb)
+            return profile
 
         for n in PROMPT_LENGTHS:
             first = n == PROMPT_LENGTHS[0]
