@@ -44,7 +44,7 @@ from mode_edge.files import atomic_dir, require_absent, write_json
 from mode_edge.integrity import KV_CACHE
 from mode_edge.packs import expert_entry
 from mode_edge.progress import console, stage_progress
-from mode_edge.training.backbones import Backbone, load_backbone
+from mode_edge.training.backbones import Backbone, check_backbone_context, load_backbone
 from mode_edge.training.model import MoDEModel
 from mode_edge.training.router import routing_tensors
 from mode_edge.training.runs import check_same_blocks, load_run_experts, read_model_record
@@ -63,9 +63,11 @@ def check_run(run: Path, only: list[str] | None) -> dict:
     return record
 
 
-def load_model(run: Path, only: list[str] | None) -> tuple[Backbone, MoDEModel, dict]:
+def load_model(run: Path, only: list[str] | None, context: int | None = None) -> tuple[Backbone, MoDEModel, dict]:
+    """(backbone built for `context` tokens (None: its default), the run's MoDE model over it with the experts
+    `only` (None: all), the run's record with "routers")."""
     record = check_run(run, only)
-    backbone = load_backbone(record["base"]["spec"])
+    backbone = load_backbone(record["base"]["spec"], context)
     loaded = load_run_experts(run, backbone, only)
     layout = check_same_blocks(loaded)
     model = MoDEModel(backbone.decoder, layout, {e.name: e.expert for e in loaded}).eval()
@@ -235,13 +237,14 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
     """Export RUN into the bundle OUT; returns the manifest."""
     started = time.perf_counter()
     record = check_run(run, cfg.experts)
+    check_backbone_context(record["base"]["spec"], cfg.context)
     auto = cfg.quant_method == "auto"
     cfg, corpora = resolve_quant_method(run, record, cfg)  # before the progress starts: a missing corpus is one line
     if not cfg.overwrite:
         require_absent(out)
     with stage_progress("export") as progress:
         progress.show("load")
-        backbone, model, record = load_model(run, cfg.experts)
+        backbone, model, record = load_model(run, cfg.experts, cfg.context)
         routers = record["routers"]
         graphs = {fmt: split(model, KV_CACHE[fmt]) for fmt in cfg.formats}  # each format's cache interface
         names = list(graphs[cfg.formats[0]])

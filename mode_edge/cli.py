@@ -338,12 +338,12 @@ def base_of(run: Path) -> str:
     return read_model_record(run)["base"]["spec"]
 
 
-def load_base(spec: str):
+def load_base(spec: str, context: int | None = None):
     from mode_edge.progress import console
     from mode_edge.training.backbones import load_backbone
 
     with console.status(f"loading backbone {spec}"):
-        return load_backbone(spec)
+        return load_backbone(spec, context)
 
 
 @main.command("eval", short_help="Held-out accuracy and perplexity per domain.")
@@ -453,7 +453,8 @@ def eval_bundle(bundle, run, base, data, experts, split, max_tokens, seq_len, js
         if read_model_record(run)["base"]["fingerprint"] != shipped:
             raise UserError(f"{run} was trained on another backbone than {bundle} holds; pass the run it was "
                             "exported from")  # fmt: skip
-        reference, _, _ = build_model(load_base(base_of(run)), run, model.experts)
+        context = model.session.engine.manifest["base"]["decoder"]["max_seq_len"]  # (--context at export)
+        reference, _, _ = build_model(load_base(base_of(run), context), run, model.experts)
         reference.eval()
     results = evaluate_bundle(model, corpora, reference, seq_len=seq_len, max_tokens=max_tokens, split=split)
     label = f"{bundle} ({'+'.join(model.experts) or 'base only'}, {backend})"

@@ -67,11 +67,16 @@ def human_bytes(n: int) -> str:
 @click.option("--pte-context", type=Int(64, None), default=2048, show_default=True,
               help="ExecuTorch: the longest context the .pte graphs hold (at most the backbone's); ExecuTorch "
                    "plans their memory for it up front.")
+@click.option("--context", type=Int(1, None), default=None,
+              help="The bundle's context in tokens, the longest its runtimes cache. Default: the backbone's, up to "
+                   "8192 (a LongRoPE backbone's original context: Phi-3.5 / 4-mini's 4,096). Past a LongRoPE "
+                   "backbone's original context the bundle takes its long factors at every position, as llama.cpp "
+                   "does for such a context.")
 @click.option("--device", default=None, help="Device profile whose defaults to use (`mode-edge devices list`).")
 @click.option("--experts", default=None, help="Comma-separated subset of the run's experts (default: all).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 def export_cmd(run, out, formats, quant, block_size, accuracy_level, base_accuracy_level, source_blocks, quant_method,
-               calibration_data, pte_context, device, experts, overwrite):  # fmt: skip
+               calibration_data, pte_context, context, device, experts, overwrite):  # fmt: skip
     """Split the model into graphs (embed, backbone blocks, each expert's blocks with its gate, head), export them to
     ONNX and/or ExecuTorch, quantize, check each against PyTorch, and write OUT/manifest.json with every file's size
     and sha256. Each expert lands in OUT/experts/NAME, ready for `mode-edge pack`."""
@@ -86,7 +91,7 @@ def export_cmd(run, out, formats, quant, block_size, accuracy_level, base_accura
         accuracy_level=accuracy_level if accuracy_level == "auto" else int(accuracy_level),
         base_accuracy_level=base_accuracy_level if base_accuracy_level == "auto" else int(base_accuracy_level),
         source_blocks=source_blocks,
-        quant_method=quant_method, pte_context=pte_context,
+        quant_method=quant_method, pte_context=pte_context, context=context,
         calibration_data=str(calibration_data) if calibration_data else None,
     )  # fmt: skip
     if cfg.quant == "fp32" and (accuracy_level != "auto" or base_accuracy_level != "auto"):

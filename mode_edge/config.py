@@ -67,8 +67,8 @@ class DecoderConfig(_Serialisable):
     rope_scaling: dict | None = None
     """Rotary frequency scaling (mode_edge/rope.py): None for plain RoPE, Llama 3.x's {"rope_type": "llama3",
     "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} (Hugging Face's names), or
-    Phi-3.5-mini's (and Phi-3's long-context variants') {"rope_type": "longrope", "short_factor": [...],
-    "attention_factor"}, or a GGUF file's divisors per frequency (llama.cpp's rope_freqs: Llama 3.x's scaling as
+    Phi-3.5-mini's (and Phi-3's long-context variants') {"rope_type": "longrope", "short_factor": [...] (or
+    "long_factor" for a context past the original one), "attention_factor"}, or a GGUF file's divisors per frequency (llama.cpp's rope_freqs: Llama 3.x's scaling as
     the file holds it; linear scaling) {"rope_type": "frequency_factors", "factors": [...]}."""
     qk_norm: bool = False
     """Whether queries and keys go through an RMS norm per head before the rotary embedding (Qwen3)."""
@@ -360,6 +360,10 @@ class ExportConfig(_Serialisable):
     plans activation memory for it up front (the present KV cache of every layer), so it is bounded here."""
     calibration_data: str | None = None
     """--quant-method gptq: a prepared corpus to calibrate every expert on (None: each expert's own training text)."""
+    context: int | None = None
+    """The bundle's context in tokens, the longest its runtimes cache (None: the backbone's default,
+    training/backbones.load_backbone). Past a LongRoPE backbone's original context the bundle takes its long
+    factors at every position (mode_edge/rope.py)."""
 
     def __post_init__(self):
         unknown = [f for f in self.formats if f not in FORMATS]
@@ -383,6 +387,8 @@ class ExportConfig(_Serialisable):
             raise UserError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))} (a power of two that "
                             f"onnxruntime's quantizer takes), got {self.block_size!r}")  # fmt: skip
         check_number("--pte-context", self.pte_context, lo=64, integer=True)
+        if self.context is not None:
+            check_number("--context", self.context, lo=1, integer=True)
         if self.quant_method not in QUANT_METHODS:
             raise UserError(f"--quant-method must be {', '.join(QUANT_METHODS)}, got {self.quant_method!r}")
         if self.quant_method == "gptq" and self.quant in ("int4", "mixed") and self.block_size != 32:

@@ -8,8 +8,12 @@ fewer under a partial rotary embedding, Phi-4-mini's). Llama 3.x scales it for a
 original_max_position_embeddings / low_freq_factor are divided by `factor`, shorter than .. / high_freq_factor are
 kept, and the band between is interpolated linearly in original_max_position_embeddings / wavelength. Phi-3.5-mini
 ("longrope", LongRoPE, Ding et al. 2024, as Hugging Face's `_compute_longrope_parameters`): each frequency
-divided by its own `short_factor`, and cos and sin multiplied by `attention_factor`; the long factors apply only past
-the original context, which the backbone loader caps the context at, so they are not recorded. A GGUF file holds
+divided by its own factor, and cos and sin multiplied by `attention_factor`. Its checkpoints hold two sets: the short
+factors for a context within original_max_position_embeddings, the long ones past it. Which set applies is chosen
+once, by the context the model is built for, as llama.cpp chooses by its context size (transformers switches per
+call by the sequence's length): a backbone loads at its original context with the short factors unless a longer
+context is asked for (`mode-edge export --context`), and the set taken is recorded under its own key, "short_factor"
+or "long_factor". A GGUF file holds
 Llama 3.x's scaling (and linear scaling) as what llama.cpp computes with, one divisor per frequency (its rope_freqs
 tensor, ggml's freq_factors): "frequency_factors", each frequency divided by its factor.
 """
@@ -24,8 +28,18 @@ import numpy as np
 from mode_edge.errors import UserError
 
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-FACTORS = {"longrope": "short_factor", "frequency_factors": "factors"}
-"""Rope types that divide each frequency by a factor of its own, and the key of their list."""
+LONGROPE_SETS = ("short_factor", "long_factor")
+"""LongRoPE's factor sets; a rope_scaling records the one its context takes."""
+
+
+def factors_key(scaling: dict) -> str | None:
+    """The key of the divisors per frequency in `scaling`: "factors" (frequency_factors), the LongRoPE set recorded
+    ("short_factor" or "long_factor"), None for llama3's parameters."""
+    if scaling["rope_type"] == "frequency_factors":
+        return "factors"
+    if scaling["rope_type"] == "longrope":
+        return next((k for k in LONGROPE_SETS if k in scaling), "short_factor")
+    return None
 
 
 def positive(v) -> bool:
@@ -34,8 +48,9 @@ def positive(v) -> bool:
 
 def check_rope_scaling(scaling, what: str, rotated: int | None = None) -> None:
     """None; or llama3 with positive LLAMA3_KEYS and high_freq_factor > low_freq_factor; or longrope with a positive
-    attention_factor and rotated / 2 positive short_factor values (the length checked when `rotated`, the dimensions
-    of a head the rotary embedding turns, is given). Raises UserError naming the field."""
+    attention_factor and rotated / 2 positive values in one of short_factor and long_factor (the length checked when
+    `rotated`, the dimensions of a head the rotary embedding turns, is given); or frequency_factors with such
+    `factors`. Raises UserError naming the field."""
     if scaling is None:
         return
     kind = scaling.get("rope_type") if isinstance(scaling, dict) else None
@@ -43,9 +58,9 @@ def check_rope_scaling(scaling, what: str, rotated: int | None = None) -> None:
         ok = all(positive(scaling.get(k)) for k in LLAMA3_KEYS)
         ok = ok and scaling["high_freq_factor"] > scaling["low_freq_factor"]
     elif kind in ("longrope", "frequency_factors"):
-        key = FACTORS[kind]
-        factors = scaling.get(key)
-        ok = isinstance(factors, list) and all(map(positive, factors))
+        factors = scaling.get(factors_key(scaling))
+        ok = kind == "frequency_factors" or sum(k in scaling for k in LONGROPE_SETS) == 1
+        ok = ok and isinstance(factors, list) and all(map(positive, factors))
         ok = ok and (rotated is None or len(factors) == rotated // 2)
         ok = ok and (kind == "frequency_factors" or positive(scaling.get("attention_factor")))
     else:
@@ -53,7 +68,8 @@ def check_rope_scaling(scaling, what: str, rotated: int | None = None) -> None:
     if not ok:
         raise UserError(f"{what} must be null, {{'rope_type': 'llama3', {', '.join(repr(k) for k in LLAMA3_KEYS)}}} "
                         f"(positive, high_freq_factor > low_freq_factor), {{'rope_type': 'longrope', "
-                        f"'short_factor': [one positive number per turned frequency], 'attention_factor'}} or "
+                        f"'short_factor' or 'long_factor': [one positive number per turned frequency], "
+                        f"'attention_factor'}} or "
                         f"{{'rope_type': 'frequency_factors', 'factors': [one positive number per turned frequency]}}, "
                         f"got {scaling!r}")  # fmt: skip
 
@@ -64,8 +80,9 @@ def inv_freq(theta: float, rotated: int, scaling: dict | None = None) -> np.ndar
     freq = float(theta) ** (-np.arange(0, rotated, 2, dtype=np.float64) / rotated)
     if scaling is None:
         return freq
-    if scaling["rope_type"] in FACTORS:
-        return freq / np.asarray(scaling[FACTORS[scaling["rope_type"]]], dtype=np.float64)
+    key = factors_key(scaling)
+    if key is not None:
+        return freq / np.asarray(scaling[key], dtype=np.float64)
     factor, low, high, old = (float(scaling[k]) for k in LLAMA3_KEYS)
     wavelen = 2 * math.pi / freq
     smooth = (old / wavelen - low) / (high - low)

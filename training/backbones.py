@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,10 @@ class Backbone:
     decoder: Decoder
     tokenizer: TextTokenizer
     weights_sha256: str
+    default_cfg: DecoderConfig | None = None
+    """The decoder's config at the backbone's default context where another was asked for (`load_backbone`'s
+    `context`): what the fingerprint hashes, so that experts trained at one context export at another. None: the
+    decoder's own."""
 
     def describe(self) -> str:
         """One line for a person: what was loaded from --base."""
@@ -55,7 +60,7 @@ class Backbone:
         Baselines (full fine-tuning, LoRA) have no block layout and pass None."""
         h = hashlib.sha256()
         h.update(self.weights_sha256.encode())
-        h.update(json.dumps(self.decoder.cfg.to_dict(), sort_keys=True).encode())
+        h.update(json.dumps((self.default_cfg or self.decoder.cfg).to_dict(), sort_keys=True).encode())
         if layout is not None:
             h.update(json.dumps(layout.block_ranges(self.decoder.cfg.n_layers)).encode())
         h.update(self.tokenizer.fingerprint().encode())
@@ -80,7 +85,24 @@ def smollm2_dir() -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
-def _hf_decoder_config(hf) -> DecoderConfig:
+DEFAULT_CONTEXT_CAP = 8192
+"""The longest context a backbone loads at unless a context is asked for: its rotary tables, a runtime's KV cache
+and a bundle's .pte plan are sized by it."""
+
+
+def check_context(context: int, limit: int, where: str) -> int:
+    """`context` when the checkpoint takes it (1..limit tokens, `where` naming the fields that set the limit), else
+    UserError naming the fix."""
+    if not 1 <= context <= limit:
+        raise UserError(f"--context {context} is not a context this backbone takes: at most {limit} tokens ({where}); "
+                        f"use --context 1..{limit}")  # fmt: skip
+    return context
+
+
+def _hf_decoder_config(hf, context: int | None = None) -> DecoderConfig:
+    """Our DecoderConfig for transformers' config `hf`, built for `context` tokens (None: the checkpoint's own
+    context up to DEFAULT_CONTEXT_CAP, a LongRoPE checkpoint's original one). Raises UserError naming the field of
+    what is not supported, or a context the checkpoint does not take."""
     if hf.model_type not in SUPPORTED_MODEL_TYPES:
         raise UserError(
             f"backbone type {hf.model_type!r} (config.json model_type) is not supported; supported: "
@@ -107,14 +129,18 @@ def _hf_decoder_config(hf) -> DecoderConfig:
     # context no longer than the window, so the context is capped there rather than the checkpoint refused.
     windowed = hf.model_type in ("mistral", "phi3") or getattr(hf, "use_sliding_window", False)
     window = getattr(hf, "sliding_window", None) if windowed else None
+    limit = min(int(getattr(hf, "max_position_embeddings", 2048)), int(window or 1 << 62))
+    where = "config.json max_position_embeddings" + (" and sliding_window" if window else "")
+    max_seq_len = min(limit, DEFAULT_CONTEXT_CAP) if context is None else check_context(context, limit, where)
     scaling = {"rope_type": "llama3", **{k: rope[k] for k in LLAMA3_KEYS}} if rope_type == "llama3" else None
     if rope_type == "linear":  # positions divided by the factor: every frequency divided by it
         if not positive(rope.get("factor")):
             raise UserError(f"config.json rope_scaling.factor must be a positive number, got {rope.get('factor')!r}")
         scaling = {"rope_type": "frequency_factors", "factors": [float(rope["factor"])] * (rotary_dim // 2)}
-    if rope_type == "longrope":  # the short factors hold within the original context, where the context is capped
-        scaling, original = longrope_scaling(hf, rope)
-        window = min(window or original, original)
+    if rope_type == "longrope":  # the short factors hold within the original context, where it loads by default
+        original = int(rope.get("original_max_position_embeddings") or hf.original_max_position_embeddings)
+        max_seq_len = min(max_seq_len, original) if context is None else max_seq_len
+        scaling = longrope_scaling(hf, rope, original, long=max_seq_len > original)
     if not gemma and getattr(hf, "hidden_act", "silu") != "silu":
         raise UserError(f"activation {hf.hidden_act!r} is not supported; Llama-family decoders use silu")
     return DecoderConfig(
@@ -129,7 +155,7 @@ def _hf_decoder_config(hf) -> DecoderConfig:
         norm_eps=float(hf.rms_norm_eps),
         tie_embeddings=bool(hf.tie_word_embeddings),
         attn_bias=bool(getattr(hf, "attention_bias", hf.model_type == "qwen2")),
-        max_seq_len=min(int(getattr(hf, "max_position_embeddings", 2048)), 8192, int(window or 8192)),
+        max_seq_len=max_seq_len,
         rope_scaling=scaling,
         qk_norm=hf.model_type in ("qwen3", "gemma3_text"),
         rotary_dim=rotary_dim if rotary_dim != head_dim else None,
@@ -171,17 +197,20 @@ def gemma3_fields(hf) -> dict:
             "rope_local_theta": float(local.get("rope_theta", 10000.0)) if sliding else None}  # fmt: skip
 
 
-def longrope_scaling(hf, rope: dict) -> tuple[dict, int]:
-    """(DecoderConfig.rope_scaling, the original context) of a LongRoPE checkpoint: its short factors and the
-    attention factor as transformers' `_compute_longrope_parameters` derives it when the config gives none
-    (sqrt(1 + ln(factor) / ln(original)), factor = max_position_embeddings / original)."""
-    original = int(rope.get("original_max_position_embeddings") or hf.original_max_position_embeddings)
+def longrope_scaling(hf, rope: dict, original: int, long: bool) -> dict:
+    """DecoderConfig.rope_scaling of a LongRoPE checkpoint of `original` context: its short factors, or its long ones
+    for a context past the original (`long`), and the attention factor as transformers' `_compute_longrope_parameters`
+    derives it when the config gives none (sqrt(1 + ln(factor) / ln(original)), factor = max_position_embeddings /
+    original; the same for both sets). Raises UserError when `long` and the config has no long factors."""
+    key = "long_factor" if long else "short_factor"
+    if not isinstance(rope.get(key), list):
+        raise UserError(f"a context past this backbone's original {original} tokens takes LongRoPE's long factors, "
+                        f"and config.json rope_scaling has no {key}; use --context 1..{original}")  # fmt: skip
     factor = rope.get("factor") or hf.max_position_embeddings / original
     attention = rope.get("attention_factor")
     if attention is None:
         attention = longrope_attention(factor, original)
-    return {"rope_type": "longrope", "short_factor": [float(f) for f in rope["short_factor"]],
-            "attention_factor": float(attention)}, original  # fmt: skip
+    return {"rope_type": "longrope", key: [float(f) for f in rope[key]], "attention_factor": float(attention)}
 
 
 def longrope_attention(factor: float, original: int) -> float:
@@ -214,11 +243,11 @@ def split_fused(state: dict, cfg: DecoderConfig) -> dict:
     return out
 
 
-def decoder_from_hf(hf_model, cfg: DecoderConfig | None = None) -> Decoder:
+def decoder_from_hf(hf_model, cfg: DecoderConfig | None = None, context: int | None = None) -> Decoder:
     """Copy a transformers causal LM's weights into our decoder (names match after dropping the `model.` prefix);
     `cfg`: its architecture where the model's config lacks some of it (a GGUF's rotary settings, `gguf_rope`),
-    else read from the model's config."""
-    decoder = Decoder(cfg or _hf_decoder_config(hf_model.config))
+    else read from the model's config, for `context` tokens (`_hf_decoder_config`)."""
+    decoder = Decoder(cfg or _hf_decoder_config(hf_model.config, context))
     state = split_fused({k.removeprefix("model."): v for k, v in hf_model.state_dict().items()}, decoder.cfg)
     if hf_model.config.model_type == "gemma3_text":  # Gemma's norms scale by 1 + w (in fp32, as ours by w)
         state = {k: v.float() + 1 if k.endswith("norm.weight") else v for k, v in state.items()}
@@ -232,24 +261,22 @@ def decoder_from_hf(hf_model, cfg: DecoderConfig | None = None) -> Decoder:
     return decoder
 
 
-def _load_hf(directory: Path, gguf_file: str | None) -> tuple[Decoder, TextTokenizer]:
+def _load_hf(directory: Path, gguf_file: str | None, context: int | None = None,
+             ) -> tuple[Decoder, TextTokenizer, DecoderConfig | None]:  # fmt: skip
+    """(decoder for `context` tokens, tokenizer, the decoder's config at the default context where `context` is
+    given, else None)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub, even by accident
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     # what is not supported is said before gigabytes of weights are read (a GGUF's config: from its metadata)
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            config = AutoConfig.from_pretrained(directory, gguf_file=gguf_file)
-    except Exception:  # noqa: BLE001 - a damaged config.json or GGUF header: the load below names the problem
-        config = None
-    cfg = None
+    config = read_hf_config(directory, gguf_file)
+    cfg = default = None
     if config is not None:
-        cfg = _hf_decoder_config(config)
-        if gguf_file is not None:
-            cfg = gguf_rope(directory / gguf_file, cfg)
+        cfg = config_for(config, directory, gguf_file, context)
+        default = None if context is None else config_for(config, directory, gguf_file, None)
     try:
         hf_tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
         # transformers' GGUF reader draws a tqdm bar of its own that no setting turns off once tqdm is imported;
@@ -260,7 +287,7 @@ def _load_hf(directory: Path, gguf_file: str | None) -> tuple[Decoder, TextToken
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"could not load a checkpoint from {directory / (gguf_file or '')} ({first}); it is missing "
                         "files, cut short or corrupted: download or copy it again") from None  # fmt: skip
-    decoder = decoder_from_hf(hf_model, cfg)
+    decoder = decoder_from_hf(hf_model, cfg, context)
     eos = (
         hf_tok.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in hf_tok.get_vocab() else hf_tok.eos_token_id
     )
@@ -270,7 +297,41 @@ def _load_hf(directory: Path, gguf_file: str | None) -> tuple[Decoder, TextToken
         template = template.get("default")
     special = {k: v for k, v in hf_tok.special_tokens_map.items() if isinstance(v, str)}
     return decoder, TextTokenizer(backend, eos_id=int(eos), prefix_ids=checkpoint_prefix(backend),
-                                  chat_template=template, special_tokens=special)  # fmt: skip
+                                  chat_template=template, special_tokens=special), default  # fmt: skip
+
+
+def read_hf_config(directory: Path, gguf_file: str | None):
+    """transformers' config of a checkpoint folder or GGUF file (from its metadata), or None where it cannot be read
+    (a damaged config.json or GGUF header: loading the weights names the problem)."""
+    from transformers import AutoConfig
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return AutoConfig.from_pretrained(directory, gguf_file=gguf_file)
+    except Exception:  # noqa: BLE001 - named by the load that follows
+        return None
+
+
+def check_backbone_context(spec: str, context: int | None) -> None:
+    """Raise UserError when the backbone of `spec` does not take `context` tokens (`load_backbone`), reading its
+    config only: for a command to refuse before it loads weights or starts its progress."""
+    if context is None:
+        return
+    if spec == "tiny":
+        check_context(context, TINY_CONFIG.max_seq_len, "the tiny backbone's")
+        return
+    directory, gguf_file = resolve_spec(spec)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    config = read_hf_config(directory, gguf_file)
+    if config is not None:
+        config_for(config, directory, gguf_file, context)
+
+
+def config_for(config, directory: Path, gguf_file: str | None, context: int | None) -> DecoderConfig:
+    """The DecoderConfig of transformers' `config` for `context` tokens (None: the default), with a GGUF file's
+    rotary settings (`gguf_rope`)."""
+    cfg = _hf_decoder_config(config, context)
+    return cfg if gguf_file is None else gguf_rope(directory / gguf_file, cfg, context)
 
 
 GGUF_ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_short.weight", "rope_factors_long.weight")
@@ -278,7 +339,7 @@ GGUF_ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_short.weight", "rope_fac
 LongRoPE's short and long factors (Phi-3.5 / 4)."""
 
 
-def gguf_rope(path: Path, cfg: DecoderConfig) -> DecoderConfig:
+def gguf_rope(path: Path, cfg: DecoderConfig, context: int | None = None) -> DecoderConfig:
     """`cfg` (transformers' reading of the GGUF file `path`) with the file's rotary settings that reader drops
     (transformers 5.x: its configs from GGUF have no rope scaling and no partial rotary width; loaded as they are,
     such a model would compute other logits than the checkpoint's, silently):
@@ -289,12 +350,10 @@ def gguf_rope(path: Path, cfg: DecoderConfig) -> DecoderConfig:
       are, rope_scaling {"rope_type": "frequency_factors", "factors"} (mode_edge/rope.py), which computes what
       llama.cpp computes;
     - LongRoPE (Phi-3.5 / 4): rope_factors_short with `rope.scaling.attn_factor` (computed as transformers does when
-      absent) and the context capped at `rope.scaling.original_context_length`, as the Hugging Face path caps it
-      (the long factors apply only past it).
+      absent) and the context capped at `rope.scaling.original_context_length`, as the Hugging Face path caps it;
+      rope_factors_long for a `context` asked past it (the context `cfg` was built for).
     Settings `cfg` already has are kept when the file's agree with them. Raises UserError, naming the key or
     tensor, for other scaling (YaRN), a rotary width that is not supported, or factors of the wrong length."""
-    import dataclasses
-
     from gguf import GGUFReader
 
     from mode_edge.rope import inv_freq
@@ -326,27 +385,29 @@ def gguf_rope(path: Path, cfg: DecoderConfig) -> DecoderConfig:
     if (kind == "linear" and linear is None) or (linear is not None and not positive(float(linear))):
         raise UserError(f"{path.name} scales its rotary embedding linearly without a positive factor ({key}: "
                         f"{linear!r}); the file is damaged or not a supported checkpoint")  # fmt: skip
-    if "rope_factors_long.weight" in tensors and "rope_factors_short.weight" not in tensors:
-        raise UserError(f"{path.name} holds LongRoPE's long factors (rope_factors_long.weight) without its short "
-                        f"ones (rope_factors_short.weight), which the context here needs; the file is damaged or "
-                        f"not a supported checkpoint")  # fmt: skip
+    original = int(field("rope.scaling.original_context_length") or cfg.max_seq_len)
+    long = context is not None and context > original
+    longrope = any(k in tensors for k in ("rope_factors_short.weight", "rope_factors_long.weight"))
+    need = "rope_factors_long.weight" if long else "rope_factors_short.weight"
+    if longrope and need not in tensors:
+        raise UserError(f"{path.name} holds LongRoPE's factors without {need}, which a context of {cfg.max_seq_len} "
+                        f"tokens takes (the file's original context: {original}); the file is damaged or not a "
+                        f"supported checkpoint")  # fmt: skip
     if kind not in ("none", "linear"):
         raise UserError(f"{path.name} scales its rotary embedding with {kind} ({arch}.rope.scaling.type), which is "
                         f"not supported; supported: linear, llama.cpp's rope_freqs (Llama 3.x) and LongRoPE's "
                         f"factors (Phi-3.5 / 4)")  # fmt: skip
     replace = {"rotary_dim": rotated if rotated != cfg.head_dim else None}
-    if "rope_factors_short.weight" in tensors:
+    if longrope:
         if linear not in (None, 1.0) or "rope_freqs.weight" in tensors:
             raise UserError(f"{path.name} combines LongRoPE's factors with other rotary scaling, which is not "
                             f"supported")  # fmt: skip
-        original = int(field("rope.scaling.original_context_length") or cfg.max_seq_len)
         attention = field("rope.scaling.attn_factor")
         if attention is None:
             attention = longrope_attention(int(field("context_length") or original) / original, original)
-        replace["rope_scaling"] = {"rope_type": "longrope",
-                                   "short_factor": tensors["rope_factors_short.weight"].tolist(),
-                                   "attention_factor": float(attention)}  # fmt: skip
-        replace["max_seq_len"] = min(cfg.max_seq_len, original)
+        replace["rope_scaling"] = {"rope_type": "longrope", ("long_factor" if long else "short_factor"):
+                                   tensors[need].tolist(), "attention_factor": float(attention)}  # fmt: skip
+        replace["max_seq_len"] = cfg.max_seq_len if long else min(cfg.max_seq_len, original)
     else:
         divisors = np.full(rotated // 2, float(linear or 1.0)) * tensors.get("rope_freqs.weight", 1.0)
         theirs = inv_freq(cfg.rope_theta, rotated) / divisors
@@ -357,9 +418,10 @@ def gguf_rope(path: Path, cfg: DecoderConfig) -> DecoderConfig:
     return dataclasses.replace(cfg, **replace)
 
 
-def tiny_decoder(seed: int = 0) -> Decoder:
+def tiny_decoder(seed: int = 0, cfg: DecoderConfig = TINY_CONFIG) -> Decoder:
+    """The `tiny` backbone's seeded random weights (`cfg`: TINY_CONFIG, or it at another context)."""
     torch.manual_seed(seed)
-    decoder = Decoder(TINY_CONFIG)
+    decoder = Decoder(cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in decoder.named_parameters():
@@ -386,13 +448,20 @@ def resolve_spec(spec: str) -> tuple[Path, str | None]:
     )
 
 
-def load_backbone(spec: str) -> Backbone:
-    """Load the backbone named by a --base spec, frozen (no parameter requires grad) and in eval mode."""
+def load_backbone(spec: str, context: int | None = None) -> Backbone:
+    """Load the backbone named by a --base spec, frozen (no parameter requires grad) and in eval mode, built for
+    `context` tokens (None: its default context, `_hf_decoder_config`; a LongRoPE backbone past its original context
+    takes its long factors). Raises UserError for a spec that is not a checkpoint, what is not supported, or a
+    context the checkpoint does not take."""
     if spec == "tiny":
-        decoder, tokenizer = tiny_decoder(), byte_tokenizer()
+        check_backbone_context(spec, context)
+        default = None if context is None else TINY_CONFIG
+        cfg = TINY_CONFIG if context is None else dataclasses.replace(TINY_CONFIG, max_seq_len=context)
+        decoder, tokenizer = tiny_decoder(cfg=cfg), byte_tokenizer()
     else:
         directory, gguf_file = resolve_spec(spec)
-        decoder, tokenizer = _load_hf(directory, gguf_file)
+        decoder, tokenizer, default = _load_hf(directory, gguf_file, context)
         spec = spec if spec == "smollm2" else str(Path(spec).expanduser().resolve())
     decoder.requires_grad_(False).eval()
-    return Backbone(spec=spec, decoder=decoder, tokenizer=tokenizer, weights_sha256=weights_sha256(decoder))
+    return Backbone(spec=spec, decoder=decoder, tokenizer=tokenizer, weights_sha256=weights_sha256(decoder),
+                    default_cfg=default)  # fmt: skip

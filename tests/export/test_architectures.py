@@ -4,7 +4,8 @@ layers with their own rotary tables, sandwich norms, GeGLU, scaled embedding and
 transformers, loaded with --base, an expert trained on each, exported, and run: the runtime's logits equal PyTorch's
 (fp32) and its greedy tokens too (fp32, and int8 for Llama 3 and Gemma 3, with the prompt's logits within 5%), and
 the native runtime's logits equal the Python runtime's (its C++ rotary tables, scaled as mode_edge/rope.py scales
-them, over the turned dimensions)."""
+them, over the turned dimensions). Phi-4-mini is also exported at a context past its original one (LongRoPE's long
+factors)."""
 
 from __future__ import annotations
 
@@ -28,14 +29,17 @@ a sliding layer) and with a full layer only (the last block's expert), each taki
 TRAIN = TrainConfig(steps=4, batch_size=2, seq_len=32, warmup_steps=1, lr=1e-2, checkpoint_every=4)
 PROMPTS = {"llama3": list(range(3, 83)), "qwen3": list(range(3, 83)), "phi4": list(range(3, 43)),
            "gemma3": list(range(3, 43))}  # fmt: skip
-"""80 positions: past the tiny Llama 3 checkpoint's original context of 64. Phi-4-mini's context is capped at its
-original 64 (LongRoPE's short factors hold there). Gemma 3's: 40, five times its sliding window."""
+"""80 positions: past the tiny Llama 3 checkpoint's original context of 64. Phi-4-mini's default context is its
+original 64 (LongRoPE's short factors hold there; LONG past it). Gemma 3's: 40, five times its sliding window."""
+LONG = 96
+"""The context of Phi-4-mini's second fp32 bundle (`export --context`): past its original 64, so its long factors."""
 
 
 @pytest.fixture(scope="module", params=["llama3", "qwen3", "phi4", "gemma3"])
 def exported(request, code_data, tmp_path_factory):
     """(architecture, trained run, {quant: bundle}): fp32 for each, int8 for Llama 3 and Gemma 3 (an int8 export of
-    every architecture would add a minute to the suite for what these two already show)."""
+    every architecture would add a minute to the suite for what these two already show), and for Phi-4-mini "long":
+    fp32 at a context of LONG, past the original."""
     root = tmp_path_factory.mktemp(request.param)
     save_tiny_hf_checkpoint(root / "checkpoint", request.param)
     backbone = load_backbone(str(root / "checkpoint"))
@@ -45,6 +49,9 @@ def exported(request, code_data, tmp_path_factory):
     for quant in quants:
         bundles[quant] = root / quant
         export_bundle(root / "code", bundles[quant], ExportConfig(formats=("onnx",), quant=quant))
+    if request.param == "phi4":
+        bundles["long"] = root / "long"
+        export_bundle(root / "code", bundles["long"], ExportConfig(formats=("onnx",), quant="fp32", context=LONG))
     return request.param, root / "code", bundles
 
 
@@ -76,7 +83,7 @@ def test_exported_architecture_runs_as_pytorch(exported):
     got += [engine.forward(np.array([[t]], dtype=np.int64), cache)[0, -1] for t in want[:-1]]
     np.testing.assert_allclose(np.stack(got), pytorch_logits(model, prompt, want[:-1]), atol=1e-4, rtol=0)
     ref = model(torch.tensor([prompt]))[0].detach().numpy()  # (T, V): every position of the prompt
-    for quant in set(bundles) - {"fp32"}:
+    for quant in set(bundles) - {"fp32", "long"}:
         engine = Engine(bundles[quant])
         engine.load_expert("code")
         assert list(generate(engine, prompt, 12)) == want, quant
@@ -86,6 +93,29 @@ def test_exported_architecture_runs_as_pytorch(exported):
         spread = np.linalg.norm(ref - ref.mean(-1, keepdims=True))
         assert np.linalg.norm(quantized - ref) / spread < 0.05, quant
         assert (quantized.argmax(-1) == ref.argmax(-1)).mean() >= 0.95, quant
+    if "long" in bundles:
+        check_long_context(run, bundles)
+
+
+def check_long_context(run, bundles: dict) -> None:
+    """Phi-4-mini exported with --context 96 (past its original 64): the manifest holds the long factors and that
+    context, and the runtime computes the logits and greedy tokens of the PyTorch model built for the same context
+    over 80 prompt positions, past the original."""
+    decoder = Engine(bundles["long"]).manifest["base"]["decoder"]
+    assert (decoder["max_seq_len"], sorted(decoder["rope_scaling"])) == (LONG, ["attention_factor", "long_factor",
+                                                                               "rope_type"])  # fmt: skip
+    _, model, _ = load_model(run, None, LONG)
+    prompt = list(range(3, 83))
+    engine = Engine(bundles["long"])
+    engine.load_expert("code")
+    want = greedy(model, prompt, 12)
+    assert list(generate(engine, prompt, 12)) == want
+    cache = engine.new_cache(len(prompt) + 12)
+    got = [engine.forward(np.array([prompt], dtype=np.int64), cache, last_only=True)[0, -1]]
+    got += [engine.forward(np.array([[t]], dtype=np.int64), cache)[0, -1] for t in want[:-1]]
+    np.testing.assert_allclose(np.stack(got), pytorch_logits(model, prompt, want[:-1]), atol=1e-4, rtol=0)
+    _, short, _ = load_model(run, None)  # the short factors' model: other logits, so the factor set is tested
+    assert np.abs(pytorch_logits(short, prompt[:60], []) - pytorch_logits(model, prompt[:60], [])).max() > 1e-3
 
 
 def test_native_runtime_takes_the_architecture(native, exported, tmp_path):
@@ -95,13 +125,14 @@ def test_native_runtime_takes_the_architecture(native, exported, tmp_path):
     from tests.runtimes.test_native import python_logits, run_native
 
     arch, _, bundles = exported
-    prompt = PROMPTS[arch]
-    session = Session(bundles["fp32"])
-    code, tokens, err, _ = run_native(native, bundles["fp32"], prompt, "--experts", "code", "--max-new-tokens", "8",
-                                      "--logits", str(tmp_path / "logits.bin"))  # fmt: skip
-    assert code == 0 and tokens == list(session.generate(prompt, ["code"], 8)), err
-    got = np.fromfile(tmp_path / "logits.bin", dtype=np.float32).reshape(len(tokens), -1)
-    np.testing.assert_allclose(got, python_logits(session, prompt, ["code"], tokens), atol=1e-5, rtol=0)
+    for bundle, prompt in [(bundles["fp32"], PROMPTS[arch])] + ([(bundles["long"], list(range(3, 83)))] if "long" in
+                                                                bundles else []):  # fmt: skip
+        session = Session(bundle)
+        code, tokens, err, _ = run_native(native, bundle, prompt, "--experts", "code", "--max-new-tokens", "8",
+                                          "--logits", str(tmp_path / "logits.bin"))  # fmt: skip
+        assert code == 0 and tokens == list(session.generate(prompt, ["code"], 8)), err
+        got = np.fromfile(tmp_path / "logits.bin", dtype=np.float32).reshape(len(tokens), -1)
+        np.testing.assert_allclose(got, python_logits(session, prompt, ["code"], tokens), atol=1e-5, rtol=0)
     if arch == "llama3":
         check_frequency_factors(native, bundles, tmp_path)
 

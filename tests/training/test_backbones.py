@@ -24,6 +24,24 @@ def test_fingerprint_covers_weights_layout_and_tokenizer(tiny):
     assert fp == tiny.fingerprint(MoDELayout(expert_layers=1))  # expert size is the expert's own business
 
 
+def test_a_context_asked_for_is_built_and_one_past_the_checkpoint_s_refused(hf_checkpoint):
+    """`load_backbone(spec, context)`: the decoder's rotary tables and max_seq_len follow the context, the weights and
+    the fingerprint do not (experts trained at one context export at another); past what config.json allows, or
+    for the tiny backbone past its 1,024, one line naming the limit and the fix."""
+    path, _ = hf_checkpoint
+    default, short = load_backbone(str(path)), load_backbone(str(path), 96)
+    assert (default.decoder.cfg.max_seq_len, short.decoder.cfg.max_seq_len, short.decoder.rope.cos.shape[0]) == (
+        1024, 96, 96)  # fmt: skip
+    assert short.fingerprint(MoDELayout()) == default.fingerprint(MoDELayout())
+    assert short.weights_sha256 == default.weights_sha256
+    with pytest.raises(UserError, match=r"--context 2048 is not a context this backbone takes: at most 1024 tokens "
+                                        r"\(config.json max_position_embeddings\); use --context 1..1024"):  # fmt: skip
+        load_backbone(str(path), 2048)
+    with pytest.raises(UserError, match=r"at most 1024 tokens \(the tiny backbone's\)"):
+        load_backbone("tiny", 1025)
+    assert load_backbone("tiny", 300).fingerprint(None) == load_backbone("tiny").fingerprint(None)
+
+
 def test_hf_checkpoint_folder_loads_with_matching_logits(hf_checkpoint):
     path, hf = hf_checkpoint
     backbone = load_backbone(str(path))
@@ -203,6 +221,12 @@ def test_a_gguf_s_rotary_settings_are_read_from_the_file(tmp_path, kind):
         assert_close(decoder_from_hf(hf, cfg).eval()(idx), want_logits, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(decoder_from_hf(hf, plain).eval()(idx), want_logits, atol=1e-3)
     assert gguf_rope(write_gguf(tmp_path / "p.gguf", "llama"), plain) == plain  # nothing to add: unchanged
+    if kind == "phi4":  # a context past the original 64 takes the long factors, as transformers does past it
+        long = gguf_rope(path, dataclasses.replace(plain, max_seq_len=128), context=128)
+        assert (long.max_seq_len, sorted(long.rope_scaling)) == (128, ["attention_factor", "long_factor", "rope_type"])
+        idx = torch.randint(0, 257, (1, 100), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert_close(decoder_from_hf(hf, long).eval()(idx), hf(idx).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_a_gguf_s_unsupported_rotary_settings_are_refused_naming_them(tmp_path):
@@ -222,8 +246,15 @@ def test_a_gguf_s_unsupported_rotary_settings_are_refused_naming_them(tmp_path):
         dataclasses.replace(plain, sliding_window=8)
     with pytest.raises(UserError, match=r"linearly without a positive factor \(llama.rope.scaling.factor: None\)"):
         gguf_rope(write_gguf(tmp_path / "nofactor.gguf", "llama", keys=[("rope.scaling.type", "linear")]), plain)
-    with pytest.raises(UserError, match=r"long factors \(rope_factors_long.weight\) without its short ones"):
+    with pytest.raises(UserError, match=r"LongRoPE's factors without rope_factors_short.weight, which a context of "
+                                        r"1024 tokens takes"):  # fmt: skip
         gguf_rope(write_gguf(tmp_path / "long.gguf", "phi3", tensors=[("rope_factors_long.weight", [2.0] * 8)]), plain)
+    short_only = write_gguf(tmp_path / "short_only.gguf", "phi3", tensors=[("rope_factors_short.weight", [2.0] * 8)],
+                            keys=[("rope.scaling.original_context_length", 64)])  # fmt: skip
+    assert gguf_rope(short_only, plain).max_seq_len == 64  # the default: the original context, short factors
+    with pytest.raises(UserError, match=r"without rope_factors_long.weight, which a context of 1024 tokens takes "
+                                        r"\(the file's original context: 64\)"):  # fmt: skip
+        gguf_rope(short_only, plain, context=1024)
     with pytest.raises(UserError, match="holds 3 rotary factors in rope_freqs.weight where its 16 turned"):
         gguf_rope(write_gguf(tmp_path / "short.gguf", "llama", tensors=[("rope_freqs.weight", [1.0, 2.0, 4.0])]),
                   plain)  # fmt: skip

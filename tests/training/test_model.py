@@ -27,8 +27,8 @@ def trained_like(expert: Expert, seed: int) -> Expert:
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "llama3", "qwen3", "phi3", "phi4", "gemma3"])
 def test_decoder_matches_transformers_logits(tmp_path, model_type):
     """100 positions: past Llama 3's original context of the tiny checkpoint (64), where its scaling matters, and
-    past Gemma 3's sliding window (8) many times over. Phi-3's context is capped at its original 64 (LongRoPE's short
-    factors hold there), so 64 positions; phi4 turns 48 of each head's 64 dimensions (Phi-4-mini's partial rotary
+    past Gemma 3's sliding window (8) many times over. Phi-3 loads at its original context of 64 by default
+    (LongRoPE's short factors hold there), so 64 positions (past it: the next test); phi4 turns 48 of each head's 64 dimensions (Phi-4-mini's partial rotary
     embedding)."""
     from tests.conftest import save_tiny_hf_checkpoint
 
@@ -50,6 +50,27 @@ def test_decoder_matches_transformers_logits(tmp_path, model_type):
     idx = tokens(64 if phi else 100)
     with torch.no_grad():
         assert_close(ours(idx), hf(idx).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["phi3", "phi4"])
+def test_a_longrope_context_past_the_original_takes_the_long_factors(tmp_path, model_type):
+    """Built for 128 positions, past the tiny checkpoint's original 64, the decoder takes LongRoPE's long factors
+    and matches transformers' logits over 100 positions (transformers takes the long factors for a sequence past the
+    original); the default decoder (short factors, 64 positions) computes other logits on the same first 64
+    positions, so the factor set is what is tested. KV-cache decoding at that context equals the full forward."""
+    from tests.conftest import save_tiny_hf_checkpoint
+
+    hf = save_tiny_hf_checkpoint(tmp_path / model_type, model_type)
+    ours = decoder_from_hf(hf, context=128).eval()
+    assert (ours.cfg.max_seq_len, sorted(ours.cfg.rope_scaling)) == (128, ["attention_factor", "long_factor",
+                                                                            "rope_type"])  # fmt: skip
+    idx = tokens(100)
+    with torch.no_grad():
+        assert_close(ours(idx), hf(idx).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(ours(idx[:, :64]), decoder_from_hf(hf).eval()(idx[:, :64]), atol=1e-3)
+        cache = KVCache()
+        parts = [ours(idx[:, :80], cache)] + [ours(idx[:, t : t + 1], cache) for t in range(80, 100)]
+        assert_close(torch.cat(parts, dim=1), ours(idx), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("model_type", ["llama3", "qwen3", "phi3", "phi4", "gemma3"])

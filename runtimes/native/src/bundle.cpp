@@ -89,13 +89,15 @@ void read_rope_scaling(const json& s, Decoder& d, const std::string& path) {
     if (ok) d.rope_llama3 = v;
   } else if (kind == "longrope" || kind == "frequency_factors") {  // each frequency divided by its own factor
     bool longrope = kind == "longrope";
-    const char* key = longrope ? "short_factor" : "factors";
+    // LongRoPE records the one factor set its context takes: short within the original context, long past it
+    bool is_long = longrope && s.contains("long_factor");
+    const char* key = !longrope ? "factors" : is_long ? "long_factor" : "short_factor";
     const json& f = s.contains(key) ? s[key] : json();
     ok = (!longrope || (s.contains("attention_factor") && positive(s["attention_factor"]))) && f.is_array() &&
-         static_cast<int64_t>(f.size()) == d.rotary_dim / 2;
+         static_cast<int64_t>(f.size()) == d.rotary_dim / 2 && !(is_long && s.contains("short_factor"));
     for (size_t i = 0; ok && i < f.size(); i++) ok = positive(f[i]);
     if (ok) {
-      for (auto& v : f) d.rope_short_factor.push_back(v.get<double>());
+      for (auto& v : f) d.rope_factors.push_back(v.get<double>());
       d.rope_scale = longrope ? s["attention_factor"].get<double>() : 1.0;
     }
   }

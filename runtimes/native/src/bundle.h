@@ -33,7 +33,7 @@ struct Decoder {
   // Rotary scaling (mode_edge/rope.py). Llama 3.x: factor, low_freq_factor, high_freq_factor,
   // original_max_position_embeddings. LongRoPE (Phi-3.5 / 4): a divisor per frequency and a scale of cos and sin.
   std::optional<std::array<double, 4>> rope_llama3;
-  std::vector<double> rope_short_factor;  // a divisor per frequency (longrope, frequency_factors); empty: none
+  std::vector<double> rope_factors;  // a divisor per frequency (longrope, frequency_factors); empty: none
   double rope_scale = 1.0;
   int64_t rotary_dim = 0;  // leading dimensions of a head the rotary embedding turns (Phi-4-mini: 96 of 128)
   double rope_local_theta = 0;  // the sliding layers' rotary base (Gemma 3), plain RoPE; 0: none

@@ -84,7 +84,7 @@ std::vector<std::vector<float>> rotary_tables(const Decoder& d, int64_t length) 
       if (wavelen >= old / high && wavelen <= old / low) freq = (1 - smooth) * freq / factor + smooth * freq;
       else if (wavelen > old / low) freq = freq / factor;
     }
-    if (!d.rope_short_factor.empty()) freq = freq / d.rope_short_factor[i];  // LongRoPE, a GGUF's divisors
+    if (!d.rope_factors.empty()) freq = freq / d.rope_factors[i];  // LongRoPE, a GGUF's divisors
   }
   std::vector<std::vector<float>> tables;
   append_pair(inv_freq, d.rope_scale, length, tables);
