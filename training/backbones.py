@@ -331,7 +331,24 @@ def config_for(config, directory: Path, gguf_file: str | None, context: int | No
     """The DecoderConfig of transformers' `config` for `context` tokens (None: the default), with a GGUF file's
     rotary settings (`gguf_rope`)."""
     cfg = _hf_decoder_config(config, context)
-    return cfg if gguf_file is None else gguf_rope(directory / gguf_file, cfg, context)
+    if gguf_file is None:
+        return cfg
+    cfg = gguf_rope(directory / gguf_file, cfg, context)
+    return gguf_gemma3(cfg) if config.model_type == "gemma3_text" else cfg
+
+
+GEMMA3_27B_LAYERS = 62
+"""How llama.cpp tells Gemma 3 27B (its layer count) for its attention scale."""
+
+
+def gguf_gemma3(cfg: DecoderConfig) -> DecoderConfig:
+    """A Gemma 3 GGUF's attention scale, which its metadata does not hold (transformers' reader takes its config's
+    default query_pre_attn_scalar, 256, wrong for 27B), set as llama.cpp sets it (src/llama-model.cpp,
+    LLM_ARCH_GEMMA3, after gemma_pytorch's config): (hidden_size / heads) ** -0.5 for 27B, known by its 62 layers
+    (query_pre_attn_scalar 168 = 5376 / 32, head_dim 128), head_dim ** -0.5 for the others (270M, 1B, 4B, 12B:
+    query_pre_attn_scalar = head_dim = 256)."""
+    scalar = cfg.dim // cfg.n_heads if cfg.n_layers == GEMMA3_27B_LAYERS else cfg.head_dim
+    return dataclasses.replace(cfg, query_scale=float(scalar**-0.5))
 
 
 GGUF_ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_short.weight", "rope_factors_long.weight")

@@ -229,6 +229,29 @@ def test_a_gguf_s_rotary_settings_are_read_from_the_file(tmp_path, kind):
             assert_close(decoder_from_hf(hf, long).eval()(idx), hf(idx).logits, rtol=1e-5, atol=1e-5)
 
 
+GEMMA3_SIZES = {"270m": (640, 4, 1, 256, 18, 256), "1b": (1152, 4, 1, 256, 26, 256), "4b": (2560, 8, 4, 256, 34, 256),
+                "12b": (3840, 16, 8, 256, 48, 256), "27b": (5376, 32, 16, 128, 62, 168)}  # fmt: skip
+"""Gemma 3's text models as their config.json files give them: hidden_size, heads, key/value heads, head_dim,
+layers, query_pre_attn_scalar."""
+
+
+@pytest.mark.parametrize("size", GEMMA3_SIZES)
+def test_a_gemma3_gguf_s_attention_scale_is_the_checkpoint_s(size):
+    """A Gemma 3 GGUF holds no query_pre_attn_scalar (transformers' reader takes 256); `gguf_gemma3` sets the scale
+    by llama.cpp's rule, which gives every size's config.json value, 27B's 168 included (configs only: no weights)."""
+    from transformers import Gemma3TextConfig
+
+    from mode_edge.training.backbones import _hf_decoder_config, gguf_gemma3
+
+    dim, heads, kv, head_dim, layers, scalar = GEMMA3_SIZES[size]
+    kw = dict(hidden_size=dim, num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
+              num_hidden_layers=layers, intermediate_size=4 * dim, vocab_size=512)  # fmt: skip
+    from_gguf = _hf_decoder_config(Gemma3TextConfig(**kw))  # as transformers reads a GGUF: the default 256
+    assert from_gguf.query_scale == 256**-0.5
+    checkpoint = _hf_decoder_config(Gemma3TextConfig(**kw, query_pre_attn_scalar=scalar))
+    assert gguf_gemma3(from_gguf) == checkpoint and checkpoint.query_scale == scalar**-0.5
+
+
 def test_a_gguf_s_unsupported_rotary_settings_are_refused_naming_them(tmp_path):
     """YaRN, a partial width GroupQueryAttention cannot turn, factors of the wrong length: one line each."""
     plain = TINY_CONFIG
