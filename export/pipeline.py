@@ -187,6 +187,9 @@ def source_blocks(backbone: Backbone, model: MoDEModel, cfg: ExportConfig, progr
         try:
             texts = {n: calibration_windows(c, backbone.tokenizer, *CALIBRATION_WINDOWS) for n, c in corpora.items()}
             calibrated = calibrate(model, texts, level, skip=written, progress=progress)
+            if fallback:  # what auto chose, said as its fallbacks are
+                on = "--calibration-data" if cfg.calibration_data else "each expert's training text"
+                console.print(f"--quant-method auto: the experts' 4-bit weights are calibrated by GPTQ on {on}")
         except UserError as e:
             if not fallback:
                 raise

@@ -131,7 +131,9 @@ def test_calibrated_expert_graph_beats_round_to_nearest_on_held_out_text(compose
 
 def test_export_quant_method_gptq_end_to_end_and_its_refusals(composed_run, tmp_path):
     out = tmp_path / "gptq"
-    invoke("export", "--model", composed_run, "--out", out, "--quant", "int4")  # --quant-method auto: gptq here
+    result = invoke("export", "--model", composed_run, "--out", out, "--quant", "int4")  # --quant-method auto: gptq
+    said = " ".join(result.output.split())  # the console wraps long lines
+    assert "--quant-method auto: the experts' 4-bit weights are calibrated by GPTQ on each expert's training" in said
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["quantization"] == {"scheme": "int4", "block_size": 32, "accuracy_level": "auto",
                                         "base_accuracy_level": "auto", "source_blocks": False,
@@ -156,7 +158,7 @@ def test_export_quant_method_gptq_end_to_end_and_its_refusals(composed_run, tmp_
     assert not (tmp_path / "c").exists()
     result = invoke("export", "--model", gone, "--out", tmp_path / "d", "--quant", "int4")  # auto: falls back
     said = " ".join(result.output.split())  # the console wraps long lines
-    assert "rounded to nearest" in said and "--calibration-data" in said
+    assert "rounded to nearest" in said and "--calibration-data" in said and "calibrated by GPTQ" not in said
     assert json.loads((tmp_path / "d" / "manifest.json").read_text())["quantization"]["method"] == "rtn"
 
 
@@ -167,7 +169,8 @@ def test_auto_falls_back_to_round_to_nearest_when_calibration_fails(composed_run
     (small / "one.txt").write_text("def f(x):\n    return x\n")
     out = tmp_path / "b"
     result = invoke("export", "--model", composed_run, "--out", out, "--quant", "int4", "--calibration-data", small)
-    assert "GPTQ could not calibrate" in " ".join(result.output.split())  # the console wraps long lines
+    said = " ".join(result.output.split())  # the console wraps long lines
+    assert "GPTQ could not calibrate" in said and "calibrated by GPTQ" not in said
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["quantization"]["method"] == "rtn"
     assert not any("gptq" in c for c in manifest["export"].get("block_sources", {}).values())
