@@ -2,7 +2,7 @@
 k norms), Phi-4-mini-style (fused projections, LongRoPE, a partial rotary embedding) and Gemma 3 (sliding-window
 layers with their own rotary tables, sandwich norms, GeGLU, scaled embedding and logits) checkpoints, saved by
 transformers, loaded with --base, an expert trained on each, exported, and run: the runtime's logits equal PyTorch's
-(fp32) and its greedy tokens too (fp32, and int8 for Llama 3 and Gemma 3, with the prompt's logits within 5%), and
+(fp32) and its greedy tokens too (fp32 and int8, with the prompt's logits within 5%), and
 the native runtime's logits equal the Python runtime's (its C++ rotary tables, scaled as mode_edge/rope.py scales
 them, over the turned dimensions). Phi-4-mini is also exported at a context past its original one (LongRoPE's long
 factors)."""
@@ -37,14 +37,13 @@ LONG = 96
 
 @pytest.fixture(scope="module", params=["llama3", "qwen3", "phi4", "gemma3"])
 def exported(request, code_data, tmp_path_factory):
-    """(architecture, trained run, {quant: bundle}): fp32 for each, int8 for Llama 3 and Gemma 3 (an int8 export of
-    every architecture would add a minute to the suite for what these two already show), and for Phi-4-mini "long":
-    fp32 at a context of LONG, past the original."""
+    """(architecture, trained run, {quant: bundle}): fp32 and int8 for each (7 s more a architecture), and for
+    Phi-4-mini "long": fp32 at a context of LONG, past the original."""
     root = tmp_path_factory.mktemp(request.param)
     save_tiny_hf_checkpoint(root / "checkpoint", request.param)
     backbone = load_backbone(str(root / "checkpoint"))
     train_expert(backbone, "code", code_data, root / "code", LAYOUTS.get(request.param, LAYOUT), TRAIN)
-    quants = ("fp32", "int8") if request.param in ("llama3", "gemma3") else ("fp32",)
+    quants = ("fp32", "int8")
     bundles = {}
     for quant in quants:
         bundles[quant] = root / quant
@@ -88,7 +87,8 @@ def test_exported_architecture_runs_as_pytorch(exported):
         engine.load_expert("code")
         assert list(generate(engine, prompt, 12)) == want, quant
         # greedy continuations of a few-step expert are near constant, so every prompt position's logits are held
-        # against PyTorch's too: measured 0.5% (Llama 3) and 1.3% (Gemma 3) relative error, the same argmax everywhere
+        # against PyTorch's too: measured 0.8% (Llama 3), 0.7% (Qwen3, Phi-4) and 1.4% (Gemma 3) relative
+        # error, the same argmax everywhere
         quantized = engine.forward(np.array([prompt], dtype=np.int64), engine.new_cache(len(prompt)))[0]
         spread = np.linalg.norm(ref - ref.mean(-1, keepdims=True))
         assert np.linalg.norm(quantized - ref) / spread < 0.05, quant
