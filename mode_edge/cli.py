@@ -149,6 +149,12 @@ def main_echo(text: str) -> None:
         click.echo(text)
 
 
+def trained_line(what: str, record: dict, out: Path) -> None:
+    """Every trainer's last line, in one form: what was trained, its tokens, time and throughput, where it went."""
+    main_echo(f"{what}: {record['tokens']} tokens in {record['wall_s']:.0f}s ({record['tokens_per_s']:.0f} tok/s) "
+              f"-> {out}")  # fmt: skip
+
+
 def make_train_config(experts: int | None = None, **kw):
     """The TrainConfig and the ParallelConfig of a training command's options (`experts`: how many the run trains,
     where known before loading, for --placement split's check)."""
@@ -262,8 +268,7 @@ def train_expert_cmd(base, domain, data, out, blocks, expert_layers, init, gener
     general_corpus = load_corpus(general) if general else None
     backbone = load_base(base)
     record = train_expert(backbone, domain, corpus, out, layout, cfg, general_corpus, stay_out, parallel)
-    main_echo(f"expert {domain}: {record['tokens']} tokens in {record['wall_s']:.0f}s "
-               f"({record['tokens_per_s']:.0f} tok/s) -> {out}")  # fmt: skip
+    trained_line(f"expert {domain}", record, out)
 
 
 @train.command("compose", short_help="Stage 2: compose experts, train the gate.")
@@ -286,8 +291,7 @@ def train_compose_cmd(base, experts, data, out, freeze_experts, **train_kw):
     corpora = [load_corpus(d) for d in csv_paths(data)]
     backbone = load_base(base or base_of(expert_runs[0]))
     record = compose(backbone, expert_runs, corpora, out, cfg, freeze_experts, parallel)
-    main_echo(f"composed: {record['tokens']} tokens in {record['wall_s']:.0f}s ({record['tokens_per_s']:.0f} tok/s) "
-              f"-> {out}")  # fmt: skip
+    trained_line("composed", record, out)
 
 
 @train.command("full-ft", short_help="Baseline: full fine-tuning.")
@@ -304,8 +308,7 @@ def train_full_ft_cmd(base, data, out, **train_kw):
     require_absent(out)
     corpora = [load_corpus(d) for d in csv_paths(data)]
     record = train_full_ft(load_base(base), corpora, out, cfg, parallel)
-    main_echo(f"full-ft: {record['tokens']} tokens in {record['wall_s']:.0f}s ({record['tokens_per_s']:.0f} tok/s) "
-              f"-> {out}")  # fmt: skip
+    trained_line("full-ft", record, out)
 
 
 @train.command("lora", short_help="Baseline: LoRA adapters (peft).")
@@ -328,8 +331,7 @@ def train_lora_cmd(base, data, out, rank, alpha, targets, **train_kw):
     require_absent(out)
     corpora = [load_corpus(d) for d in csv_paths(data)]
     record = train_lora(load_base(base), corpora, out, cfg, settings, parallel)
-    main_echo(f"lora: {record['trainable_parameters']} trainable parameters, {record['tokens']} tokens in "
-              f"{record['wall_s']:.0f}s ({record['tokens_per_s']:.0f} tok/s) -> {out}")  # fmt: skip
+    trained_line(f"lora ({record['trainable_parameters']} trainable parameters)", record, out)
 
 
 def base_of(run: Path) -> str:
