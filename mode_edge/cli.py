@@ -155,9 +155,10 @@ def trained_line(what: str, record: dict, out: Path) -> None:
               f"-> {out}")  # fmt: skip
 
 
-def make_train_config(experts: int | None = None, **kw):
+def make_train_config(out: Path, experts: int | None = None, **kw):
     """The TrainConfig and the ParallelConfig of a training command's options (`experts`: how many the run trains,
-    where known before loading, for --placement split's check)."""
+    where known before loading, for --placement split's check), refusing before anything loads a batch the
+    processes cannot share and a rerun over an interrupted run in OUT with other training options."""
     from mode_edge.config import ParallelConfig, TrainConfig
 
     parallel = ParallelConfig(fsdp=kw.pop("fsdp"), placement=kw.pop("placement", "data"))
@@ -172,6 +173,9 @@ def make_train_config(experts: int | None = None, **kw):
         check_processes(size, experts)
     else:  # (split placement gives every rank the whole batch)
         check_batch(cfg.batch_size, size)
+    from mode_edge.training.trainer import check_options_unchanged
+
+    check_options_unchanged(out, cfg)
     return cfg, parallel
 
 
@@ -248,7 +252,7 @@ def train_expert_cmd(base, domain, data, out, blocks, expert_layers, init, gener
         from mode_edge.training.placement import check_stay_out
 
         check_stay_out(general is not None)
-    cfg, parallel = make_train_config(experts=1, **train_kw)
+    cfg, parallel = make_train_config(out, experts=1, **train_kw)
     given = {"--general-share": general_share, "--stay-out-weight": stay_out_weight, "--stay-out": penalty}
     if general is None and any(v is not None for v in given.values()):
         named = ", ".join(k for k, v in given.items() if v is not None)
@@ -283,7 +287,7 @@ def train_compose_cmd(base, experts, data, out, freeze_experts, **train_kw):
     from mode_edge.training.compose import compose
     from mode_edge.training.data import load_corpus
 
-    cfg, parallel = make_train_config(**train_kw)
+    cfg, parallel = make_train_config(out, **train_kw)
     expert_runs = csv_paths(experts)
     if not expert_runs:
         raise UserError("--experts needs at least one expert run folder")
@@ -304,7 +308,7 @@ def train_full_ft_cmd(base, data, out, **train_kw):
     from mode_edge.training.baselines import train_full_ft
     from mode_edge.training.data import load_corpus
 
-    cfg, parallel = make_train_config(**train_kw)
+    cfg, parallel = make_train_config(out, **train_kw)
     require_absent(out)
     corpora = [load_corpus(d) for d in csv_paths(data)]
     record = train_full_ft(load_base(base), corpora, out, cfg, parallel)
@@ -326,7 +330,7 @@ def train_lora_cmd(base, data, out, rank, alpha, targets, **train_kw):
     from mode_edge.training.baselines import LoraSettings, train_lora
     from mode_edge.training.data import load_corpus
 
-    cfg, parallel = make_train_config(**train_kw)
+    cfg, parallel = make_train_config(out, **train_kw)
     settings = LoraSettings(rank, alpha, tuple(t for t in targets.split(",") if t))
     require_absent(out)
     corpora = [load_corpus(d) for d in csv_paths(data)]

@@ -101,6 +101,15 @@ def check_same_settings(work: Path, saved: dict, now: dict) -> None:
                         f"same options to resume it, or delete that folder to start afresh")  # fmt: skip
 
 
+def check_options_unchanged(out: Path, cfg: TrainConfig) -> None:
+    """Raise UserError when OUT's partial folder holds a run interrupted with other training options than `cfg`'s:
+    the part of `check_same_settings` a command can do before the backbone loads (the rest of the run's signature,
+    the backbone's fingerprint among it, is checked after)."""
+    saved = saved_state(partial_path(out)).get("signature")
+    if isinstance(saved, dict):
+        check_same_settings(partial_path(out), {"train": saved.get("train")}, {"train": cfg.to_dict()})
+
+
 def changed_settings(saved: dict, now: dict) -> list[str]:
     """Where two runs' signatures differ: training settings as their options (--lr), the rest by key (data, base,
     layout, ...); RESUMABLE settings aside."""

@@ -111,9 +111,10 @@ def test_interrupted_training_resumes_to_the_same_weights(tiny, code_data, tmp_p
     assert spent[0]["wall_s"] > 0 and spent[0]["peak_rss_mb"] > 0
 
 
-def test_an_interrupt_says_what_a_rerun_will_find(code_data, tmp_path):
+def test_an_interrupt_says_what_a_rerun_will_find(code_data, tmp_path, monkeypatch):
     """Ctrl-C through the command line: before the first checkpoint a rerun starts afresh, after one it resumes from
-    that step; each says so in one line (exit code 130), and the rerun's first line names the step it resumes."""
+    that step; each says so in one line (exit code 130), and the rerun's first line names the step it resumes. A rerun
+    with other training options is refused before the backbone loads."""
     import mode_edge.training.train_expert as te
     from tests.cli_runner import invoke, refused
 
@@ -145,7 +146,11 @@ def test_an_interrupt_says_what_a_rerun_will_find(code_data, tmp_path):
     partial = tmp_path / ".run.partial"
     assert last[1] == (f"interrupted; the checkpoint of step 2 of 6 is kept in {partial}: rerun the same command to "
                        "resume from it")
-    lr = refused(*args, "--lr", "2e-3", message=("other settings (--lr)", "delete that folder"))
+    import mode_edge.training.backbones as backbones
+
+    with monkeypatch.context() as m:  # refused before anything loads: a load would fail the message below
+        m.setattr(backbones, "load_backbone", lambda *a, **k: pytest.fail("the backbone loaded before the refusal"))
+        lr = refused(*args, "--lr", "2e-3", message=("other settings (--lr)", "delete that folder"))
     assert "--checkpoint-every" not in lr
     done = invoke(*args, "--checkpoint-every", "3")  # a setting that changes nothing computed: it resumes
     assert f"resuming the interrupted run in {partial} from its checkpoint of step 2 of 6" in (
