@@ -150,7 +150,7 @@ def test_an_interrupted_run_resumes_under_another_world_size(sharding, single, c
     assert history(tmp_path / "run") == pytest.approx(history(single), rel=1e-5)
 
 
-def test_the_global_batch_is_checked_before_the_backbone_loads(monkeypatch):
+def test_the_global_batch_is_checked_before_the_backbone_loads(monkeypatch, tmp_path):
     """make_train_config (every training command, before it loads anything) refuses a batch the processes cannot
     share; split placement gives every rank the whole batch."""
     from mode_edge.cli import make_train_config
@@ -160,11 +160,11 @@ def test_the_global_batch_is_checked_before_the_backbone_loads(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     for fsdp in (False, True):
         with pytest.raises(UserError, match="--batch-size 4 does not divide among 3 processes"):
-            make_train_config(batch_size=4, fsdp=fsdp)
-    cfg, parallel = make_train_config(experts=2, batch_size=4, fsdp=False, placement="split")
+            make_train_config(tmp_path / "run", batch_size=4, fsdp=fsdp)
+    cfg, parallel = make_train_config(tmp_path / "run", experts=2, batch_size=4, fsdp=False, placement="split")
     assert cfg.batch_size == 4 and parallel.placement == "split"
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert make_train_config(batch_size=4, fsdp=False)[0].batch_size == 4
+    assert make_train_config(tmp_path / "run", batch_size=4, fsdp=False)[0].batch_size == 4
 
 
 def test_a_global_batch_that_does_not_divide_is_one_line(code_data, tmp_path):
