@@ -34,6 +34,13 @@ CALIBRATION_WINDOWS = (16, 256)
 (SmolLM2's 1,536-wide down_proj), so that H has full rank before damping."""
 
 
+def calibration_shape(context: int) -> tuple[int, int]:
+    """CALIBRATION_WINDOWS for a model of `context` positions: its windows, or the same tokens in windows of the
+    context where the context is shorter (`export --context`)."""
+    windows, tokens = CALIBRATION_WINDOWS
+    return (windows, tokens) if context >= tokens else (-(-windows * tokens // context), context)
+
+
 def training_text(meta: dict, override: Path | None) -> Path:
     """The corpus an expert was trained on (its record), or `override`.
 

@@ -134,10 +134,15 @@ def measure_inputs(graph, dcfg, seed: int = 0) -> tuple[list[dict], dict]:
 
 
 def pte_limits(cfg: ExportConfig, dcfg) -> dict[str, int]:
-    """What the .pte graphs take (the manifest's and every pack's "executorch"): tokens a call, cached positions."""
+    """What the .pte graphs take (the manifest's and every pack's "executorch"): tokens a call, cached positions, and
+    "longrope_factors": "long" where they turn by LongRoPE's long factors (`export --context` past the original
+    context): a .pte computes its rotary angles inside, so a pack of the other factor set must not install."""
     from mode_edge.export.executorch_graphs import PTE_TOKENS_PER_CALL
 
-    return {"tokens_per_call": PTE_TOKENS_PER_CALL, "context": min(cfg.pte_context, dcfg.max_seq_len)}
+    limits = {"tokens_per_call": PTE_TOKENS_PER_CALL, "context": min(cfg.pte_context, dcfg.max_seq_len)}
+    if "long_factor" in (dcfg.rope_scaling or {}):
+        limits["longrope_factors"] = "long"
+    return limits
 
 
 def source_blocks(backbone: Backbone, model: MoDEModel, cfg: ExportConfig, progress, corpora: dict[str, Path],
@@ -177,15 +182,15 @@ def source_blocks(backbone: Backbone, model: MoDEModel, cfg: ExportConfig, progr
         more_bits = MoreBits(model, cfg.accuracy_level)
     calibrated, method = None, cfg.quant_method
     if corpora:
-        from mode_edge.export.calibrate import CALIBRATION_WINDOWS, calibrate, calibration_windows
+        from mode_edge.export.calibrate import calibrate, calibration_shape, calibration_windows
 
-        windows, tokens = CALIBRATION_WINDOWS
+        windows, tokens = calibration_shape(backbone.decoder.cfg.max_seq_len)
         progress.show(f"calibrate on {windows} windows of {tokens} tokens per expert")
         in_gguf = (lambda w: gguf.find(w) is not None) if gguf is not None else (lambda w: False)
         written = (lambda w: in_gguf(w) or more_bits.holds(w)) if more_bits is not None else in_gguf
         level = CANDIDATES[0] if cfg.accuracy_level == "auto" else cfg.accuracy_level  # auto: chosen per graph after
         try:
-            texts = {n: calibration_windows(c, backbone.tokenizer, *CALIBRATION_WINDOWS) for n, c in corpora.items()}
+            texts = {n: calibration_windows(c, backbone.tokenizer, windows, tokens) for n, c in corpora.items()}
             calibrated = calibrate(model, texts, level, skip=written, progress=progress)
             if fallback:  # what auto chose, said as its fallbacks are
                 on = "--calibration-data" if cfg.calibration_data else "each expert's training text"

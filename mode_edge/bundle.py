@@ -154,7 +154,11 @@ def check_pack_fits(pack: dict, bundle: dict, what: str) -> None:
     if missing:
         raise UserError(f"{what} has no {', '.join(missing)} graphs, which this bundle uses; re-export it")
     if "executorch" in bundle["formats"] and pack.get("executorch") != bundle.get("executorch"):
-        fix = ("re-export the bundle with this version of mode-edge" if not isinstance(bundle.get("executorch"), dict)
+        ours, theirs = pack.get("executorch"), bundle.get("executorch")
+        factors = isinstance(ours, dict) and isinstance(theirs, dict) and (
+            ours.get("longrope_factors") != theirs.get("longrope_factors"))  # fmt: skip
+        fix = ("re-export the bundle with this version of mode-edge" if not isinstance(theirs, dict)
+               else "export the expert with the bundle's --context" if factors
                else "export the expert with the bundle's --pte-context")  # fmt: skip
         raise UserError(f"{what} has .pte graphs for {pte_label(pack.get('executorch'))}, the bundle's take "
                         f"{pte_label(bundle.get('executorch'))}; {fix}")  # fmt: skip
@@ -163,7 +167,8 @@ def check_pack_fits(pack: dict, bundle: dict, what: str) -> None:
 def pte_label(limits) -> str:
     if not isinstance(limits, dict):
         return "any length (an older export)"
-    return f"{limits.get('tokens_per_call')} tokens a call and a context of {limits.get('context')}"
+    long = ", LongRoPE's long factors" if limits.get("longrope_factors") == "long" else ""
+    return f"{limits.get('tokens_per_call')} tokens a call and a context of {limits.get('context')}{long}"
 
 
 def _precision(q) -> object:

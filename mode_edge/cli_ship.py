@@ -67,11 +67,11 @@ def human_bytes(n: int) -> str:
 @click.option("--pte-context", type=Int(64, None), default=2048, show_default=True,
               help="ExecuTorch: the longest context the .pte graphs hold (at most the backbone's); ExecuTorch "
                    "plans their memory for it up front.")
-@click.option("--context", type=Int(1, None), default=None,
+@click.option("--context", type=Int(64, None), default=None,
               help="The bundle's context in tokens, the longest its runtimes cache. Default: the backbone's, up to "
                    "8192 (a LongRoPE backbone's original context: Phi-3.5 / 4-mini's 4,096). Past a LongRoPE "
                    "backbone's original context the bundle takes its long factors at every position, as llama.cpp "
-                   "does for such a context.")
+                   "does for such a context (the .pte graphs too, though --pte-context may hold them shorter).")
 @click.option("--device", default=None, help="Device profile whose defaults to use (`mode-edge devices list`).")
 @click.option("--experts", default=None, help="Comma-separated subset of the run's experts (default: all).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")

@@ -68,8 +68,9 @@ class DecoderConfig(_Serialisable):
     """Rotary frequency scaling (mode_edge/rope.py): None for plain RoPE, Llama 3.x's {"rope_type": "llama3",
     "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} (Hugging Face's names), or
     Phi-3.5-mini's (and Phi-3's long-context variants') {"rope_type": "longrope", "short_factor": [...] (or
-    "long_factor" for a context past the original one), "attention_factor"}, or a GGUF file's divisors per frequency (llama.cpp's rope_freqs: Llama 3.x's scaling as
-    the file holds it; linear scaling) {"rope_type": "frequency_factors", "factors": [...]}."""
+    "long_factor" for a context past the original one), "attention_factor"}, or a GGUF file's divisors per
+    frequency (llama.cpp's rope_freqs: Llama 3.x's scaling as the file holds it; linear scaling) {"rope_type":
+    "frequency_factors", "factors": [...]}."""
     qk_norm: bool = False
     """Whether queries and keys go through an RMS norm per head before the rotary embedding (Qwen3)."""
     rotary_dim: int | None = None
@@ -388,7 +389,7 @@ class ExportConfig(_Serialisable):
                             f"onnxruntime's quantizer takes), got {self.block_size!r}")  # fmt: skip
         check_number("--pte-context", self.pte_context, lo=64, integer=True)
         if self.context is not None:
-            check_number("--context", self.context, lo=1, integer=True)
+            check_number("--context", self.context, lo=64, integer=True)
         if self.quant_method not in QUANT_METHODS:
             raise UserError(f"--quant-method must be {', '.join(QUANT_METHODS)}, got {self.quant_method!r}")
         if self.quant_method == "gptq" and self.quant in ("int4", "mixed") and self.block_size != 32:

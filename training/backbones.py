@@ -8,13 +8,13 @@ Llama-family decoder, or a `.gguf` file. Everything is read from local disk; not
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import io
 import json
 import math
 import os
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -407,9 +407,10 @@ def gguf_rope(path: Path, cfg: DecoderConfig, context: int | None = None) -> Dec
     longrope = any(k in tensors for k in ("rope_factors_short.weight", "rope_factors_long.weight"))
     need = "rope_factors_long.weight" if long else "rope_factors_short.weight"
     if longrope and need not in tensors:
-        raise UserError(f"{path.name} holds LongRoPE's factors without {need}, which a context of {cfg.max_seq_len} "
-                        f"tokens takes (the file's original context: {original}); the file is damaged or not a "
-                        f"supported checkpoint")  # fmt: skip
+        fix = f"use --context 1..{original}" if long else "the file is damaged or not a supported checkpoint"
+        raise UserError(f"{path.name} holds LongRoPE's factors without {need}, which a context of "
+                        f"{cfg.max_seq_len if long else min(cfg.max_seq_len, original)} tokens takes (the file's "
+                        f"original context: {original}); {fix}")  # fmt: skip
     if kind not in ("none", "linear"):
         raise UserError(f"{path.name} scales its rotary embedding with {kind} ({arch}.rope.scaling.type), which is "
                         f"not supported; supported: linear, llama.cpp's rope_freqs (Llama 3.x) and LongRoPE's "

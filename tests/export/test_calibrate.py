@@ -84,6 +84,14 @@ def expert_graph_error(graph_path, fs, refs) -> float:
     return float(np.mean(errs))
 
 
+def test_calibration_windows_fit_the_context():
+    """GPTQ's 4,096 calibration tokens in windows no longer than the model's context (`export --context 64`)."""
+    from mode_edge.export.calibrate import CALIBRATION_WINDOWS, calibration_shape
+
+    assert calibration_shape(8192) == calibration_shape(256) == CALIBRATION_WINDOWS == (16, 256)
+    assert calibration_shape(64) == (64, 64) and calibration_shape(100) == (41, 100)
+
+
 def test_calibrated_expert_graph_beats_round_to_nearest_on_held_out_text(composed_run, code_data, tmp_path):
     """The tiny composed model: an expert block calibrated on the train split of its text, held against the fp32
     graph on the test split, changes the expert's output less than symmetric round-to-nearest (the default)."""

@@ -68,6 +68,7 @@ def test_export_bad_input_is_one_line_and_leaves_nothing(composed_run, tmp_path)
     assert_user_error(cli("export", "--model", composed_run, "--out", out, "--device", "nokia", ok=False), "pixel-8")
     assert_user_error(cli("export", "--model", composed_run, "--out", out, "--context", "1025", ok=False),
                       "--context 1025 is not a context this backbone takes: at most 1024 tokens")  # fmt: skip
+    assert_user_error(cli("export", "--model", composed_run, "--out", out, "--context", "32", ok=False), "--context")
     assert_user_error(cli("inspect", tmp_path, ok=False), "not a mode-edge bundle")
     assert not out.exists() and not (tmp_path / ".b.partial").exists()
 

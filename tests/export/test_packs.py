@@ -209,6 +209,21 @@ def test_a_pack_whose_pte_graphs_take_another_context_is_refused():
     with pytest.raises(UserError, match="any length"):
         check_pack_fits({k: v for k, v in fits.items() if k != "executorch"}, bundle, "pack p")
     check_pack_fits({**fits, "executorch": None}, {**bundle, "formats": ["onnx"]}, "pack p")  # onnx only: no matter
+    # a .pte computes its rotary angles inside: LongRoPE's long factors (export --context past the original) differ
+    import dataclasses
+
+    from mode_edge.config import ExportConfig
+    from mode_edge.export.pipeline import pte_limits
+    from mode_edge.training.backbones import TINY_CONFIG
+
+    def limits(factors: str) -> dict:
+        scaling = {"rope_type": "longrope", factors: [2.0] * 8, "attention_factor": 1.1}
+        return pte_limits(ExportConfig(pte_context=1024), dataclasses.replace(TINY_CONFIG, rope_scaling=scaling))
+
+    check_pack_fits({**fits, "executorch": limits("short_factor")}, bundle, "pack p")
+    with pytest.raises(UserError, match="a context of 1024, LongRoPE's long factors, the bundle's take 64 tokens a "
+                                        "call and a context of 1024; export the expert with the bundle's --context"):
+        check_pack_fits({**fits, "executorch": limits("long_factor")}, bundle, "pack p")
 
 
 @pytest.mark.parametrize("location", ["../../base/block0.onnx.data", "/etc/passwd", "block1.onnx.data/../x",

@@ -270,13 +270,13 @@ def test_a_gguf_s_unsupported_rotary_settings_are_refused_naming_them(tmp_path):
     with pytest.raises(UserError, match=r"linearly without a positive factor \(llama.rope.scaling.factor: None\)"):
         gguf_rope(write_gguf(tmp_path / "nofactor.gguf", "llama", keys=[("rope.scaling.type", "linear")]), plain)
     with pytest.raises(UserError, match=r"LongRoPE's factors without rope_factors_short.weight, which a context of "
-                                        r"1024 tokens takes"):  # fmt: skip
+                                        r"1024 tokens takes .* damaged"):  # fmt: skip
         gguf_rope(write_gguf(tmp_path / "long.gguf", "phi3", tensors=[("rope_factors_long.weight", [2.0] * 8)]), plain)
     short_only = write_gguf(tmp_path / "short_only.gguf", "phi3", tensors=[("rope_factors_short.weight", [2.0] * 8)],
                             keys=[("rope.scaling.original_context_length", 64)])  # fmt: skip
     assert gguf_rope(short_only, plain).max_seq_len == 64  # the default: the original context, short factors
     with pytest.raises(UserError, match=r"without rope_factors_long.weight, which a context of 1024 tokens takes "
-                                        r"\(the file's original context: 64\)"):  # fmt: skip
+                                        r"\(the file's original context: 64\); use --context 1..64"):  # fmt: skip
         gguf_rope(short_only, plain, context=1024)
     with pytest.raises(UserError, match="holds 3 rotary factors in rope_freqs.weight where its 16 turned"):
         gguf_rope(write_gguf(tmp_path / "short.gguf", "llama", tensors=[("rope_freqs.weight", [1.0, 2.0, 4.0])]),

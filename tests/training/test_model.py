@@ -28,8 +28,8 @@ def trained_like(expert: Expert, seed: int) -> Expert:
 def test_decoder_matches_transformers_logits(tmp_path, model_type):
     """100 positions: past Llama 3's original context of the tiny checkpoint (64), where its scaling matters, and
     past Gemma 3's sliding window (8) many times over. Phi-3 loads at its original context of 64 by default
-    (LongRoPE's short factors hold there), so 64 positions (past it: the next test); phi4 turns 48 of each head's 64 dimensions (Phi-4-mini's partial rotary
-    embedding)."""
+    (LongRoPE's short factors hold there), so 64 positions (past it: the next test); phi4 turns 48 of each head's
+    64 dimensions (Phi-4-mini's partial rotary embedding)."""
     from tests.conftest import save_tiny_hf_checkpoint
 
     hf = save_tiny_hf_checkpoint(tmp_path / model_type, model_type)
