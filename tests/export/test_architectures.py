@@ -64,6 +64,20 @@ def pytorch_logits(model, ids: list[int], steps: list[int]) -> np.ndarray:
     return torch.stack(out).numpy()
 
 
+def check_runs_as_pytorch(bundle, model, prompt: list[int]) -> list[int]:
+    """The fp32 `bundle` with its code expert generates `model`'s 12 greedy tokens after `prompt`, with its logits
+    at each step within 1e-4; returns the tokens."""
+    engine = Engine(bundle)
+    engine.load_expert("code")
+    want = greedy(model, prompt, 12)
+    assert list(generate(engine, prompt, 12)) == want
+    cache = engine.new_cache(len(prompt) + 12)
+    got = [engine.forward(np.array([prompt], dtype=np.int64), cache, last_only=True)[0, -1]]
+    got += [engine.forward(np.array([[t]], dtype=np.int64), cache)[0, -1] for t in want[:-1]]
+    np.testing.assert_allclose(np.stack(got), pytorch_logits(model, prompt, want[:-1]), atol=1e-4, rtol=0)
+    return want
+
+
 def test_exported_architecture_runs_as_pytorch(exported):
     arch, run, bundles = exported
     _, model, _ = load_model(run, None)
@@ -73,14 +87,7 @@ def test_exported_architecture_runs_as_pytorch(exported):
     assert manifest_decoder.get("sliding_window") == (8 if arch == "gemma3" else None)
     assert manifest_decoder.get("rotary_dim") == (48 if arch == "phi4" else None)
     prompt = PROMPTS[arch]
-    engine = Engine(bundles["fp32"])
-    engine.load_expert("code")
-    want = greedy(model, prompt, 12)
-    assert list(generate(engine, prompt, 12)) == want
-    cache = engine.new_cache(len(prompt) + 12)
-    got = [engine.forward(np.array([prompt], dtype=np.int64), cache, last_only=True)[0, -1]]
-    got += [engine.forward(np.array([[t]], dtype=np.int64), cache)[0, -1] for t in want[:-1]]
-    np.testing.assert_allclose(np.stack(got), pytorch_logits(model, prompt, want[:-1]), atol=1e-4, rtol=0)
+    want = check_runs_as_pytorch(bundles["fp32"], model, prompt)
     ref = model(torch.tensor([prompt]))[0].detach().numpy()  # (T, V): every position of the prompt
     for quant in set(bundles) - {"fp32", "long"}:
         engine = Engine(bundles[quant])
@@ -106,14 +113,7 @@ def check_long_context(run, bundles: dict) -> None:
                                                                                "rope_type"])  # fmt: skip
     _, model, _ = load_model(run, None, LONG)
     prompt = list(range(3, 83))
-    engine = Engine(bundles["long"])
-    engine.load_expert("code")
-    want = greedy(model, prompt, 12)
-    assert list(generate(engine, prompt, 12)) == want
-    cache = engine.new_cache(len(prompt) + 12)
-    got = [engine.forward(np.array([prompt], dtype=np.int64), cache, last_only=True)[0, -1]]
-    got += [engine.forward(np.array([[t]], dtype=np.int64), cache)[0, -1] for t in want[:-1]]
-    np.testing.assert_allclose(np.stack(got), pytorch_logits(model, prompt, want[:-1]), atol=1e-4, rtol=0)
+    check_runs_as_pytorch(bundles["long"], model, prompt)
     _, short, _ = load_model(run, None)  # the short factors' model: other logits, so the factor set is tested
     assert np.abs(pytorch_logits(short, prompt[:60], []) - pytorch_logits(model, prompt[:60], [])).max() > 1e-3
 
