@@ -60,39 +60,49 @@ def rotary_tables(inv_freq: torch.Tensor, length: int, scale: float = 1.0) -> tu
     return freqs.cos() * scale, freqs.sin() * scale
 
 
-def attend(layer: DecoderLayer, inv_freq: torch.Tensor, x, past_k, past_v, scale: float = 1.0):
+def rotary_angles(inv_freq: torch.Tensor, T: int, P: int, scale: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (T, r) of positions P .. P+T-1 times `inv_freq` (r/2,), times `scale` (mode_edge/rope.scale). The
+    angles are computed for these positions rather than read from Rotary's table: a table for the longest context
+    would weigh megabytes in every block graph."""
+    freqs = (torch.arange(T) + P)[:, None].float() * inv_freq[None, :]  # (T, r/2), r the rotated dimensions
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def additive_mask(T: int, S: int, window: int | None) -> torch.Tensor:
+    """training/model.attention_mask as what the attention logits add: (T, S) float32, 0 where query i sees key j,
+    -inf elsewhere (every row sees its own position, so no row is all -inf)."""
+    return torch.zeros(T, S).masked_fill(~attention_mask(T, S, window), float("-inf"))
+
+
+def attend(layer: DecoderLayer, x, past_k, past_v, rotary: tuple, mask: torch.Tensor):
     """One decoder layer on x (B, T, d) after P cached positions ("concat" cache); returns (y, k, v) with the grown
-    cache. inv_freq: the layer's rotary frequencies (a sliding layer's local ones); scale: what cos and sin are
-    multiplied by (mode_edge/rope.scale)."""
+    cache. rotary: the layer's (cos, sin) for these positions (`rotary_angles`; a sliding layer's local ones); mask:
+    its `additive_mask` (T, P+T). Both are made once a graph by LayerStack.run and shared by its layers."""
     attn = layer.self_attn
     B, T, _ = x.shape
-    P = past_k.shape[2]
-    h = layer.input_layernorm(x)
+    h = pooled_rms_norm(layer.input_layernorm, x)
     q, k = attn.heads(attn.q_proj(h).view(B, T, attn.n_heads, attn.head_dim),
                       attn.k_proj(h).view(B, T, attn.n_kv_heads, attn.head_dim))  # fmt: skip
     q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd), (B, Hkv, T, hd)
     v = attn.v_proj(h).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-    positions = torch.arange(T, device=x.device) + P
-    # The rotary angles are computed for these positions rather than read from Rotary's table: a table for the
-    # longest context would weigh megabytes in every block graph.
-    freqs = positions[:, None].float() * inv_freq[None, :]  # (T, r/2), r the rotated dimensions
-    emb = torch.cat([freqs, freqs], dim=-1)
-    cos, sin = (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)  # (T, r)
-    q, k = rotate_half(q, cos, sin), rotate_half(k, cos, sin)
+    q, k = rotate_half(q, *rotary), rotate_half(k, *rotary)
     k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, Hkv, S, hd), S = P + T
-    y = grouped_attention(q, k, v, attention_mask(T, P + T, attn.window, x.device), attn.scale)
+    y = grouped_attention(q, k, v, mask, attn.scale)
     y = y.transpose(1, 2).reshape(B, T, attn.n_heads * attn.head_dim)
-    return feed_forward(layer, x, attn.o_proj(y)), k, v
+    return feed_forward(layer, x, attn.o_proj(y), pooled_rms_norm), k, v
 
 
-def feed_forward(layer: DecoderLayer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+def feed_forward(layer: DecoderLayer, x: torch.Tensor, attended: torch.Tensor, norm=None) -> torch.Tensor:
     """The rest of a decoder layer after its attention output `attended` (B, T, d): the residual add and the
-    feed-forward, with Gemma 3's sandwich norms where the layer has them (training/model.DecoderLayer)."""
+    feed-forward, with Gemma 3's sandwich norms where the layer has them (training/model.DecoderLayer). `norm`: how
+    the RMS norms are written (`rms_norm` by default; `pooled_rms_norm` in the .pte graphs)."""
+    norm = norm or rms_norm
     if not hasattr(layer, "post_feedforward_layernorm"):
         x = x + attended
-        return x + layer.mlp(rms_norm(layer.post_attention_layernorm, x))
-    x = x + rms_norm(layer.post_attention_layernorm, attended)
-    return x + rms_norm(layer.post_feedforward_layernorm, layer.mlp(rms_norm(layer.pre_feedforward_layernorm, x)))
+        return x + layer.mlp(norm(layer.post_attention_layernorm, x))
+    x = x + norm(layer.post_attention_layernorm, attended)
+    return x + norm(layer.post_feedforward_layernorm, layer.mlp(norm(layer.pre_feedforward_layernorm, x)))
 
 
 def attend_in_place(layer: DecoderLayer, x, past_k, past_v, positions: tuple):
@@ -124,6 +134,15 @@ def attend_in_place(layer: DecoderLayer, x, past_k, past_v, positions: tuple):
         y, k_all, v_all = group_query_attention(q, k, v, past_k, past_v, positions, attn.n_heads, attn.window,
                                                 attn.scale)  # fmt: skip
     return feed_forward(layer, x, attn.o_proj(y)), k_all, v_all
+
+
+def pooled_rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """`rms_norm` with the mean of squares over a (B, T, 1, d) view's last two axes: the form XNNPACK takes (its
+    global average pooling; a mean over the last axis of a 3-D tensor runs outside it, splitting a .pte's XNNPACK
+    program at every norm)."""
+    B, T, d = x.shape
+    mean = x.pow(2).view(B, T, 1, d).mean((2, 3), keepdim=True).view(B, T, 1)
+    return norm.weight * (x / torch.sqrt(mean + norm.eps))
 
 
 def rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
@@ -161,14 +180,20 @@ def group_query_attention(q, k, v, past_k, past_v, positions: tuple, n_heads: in
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                       scale: float | None = None) -> torch.Tensor:  # fmt: skip
-    """Grouped-query attention: q (B, H, T, hd), k and v (B, Hkv, S, hd), mask (T, S) bool (True: may attend),
-    scale of the logits (None: hd ** -0.5) -> (B, H, T, hd); query head h reads key/value head h // (H / Hkv).
+    """Grouped-query attention: q (B, H, T, hd), k and v (B, Hkv, S, hd), mask (T, S) bool (True: may attend) or
+    float (added to the logits: `additive_mask`), scale of the logits (None: hd ** -0.5) -> (B, H, T, hd); query
+    head h reads key/value head h // (H / Hkv).
     scaled_dot_product_attention over the cache repeated per query head, which ExecuTorch's XNNPACK lowering takes
     as it is."""
     rep = q.shape[1] // k.shape[1]
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if mask.dtype == torch.bool:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    # written out: SDPA's decomposition guards every row against an all-masked one (any, logical_not, where per
+    # layer, outside XNNPACK), which an additive mask from `additive_mask` never has
+    logits = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale) + mask
+    return torch.softmax(logits, dim=-1) @ v
 
 
 class LayerStack(nn.Module):
@@ -205,12 +230,19 @@ class LayerStack(nn.Module):
 
     def run(self, x, past, positions: tuple = ()):
         present = []
+        T, P = x.shape[1], (past[0].shape[2] if past else 0)
+        rotary, masks = {}, {}  # ("concat") made once a graph, for each kind of layer it has
         for j, layer in enumerate(self.layers):
             if self.kv_cache == "buffer":
                 x, k, v = attend_in_place(layer, x, past[2 * j], past[2 * j + 1], positions)
             else:
-                inv_freq, scale = self.pairs()[1 if layer.self_attn.local else 0]
-                x, k, v = attend(layer, inv_freq, x, past[2 * j], past[2 * j + 1], scale)
+                attn = layer.self_attn
+                if attn.local not in rotary:
+                    inv_freq, scale = self.pairs()[1 if attn.local else 0]
+                    rotary[attn.local] = rotary_angles(inv_freq, T, P, scale, x.dtype)
+                if attn.window not in masks:
+                    masks[attn.window] = additive_mask(T, P + T, attn.window)
+                x, k, v = attend(layer, x, past[2 * j], past[2 * j + 1], rotary[attn.local], masks[attn.window])
             present += [k, v]
         return x, present
 
