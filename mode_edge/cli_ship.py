@@ -99,6 +99,12 @@ def export_cmd(run, out, formats, quant, block_size, accuracy_level, base_accura
 
         console.print("note: --accuracy-level and --base-accuracy-level apply to int8, int4 and mixed bundles; an fp32 "
                       "bundle has no quantized weights")  # fmt: skip
+    given = click.get_current_context().get_parameter_source("pte_context") == click.core.ParameterSource.COMMANDLINE
+    if given and context is not None and "executorch" in cfg.formats and pte_context > context:
+        from mode_edge.progress import console
+
+        console.print(f"note: the .pte graphs hold the bundle's context, {context} tokens: --pte-context "
+                      f"{pte_context} is more than that")  # fmt: skip
     if calibration_data is not None and not Path(calibration_data).is_dir():
         raise UserError(f"--calibration-data {calibration_data} is not a folder; pass a corpus from `mode-edge data "
                         f"prepare` or a folder of .txt / .jsonl files")  # fmt: skip
@@ -189,8 +195,9 @@ def print_description(info: dict) -> None:
     from mode_edge.bundle import quant_label
     from mode_edge.progress import results_console
 
+    context = f", context {info['context']}" if info.get("context") else ""
     results_console.print(
-        f"{info['kind']} {info['path']}: {quant_label(info['quantization'])}, {', '.join(info['formats'])}, "
+        f"{info['kind']} {info['path']}: {quant_label(info['quantization'])}, {', '.join(info['formats'])}{context}, "
         f"base fingerprint {info['fingerprint'][:16]}"
     )
     if info["kind"] == "pack":

@@ -389,7 +389,7 @@ class ExportConfig(_Serialisable):
                             f"onnxruntime's quantizer takes), got {self.block_size!r}")  # fmt: skip
         check_number("--pte-context", self.pte_context, lo=64, integer=True)
         if self.context is not None:
-            check_number("--context", self.context, lo=64, integer=True)
+            check_number("--context", self.context, lo=64, integer=True)  # (training/backbones.MIN_CONTEXT)
         if self.quant_method not in QUANT_METHODS:
             raise UserError(f"--quant-method must be {', '.join(QUANT_METHODS)}, got {self.quant_method!r}")
         if self.quant_method == "gptq" and self.quant in ("int4", "mixed") and self.block_size != 32:

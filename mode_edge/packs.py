@@ -339,6 +339,13 @@ def component_bytes(components: dict, files: dict) -> dict[str, int]:
     return out
 
 
+def context_label(decoder: dict) -> str:
+    """A bundle's context as `inspect` says it: its tokens, and LongRoPE's factor set where it has one."""
+    factors = next((f"LongRoPE's {k.split('_')[0]} factors" for k in ("short_factor", "long_factor")
+                    if k in (decoder.get("rope_scaling") or {})), None)  # fmt: skip
+    return f"{decoder['max_seq_len']} tokens" + (f" ({factors})" if factors else "")
+
+
 def describe(path: Path) -> dict:
     """What `mode-edge inspect` shows: a bundle folder or a .modepack archive. Raises UserError for anything else."""
     path = Path(path)
@@ -365,7 +372,7 @@ def describe(path: Path) -> dict:
             "kind": "bundle", "path": str(path), "format_version": m["format_version"], "base": m["base"].get("spec"),
             "fingerprint": m["base"]["fingerprint"], "quantization": m["quantization"], "formats": m["formats"],
             "components": component_bytes(m["components"], m["files"]),
-            "base_bytes": total_bytes(m["files"]), "experts": experts,
+            "base_bytes": total_bytes(m["files"]), "experts": experts, "context": context_label(m["base"]["decoder"]),
         }  # fmt: skip
     pack, members = read_pack(path)
     verify_members(path, pack, members)

@@ -90,12 +90,21 @@ DEFAULT_CONTEXT_CAP = 8192
 and a bundle's .pte plan are sized by it."""
 
 
+MIN_CONTEXT = 64
+"""The shortest context `export --context` builds a bundle for (ExportConfig checks it)."""
+
+
+def context_range(limit: int) -> str:
+    """The --context values to suggest for a checkpoint that takes at most `limit` tokens."""
+    return f"--context {min(MIN_CONTEXT, limit)}..{limit}"
+
+
 def check_context(context: int, limit: int, where: str) -> int:
     """`context` when the checkpoint takes it (1..limit tokens, `where` naming the fields that set the limit), else
     UserError naming the fix."""
     if not 1 <= context <= limit:
         raise UserError(f"--context {context} is not a context this backbone takes: at most {limit} tokens ({where}); "
-                        f"use --context 1..{limit}")  # fmt: skip
+                        f"use {context_range(limit)}")  # fmt: skip
     return context
 
 
@@ -205,7 +214,7 @@ def longrope_scaling(hf, rope: dict, original: int, long: bool) -> dict:
     key = "long_factor" if long else "short_factor"
     if not isinstance(rope.get(key), list):
         raise UserError(f"a context past this backbone's original {original} tokens takes LongRoPE's long factors, "
-                        f"and config.json rope_scaling has no {key}; use --context 1..{original}")  # fmt: skip
+                        f"and config.json rope_scaling has no {key}; use {context_range(original)}")  # fmt: skip
     factor = rope.get("factor") or hf.max_position_embeddings / original
     attention = rope.get("attention_factor")
     if attention is None:
@@ -407,7 +416,7 @@ def gguf_rope(path: Path, cfg: DecoderConfig, context: int | None = None) -> Dec
     longrope = any(k in tensors for k in ("rope_factors_short.weight", "rope_factors_long.weight"))
     need = "rope_factors_long.weight" if long else "rope_factors_short.weight"
     if longrope and need not in tensors:
-        fix = f"use --context 1..{original}" if long else "the file is damaged or not a supported checkpoint"
+        fix = f"use {context_range(original)}" if long else "the file is damaged or not a supported checkpoint"
         raise UserError(f"{path.name} holds LongRoPE's factors without {need}, which a context of "
                         f"{cfg.max_seq_len if long else min(cfg.max_seq_len, original)} tokens takes (the file's "
                         f"original context: {original}); {fix}")  # fmt: skip

@@ -77,6 +77,9 @@ class TorchSide:
         self.names = [e.name for e in loaded]
         self.gates = {e.name: routing_tensors(e.expert, e.router) for e in loaded}
         self.experts = {e.name: e.expert for e in loaded}
+        self.context = backbone.decoder.cfg.max_seq_len
+        self.fix = (f"export the run with --context {CONTEXT + CONTINUATION} or more and evaluate that bundle "
+                    f"(`eval --routing --bundle`)")  # fmt: skip
 
     def block_inputs(self, ids: torch.Tensor) -> list[np.ndarray]:
         return block_inputs(self.backbone.decoder, self.layout, ids)
@@ -97,6 +100,8 @@ class BundleSide:
         self.session, self.tokenizer = self.model.session, self.model.tokenizer
         self.gates = self.session.gates
         self.names = sorted(self.gates)
+        self.context = self.session.engine.context
+        self.fix = f"re-export it with --context {CONTEXT + CONTINUATION} or more"
 
     def block_inputs(self, ids: torch.Tensor) -> list[np.ndarray]:
         rows = [self.session.engine.block_inputs(row[None].numpy()) for row in ids]  # one prompt at a time
@@ -116,11 +121,16 @@ class BundleSide:
 def evaluate_routing(side, corpora: list[Corpus], n_prompts: int = 48, routers: tuple = ROUTERS) -> dict:
     """Routing accuracy, confusion and routed-model accuracy per router, prompt length and domain.
 
-    side: TorchSide or BundleSide (the candidates' gates, block inputs and continuation hits); corpora: held-out
+    side: TorchSide or BundleSide (the candidates' gates, block inputs and continuation hits, the context that
+    must hold CONTEXT + CONTINUATION tokens, else UserError with the side's fix); corpora: held-out
     domains, general text included. Returns {"experts", "domains", "prompts", "routers": {router: {L: {"accuracy",
     "confusion", "per_domain"}}}, "scores": {domain: {"backbone", "oracle", "composed", "routed": {router: {L:
     ...}}}}} with accuracies in %."""
     names, gates = side.names, side.gates
+    if side.context < CONTEXT + CONTINUATION:
+        raise UserError(f"--routing reads {CONTEXT}-token prompts and their {CONTINUATION}-token continuations, "
+                        f"{CONTEXT + CONTINUATION} tokens, past this model's context of {side.context}; "
+                        f"{side.fix}")  # fmt: skip
     domains = [c.name for c in corpora]
     if len(set(domains)) < len(domains):
         raise UserError(f"two --data folders share a domain name ({', '.join(domains)}); evaluate each domain once")

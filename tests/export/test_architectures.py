@@ -108,6 +108,10 @@ def check_long_context(run, bundles: dict) -> None:
     """Phi-4-mini exported with --context 96 (past its original 64): the manifest holds the long factors and that
     context, and the runtime computes the logits and greedy tokens of the PyTorch model built for the same context
     over 80 prompt positions, past the original."""
+    from mode_edge.packs import describe
+
+    assert (describe(bundles["long"])["context"], describe(bundles["fp32"])["context"]) == (
+        "96 tokens (LongRoPE's long factors)", "64 tokens (LongRoPE's short factors)")  # (what `inspect` says)
     decoder = Engine(bundles["long"]).manifest["base"]["decoder"]
     assert (decoder["max_seq_len"], sorted(decoder["rope_scaling"])) == (LONG, ["attention_factor", "long_factor",
                                                                                "rope_type"])  # fmt: skip

@@ -34,8 +34,8 @@ def test_a_context_asked_for_is_built_and_one_past_the_checkpoint_s_refused(hf_c
         1024, 96, 96)  # fmt: skip
     assert short.fingerprint(MoDELayout()) == default.fingerprint(MoDELayout())
     assert short.weights_sha256 == default.weights_sha256
-    with pytest.raises(UserError, match=r"--context 2048 is not a context this backbone takes: at most 1024 tokens "
-                                        r"\(config.json max_position_embeddings\); use --context 1..1024"):  # fmt: skip
+    with pytest.raises(UserError, match=r"--context 2048 is not a context this backbone takes: at most 1024 "
+                                        r"tokens \(config.json max_position_embeddings\); use --context 64..1024"):
         load_backbone(str(path), 2048)
     with pytest.raises(UserError, match=r"at most 1024 tokens \(the tiny backbone's\)"):
         load_backbone("tiny", 1025)
@@ -276,7 +276,7 @@ def test_a_gguf_s_unsupported_rotary_settings_are_refused_naming_them(tmp_path):
                             keys=[("rope.scaling.original_context_length", 64)])  # fmt: skip
     assert gguf_rope(short_only, plain).max_seq_len == 64  # the default: the original context, short factors
     with pytest.raises(UserError, match=r"without rope_factors_long.weight, which a context of 1024 tokens takes "
-                                        r"\(the file's original context: 64\); use --context 1..64"):  # fmt: skip
+                                        r"\(the file's original context: 64\); use --context 64..64"):  # fmt: skip
         gguf_rope(short_only, plain, context=1024)
     with pytest.raises(UserError, match="holds 3 rotary factors in rope_freqs.weight where its 16 turned"):
         gguf_rope(write_gguf(tmp_path / "short.gguf", "llama", tensors=[("rope_freqs.weight", [1.0, 2.0, 4.0])]),

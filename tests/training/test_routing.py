@@ -12,7 +12,7 @@ from mode_edge.runtimes.routing import NONE, ROUTER_KEYS
 from mode_edge.runtimes.session import Session
 from mode_edge.training.data import load_corpus
 from mode_edge.training.eval_routing import routing_for_run, windows
-from tests.cli_runner import invoke
+from tests.cli_runner import invoke, refused
 
 
 def test_centroid_router_answers_none_for_general_text_and_the_expert_for_its_domain(tiny, toy_domains, routed):
@@ -101,3 +101,14 @@ def test_eval_routing_on_a_bundle_matches_the_run(toy_domains, routed, tmp_path)
     for d, s in run["scores"].items():
         for key in ("backbone", "oracle", "composed"):
             assert bundle["scores"][d][key]["accuracy"] == pytest.approx(s[key]["accuracy"], abs=2.0)
+
+
+def test_eval_routing_on_a_bundle_of_a_shorter_context_is_one_line(toy_domains, routed, tmp_path):
+    """Routing's prompts and continuations take 320 positions: a bundle exported for fewer is refused, naming the
+    fix, before any prompt runs (it failed in the runtime, blaming a prompt the user never gave)."""
+    from mode_edge.export.pipeline import export_bundle
+
+    export_bundle(routed / "both", tmp_path / "short", ExportConfig(formats=("onnx",), quant="fp32", context=128))
+    data = ",".join(str(toy_domains[d]) for d in ("hex", "general"))
+    refused("eval", "--routing", "--bundle", tmp_path / "short", "--data", data, "--prompts", 3,
+            message=("320 tokens, past this model's context of 128", "re-export it with --context 320"))  # fmt: skip
