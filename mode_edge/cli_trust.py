@@ -117,11 +117,12 @@ def warn_no_pack_key(bundle) -> None:
 @click.command("verify", short_help="Check a pack's files and signature without installing it.")
 @click.argument("pack", type=click.Path(path_type=Path))
 @click.option("--bundle", type=click.Path(path_type=Path), default=None,
-              help="Check the signature against this bundle's trust store.")  # fmt: skip
+              help="Check that the pack fits this bundle and its signature against the bundle's trust store.")
 @click.option("--key", default=None, help="Check the signature against this public key (.pub or its line).")
 def verify_cmd(pack, bundle, key):
-    """Check PACK as `install` would: the archive, every file's sha256, and (with --bundle or --key) that it is
-    signed by a trusted key. Exit 0 when it passes, 2 with one line when it does not."""
+    """Check PACK as `install` would: the archive, every file's sha256, with --bundle that it was made for that
+    bundle (base, quantization, formats, .pte shapes), and (with --bundle or --key) that it is signed by a trusted
+    key. Exit 0 when it passes, 2 with one line when it does not."""
     from mode_edge.trust import verify_pack
 
     if bundle is not None and key is not None:

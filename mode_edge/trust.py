@@ -85,14 +85,18 @@ def resolve_key(keys: dict, key: str, bundle: Path) -> str:
 
 
 def verify_pack(path: Path, bundle: Path | None = None, public_key: str | None = None) -> dict:
-    """Check a .modepack: archive members and every file's sha256 (as `install` does) and its signature against
-    the trust store of BUNDLE or against one PUBLIC_KEY. Returns {name, version, signed_by, trusted_by} (signed_by:
-    a key whose signature verified; claims_key: the key a pack.sig names, not checked without a key). Raises
-    UserError for a damaged pack, a missing signature where a key is given, or a signature that does not verify."""
+    """Check a .modepack: archive members and every file's sha256 (as `install` does), that it fits BUNDLE (its
+    base, quantization, formats and .pte shapes: `check_pack_fits`) and its signature against the trust store of
+    BUNDLE or against one PUBLIC_KEY. Returns {name, version, signed_by, trusted_by} (signed_by: a key whose
+    signature verified; claims_key: the key a pack.sig names, not checked without a key). Raises UserError for a
+    damaged pack, one made for another bundle, a missing signature where a key is given, or a signature that does
+    not verify."""
+    from mode_edge.bundle import check_pack_fits
     from mode_edge.packs import member_bytes, read_pack_and_sha, verify_members
 
+    manifest = read_bundle(bundle) if bundle is not None else None
     if bundle is not None:  # the cheap arguments first: a wrong key is named before a large pack is read
-        trusted, source = trusted_keys(read_bundle(bundle)), f"bundle {bundle}"
+        trusted, source = trusted_keys(manifest), f"bundle {bundle}"
     elif public_key is not None:
         raw = parse_public(public_key, "--key")
         trusted, source = {key_id(raw): {"public_key": public_line(raw)}}, f"key {key_id(raw)}"
@@ -100,6 +104,8 @@ def verify_pack(path: Path, bundle: Path | None = None, public_key: str | None =
         trusted, source = {}, None
     pack, members, sha = read_pack_and_sha(path)
     verify_members(path, pack, members)
+    if manifest is not None:
+        check_pack_fits(pack, manifest, f"pack {path}")
     info = {"name": pack["name"], "version": pack_version(pack), "signed_by": None, "trusted_by": None,
             "claims_key": None}
     if PACK_SIGNATURE not in members:

@@ -102,7 +102,7 @@ def test_installing_the_installed_pack_again_still_checks_the_archive(bundle, tm
     assert tree(bundle) == before
 
 
-def test_a_bundle_that_trusts_a_key_installs_only_what_that_key_signed(bundle, keys, tmp_path):
+def test_a_bundle_that_trusts_a_key_installs_only_what_that_key_signed(bundle, keys, tmp_path, fp32_bundle):
     publisher, stranger = keys
     invoke("uninstall", "--bundle", bundle, "code")
     invoke("pack", "--bundle", bundle, "--expert", "prose", "--out", tmp_path / "unsigned.modepack")
@@ -127,6 +127,8 @@ def test_a_bundle_that_trusts_a_key_installs_only_what_that_key_signed(bundle, k
     invoke("verify", tmp_path / "signed.modepack", "--bundle", bundle)
     refused("verify", tmp_path / "stranger.modepack", "--bundle", bundle, message="not among the trusted keys")
     refused("verify", tmp_path / "signed.modepack", "--key", f"{stranger}.pub", message="not by the key given")
+    # a bundle the pack was not made for (fp32): refused as install refuses it
+    refused("verify", tmp_path / "signed.modepack", "--bundle", fp32_bundle, message="is quantized int8")
     assert "unsigned" in invoke("verify", tmp_path / "unsigned.modepack").output
     assert "(not checked" in invoke("verify", tmp_path / "stranger.modepack").output  # a claim, not a signer
 
