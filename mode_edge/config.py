@@ -125,6 +125,14 @@ class DecoderConfig(_Serialisable):
         parts.append(f"context {self.max_seq_len}")
         return ", ".join(parts)
 
+    def context_note(self) -> str:
+        """What a refusal of a window past the context adds for a LongRoPE backbone at its original context: that
+        only a bundle goes past it (`export --context`, with the long factors); "" otherwise."""
+        if "short_factor" not in (self.rope_scaling or {}):
+            return ""
+        return (" (LongRoPE's original context, where its short factors hold: training and evaluation stay within "
+                "it; `mode-edge export --context` builds a bundle past it, with the long factors)")
+
     @property
     def rotated(self) -> int:
         """Dimensions of each head the rotary embedding turns (rotary_dim, else head_dim)."""
@@ -266,9 +274,9 @@ class TrainConfig(_Serialisable):
         if self.device not in ("cpu", "cuda"):
             raise UserError(f"--device must be 'cpu' or 'cuda', got {self.device!r}")
 
-    def check_context(self, max_seq_len: int) -> None:
-        """Refuse a --seq-len longer than the backbone's context (its max positions)."""
-        check_seq_len(self.seq_len, max_seq_len)
+    def check_context(self, max_seq_len: int, note: str = "") -> None:
+        """Refuse a --seq-len longer than the backbone's context (its max positions; `note`: check_seq_len's)."""
+        check_seq_len(self.seq_len, max_seq_len, note=note)
 
     @property
     def tokens_per_step(self) -> int:
@@ -417,9 +425,10 @@ class ExportConfig(_Serialisable):
         return 0, 4 if self.accuracy_level == "auto" else self.accuracy_level
 
 
-def check_seq_len(seq_len: int, max_seq_len: int, option: str = "--seq-len") -> None:
-    """A window of `seq_len` tokens must fit the backbone's rotary table (its max positions)."""
+def check_seq_len(seq_len: int, max_seq_len: int, option: str = "--seq-len", note: str = "") -> None:
+    """A window of `seq_len` tokens must fit the backbone's rotary table (its max positions); `note` follows the
+    context in the refusal (DecoderConfig.context_note)."""
     check_number(option, seq_len, lo=1, integer=True)
     if seq_len > max_seq_len:
-        raise UserError(f"{option} {seq_len} exceeds the backbone's context of {max_seq_len} tokens; "
+        raise UserError(f"{option} {seq_len} exceeds the backbone's context of {max_seq_len} tokens{note}; "
                         f"use {option} 1..{max_seq_len}")  # fmt: skip

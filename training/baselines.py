@@ -60,7 +60,7 @@ def _train_baseline(
 ) -> dict:
     out = Path(out)
     require_absent(out)
-    cfg.check_context(backbone.decoder.cfg.max_seq_len)
+    cfg.check_context(backbone.decoder.cfg.max_seq_len, backbone.decoder.cfg.context_note())
     if not data:
         raise UserError("--data needs at least one corpus folder")
     corpora: list[Corpus] = [as_corpus(d) for d in data]

@@ -28,7 +28,7 @@ def compose(
 ) -> dict:
     out = Path(out)
     require_absent(out)
-    cfg.check_context(backbone.decoder.cfg.max_seq_len)
+    cfg.check_context(backbone.decoder.cfg.max_seq_len, backbone.decoder.cfg.context_note())
     if not expert_runs:
         raise UserError("--experts needs at least one expert run folder")
     if not data:

@@ -167,7 +167,7 @@ def evaluate(
     split: str = "test",
 ) -> dict[str, dict]:
     """Scores per domain, keyed by the corpus name."""
-    check_seq_len(seq_len, backbone.decoder.cfg.max_seq_len)
+    check_seq_len(seq_len, backbone.decoder.cfg.max_seq_len, note=backbone.decoder.cfg.context_note())
     check_number("--max-tokens", max_tokens, lo=1, integer=True)
     results = {}
     for path in data:

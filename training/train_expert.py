@@ -44,7 +44,7 @@ def train_expert(
     layout.check_backbone(backbone.decoder.cfg.n_layers)
     if layout.gate_init == "data" and general is None:
         raise UserError("--gate-init data compares the domain with general text; pass --general DATA as well")
-    cfg.check_context(backbone.decoder.cfg.max_seq_len)
+    cfg.check_context(backbone.decoder.cfg.max_seq_len, backbone.decoder.cfg.context_note())
     corpus = as_corpus(data)
     docs = require_split(corpus, "train")
     general = as_corpus(general) if general is not None else None

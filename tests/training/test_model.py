@@ -71,6 +71,13 @@ def test_a_longrope_context_past_the_original_takes_the_long_factors(tmp_path, m
         cache = KVCache()
         parts = [ours(idx[:, :80], cache)] + [ours(idx[:, t : t + 1], cache) for t in range(80, 100)]
         assert_close(torch.cat(parts, dim=1), ours(idx), rtol=1e-5, atol=1e-5)
+    # training stays within the original context, and a refusal there says what goes past it
+    from mode_edge.config import TrainConfig
+
+    default = decoder_from_hf(hf).cfg
+    with pytest.raises(UserError, match=r"context of 64 tokens \(LongRoPE's original context.*export --context"):
+        TrainConfig(seq_len=100).check_context(default.max_seq_len, default.context_note())
+    assert ours.cfg.context_note() == ""
 
 
 @pytest.mark.parametrize("model_type", ["llama3", "qwen3", "phi3", "phi4", "gemma3"])
