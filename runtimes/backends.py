@@ -6,7 +6,11 @@ an ONNX graph with a "buffer" KV cache runs through `OnnxGraph.run_in_place` (ru
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +134,31 @@ class OnnxGraph:
         return [v.numpy() for v in binding.get_outputs()[:n_out]]
 
 
+CPUINFO_NOTES = "[cpuinfo_utils.cpp:"
+"""How the lines start that ExecuTorch's XNNPACK delegate logs, at info level, when it first loads in a process: what
+it reads of /sys to tell the CPU (five lines on x86 hosts, where those ARM files are absent)."""
+
+
+@contextlib.contextmanager
+def without_cpuinfo_notes():
+    """Hold back CPUINFO_NOTES lines written to stderr meanwhile. They come from C code, below Python's logging, so
+    the process's stderr (fd 2) points at a temporary file meanwhile, and every other line is passed on after."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not line.startswith(CPUINFO_NOTES)))
+            sys.stderr.flush()
+
+
 class PteGraph:
     def __init__(self, path: Path):
         try:
@@ -138,7 +167,8 @@ class PteGraph:
         except ImportError:
             raise UserError("the ExecuTorch backend needs `pip install executorch`; or use --backend onnx") from None
         self.program = Runtime.get().load_program(str(path))
-        self.method = self.program.load_method("forward")
+        with without_cpuinfo_notes():
+            self.method = self.program.load_method("forward")
 
     def __call__(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         import torch  # the ExecuTorch Python runtime exchanges torch tensors; the ONNX path never imports torch

@@ -27,6 +27,13 @@ def test_export_shows_one_line_per_stage_and_no_library_logs(composed_run, tmp_p
     assert stages == ["export: load", "export: export", "export: quantize", "export: verify", "export: write"]
 
 
+def test_the_executorch_backend_keeps_its_cpu_probe_to_itself(fp32_bundle):
+    """ExecuTorch's XNNPACK delegate logs what it reads of /sys on its first load (five `[cpuinfo_utils.cpp:...]`
+    lines on x86 hosts): held back (runtimes/backends.without_cpuinfo_notes), the rest of stderr passed on."""
+    proc = cli("run", "--bundle", fp32_bundle, "--backend", "executorch", "--prompt", "def f(", "--max-new-tokens", "2")
+    assert "cpuinfo_utils" not in proc.stderr, proc.stderr[:2000]
+
+
 def test_verbose_shows_library_logs(composed_run, tmp_path):
     proc = cli("--verbose", "export", "--model", composed_run, "--out", tmp_path / "b", "--quant", "fp32")
     assert any(line.startswith("INFO onnx_ir") for line in library_lines(proc.stderr)), proc.stderr[:2000]
