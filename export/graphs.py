@@ -72,7 +72,7 @@ def rotary_angles(inv_freq: torch.Tensor, T: int, P: int, scale: float, dtype) -
 def additive_mask(T: int, S: int, window: int | None) -> torch.Tensor:
     """training/model.attention_mask as what the attention logits add: (T, S) float32, 0 where query i sees key j,
     -inf elsewhere (every row sees its own position, so no row is all -inf)."""
-    return torch.zeros(T, S).masked_fill(~attention_mask(T, S, window), float("-inf"))
+    return torch.zeros(T, S).masked_fill(~attention_mask(T, S, window), float("-inf"))  # (the graphs are fp32)
 
 
 def attend(layer: DecoderLayer, x, past_k, past_v, rotary: tuple, mask: torch.Tensor):
@@ -182,9 +182,9 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
                       scale: float | None = None) -> torch.Tensor:  # fmt: skip
     """Grouped-query attention: q (B, H, T, hd), k and v (B, Hkv, S, hd), mask (T, S) bool (True: may attend) or
     float (added to the logits: `additive_mask`), scale of the logits (None: hd ** -0.5) -> (B, H, T, hd); query
-    head h reads key/value head h // (H / Hkv).
-    scaled_dot_product_attention over the cache repeated per query head, which ExecuTorch's XNNPACK lowering takes
-    as it is."""
+    head h reads key/value head h // (H / Hkv): over the cache repeated per query head, with a bool mask
+    scaled_dot_product_attention (the "buffer" graphs' reference), with an additive one written out as products and a
+    softmax (the .pte graphs: XNNPACK takes them, where SDPA's decomposition adds row guards outside it)."""
     rep = q.shape[1] // k.shape[1]
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, hd)

@@ -133,7 +133,7 @@ def measure_inputs(graph, dcfg, seed: int = 0) -> tuple[list[dict], dict]:
     return [feed(p) for p in prefill], feed(decode)
 
 
-def pte_limits(cfg: ExportConfig, dcfg) -> dict[str, int]:
+def pte_limits(cfg: ExportConfig, dcfg) -> dict[str, int | str]:
     """What the .pte graphs take (the manifest's and every pack's "executorch"): tokens a call, cached positions, and
     "longrope_factors": "long" where they turn by LongRoPE's long factors (`export --context` past the original
     context): a .pte computes its rotary angles inside, so a pack of the other factor set must not install."""

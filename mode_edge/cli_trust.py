@@ -121,8 +121,9 @@ def warn_no_pack_key(bundle) -> None:
 @click.option("--key", default=None, help="Check the signature against this public key (.pub or its line).")
 def verify_cmd(pack, bundle, key):
     """Check PACK as `install` would: the archive, every file's sha256, with --bundle that it was made for that
-    bundle (base, quantization, formats, .pte shapes), and (with --bundle or --key) that it is signed by a trusted
-    key. Exit 0 when it passes, 2 with one line when it does not."""
+    bundle (base, quantization, formats, .pte shapes) and is not older than what it installed of its name, and
+    (with --bundle or --key) that it is signed by a trusted key. Exit 0 when it passes, 2 with one line when it
+    does not."""
     from mode_edge.trust import verify_pack
 
     if bundle is not None and key is not None:

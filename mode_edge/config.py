@@ -130,8 +130,8 @@ class DecoderConfig(_Serialisable):
         only a bundle goes past it (`export --context`, with the long factors); "" otherwise."""
         if "short_factor" not in (self.rope_scaling or {}):
             return ""
-        return (" (LongRoPE's original context, where its short factors hold: training and evaluation stay within "
-                "it; `mode-edge export --context` builds a bundle past it, with the long factors)")
+        return (" (LongRoPE's original context, where its short factors hold: training and `eval --model` stay "
+                "within it; `mode-edge export --context` builds a bundle past it, with the long factors)")
 
     @property
     def rotated(self) -> int:

@@ -339,11 +339,16 @@ def component_bytes(components: dict, files: dict) -> dict[str, int]:
     return out
 
 
-def context_label(decoder: dict) -> str:
-    """A bundle's context as `inspect` says it: its tokens, and LongRoPE's factor set where it has one."""
+def context_label(manifest: dict) -> str:
+    """A bundle's context as `inspect` says it: its tokens, LongRoPE's factor set where it has one, and the .pte
+    graphs' shorter context where --pte-context bounds them."""
+    decoder = manifest["base"]["decoder"]
     factors = next((f"LongRoPE's {k.split('_')[0]} factors" for k in ("short_factor", "long_factor")
                     if k in (decoder.get("rope_scaling") or {})), None)  # fmt: skip
-    return f"{decoder['max_seq_len']} tokens" + (f" ({factors})" if factors else "")
+    pte = (manifest.get("executorch") or {}).get("context")
+    notes = [factors] if factors else []
+    notes += [f".pte graphs {pte}"] if isinstance(pte, int) and pte < decoder["max_seq_len"] else []
+    return f"{decoder['max_seq_len']} tokens" + (f" ({', '.join(notes)})" if notes else "")
 
 
 def describe(path: Path) -> dict:
@@ -372,7 +377,7 @@ def describe(path: Path) -> dict:
             "kind": "bundle", "path": str(path), "format_version": m["format_version"], "base": m["base"].get("spec"),
             "fingerprint": m["base"]["fingerprint"], "quantization": m["quantization"], "formats": m["formats"],
             "components": component_bytes(m["components"], m["files"]),
-            "base_bytes": total_bytes(m["files"]), "experts": experts, "context": context_label(m["base"]["decoder"]),
+            "base_bytes": total_bytes(m["files"]), "experts": experts, "context": context_label(m),
         }  # fmt: skip
     pack, members = read_pack(path)
     verify_members(path, pack, members)

@@ -86,7 +86,8 @@ def resolve_key(keys: dict, key: str, bundle: Path) -> str:
 
 def verify_pack(path: Path, bundle: Path | None = None, public_key: str | None = None) -> dict:
     """Check a .modepack: archive members and every file's sha256 (as `install` does), that it fits BUNDLE (its
-    base, quantization, formats and .pte shapes: `check_pack_fits`) and its signature against the trust store of
+    base, quantization, formats and .pte shapes: `check_pack_fits`; not older than what BUNDLE installed of its name:
+    `check_not_older`) and its signature against the trust store of
     BUNDLE or against one PUBLIC_KEY. Returns {name, version, signed_by, trusted_by} (signed_by: a key whose
     signature verified; claims_key: the key a pack.sig names, not checked without a key). Raises UserError for a
     damaged pack, one made for another bundle, a missing signature where a key is given, or a signature that does
@@ -103,9 +104,10 @@ def verify_pack(path: Path, bundle: Path | None = None, public_key: str | None =
     else:
         trusted, source = {}, None
     pack, members, sha = read_pack_and_sha(path)
-    verify_members(path, pack, members)
-    if manifest is not None:
+    if manifest is not None:  # before the members are hashed, as install checks them
         check_pack_fits(pack, manifest, f"pack {path}")
+        check_not_older(pack, manifest, False, f"pack {path}")
+    verify_members(path, pack, members)
     info = {"name": pack["name"], "version": pack_version(pack), "signed_by": None, "trusted_by": None,
             "claims_key": None}
     if PACK_SIGNATURE not in members:

@@ -213,8 +213,9 @@ def longrope_scaling(hf, rope: dict, original: int, long: bool) -> dict:
     original; the same for both sets). Raises UserError when `long` and the config has no long factors."""
     key = "long_factor" if long else "short_factor"
     if not isinstance(rope.get(key), list):
-        raise UserError(f"a context past this backbone's original {original} tokens takes LongRoPE's long factors, "
-                        f"and config.json rope_scaling has no {key}; use {context_range(original)}")  # fmt: skip
+        fix = (f"a context past this backbone's original {original} tokens takes LongRoPE's long factors; use "
+               f"{context_range(original)}") if long else "the checkpoint is incomplete"  # fmt: skip
+        raise UserError(f"config.json rope_scaling has no {key}: {fix}")
     factor = rope.get("factor") or hf.max_position_embeddings / original
     attention = rope.get("attention_factor")
     if attention is None:

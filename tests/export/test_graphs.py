@@ -139,3 +139,18 @@ def test_the_8bit_embed_graph_keeps_the_embedding_scale(tmp_path):
     assert fp32.scale == 8.0 and torch.allclose(want, decoder.embed_tokens(ids) * 8.0)  # sqrt(64)
     got = Int8EmbedGraph(fp32)(ids)
     assert_close(got, want, atol=8.0 * decoder.embed_tokens.weight.abs().max().item() / 127, rtol=0)
+
+
+def test_pte_block_graphs_keep_norms_and_attention_inside_xnnpack(tiny):
+    """The .pte ("concat") block graph lowered: the RMS norms' means (`pooled_rms_norm`) and the attention's mask
+    (`additive_mask`, made once a graph; no SDPA row guards) run inside XNNPACK; what stays outside is the cache's
+    concatenation and reshapes. An ExecuTorch upgrade that undid this would show here before in a benchmark."""
+    from mode_edge.export.executorch_graphs import lower
+    from mode_edge.export.graphs import example_inputs
+
+    graph = split(MoDEModel(tiny.decoder, MoDELayout(n_blocks=2, expert_layers=2)), "concat")["base/block0"]
+    program = lower(graph.eval(), example_inputs(graph, tiny.decoder.cfg, tokens=3, past=4))
+    outside = [str(n.target) for n in program.exported_program().graph.nodes
+               if n.op == "call_function" and "executorch_call_delegate" not in str(n.target)]  # fmt: skip
+    assert not [op for op in outside if any(k in op for k in ("mean", "logical_not", "any", "softmax"))], outside
+    assert sum("where" in op for op in outside) == 1, outside  # the mask, once for the graph's layers
