@@ -138,9 +138,10 @@ def pte_limits(cfg: ExportConfig, dcfg) -> dict[str, int | str]:
     "longrope_factors": "long" where they turn by LongRoPE's long factors (`export --context` past the original
     context): a .pte computes its rotary angles inside, so a pack of the other factor set must not install."""
     from mode_edge.export.executorch_graphs import PTE_TOKENS_PER_CALL
+    from mode_edge.rope import longrope_set
 
     limits = {"tokens_per_call": PTE_TOKENS_PER_CALL, "context": min(cfg.pte_context, dcfg.max_seq_len)}
-    if "long_factor" in (dcfg.rope_scaling or {}):
+    if longrope_set(dcfg.rope_scaling) == "long":
         limits["longrope_factors"] = "long"
     return limits
 

@@ -128,7 +128,9 @@ class DecoderConfig(_Serialisable):
     def context_note(self) -> str:
         """What a refusal of a window past the context adds for a LongRoPE backbone at its original context: that
         only a bundle goes past it (`export --context`, with the long factors); "" otherwise."""
-        if "short_factor" not in (self.rope_scaling or {}):
+        from mode_edge.rope import longrope_set
+
+        if longrope_set(self.rope_scaling) != "short":
             return ""
         return (" (LongRoPE's original context, where its short factors hold: training and `eval --model` stay "
                 "within it; `mode-edge export --context` builds a bundle past it, with the long factors)")

@@ -342,11 +342,12 @@ def component_bytes(components: dict, files: dict) -> dict[str, int]:
 def context_label(manifest: dict) -> str:
     """A bundle's context as `inspect` says it: its tokens, LongRoPE's factor set where it has one, and the .pte
     graphs' shorter context where --pte-context bounds them."""
+    from mode_edge.rope import longrope_set
+
     decoder = manifest["base"]["decoder"]
-    factors = next((f"LongRoPE's {k.split('_')[0]} factors" for k in ("short_factor", "long_factor")
-                    if k in (decoder.get("rope_scaling") or {})), None)  # fmt: skip
+    factors = longrope_set(decoder.get("rope_scaling"))
     pte = (manifest.get("executorch") or {}).get("context")
-    notes = [factors] if factors else []
+    notes = [f"LongRoPE's {factors} factors"] if factors else []
     notes += [f".pte graphs {pte}"] if isinstance(pte, int) and pte < decoder["max_seq_len"] else []
     return f"{decoder['max_seq_len']} tokens" + (f" ({', '.join(notes)})" if notes else "")
 

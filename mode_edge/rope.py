@@ -42,6 +42,13 @@ def factors_key(scaling: dict) -> str | None:
     return None
 
 
+def longrope_set(scaling: dict | None) -> str | None:
+    """Which of LongRoPE's factor sets `scaling` records: "short" or "long"; None for other scaling or none."""
+    if scaling is None or scaling.get("rope_type") != "longrope":
+        return None
+    return factors_key(scaling).removesuffix("_factor")
+
+
 def positive(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and v > 0 and math.isfinite(v)
 

@@ -284,9 +284,10 @@ def _load_hf(directory: Path, gguf_file: str | None, context: int | None = None,
     # what is not supported is said before gigabytes of weights are read (a GGUF's config: from its metadata)
     config = read_hf_config(directory, gguf_file)
     cfg = default = None
-    if config is not None:
-        cfg = config_for(config, directory, gguf_file, context)
-        default = None if context is None else config_for(config, directory, gguf_file, None)
+    if config is not None:  # (a GGUF's header read once for both configs)
+        reader = gguf_reader(directory / gguf_file) if gguf_file is not None else None
+        cfg = config_for(config, directory, gguf_file, context, reader)
+        default = None if context is None else config_for(config, directory, gguf_file, None, reader)
     try:
         hf_tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
         # transformers' GGUF reader draws a tqdm bar of its own that no setting turns off once tqdm is imported;
@@ -337,13 +338,13 @@ def check_backbone_context(spec: str, context: int | None) -> None:
         config_for(config, directory, gguf_file, context)
 
 
-def config_for(config, directory: Path, gguf_file: str | None, context: int | None) -> DecoderConfig:
+def config_for(config, directory: Path, gguf_file: str | None, context: int | None, reader=None) -> DecoderConfig:
     """The DecoderConfig of transformers' `config` for `context` tokens (None: the default), with a GGUF file's
-    rotary settings (`gguf_rope`)."""
+    rotary settings (`gguf_rope`; `reader`: the file's `gguf_reader`, read here when None)."""
     cfg = _hf_decoder_config(config, context)
     if gguf_file is None:
         return cfg
-    cfg = gguf_rope(directory / gguf_file, cfg, context)
+    cfg = gguf_rope(directory / gguf_file, cfg, context, reader)
     return gguf_gemma3(cfg) if config.model_type == "gemma3_text" else cfg
 
 
@@ -366,7 +367,14 @@ GGUF_ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_short.weight", "rope_fac
 LongRoPE's short and long factors (Phi-3.5 / 4)."""
 
 
-def gguf_rope(path: Path, cfg: DecoderConfig, context: int | None = None) -> DecoderConfig:
+def gguf_reader(path: Path):
+    """The `gguf` package's reader of a GGUF file (its header and tensor index; the data stays memory-mapped)."""
+    from gguf import GGUFReader
+
+    return GGUFReader(str(path))
+
+
+def gguf_rope(path: Path, cfg: DecoderConfig, context: int | None = None, reader=None) -> DecoderConfig:
     """`cfg` (transformers' reading of the GGUF file `path`) with the file's rotary settings that reader drops
     (transformers 5.x: its configs from GGUF have no rope scaling and no partial rotary width; loaded as they are,
     such a model would compute other logits than the checkpoint's, silently):
@@ -379,13 +387,12 @@ def gguf_rope(path: Path, cfg: DecoderConfig, context: int | None = None) -> Dec
     - LongRoPE (Phi-3.5 / 4): rope_factors_short with `rope.scaling.attn_factor` (computed as transformers does when
       absent) and the context capped at `rope.scaling.original_context_length`, as the Hugging Face path caps it;
       rope_factors_long for a `context` asked past it (the context `cfg` was built for).
-    Settings `cfg` already has are kept when the file's agree with them. Raises UserError, naming the key or
-    tensor, for other scaling (YaRN), a rotary width that is not supported, or factors of the wrong length."""
-    from gguf import GGUFReader
-
+    Settings `cfg` already has are kept when the file's agree with them (`reader`: the file's `gguf_reader`, read
+    here when None). Raises UserError, naming the key or tensor, for other scaling (YaRN), a rotary width that is
+    not supported, or factors of the wrong length."""
     from mode_edge.rope import inv_freq
 
-    reader = GGUFReader(str(path))
+    reader = reader if reader is not None else gguf_reader(path)
     arch_field = reader.fields.get("general.architecture")
     arch = arch_field.contents() if arch_field is not None else "llama"
 
