@@ -88,6 +88,11 @@ class OnnxGraph:
         # Prepacking the 4-bit weights for onnxruntime's kernels is most of a session's creation (an expert switch
         # creates three): on the thread pool it takes 3 SmolLM2 expert graphs from 22.5 to 16.8 ms (2 threads).
         options.add_session_config_entry("session.prepack.enable_parallel", "1")
+        # A memory pattern plans each run's activations as one block per input shape; with the cache's length
+        # growing every step those blocks grow too, and the shared arena kept more of them. Measured on the SmolLM2
+        # int4 bundle with one expert (benchmarks/peers.py's run in one process: 128, 512, 896-token prompts):
+        # peak RSS 383-386 -> 366-367 MB, TTFT and decode unchanged within noise.
+        options.enable_mem_pattern = False
         if _global_pool:
             options.use_per_session_threads = False
         else:  # a pool of its own, which must not spin (use_global_thread_pool says why)

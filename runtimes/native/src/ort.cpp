@@ -130,6 +130,7 @@ Ort::SessionOptions session_options(const OrtRuntime& ort) {
   options.AddConfigEntry("session.use_env_allocators", "1");
   // prepacking the 4-bit weights is most of a session's creation; on the pool it runs in parallel
   options.AddConfigEntry("session.prepack.enable_parallel", "1");
+  options.DisableMemPattern();  // a smaller peak, the same speed (runtimes/backends.OnnxGraph says why)
   if (ort.global_pool) {
     options.DisablePerSessionThreads();
   } else {  // a pool of its own, which must not spin (it would steal the cores from the next graph's)
