@@ -185,7 +185,8 @@ class DataParallelPlan:
         return value
 
     def finish(self) -> None:
-        """After the last step: the model's own modules hold the trained weights on every rank."""
+        """After the last step: the model's own modules hold the trained weights (on rank 0 at least, which saves
+        the run)."""
 
 
 def strategy(parallel: ParallelConfig, rank: int, size: int, device: torch.device) -> DataParallelPlan:

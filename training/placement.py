@@ -16,8 +16,11 @@ embedding) nothing at all. The other ranks never run the output head (a 49152 x 
 backward, as much as eight of its layers).
 
 Each expert's weights learn on their own rank only; the gate rows are replicated and their gradients summed over the
-ranks (each rank holds the part that flows through its own branches). Checkpoints and the end of training bring every
-expert's weights (and moments) to all ranks, so rank 0 writes them all.
+ranks (each rank holds the part that flows through its own branches). Each rank keeps only the weights it computes
+with: the expert ranks drop the backbone's layers (and an untied output head), every rank the experts it does not
+train (rank 0 all of them); the embedding, the final norm, the rotary tables and the gates stay on every rank.
+Checkpoints and the end of training send every expert's weights (and moments) from its rank to rank 0, which writes
+them all.
 """
 
 from __future__ import annotations
@@ -152,7 +155,20 @@ class SplitPlan(DataParallelPlan):
         self.params = params
         self.gates = {n: p for n, p in params.items() if is_gate(n)}
         self.own = {n: p for n, p in params.items() if not is_gate(n) and self.owners[expert_of(n)] == self.rank}
+        self.shapes = {n: p.shape for n, p in params.items()}
+        self._release(model, params)
         return SplitMoDE(model, self.rank, self.owners), params
+
+    def _release(self, model: MoDEModel, params: dict[str, nn.Parameter]) -> None:
+        """Empty the weights this rank never computes with (see the module's docstring); their shapes stay in
+        self.shapes for the checkpoints, which rank 0 receives from the owners."""
+        unused = [p for n, p in params.items() if n not in self.gates and n not in self.own]
+        if self.rank != 0:
+            unused += [p for block in model.blocks for p in block.backbone.parameters()]
+            if model.backbone.lm_head is not None:  # (a tied head is the embedding, which every rank uses)
+                unused += list(model.backbone.lm_head.parameters())
+        for p in unused:  # (as many dimensions as before: the trainer groups weights by them for weight decay)
+            p.data = p.data.new_empty((0,) * p.ndim)
 
     def rows(self, batch):
         return batch  # every rank computes its branches for every row
@@ -181,34 +197,47 @@ class SplitPlan(DataParallelPlan):
         total = torch.sqrt(square + torch.nn.utils.get_total_norm(gates).float().pow(2))
         torch.nn.utils.clip_grads_with_norm_([*self.own.values(), *self.gates.values()], max_norm, total)
 
-    def _from_owner(self, name: str, tensors: list[torch.Tensor]) -> None:
-        """Broadcast the tensors of parameter `name` (its value, or its moments) from the rank that trains it to
-        every rank, in place; a gate row's are the same everywhere already. Collective: the same order on every
-        rank."""
-        if name in self.gates:
-            return
+    def _to_first(self, name: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The tensors of parameter `name` (its value, or its moments) on rank 0: sent by the rank that trains it
+        (received into new tensors of the same shapes); a gate row's are on every rank already. Every rank calls it
+        for every parameter in the same order; only the owner and rank 0 take part."""
+        owner = None if name in self.gates else self.owners[expert_of(name)]
+        if owner is None or self.rank not in (0, owner):
+            return tensors
+        moved = []
         for t in tensors:
-            sent = t.to(self.device)  # (NCCL sends GPU tensors only; AdamW keeps its step count on the CPU)
-            dist.broadcast(sent, src=self.owners[expert_of(name)])
-            t.copy_(sent)
+            t = t.to(self.device)  # (NCCL sends GPU tensors only; AdamW keeps its step count on the CPU)
+            if self.rank == owner:
+                dist.send(t.contiguous(), dst=0)
+            else:
+                dist.recv(t, src=owner)
+            moved.append(t)
+        return moved
 
     def full(self, params: dict[str, nn.Parameter], keep: bool) -> dict[str, torch.Tensor]:
-        with torch.no_grad():  # every rank's copy of every expert brought up to date (each rank holds the model)
+        wholes = {}
+        with torch.no_grad():
             for n, p in params.items():
-                self._from_owner(n, [p.data])
-        return {n: p.detach().cpu() for n, p in params.items()} if keep else {}
+                held = p.data.new_empty(self.shapes[n]) if self.rank == 0 and not self.holds_state(n) else p.data
+                (value,) = self._to_first(n, [held])
+                if keep:
+                    wholes[n] = value.detach().cpu()
+        return wholes
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer, params: dict, keep: bool) -> dict[int, dict]:
         names = {id(p): n for n, p in params.items()}
         state = optimizer.state_dict()["state"]
         moments = {}
         for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
-            held = state.get(i) or {  # a rank has moments only for what it steps: the owner's are broadcast
-                "step": torch.zeros((), dtype=torch.float32), "exp_avg": torch.zeros_like(p),
-                "exp_avg_sq": torch.zeros_like(p)}  # fmt: skip
+            name = names[id(p)]
+            if self.rank != 0 and not self.holds_state(name):
+                continue  # neither the owner nor rank 0: nothing to send or keep
+            held = state.get(i) or {  # a rank has moments only for what it steps: rank 0 receives the owner's
+                "step": torch.zeros((), dtype=torch.float32), "exp_avg": p.new_zeros(self.shapes[name]),
+                "exp_avg_sq": p.new_zeros(self.shapes[name])}  # fmt: skip
             whole = {k: torch.as_tensor(held[k], dtype=torch.float32 if k == "step" else None).clone()
                      for k in sorted(held)}  # (one order on every rank: a resumed state holds the file's order)
-            self._from_owner(names[id(p)], list(whole.values()))
+            whole = dict(zip(whole, self._to_first(name, list(whole.values()))))
             if keep:
                 moments[i] = {k: v.cpu() for k, v in whole.items()}
         return moments
@@ -217,4 +246,7 @@ class SplitPlan(DataParallelPlan):
         return name in self.gates or name in self.own
 
     def finish(self) -> None:
-        self.full(self.params, keep=False)
+        """Rank 0's model (the one that saves the run) gets every expert's trained weights back; the other ranks'
+        stay partial."""
+        for n, value in self.full(self.params, keep=self.rank == 0).items():
+            self.params[n].data = value.to(self.device)

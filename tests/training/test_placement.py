@@ -1,7 +1,7 @@
 """`--placement split` (training/placement.py) in real processes (gloo): the backbone on rank 0 and the experts on
 the others give the single-process MoDE model's loss and gradients, for one expert on one rank and for two experts
 on one rank or on two; after a step, every rank's checkpoint (weights and AdamW moments, each expert's from the
-rank that trains it) is the single process's."""
+rank that trains it) is the single process's. Each rank holds only the weights it computes with."""
 
 from __future__ import annotations
 
@@ -65,12 +65,13 @@ def _rank(rank: int, size: int, port: int, n_experts: int, out: str) -> None:
         model, params, batch = model_and_batch(n_experts)
         plan = SplitPlan(rank, size, torch.device("cpu"))
         module, _ = plan.prepare(model, params, lm_loss)
+        emptied = sorted(n for n, p in model.named_parameters() if p.numel() == 0)
         loss = plan.forward_backward(module, batch, lm_loss, 1.0)
         plan.sync(params)
         grads = {n: p.grad.clone() for n, p in plan.own.items()} | {n: p.grad.clone() for n, p in plan.gates.items()}
         model, params, batch = model_and_batch(n_experts)  # a fresh start for one whole step
         state, _, _ = one_step(SplitPlan(rank, size, torch.device("cpu")), model, params, batch)
-        torch.save({"loss": loss, "grads": grads, "state": state}, f"{out}/rank{rank}.pt")
+        torch.save({"loss": loss, "grads": grads, "state": state, "emptied": emptied}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -79,6 +80,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def unused_weights(model: MoDEModel, rank: int, size: int) -> list[str]:
+    """The parameters (by the model's names) rank `rank` of `size` never computes with under split placement: the
+    experts' layers it does not train (expert k is on rank 1 + k mod (size - 1)), and on the expert ranks the
+    backbone's layers; the embedding (tied head), norms and gates are kept everywhere."""
+    unused = set()
+    for k, expert in enumerate(model.experts.values()):
+        if rank != 1 + k % (size - 1):
+            unused |= {id(p) for n, p in expert.named_parameters() if ".gate." not in f".{n}"}
+    if rank != 0:
+        unused |= {id(p) for block in model.blocks for p in block.backbone.parameters()}
+    assert unused  # (every rank drops something here)
+    return sorted(n for n, p in model.named_parameters() if id(p) in unused)
 
 
 @pytest.mark.parametrize("n_experts, size", [(1, 2), (2, 2), (2, 3)])
@@ -101,6 +116,8 @@ def test_split_placement_gives_the_single_process_loss_and_gradients(n_experts, 
         assert_close(got[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
     owners = {n.split(".")[0] for r in ranks[1:] for n in r["grads"] if ".gate." not in n}
     assert owners == set(model.experts) and not [n for n in ranks[0]["grads"] if ".gate." not in n]
+    for r, got in enumerate(ranks):  # each rank holds only the weights it computes with
+        assert got["emptied"] == unused_weights(model, r, size), f"rank {r}"
     model, params, batch = model_and_batch(n_experts)
     reference, _, _ = one_step(DataParallelPlan(0, 1, torch.device("cpu")), model, params, batch)
     assert sorted(ranks[0]["state"]) == sorted(reference) and all(r["state"] == {} for r in ranks[1:])
