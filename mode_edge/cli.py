@@ -58,7 +58,10 @@ def usage_error(e: click.UsageError, where: str):
         raise e
     where = e.ctx.command_path if e.ctx else where
     message = re.sub(r"-----BEGIN[^']*", "(a PEM block, not shown)", e.format_message())  # a key pasted as an option
-    click.secho(f"error: {message} (see `{where} --help`)", fg="red", err=True)
+    if rank0():  # once under torchrun, as Group.invoke says a UserError (and the other ranks wait for it)
+        click.secho(f"error: {message} (see `{where} --help`)", fg="red", err=True)
+    else:
+        time.sleep(RANK0_GRACE_S)
     sys.exit(2)
 
 
@@ -165,6 +168,9 @@ def make_train_config(out: Path, experts: int | None = None, **kw):
     cfg = TrainConfig(**kw)
     # Checked before the backbone loads (the trainer checks again): a mistake costs one line, not a load first.
     from mode_edge.training.distributed import check_batch, world
+    from mode_edge.training.trainer import check_device, check_options_unchanged
+
+    check_device(cfg.device)
 
     size = world()[1]
     if parallel.placement == "split":
@@ -173,8 +179,6 @@ def make_train_config(out: Path, experts: int | None = None, **kw):
         check_processes(size, experts)
     else:  # (split placement gives every rank the whole batch)
         check_batch(cfg.batch_size, size)
-    from mode_edge.training.trainer import check_options_unchanged
-
     check_options_unchanged(out, cfg)
     return cfg, parallel
 
@@ -286,11 +290,12 @@ def train_compose_cmd(base, experts, data, out, freeze_experts, **train_kw):
     """Compose trained experts and fine-tune the gate (and, by default, the experts) on mixed data."""
     from mode_edge.training.compose import compose
     from mode_edge.training.data import load_corpus
+    from mode_edge.training.runs import run_expert_names
 
-    cfg, parallel = make_train_config(out, **train_kw)
     expert_runs = csv_paths(experts)
     if not expert_runs:
         raise UserError("--experts needs at least one expert run folder")
+    cfg, parallel = make_train_config(out, experts=len(run_expert_names(expert_runs)), **train_kw)
     require_absent(out)
     corpora = [load_corpus(d) for d in csv_paths(data)]
     backbone = load_base(base or base_of(expert_runs[0]))

@@ -227,7 +227,8 @@ class Session:
         if new:
             fate = ("routing falls back to gate rows for every pack" if len(lacking) == len(self.gates)
                     else f"the {router} router never picks them")  # fmt: skip
-            self.warn(f"expert {', '.join(new)} carries no router (trained without --general): {fate}")
+            who = f"expert {new[0]} carries" if len(new) == 1 else f"experts {', '.join(new)} carry"
+            self.warn(f"{who} no router (trained without --general): {fate}")
             self.warned_unrouted.update(new)
 
     def generate(self, prompt: list[int], experts: list[str] | str = "auto", max_new_tokens: int = 64,

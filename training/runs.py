@@ -155,11 +155,25 @@ def load_run_experts(run: Path, backbone: Backbone, only: list[str] | None = Non
     return [load_expert(Path(run) / "experts" / n, backbone) for n in names]
 
 
-def check_same_blocks(experts: list[LoadedExpert]) -> MoDELayout | None:
-    names = [e.name for e in experts]
+def check_unique_experts(names: list[str]) -> None:
+    """Raise UserError when experts to be put in one model share a name (each run names its experts by the
+    --domain they were trained for)."""
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise UserError(f"two experts are named {', '.join(dupes)}; expert names must be unique within a model")
+        raise UserError(f"two experts are named {', '.join(dupes)}; expert names must be unique within a model: "
+                        f"train one of them again with another --domain")  # fmt: skip
+
+
+def run_expert_names(expert_runs: list[Path]) -> list[str]:
+    """The names of the experts the finished runs hold, in order, checked unique: read from their model.json, before
+    any backbone loads."""
+    names = [n for run in expert_runs for n in check_names(read_model_record(run)["experts"], f"{run}/model.json (corrupt?)")]
+    check_unique_experts(names)
+    return names
+
+
+def check_same_blocks(experts: list[LoadedExpert]) -> MoDELayout | None:
+    check_unique_experts([e.name for e in experts])
     blocks = {e.layout.n_blocks for e in experts}
     if len(blocks) > 1:
         raise UserError(f"experts use different block counts {sorted(blocks)}; compose experts of one block layout")

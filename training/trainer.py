@@ -81,12 +81,33 @@ def _state_tensors(plan: distributed.DataParallelPlan, params, optimizer) -> dic
 
 
 def _save_state(state_dir: Path, tensors: dict[str, torch.Tensor], done: dict, signature: dict) -> None:
-    """`done`: the step reached, the loss history, and the tokens, wall seconds and peak RSS spent so far."""
+    """`done`: the step reached, the loss history, and the tokens, wall seconds and peak RSS spent so far.
+
+    An interruption at any point keeps a whole checkpoint: the new weights go to a file of their own (named by the
+    step), complete before state.json names it (one atomic rename of the record switches checkpoints), and the
+    previous checkpoint's file is removed only after that; a half-written file is removed on the way out."""
     state_dir.mkdir(exist_ok=True)
-    save_file(tensors, str(state_dir / "state.tmp.safetensors"))
-    weights = file_record(state_dir / "state.tmp.safetensors")
-    (state_dir / "state.tmp.safetensors").replace(state_dir / "state.safetensors")
-    write_json(state_dir / "state.json", {**done, "signature": signature, "weights": weights})
+    name = f"state-{done['step']}.safetensors"
+    partial = state_dir / f".{name}.tmp"
+    try:
+        save_file(tensors, str(partial))
+        weights = file_record(partial)
+        partial.replace(state_dir / name)
+    except BaseException:  # (an interrupt as well: nothing half-written stays behind)
+        partial.unlink(missing_ok=True)
+        raise
+    write_json(state_dir / "state.json", {**done, "signature": signature, "weights": weights, "weights_file": name})
+    for old in state_dir.glob("*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def _weights_file(state_dir: Path, meta: dict) -> Path | None:
+    """The weights file a checkpoint record names (checkpoints written before records named it: state.safetensors),
+    or None where the name is not a plain file name."""
+    name = meta.get("weights_file", "state.safetensors")
+    plain = isinstance(name, str) and name.endswith(".safetensors") and Path(name).name == name
+    return state_dir / name if plain else None
 
 
 RESUMABLE = ("checkpoint_every",)
@@ -130,8 +151,9 @@ def _load_state(state_dir: Path, params, signature: dict) -> tuple[dict, dict[in
     run spent before it and the optimizer's state by parameter index (whole tensors, for `_load_optimizer`)."""
     fix = f"delete {state_dir.parent} to start the run afresh"
     meta = read_json(state_dir / "state.json", fix, fix)
-    weights = state_dir / "state.safetensors"
-    if not weights.is_file() or not isinstance(meta.get("signature"), dict) or not is_int(meta.get("step")):
+    weights = _weights_file(state_dir, meta)
+    complete = weights is not None and weights.is_file() and isinstance(meta.get("signature"), dict)
+    if not complete or not is_int(meta.get("step")):
         raise UserError(f"the checkpoint in {state_dir} is incomplete or damaged; {fix}")
     check_file(weights, meta.get("weights"), fix)
     check_same_settings(state_dir.parent, meta["signature"], signature)
@@ -146,7 +168,8 @@ def _load_state(state_dir: Path, params, signature: dict) -> tuple[dict, dict[in
         if key.startswith("opt."):
             _, i, name = key.split(".", 2)
             moments.setdefault(int(i), {})[name] = v
-    return {**NOTHING_DONE, **{k: v for k, v in meta.items() if k not in ("signature", "weights")}}, moments
+    spent = {k: v for k, v in meta.items() if k not in ("signature", "weights", "weights_file")}
+    return {**NOTHING_DONE, **spent}, moments
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, moments: dict, params: dict,
@@ -164,6 +187,12 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, moments: dict, params: dic
     optimizer.load_state_dict(state)
 
 
+def check_device(device: str) -> None:
+    """Raise UserError for --device cuda where this torch sees no CUDA device."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but this torch has no CUDA device; use --device cpu")
+
+
 def train(
     model: torch.nn.Module,
     params: dict[str, torch.nn.Parameter],
@@ -179,9 +208,8 @@ def train(
     """Train the named `params` of `model` (a token-ids -> logits module) on `loss_fn(model, batch)`; returns loss
     history and throughput. Under torchrun, over the processes as `parallel` says (training/distributed.py): data
     parallel by default, the same result as one process with the same global batch; checkpoints written by rank 0."""
+    check_device(cfg.device)
     device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but this torch has no CUDA device; use --device cpu")
     rank, size = distributed.world()
     if device.type == "cuda" and size > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process

@@ -71,7 +71,7 @@ def checkpoint(tiny, code_data, tmp_path):
 
 
 @pytest.mark.parametrize("how", DAMAGES)
-@pytest.mark.parametrize("name", ["state.json", "state.safetensors"])
+@pytest.mark.parametrize("name", ["state.json", "state-2.safetensors"])
 def test_a_damaged_training_checkpoint_is_refused_and_kept(checkpoint, name, how):
     resume, state = checkpoint
     damage(state / name, how)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
@@ -165,6 +166,39 @@ def test_the_global_batch_is_checked_before_the_backbone_loads(monkeypatch, tmp_
     assert cfg.batch_size == 4 and parallel.placement == "split"
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert make_train_config(tmp_path / "run", batch_size=4, fsdp=False)[0].batch_size == 4
+
+
+def test_compose_checks_its_experts_and_device_before_the_backbone_loads(composed_run, code_data, monkeypatch,
+                                                                          tmp_path):  # fmt: skip
+    """`train compose` counts the experts of its runs (model.json) for split placement's process count, refuses
+    experts of the same name, and every trainer refuses --device cuda without CUDA, each before any backbone loads;
+    a usage mistake is said by rank 0 alone, as a refusal is."""
+    import mode_edge.cli
+    from tests.cli_runner import invoke, refused
+
+    def no_load(*a, **k):
+        raise AssertionError("the backbone was loaded before the refusal")
+
+    monkeypatch.setattr(mode_edge.cli, "load_base", no_load)
+    args = ["train", "compose", "--data", code_data, "--out", tmp_path / "run", "--batch-size", "4"]
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    refused(*args, "--experts", composed_run, "--placement", "split",
+            message="launch 2 to 3 processes (torchrun --nproc-per-node), not 4")  # (code and prose: 2 experts)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    refused(*args, "--experts", f"{composed_run},{composed_run}",
+            message=("two experts are named code, prose", "another --domain"))
+    if not torch.cuda.is_available():
+        refused(*args, "--experts", composed_run, "--device", "cuda", message="use --device cpu")
+        refused("train", "expert", "--domain", "code", "--data", code_data, "--out", tmp_path / "run", "--device",
+                "cuda", message="use --device cpu")  # fmt: skip
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setattr(mode_edge.cli, "RANK0_GRACE_S", 0.0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    refused("train", "full-ft", "--placement", "split", message="No such option")  # rank 0 says it ...
+    monkeypatch.setenv("RANK", "1")
+    other = invoke("train", "full-ft", "--placement", "split", ok=False)  # ... the other ranks do not
+    assert other.exit_code == 2 and other.stderr == ""
 
 
 def test_a_global_batch_that_does_not_divide_is_one_line(code_data, tmp_path):

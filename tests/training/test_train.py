@@ -111,6 +111,43 @@ def test_interrupted_training_resumes_to_the_same_weights(tiny, code_data, tmp_p
     assert spent[0]["wall_s"] > 0 and spent[0]["peak_rss_mb"] > 0
 
 
+@pytest.mark.parametrize("during", ["weights", "record"])
+def test_an_interrupt_while_a_checkpoint_is_written_keeps_the_previous_one(during, tiny, code_data, tmp_path,
+                                                                          monkeypatch):  # fmt: skip
+    """Ctrl-C while the checkpoint of step 4 is written (its weights half on disk, or whole but not yet in the
+    record): the checkpoint of step 2 stays whole, no half-written file is left, and the rerun resumes from step 2
+    and ends on the uninterrupted run's weights."""
+    import mode_edge.training.trainer as trainer
+
+    writes = {"weights": trainer.save_file, "record": trainer.write_json}
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:  # the checkpoint of step 4
+            if during == "weights":
+                open(args[1], "wb").write(b"half")
+            raise KeyboardInterrupt
+        return writes[during](*args, **kwargs)
+
+    monkeypatch.setattr(trainer, {"weights": "save_file", "record": "write_json"}[during], interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_expert(tiny, "code", code_data, tmp_path / "run", LAYOUT, CFG)
+    monkeypatch.undo()
+    state = tmp_path / ".run.partial" / trainer.STATE_DIR
+    record = json.loads((state / "state.json").read_text())
+    kept = {"state.json", "state-2.safetensors"} | ({"state-4.safetensors"} if during == "record" else set())
+    assert record["step"] == 2 and record["weights_file"] == "state-2.safetensors"
+    assert {p.name for p in state.iterdir()} == kept  # (nothing half-written; step 4's whole file is not named)
+    train_expert(tiny, "code", code_data, tmp_path / "run", LAYOUT, CFG)
+    train_expert(tiny, "code", code_data, tmp_path / "straight", LAYOUT, CFG)
+    a = runs.load_run_experts(tmp_path / "run", tiny)[0].expert.state_dict()
+    b = runs.load_run_experts(tmp_path / "straight", tiny)[0].expert.state_dict()
+    for k in a:
+        assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert not (tmp_path / ".run.partial").exists()
+
+
 def test_an_interrupt_says_what_a_rerun_will_find(code_data, tmp_path, monkeypatch):
     """Ctrl-C through the command line: before the first checkpoint a rerun starts afresh, after one it resumes from
     that step; each says so in one line (exit code 130), and the rerun's first line names the step it resumes. A rerun

@@ -66,7 +66,9 @@ Session::Session(const std::string& bundle, SessionOptions options) : options_(s
   for (auto& [name, g] : gates_)
     if (!g.has_router()) unrouted.push_back(name);
   if (!unrouted.empty())
-    unrouted_warning_ = "expert " + joined(unrouted) + " carries no router (trained without --general): " +
+    unrouted_warning_ = (unrouted.size() == 1 ? "expert " + unrouted[0] + " carries"
+                                              : "experts " + joined(unrouted) + " carry") +
+                        " no router (trained without --general): " +
                         (unrouted.size() == gates_.size() ? "routing falls back to gate rows for every pack"
                                                            : "the centroid and logistic routers never pick them");
 }
