@@ -142,8 +142,8 @@ as soon as one fails, and rank 0, which meets the same mistake, must first print
 
 def rank0() -> bool:
     """Whether this process speaks for a torchrun job: rank 0 (RANK, as training/distributed.world reads it without
-    importing torch), or a process that is not part of one."""
-    return os.environ.get("RANK", "0") == "0"
+    importing torch), or a process that is not part of one (no WORLD_SIZE above 1)."""
+    return os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") in ("", "0", "1")
 
 
 def main_echo(text: str) -> None:
@@ -292,10 +292,16 @@ def train_compose_cmd(base, experts, data, out, freeze_experts, **train_kw):
     from mode_edge.training.data import load_corpus
     from mode_edge.training.runs import run_expert_names
 
+    cfg, parallel = make_train_config(out, **train_kw)  # the options first, then the runs they name
     expert_runs = csv_paths(experts)
     if not expert_runs:
         raise UserError("--experts needs at least one expert run folder")
-    cfg, parallel = make_train_config(out, experts=len(run_expert_names(expert_runs)), **train_kw)
+    n_experts = len(run_expert_names(expert_runs))
+    if parallel.placement == "split":  # (make_train_config knew only the lower bound)
+        from mode_edge.training.distributed import world
+        from mode_edge.training.placement import check_processes
+
+        check_processes(world()[1], n_experts)
     require_absent(out)
     corpora = [load_corpus(d) for d in csv_paths(data)]
     backbone = load_base(base or base_of(expert_runs[0]))

@@ -73,12 +73,14 @@ def test_train_expert_refuses_bad_numbers(prose_data, tmp_path, option, value, m
     assert list(tmp_path.iterdir()) == []  # nothing half-written: no run, no .run.partial
 
 
-def test_baselines_compose_and_eval_refuse_bad_numbers(prose_data, tmp_path):
+def test_baselines_compose_and_eval_refuse_bad_numbers(prose_data, composed_run, tmp_path):
     base = ["--data", prose_data, "--out", tmp_path / "o", *TRAIN]
     refused("train", "lora", *base, "--rank", "0", message=("--rank", "x>=1"))
     refused("train", "lora", *base, "--alpha", "nan", message=("--alpha", "finite"))
     refused("train", "full-ft", *base, "--seq-len", "2048", message="--seq-len 2048 exceeds the backbone's context")
-    refused("train", "compose", "--experts", tmp_path / "e", *base, "--seq-len", "4096", message="--seq-len 4096")
+    refused("train", "compose", "--experts", composed_run, *base, "--seq-len", "4096", message="--seq-len 4096")
+    refused("train", "compose", "--experts", tmp_path / "e", *base, message=(f"run folder {tmp_path / 'e'} does not "
+                                                                             "exist"))  # (before the backbone loads)
     evaluate = ["eval", "--base", "tiny", "--data", prose_data]
     refused(*evaluate, "--seq-len", "1025", message="--seq-len 1025 exceeds the backbone's context of 1024")
     refused(*evaluate, "--max-tokens", "0", message=("--max-tokens", "x>=1"))

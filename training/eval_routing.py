@@ -253,8 +253,9 @@ def routing_for_run(backbone, runs: Path | list[Path], experts: list[str] | None
 
         who, it = (f"expert {unrouted[0]} carries", "it") if len(unrouted) == 1 else (
             f"experts {', '.join(unrouted)} carry", "them")
-        console.print(f"[yellow]warning:[/yellow] {who} no router (trained without --general): the centroid and "
-                      f"logistic routers never pick {it}, or fall back to gate rows when no expert has one")  # fmt: skip
+        console.print(f"[yellow]warning:[/yellow] {who} no router (trained without --general): the centroid "
+                      f"and logistic routers never pick {it}, or fall back to gate rows when no expert has one",
+                      )  # fmt: skip
     missing = sorted(set(experts or []) - {e.name for e in loaded})
     if missing:
         raise UserError(f"no run of --model has an expert named {', '.join(missing)}")

@@ -17,10 +17,10 @@ backward, as much as eight of its layers).
 
 Each expert's weights learn on their own rank only; the gate rows are replicated and their gradients summed over the
 ranks (each rank holds the part that flows through its own branches). Each rank keeps only the weights it computes
-with: the expert ranks drop the backbone's layers (and an untied output head), every rank the experts it does not
-train (rank 0 all of them); the embedding, the final norm, the rotary tables and the gates stay on every rank.
-Checkpoints and the end of training send every expert's weights (and moments) from its rank to rank 0, which writes
-them all.
+with: the expert ranks drop the backbone's layers (and an untied output head) and the experts of other ranks, rank 0
+the experts it will receive (all that learn; frozen ones, under --freeze-experts, it keeps, as it saves them); the
+embedding, the final norm, the rotary tables and the gates stay on every rank. Checkpoints send every expert's
+weights and AdamW moments from its rank to rank 0, which writes them all, and the end of training its weights.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ from torch import nn
 from mode_edge.errors import UserError
 from mode_edge.training.distributed import DataParallelPlan, batch_tokens, sum_gradients
 from mode_edge.training.model import MoDEModel, run_layers
+
+ADAMW_STATE = ("exp_avg", "exp_avg_sq", "step")
+"""What torch's AdamW keeps per parameter (amsgrad off, as the trainers make it), in the order rank 0 receives it."""
 
 
 def check_stay_out(stay_out: bool) -> None:
@@ -162,11 +165,17 @@ class SplitPlan(DataParallelPlan):
     def _release(self, model: MoDEModel, params: dict[str, nn.Parameter]) -> None:
         """Empty the weights this rank never computes with (see the module's docstring); their shapes stay in
         self.shapes for the checkpoints, which rank 0 receives from the owners."""
+        from mode_edge.training.trainer import is_gate
+
         unused = [p for n, p in params.items() if n not in self.gates and n not in self.own]
         if self.rank != 0:
             unused += [p for block in model.blocks for p in block.backbone.parameters()]
             if model.backbone.lm_head is not None:  # (a tied head is the embedding, which every rank uses)
                 unused += list(model.backbone.lm_head.parameters())
+            trained = {id(p) for p in params.values()}
+            for name, expert in model.experts.items():  # frozen experts (--freeze-experts) of the other ranks
+                if self.owners[name] != self.rank:
+                    unused += [p for n, p in expert.named_parameters() if not is_gate(n) and id(p) not in trained]
         for p in unused:  # (as many dimensions as before: the trainer groups weights by them for weight decay)
             p.data = p.data.new_empty((0,) * p.ndim)
 
@@ -198,9 +207,9 @@ class SplitPlan(DataParallelPlan):
         torch.nn.utils.clip_grads_with_norm_([*self.own.values(), *self.gates.values()], max_norm, total)
 
     def _to_first(self, name: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The tensors of parameter `name` (its value, or its moments) on rank 0: sent by the rank that trains it
-        (received into new tensors of the same shapes); a gate row's are on every rank already. Every rank calls it
-        for every parameter in the same order; only the owner and rank 0 take part."""
+        """The tensors of parameter `name` (its value, or its moments) on rank 0: sent by the rank that trains it and
+        received into `tensors` (of its shapes; on a GPU into copies there); a gate row's are on every rank already.
+        Only the owner and rank 0 take part; each calls it for the parameters in the same order."""
         owner = None if name in self.gates else self.owners[expert_of(name)]
         if owner is None or self.rank not in (0, owner):
             return tensors
@@ -235,9 +244,8 @@ class SplitPlan(DataParallelPlan):
             held = state.get(i) or {  # a rank has moments only for what it steps: rank 0 receives the owner's
                 "step": torch.zeros((), dtype=torch.float32), "exp_avg": p.new_zeros(self.shapes[name]),
                 "exp_avg_sq": p.new_zeros(self.shapes[name])}  # fmt: skip
-            whole = {k: torch.as_tensor(held[k], dtype=torch.float32 if k == "step" else None).clone()
-                     for k in sorted(held)}  # (one order on every rank: a resumed state holds the file's order)
-            whole = dict(zip(whole, self._to_first(name, list(whole.values()))))
+            whole = [torch.as_tensor(held[k], dtype=torch.float32 if k == "step" else None) for k in ADAMW_STATE]
+            whole = dict(zip(ADAMW_STATE, self._to_first(name, whole)))
             if keep:
                 moments[i] = {k: v.cpu() for k, v in whole.items()}
         return moments

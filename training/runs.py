@@ -161,13 +161,19 @@ def check_unique_experts(names: list[str]) -> None:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise UserError(f"two experts are named {', '.join(dupes)}; expert names must be unique within a model: "
-                        f"train one of them again with another --domain")  # fmt: skip
+                        f"pass each run once, or train one of them again with another --domain")  # fmt: skip
 
 
 def run_expert_names(expert_runs: list[Path]) -> list[str]:
     """The names of the experts the finished runs hold, in order, checked unique: read from their model.json, before
-    any backbone loads."""
-    names = [n for run in expert_runs for n in check_names(read_model_record(run)["experts"], f"{run}/model.json (corrupt?)")]
+    any backbone loads. Raises UserError for a run without experts (a baseline's)."""
+    names = []
+    for run in expert_runs:
+        record = read_model_record(run)
+        if not record["experts"]:
+            raise UserError(f"{run} holds no experts (a {record['kind']} run); --experts takes runs of `mode-edge "
+                            f"train expert` or `train compose`")  # fmt: skip
+        names += check_names(record["experts"], f"{run}/model.json (corrupt?)")
     check_unique_experts(names)
     return names
 

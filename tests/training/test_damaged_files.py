@@ -2,6 +2,7 @@
 start, in the middle and one byte short, or with one byte flipped. Each is one line naming the file and the fix
 (a UserError, exit 2 through the CLI), never a traceback, and nothing of the user's is deleted."""
 
+import json
 import shutil
 
 import pytest
@@ -78,6 +79,16 @@ def test_a_damaged_training_checkpoint_is_refused_and_kept(checkpoint, name, how
     message = refused(resume, name if how != "empty" or name != "state.json" else "state")
     assert "to start the run afresh" in message
     assert (state / name).exists()  # the user's progress is never deleted for them
+
+
+@pytest.mark.parametrize("named", ["../state-2.safetensors", "state-9.safetensors", 3])
+def test_a_checkpoint_record_naming_another_file_is_refused(checkpoint, named):
+    """state.json's `weights_file` names a file of its own folder that exists."""
+    resume, state = checkpoint
+    record = json.loads((state / "state.json").read_text())
+    (state / "state.json").write_text(json.dumps({**record, "weights_file": named}))
+    message = refused(resume, "is incomplete or damaged")
+    assert "to start the run afresh" in message and (state / "state-2.safetensors").is_file()
 
 
 @pytest.mark.parametrize("how", DAMAGES)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -199,6 +200,14 @@ def test_compose_checks_its_experts_and_device_before_the_backbone_loads(compose
     monkeypatch.setenv("RANK", "1")
     other = invoke("train", "full-ft", "--placement", "split", ok=False)  # ... the other ranks do not
     assert other.exit_code == 2 and other.stderr == ""
+    monkeypatch.delenv("WORLD_SIZE")  # a stray RANK outside torchrun: the process speaks for itself
+    refused("train", "full-ft", "--placement", "split", message="No such option")
+    monkeypatch.delenv("RANK")
+    baseline = tmp_path / "baseline"  # a run without experts (its record made so: a baseline's has none)
+    shutil.copytree(composed_run, baseline)
+    record = json.loads((baseline / "model.json").read_text())
+    (baseline / "model.json").write_text(json.dumps({**record, "kind": "full-ft", "experts": []}))
+    refused(*args, "--experts", baseline, message=(f"{baseline} holds no experts (a full-ft run)", "train expert"))
 
 
 def test_a_global_batch_that_does_not_divide_is_one_line(code_data, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,25 +17,26 @@ import torch.multiprocessing as mp
 from torch.testing import assert_close
 
 from mode_edge.config import MoDELayout, TrainConfig
-from mode_edge.training.backbones import tiny_decoder
+from mode_edge.training.backbones import TINY_CONFIG, tiny_decoder
 from mode_edge.training.distributed import DataParallelPlan
 from mode_edge.training.model import Expert, MoDEModel
-from mode_edge.training.trainer import _state_tensors, lm_loss, named_params, param_groups
+from mode_edge.training.trainer import _state_tensors, is_gate, lm_loss, named_params, param_groups
 
 LAYOUT = MoDELayout(n_blocks=2, expert_layers=2, init="random", gate_bias=0.0)
 
 
-def model_and_batch(n_experts: int):
-    """The tiny backbone with `n_experts` random experts (gates moved off zero, so every column matters) and a batch
-    of token windows (4, 21)."""
-    backbone = tiny_decoder()
+def model_and_batch(n_experts: int, variant: str = "tied"):
+    """The tiny backbone (`variant` "untied": with an output head of its own) with `n_experts` random experts (gates
+    moved off zero, so every column matters), the parameters to train (the gates alone for "frozen", as
+    --freeze-experts trains) and a batch of token windows (4, 21)."""
+    backbone = tiny_decoder(cfg=replace(TINY_CONFIG, tie_embeddings=variant != "untied"))
     experts = {f"e{k}": Expert.init_from(backbone, LAYOUT, seed=k + 1) for k in range(n_experts)}
     torch.manual_seed(7)
     for expert in experts.values():
         for block in expert.blocks:
             torch.nn.init.normal_(block.gate.weight, std=0.5)
     model = MoDEModel(backbone, LAYOUT, experts)
-    params = named_params(experts)
+    params = named_params(experts, keep=is_gate if variant == "frozen" else lambda name: True)
     for p in params.values():
         p.requires_grad_(True)
     batch = torch.randint(0, backbone.cfg.vocab_size, (4, 21), generator=torch.Generator().manual_seed(3))
@@ -55,21 +57,21 @@ def one_step(plan: DataParallelPlan, model, params, batch) -> tuple[dict, dict, 
     return _state_tensors(plan, trained, optimizer), trained, module
 
 
-def _rank(rank: int, size: int, port: int, n_experts: int, out: str) -> None:
+def _rank(rank: int, size: int, port: int, n_experts: int, variant: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=size)
     try:
         from mode_edge.training.placement import SplitPlan
 
-        model, params, batch = model_and_batch(n_experts)
+        model, params, batch = model_and_batch(n_experts, variant)
         plan = SplitPlan(rank, size, torch.device("cpu"))
         module, _ = plan.prepare(model, params, lm_loss)
         emptied = sorted(n for n, p in model.named_parameters() if p.numel() == 0)
         loss = plan.forward_backward(module, batch, lm_loss, 1.0)
         plan.sync(params)
         grads = {n: p.grad.clone() for n, p in plan.own.items()} | {n: p.grad.clone() for n, p in plan.gates.items()}
-        model, params, batch = model_and_batch(n_experts)  # a fresh start for one whole step
+        model, params, batch = model_and_batch(n_experts, variant)  # a fresh start for one whole step
         state, _, _ = one_step(SplitPlan(rank, size, torch.device("cpu")), model, params, batch)
         torch.save({"loss": loss, "grads": grads, "state": state, "emptied": emptied}, f"{out}/rank{rank}.pt")
     finally:
@@ -82,26 +84,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def unused_weights(model: MoDEModel, rank: int, size: int) -> list[str]:
+def unused_weights(model: MoDEModel, rank: int, size: int, frozen: bool) -> list[str]:
     """The parameters (by the model's names) rank `rank` of `size` never computes with under split placement: the
-    experts' layers it does not train (expert k is on rank 1 + k mod (size - 1)), and on the expert ranks the
-    backbone's layers; the embedding (tied head), norms and gates are kept everywhere."""
+    experts' layers of other ranks (expert k is on rank 1 + k mod (size - 1); rank 0 keeps frozen ones, which it
+    saves), and on the expert ranks the backbone's layers and an untied head; the embedding, norms and gates are kept
+    everywhere."""
     unused = set()
     for k, expert in enumerate(model.experts.values()):
-        if rank != 1 + k % (size - 1):
+        if rank != 1 + k % (size - 1) and not (rank == 0 and frozen):
             unused |= {id(p) for n, p in expert.named_parameters() if ".gate." not in f".{n}"}
     if rank != 0:
         unused |= {id(p) for block in model.blocks for p in block.backbone.parameters()}
-    assert unused  # (every rank drops something here)
+        unused |= {id(p) for p in (model.backbone.lm_head.parameters() if model.backbone.lm_head else ())}
     return sorted(n for n, p in model.named_parameters() if id(p) in unused)
 
 
-@pytest.mark.parametrize("n_experts, size", [(1, 2), (2, 2), (2, 3)])
-def test_split_placement_gives_the_single_process_loss_and_gradients(n_experts, size, tmp_path: Path):
-    model, params, batch = model_and_batch(n_experts)
+@pytest.mark.parametrize("n_experts, size, variant", [(1, 2, "tied"), (2, 2, "tied"), (2, 3, "tied"),
+                                                      (1, 2, "untied"), (2, 3, "frozen")])  # fmt: skip
+def test_split_placement_gives_the_single_process_loss_and_gradients(n_experts, size, variant, tmp_path: Path):
+    model, params, batch = model_and_batch(n_experts, variant)
     loss = lm_loss(model, batch)
     loss.backward()
-    mp.start_processes(_rank, args=(size, free_port(), n_experts, str(tmp_path)), nprocs=size, start_method="spawn")
+    mp.start_processes(_rank, args=(size, free_port(), n_experts, variant, str(tmp_path)), nprocs=size,
+                       start_method="spawn")  # fmt: skip
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(size)]
     assert ranks[0]["loss"] == pytest.approx(loss.item(), rel=1e-6)
     got = {}
@@ -115,10 +120,12 @@ def test_split_placement_gives_the_single_process_loss_and_gradients(n_experts, 
     for n, p in params.items():
         assert_close(got[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
     owners = {n.split(".")[0] for r in ranks[1:] for n in r["grads"] if ".gate." not in n}
-    assert owners == set(model.experts) and not [n for n in ranks[0]["grads"] if ".gate." not in n]
-    for r, got in enumerate(ranks):  # each rank holds only the weights it computes with
-        assert got["emptied"] == unused_weights(model, r, size), f"rank {r}"
-    model, params, batch = model_and_batch(n_experts)
+    assert owners == (set() if variant == "frozen" else set(model.experts))
+    assert not [n for n in ranks[0]["grads"] if ".gate." not in n]
+    for r, held in enumerate(ranks):  # each rank holds only the weights it computes with
+        expected = unused_weights(model, r, size, variant == "frozen")
+        assert held["emptied"] == expected and (expected or r == 0), f"rank {r}"
+    model, params, batch = model_and_batch(n_experts, variant)
     reference, _, _ = one_step(DataParallelPlan(0, 1, torch.device("cpu")), model, params, batch)
     assert sorted(ranks[0]["state"]) == sorted(reference) and all(r["state"] == {} for r in ranks[1:])
     for key, value in reference.items():  # rank 0, which writes checkpoints, holds every expert's from its owner

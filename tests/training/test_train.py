@@ -74,6 +74,17 @@ def test_reloaded_expert_reproduces_the_trained_model(expert_runs, tiny, code_da
     assert names == ["code"]
 
 
+def rerun_ends_like_a_straight_run(tiny, code_data, tmp_path, name: str) -> None:
+    """Train into tmp_path/NAME again (resuming what an interrupted run left there) and once uninterrupted into
+    tmp_path/straight; the two must end on the same expert weights."""
+    train_expert(tiny, "code", code_data, tmp_path / name, LAYOUT, CFG)
+    train_expert(tiny, "code", code_data, tmp_path / "straight", LAYOUT, CFG)
+    a = runs.load_run_experts(tmp_path / name, tiny)[0].expert.state_dict()
+    b = runs.load_run_experts(tmp_path / "straight", tiny)[0].expert.state_dict()
+    for k in a:
+        assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
 def test_interrupted_training_resumes_to_the_same_weights(tiny, code_data, tmp_path):
     class Interrupt(Exception):
         pass
@@ -96,12 +107,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tiny, code_data, tmp_p
     partial = tmp_path / ".resumed.partial"
     assert json.loads((partial / "train_state/state.json").read_text())["step"] == 2
     assert not (tmp_path / "resumed").exists()
-    train_expert(tiny, "code", code_data, tmp_path / "resumed", LAYOUT, CFG)
-    train_expert(tiny, "code", code_data, tmp_path / "straight", LAYOUT, CFG)
-    a = runs.load_run_experts(tmp_path / "resumed", tiny)[0].expert.state_dict()
-    b = runs.load_run_experts(tmp_path / "straight", tiny)[0].expert.state_dict()
-    for k in a:
-        assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    rerun_ends_like_a_straight_run(tiny, code_data, tmp_path, "resumed")
     assert not partial.exists()
     h1 = json.loads((tmp_path / "resumed/model.json").read_text())["history"]["code"]
     h2 = json.loads((tmp_path / "straight/model.json").read_text())["history"]["code"]
@@ -139,13 +145,33 @@ def test_an_interrupt_while_a_checkpoint_is_written_keeps_the_previous_one(durin
     kept = {"state.json", "state-2.safetensors"} | ({"state-4.safetensors"} if during == "record" else set())
     assert record["step"] == 2 and record["weights_file"] == "state-2.safetensors"
     assert {p.name for p in state.iterdir()} == kept  # (nothing half-written; step 4's whole file is not named)
-    train_expert(tiny, "code", code_data, tmp_path / "run", LAYOUT, CFG)
-    train_expert(tiny, "code", code_data, tmp_path / "straight", LAYOUT, CFG)
-    a = runs.load_run_experts(tmp_path / "run", tiny)[0].expert.state_dict()
-    b = runs.load_run_experts(tmp_path / "straight", tiny)[0].expert.state_dict()
-    for k in a:
-        assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    rerun_ends_like_a_straight_run(tiny, code_data, tmp_path, "run")
     assert not (tmp_path / ".run.partial").exists()
+
+
+def test_a_checkpoint_of_the_previous_format_resumes(tiny, code_data, tmp_path, monkeypatch):
+    """A checkpoint written before records named their weights file (train_state/state.safetensors, no
+    `weights_file` in state.json) resumes and ends on the uninterrupted run's weights."""
+    import mode_edge.training.trainer as trainer
+
+    def interrupted(stream, after=3):  # during step 4 of 6, after the checkpoint of step 2
+        for i, batch in enumerate(stream):
+            if i == after:
+                raise KeyboardInterrupt
+            yield batch
+
+    import mode_edge.training.train_expert as te
+
+    original = te.TokenStream
+    monkeypatch.setattr(te, "TokenStream", lambda *a, **k: interrupted(original(*a, **k)))
+    with pytest.raises(KeyboardInterrupt):
+        train_expert(tiny, "code", code_data, tmp_path / "run", LAYOUT, CFG)
+    monkeypatch.undo()
+    state = tmp_path / ".run.partial" / trainer.STATE_DIR
+    record = json.loads((state / "state.json").read_text())
+    (state / record.pop("weights_file")).rename(state / "state.safetensors")
+    (state / "state.json").write_text(json.dumps(record))
+    rerun_ends_like_a_straight_run(tiny, code_data, tmp_path, "run")
 
 
 def test_an_interrupt_says_what_a_rerun_will_find(code_data, tmp_path, monkeypatch):

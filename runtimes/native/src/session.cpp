@@ -69,8 +69,10 @@ Session::Session(const std::string& bundle, SessionOptions options) : options_(s
     unrouted_warning_ = (unrouted.size() == 1 ? "expert " + unrouted[0] + " carries"
                                               : "experts " + joined(unrouted) + " carry") +
                         " no router (trained without --general): " +
-                        (unrouted.size() == gates_.size() ? "routing falls back to gate rows for every pack"
-                                                           : "the centroid and logistic routers never pick them");
+                        (unrouted.size() == gates_.size()
+                             ? "routing falls back to gate rows for every pack"
+                             : std::string("the centroid and logistic routers never pick ") +
+                                   (unrouted.size() == 1 ? "it" : "them"));
 }
 
 std::string Session::stamps(const Bundle& b, const std::string& name) const {
