@@ -292,16 +292,10 @@ def train_compose_cmd(base, experts, data, out, freeze_experts, **train_kw):
     from mode_edge.training.data import load_corpus
     from mode_edge.training.runs import run_expert_names
 
-    cfg, parallel = make_train_config(out, **train_kw)  # the options first, then the runs they name
     expert_runs = csv_paths(experts)
     if not expert_runs:
         raise UserError("--experts needs at least one expert run folder")
-    n_experts = len(run_expert_names(expert_runs))
-    if parallel.placement == "split":  # (make_train_config knew only the lower bound)
-        from mode_edge.training.distributed import world
-        from mode_edge.training.placement import check_processes
-
-        check_processes(world()[1], n_experts)
+    cfg, parallel = make_train_config(out, experts=len(run_expert_names(expert_runs)), **train_kw)
     require_absent(out)
     corpora = [load_corpus(d) for d in csv_paths(data)]
     backbone = load_base(base or base_of(expert_runs[0]))

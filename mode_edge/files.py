@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from mode_edge.errors import UserError
 
@@ -95,15 +95,21 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write `text` atomically: a uniquely named temporary file in the same folder, flushed, renamed over `path`,
-    then the folder flushed (so that the rename survives a power cut); concurrent writers never share a temporary
-    file and a reader sees the old or the new file."""
+    """Write `text` atomically (`write_atomically`)."""
+    write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` into a uniquely named temporary file in path's folder (`.NAME.*.tmp`), then that file flushed,
+    renamed over `path`, and the folder flushed (so that the rename survives a power cut): concurrent writers never
+    share a temporary file, a reader sees the old or the new file, and an error or an interrupt removes the
+    temporary file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; keep what a plain write would give
         os.replace(tmp, path)

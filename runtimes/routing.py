@@ -45,6 +45,13 @@ def has_router(gate: dict[str, np.ndarray]) -> bool:
     return all(k in gate for k in ROUTER_KEYS)
 
 
+def without_router(names: list[str]) -> tuple[str, str]:
+    """How a warning names packs that carry no router: ("expert X carries no router (trained without --general)",
+    "it"), or for several "experts X, Y carry ..." and "them" (the pronoun for the rest of the sentence)."""
+    who = f"expert {names[0]} carries" if len(names) == 1 else f"experts {', '.join(names)} carry"
+    return f"{who} no router (trained without --general)", "it" if len(names) == 1 else "them"
+
+
 def centroid_scores(features: np.ndarray, gates: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Score of every class for each prompt: minus half the variance-scaled squared distance to its centroid.
 

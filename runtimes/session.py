@@ -225,11 +225,10 @@ class Session:
         lacking = sorted(n for n, g in self.gates.items() if not routing.has_router(g))
         new = [n for n in lacking if n not in self.warned_unrouted]
         if new:
-            who, it = (f"expert {new[0]} carries", "it") if len(new) == 1 else (f"experts {', '.join(new)} carry",
-                                                                               "them")  # fmt: skip
+            which, it = routing.without_router(new)
             fate = ("routing falls back to gate rows for every pack" if len(lacking) == len(self.gates)
                     else f"the {router} router never picks {it}")  # fmt: skip
-            self.warn(f"{who} no router (trained without --general): {fate}")
+            self.warn(f"{which}: {fate}")
             self.warned_unrouted.update(new)
 
     def generate(self, prompt: list[int], experts: list[str] | str = "auto", max_new_tokens: int = 64,

@@ -24,7 +24,7 @@ from rich.table import Table
 
 from mode_edge.errors import UserError
 from mode_edge.progress import results_console, task_progress
-from mode_edge.runtimes.routing import NONE, ROUTERS, route
+from mode_edge.runtimes.routing import NONE, ROUTERS, route, without_router
 from mode_edge.training.data import Corpus, held_out, require_split
 from mode_edge.training.evaluate import resample, summarize, token_stats
 from mode_edge.training.model import MoDEModel
@@ -251,11 +251,9 @@ def routing_for_run(backbone, runs: Path | list[Path], experts: list[str] | None
     if unrouted:
         from mode_edge.progress import console
 
-        who, it = (f"expert {unrouted[0]} carries", "it") if len(unrouted) == 1 else (
-            f"experts {', '.join(unrouted)} carry", "them")
-        console.print(f"[yellow]warning:[/yellow] {who} no router (trained without --general): the centroid "
-                      f"and logistic routers never pick {it}, or fall back to gate rows when no expert has one",
-                      )  # fmt: skip
+        which, it = without_router(unrouted)
+        console.print(f"[yellow]warning:[/yellow] {which}: the centroid and logistic routers never pick {it}, or "
+                      f"fall back to gate rows when no expert has one")  # fmt: skip
     missing = sorted(set(experts or []) - {e.name for e in loaded})
     if missing:
         raise UserError(f"no run of --model has an expert named {', '.join(missing)}")

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from mode_edge.config import ParallelConfig, TrainConfig
 from mode_edge.errors import UserError
-from mode_edge.files import atomic_dir, fsync_folder, partial_path, read_json, write_json
+from mode_edge.files import atomic_dir, partial_path, read_json, write_atomically, write_json
 from mode_edge.integrity import check_file, checked_load, file_record, is_int
 from mode_edge.memory import PeakRSS
 from mode_edge.progress import console, training_progress
@@ -85,23 +85,14 @@ def _save_state(state_dir: Path, tensors: dict[str, torch.Tensor], done: dict, s
 
     An interruption at any point (a power cut too) keeps a whole checkpoint: the new weights go to a file of their own
     (named by the step), on disk before state.json names it (one atomic rename of the record switches checkpoints),
-    and the previous checkpoint's file is removed only after that; a half-written file is removed on the way out, or
-    by the next checkpoint where the process was killed outright."""
+    and the previous checkpoint's file is removed only after that; a half-written file is removed on the way out
+    (`write_atomically`), or by the next checkpoint where the process was killed outright."""
     state_dir.mkdir(exist_ok=True)
     name = f"state-{done['step']}.safetensors"
-    partial = state_dir / f".{name}.tmp"
-    try:
-        save_file(tensors, str(partial))
-        with open(partial, "rb") as f:
-            os.fsync(f.fileno())
-        weights = file_record(partial)
-        partial.replace(state_dir / name)
-        fsync_folder(state_dir)
-    except BaseException:  # (an interrupt as well: nothing half-written stays behind)
-        partial.unlink(missing_ok=True)
-        raise
+    write_atomically(state_dir / name, lambda tmp: save_file(tensors, str(tmp)))
+    weights = file_record(state_dir / name)
     write_json(state_dir / "state.json", {**done, "signature": signature, "weights": weights, "weights_file": name})
-    for old in [*state_dir.glob("*.safetensors"), *state_dir.glob(".state-*.safetensors.tmp")]:
+    for old in [*state_dir.glob("*.safetensors"), *state_dir.glob(".*.tmp")]:
         if old.name != name:
             old.unlink(missing_ok=True)
 
