@@ -11,8 +11,9 @@ module who it is and hands the work that crosses processes to a strategy:
 - `--fsdp` (training/fsdp.py): the same rows per rank, with the trainable layers sharded by FSDP2;
 - `--placement split` (training/placement.py): every rank the whole batch, the backbone and the experts of each
   block on different ranks at the same time.
-Rank 0 alone writes checkpoints, the run folder and model.json and shows progress; every rank reads the same
-checkpoint when it resumes (one machine, or a shared file system across several).
+Rank 0 alone writes checkpoints (under --fsdp every rank writes its shards of them, training/sharded_checkpoint.py),
+the run folder and model.json, and shows progress; every rank reads the same checkpoint when it resumes (one machine,
+or a shared file system across several).
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ def process_group(device: torch.device) -> Iterator[tuple[int, int]]:
     finally:
         if made:
             dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait until every rank reaches this call (in one process: return)."""
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def check_batch(batch_size: int, size: int) -> None:
@@ -124,6 +131,10 @@ class DataParallelPlan:
     training). The trainer calls, in order: `prepare` once, then per step `rows`, `forward_backward` (per
     micro-batch), `sync`, `mean`, `clip` and the optimizer step; `full` and `optimizer_state` on every rank for a
     checkpoint; `finish` after the last step. Subclasses: training/fsdp.py, training/placement.py."""
+
+    writes_shards = False
+    """Whether every rank writes its own part of a checkpoint (training/sharded_checkpoint.py) instead of rank 0
+    writing whole tensors that `full` and `optimizer_state` gather."""
 
     def __init__(self, rank: int, size: int, device: torch.device):
         self.rank, self.size, self.device = rank, size, device

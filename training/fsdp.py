@@ -64,7 +64,10 @@ def total_grad_norm(params: list[nn.Parameter]) -> float:
 
 
 class FSDPPlan(DataParallelPlan):
-    """DataParallelPlan with the trainable layers sharded (see the module's docstring)."""
+    """DataParallelPlan with the trainable layers sharded (see the module's docstring); each rank writes its own shards
+    of a checkpoint."""
+
+    writes_shards = True
 
     def prepare(self, model: nn.Module, params: dict[str, nn.Parameter], loss_fn: Callable):
         super().prepare(model, params, loss_fn)  # rank 0's values everywhere, before each rank keeps its shard

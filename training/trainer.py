@@ -22,11 +22,11 @@ from safetensors.torch import load_file, save_file
 
 from mode_edge.config import ParallelConfig, TrainConfig
 from mode_edge.errors import UserError
-from mode_edge.files import atomic_dir, partial_path, read_json, write_atomically, write_json
+from mode_edge.files import atomic_dir, fsync_folder, partial_path, read_json, write_atomically, write_json
 from mode_edge.integrity import check_file, checked_load, file_record, is_int
 from mode_edge.memory import PeakRSS
 from mode_edge.progress import console, training_progress
-from mode_edge.training import distributed
+from mode_edge.training import distributed, sharded_checkpoint
 
 STATE_DIR = "train_state"
 NOTHING_DONE = {"step": 0, "history": [], "tokens": 0, "wall_s": 0.0, "peak_rss_mb": 0.0, "launches": []}
@@ -90,18 +90,54 @@ def _save_state(state_dir: Path, tensors: dict[str, torch.Tensor], done: dict, s
     state_dir.mkdir(exist_ok=True)
     name = f"state-{done['step']}.safetensors"
     write_atomically(state_dir / name, lambda tmp: save_file(tensors, str(tmp)))
-    weights = file_record(state_dir / name)
+    _switch_to(state_dir, name, file_record(state_dir / name), done, signature)
+
+
+def _save_sharded_state(state_dir: Path, plan: distributed.DataParallelPlan, trained: dict, optimizer, done: dict,
+                        signature: dict) -> None:  # fmt: skip
+    """`_save_state` for a strategy that writes its shards (--fsdp; training/sharded_checkpoint.py): every rank calls
+    it. The shards go to a hidden folder, renamed to `state-N.shards` once every rank's file is on disk, before
+    state.json names it; an interrupt removes the hidden folder (a killed process's: the next checkpoint)."""
+    name = f"state-{done['step']}{sharded_checkpoint.SUFFIX}"
+    tmp, folder = state_dir / f".{name}.tmp", state_dir / name
+    if plan.rank == 0:
+        state_dir.mkdir(exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    distributed.barrier()  # (no rank writes into the folder before rank 0 has emptied it)
+    try:
+        sharded_checkpoint.save_shards(tmp, sharded_checkpoint.local_state(trained, optimizer))
+        if plan.rank == 0:
+            fsync_folder(tmp)
+            shutil.rmtree(folder, ignore_errors=True)  # (one a killed run renamed but never named)
+            os.replace(tmp, folder)
+            fsync_folder(state_dir)
+            _switch_to(state_dir, name, sharded_checkpoint.folder_record(folder), done, signature)
+    except BaseException:
+        if plan.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _switch_to(state_dir: Path, name: str, weights: dict, done: dict, signature: dict) -> None:
+    """Make state.json name the checkpoint `name` (recorded as `weights`), then remove every other checkpoint and
+    what killed writes left."""
     write_json(state_dir / "state.json", {**done, "signature": signature, "weights": weights, "weights_file": name})
-    for old in [*state_dir.glob("*.safetensors"), *state_dir.glob(".*.tmp")]:
-        if old.name != name:
-            old.unlink(missing_ok=True)
+    patterns = ("*.safetensors", f"*{sharded_checkpoint.SUFFIX}", ".*.tmp")
+    for path in [path for pattern in patterns for path in state_dir.glob(pattern)]:
+        if path.name == name:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _weights_file(state_dir: Path, meta: dict) -> Path | None:
-    """The weights file a checkpoint record names (checkpoints written before records named it: state.safetensors),
-    or None where the name is not a plain file name."""
+    """The weights a checkpoint record names, a file or a folder of shards (checkpoints written before records named
+    them: state.safetensors), or None where the name is not a plain file name."""
     name = meta.get("weights_file", "state.safetensors")
-    plain = isinstance(name, str) and name.endswith(".safetensors") and Path(name).name == name
+    kinds = (".safetensors", sharded_checkpoint.SUFFIX)
+    plain = isinstance(name, str) and name.endswith(kinds) and Path(name).name == name and not name.startswith(".")
     return state_dir / name if plain else None
 
 
@@ -147,12 +183,17 @@ def _load_state(state_dir: Path, params, signature: dict) -> tuple[dict, dict[in
     fix = f"delete {state_dir.parent} to start the run afresh"
     meta = read_json(state_dir / "state.json", fix, fix)
     weights = _weights_file(state_dir, meta)
-    complete = weights is not None and weights.is_file() and isinstance(meta.get("signature"), dict)
-    if not complete or not is_int(meta.get("step")):
+    sharded = weights is not None and weights.suffix == sharded_checkpoint.SUFFIX
+    found = weights is not None and (weights.is_dir() if sharded else weights.is_file()) and not weights.is_symlink()
+    if not found or not isinstance(meta.get("signature"), dict) or not is_int(meta.get("step")):
         raise UserError(f"the checkpoint in {state_dir} is incomplete or damaged; {fix}")
-    check_file(weights, meta.get("weights"), fix)
+    if sharded:
+        sharded_checkpoint.check_folder(weights, meta.get("weights"), fix)
+    else:
+        check_file(weights, meta.get("weights"), fix)
     check_same_settings(state_dir.parent, meta["signature"], signature)
-    tensors = checked_load(weights, lambda: load_file(str(weights)), fix)
+    read = (lambda: sharded_checkpoint.load_whole(weights)) if sharded else (lambda: load_file(str(weights)))
+    tensors = checked_load(weights, read, fix)
     if any(f"param.{n}" not in tensors or tensors[f"param.{n}"].shape != p.shape for n, p in params.items()):
         raise UserError(f"{weights} does not hold this run's weights; {fix}")
     with torch.no_grad():
@@ -202,7 +243,8 @@ def train(
 ) -> dict:
     """Train the named `params` of `model` (a token-ids -> logits module) on `loss_fn(model, batch)`; returns loss
     history and throughput. Under torchrun, over the processes as `parallel` says (training/distributed.py): data
-    parallel by default, the same result as one process with the same global batch; checkpoints written by rank 0."""
+    parallel by default, the same result as one process with the same global batch; checkpoints written by rank 0
+    (under --fsdp: each rank its shards)."""
     check_device(cfg.device)
     device = torch.device(cfg.device)
     rank, size = distributed.world()
@@ -265,9 +307,12 @@ def _train(model, params, batches, cfg: TrainConfig, work: Path, device: torch.d
             history.append(round(total, 5))
             advance(loss=total, tokens_per_s=tokens / (time.perf_counter() - t0))
             if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                tensors = _state_tensors(plan, trained, optimizer)  # (every rank: gathering may be collective)
-                if first:
-                    _save_state(state_dir, tensors, spent(memory.peak_mb), signature)
+                if plan.writes_shards:  # (every rank writes its own)
+                    _save_sharded_state(state_dir, plan, trained, optimizer, spent(memory.peak_mb), signature)
+                else:
+                    tensors = _state_tensors(plan, trained, optimizer)  # (every rank: gathering may be collective)
+                    if first:
+                        _save_state(state_dir, tensors, spent(memory.peak_mb), signature)
     plan.finish()
     result = spent(memory.peak_mb)
     for p in params.values():
@@ -293,8 +338,9 @@ def train_into(
 ) -> dict:
     """Train, then let `save(work, result)` write the run, which appears as `out` only when complete. An interrupted
     run keeps its checkpoint in the hidden partial folder, and the same call with the same settings resumes it.
-    Under torchrun only rank 0 writes; the other ranks train beside it, reading its checkpoint to resume. `header`:
-    a line rank 0 shows before training starts (what the run trains on)."""
+    Under torchrun only rank 0 writes (but for each rank's shards of a checkpoint under --fsdp); the other ranks train
+    beside it, reading its checkpoint to resume. `header`: a line rank 0 shows before training starts (what the run
+    trains on)."""
     if distributed.world()[0] != 0:
         return train(model, params, batches, cfg, partial_path(out), signature=signature, label=label,
                      loss_fn=loss_fn, parallel=parallel)  # fmt: skip

@@ -20,7 +20,15 @@ from mode_edge.config import MoDELayout, TrainConfig
 from mode_edge.training.backbones import TINY_CONFIG, tiny_decoder
 from mode_edge.training.distributed import DataParallelPlan
 from mode_edge.training.model import Expert, MoDEModel
-from mode_edge.training.trainer import _state_tensors, is_gate, lm_loss, named_params, param_groups
+from mode_edge.training.trainer import (
+    NOTHING_DONE,
+    _save_sharded_state,
+    _state_tensors,
+    is_gate,
+    lm_loss,
+    named_params,
+    param_groups,
+)
 
 LAYOUT = MoDELayout(n_blocks=2, expert_layers=2, init="random", gate_bias=0.0)
 
@@ -44,16 +52,20 @@ def model_and_batch(n_experts: int, variant: str = "tied"):
 
 
 CFG = TrainConfig(lr=1e-3, warmup_steps=0)
+SIGNATURE = {"train": CFG.to_dict()}
 
 
-def one_step(plan: DataParallelPlan, model, params, batch) -> tuple[dict, dict, torch.nn.Module]:
-    """Prepare, one AdamW step on this rank's rows, the checkpoint tensors; also the parameters and module trained."""
+def one_step(plan: DataParallelPlan, model, params, batch, shards_in: Path | None = None):
+    """Prepare, one AdamW step on this rank's rows, the checkpoint tensors; also the parameters and module trained.
+    `shards_in`: a folder where the plan also writes its sharded checkpoint of the step (--fsdp)."""
     module, trained = plan.prepare(model, params, lm_loss)
     optimizer = torch.optim.AdamW(param_groups(trained, CFG), betas=(0.9, 0.95), eps=1e-8)
     plan.forward_backward(module, plan.rows(batch), lm_loss, 1.0)
     plan.sync(trained)
     plan.clip(trained, 1e-3)  # small enough to clip: the norm must be the whole model's
     optimizer.step()
+    if shards_in is not None:
+        _save_sharded_state(shards_in, plan, trained, optimizer, {**NOTHING_DONE, "step": 1}, SIGNATURE)
     return _state_tensors(plan, trained, optimizer), trained, module
 
 
