@@ -130,7 +130,8 @@ class DataParallelPlan:
     """Replicated weights, rows of each global batch split over the ranks, gradients averaged (one process: plain
     training). The trainer calls, in order: `prepare` once, then per step `rows`, `forward_backward` (per
     micro-batch), `sync`, `mean`, `clip` and the optimizer step; `full` and `optimizer_state` on every rank for a
-    checkpoint; `finish` after the last step. Subclasses: training/fsdp.py, training/placement.py."""
+    checkpoint (unless the strategy `writes_shards`); `finish` after the last step. Subclasses: training/fsdp.py,
+    training/placement.py."""
 
     writes_shards = False
     """Whether every rank writes its own part of a checkpoint (training/sharded_checkpoint.py) instead of rank 0

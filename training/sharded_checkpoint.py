@@ -1,71 +1,107 @@
 """Checkpoints under `--fsdp`, written by every rank at once: each rank's shards of the trainable weights and AdamW
 moments go to a safetensors file of its own through torch.distributed.checkpoint (DCP, with its Hugging Face storage
 writer: safetensors files whose headers say where each shard sits in its tensor; no pickle anywhere, unlike DCP's
-default format, whose index is pickled). No rank gathers a whole tensor: a checkpoint costs each rank the memory of
-its shards alone, where gathering would hold the whole trainable model and its moments on rank 0.
+default format, whose index is pickled). No rank gathers a whole tensor: writing a checkpoint costs each rank the
+memory of its shards alone, where gathering would hold the whole trainable model and its moments on rank 0.
 
-Read back, a checkpoint gives whole tensors under the same keys as a single-file one (`trainer._state_tensors`), in
-one process or collectively in any process group: DCP reshards on load (a plain tensor of the whole shape takes every
-shard that covers it), so it resumes at any world size and under any strategy, as a single-file checkpoint does.
+Read back, a checkpoint gives whole tensors under the same keys as a single-file one (`trainer._state_tensors`): each
+process reads it on its own, whatever the world size and strategy that resume it (DCP reshards on load: a plain
+tensor of the whole shape takes every shard that covers it), as a single-file checkpoint is read. Resuming thus holds
+the whole weights and moments on every rank for a moment, as it does from a single file.
 """
 
 from __future__ import annotations
 
-import math
-import os
+import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata
 
+from mode_edge.bundle import check_declared
 from mode_edge.errors import UserError
-from mode_edge.integrity import file_record, is_int, verify_records
+from mode_edge.integrity import file_record, verify_records
 
 SUFFIX = ".shards"
 """A sharded checkpoint is a folder `state-N.shards` beside state.json (a single-file one: `state-N.safetensors`)."""
 
 
-def local_state(trained: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """This rank's part of a checkpoint, keyed as a whole one is (`param.NAME`, `opt.INDEX.MOMENT`): DTensors for the
-    sharded layers and their moments, plain tensors for what every rank holds alike (the gate rows, AdamW's step
-    counts), which DCP writes from one rank only."""
-    tensors = {f"param.{n}": p.detach() for n, p in trained.items()}
-    for i, state in optimizer.state_dict()["state"].items():
+def checkpoint_tensors(params: dict[str, torch.Tensor], moments: dict[int, dict]) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors by key, in either format: `param.NAME` for each trainable tensor, `opt.INDEX.MOMENT` for
+    the optimizer's state of the INDEX-th parameter in its groups' order (AdamW: step, exp_avg, exp_avg_sq); whole
+    tensors for a single file, a rank's DTensor shards here."""
+    tensors = {f"param.{n}": t for n, t in params.items()}
+    for i, state in moments.items():
         tensors.update({f"opt.{i}.{k}": torch.as_tensor(v) for k, v in state.items()})
     return tensors
 
 
-def save_shards(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Every rank, collectively: write its shards of `tensors` into `folder` (one file per rank, each flushed to
-    disk). Returns on every rank once every rank's file is written."""
+@contextmanager
+def _dcp_failures():
+    """DCP gathers any rank's failure into a CheckpointException, which is a BaseException: an interrupt stays an
+    interrupt (the trainer says which checkpoint is kept), any other failure becomes the first rank's own exception,
+    and DCP's one-process warning (what resuming in one process asks of it) is not shown."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            yield
+    except CheckpointException as e:
+        failures = [exc for exc, _ in e.failures.values()]
+        if any(isinstance(exc, KeyboardInterrupt) for exc in failures):
+            raise KeyboardInterrupt from None
+        first = next((exc for exc in failures if isinstance(exc, Exception)), None)
+        raise first if first is not None else RuntimeError(str(e).splitlines()[-1]) from None
+
+
+def save_shards(folder: Path, tensors: dict[str, torch.Tensor]) -> Metadata:
+    """Every rank, collectively: write its shards of `tensors` (`checkpoint_tensors` of the DTensors it trains;
+    what every rank holds alike, the gate rows and AdamW's step counts, DCP writes from one rank only) into
+    `folder`, one file per rank, each flushed to disk. Returns on every rank once every rank's file is written,
+    with the checkpoint's global metadata (every key's size and shards)."""
     writer = HuggingFaceStorageWriter(str(folder), save_distributed=True)
-    dcp.save(tensors, storage_writer=writer, no_dist=not dist.is_initialized())
+    with _dcp_failures():
+        return dcp.save(tensors, storage_writer=writer, no_dist=not dist.is_initialized())
+
+
+def check_written(folder: Path, written: Metadata) -> None:
+    """Raise UserError unless `folder` holds every shard `save_shards` reported written (read from the files' headers):
+    ranks on several machines must write to one shared folder."""
+    found = HuggingFaceStorageReader(str(folder)).read_metadata().state_dict_metadata
+    for key, meta in written.state_dict_metadata.items():
+        chunks = {(tuple(c.offsets), tuple(c.sizes)) for c in getattr(meta, "chunks", [])}
+        here = {(tuple(c.offsets), tuple(c.sizes)) for c in found[key].chunks} if key in found else set()
+        if chunks - here:
+            raise UserError(f"{folder} lacks shards the other ranks wrote ({key} among them): every rank must write to "
+                            f"the same folder; on several machines give --out on a file system they share")  # fmt: skip
 
 
 def load_whole(folder: Path) -> dict[str, torch.Tensor]:
-    """Every rank (collectively where a process group is up): the checkpoint's tensors, whole, on the CPU. Raises
-    ValueError where its shards do not cover a tensor (a file missing), or what the reader raises for a damaged
-    file."""
+    """The checkpoint's tensors, whole, on the CPU, read by this process alone (no collective: each rank of a group
+    reads it on its own). Raises ValueError where the shards overlap or leave part of a tensor uncovered, or what
+    the reader raises for a damaged file."""
     metadata = HuggingFaceStorageReader(str(folder)).read_metadata()
     tensors = {}
     for key, meta in metadata.state_dict_metadata.items():
-        if not isinstance(meta, TensorStorageMetadata):
-            raise ValueError(f"{key} is not a tensor")
-        if sum(math.prod(chunk.sizes) for chunk in meta.chunks) != math.prod(meta.size):
-            raise ValueError(f"the shards of {key} do not cover it")
+        covered = torch.zeros(meta.size, dtype=torch.int8)
+        for chunk in meta.chunks:
+            covered[tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes))] += 1
+        if covered.numel() and not bool((covered == 1).all()):
+            raise ValueError(f"the shards of {key} overlap or leave part of it out")
         tensors[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
-    with warnings.catch_warnings():  # (DCP warns that it reads in one process: what resuming in one process asks of it)
-        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=not dist.is_initialized())
+    with _dcp_failures():
+        dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=True)
     return tensors
 
 
 def folder_record(folder: Path) -> dict:
-    """{'files': {name: {'bytes', 'sha256'}}} of every file in a checkpoint folder, for state.json."""
+    """{'files': {name: {'bytes', 'sha256'}}} of every file in a checkpoint folder, for state.json (rank 0 hashes
+    them all: the checkpoint's size read once from disk)."""
     return {"files": {p.name: file_record(p) for p in sorted(Path(folder).iterdir())}}
 
 
@@ -74,12 +110,21 @@ def check_folder(folder: Path, record, fix: str) -> None:
     with its recorded size and sha256: the reader takes every safetensors file it finds, so a stray or missing one
     would change what loads."""
     files = record.get("files") if isinstance(record, dict) else None
-    valid = isinstance(files, dict) and all(
-        isinstance(r, dict) and is_int(r.get("bytes")) and isinstance(r.get("sha256"), str) for r in files.values()
-    )
-    if not valid or any(Path(name).name != name for name in files):
-        raise UserError(f"the checkpoint record beside {folder} is damaged; {fix}")
-    stray = sorted(set(os.listdir(folder)) - set(files))
+    try:
+        check_declared(files, f"the checkpoint record of {folder}")
+    except UserError as e:
+        raise UserError(f"{e}: {fix}") from None
+    if any("/" in name for name in files):
+        raise UserError(f"the checkpoint record of {folder} lists files outside it; it is corrupt: {fix}")
+    stray = sorted(p.name for p in Path(folder).iterdir() if p.name not in files)
     if stray:
         raise UserError(f"{folder} holds files its checkpoint record does not list ({', '.join(stray)}); {fix}")
     verify_records(folder, files, lambda p, problem: UserError(f"{p} {problem}; {fix}"), cached=False)
+
+
+def remove(path: Path) -> None:
+    """Remove a checkpoint's file or folder (what is gone already is no error)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -27,6 +27,7 @@ from mode_edge.integrity import check_file, checked_load, file_record, is_int
 from mode_edge.memory import PeakRSS
 from mode_edge.progress import console, training_progress
 from mode_edge.training import distributed, sharded_checkpoint
+from mode_edge.training.sharded_checkpoint import checkpoint_tensors
 
 STATE_DIR = "train_state"
 NOTHING_DONE = {"step": 0, "history": [], "tokens": 0, "wall_s": 0.0, "peak_rss_mb": 0.0, "launches": []}
@@ -74,10 +75,8 @@ def _state_tensors(plan: distributed.DataParallelPlan, params, optimizer) -> dic
     """What a checkpoint holds: every trainable tensor and optimizer moment, whole, on rank 0 ({} on the others).
     Every rank calls it: gathering is collective under --fsdp and --placement split."""
     keep = plan.rank == 0
-    tensors = {f"param.{n}": t.contiguous() for n, t in plan.full(params, keep).items()}
-    for i, s in plan.optimizer_state(optimizer, params, keep).items():
-        tensors.update({f"opt.{i}.{k}": v.contiguous() for k, v in s.items()})
-    return tensors
+    tensors = checkpoint_tensors(plan.full(params, keep), plan.optimizer_state(optimizer, params, keep))
+    return {k: t.contiguous() for k, t in tensors.items()}
 
 
 def _save_state(state_dir: Path, tensors: dict[str, torch.Tensor], done: dict, signature: dict) -> None:
@@ -96,25 +95,28 @@ def _save_state(state_dir: Path, tensors: dict[str, torch.Tensor], done: dict, s
 def _save_sharded_state(state_dir: Path, plan: distributed.DataParallelPlan, trained: dict, optimizer, done: dict,
                         signature: dict) -> None:  # fmt: skip
     """`_save_state` for a strategy that writes its shards (--fsdp; training/sharded_checkpoint.py): every rank calls
-    it. The shards go to a hidden folder, renamed to `state-N.shards` once every rank's file is on disk, before
-    state.json names it; an interrupt removes the hidden folder (a killed process's: the next checkpoint)."""
+    it. The shards go to a hidden folder, renamed to `state-N.shards` once every rank's file is on disk (and found
+    there by rank 0), before state.json names it. An interrupt leaves the previous checkpoint named; rank 0 removes
+    the hidden folder, and the next checkpoint whatever a rank still writing (or a killed process) left of it."""
     name = f"state-{done['step']}{sharded_checkpoint.SUFFIX}"
     tmp, folder = state_dir / f".{name}.tmp", state_dir / name
     if plan.rank == 0:
         state_dir.mkdir(exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        sharded_checkpoint.remove(tmp)
     distributed.barrier()  # (no rank writes into the folder before rank 0 has emptied it)
+    tensors = checkpoint_tensors({n: p.detach() for n, p in trained.items()}, optimizer.state_dict()["state"])
     try:
-        sharded_checkpoint.save_shards(tmp, sharded_checkpoint.local_state(trained, optimizer))
+        written = sharded_checkpoint.save_shards(tmp, tensors)
         if plan.rank == 0:
+            sharded_checkpoint.check_written(tmp, written)
             fsync_folder(tmp)
-            shutil.rmtree(folder, ignore_errors=True)  # (one a killed run renamed but never named)
+            sharded_checkpoint.remove(folder)  # (one a killed run renamed but never named)
             os.replace(tmp, folder)
             fsync_folder(state_dir)
             _switch_to(state_dir, name, sharded_checkpoint.folder_record(folder), done, signature)
     except BaseException:
         if plan.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            sharded_checkpoint.remove(tmp)
         raise
 
 
@@ -124,12 +126,8 @@ def _switch_to(state_dir: Path, name: str, weights: dict, done: dict, signature:
     write_json(state_dir / "state.json", {**done, "signature": signature, "weights": weights, "weights_file": name})
     patterns = ("*.safetensors", f"*{sharded_checkpoint.SUFFIX}", ".*.tmp")
     for path in [path for pattern in patterns for path in state_dir.glob(pattern)]:
-        if path.name == name:
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        if path.name != name:
+            sharded_checkpoint.remove(path)
 
 
 def _weights_file(state_dir: Path, meta: dict) -> Path | None:
@@ -208,18 +206,28 @@ def _load_state(state_dir: Path, params, signature: dict) -> tuple[dict, dict[in
     return {**NOTHING_DONE, **spent}, moments
 
 
+MOMENTS = ("exp_avg", "exp_avg_sq")
+"""AdamW's per-parameter state beside its step count."""
+
+
 def _load_optimizer(optimizer: torch.optim.Optimizer, moments: dict, params: dict,
-                    plan: distributed.DataParallelPlan) -> None:  # fmt: skip
+                    plan: distributed.DataParallelPlan, fix: str) -> None:  # fmt: skip
     """Put a checkpoint's optimizer state (whole tensors by parameter index) into `optimizer` over `params`, laid
     out as the strategy holds them (sharded under --fsdp; only the rank's own experts under --placement split): a
     checkpoint resumes under any strategy and world size."""
     names = {id(p): n for n, p in params.items()}
     ordered = [p for group in optimizer.param_groups for p in group["params"]]
     state = optimizer.state_dict()
+    mismatch = UserError(f"the checkpoint's optimizer state does not match this run's weights; {fix}")
     for i, values in moments.items():
-        if plan.holds_state(names[id(ordered[i])]):
-            state["state"][i] = {k: plan.load_optimizer_value(ordered[i], v) if v.ndim else v
-                                 for k, v in values.items()}  # fmt: skip
+        if not 0 <= i < len(ordered):
+            raise mismatch
+        if not plan.holds_state(names[id(ordered[i])]):
+            continue
+        whole = {"step": (), **dict.fromkeys(MOMENTS, tuple(ordered[i].shape))}  # (a DTensor's shape is the whole's)
+        if {k: tuple(v.shape) for k, v in values.items()} != whole:
+            raise mismatch
+        state["state"][i] = {k: plan.load_optimizer_value(ordered[i], v) if v.ndim else v for k, v in values.items()}
     optimizer.load_state_dict(state)
 
 
@@ -276,7 +284,7 @@ def _train(model, params, batches, cfg: TrainConfig, work: Path, device: torch.d
     module, trained = plan.prepare(model, params, loss_fn)
     optimizer = torch.optim.AdamW(param_groups(trained, cfg), betas=(0.9, 0.95), eps=1e-8)
     if moments:
-        _load_optimizer(optimizer, moments, trained, plan)
+        _load_optimizer(optimizer, moments, trained, plan, f"delete {work} to start the run afresh")
         moments.clear()  # (the moments of weights this rank does not hold would otherwise stay for the whole run)
     step, history = before["step"], list(before["history"])
     tokens, t0 = 0, time.perf_counter()

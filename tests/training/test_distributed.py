@@ -30,9 +30,30 @@ ARGS = ["--base", "tiny", "--domain", "code", "--steps", "6", "--batch-size", "4
 first steps scale that rounding up towards a full step (g / (|g| + eps)), differently in each summation order."""
 
 
-def torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
+INTERRUPTED_AT_STEP_4 = """
+import sys
+import mode_edge.training.train_expert as te
+
+original = te.TokenStream
+
+def failing(*args, **kwargs):  # every rank reads the same stream: all stop during step 4 of 6
+    for i, batch in enumerate(original(*args, **kwargs)):
+        if i == 3:
+            raise KeyboardInterrupt
+        yield batch
+
+te.TokenStream = failing
+from mode_edge.cli import entry
+sys.argv[0] = "mode-edge"
+entry()
+"""
+"""`mode-edge` with an interrupt during step 4 on every rank, after the checkpoint of step 2."""
+
+
+def torchrun(*args: str, processes: int = 2, program: list[str] | None = None) -> subprocess.CompletedProcess:
+    """`mode-edge ARGS` (or `program ARGS`) under torchrun, one thread per process."""
     cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={processes}", "--no-python",
-           str(BIN / "mode-edge"), *args]  # fmt: skip
+           *(program or [str(BIN / "mode-edge")]), *args]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
@@ -150,6 +171,29 @@ def test_an_interrupted_run_resumes_under_another_world_size(sharding, single, c
     for k in a:
         assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     assert history(tmp_path / "run") == pytest.approx(history(single), rel=1e-5)
+
+
+def test_a_sharded_checkpoint_resumes_in_one_process_and_under_split_placement(single, code_data, tmp_path):
+    """An --fsdp run interrupted after its checkpoint of step 2 (each rank's shards): resumed in one process, and
+    with the expert on its own rank, it ends where an uninterrupted run ends."""
+    args = [*ARGS, "--data", str(code_data)]
+    proc = torchrun("train", "expert", *args, "--fsdp", "--out", str(tmp_path / "run"),
+                    program=[sys.executable, "-c", INTERRUPTED_AT_STEP_4])  # fmt: skip
+    assert proc.returncode != 0 and "the checkpoint of step 2 of 6 is kept in" in proc.stderr, proc.stderr[-3000:]
+    state = tmp_path / ".run.partial/train_state"
+    assert json.loads((state / "state.json").read_text())["weights_file"] == "state-2.shards"
+    assert sorted(p.name for p in state.iterdir()) == ["state-2.shards", "state.json"]  # no leftover of step 4
+    shutil.copytree(tmp_path / ".run.partial", tmp_path / ".split.partial")
+    invoke("train", "expert", *args, "--out", tmp_path / "run")
+    proc = torchrun("train", "expert", *args, "--placement", "split", "--out", str(tmp_path / "split"))
+    assert proc.returncode == 0 and "from its checkpoint of step 2 of 6" in proc.stderr, proc.stderr[-3000:]
+    for run in ("run", "split"):
+        launches = runs.read_model_record(tmp_path / run)["training"]["launches"]
+        assert [(launch["from_step"], launch["fsdp"]) for launch in launches] == [(0, True), (2, False)]
+        a, b = expert_weights(tmp_path / run), expert_weights(single)
+        for k in a:
+            assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+        assert history(tmp_path / run) == pytest.approx(history(single), rel=1e-5)
 
 
 def test_the_global_batch_is_checked_before_the_backbone_loads(monkeypatch, tmp_path):

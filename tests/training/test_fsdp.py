@@ -21,8 +21,11 @@ from torch.testing import assert_close
 
 from mode_edge.errors import UserError
 from mode_edge.training.distributed import DataParallelPlan
-from mode_edge.training.trainer import _load_state, lm_loss
-from tests.training.test_placement import SIGNATURE, free_port, model_and_batch, one_step
+from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+from mode_edge.training.sharded_checkpoint import check_written, checkpoint_tensors, load_whole, save_shards
+from mode_edge.training.trainer import NOTHING_DONE, _load_state, _save_sharded_state, lm_loss, param_groups
+from tests.training.test_placement import CFG, SIGNATURE, free_port, model_and_batch, one_step
 
 
 def _rank(rank: int, size: int, port: int, out: str) -> None:
@@ -92,27 +95,27 @@ def test_the_gathered_checkpoint_equals_one_process_with_the_whole_batch(ranks, 
         assert r["loss_after"] == pytest.approx(lm_loss(model, batch).item(), rel=1e-5)  # the model runs as trained
 
 
-def test_each_rank_writes_its_half_of_every_layer_and_no_tensor_twice(out):
+def test_each_rank_writes_its_half_of_every_layer_and_no_tensor_twice(out, reference):
     from safetensors import safe_open
 
+    reference, _, params, _ = reference
     record = json.loads((out / "train_state/state.json").read_text())
     folder = out / "train_state" / record["weights_file"]
     assert record["weights_file"] == "state-1.shards" and record["step"] == 1
     assert sorted(p.name for p in (out / "train_state").iterdir()) == ["state-1.shards", "state.json"]
     files = sorted(folder.iterdir())
     assert [p.name for p in files] == sorted(record["weights"]["files"]) and len(files) == 2  # one file per rank
-    _, params, _ = model_and_batch(2)
     elements: dict[str, int] = {}
     for path in files:
         with safe_open(str(path), "pt") as f:
             for key in f.keys():
-                numel = f.get_slice(key).get_shape()
-                elements[key] = elements.get(key, 0) + int(torch.Size(numel).numel())
+                numel = torch.Size(f.get_slice(key).get_shape()).numel()
+                elements[key] = elements.get(key, 0) + numel
                 name = key.split(".", 1)[1]
                 if key.startswith("param.") and ".layers." in name:  # a sharded layer: half of it in each file
-                    assert 2 * torch.Size(numel).numel() == params[name].numel(), key
-    for name, p in params.items():  # every weight once in all (the replicated gate rows: from one rank)
-        assert elements[f"param.{name}"] == p.numel(), name
+                    assert 2 * numel == params[name].numel(), key
+    # every weight and moment once in all (what every rank holds alike, the gate rows and step counts: from one rank)
+    assert elements == {key: value.numel() for key, value in reference.items()}
 
 
 def test_the_sharded_checkpoint_reads_back_whole_as_one_process_wrote_it(out, ranks, reference):
@@ -127,8 +130,9 @@ def test_the_sharded_checkpoint_reads_back_whole_as_one_process_wrote_it(out, ra
             assert_close(read[key], value, rtol=1e-5, atol=1e-7, msg=key)
 
 
-@pytest.mark.parametrize("damage", ["flipped", "missing", "stray"])
-def test_a_damaged_sharded_checkpoint_is_refused(damage, out, tmp_path):
+@pytest.mark.parametrize("damage, problem", [("flipped", "does not match its sha256"), ("missing", "is missing"),
+                                             ("stray", "does not list")])  # fmt: skip
+def test_a_damaged_sharded_checkpoint_is_refused(damage, problem, out, tmp_path):
     state = tmp_path / "run/train_state"
     shutil.copytree(out / "train_state", state)
     files = sorted((state / "state-1.shards").iterdir())
@@ -142,7 +146,58 @@ def test_a_damaged_sharded_checkpoint_is_refused(damage, out, tmp_path):
         shutil.copy(files[0], files[0].with_name("shard-00003-model-00001-of-00001.safetensors"))
     _, params, _ = model_and_batch(2)
     before = {n: p.detach().clone() for n, p in params.items()}
-    with pytest.raises(UserError, match=f"delete {state.parent} to start the run afresh"):
+    with pytest.raises(UserError, match=f"{problem}.*; delete {state.parent} to start the run afresh"):
         _load_state(state, params, SIGNATURE)
     for n, p in params.items():  # nothing half-read into the model
         assert torch.equal(p.detach(), before[n]), n
+
+
+def test_shards_that_leave_part_of_a_tensor_out_are_not_read(out, tmp_path):
+    """Past the record's checks: the reader infers each tensor's size from the shards it finds."""
+    shutil.copytree(out / "train_state/state-1.shards", tmp_path / "shards")
+    (tmp_path / "shards/shard-00001-model-00001-of-00001.safetensors").unlink()  # rank 0's: the first halves
+    with pytest.raises(ValueError, match="leave part of it out"):
+        load_whole(tmp_path / "shards")
+
+
+def test_a_new_sharded_checkpoint_replaces_what_was_there_and_an_interrupt_keeps_the_last(monkeypatch, tmp_path):
+    """In one process: a killed write's hidden folder and a folder a killed run renamed but never named are removed
+    with the previous checkpoint; an interrupt while the shards are written keeps the last checkpoint named and
+    leaves nothing else; a folder without the shards the save reported is refused (ranks on several machines must
+    share one folder)."""
+    model, params, batch = model_and_batch(1)
+    optimizer = torch.optim.AdamW(param_groups(params, CFG), betas=(0.9, 0.95), eps=1e-8)
+    lm_loss(model, batch).backward()
+    optimizer.step()
+    plan, state = DataParallelPlan(0, 1, torch.device("cpu")), tmp_path / "run/train_state"
+    state.parent.mkdir()  # (the run's partial folder)
+
+    def save(step: int) -> None:
+        _save_sharded_state(state, plan, params, optimizer, {**NOTHING_DONE, "step": step}, SIGNATURE)
+
+    save(2)
+    for leftover in (".state-4.shards.tmp", "state-4.shards"):
+        (state / leftover).mkdir()
+        (state / leftover / "shard-00002-model-00001-of-00001.safetensors").write_bytes(b"left over")
+    save(4)
+    assert sorted(p.name for p in state.iterdir()) == ["state-4.shards", "state.json"]
+    _, fresh, _ = model_and_batch(1)
+    _, moments = _load_state(state, fresh, SIGNATURE)
+    for n, p in params.items():
+        assert torch.equal(fresh[n], p.detach()), n
+    assert sorted(moments) == sorted(optimizer.state_dict()["state"])
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(HuggingFaceStorageWriter, "write_data", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # (not DCP's CheckpointException: the trainer says what is kept)
+        save(6)
+    assert sorted(p.name for p in state.iterdir()) == ["state-4.shards", "state.json"]
+    assert json.loads((state / "state.json").read_text())["weights_file"] == "state-4.shards"
+    monkeypatch.undo()
+    written = save_shards(tmp_path / "alone", checkpoint_tensors(params, {}))
+    check_written(tmp_path / "alone", written)
+    (tmp_path / "alone/shard-00001-model-00001-of-00001.safetensors").unlink()
+    with pytest.raises(UserError, match="every rank must write to the same folder"):
+        check_written(tmp_path / "alone", written)

@@ -298,3 +298,21 @@ def test_a_run_says_what_it_trains_on_and_warns_of_a_warmup_past_its_end(code_da
                         "--lr (at most 40% of it)")  # fmt: skip
     quiet = invoke("train", "expert", *args, "--out", tmp_path / "run2", "--warmup-steps", "2")
     assert "note:" not in quiet.stderr
+
+
+def test_optimizer_state_of_other_shapes_is_refused():
+    """A checkpoint's moments must fit the run's parameters (a sharded checkpoint's reader infers each tensor's size
+    from the shards it finds): another shape, a missing moment or an index past the parameters is one line."""
+    from mode_edge.training.distributed import DataParallelPlan
+    from mode_edge.training.trainer import _load_optimizer, param_groups
+
+    params = {"w": torch.nn.Parameter(torch.ones(3, 2)), "b": torch.nn.Parameter(torch.ones(3))}
+    optimizer = torch.optim.AdamW(param_groups(params, TrainConfig()))
+    first = optimizer.param_groups[0]["params"][0]
+    good = {"step": torch.tensor(2.0), "exp_avg": torch.full_like(first, 0.5), "exp_avg_sq": torch.ones_like(first)}
+    plan = DataParallelPlan(0, 1, torch.device("cpu"))
+    _load_optimizer(optimizer, {0: good}, params, plan, "fix it")
+    assert torch.equal(optimizer.state[first]["exp_avg"], good["exp_avg"])
+    for bad in ({0: {**good, "exp_avg": torch.zeros(4)}}, {0: {k: good[k] for k in ("step", "exp_avg")}}, {2: good}):
+        with pytest.raises(UserError, match="optimizer state does not match this run's weights; fix it"):
+            _load_optimizer(optimizer, bad, params, plan, "fix it")
