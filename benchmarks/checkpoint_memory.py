@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import machine, median, write  # noqa: E402
+from common import machine, median, mode_edge, write  # noqa: E402
 
 GATHERED = (
     "import sys; from mode_edge.training.fsdp import FSDPPlan; FSDPPlan.writes_shards = False; "
@@ -35,15 +34,11 @@ VARIANTS = ("shards written by each rank", "gathered on rank 0")
 
 
 def run(variant: str, args: argparse.Namespace, out: Path) -> dict:
-    bin_dir = Path(sys.executable).parent
-    program = [str(bin_dir / "mode-edge")] if variant == VARIANTS[0] else [sys.executable, "-c", GATHERED]
+    program = None if variant == VARIANTS[0] else [sys.executable, "-c", GATHERED]
     train = ["train", "full-ft", "--fsdp", "--base", args.base, "--data", str(args.data), "--out", str(out),
              "--steps", str(args.steps), "--batch-size", "4", "--seq-len", "256", "--warmup-steps", "1",
              "--checkpoint-every", str(args.checkpoint_every)]  # fmt: skip
-    cmd = [str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node=2", "--no-python", *program, *train]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if proc.returncode:
-        raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
+    mode_edge(*train, processes=2, threads=1, program=program)
     return json.loads((out / "model.json").read_text())["training"]
 
 

@@ -50,10 +50,10 @@ def write(name: str, data: dict, markdown: str) -> None:
     print(markdown)
 
 
-def mode_edge(*args: str, processes: int = 1, threads: int = 1) -> subprocess.CompletedProcess:
-    """`mode-edge ARGS` in a fresh process with `threads` OpenMP threads, under `torchrun --standalone` with
-    `processes` workers when more than one; exits with the command's stderr when it fails."""
-    cmd = [str(Path(sys.executable).parent / "mode-edge"), *args]
+def mode_edge(*args: str, processes: int = 1, threads: int = 1, program: list[str] | None = None):
+    """`mode-edge ARGS` (or `program ARGS`) in a fresh process with `threads` OpenMP threads, under `torchrun
+    --standalone` with `processes` workers when more than one; exits with the command's stderr when it fails."""
+    cmd = [*(program or [str(Path(sys.executable).parent / "mode-edge")]), *args]
     if processes > 1:
         torchrun = Path(sys.executable).parent / "torchrun"
         cmd = [str(torchrun), "--standalone", f"--nproc-per-node={processes}", "--no-python", *cmd]
