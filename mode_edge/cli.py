@@ -3,6 +3,7 @@ modules (torch, transformers) only when it runs, so device-side commands never l
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -15,7 +16,7 @@ import click
 
 from mode_edge import cli_device, cli_ship, cli_trust
 from mode_edge.errors import UserError
-from mode_edge.files import output_file, require_absent, write_output
+from mode_edge.files import output_file, require_absent, require_writable, write_output
 from mode_edge.logs import VERBOSE_ENV
 from mode_edge.logs import configure as configure_logging
 from mode_edge.names import check_name, expert_list
@@ -43,12 +44,31 @@ class Group(click.Group):
             if rank0():
                 click.echo(str(e) or "interrupted", err=True)
             sys.exit(130)
+        except OSError as e:
+            if e.errno not in WRITE_FAILURES:
+                raise
+            if rank0():  # (outputs are written whole or not at all, and a training run keeps its checkpoint)
+                click.secho(f"error: {write_failure(e)}", fg="red", err=True)
+            else:
+                time.sleep(RANK0_GRACE_S)
+            sys.exit(2)
 
     def make_context(self, info_name, args, parent=None, **extra):
         try:  # the group's own options (`mode-edge --bogus`)
             return super().make_context(info_name, args, parent=parent, **extra)
         except click.UsageError as e:
             usage_error(e, info_name or "mode-edge")
+
+
+WRITE_FAILURES = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+"""Errors of a folder the command cannot write to: the user's to fix, said in one line."""
+
+
+def write_failure(e: OSError) -> str:
+    """One line for a write that failed (`WRITE_FAILURES`): the folder, the system's reason, the fix."""
+    folder = Path(e.filename).parent if e.filename else Path(".")
+    fix = "free space there" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+    return f"could not write in {folder} ({e.strerror}); {fix}, or choose another --out, and run the command again"
 
 
 def usage_error(e: click.UsageError, where: str):
@@ -180,6 +200,7 @@ def make_train_config(out: Path, experts: int | None = None, **kw):
     else:  # (split placement gives every rank the whole batch)
         check_batch(cfg.batch_size, size)
     check_options_unchanged(out, cfg)
+    require_writable(out)
     return cfg, parallel
 
 

@@ -25,6 +25,26 @@ def require_absent(out: Path) -> None:
         raise UserError(f"{out} already exists; choose another --out or remove it first")
 
 
+def require_writable(out: Path) -> None:
+    """Raise UserError unless files can be created where `out` will be written: in the nearest existing folder above
+    it and, where an interrupted run left one, in its partial folder and checkpoint folder. Checked before a long
+    command starts (a probe file, created and removed: permission bits alone do not tell, for root or a read-only
+    mount), so that it does not fail at its first checkpoint or its last step."""
+    out = Path(out).absolute()
+    parent = next(p for p in out.parents if p.exists())
+    partial = partial_path(out)
+    for folder in (parent, partial, partial / "train_state"):
+        if folder != parent and not folder.is_dir():
+            continue
+        try:
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check.", suffix=".tmp")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            fix = "make it writable, or choose another --out"
+            raise UserError(f"{folder} is not writable ({e.strerror}); {fix}") from None
+
+
 def output_file(ctx, param, value):
     """click callback for an option naming a file to write (--json, --plot, --out of an archive): checked before any
     work starts, so that a long command never fails at its last step. A missing folder is created when the file is

@@ -160,17 +160,36 @@ def check_options_unchanged(out: Path, cfg: TrainConfig) -> None:
         check_same_settings(partial_path(out), {"train": saved.get("train")}, {"train": cfg.to_dict()})
 
 
+SIGNATURE_OPTIONS = {
+    "name": "--domain",
+    "base": "--base",
+    "data": "--data",
+    "general": "--general",
+    "stay_out": "--stay-out, --stay-out-weight, --general-share",
+    "experts": "--experts",
+    "freeze": "--freeze-experts",
+    "lora": "--rank, --alpha, --targets",
+    "n_blocks": "--blocks",
+    "gate_bias": "the gate's initial bias",
+}
+"""The options (or what else) that set each part of a run's signature, for the refusal of a rerun that differs;
+a training setting or a layout field not listed is its own option (`lr`: --lr, `expert_layers`: --expert-layers)."""
+
+
 def changed_settings(saved: dict, now: dict) -> list[str]:
-    """Where two runs' signatures differ: training settings as their options (--lr), the rest by key (data, base,
-    layout, ...); RESUMABLE settings aside."""
+    """Where two runs' signatures differ, as the options that set them (SIGNATURE_OPTIONS; `train` and `layout` field
+    by field); RESUMABLE settings aside. The backbone's fingerprint covers its cut into blocks, so a changed layout
+    does not also name --base."""
     changed = []
     for key in sorted(set(saved) | set(now)):
         a, b = saved.get(key), now.get(key)
-        if key == "train" and isinstance(a, dict) and isinstance(b, dict):
-            changed += [f"--{k.replace('_', '-')}" for k in sorted(set(a) | set(b))
-                        if k not in RESUMABLE and a.get(k) != b.get(k)]  # fmt: skip
-        elif a != b:
-            changed.append(key)
+        if key in ("train", "layout") and isinstance(a, dict) and isinstance(b, dict):
+            fields = [k for k in sorted(set(a) | set(b)) if k not in RESUMABLE and a.get(k) != b.get(k)]
+            changed += [SIGNATURE_OPTIONS.get(k, f"--{k.replace('_', '-')}") for k in fields]
+        elif key == "stage" and a != b:
+            changed.append(f"the command: it was train {a}")
+        elif a != b and not (key == "base" and saved.get("layout") != now.get("layout")):
+            changed.append(SIGNATURE_OPTIONS.get(key, key))
     return changed
 
 
@@ -194,6 +213,13 @@ def _load_state(state_dir: Path, params, signature: dict) -> tuple[dict, dict[in
     tensors = checked_load(weights, read, fix)
     if any(f"param.{n}" not in tensors or tensors[f"param.{n}"].shape != p.shape for n, p in params.items()):
         raise UserError(f"{weights} does not hold this run's weights; {fix}")
+    step, history = meta["step"], meta.get("history")
+    counts = {float(t) for key, t in tensors.items() if key.startswith("opt.") and key.endswith(".step")}
+    if step < 1 or not isinstance(history, list) or len(history) != step or counts != {float(step)}:
+        losses = len(history) if isinstance(history, list) else "no"
+        counted = ", ".join(f"{c:g}" for c in sorted(counts)) or "none"
+        raise UserError(f"the checkpoint record {state_dir / 'state.json'} does not match its weights (it says step "
+                        f"{step}, with {losses} losses, where the optimizer counted {counted}); {fix}")  # fmt: skip
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[f"param.{n}"])
@@ -367,9 +393,12 @@ def train_into(
                       soft_wrap=True)  # fmt: skip
     if partial.exists():
         step = saved["step"] if is_int(saved.get("step")) else None  # (the state.json read above)
-        console.print(f"resuming the interrupted run in {partial} from its checkpoint of step {step} of {cfg.steps}"
-                      if step is not None else f"the interrupted run in {partial} saved no checkpoint: training "
-                      f"starts from step 0 there", soft_wrap=True)  # fmt: skip
+        if step is not None:
+            console.print(f"resuming the interrupted run in {partial} from its checkpoint of step {step} of "
+                          f"{cfg.steps}", soft_wrap=True)  # fmt: skip
+        elif not (partial / STATE_DIR / "state.json").exists():  # (an unreadable one is refused on loading)
+            console.print(f"the interrupted run in {partial} saved no checkpoint: training starts from step 0 there",
+                          soft_wrap=True)  # fmt: skip
     with atomic_dir(out, keep_partial_on_error=True) as work:
         try:
             result = train(model, params, batches, cfg, work, signature=signature, label=label, loss_fn=loss_fn,
@@ -382,7 +411,8 @@ def train_into(
                 f"(one every {cfg.checkpoint_every} steps): a rerun of the same command starts from step 0"
             ) from None
         save(work, result)
-        shutil.rmtree(work / STATE_DIR, ignore_errors=True)  # absent when no checkpoint was due
+    # (after the rename: where it fails, the partial folder keeps the last checkpoint, and a rerun resumes from it)
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)  # absent when no checkpoint was due
     return result
 
 

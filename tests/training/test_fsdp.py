@@ -41,7 +41,7 @@ def _rank(rank: int, size: int, port: int, out: str) -> None:
         plan = FSDPPlan(rank, size, torch.device("cpu"))
         state, trained, module = one_step(plan, model, params, batch, shards_in=Path(out) / "train_state")
         _, fresh, _ = model_and_batch(2)  # (the plan has emptied `params`' sharded tensors)
-        _, moments = _load_state(Path(out) / "train_state", fresh, SIGNATURE)  # (collective: both ranks read it)
+        _, moments = _load_state(Path(out) / "train_state", fresh, SIGNATURE)  # (each rank on its own)
         resumed = {**{f"param.{n}": p.detach().clone() for n, p in fresh.items()},
                    **{f"opt.{i}.{k}": v for i, m in moments.items() for k, v in m.items()}}  # fmt: skip
         local = {n: p.to_local().numel() for n, p in trained.items() if isinstance(p, DTensor)}
@@ -167,13 +167,15 @@ def test_a_new_sharded_checkpoint_replaces_what_was_there_and_an_interrupt_keeps
     share one folder)."""
     model, params, batch = model_and_batch(1)
     optimizer = torch.optim.AdamW(param_groups(params, CFG), betas=(0.9, 0.95), eps=1e-8)
-    lm_loss(model, batch).backward()
-    optimizer.step()
     plan, state = DataParallelPlan(0, 1, torch.device("cpu")), tmp_path / "run/train_state"
     state.parent.mkdir()  # (the run's partial folder)
 
-    def save(step: int) -> None:
-        _save_sharded_state(state, plan, params, optimizer, {**NOTHING_DONE, "step": step}, SIGNATURE)
+    def save(step: int) -> None:  # after as many optimizer steps (the record must agree with the moments' count)
+        while int(optimizer.state_dict()["state"].get(0, {}).get("step", 0)) < step:
+            lm_loss(model, batch).backward()
+            optimizer.step()
+        done = {**NOTHING_DONE, "step": step, "history": [0.0] * step}
+        _save_sharded_state(state, plan, params, optimizer, done, SIGNATURE)
 
     save(2)
     for leftover in (".state-4.shards.tmp", "state-4.shards"):

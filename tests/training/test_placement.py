@@ -65,7 +65,8 @@ def one_step(plan: DataParallelPlan, model, params, batch, shards_in: Path | Non
     plan.clip(trained, 1e-3)  # small enough to clip: the norm must be the whole model's
     optimizer.step()
     if shards_in is not None:
-        _save_sharded_state(shards_in, plan, trained, optimizer, {**NOTHING_DONE, "step": 1}, SIGNATURE)
+        done = {**NOTHING_DONE, "step": 1, "history": [0.0]}
+        _save_sharded_state(shards_in, plan, trained, optimizer, done, SIGNATURE)
     return _state_tensors(plan, trained, optimizer), trained, module
 
 

@@ -1,6 +1,7 @@
 """Expert training and composition on the tiny backbone, with real files on disk."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -222,6 +223,76 @@ def test_an_interrupt_says_what_a_rerun_will_find(code_data, tmp_path, monkeypat
     training = runs.read_model_record(tmp_path / "run")["training"]
     assert [(launch["from_step"], launch["processes"]) for launch in training["launches"]] == [(0, 1), (2, 1)]
     assert training["domain"] == "legal"  # the expert's --domain, not its data folder's name
+
+
+def test_records_that_do_not_match_their_checkpoint_are_refused(code_data, tmp_path, monkeypatch):
+    """A checkpoint record edited by hand (its step, its loss history) or unreadable is refused in one line, with no
+    line before it saying that training starts afresh, and the checkpoint is kept."""
+    import mode_edge.training.train_expert as te
+    from tests.cli_runner import invoke
+
+    args = ["train", "expert", "--base", "tiny", "--domain", "code", "--data", code_data, "--steps", "6",
+            "--batch-size", "2", "--seq-len", "32", "--warmup-steps", "1", "--checkpoint-every", "2"]  # fmt: skip
+    original = te.TokenStream
+
+    def stream(*a, **k):  # interrupted during step 4, after the checkpoint of step 2
+        for i, batch in enumerate(original(*a, **k)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(te, "TokenStream", stream)
+    assert invoke(*args, "--out", tmp_path / "run", ok=False).exit_code == 130
+    monkeypatch.undo()
+    record = json.loads((tmp_path / ".run.partial/train_state/state.json").read_text())
+    edits = {"step": {**record, "step": 3}, "past the end": {**record, "step": 9},
+             "history": {**record, "history": record["history"][:1]}, "unreadable": [1, 2]}  # fmt: skip
+    for what, edited in edits.items():
+        shutil.copytree(tmp_path / ".run.partial", tmp_path / ".edited.partial")
+        (tmp_path / ".edited.partial/train_state/state.json").write_text(json.dumps(edited))
+        problem = "state.json is damaged" if what == "unreadable" else "does not match its weights"
+        result = invoke(*args, "--out", tmp_path / "edited", ok=False)
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.exit_code == 2 and problem in last and f"delete {tmp_path / '.edited.partial'}" in last, what
+        assert "starts from step 0" not in result.stderr and "Traceback" not in result.stderr, what
+        assert (tmp_path / ".edited.partial/train_state").is_dir()  # kept: deleting it is the user's decision
+        shutil.rmtree(tmp_path / ".edited.partial")
+
+
+def test_a_folder_the_run_cannot_write_is_one_line_and_keeps_the_checkpoint(code_data, tmp_path, monkeypatch):
+    """An --out whose folder cannot be written is refused before the backbone loads; a write that fails at the end
+    (the last rename, here) is one line, keeps the partial folder with the run's last checkpoint, and the rerun
+    resumes from it."""
+    import errno
+    import os
+
+    import mode_edge.training.backbones as backbones
+    from tests.cli_runner import invoke, refused
+
+    args = ["train", "expert", "--base", "tiny", "--domain", "code", "--data", code_data, "--steps", "6",
+            "--batch-size", "2", "--seq-len", "32", "--warmup-steps", "1", "--checkpoint-every", "2"]  # fmt: skip
+    with monkeypatch.context() as m:  # (sysfs takes no new files, not even from root)
+        m.setattr(backbones, "load_backbone", lambda *a, **k: pytest.fail("the backbone loaded before the refusal"))
+        refused(*args, "--out", "/sys/mode-edge-run", message=("/sys is not writable", "choose another --out"))
+    replace = os.replace
+
+    def failing(src, dst):
+        if str(src).endswith(".partial"):
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(src))
+        return replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", failing)
+        result = invoke(*args, "--out", tmp_path / "run", ok=False)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert last == (f"error: could not write in {tmp_path} (Operation not permitted); make it writable, or choose "
+                    "another --out, and run the command again")
+    assert json.loads((tmp_path / ".run.partial/train_state/state.json").read_text())["step"] == 4
+    done = invoke(*args, "--out", tmp_path / "run")
+    assert "from its checkpoint of step 4 of 6" in " ".join(done.stderr.split())
+    assert sorted(p.name for p in tmp_path.iterdir() if "run" in p.name) == ["run"]
+    assert not (tmp_path / "run/train_state").exists()
 
 
 @pytest.mark.parametrize("freeze", [False, True])
