@@ -40,7 +40,7 @@ from mode_edge.config import ExportConfig
 from mode_edge.errors import UserError
 from mode_edge.export.accuracy_levels import CANDIDATES
 from mode_edge.export.graphs import example_inputs, graph_layers, io_names, split
-from mode_edge.files import atomic_dir, require_absent, write_json
+from mode_edge.files import as_plain_write, atomic_dir, require_absent, write_json
 from mode_edge.integrity import KV_CACHE
 from mode_edge.packs import expert_entry
 from mode_edge.progress import console, stage_progress
@@ -358,6 +358,7 @@ def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict,
     for name in model.experts:
         folder = work / "experts" / name
         save_file(routing_tensors(model.experts[name], routers[name]), str(folder / "gate.safetensors"))
+        as_plain_write(folder / "gate.safetensors")
         own = {k.split("/", 2)[2]: v for k, v in components.items() if k.startswith(f"experts/{name}/")}
         files = ["gate.safetensors"] + [f for c in own for fmt in cfg.formats for f in graph_files(c, fmt)]
         pack = {

@@ -131,12 +131,18 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         write(Path(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; keep what a plain write would give
+        as_plain_write(tmp)  # (mkstemp makes it private)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_folder(path.parent)
+
+
+def as_plain_write(path: Path) -> None:
+    """Give a file created private (by mkstemp, or by safetensors, which writes its files 0600) the permissions a plain
+    write gives under the current umask: a run or bundle on a shared disk stays readable by whom it would be."""
+    os.chmod(path, 0o666 & ~current_umask())
 
 
 def fsync_folder(folder: Path) -> None:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from mode_edge.config import ParallelConfig, TrainConfig
 from mode_edge.errors import UserError
-from mode_edge.files import require_absent
+from mode_edge.files import as_plain_write, require_absent
 from mode_edge.integrity import check_file, checked_load, file_record
 from mode_edge.ranges import check_number
 from mode_edge.training import runs, trainer
@@ -97,6 +97,7 @@ def train_full_ft(
 
     def save(work: Path) -> None:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(work / "weights.safetensors"))
+        as_plain_write(work / "weights.safetensors")
 
     return _train_baseline("full-ft", backbone, model, params, data, out, cfg, save, parallel)
 
@@ -134,6 +135,7 @@ def train_lora(
     def save(work: Path) -> None:
         adapter = {k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
         save_file(adapter, str(work / "adapter.safetensors"))
+        as_plain_write(work / "adapter.safetensors")
 
     lora = {**asdict(settings), "targets": list(settings.targets)}
     return _train_baseline("lora", backbone, model, params, data, out, cfg, save, parallel, lora=lora)

@@ -20,6 +20,7 @@ from safetensors.numpy import load_file, save_file
 
 from mode_edge.config import MoDELayout
 from mode_edge.errors import UserError
+from mode_edge.files import as_plain_write
 from mode_edge.integrity import check_file, checked_load
 from mode_edge.runtimes.routing import ROUTER_KEYS, pooled_features
 from mode_edge.tokenizer import TextTokenizer
@@ -122,6 +123,7 @@ def logistic(domain: np.ndarray, general: np.ndarray, l2: float = 1e-2) -> tuple
 
 def save_router(folder: Path, stats: dict[str, np.ndarray]) -> None:
     save_file(stats, str(Path(folder) / ROUTER_FILE))
+    as_plain_write(Path(folder) / ROUTER_FILE)
 
 
 def load_router(folder: Path, record: dict | None = None) -> dict[str, np.ndarray] | None:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from mode_edge.config import MoDELayout
 from mode_edge.errors import UserError
-from mode_edge.files import read_json, write_json
+from mode_edge.files import as_plain_write, read_json, write_json
 from mode_edge.integrity import check_file, checked_load, file_record
 from mode_edge.names import check_name, check_names
 from mode_edge.training.backbones import Backbone
@@ -48,6 +48,7 @@ def save_expert(
         save_router(folder, router)
     tensors = {k: v.detach().contiguous().cpu() for k, v in expert.state_dict().items()}
     save_file(tensors, str(folder / "expert.safetensors"))
+    as_plain_write(folder / "expert.safetensors")
     weights = file_record(folder / "expert.safetensors")
     write_json(
         folder / "expert.json",

@@ -387,3 +387,16 @@ def test_optimizer_state_of_other_shapes_is_refused():
     for bad in ({0: {**good, "exp_avg": torch.zeros(4)}}, {0: {k: good[k] for k in ("step", "exp_avg")}}, {2: good}):
         with pytest.raises(UserError, match="optimizer state does not match this run's weights; fix it"):
             _load_optimizer(optimizer, bad, params, plan, "fix it")
+
+
+def test_a_run_s_files_are_as_readable_as_a_plain_write(expert_runs, tmp_path):
+    """safetensors creates its files private (0600); a run's weights keep the permissions every other file of the
+    run gets from the umask, so a run on a shared disk is readable by whom its records are."""
+    import stat
+
+    from mode_edge.files import current_umask
+
+    files = [p for p in (expert_runs / "code").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~current_umask(), p
