@@ -118,7 +118,8 @@ def check_folder(folder: Path, record, fix: str) -> None:
         raise UserError(f"the checkpoint record of {folder} lists files outside it; it is corrupt: {fix}")
     stray = sorted(p.name for p in Path(folder).iterdir() if p.name not in files)
     if stray:
-        raise UserError(f"{folder} holds files its checkpoint record does not list ({', '.join(stray)}); {fix}")
+        raise UserError(f"{folder} holds files its checkpoint record does not list ({', '.join(stray)}); remove "
+                        f"them to resume, or {fix}")  # fmt: skip
     verify_records(folder, files, lambda p, problem: UserError(f"{p} {problem}; {fix}"), cached=False)
 
 
