@@ -45,10 +45,10 @@ class Group(click.Group):
                 click.echo(str(e) or "interrupted", err=True)
             sys.exit(130)
         except OSError as e:
-            if e.errno not in WRITE_FAILURES:
+            if e.errno not in ACCESS_FAILURES:
                 raise
             if rank0():  # (outputs are written whole or not at all, and a training run keeps its checkpoint)
-                click.secho(f"error: {write_failure(e)}", fg="red", err=True)
+                click.secho(f"error: {access_failure(e)}", fg="red", err=True)
             else:
                 time.sleep(RANK0_GRACE_S)
             sys.exit(2)
@@ -60,15 +60,19 @@ class Group(click.Group):
             usage_error(e, info_name or "mode-edge")
 
 
-WRITE_FAILURES = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
-"""Errors of a folder the command cannot write to: the user's to fix, said in one line."""
+ACCESS_FAILURES = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+"""Errors of a file or folder the command may not read or write, or a full disk: the user's to fix, in one line."""
 
 
-def write_failure(e: OSError) -> str:
-    """One line for a write that failed (`WRITE_FAILURES`): the folder, the system's reason, the fix."""
-    folder = Path(e.filename).parent if e.filename else Path(".")
-    fix = "free space there" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
-    return f"could not write in {folder} ({e.strerror}); {fix}, or choose another --out, and run the command again"
+def access_failure(e: OSError) -> str:
+    """One line for a failure of `ACCESS_FAILURES`: the path, the system's reason, the fix."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space there, or choose another --out"
+    elif e.errno == errno.EROFS:
+        fix = "choose an --out on a writable file system"
+    else:
+        fix = "change its permissions, or choose another --out"
+    return f"could not access {e.filename or 'a file'} ({e.strerror}); {fix}, and run the command again"
 
 
 def usage_error(e: click.UsageError, where: str):

@@ -286,8 +286,8 @@ def test_a_folder_the_run_cannot_write_is_one_line_and_keeps_the_checkpoint(code
         result = invoke(*args, "--out", tmp_path / "run", ok=False)
     last = result.stderr.strip().splitlines()[-1]
     assert result.exit_code == 2 and "Traceback" not in result.stderr
-    assert last == (f"error: could not write in {tmp_path} (Operation not permitted); make it writable, or choose "
-                    "another --out, and run the command again")
+    assert last == (f"error: could not access {tmp_path / '.run.partial'} (Operation not permitted); change its "
+                    "permissions, or choose another --out, and run the command again")
     assert json.loads((tmp_path / ".run.partial/train_state/state.json").read_text())["step"] == 4
     done = invoke(*args, "--out", tmp_path / "run")
     assert "from its checkpoint of step 4 of 6" in " ".join(done.stderr.split())
