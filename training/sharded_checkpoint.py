@@ -16,17 +16,19 @@ import shutil
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import Metadata
 
 from mode_edge.bundle import check_declared
 from mode_edge.errors import UserError
 from mode_edge.integrity import file_record, verify_records
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.metadata import Metadata
+
+# torch.distributed.checkpoint is imported where it is used: it adds a second to every training command's start.
 
 SUFFIX = ".shards"
 """A sharded checkpoint is a folder `state-N.shards` beside state.json (a single-file one: `state-N.safetensors`)."""
@@ -47,6 +49,8 @@ def _dcp_failures():
     """DCP gathers any rank's failure into a CheckpointException, which is a BaseException: an interrupt stays an
     interrupt (the trainer says which checkpoint is kept), any other failure becomes the first rank's own exception,
     and DCP's one-process warning (what resuming in one process asks of it) is not shown."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
@@ -64,7 +68,9 @@ def save_shards(folder: Path, tensors: dict[str, torch.Tensor]) -> Metadata:
     what every rank holds alike, the gate rows and AdamW's step counts, DCP writes from one rank only) into
     `folder`, one file per rank, each flushed to disk. Returns on every rank once every rank's file is written,
     with the checkpoint's global metadata (every key's size and shards)."""
-    writer = HuggingFaceStorageWriter(str(folder), save_distributed=True)
+    import torch.distributed.checkpoint as dcp
+
+    writer = dcp.HuggingFaceStorageWriter(str(folder), save_distributed=True)
     with _dcp_failures():
         return dcp.save(tensors, storage_writer=writer, no_dist=not dist.is_initialized())
 
@@ -72,6 +78,8 @@ def save_shards(folder: Path, tensors: dict[str, torch.Tensor]) -> Metadata:
 def check_written(folder: Path, written: Metadata) -> None:
     """Raise UserError unless `folder` holds every shard `save_shards` reported written (read from the files' headers):
     ranks on several machines must write to one shared folder."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
     found = HuggingFaceStorageReader(str(folder)).read_metadata().state_dict_metadata
     for key, meta in written.state_dict_metadata.items():
         chunks = {(tuple(c.offsets), tuple(c.sizes)) for c in getattr(meta, "chunks", [])}
@@ -85,7 +93,9 @@ def load_whole(folder: Path) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors, whole, on the CPU, read by this process alone (no collective: each rank of a group
     reads it on its own). Raises ValueError where the shards overlap or leave part of a tensor uncovered, or what
     the reader raises for a damaged file."""
-    metadata = HuggingFaceStorageReader(str(folder)).read_metadata()
+    import torch.distributed.checkpoint as dcp
+
+    metadata = dcp.HuggingFaceStorageReader(str(folder)).read_metadata()
     tensors = {}
     for key, meta in metadata.state_dict_metadata.items():
         covered = torch.zeros(meta.size, dtype=torch.int8)
@@ -95,7 +105,7 @@ def load_whole(folder: Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"the shards of {key} overlap or leave part of it out")
         tensors[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
     with _dcp_failures():
-        dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=True)
+        dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(folder)), no_dist=True)
     return tensors
 
 
