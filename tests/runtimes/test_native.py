@@ -67,12 +67,16 @@ def test_native_tokens_and_logits_are_the_python_runtimes(native, fp32_bundle, i
         assert code == 0, err
         assert got == want, f"{n}-token prompt"
         logits = np.fromfile(tmp_path / "logits.bin", dtype=np.float32).reshape(len(got), -1)
-        # fp32: the same up to the order of float rounding in the gate's mix; int8 graphs quantize their activations
-        # (accuracy level 4), where a last-bit difference of the mix may move one rounding step (measured 1e-5 to
-        # 2.4e-4, depending on how the tiny experts trained; a wrong mix or cache moves the logits by 1e-3 and more)
-        atol = 1e-5 if which == "fp32" else 5e-4
-        np.testing.assert_allclose(logits, python_logits(session, prompt, names, got), rtol=0, atol=atol,
-                                   err_msg=f"{n}-token prompt")  # fmt: skip
+        reference = python_logits(session, prompt, names, got)
+        if which == "fp32":  # the same up to the order of float rounding in the gate's mix
+            np.testing.assert_allclose(logits, reference, rtol=0, atol=1e-5, err_msg=f"{n}-token prompt")
+            continue
+        # int8 graphs quantize their activations (accuracy level 4), where a last-bit difference of the mix may move
+        # one rounding step, and a step moves what follows it: most logits agree within 5e-4 (measured 1e-5 to
+        # 2.4e-4 on one host; on a host with AMX, 2.2% of them by up to 2.5e-3 with two experts), while a wrong mix or
+        # cache moves the logits by 1e-3 and more across the board
+        diff = np.abs(logits - reference)
+        assert np.quantile(diff, 0.95) < 5e-4 and diff.max() < 1e-2, (n, float(np.quantile(diff, 0.95)), diff.max())
 
 
 @pytest.mark.parametrize("router", ["centroid", "logistic", "gate"])
