@@ -139,6 +139,14 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     fsync_folder(path.parent)
 
 
+def remove_path(path: Path) -> None:
+    """Remove a file or a folder with what it holds (a link: the link alone; what is gone already is no error)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def as_plain_write(path: Path) -> None:
     """Give a file created private (by mkstemp, or by safetensors, which writes its files 0600) the permissions a plain
     write gives under the current umask: a run or bundle on a shared disk stays readable by whom it would be."""

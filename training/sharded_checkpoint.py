@@ -12,7 +12,6 @@ the whole weights and moments on every rank for a moment, as it does from a sing
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -131,11 +130,3 @@ def check_folder(folder: Path, record, fix: str) -> None:
         raise UserError(f"{folder} holds files its checkpoint record does not list ({', '.join(stray)}); remove "
                         f"them to resume, or {fix}")  # fmt: skip
     verify_records(folder, files, lambda p, problem: UserError(f"{p} {problem}; {fix}"), cached=False)
-
-
-def remove(path: Path) -> None:
-    """Remove a checkpoint's file or folder (what is gone already is no error)."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)

@@ -22,7 +22,15 @@ from safetensors.torch import load_file, save_file
 
 from mode_edge.config import ParallelConfig, TrainConfig
 from mode_edge.errors import UserError
-from mode_edge.files import atomic_dir, fsync_folder, partial_path, read_json, write_atomically, write_json
+from mode_edge.files import (
+    atomic_dir,
+    fsync_folder,
+    partial_path,
+    read_json,
+    remove_path,
+    write_atomically,
+    write_json,
+)
 from mode_edge.integrity import check_file, checked_load, file_record, is_int
 from mode_edge.memory import PeakRSS
 from mode_edge.progress import console, training_progress
@@ -102,7 +110,7 @@ def _save_sharded_state(state_dir: Path, plan: distributed.DataParallelPlan, tra
     tmp, folder = state_dir / f".{name}.tmp", state_dir / name
     if plan.rank == 0:
         state_dir.mkdir(exist_ok=True)
-        sharded_checkpoint.remove(tmp)
+        remove_path(tmp)
     distributed.barrier()  # (no rank writes into the folder before rank 0 has emptied it)
     tensors = checkpoint_tensors({n: p.detach() for n, p in trained.items()}, optimizer.state_dict()["state"])
     try:
@@ -110,13 +118,13 @@ def _save_sharded_state(state_dir: Path, plan: distributed.DataParallelPlan, tra
         if plan.rank == 0:
             sharded_checkpoint.check_written(tmp, written)
             fsync_folder(tmp)
-            sharded_checkpoint.remove(folder)  # (one a killed run renamed but never named)
+            remove_path(folder)  # (one a killed run renamed but never named)
             os.replace(tmp, folder)
             fsync_folder(state_dir)
             _switch_to(state_dir, name, sharded_checkpoint.folder_record(folder), done, signature)
     except BaseException:
         if plan.rank == 0:
-            sharded_checkpoint.remove(tmp)
+            remove_path(tmp)
         raise
 
 
@@ -127,7 +135,7 @@ def _switch_to(state_dir: Path, name: str, weights: dict, done: dict, signature:
     patterns = ("*.safetensors", f"*{sharded_checkpoint.SUFFIX}", ".*.tmp")
     for path in [path for pattern in patterns for path in state_dir.glob(pattern)]:
         if path.name != name:
-            sharded_checkpoint.remove(path)
+            remove_path(path)
 
 
 def _weights_file(state_dir: Path, meta: dict) -> Path | None:
