@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from mode_edge import cli_device, cli_ship, cli_trust
-from mode_edge.errors import UserError
+from mode_edge.errors import RunStopped, UserError
 from mode_edge.files import output_file, require_absent, require_writable, write_output
 from mode_edge.logs import VERBOSE_ENV
 from mode_edge.logs import configure as configure_logging
@@ -27,7 +27,7 @@ BASE_HELP = "Backbone: 'smollm2' (built in), 'tiny' (tests), a Hugging Face chec
 
 class Group(click.Group):
     """Turns user mistakes (our UserError, click's bad or missing options) into one line on stderr and exit code 2,
-    and Ctrl-C into exit code 130."""
+    Ctrl-C into exit code 130, and a training run stopped by another of its processes into one line and code 1."""
 
     def invoke(self, ctx):
         try:
@@ -44,6 +44,10 @@ class Group(click.Group):
             if rank0():
                 click.echo(str(e) or "interrupted", err=True)
             sys.exit(130)
+        except RunStopped as e:  # another torchrun process of the run stopped first (torchrun names it)
+            if rank0():
+                click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(1)
         except OSError as e:
             if e.errno not in ACCESS_FAILURES:
                 raise
@@ -182,10 +186,11 @@ def trained_line(what: str, record: dict, out: Path) -> None:
               f"-> {out}")  # fmt: skip
 
 
-def make_train_config(out: Path, experts: int | None = None, **kw):
-    """The TrainConfig and the ParallelConfig of a training command's options (`experts`: how many the run trains,
-    where known before loading, for --placement split's check), refusing before anything loads a batch the
-    processes cannot share and a rerun over an interrupted run in OUT with other training options."""
+def make_train_config(out: Path, stage: str, experts: int | None = None, **kw):
+    """The TrainConfig and the ParallelConfig of a training command's options (`stage`: expert, compose, full-ft or
+    lora; `experts`: how many the run trains, where known before loading, for --placement split's check), refusing
+    before anything loads a batch the processes cannot share and a rerun over an interrupted run in OUT of another
+    command or with other training options."""
     from mode_edge.config import ParallelConfig, TrainConfig
 
     parallel = ParallelConfig(fsdp=kw.pop("fsdp"), placement=kw.pop("placement", "data"))
@@ -203,7 +208,7 @@ def make_train_config(out: Path, experts: int | None = None, **kw):
         check_processes(size, experts)
     else:  # (split placement gives every rank the whole batch)
         check_batch(cfg.batch_size, size)
-    check_options_unchanged(out, cfg)
+    check_options_unchanged(out, stage, cfg)
     require_writable(out)
     return cfg, parallel
 
@@ -281,7 +286,7 @@ def train_expert_cmd(base, domain, data, out, blocks, expert_layers, init, gener
         from mode_edge.training.placement import check_stay_out
 
         check_stay_out(general is not None)
-    cfg, parallel = make_train_config(out, experts=1, **train_kw)
+    cfg, parallel = make_train_config(out, "expert", experts=1, **train_kw)
     given = {"--general-share": general_share, "--stay-out-weight": stay_out_weight, "--stay-out": penalty}
     if general is None and any(v is not None for v in given.values()):
         named = ", ".join(k for k, v in given.items() if v is not None)
@@ -320,7 +325,7 @@ def train_compose_cmd(base, experts, data, out, freeze_experts, **train_kw):
     expert_runs = csv_paths(experts)
     if not expert_runs:
         raise UserError("--experts needs at least one expert run folder")
-    cfg, parallel = make_train_config(out, experts=len(run_expert_names(expert_runs)), **train_kw)
+    cfg, parallel = make_train_config(out, "compose", experts=len(run_expert_names(expert_runs)), **train_kw)
     require_absent(out)
     corpora = [load_corpus(d) for d in csv_paths(data)]
     backbone = load_base(base or base_of(expert_runs[0]))
@@ -338,7 +343,7 @@ def train_full_ft_cmd(base, data, out, **train_kw):
     from mode_edge.training.baselines import train_full_ft
     from mode_edge.training.data import load_corpus
 
-    cfg, parallel = make_train_config(out, **train_kw)
+    cfg, parallel = make_train_config(out, "full-ft", **train_kw)
     require_absent(out)
     corpora = [load_corpus(d) for d in csv_paths(data)]
     record = train_full_ft(load_base(base), corpora, out, cfg, parallel)
@@ -360,7 +365,7 @@ def train_lora_cmd(base, data, out, rank, alpha, targets, **train_kw):
     from mode_edge.training.baselines import LoraSettings, train_lora
     from mode_edge.training.data import load_corpus
 
-    cfg, parallel = make_train_config(out, **train_kw)
+    cfg, parallel = make_train_config(out, "lora", **train_kw)
     settings = LoraSettings(rank, alpha, tuple(t for t in targets.split(",") if t))
     require_absent(out)
     corpora = [load_corpus(d) for d in csv_paths(data)]

@@ -1,5 +1,11 @@
-"""Errors a user can fix. The CLI prints them as one line and exits with code 2, never a traceback."""
+"""Errors a user can fix (exit code 2), and a run stopped from outside (exit code 1): the CLI prints each as one line,
+never a traceback."""
 
 
 class UserError(Exception):
     """A problem with the user's input; the message names the problem and the fix."""
+
+
+class RunStopped(Exception):
+    """A training run stopped because another of its torchrun processes did (interrupted, killed, or failed); the
+    message says what that process's loss left behind and how to resume. Not the user's mistake: exit code 1."""

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from mode_edge.config import ParallelConfig
-from mode_edge.errors import UserError
+from mode_edge.errors import RunStopped, UserError
 
 
 def world() -> tuple[int, int]:
@@ -55,6 +55,25 @@ def process_group(device: torch.device) -> Iterator[tuple[int, int]]:
     finally:
         if made:
             dist.destroy_process_group()
+
+
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+"""How gloo's TCP transport says the other end of a pair went away (gloo raises a plain RuntimeError)."""
+
+
+@contextlib.contextmanager
+def peers_watched() -> Iterator[None]:
+    """Raise RunStopped, one line, where a collective fails because another process of the group went away (it was
+    interrupted, killed, or failed first: torchrun reports which): NCCL's DistBackendError, or gloo's RuntimeError
+    from its TCP transport, which would otherwise print a traceback on every rank left waiting for it."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e)
+        if not isinstance(e, dist.DistBackendError) and not ("gloo" in text and any(s in text for s in PEER_GONE)):
+            raise
+        reason = text.split("] ", 1)[-1].split(". ", 1)[0].strip()  # ("[file:line] Read error ...: Connection ...")
+        raise RunStopped(f"another process of this run stopped, or the connection to it failed ({reason})") from None
 
 
 def barrier() -> None:

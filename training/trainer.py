@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from mode_edge.config import ParallelConfig, TrainConfig
-from mode_edge.errors import UserError
+from mode_edge.errors import RunStopped, UserError
 from mode_edge.files import (
     atomic_dir,
     fsync_folder,
@@ -155,17 +155,19 @@ def check_same_settings(work: Path, saved: dict, now: dict) -> None:
     """Raise UserError, naming what differs, when the run interrupted in `work` had other settings."""
     changed = changed_settings(saved, now)
     if changed:
-        raise UserError(f"{work} holds an interrupted run with other settings ({', '.join(changed)}); rerun with the "
+        raise UserError(f"{work} holds an interrupted run with other settings ({'; '.join(changed)}); rerun with the "
                         f"same options to resume it, or delete that folder to start afresh")  # fmt: skip
 
 
-def check_options_unchanged(out: Path, cfg: TrainConfig) -> None:
-    """Raise UserError when OUT's partial folder holds a run interrupted with other training options than `cfg`'s:
-    the part of `check_same_settings` a command can do before the backbone loads (the rest of the run's signature,
-    the backbone's fingerprint among it, is checked after)."""
+def check_options_unchanged(out: Path, stage: str, cfg: TrainConfig) -> None:
+    """Raise UserError when OUT's partial folder holds a run interrupted in another command (`stage`: expert,
+    compose, full-ft, lora) or with other training options than `cfg`'s: the part of `check_same_settings` a command
+    can do before the backbone loads (the rest of the run's signature, the backbone's fingerprint among it, is
+    checked after)."""
     saved = saved_state(partial_path(out)).get("signature")
     if isinstance(saved, dict):
-        check_same_settings(partial_path(out), {"train": saved.get("train")}, {"train": cfg.to_dict()})
+        now = {"stage": stage, "train": cfg.to_dict()}
+        check_same_settings(partial_path(out), {k: saved.get(k) for k in now}, now)
 
 
 SIGNATURE_OPTIONS = {
@@ -186,19 +188,36 @@ a training setting or a layout field not listed is its own option (`lr`: --lr, `
 
 def changed_settings(saved: dict, now: dict) -> list[str]:
     """Where two runs' signatures differ, as the options that set them (SIGNATURE_OPTIONS; `train` and `layout` field
-    by field); RESUMABLE settings aside. The backbone's fingerprint covers its cut into blocks, so a changed layout
-    does not also name --base."""
+    by field) with the interrupted run's value and the new one where they read in a few words; RESUMABLE settings
+    aside. The backbone's fingerprint covers its cut into blocks, so a changed layout does not also name --base."""
     changed = []
     for key in sorted(set(saved) | set(now)):
         a, b = saved.get(key), now.get(key)
         if key in ("train", "layout") and isinstance(a, dict) and isinstance(b, dict):
             fields = [k for k in sorted(set(a) | set(b)) if k not in RESUMABLE and a.get(k) != b.get(k)]
-            changed += [SIGNATURE_OPTIONS.get(k, f"--{k.replace('_', '-')}") for k in fields]
+            options = [SIGNATURE_OPTIONS.get(k, f"--{k.replace('_', '-')}") for k in fields]
+            changed += [_change(option, a.get(k), b.get(k)) for option, k in zip(options, fields)]
         elif key == "stage" and a != b:
             changed.append(f"the command: it was train {a}")
-        elif a != b and not (key == "base" and saved.get("layout") != now.get("layout")):
-            changed.append(SIGNATURE_OPTIONS.get(key, key))
+        elif key == "base" and a != b and saved.get("layout") == now.get("layout"):
+            changed.append("--base")  # (a fingerprint: its value says nothing to read)
+        elif key != "base" and a != b:
+            changed.append(_change(SIGNATURE_OPTIONS.get(key, key), a, b))
     return changed
+
+
+def _change(option: str, then, now) -> str:
+    """`option`, with its value in the interrupted run and now where both read in a few words (a number, a word, a
+    path, a list of them): what a rerun that resumes must give."""
+
+    def plain(v) -> bool:
+        return v is None or isinstance(v, (bool, int, float, str)) or (
+            isinstance(v, list) and all(isinstance(x, (int, float, str)) for x in v))  # fmt: skip
+
+    def shown(v) -> str:
+        return "none" if v is None else ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+    return f"{option}: {shown(then)} then, {shown(now)} now" if plain(then) and plain(now) else option
 
 
 def _load_state(state_dir: Path, params, signature: dict) -> tuple[dict, dict[int, dict[str, torch.Tensor]]]:
@@ -293,7 +312,7 @@ def train(
     if device.type == "cuda" and size > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
         torch.cuda.set_device(device)  # (FSDP and NCCL take the current device for this process's)
-    with distributed.process_group(device):
+    with distributed.process_group(device), distributed.peers_watched():
         plan = distributed.strategy(parallel, rank, size, device)
         launch = {"processes": size, **parallel.to_dict()}
         result = _train(model, params, batches, cfg, work, device, plan, signature=signature, label=label,
@@ -411,12 +430,12 @@ def train_into(
         try:
             result = train(model, params, batches, cfg, work, signature=signature, label=label, loss_fn=loss_fn,
                            parallel=parallel)
-        except KeyboardInterrupt:  # say what a rerun will find (the command line prints it, exit code 130)
-            saved = checkpoint_step(work)
-            raise KeyboardInterrupt(
-                f"interrupted; the checkpoint of step {saved} of {cfg.steps} is kept in {partial}: rerun the same "
-                f"command to resume from it" if saved is not None else f"interrupted before the first checkpoint "
-                f"(one every {cfg.checkpoint_every} steps): a rerun of the same command starts from step 0"
+        except (KeyboardInterrupt, RunStopped) as e:  # say what a rerun will find (the command line prints it)
+            saved, why = checkpoint_step(work), str(e) if isinstance(e, RunStopped) else "interrupted"
+            raise type(e)(
+                f"{why}; the checkpoint of step {saved} of {cfg.steps} is kept in {partial}: rerun the same command "
+                f"to resume from it" if saved is not None else f"{why} before the first checkpoint (one every "
+                f"{cfg.checkpoint_every} steps): a rerun of the same command starts from step 0"
             ) from None
         save(work, result)
     # (after the rename: where it fails, the partial folder keeps the last checkpoint, and a rerun resumes from it)

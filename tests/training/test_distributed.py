@@ -30,15 +30,19 @@ ARGS = ["--base", "tiny", "--domain", "code", "--steps", "6", "--batch-size", "4
 first steps scale that rounding up towards a full step (g / (|g| + eps)), differently in each summation order."""
 
 
-INTERRUPTED_AT_STEP_4 = """
+def interrupted_at_step_4(ranks: str = "01") -> str:
+    """`mode-edge` (a `python -c` program) with an interrupt during step 4, after the checkpoint of step 2, in the
+    processes of `ranks` (every rank reads the same stream: each listed one stops at the same point)."""
+    return f"""
+import os
 import sys
 import mode_edge.training.train_expert as te
 
 original = te.TokenStream
 
-def failing(*args, **kwargs):  # every rank reads the same stream: all stop during step 4 of 6
+def failing(*args, **kwargs):
     for i, batch in enumerate(original(*args, **kwargs)):
-        if i == 3:
+        if i == 3 and os.environ["RANK"] in {ranks!r}:
             raise KeyboardInterrupt
         yield batch
 
@@ -47,7 +51,6 @@ from mode_edge.cli import entry
 sys.argv[0] = "mode-edge"
 entry()
 """
-"""`mode-edge` with an interrupt during step 4 on every rank, after the checkpoint of step 2."""
 
 
 def torchrun(*args: str, processes: int = 2, program: list[str] | None = None) -> subprocess.CompletedProcess:
@@ -178,7 +181,7 @@ def test_a_sharded_checkpoint_resumes_in_one_process_and_under_split_placement(s
     with the expert on its own rank, it ends where an uninterrupted run ends."""
     args = [*ARGS, "--data", str(code_data)]
     proc = torchrun("train", "expert", *args, "--fsdp", "--out", str(tmp_path / "run"),
-                    program=[sys.executable, "-c", INTERRUPTED_AT_STEP_4])  # fmt: skip
+                    program=[sys.executable, "-c", interrupted_at_step_4()])  # fmt: skip
     assert proc.returncode != 0 and "the checkpoint of step 2 of 6 is kept in" in proc.stderr, proc.stderr[-3000:]
     state = tmp_path / ".run.partial/train_state"
     assert json.loads((state / "state.json").read_text())["weights_file"] == "state-2.shards"
@@ -196,6 +199,21 @@ def test_a_sharded_checkpoint_resumes_in_one_process_and_under_split_placement(s
         assert history(tmp_path / run) == pytest.approx(history(single), rel=1e-5)
 
 
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_a_rank_left_waiting_by_an_interrupted_one_says_one_line(code_data, tmp_path, sharding):
+    """Rank 1 alone interrupted during step 4: rank 0, waiting for it in a collective, gets gloo's "Connection closed
+    by peer" error, and says in one line where the checkpoint of step 2 is (that another process stopped, or, where
+    torchrun's SIGTERM comes first, that it was interrupted); no traceback from either rank, and the rerun resumes."""
+    args = [*ARGS, *sharding, "--data", str(code_data), "--out", str(tmp_path / "run")]
+    proc = torchrun("train", "expert", *args, program=[sys.executable, "-c", interrupted_at_step_4(ranks="1")])
+    workers_tracebacks = proc.stderr.count("Traceback (most recent call last)") - proc.stderr.count("ChildFailedError:")
+    assert proc.returncode != 0 and workers_tracebacks == 0, proc.stderr[-3000:]  # (torchrun's own report has one)
+    said = [line for line in proc.stderr.splitlines() if "the checkpoint of step 2 of 6 is kept in" in line]
+    assert len(said) == 1 and said[0].startswith(("error: another process of this run stopped", "interrupted")), said
+    proc = torchrun("train", "expert", *args)
+    assert proc.returncode == 0 and "from its checkpoint of step 2 of 6" in proc.stderr, proc.stderr[-3000:]
+
+
 def test_the_global_batch_is_checked_before_the_backbone_loads(monkeypatch, tmp_path):
     """make_train_config (every training command, before it loads anything) refuses a batch the processes cannot
     share; split placement gives every rank the whole batch."""
@@ -206,11 +224,12 @@ def test_the_global_batch_is_checked_before_the_backbone_loads(monkeypatch, tmp_
     monkeypatch.setenv("WORLD_SIZE", "3")
     for fsdp in (False, True):
         with pytest.raises(UserError, match="--batch-size 4 does not divide among 3 processes"):
-            make_train_config(tmp_path / "run", batch_size=4, fsdp=fsdp)
-    cfg, parallel = make_train_config(tmp_path / "run", experts=2, batch_size=4, fsdp=False, placement="split")
+            make_train_config(tmp_path / "run", "expert", batch_size=4, fsdp=fsdp)
+    cfg, parallel = make_train_config(tmp_path / "run", "compose", experts=2, batch_size=4, fsdp=False,
+                                      placement="split")  # fmt: skip
     assert cfg.batch_size == 4 and parallel.placement == "split"
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert make_train_config(tmp_path / "run", batch_size=4, fsdp=False)[0].batch_size == 4
+    assert make_train_config(tmp_path / "run", "lora", batch_size=4, fsdp=False)[0].batch_size == 4
 
 
 def test_compose_checks_its_experts_and_device_before_the_backbone_loads(composed_run, code_data, monkeypatch,

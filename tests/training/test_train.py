@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from mode_edge.config import MoDELayout, TrainConfig
+from mode_edge.config import DEFAULT_LR, MoDELayout, TrainConfig
 from mode_edge.errors import UserError
 from mode_edge.training import runs
 from mode_edge.training.backbones import Backbone, tiny_decoder, weights_sha256
@@ -178,7 +178,8 @@ def test_a_checkpoint_of_the_previous_format_resumes(tiny, code_data, tmp_path, 
 def test_an_interrupt_says_what_a_rerun_will_find(code_data, tmp_path, monkeypatch):
     """Ctrl-C through the command line: before the first checkpoint a rerun starts afresh, after one it resumes from
     that step; each says so in one line (exit code 130), and the rerun's first line names the step it resumes. A rerun
-    with other training options is refused before the backbone loads."""
+    with other training options or of another command is refused before the backbone loads, with the values then and
+    now; one with another --domain, after it."""
     import mode_edge.training.train_expert as te
     from tests.cli_runner import invoke, refused
 
@@ -214,8 +215,13 @@ def test_an_interrupt_says_what_a_rerun_will_find(code_data, tmp_path, monkeypat
 
     with monkeypatch.context() as m:  # refused before anything loads: a load would fail the message below
         m.setattr(backbones, "load_backbone", lambda *a, **k: pytest.fail("the backbone loaded before the refusal"))
-        lr = refused(*args, "--lr", "2e-3", message=("other settings (--lr)", "delete that folder"))
-    assert "--checkpoint-every" not in lr
+        changed = f"other settings (--lr: {DEFAULT_LR['mode']} then, 0.002 now; --seq-len: 32 then, 48 now)"
+        lr = refused(*args, "--lr", "2e-3", "--seq-len", "48", message=(changed, "delete that folder"))
+        assert "--checkpoint-every" not in lr
+        lora = ["train", "lora", *args[2:4], *args[6:]]  # (no --domain: a lora run has none)
+        refused(*lora, message=("other settings (the command: it was train expert; --lr: ", "delete that folder"))
+    rerun = [*args[:5], "code", *args[6:]]  # the rest of a run's settings is checked once the backbone has loaded
+    refused(*rerun, "--checkpoint-every", "3", message="other settings (--domain: legal then, code now)")
     done = invoke(*args, "--checkpoint-every", "3")  # a setting that changes nothing computed: it resumes
     assert f"resuming the interrupted run in {partial} from its checkpoint of step 2 of 6" in (
         " ".join(done.stderr.split()))
