@@ -13,7 +13,7 @@ module who it is and hands the work that crosses processes to a strategy:
   block on different ranks at the same time.
 Rank 0 alone writes checkpoints (under --fsdp every rank writes its shards of them, training/sharded_checkpoint.py),
 the run folder and model.json, and shows progress; every rank reads the same checkpoint when it resumes (one machine,
-or a shared file system across several).
+or a shared file system across several; under --fsdp, from a sharded checkpoint, only the parts its shards need).
 """
 
 from __future__ import annotations
@@ -154,7 +154,8 @@ class DataParallelPlan:
 
     writes_shards = False
     """Whether every rank writes its own part of a checkpoint (training/sharded_checkpoint.py) instead of rank 0
-    writing whole tensors that `full` and `optimizer_state` gather."""
+    writing whole tensors that `full` and `optimizer_state` gather, and reads back only its own part of such a
+    checkpoint when the run resumes (instead of reading it whole, as from a single file)."""
 
     def __init__(self, rank: int, size: int, device: torch.device):
         self.rank, self.size, self.device = rank, size, device

@@ -4,10 +4,10 @@ writer: safetensors files whose headers say where each shard sits in its tensor;
 default format, whose index is pickled). No rank gathers a whole tensor: writing a checkpoint costs each rank the
 memory of its shards alone, where gathering would hold the whole trainable model and its moments on rank 0.
 
-Read back, a checkpoint gives whole tensors under the same keys as a single-file one (`trainer._state_tensors`): each
-process reads it on its own, whatever the world size and strategy that resume it (DCP reshards on load: a plain
-tensor of the whole shape takes every shard that covers it), as a single-file checkpoint is read. Resuming thus holds
-the whole weights and moments on every rank for a moment, as it does from a single file.
+Read back under --fsdp, each rank reads only the parts of the files its own shards need, straight into its sharded
+weights and moments, whatever the world size that wrote them (DCP reshards on load: `load_into`). Any other strategy
+(one process, plain data parallel, split placement) reads it whole under the same keys as a single-file checkpoint
+(`trainer._state_tensors`), each process on its own (`load_whole`).
 """
 
 from __future__ import annotations
@@ -88,24 +88,44 @@ def check_written(folder: Path, written: Metadata) -> None:
                             f"the same folder; on several machines give --out on a file system they share")  # fmt: skip
 
 
-def load_whole(folder: Path) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors, whole, on the CPU, read by this process alone (no collective: each rank of a group
-    reads it on its own). Raises ValueError where the shards overlap or leave part of a tensor uncovered, or what
-    the reader raises for a damaged file."""
+def shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's whole shape by key, from the files' headers. Raises ValueError where a tensor's shards overlap
+    or leave part of it uncovered, or what the reader raises for a damaged file."""
     import torch.distributed.checkpoint as dcp
 
     metadata = dcp.HuggingFaceStorageReader(str(folder)).read_metadata()
-    tensors = {}
+    found = {}
     for key, meta in metadata.state_dict_metadata.items():
         covered = torch.zeros(meta.size, dtype=torch.int8)
         for chunk in meta.chunks:
             covered[tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes))] += 1
         if covered.numel() and not bool((covered == 1).all()):
             raise ValueError(f"the shards of {key} overlap or leave part of it out")
-        tensors[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
+        found[key] = tuple(meta.size)
+    return found
+
+
+def load_whole(folder: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, whole, on the CPU, read by this process alone (no collective: each rank of a group
+    reads it on its own). Raises as `shapes` does."""
+    import torch.distributed.checkpoint as dcp
+
+    metadata = dcp.HuggingFaceStorageReader(str(folder)).read_metadata().state_dict_metadata
+    tensors = {key: torch.empty(size, dtype=metadata[key].properties.dtype) for key, size in shapes(folder).items()}
     with _dcp_failures():
         dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(folder)), no_dist=True)
     return tensors
+
+
+def load_into(folder: Path, targets: dict[str, torch.Tensor]) -> None:
+    """Every rank, collectively: fill `targets` (keys of the checkpoint, each a rank's DTensor shard of a tensor or a
+    plain tensor of its whole shape) in place from `folder`, each rank reading only the parts that cover its own
+    shards, whatever the world size that wrote them (DCP's load planner matches the requested pieces with the
+    stored ones). Raises what the reader raises for a damaged file."""
+    import torch.distributed.checkpoint as dcp
+
+    with _dcp_failures():
+        dcp.load(targets, storage_reader=dcp.HuggingFaceStorageReader(str(folder)), no_dist=not dist.is_initialized())
 
 
 def folder_record(folder: Path) -> dict:

@@ -220,10 +220,10 @@ def _change(option: str, then, now) -> str:
     return f"{option}: {shown(then)} then, {shown(now)} now" if plain(then) and plain(now) else option
 
 
-def _load_state(state_dir: Path, params, signature: dict) -> tuple[dict, dict[int, dict[str, torch.Tensor]]]:
-    """Resume from the checkpoint in `state_dir`, checked first: a damaged one is refused with the folder to delete
-    (it is never deleted for the user: it holds their progress). Copies the weights into `params`; returns what the
-    run spent before it and the optimizer's state by parameter index (whole tensors, for `_load_optimizer`)."""
+def _checked_record(state_dir: Path, signature: dict) -> tuple[dict, Path]:
+    """The checkpoint record of `state_dir` and the weights it names (a file, or a folder of shards), checked first:
+    complete, the files as recorded, the run's settings unchanged. A damaged one is refused with the folder to delete
+    (it is never deleted for the user: it holds their progress)."""
     fix = f"delete {state_dir.parent} to start the run afresh"
     meta = read_json(state_dir / "state.json", fix, fix)
     weights = _weights_file(state_dir, meta)
@@ -236,17 +236,36 @@ def _load_state(state_dir: Path, params, signature: dict) -> tuple[dict, dict[in
     else:
         check_file(weights, meta.get("weights"), fix)
     check_same_settings(state_dir.parent, meta["signature"], signature)
+    return meta, weights
+
+
+def _spent_before(state_dir: Path, meta: dict, step_counts: set[float]) -> dict:
+    """What the run spent before its checkpoint (NOTHING_DONE's keys), once the record's step and loss history are
+    found to agree with the optimizer's step count in the weights (`step_counts`: every parameter's); raises
+    UserError where they do not (a record edited by hand, or another run's)."""
+    step, history = meta["step"], meta.get("history")
+    if step < 1 or not isinstance(history, list) or len(history) != step or step_counts != {float(step)}:
+        losses = len(history) if isinstance(history, list) else "no"
+        counted = ", ".join(f"{c:g}" for c in sorted(step_counts)) or "none"
+        raise UserError(f"the checkpoint record {state_dir / 'state.json'} does not match its weights (it says step "
+                        f"{step}, with {losses} losses, where the optimizer counted {counted}); delete "
+                        f"{state_dir.parent} to start the run afresh")  # fmt: skip
+    spent = {k: v for k, v in meta.items() if k not in ("signature", "weights", "weights_file")}
+    return {**NOTHING_DONE, **spent}
+
+
+def _load_state(state_dir: Path, meta: dict, weights: Path, params) -> tuple[dict, dict[int, dict[str, torch.Tensor]]]:
+    """Resume from the checkpoint `_checked_record` found, read whole by this process: copies the weights into
+    `params`; returns what the run spent before it and the optimizer's state by parameter index (whole tensors, for
+    `_load_optimizer`)."""
+    fix = f"delete {state_dir.parent} to start the run afresh"
+    sharded = weights.suffix == sharded_checkpoint.SUFFIX
     read = (lambda: sharded_checkpoint.load_whole(weights)) if sharded else (lambda: load_file(str(weights)))
     tensors = checked_load(weights, read, fix)
     if any(f"param.{n}" not in tensors or tensors[f"param.{n}"].shape != p.shape for n, p in params.items()):
         raise UserError(f"{weights} does not hold this run's weights; {fix}")
-    step, history = meta["step"], meta.get("history")
     counts = {float(t) for key, t in tensors.items() if key.startswith("opt.") and key.endswith(".step")}
-    if step < 1 or not isinstance(history, list) or len(history) != step or counts != {float(step)}:
-        losses = len(history) if isinstance(history, list) else "no"
-        counted = ", ".join(f"{c:g}" for c in sorted(counts)) or "none"
-        raise UserError(f"the checkpoint record {state_dir / 'state.json'} does not match its weights (it says step "
-                        f"{step}, with {losses} losses, where the optimizer counted {counted}); {fix}")  # fmt: skip
+    before = _spent_before(state_dir, meta, counts)
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[f"param.{n}"])
@@ -255,8 +274,28 @@ def _load_state(state_dir: Path, params, signature: dict) -> tuple[dict, dict[in
         if key.startswith("opt."):
             _, i, name = key.split(".", 2)
             moments.setdefault(int(i), {})[name] = v
-    spent = {k: v for k, v in meta.items() if k not in ("signature", "weights", "weights_file")}
-    return {**NOTHING_DONE, **spent}, moments
+    return before, moments
+
+
+def _load_own_shards(state_dir: Path, meta: dict, folder: Path, trained: dict, optimizer) -> dict:
+    """Resume an --fsdp run from a sharded checkpoint with each rank reading only the parts of it its own shards
+    need, straight into its sharded weights and AdamW state (collective; DCP reshards between world sizes): no rank
+    holds a whole trainable tensor or moment. Returns what the run spent before the checkpoint."""
+    fix = f"delete {state_dir.parent} to start the run afresh"
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {i: {"step": torch.zeros((), dtype=torch.float32), **{m: torch.zeros_like(p) for m in MOMENTS}}
+             for i, p in enumerate(ordered)}  # fmt: skip
+    targets = checkpoint_tensors({n: p.detach() for n, p in trained.items()}, state)
+    stored = checked_load(folder, lambda: sharded_checkpoint.shapes(folder), fix)
+    if any(k.startswith("param.") for k in set(targets) ^ set(stored)) or not set(stored) <= set(targets) or any(
+            tuple(t.shape) != stored[k] for k, t in targets.items() if k in stored):  # fmt: skip
+        raise UserError(f"{folder} does not hold this run's weights; {fix}")
+    checked_load(folder, lambda: sharded_checkpoint.load_into(folder, {k: targets[k] for k in stored}), fix)
+    held = {i for i in state if f"opt.{i}.step" in stored}  # (AdamW keeps no state for a weight that had no gradient)
+    before = _spent_before(state_dir, meta, {float(state[i]["step"]) for i in held})
+    for i in held:
+        optimizer.state[ordered[i]].update(state[i])
+    return before
 
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -330,15 +369,19 @@ def _train(model, params, batches, cfg: TrainConfig, work: Path, device: torch.d
         p.requires_grad_(True)
     state_dir = work / STATE_DIR
     before, moments = NOTHING_DONE, {}  # what a resumed run spent before its checkpoint, so the record is the run's
-    if (state_dir / "state.json").exists():
-        before, moments = _load_state(state_dir, params, signature)
-        for _ in range(before["step"] * cfg.grad_accum):  # replay the deterministic data order up to the checkpoint
-            next(batches)
+    meta, weights = _checked_record(state_dir, signature) if (state_dir / "state.json").exists() else ({}, None)
+    own_shards = weights is not None and weights.suffix == sharded_checkpoint.SUFFIX and plan.writes_shards
+    if weights is not None and not own_shards:  # (whole, into the model, before a strategy spreads it)
+        before, moments = _load_state(state_dir, meta, weights, params)
     module, trained = plan.prepare(model, params, loss_fn)
     optimizer = torch.optim.AdamW(param_groups(trained, cfg), betas=(0.9, 0.95), eps=1e-8)
-    if moments:
+    if own_shards:
+        before = _load_own_shards(state_dir, meta, weights, trained, optimizer)
+    elif moments:
         _load_optimizer(optimizer, moments, trained, plan, f"delete {work} to start the run afresh")
         moments.clear()  # (the moments of weights this rank does not hold would otherwise stay for the whole run)
+    for _ in range(before["step"] * cfg.grad_accum):  # replay the deterministic data order up to the checkpoint
+        next(batches)
     step, history = before["step"], list(before["history"])
     tokens, t0 = 0, time.perf_counter()
     launches = [*before["launches"], {"from_step": step, **launch}]  # a resumed run records every launch
@@ -374,6 +417,9 @@ def _train(model, params, batches, cfg: TrainConfig, work: Path, device: torch.d
                     tensors = _state_tensors(plan, trained, optimizer)  # (every rank: gathering may be collective)
                     if first:
                         _save_state(state_dir, tensors, spent(memory.peak_mb), signature)
+                # No rank goes on before rank 0 has made the checkpoint the one to resume from: a process that stops
+                # in the next step (torchrun then stops the others) would otherwise cut rank 0's writing short.
+                distributed.barrier()
     plan.finish()
     result = spent(memory.peak_mb)
     for p in params.values():

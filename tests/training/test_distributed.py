@@ -30,23 +30,30 @@ ARGS = ["--base", "tiny", "--domain", "code", "--steps", "6", "--batch-size", "4
 first steps scale that rounding up towards a full step (g / (|g| + eps)), differently in each summation order."""
 
 
-def interrupted_at_step_4(ranks: str = "01") -> str:
-    """`mode-edge` (a `python -c` program) with an interrupt during step 4, after the checkpoint of step 2, in the
-    processes of `ranks` (every rank reads the same stream: each listed one stops at the same point)."""
+def interrupted_at_step(step: int = 4, ranks: str = "01", slow_commit_s: float = 0) -> str:
+    """`mode-edge` (a `python -c` program) with an interrupt during `step`, in the processes of `ranks` (every rank
+    reads the same stream: each listed one stops at the same point); `slow_commit_s`: rank 0 takes that much longer
+    to make a checkpoint the one a rerun resumes from (its record's last write)."""
     return f"""
 import os
 import sys
+import time
 import mode_edge.training.train_expert as te
+import mode_edge.training.trainer as trainer
 
-original = te.TokenStream
+original, switch = te.TokenStream, trainer._switch_to
 
 def failing(*args, **kwargs):
     for i, batch in enumerate(original(*args, **kwargs)):
-        if i == 3 and os.environ["RANK"] in {ranks!r}:
+        if i == {step - 1} and os.environ["RANK"] in {ranks!r}:
             raise KeyboardInterrupt
         yield batch
 
-te.TokenStream = failing
+def slow_switch(*args, **kwargs):
+    time.sleep({slow_commit_s})
+    return switch(*args, **kwargs)
+
+te.TokenStream, trainer._switch_to = failing, slow_switch
 from mode_edge.cli import entry
 sys.argv[0] = "mode-edge"
 entry()
@@ -176,23 +183,28 @@ def test_an_interrupted_run_resumes_under_another_world_size(sharding, single, c
     assert history(tmp_path / "run") == pytest.approx(history(single), rel=1e-5)
 
 
-def test_a_sharded_checkpoint_resumes_in_one_process_and_under_split_placement(single, code_data, tmp_path):
-    """An --fsdp run interrupted after its checkpoint of step 2 (each rank's shards): resumed in one process, and
-    with the expert on its own rank, it ends where an uninterrupted run ends."""
+def test_a_sharded_checkpoint_resumes_in_one_process_under_split_placement_and_in_four_shards(single, code_data,
+                                                                                                tmp_path):  # fmt: skip
+    """An --fsdp run of two processes interrupted after its checkpoint of step 2 (each rank's shards): resumed in one
+    process, with the expert on its own rank, and under --fsdp in four processes (each reading the parts of the two
+    files its quarter needs), it ends where an uninterrupted run ends."""
     args = [*ARGS, "--data", str(code_data)]
     proc = torchrun("train", "expert", *args, "--fsdp", "--out", str(tmp_path / "run"),
-                    program=[sys.executable, "-c", interrupted_at_step_4()])  # fmt: skip
+                    program=[sys.executable, "-c", interrupted_at_step()])  # fmt: skip
     assert proc.returncode != 0 and "the checkpoint of step 2 of 6 is kept in" in proc.stderr, proc.stderr[-3000:]
     state = tmp_path / ".run.partial/train_state"
     assert json.loads((state / "state.json").read_text())["weights_file"] == "state-2.shards"
     assert sorted(p.name for p in state.iterdir()) == ["state-2.shards", "state.json"]  # no leftover of step 4
-    shutil.copytree(tmp_path / ".run.partial", tmp_path / ".split.partial")
+    for copy in ("split", "fsdp"):
+        shutil.copytree(tmp_path / ".run.partial", tmp_path / f".{copy}.partial")
     invoke("train", "expert", *args, "--out", tmp_path / "run")
     proc = torchrun("train", "expert", *args, "--placement", "split", "--out", str(tmp_path / "split"))
     assert proc.returncode == 0 and "from its checkpoint of step 2 of 6" in proc.stderr, proc.stderr[-3000:]
-    for run in ("run", "split"):
+    proc = torchrun("train", "expert", *args, "--fsdp", "--out", str(tmp_path / "fsdp"), processes=4)
+    assert proc.returncode == 0 and "from its checkpoint of step 2 of 6" in proc.stderr, proc.stderr[-3000:]
+    for run, sharded in (("run", False), ("split", False), ("fsdp", True)):
         launches = runs.read_model_record(tmp_path / run)["training"]["launches"]
-        assert [(launch["from_step"], launch["fsdp"]) for launch in launches] == [(0, True), (2, False)]
+        assert [(launch["from_step"], launch["fsdp"]) for launch in launches] == [(0, True), (2, sharded)]
         a, b = expert_weights(tmp_path / run), expert_weights(single)
         for k in a:
             assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
@@ -201,15 +213,19 @@ def test_a_sharded_checkpoint_resumes_in_one_process_and_under_split_placement(s
 
 @pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
 def test_a_rank_left_waiting_by_an_interrupted_one_says_one_line(code_data, tmp_path, sharding):
-    """Rank 1 alone interrupted during step 4: rank 0, waiting for it in a collective, gets gloo's "Connection closed
-    by peer" error, and says in one line where the checkpoint of step 2 is (that another process stopped, or, where
-    torchrun's SIGTERM comes first, that it was interrupted); no traceback from either rank, and the rerun resumes."""
+    """Rank 1 alone interrupted in step 3, right after the checkpoint of step 2, which rank 0 is slow to make the one
+    to resume from: no rank goes on before it has, so the checkpoint is kept (without that, torchrun would stop rank
+    0 while it wrote it). Rank 0, left waiting for rank 1 in a collective, gets gloo's "Connection closed by peer"
+    error and says in one line where the checkpoint is (that another process stopped, or, where torchrun's SIGTERM
+    comes first, that it was interrupted); no traceback from either rank, and the rerun resumes."""
     args = [*ARGS, *sharding, "--data", str(code_data), "--out", str(tmp_path / "run")]
-    proc = torchrun("train", "expert", *args, program=[sys.executable, "-c", interrupted_at_step_4(ranks="1")])
+    program = [sys.executable, "-c", interrupted_at_step(3, ranks="1", slow_commit_s=2)]
+    proc = torchrun("train", "expert", *args, program=program)
     workers_tracebacks = proc.stderr.count("Traceback (most recent call last)") - proc.stderr.count("ChildFailedError:")
     assert proc.returncode != 0 and workers_tracebacks == 0, proc.stderr[-3000:]  # (torchrun's own report has one)
     said = [line for line in proc.stderr.splitlines() if "the checkpoint of step 2 of 6 is kept in" in line]
-    assert len(said) == 1 and said[0].startswith(("error: another process of this run stopped", "interrupted")), said
+    assert len(said) == 1 and said[0].startswith(("error: another process of this run stopped", "interrupted")), (
+        proc.stderr[-3000:])  # fmt: skip
     proc = torchrun("train", "expert", *args)
     assert proc.returncode == 0 and "from its checkpoint of step 2 of 6" in proc.stderr, proc.stderr[-3000:]
 

@@ -3,8 +3,8 @@ none of the frozen backbone's shards, and after a step the checkpoint it gathers
 the one a single process writes after the same step on the whole batch (rank 0 keeps it, rank 1 drops each gathered
 tensor at once); `finish` puts the trained weights back into the model's own modules. The sharded checkpoint each
 rank writes instead (training/sharded_checkpoint.py) holds each layer's half in that rank's file, and reads back
-whole, in the two processes and in one, as that same single process's; a damaged, missing or stray file is
-refused."""
+whole, in the two processes and in one, as that same single process's; three --fsdp ranks resume from it each with
+a third read straight into its shards; a damaged, missing or stray file is refused."""
 
 from __future__ import annotations
 
@@ -23,9 +23,25 @@ from mode_edge.errors import UserError
 from mode_edge.training.distributed import DataParallelPlan
 from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
-from mode_edge.training.sharded_checkpoint import check_written, checkpoint_tensors, load_whole, save_shards
-from mode_edge.training.trainer import NOTHING_DONE, _load_state, _save_sharded_state, lm_loss, param_groups
+from mode_edge.training import sharded_checkpoint
+from mode_edge.training.sharded_checkpoint import check_written, checkpoint_tensors, save_shards
+from mode_edge.training.trainer import (
+    NOTHING_DONE,
+    _checked_record,
+    _load_own_shards,
+    _load_state,
+    _save_sharded_state,
+    _state_tensors,
+    lm_loss,
+    param_groups,
+)
 from tests.training.test_placement import CFG, SIGNATURE, free_port, model_and_batch, one_step
+
+
+def load_whole(state: Path, params: dict) -> tuple[dict, dict]:
+    """What a run resuming from `state` without --fsdp does: the record checked, the weights read whole into
+    `params`; (what the run spent before, the moments by parameter index)."""
+    return _load_state(state, *_checked_record(state, SIGNATURE), params)
 
 
 def _rank(rank: int, size: int, port: int, out: str) -> None:
@@ -41,7 +57,7 @@ def _rank(rank: int, size: int, port: int, out: str) -> None:
         plan = FSDPPlan(rank, size, torch.device("cpu"))
         state, trained, module = one_step(plan, model, params, batch, shards_in=Path(out) / "train_state")
         _, fresh, _ = model_and_batch(2)  # (the plan has emptied `params`' sharded tensors)
-        _, moments = _load_state(Path(out) / "train_state", fresh, SIGNATURE)  # (each rank on its own)
+        _, moments = load_whole(Path(out) / "train_state", fresh)  # (each rank on its own)
         resumed = {**{f"param.{n}": p.detach().clone() for n, p in fresh.items()},
                    **{f"opt.{i}.{k}": v for i, m in moments.items() for k, v in m.items()}}  # fmt: skip
         local = {n: p.to_local().numel() for n, p in trained.items() if isinstance(p, DTensor)}
@@ -51,6 +67,32 @@ def _rank(rank: int, size: int, port: int, out: str) -> None:
         record = {"state": state, "resumed": resumed, "local": local, "sharded_frozen": sharded_frozen,
                   "finished": finished, "loss_after": lm_loss(model, batch).item()}  # fmt: skip
         torch.save(record, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _resume_rank(rank: int, size: int, port: int, out: str) -> None:
+    """A rank of an --fsdp run resuming from the checkpoint two ranks wrote: its own shards only, read in place."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    try:
+        from torch.distributed.tensor import DTensor
+
+        from mode_edge.training.fsdp import FSDPPlan
+
+        model, params, _ = model_and_batch(2)
+        plan = FSDPPlan(rank, size, torch.device("cpu"))
+        _, trained = plan.prepare(model, params, lm_loss)
+        optimizer = torch.optim.AdamW(param_groups(trained, CFG), betas=(0.9, 0.95), eps=1e-8)
+        state = Path(out) / "train_state"
+        before = _load_own_shards(state, *_checked_record(state, SIGNATURE), trained, optimizer)
+        local = {n: p.to_local().numel() for n, p in trained.items() if isinstance(p, DTensor)}
+        moments = {i: s["exp_avg"].to_local().numel() for i, s in optimizer.state_dict()["state"].items()
+                   if isinstance(s["exp_avg"], DTensor)}  # fmt: skip
+        gathered = _state_tensors(plan, trained, optimizer)
+        torch.save({"before": before, "local": local, "moments": moments, "state": gathered},
+                   f"{out}/resumed{rank}.pt")  # fmt: skip
     finally:
         dist.destroy_process_group()
 
@@ -121,13 +163,29 @@ def test_each_rank_writes_its_half_of_every_layer_and_no_tensor_twice(out, refer
 def test_the_sharded_checkpoint_reads_back_whole_as_one_process_wrote_it(out, ranks, reference):
     reference, _, _, _ = reference
     _, params, _ = model_and_batch(2)
-    _, moments = _load_state(out / "train_state", params, SIGNATURE)  # one process, no group
+    _, moments = load_whole(out / "train_state", params)  # one process, no group
     alone = {**{f"param.{n}": p.detach() for n, p in params.items()},
              **{f"opt.{i}.{k}": v for i, m in moments.items() for k, v in m.items()}}  # fmt: skip
     for read in (alone, ranks[0]["resumed"], ranks[1]["resumed"]):
         assert sorted(read) == sorted(reference)
         for key, value in reference.items():
             assert_close(read[key], value, rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_three_ranks_resume_from_two_ranks_shards_each_reading_its_own(out, reference):
+    """--fsdp resumed at another world size: each of three ranks holds a third of every layer and of its moments,
+    read straight from the two ranks' files, and together they hold what one process wrote after the same step."""
+    reference, _, params, _ = reference
+    mp.start_processes(_resume_rank, args=(3, free_port(), str(out)), nprocs=3, start_method="spawn")
+    ranks = [torch.load(out / f"resumed{r}.pt") for r in range(3)]
+    layers = {n: p.numel() for n, p in params.items() if ".layers." in n}
+    for n, numel in layers.items():
+        assert sum(r["local"][n] for r in ranks) == numel and max(r["local"][n] for r in ranks) < numel, n
+    assert sum(sum(r["moments"].values()) for r in ranks) == sum(layers.values())  # each layer's exp_avg, split
+    assert [r["before"]["step"] for r in ranks] == [1, 1, 1]
+    assert sorted(ranks[0]["state"]) == sorted(reference) and ranks[1]["state"] == ranks[2]["state"] == {}
+    for key, value in reference.items():
+        assert_close(ranks[0]["state"][key], value, rtol=1e-5, atol=1e-7, msg=key)
 
 
 @pytest.mark.parametrize("damage, problem", [("flipped", "does not match its sha256"), ("missing", "is missing"),
@@ -147,12 +205,12 @@ def test_a_damaged_sharded_checkpoint_is_refused(damage, problem, out, tmp_path)
     _, params, _ = model_and_batch(2)
     before = {n: p.detach().clone() for n, p in params.items()}
     with pytest.raises(UserError, match=f"{problem}.* delete {state.parent} to start the run afresh"):
-        _load_state(state, params, SIGNATURE)
+        load_whole(state, params)
     for n, p in params.items():  # nothing half-read into the model
         assert torch.equal(p.detach(), before[n]), n
     if damage == "stray":  # as the refusal says: without the stray file, the checkpoint resumes
         files[0].with_name("shard-00003-model-00001-of-00001.safetensors").unlink()
-        assert _load_state(state, params, SIGNATURE)[0]["step"] == 1
+        assert load_whole(state, params)[0]["step"] == 1
 
 
 def test_shards_that_leave_part_of_a_tensor_out_are_not_read(out, tmp_path):
@@ -160,7 +218,7 @@ def test_shards_that_leave_part_of_a_tensor_out_are_not_read(out, tmp_path):
     shutil.copytree(out / "train_state/state-1.shards", tmp_path / "shards")
     (tmp_path / "shards/shard-00001-model-00001-of-00001.safetensors").unlink()  # rank 0's: the first halves
     with pytest.raises(ValueError, match="leave part of it out"):
-        load_whole(tmp_path / "shards")
+        sharded_checkpoint.load_whole(tmp_path / "shards")
 
 
 def test_a_new_sharded_checkpoint_replaces_what_was_there_and_an_interrupt_keeps_the_last(monkeypatch, tmp_path):
@@ -187,7 +245,7 @@ def test_a_new_sharded_checkpoint_replaces_what_was_there_and_an_interrupt_keeps
     save(4)
     assert sorted(p.name for p in state.iterdir()) == ["state-4.shards", "state.json"]
     _, fresh, _ = model_and_batch(1)
-    _, moments = _load_state(state, fresh, SIGNATURE)
+    _, moments = load_whole(state, fresh)
     for n, p in params.items():
         assert torch.equal(fresh[n], p.detach()), n
     assert sorted(moments) == sorted(optimizer.state_dict()["state"])
