@@ -7,5 +7,5 @@ class UserError(Exception):
 
 
 class RunStopped(Exception):
-    """A training run stopped because another of its torchrun processes did (interrupted, killed, or failed); the
-    message says what that process's loss left behind and how to resume. Not the user's mistake: exit code 1."""
+    """A training run stopped because another of its torchrun processes did (interrupted, killed, or failed); rank 0
+    adds which checkpoint a rerun resumes from. Not the user's mistake: exit code 1."""

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from mode_edge.errors import UserError
+from mode_edge.errors import RunStopped, UserError
 from mode_edge.files import sha256_file, write_json
 from mode_edge.chat import RESERVED
 from mode_edge.rope import check_rope_scaling, positive
@@ -98,7 +98,7 @@ def checked_load(path: Path, load: Callable[[], T], fix: str) -> T:
     failure turned into one line naming the file and the fix."""
     try:
         return load()
-    except UserError:
+    except (UserError, RunStopped):  # (RunStopped: a collective read lost a peer; the file is not to blame)
         raise
     except MemoryError:
         raise UserError(f"{path} could not be read: it declares more data than fits in memory; {fix}") from None

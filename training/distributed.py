@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from typing import Callable, Iterator
 
 import torch
@@ -64,15 +65,20 @@ PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pi
 @contextlib.contextmanager
 def peers_watched() -> Iterator[None]:
     """Raise RunStopped, one line, where a collective fails because another process of the group went away (it was
-    interrupted, killed, or failed first: torchrun reports which): NCCL's DistBackendError, or gloo's RuntimeError
-    from its TCP transport, which would otherwise print a traceback on every rank left waiting for it."""
+    interrupted, killed, or failed first: torchrun reports which): gloo's RuntimeError from its TCP transport (tested)
+    or NCCL's DistBackendError (which also covers NCCL's own failures; not run here: no GPU), either of which would
+    otherwise print a traceback on every rank left waiting. From then on this process ignores SIGTERM, which torchrun
+    sends the survivors of a stopped process: it would cut the line (and the checkpoint it names) short."""
     try:
         yield
     except RuntimeError as e:
-        text = str(e)
+        text = str(e).strip()
         if not isinstance(e, dist.DistBackendError) and not ("gloo" in text and any(s in text for s in PEER_GONE)):
             raise
-        reason = text.split("] ", 1)[-1].split(". ", 1)[0].strip()  # ("[file:line] Read error ...: Connection ...")
+        with contextlib.suppress(ValueError):  # (only the main thread may set a handler; training runs there)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        first = (text.splitlines() or [type(e).__name__])[0]
+        reason = first.split("] ", 1)[-1].split(". ", 1)[0].strip()[:160]  # ("[file:line] Read error ...: Conn...")
         raise RunStopped(f"another process of this run stopped, or the connection to it failed ({reason})") from None
 
 

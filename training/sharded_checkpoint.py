@@ -124,7 +124,9 @@ def load_into(folder: Path, targets: dict[str, torch.Tensor]) -> None:
     stored ones). Raises what the reader raises for a damaged file."""
     import torch.distributed.checkpoint as dcp
 
-    with _dcp_failures():
+    from mode_edge.training.distributed import peers_watched
+
+    with peers_watched(), _dcp_failures():  # (a peer lost in the collective read: RunStopped, not a damaged file)
         dcp.load(targets, storage_reader=dcp.HuggingFaceStorageReader(str(folder)), no_dist=not dist.is_initialized())
 
 

@@ -215,7 +215,7 @@ def _change(option: str, then, now) -> str:
             isinstance(v, list) and all(isinstance(x, (int, float, str)) for x in v))  # fmt: skip
 
     def shown(v) -> str:
-        return "none" if v is None else ",".join(map(str, v)) if isinstance(v, list) else str(v)
+        return "none" if v is None or v == [] else ",".join(map(str, v)) if isinstance(v, list) else str(v)
 
     return f"{option}: {shown(then)} then, {shown(now)} now" if plain(then) and plain(now) else option
 
@@ -287,11 +287,11 @@ def _load_own_shards(state_dir: Path, meta: dict, folder: Path, trained: dict, o
              for i, p in enumerate(ordered)}  # fmt: skip
     targets = checkpoint_tensors({n: p.detach() for n, p in trained.items()}, state)
     stored = checked_load(folder, lambda: sharded_checkpoint.shapes(folder), fix)
-    if any(k.startswith("param.") for k in set(targets) ^ set(stored)) or not set(stored) <= set(targets) or any(
-            tuple(t.shape) != stored[k] for k, t in targets.items() if k in stored):  # fmt: skip
+    held = {i for i in state if f"opt.{i}.step" in stored}  # (AdamW keeps no state for a weight that had no gradient)
+    expected = {k for k in targets if k.startswith("param.")} | {f"opt.{i}.{m}" for i in held for m in state[i]}
+    if set(stored) != expected or any(tuple(targets[k].shape) != stored[k] for k in stored):
         raise UserError(f"{folder} does not hold this run's weights; {fix}")
     checked_load(folder, lambda: sharded_checkpoint.load_into(folder, {k: targets[k] for k in stored}), fix)
-    held = {i for i in state if f"opt.{i}.step" in stored}  # (AdamW keeps no state for a weight that had no gradient)
     before = _spent_before(state_dir, meta, {float(state[i]["step"]) for i in held})
     for i in held:
         optimizer.state[ordered[i]].update(state[i])

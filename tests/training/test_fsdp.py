@@ -86,12 +86,19 @@ def _resume_rank(rank: int, size: int, port: int, out: str) -> None:
         _, trained = plan.prepare(model, params, lm_loss)
         optimizer = torch.optim.AdamW(param_groups(trained, CFG), betas=(0.9, 0.95), eps=1e-8)
         state = Path(out) / "train_state"
+        read, load_into = {}, sharded_checkpoint.load_into
+
+        def recorded(folder, targets):  # what the checkpoint is read into: each rank's part of a sharded tensor
+            read.update({k: t.to_local().numel() if isinstance(t, DTensor) else None for k, t in targets.items()})
+            return load_into(folder, targets)
+
+        sharded_checkpoint.load_into = recorded
         before = _load_own_shards(state, *_checked_record(state, SIGNATURE), trained, optimizer)
         local = {n: p.to_local().numel() for n, p in trained.items() if isinstance(p, DTensor)}
         moments = {i: s["exp_avg"].to_local().numel() for i, s in optimizer.state_dict()["state"].items()
                    if isinstance(s["exp_avg"], DTensor)}  # fmt: skip
         gathered = _state_tensors(plan, trained, optimizer)
-        torch.save({"before": before, "local": local, "moments": moments, "state": gathered},
+        torch.save({"before": before, "local": local, "moments": moments, "state": gathered, "read": read},
                    f"{out}/resumed{rank}.pt")  # fmt: skip
     finally:
         dist.destroy_process_group()
@@ -181,6 +188,10 @@ def test_three_ranks_resume_from_two_ranks_shards_each_reading_its_own(out, refe
     layers = {n: p.numel() for n, p in params.items() if ".layers." in n}
     for n, numel in layers.items():
         assert sum(r["local"][n] for r in ranks) == numel and max(r["local"][n] for r in ranks) < numel, n
+        assert [r["read"][f"param.{n}"] for r in ranks] == [r["local"][n] for r in ranks], n  # read into its part
+    for r in ranks:  # ... and both moments of each layer likewise
+        sharded_moments = sorted(v for k, v in r["read"].items() if k.startswith("opt.") and v is not None)
+        assert sharded_moments == sorted(2 * list(r["moments"].values()))
     assert sum(sum(r["moments"].values()) for r in ranks) == sum(layers.values())  # each layer's exp_avg, split
     assert [r["before"]["step"] for r in ranks] == [1, 1, 1]
     assert sorted(ranks[0]["state"]) == sorted(reference) and ranks[1]["state"] == ranks[2]["state"] == {}
