@@ -129,7 +129,8 @@ def train_options(method: str):
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
                      help="Where to train: cpu, or cuda where a GPU is present."),
         click.option("--checkpoint-every", type=POSITIVE, default=50, show_default=True,
-                     help="Steps between resumable checkpoints; an interrupted run resumes when rerun."),
+                     help="Steps between resumable checkpoints; an interrupted run resumes when rerun with the same "
+                          "options (this one may change; --steps may not: the learning-rate schedule spans them)."),
         click.option("--fsdp", is_flag=True,
                      help="Under torchrun: shard the trainable layers, their gradients and optimizer moments over the "
                           "processes (FSDP2) instead of a whole copy on each."),

@@ -189,7 +189,10 @@ a training setting or a layout field not listed is its own option (`lr`: --lr, `
 def changed_settings(saved: dict, now: dict) -> list[str]:
     """Where two runs' signatures differ, as the options that set them (SIGNATURE_OPTIONS; `train` and `layout` field
     by field) with the interrupted run's value and the new one where they read in a few words; RESUMABLE settings
-    aside. The backbone's fingerprint covers its cut into blocks, so a changed layout does not also name --base."""
+    aside; another command alone where the commands differ. The backbone's fingerprint covers its cut into blocks,
+    so a changed layout does not also name --base."""
+    if saved.get("stage") != now.get("stage"):  # (another command: its other options, defaults among them, differ)
+        return [f"the command: it was train {saved.get('stage')}, now train {now.get('stage')}"]
     changed = []
     for key in sorted(set(saved) | set(now)):
         a, b = saved.get(key), now.get(key)
@@ -197,8 +200,6 @@ def changed_settings(saved: dict, now: dict) -> list[str]:
             fields = [k for k in sorted(set(a) | set(b)) if k not in RESUMABLE and a.get(k) != b.get(k)]
             options = [SIGNATURE_OPTIONS.get(k, f"--{k.replace('_', '-')}") for k in fields]
             changed += [_change(option, a.get(k), b.get(k)) for option, k in zip(options, fields)]
-        elif key == "stage" and a != b:
-            changed.append(f"the command: it was train {a}")
         elif key == "base" and a != b and saved.get("layout") == now.get("layout"):
             changed.append("--base")  # (a fingerprint: its value says nothing to read)
         elif key != "base" and a != b:
@@ -353,7 +354,7 @@ def train(
         torch.cuda.set_device(device)  # (FSDP and NCCL take the current device for this process's)
     with distributed.process_group(device), distributed.peers_watched():
         plan = distributed.strategy(parallel, rank, size, device)
-        launch = {"processes": size, **parallel.to_dict()}
+        launch = {"processes": size, **parallel.to_dict(), "fsdp": parallel.fsdp and size > 1}  # (as it trained)
         result = _train(model, params, batches, cfg, work, device, plan, signature=signature, label=label,
                         loss_fn=loss_fn, launch=launch)  # fmt: skip
         if size > 1:

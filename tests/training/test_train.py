@@ -219,15 +219,16 @@ def test_an_interrupt_says_what_a_rerun_will_find(code_data, tmp_path, monkeypat
         lr = refused(*args, "--lr", "2e-3", "--seq-len", "48", message=(changed, "delete that folder"))
         assert "--checkpoint-every" not in lr
         lora = ["train", "lora", *args[2:4], *args[6:]]  # (no --domain: a lora run has none)
-        refused(*lora, message=("other settings (the command: it was train expert; --lr: ", "delete that folder"))
+        refused(*lora, message=("other settings (the command: it was train expert, now train lora)", "delete that"))
     rerun = [*args[:5], "code", *args[6:]]  # the rest of a run's settings is checked once the backbone has loaded
     refused(*rerun, "--checkpoint-every", "3", message="other settings (--domain: legal then, code now)")
-    done = invoke(*args, "--checkpoint-every", "3")  # a setting that changes nothing computed: it resumes
+    done = invoke(*args, "--checkpoint-every", "3", "--fsdp")  # settings that change nothing computed: it resumes
     assert f"resuming the interrupted run in {partial} from its checkpoint of step 2 of 6" in (
         " ".join(done.stderr.split()))
     assert "tok/s) ->" in done.stdout
     training = runs.read_model_record(tmp_path / "run")["training"]
-    assert [(launch["from_step"], launch["processes"]) for launch in training["launches"]] == [(0, 1), (2, 1)]
+    launches = [(launch["from_step"], launch["processes"], launch["fsdp"]) for launch in training["launches"]]
+    assert launches == [(0, 1, False), (2, 1, False)]  # (--fsdp in one process trains without it: recorded so)
     assert training["domain"] == "legal"  # the expert's --domain, not its data folder's name
 
 
