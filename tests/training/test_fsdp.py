@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -44,11 +46,20 @@ def load_whole(state: Path, params: dict) -> tuple[dict, dict]:
     return _load_state(state, *_checked_record(state, SIGNATURE), params)
 
 
-def _rank(rank: int, size: int, port: int, out: str) -> None:
+@contextmanager
+def gloo_group(rank: int, size: int, port: int) -> Iterator[None]:
+    """This spawned process as `rank` of a gloo group of `size` on loopback, one thread, for the duration."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=size)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank(rank: int, size: int, port: int, out: str) -> None:
+    with gloo_group(rank, size, port):
         from torch.distributed.tensor import DTensor
 
         from mode_edge.training.fsdp import FSDPPlan
@@ -67,16 +78,11 @@ def _rank(rank: int, size: int, port: int, out: str) -> None:
         record = {"state": state, "resumed": resumed, "local": local, "sharded_frozen": sharded_frozen,
                   "finished": finished, "loss_after": lm_loss(model, batch).item()}  # fmt: skip
         torch.save(record, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def _resume_rank(rank: int, size: int, port: int, out: str) -> None:
     """A rank of an --fsdp run resuming from the checkpoint two ranks wrote: its own shards only, read in place."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=size)
-    try:
+    with gloo_group(rank, size, port):
         from torch.distributed.tensor import DTensor
 
         from mode_edge.training.fsdp import FSDPPlan
@@ -100,8 +106,6 @@ def _resume_rank(rank: int, size: int, port: int, out: str) -> None:
         gathered = _state_tensors(plan, trained, optimizer)
         torch.save({"before": before, "local": local, "moments": moments, "state": gathered, "read": read},
                    f"{out}/resumed{rank}.pt")  # fmt: skip
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
