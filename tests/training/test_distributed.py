@@ -230,6 +230,29 @@ def test_a_rank_left_waiting_by_an_interrupted_one_says_one_line(code_data, tmp_
     assert proc.returncode == 0 and "from its checkpoint of step 2 of 6" in proc.stderr, proc.stderr[-3000:]
 
 
+def test_two_nodes_of_one_process_each_end_where_one_process_ends(single, code_data, tmp_path):
+    """torchrun's launch across machines, as the README gives it, with two "machines" on loopback: a torchrun per node
+    (--nnodes 2, one process each, a c10d rendezvous), --out on the file system they share. The process with global
+    rank 0 alone shows progress and writes the run (the other's local rank is 0 too), and the run ends where one
+    process with the whole batch ends."""
+    from tests.training.test_placement import free_port
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen([str(BIN / "torchrun"), "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node",
+                               "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--no-python",
+                               str(BIN / "mode-edge"), "train", "expert", *ARGS, "--data", str(code_data), "--out",
+                               str(tmp_path / "run")], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for node in (0, 1)]  # fmt: skip
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errs]
+    assert sorted("step 6/6" in e for e in errs) == [False, True], errs  # progress from one process only
+    assert runs.read_model_record(tmp_path / "run")["training"]["parallel"]["processes"] == 2
+    a, b = expert_weights(tmp_path / "run"), expert_weights(single)
+    for k in a:
+        assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert history(tmp_path / "run") == pytest.approx(history(single), rel=1e-5)
+
+
 def test_the_global_batch_is_checked_before_the_backbone_loads(monkeypatch, tmp_path):
     """make_train_config (every training command, before it loads anything) refuses a batch the processes cannot
     share; split placement gives every rank the whole batch."""
