@@ -50,13 +50,20 @@ def write(name: str, data: dict, markdown: str) -> None:
     print(markdown)
 
 
-def mode_edge(*args: str, processes: int = 1, threads: int = 1, program: list[str] | None = None):
-    """`mode-edge ARGS` (or `program ARGS`) in a fresh process with `threads` OpenMP threads, under `torchrun
-    --standalone` with `processes` workers when more than one; exits with the command's stderr when it fails."""
+def mode_edge_command(*args: str, processes: int = 1, program: list[str] | None = None) -> list[str]:
+    """The command line of `mode-edge ARGS` (or `program ARGS`), under `torchrun --standalone` with `processes`
+    workers when more than one."""
     cmd = [*(program or [str(Path(sys.executable).parent / "mode-edge")]), *args]
     if processes > 1:
         torchrun = Path(sys.executable).parent / "torchrun"
         cmd = [str(torchrun), "--standalone", f"--nproc-per-node={processes}", "--no-python", *cmd]
+    return cmd
+
+
+def mode_edge(*args: str, processes: int = 1, threads: int = 1, program: list[str] | None = None):
+    """`mode_edge_command(ARGS)` run in a fresh process with `threads` OpenMP threads; exits with the command's
+    stderr when it fails."""
+    cmd = mode_edge_command(*args, processes=processes, program=program)
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     if proc.returncode:
         raise SystemExit(f"mode-edge {' '.join(args[:2])} failed:\n{proc.stderr[-3000:]}")

@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from checkpoint_memory import GATHERED  # noqa: E402
-from common import machine, median, write  # noqa: E402
+from common import machine, median, mode_edge_command, write  # noqa: E402
 
 INTERRUPTED = (
     "import sys; import mode_edge.training.trainer as trainer; schedule = trainer.lr_factor\n"
@@ -52,11 +52,6 @@ kernel's count of a process's children only grows)."""
 VARIANTS = ("each rank its own shards", "each rank the whole checkpoint")
 
 
-def torchrun(program: list[str], args: list[str]) -> list[str]:
-    return [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node=2", "--no-python",
-            *program, *args]  # fmt: skip
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="a prepared corpus (e.g. the code domain)")
@@ -73,8 +68,8 @@ def main() -> None:
         interrupted = [sys.executable, "-c", INTERRUPTED.replace("STEP", str(args.checkpoint_every))]
         first = Path(tmp) / "first"
         every = ["--checkpoint-every", str(args.checkpoint_every)]
-        proc = subprocess.run(torchrun(interrupted, [*train, "--out", str(first), *every]), env=env,
-                              capture_output=True, text=True)  # fmt: skip
+        proc = subprocess.run(mode_edge_command(*train, "--out", str(first), *every, processes=2, program=interrupted),
+                              env=env, capture_output=True, text=True)  # fmt: skip
         partial = Path(tmp) / ".first.partial"
         if f"the checkpoint of step {args.checkpoint_every} of {steps} is kept" not in proc.stderr:
             raise SystemExit(f"the run to resume did not stop after its checkpoint:\n{proc.stderr[-3000:]}")
@@ -82,9 +77,9 @@ def main() -> None:
             for k, variant in enumerate(VARIANTS):
                 out = Path(tmp) / f"{r}-{k}"
                 shutil.copytree(partial, out.with_name(f".{out.name}.partial"))
-                program = [str(Path(sys.executable).parent / "mode-edge")] if k == 0 else [
-                    sys.executable, "-c", GATHERED]  # fmt: skip
-                cmd = torchrun(program, [*train, "--out", str(out), "--checkpoint-every", "1000"])  # none after
+                program = None if k == 0 else [sys.executable, "-c", GATHERED]
+                cmd = mode_edge_command(*train, "--out", str(out), "--checkpoint-every", "1000", processes=2,
+                                        program=program)  # (no checkpoint after the resume)  # fmt: skip
                 proc = subprocess.run([sys.executable, "-c", PEAK, *cmd], env=env, capture_output=True, text=True)
                 if proc.returncode:
                     raise SystemExit(f"{variant}: the resumed run failed:\n{proc.stderr}")

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from mode_edge.bundle import check_declared
 from mode_edge.errors import UserError
 from mode_edge.integrity import file_record, verify_records
+from mode_edge.training.distributed import peers_watched
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata
@@ -88,30 +89,32 @@ def check_written(folder: Path, written: Metadata) -> None:
                             f"the same folder; on several machines give --out on a file system they share")  # fmt: skip
 
 
-def shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-    """Every tensor's whole shape by key, from the files' headers. Raises ValueError where a tensor's shards overlap
-    or leave part of it uncovered, or what the reader raises for a damaged file."""
+def _metadata(folder: Path) -> dict:
+    """Every tensor's metadata by key (its whole size, dtype and shards), from the files' headers. Raises ValueError
+    where a tensor's shards overlap or leave part of it uncovered, or what the reader raises for a damaged file."""
     import torch.distributed.checkpoint as dcp
 
-    metadata = dcp.HuggingFaceStorageReader(str(folder)).read_metadata()
-    found = {}
-    for key, meta in metadata.state_dict_metadata.items():
+    metadata = dcp.HuggingFaceStorageReader(str(folder)).read_metadata().state_dict_metadata
+    for key, meta in metadata.items():
         covered = torch.zeros(meta.size, dtype=torch.int8)
         for chunk in meta.chunks:
             covered[tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes))] += 1
         if covered.numel() and not bool((covered == 1).all()):
             raise ValueError(f"the shards of {key} overlap or leave part of it out")
-        found[key] = tuple(meta.size)
-    return found
+    return metadata
+
+
+def shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's whole shape by key, from the files' headers. Raises as `_metadata` does."""
+    return {key: tuple(meta.size) for key, meta in _metadata(folder).items()}
 
 
 def load_whole(folder: Path) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors, whole, on the CPU, read by this process alone (no collective: each rank of a group
-    reads it on its own). Raises as `shapes` does."""
+    reads it on its own). Raises as `_metadata` does."""
     import torch.distributed.checkpoint as dcp
 
-    metadata = dcp.HuggingFaceStorageReader(str(folder)).read_metadata().state_dict_metadata
-    tensors = {key: torch.empty(size, dtype=metadata[key].properties.dtype) for key, size in shapes(folder).items()}
+    tensors = {key: torch.empty(meta.size, dtype=meta.properties.dtype) for key, meta in _metadata(folder).items()}
     with _dcp_failures():
         dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(folder)), no_dist=True)
     return tensors
@@ -123,8 +126,6 @@ def load_into(folder: Path, targets: dict[str, torch.Tensor]) -> None:
     shards, whatever the world size that wrote them (DCP's load planner matches the requested pieces with the
     stored ones). Raises what the reader raises for a damaged file."""
     import torch.distributed.checkpoint as dcp
-
-    from mode_edge.training.distributed import peers_watched
 
     with peers_watched(), _dcp_failures():  # (a peer lost in the collective read: RunStopped, not a damaged file)
         dcp.load(targets, storage_reader=dcp.HuggingFaceStorageReader(str(folder)), no_dist=not dist.is_initialized())

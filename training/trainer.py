@@ -221,11 +221,16 @@ def _change(option: str, then, now) -> str:
     return f"{option}: {shown(then)} then, {shown(now)} now" if plain(then) and plain(now) else option
 
 
+def _afresh(work: Path) -> str:
+    """The fix a refused checkpoint's message ends with: its run folder is the user's to delete, never ours."""
+    return f"delete {work} to start the run afresh"
+
+
 def _checked_record(state_dir: Path, signature: dict) -> tuple[dict, Path]:
     """The checkpoint record of `state_dir` and the weights it names (a file, or a folder of shards), checked first:
     complete, the files as recorded, the run's settings unchanged. A damaged one is refused with the folder to delete
     (it is never deleted for the user: it holds their progress)."""
-    fix = f"delete {state_dir.parent} to start the run afresh"
+    fix = _afresh(state_dir.parent)
     meta = read_json(state_dir / "state.json", fix, fix)
     weights = _weights_file(state_dir, meta)
     sharded = weights is not None and weights.suffix == sharded_checkpoint.SUFFIX
@@ -249,8 +254,8 @@ def _spent_before(state_dir: Path, meta: dict, step_counts: set[float]) -> dict:
         losses = len(history) if isinstance(history, list) else "no"
         counted = ", ".join(f"{c:g}" for c in sorted(step_counts)) or "none"
         raise UserError(f"the checkpoint record {state_dir / 'state.json'} does not match its weights (it says step "
-                        f"{step}, with {losses} losses, where the optimizer counted {counted}); delete "
-                        f"{state_dir.parent} to start the run afresh")  # fmt: skip
+                        f"{step}, with {losses} losses, where the optimizer counted {counted}); "
+                        f"{_afresh(state_dir.parent)}")  # fmt: skip
     spent = {k: v for k, v in meta.items() if k not in ("signature", "weights", "weights_file")}
     return {**NOTHING_DONE, **spent}
 
@@ -259,7 +264,7 @@ def _load_state(state_dir: Path, meta: dict, weights: Path, params) -> tuple[dic
     """Resume from the checkpoint `_checked_record` found, read whole by this process: copies the weights into
     `params`; returns what the run spent before it and the optimizer's state by parameter index (whole tensors, for
     `_load_optimizer`)."""
-    fix = f"delete {state_dir.parent} to start the run afresh"
+    fix = _afresh(state_dir.parent)
     sharded = weights.suffix == sharded_checkpoint.SUFFIX
     read = (lambda: sharded_checkpoint.load_whole(weights)) if sharded else (lambda: load_file(str(weights)))
     tensors = checked_load(weights, read, fix)
@@ -282,7 +287,7 @@ def _load_own_shards(state_dir: Path, meta: dict, folder: Path, trained: dict, o
     """Resume an --fsdp run from a sharded checkpoint with each rank reading only the parts of it its own shards
     need, straight into its sharded weights and AdamW state (collective; DCP reshards between world sizes): no rank
     holds a whole trainable tensor or moment. Returns what the run spent before the checkpoint."""
-    fix = f"delete {state_dir.parent} to start the run afresh"
+    fix = _afresh(state_dir.parent)
     ordered = [p for group in optimizer.param_groups for p in group["params"]]
     state = {i: {"step": torch.zeros((), dtype=torch.float32), **{m: torch.zeros_like(p) for m in MOMENTS}}
              for i, p in enumerate(ordered)}  # fmt: skip
@@ -379,7 +384,7 @@ def _train(model, params, batches, cfg: TrainConfig, work: Path, device: torch.d
     if own_shards:
         before = _load_own_shards(state_dir, meta, weights, trained, optimizer)
     elif moments:
-        _load_optimizer(optimizer, moments, trained, plan, f"delete {work} to start the run afresh")
+        _load_optimizer(optimizer, moments, trained, plan, _afresh(work))
         moments.clear()  # (the moments of weights this rank does not hold would otherwise stay for the whole run)
     for _ in range(before["step"] * cfg.grad_accum):  # replay the deterministic data order up to the checkpoint
         next(batches)
