@@ -73,15 +73,17 @@ fuzz: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/train_efficiency.py
 
-# mode-edge beside llama.cpp and onnxruntime-genai on the same backbone (benchmarks/peers.py): builds llama.cpp from
-# its sdist (about 4 minutes on 2 cores; GGML_NATIVE would enable AMX here, which crashes)
+# mode-edge beside llama.cpp and onnxruntime-genai on the same backbone (benchmarks/peers.py), each at 4 and 8 bits:
+# builds llama.cpp from its sdist (about 4 minutes on 2 cores; GGML_NATIVE would enable AMX here, which crashes)
 BUNDLE ?= runs/demo/bundle
 bench-peers: $(STAMP) native
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" $(PY) -m pip install -q \
 		llama-cpp-python==0.3.36 onnxruntime-genai==0.18.0
 	mkdir -p runs && $(PY) benchmarks/peers.py --prepare runs/peers > runs/peers.gguf
-	$(PY) benchmarks/peers.py --gguf "$$(cat runs/peers.gguf)" --lora-gguf runs/peers/lora.gguf \
-		--genai runs/peers/genai-int4 --genai-lora runs/peers/genai-int4-lora --bundle mode-edge=$(BUNDLE) --native
+	$(PY) benchmarks/peers.py --gguf "$$(cat runs/peers.gguf)" --gguf runs/peers/q8_0.gguf \
+		--lora-gguf runs/peers/lora.gguf --genai runs/peers/genai-int4 --genai runs/peers/genai-int8 \
+		--genai-lora runs/peers/genai-int4-lora --genai-lora runs/peers/genai-int8-lora \
+		--bundle mode-edge=$(BUNDLE) --native
 
 clean:
 	rm -rf $(VENV) runs

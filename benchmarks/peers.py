@@ -1,14 +1,17 @@
 """mode-edge beside the runtimes a user would pick instead, on the same backbone, machine, prompts and threads.
 
-    python benchmarks/peers.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --genai GENAI_INT4 \\
-        --bundle int4=BUNDLE_INT4 [--expert code] [--threads 2] [--rounds 3] [--new-tokens 128]
+    python benchmarks/peers.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf [--gguf Q8_0.gguf] --genai GENAI_INT4 \\
+        [--genai GENAI_INT8] --bundle int4=BUNDLE_INT4 [--bundle int8=BUNDLE_INT8] [--expert code] [--threads 2] \\
+        [--rounds 3] [--new-tokens 128]
 
 Variants: llama.cpp (llama-cpp-python, `pip install llama-cpp-python` built with CMAKE_ARGS="-DGGML_NATIVE=OFF
--DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON": GGML_NATIVE enables AMX here and crashes) on the GGUF the backbone
-ships as, and with --lora-gguf loaded at start; onnxruntime-genai (`pip install onnxruntime-genai`) on its builder's
-output (`python -m onnxruntime_genai.models.builder -i CHECKPOINT -o GENAI -p int4 -e cpu`, CHECKPOINT the backbone
-saved as a Hugging Face folder), and on --genai-lora, its build with a LoRA adapter (`--extra_options
-adapter_path=LORA`: each LoRA a 4-bit MatMul pair beside its projection, fixed in the graph); mode-edge's Python
+-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON": GGML_NATIVE enables AMX here and crashes) on each --gguf (the GGUF the
+backbone ships as, Q4_1, and --prepare's Q8_0 of it), and with --lora-gguf loaded at start; onnxruntime-genai (`pip
+install onnxruntime-genai`) on each of its builder's outputs (`python -m onnxruntime_genai.models.builder -i
+CHECKPOINT -o GENAI -p int4 -e cpu`, or `-p int8`, CHECKPOINT the backbone saved as a Hugging Face folder), and on
+each --genai-lora, its build with a LoRA adapter (`--extra_options
+adapter_path=LORA`: each LoRA a MatMul pair beside its projection, quantized as the build is, fixed in
+the graph); mode-edge's Python
 runtime on each --bundle, base only and with --expert loaded, and with --native the native runtime (C++,
 runtimes/native: `make native`) on each bundle too. The LoRA adapter (--prepare) has about one expert's
 parameters (LORA_RANK). Each measurement is a
@@ -19,8 +22,9 @@ s, TTFT and prefill tok/s at 128 and 512 prompt tokens, decode tok/s over --new-
 and over 64 tokens ending at 1,024 tokens of context, peak RSS (VmHWM), bytes on disk, the memory-bandwidth floor
 (weight bytes over a numpy copy's bandwidth), and where there is something to switch (llama.cpp's LoRA, mode-edge's
 expert) the time to load it again beside the time to read its files.
-Run it on idle cores; `make bench-peers` installs the two peers, prepares the genai build (--prepare) and runs it on
-BUNDLE (default runs/demo/bundle). Writes benchmarks/results/peers.{json,md} and peers.png (or --name's).
+Run it on idle cores; `make bench-peers` installs the two peers, prepares their builds at 4 and 8 bits (--prepare)
+and runs them beside BUNDLE (default runs/demo/bundle, the demo's int8 bundle). Writes
+benchmarks/results/peers.{json,md} and peers.png (or --name's).
 The native runtime generates once a process, so its figures come from three fresh processes a round (the 128-token
 prompt with --new-tokens, the 512-token prompt, the 1,024-token context), its peak RSS the largest of the three, its
 load the base's and the expert's graphs; it stops at end-of-sequence (the decode figures count what it generated)
@@ -388,17 +392,33 @@ def lora_gguf(adapter: Path, ckpt: Path, out: Path) -> None:
     writer.close()
 
 
+def requantize_gguf(source: Path, out: Path) -> None:
+    """The GGUF `source` written again at Q8_0 by llama.cpp's own quantizer (llama_model_quantize with
+    allow_requantize: each tensor dequantized from its blocks, then rounded to Q8_0), for llama.cpp at 8 bits."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.allow_requantize, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, True, os.cpu_count() or 1
+    partial = out.with_name(out.name + ".partial")
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama.cpp could not requantize {source} to Q8_0")
+    os.replace(partial, out)
+
+
 def prepare(folder: Path) -> None:
     """FOLDER/ckpt: the built-in backbone as a Hugging Face folder (transformers refuses save_pretrained on a model
     it loaded from GGUF, so a LlamaForCausalLM is built from that model's config and given its state dict),
-    FOLDER/genai-int4: onnxruntime-genai's builder run on it, FOLDER/lora: a LoRA adapter of about one expert's size
-    (`make_lora`), FOLDER/lora.gguf: the same for llama.cpp, FOLDER/genai-int4-lora: genai's builder with the
-    adapter (it adds each LoRA as a MatMul pair beside its projection). Prints the GGUF path for --gguf. Skips what
-    exists."""
+    FOLDER/genai-int4 and FOLDER/genai-int8: onnxruntime-genai's builder run on it at 4 and 8 bits, FOLDER/lora: a
+    LoRA adapter of about one expert's size (`make_lora`), FOLDER/lora.gguf: the same for llama.cpp,
+    FOLDER/genai-int4-lora and FOLDER/genai-int8-lora: genai's builder with the adapter (it adds each LoRA as a
+    MatMul pair beside its projection), FOLDER/q8_0.gguf: the shipped GGUF at Q8_0 (`requantize_gguf`). Prints the
+    shipped GGUF's path for --gguf. Skips what exists."""
     from mode_edge.training.backbones import resolve_spec
 
     directory, gguf = resolve_spec("smollm2")
-    ckpt, genai = folder / "ckpt", folder / "genai-int4"
+    ckpt = folder / "ckpt"
     if not (ckpt / "config.json").is_file():
         from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
@@ -410,32 +430,36 @@ def prepare(folder: Path) -> None:
         model.load_state_dict(loaded.state_dict())
         model.save_pretrained(ckpt)
         AutoTokenizer.from_pretrained(directory, gguf_file=gguf).save_pretrained(ckpt)
-    if not (genai / "genai_config.json").is_file():
-        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt), "-o", str(genai),
-                        "-p", "int4", "-e", "cpu"], check=True, stdout=sys.stderr)  # fmt: skip
     lora = folder / "lora"
     if not (lora / "adapter_config.json").is_file():
         make_lora(ckpt, lora)
     if not (folder / "lora.gguf").is_file():
         lora_gguf(lora, ckpt, folder / "lora.gguf.partial")
         os.replace(folder / "lora.gguf.partial", folder / "lora.gguf")
-    if not (folder / "genai-int4-lora" / "genai_config.json").is_file():
-        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt), "-o",
-                        str(folder / "genai-int4-lora"), "-p", "int4", "-e", "cpu", "--extra_options",
-                        f"adapter_path={lora.resolve()}"], check=True, stdout=sys.stderr)  # fmt: skip
+    for precision in ("int4", "int8"):
+        for out, extra in ((folder / f"genai-{precision}", []),
+                           (folder / f"genai-{precision}-lora", ["--extra_options", f"adapter_path={lora.resolve()}"])):
+            if not (out / "genai_config.json").is_file():
+                subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt), "-o",
+                                str(out), "-p", precision, "-e", "cpu", *extra], check=True, stdout=sys.stderr)
+    if not (folder / "q8_0.gguf").is_file():
+        requantize_gguf(directory / gguf, folder / "q8_0.gguf")
     print(directory / gguf)  # the only line on stdout: `make bench-peers` reads it
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--prepare", type=Path, help="Make the genai build in this folder (see `prepare`) and exit.")
-    ap.add_argument("--gguf", help="The backbone's GGUF file (llama.cpp).")
-    ap.add_argument("--genai", help="onnxruntime-genai's builder output folder.")
-    ap.add_argument("--lora-gguf", help="A llama.cpp LoRA adapter (GGUF) for the GGUF: adds llama.cpp with it loaded "
-                    "at start (--prepare writes FOLDER/lora.gguf).")
-    ap.add_argument("--genai-lora", help="onnxruntime-genai's builder output with a LoRA adapter built in "
-                    "(--prepare writes FOLDER/genai-int4-lora).")
+    ap.add_argument("--prepare", type=Path, help="Make the peers' builds in this folder (see `prepare`) and exit.")
+    ap.add_argument("--gguf", action="append", default=[], help="A GGUF file of the backbone (llama.cpp; repeatable: "
+                    "the shipped Q4_1, --prepare's FOLDER/q8_0.gguf).")
+    ap.add_argument("--genai", action="append", default=[], help="onnxruntime-genai's builder output folder "
+                    "(repeatable: --prepare writes FOLDER/genai-int4 and FOLDER/genai-int8).")
+    ap.add_argument("--lora-gguf", help="A llama.cpp LoRA adapter (GGUF) of the backbone: adds llama.cpp with it "
+                    "loaded at start, on each --gguf (--prepare writes FOLDER/lora.gguf).")
+    ap.add_argument("--genai-lora", action="append", default=[], help="onnxruntime-genai's builder output with a "
+                    "LoRA adapter built in (repeatable: --prepare writes FOLDER/genai-int4-lora and "
+                    "FOLDER/genai-int8-lora).")
     ap.add_argument("--bundle", action="append", default=[], help="LABEL=PATH: a mode-edge bundle (repeatable).")
     ap.add_argument("--expert", default="code", help="The expert loaded in the 'with one expert' rows.")
     ap.add_argument("--threads", type=int, default=2)
@@ -464,16 +488,13 @@ def main() -> None:
     tokenizer = str(Path(next(iter(bundles.values()))) / "tokenizer.json")
     common = {"threads": args.threads, "new_tokens": args.new_tokens, "tokenizer": tokenizer}
     specs = []
-    if args.gguf:
-        specs.append({"label": f"llama.cpp {Path(args.gguf).name}", "kind": "llama.cpp", "path": args.gguf})
-    if args.gguf and args.lora_gguf:
-        specs.append({"label": f"llama.cpp {Path(args.gguf).name} + LoRA {Path(args.lora_gguf).name}",
-                      "kind": "llama.cpp", "path": args.gguf, "lora": args.lora_gguf})  # fmt: skip
-    if args.genai:
-        specs.append({"label": f"onnxruntime-genai {Path(args.genai).name}", "kind": "genai", "path": args.genai})
-    if args.genai_lora:
-        specs.append({"label": f"onnxruntime-genai {Path(args.genai_lora).name}", "kind": "genai",
-                      "path": args.genai_lora})  # fmt: skip
+    for gguf in args.gguf:
+        specs.append({"label": f"llama.cpp {Path(gguf).name}", "kind": "llama.cpp", "path": gguf})
+        if args.lora_gguf:
+            specs.append({"label": f"llama.cpp {Path(gguf).name} + LoRA {Path(args.lora_gguf).name}",
+                          "kind": "llama.cpp", "path": gguf, "lora": args.lora_gguf})  # fmt: skip
+    for genai in args.genai + args.genai_lora:
+        specs.append({"label": f"onnxruntime-genai {Path(genai).name}", "kind": "genai", "path": genai})
     for label, path in bundles.items():
         specs.append({"label": f"mode-edge {label}, base only", "kind": "mode-edge", "path": path})
         specs.append({"label": f"mode-edge {label} + {args.expert}", "kind": "mode-edge", "path": path,

@@ -31,6 +31,7 @@ from mode_edge.bundle import (
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
     GRAPH_SUFFIX,
+    ONNX_OPTIMIZED_AHEAD,
     PACK_FORMAT,
     bundle_lock,
     records,
@@ -105,19 +106,28 @@ def export_graph(rel: str, graph, fmt: str, dcfg, work: Path, fp32: Path, cfg: E
         if planned is not None:
             planned[rel] = nbytes
         return counts
-    from mode_edge.export.onnx_graphs import export_onnx, quantize_onnx
+    from mode_edge.export.onnx_graphs import export_onnx, optimize_ahead, quantize_onnx
 
     target = work / (rel + ".onnx") if cfg.quant == "fp32" else fp32 / (rel + ".onnx")
     export_onnx(graph, dcfg, target)
-    if cfg.quant == "fp32":
-        return {}
-    progress.show(f"quantize {rel} ({cfg.quant})")
-    measure = measure_inputs(graph, dcfg) if cfg.accuracy_level == "auto" else None
-    counts, chosen = quantize_onnx(target, work / (rel + ".onnx"), cfg.quant, cfg.block_size, cfg.accuracy_level,
-                                   source, cfg.quant_method, measure)  # fmt: skip
-    if chosen is not None and compute is not None:
-        compute[rel] = chosen
+    counts: dict[str, int] = {}
+    if cfg.quant != "fp32":
+        progress.show(f"quantize {rel} ({cfg.quant})")
+        measure = measure_inputs(graph, dcfg) if cfg.accuracy_level == "auto" else None
+        counts, chosen = quantize_onnx(target, work / (rel + ".onnx"), cfg.quant, cfg.block_size,
+                                       cfg.accuracy_level, source, cfg.quant_method, measure)  # fmt: skip
+        if chosen is not None and compute is not None:
+            compute[rel] = chosen
+    if optimized_ahead(rel):
+        optimize_ahead(work / (rel + ".onnx"))
     return counts
+
+
+def optimized_ahead(rel: str) -> bool:
+    """Whether the ONNX graph of component REL is written optimized by onnxruntime (onnx_graphs.optimize_ahead):
+    the experts' blocks, whose sessions an expert switch creates. (The base's graphs load once; optimized ahead,
+    their fp16 scales would be stored as the fp32 the optimizer folds them to.)"""
+    return rel.startswith("experts/")
 
 
 def measure_inputs(graph, dcfg, seed: int = 0) -> tuple[list[dict], dict]:
@@ -353,6 +363,7 @@ def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict,
             **{fmt: rel + GRAPH_SUFFIX[fmt] for fmt in cfg.formats},
             **({"onnx_weights_in": "base/head.onnx.data"} if rel in shared else {}),
             **({"onnx_compute": compute[rel]} if compute and rel in compute else {}),
+            **({"onnx_optimized": ONNX_OPTIMIZED_AHEAD} if "onnx" in cfg.formats and optimized_ahead(rel) else {}),
         }  # fmt: skip
     experts = {}
     for name in model.experts:

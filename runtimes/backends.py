@@ -78,28 +78,42 @@ def check_sliding_window_support(bundle: str) -> None:
                         f"counts one key wider (fixed in 1.24); `pip install 'onnxruntime>=1.24'`")  # fmt: skip
 
 
+def session_options(threads: int | None, optimized_ahead: bool = False):
+    """The onnxruntime SessionOptions of the runtime's sessions: the shared arena, prepacking on the thread pool, no
+    memory patterns, the process's global thread pool where it has one (else a pool of `threads` that does not
+    spin); with `optimized_ahead` (a graph saved by onnxruntime's optimizer at export: its component's
+    `onnx_optimized` is mode_edge/bundle.ONNX_OPTIMIZED_AHEAD) no graph optimization."""
+    import onnxruntime as ort
+
+    share_one_arena()
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.use_env_allocators", "1")
+    # Prepacking the 4-bit weights for onnxruntime's kernels is most of a session's creation (an expert switch
+    # creates three): on the thread pool it takes 3 SmolLM2 expert graphs from 22.5 to 16.8 ms (2 threads).
+    options.add_session_config_entry("session.prepack.enable_parallel", "1")
+    # A memory pattern plans each run's activations as one block per input shape; with the cache's length
+    # growing every step those blocks grow too, and the shared arena kept more of them. Measured on the SmolLM2
+    # int4 bundle with one expert (benchmarks/peers.py's run in one process: 128, 512, 896-token prompts):
+    # peak RSS 383-386 -> 366-367 MB, TTFT and decode unchanged within noise.
+    options.enable_mem_pattern = False
+    if optimized_ahead:  # its fusions are in the file: optimizing again would only cost the time
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if _global_pool:
+        options.use_per_session_threads = False
+    else:  # a pool of its own, which must not spin (use_global_thread_pool says why)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+    return options
+
+
 class OnnxGraph:
-    def __init__(self, path: Path, threads: int | None):
+    def __init__(self, path: Path, threads: int | None, optimized_ahead: bool = False):
+        """onnxruntime's session of the graph at `path`, with the runtime's options (`session_options`)."""
         import onnxruntime as ort
 
-        share_one_arena()
-        options = ort.SessionOptions()
-        options.add_session_config_entry("session.use_env_allocators", "1")
-        # Prepacking the 4-bit weights for onnxruntime's kernels is most of a session's creation (an expert switch
-        # creates three): on the thread pool it takes 3 SmolLM2 expert graphs from 22.5 to 16.8 ms (2 threads).
-        options.add_session_config_entry("session.prepack.enable_parallel", "1")
-        # A memory pattern plans each run's activations as one block per input shape; with the cache's length
-        # growing every step those blocks grow too, and the shared arena kept more of them. Measured on the SmolLM2
-        # int4 bundle with one expert (benchmarks/peers.py's run in one process: 128, 512, 896-token prompts):
-        # peak RSS 383-386 -> 366-367 MB, TTFT and decode unchanged within noise.
-        options.enable_mem_pattern = False
-        if _global_pool:
-            options.use_per_session_threads = False
-        else:  # a pool of its own, which must not spin (use_global_thread_pool says why)
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            if threads:
-                options.intra_op_num_threads = threads
-                options.inter_op_num_threads = 1
+        options = session_options(threads, optimized_ahead)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
@@ -183,10 +197,12 @@ class PteGraph:
         return [o.numpy() for o in self.method.execute(tensors)]
 
 
-def load_graph(path: Path, threads: int | None = None):
+def load_graph(path: Path, threads: int | None = None, optimized_ahead: bool = False):
+    """The graph at `path` (.onnx or .pte) as a callable; `optimized_ahead`: an ONNX graph its manifest records as
+    saved by onnxruntime's optimizer (`onnx_optimized`), loaded without optimizing it again."""
     path = Path(path)
     if path.suffix == ".onnx":
-        return OnnxGraph(path, threads)
+        return OnnxGraph(path, threads, optimized_ahead)
     if path.suffix == ".pte":
         return PteGraph(path)
     raise ValueError(f"no backend for {path}")

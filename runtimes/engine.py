@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from mode_edge.bundle import (
+    ONNX_OPTIMIZED_AHEAD,
     REEXPORT,
     check_pack_fits,
     expert_folder,
@@ -76,9 +77,10 @@ class Engine:
             check_sliding_window_support(str(bundle))
         comps = self.manifest["components"]
         self.n_blocks = len(self.manifest["base"]["block_ranges"])
-        self.embed = self._graph(comps["base/embed"][backend])
-        self.blocks = [self._graph(comps[f"base/block{i}"][backend]) for i in range(self.n_blocks)]
-        self.head = self._graph(comps["base/head"][backend])
+        self.embed = self._graph(comps["base/embed"][backend], component=comps["base/embed"])
+        self.blocks = [self._graph(comps[f"base/block{i}"][backend], component=comps[f"base/block{i}"])
+                       for i in range(self.n_blocks)]  # fmt: skip
+        self.head = self._graph(comps["base/head"][backend], component=comps["base/head"])
         self.block_layers = [comps[f"base/block{i}"]["layers"] for i in range(self.n_blocks)]
         d = self.manifest["base"]["decoder"]
         self.kv_shape = (d["n_kv_heads"], d["head_dim"])
@@ -98,10 +100,12 @@ class Engine:
         self.active: list[str] | None = None
         """The experts a forward mixes, in order; None: every loaded expert (a Session keeps others warm)."""
 
-    def _graph(self, rel: str, fix: str = REEXPORT, folder: Path | None = None):
-        """The graph at REL inside `folder` (default: the bundle's root)."""
+    def _graph(self, rel: str, fix: str = REEXPORT, folder: Path | None = None, component: dict | None = None):
+        """The graph at REL inside `folder` (default: the bundle's root); `component`: its manifest entry, whose
+        `onnx_optimized` says whether the ONNX file was optimized at export (ONNX_OPTIMIZED_AHEAD)."""
         path = (folder if folder is not None else self.bundle) / rel
-        return checked_load(path, lambda: load_graph(path, self.threads), fix)
+        ahead = self.backend == "onnx" and (component or {}).get("onnx_optimized") == ONNX_OPTIMIZED_AHEAD
+        return checked_load(path, lambda: load_graph(path, self.threads, ahead), fix)
 
     @property
     def call_tokens(self) -> int:
@@ -123,8 +127,8 @@ class Engine:
             )
         folder = expert_folder(self.bundle, self.manifest, name)
         pack = self.check_expert(name, verify)
-        blocks = [self._graph(pack["components"][f"block{i}"][self.backend], reinstall_fix(folder), folder)
-                  for i in range(self.n_blocks)]  # fmt: skip
+        components = [pack["components"][f"block{i}"] for i in range(self.n_blocks)]
+        blocks = [self._graph(c[self.backend], reinstall_fix(folder), folder, c) for c in components]
         self.experts[name] = LoadedExpert(name, folder, pack, blocks)
         return self.experts[name]
 

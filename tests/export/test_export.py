@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mode_edge.bundle import GRAPH_SUFFIX, read_bundle, read_pack_manifest, verify_files
+from mode_edge.bundle import GRAPH_SUFFIX, ONNX_OPTIMIZED_AHEAD, read_bundle, read_pack_manifest, verify_files
 from mode_edge.config import ExportConfig
 from mode_edge.export.graphs import example_inputs, split
 from mode_edge.export.pipeline import export_bundle, load_model
@@ -68,6 +68,50 @@ def test_manifest_lists_every_file_with_size_and_checksum(fp32_bundle):
     assert every - listed == {"manifest.json", "experts/code/pack.json", "experts/prose/pack.json"}
     verify = manifest["export"]["verify_max_abs_diff"]
     assert all(v < 1e-4 for diffs in verify.values() for v in diffs.values())
+
+
+def test_expert_graphs_are_optimized_at_export_and_load_without_optimizing_again(fp32_bundle):
+    import onnx
+    import onnxruntime as ort
+
+    manifest = read_bundle(fp32_bundle)
+    assert not any("onnx_optimized" in c for c in manifest["components"].values())  # the base optimizes as it loads
+    pack = read_pack_manifest(fp32_bundle / "experts" / "code")
+    assert {c.get("onnx_optimized") for c in pack["components"].values()} == {ONNX_OPTIMIZED_AHEAD}
+    graph = onnx.load(str(fp32_bundle / "experts/code/block0.onnx"), load_external_data=False).graph
+    ops = {n.op_type for n in graph.node}
+    assert "SimplifiedLayerNormalization" in ops and "QuickGelu" in ops  # the optimizer's fusions, in the file
+    engine = Engine(fp32_bundle)
+    expert = engine.load_expert("code")
+    level = lambda graph: graph.session.get_session_options().graph_optimization_level  # noqa: E731
+    assert [level(b) for b in expert.blocks] == [ort.GraphOptimizationLevel.ORT_DISABLE_ALL] * 2
+    assert level(engine.blocks[0]) == level(engine.head) == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+
+def test_optimize_ahead_keeps_the_outputs_and_the_weights_file(composed_run, tmp_path):
+    import onnx
+
+    from mode_edge.export.onnx_graphs import export_onnx, optimize_ahead
+
+    backbone, model, _ = load_model(composed_run, ["code"])
+    graph = split(model, KV_CACHE["onnx"])["experts/code/block1"]
+    path = tmp_path / "block1.onnx"
+    export_onnx(graph, backbone.decoder.cfg, path)
+    weights = (tmp_path / "block1.onnx.data").stat().st_size
+    torch.manual_seed(0)
+    cases = [[t.numpy() for t in example_inputs(graph, backbone.decoder.cfg, tokens=t, past=p)]
+             for t, p in ((5, 0), (1, 7))]  # fmt: skip
+    before = [load_graph(path)(inputs) for inputs in cases]
+    optimize_ahead(path)
+    ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+    assert "SimplifiedLayerNormalization" in ops
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["block1.onnx", "block1.onnx.data"]  # no leftovers
+    assert (tmp_path / "block1.onnx.data").stat().st_size <= 1.05 * weights  # the same weights, written once
+    for inputs, ref in zip(cases, before):
+        got = load_graph(path, optimized_ahead=True)(inputs)
+        assert len(got) == len(ref)
+        for r, g in zip(ref, got):
+            assert np.abs(r - g).max() < 1e-5
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])

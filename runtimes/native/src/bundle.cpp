@@ -121,6 +121,7 @@ Component read_component(const json& c, const FileRecords& files, const std::str
   out.outputs = c.at("outputs").at("onnx").get<std::vector<std::string>>();
   out.onnx = c.at("onnx").get<std::string>();
   if (!files.count(out.onnx)) throw UserError(path + " names a graph it does not list: " + out.onnx);
+  out.optimized_ahead = c.contains("onnx_optimized") && c["onnx_optimized"] == "extended";
   return out;
 }
 

@@ -25,6 +25,9 @@ struct Component {
   int layers = 0;
   std::vector<std::string> inputs, outputs;
   std::string onnx;
+  // The file is the graph as onnxruntime's optimizer left it at export (onnx_optimized: "extended",
+  // mode_edge/bundle.ONNX_OPTIMIZED_AHEAD): its session is created with optimization off.
+  bool optimized_ahead = false;
 };
 
 struct Decoder {

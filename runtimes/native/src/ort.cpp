@@ -125,8 +125,10 @@ OrtRuntime::OrtRuntime(const std::string& path, int threads) : library_(path), t
 
 namespace {
 
-Ort::SessionOptions session_options(const OrtRuntime& ort) {
+Ort::SessionOptions session_options(const OrtRuntime& ort, bool optimized_ahead) {
   Ort::SessionOptions options;
+  // a graph optimized at export holds its fusions: optimizing again would only cost the time (an expert switch's)
+  if (optimized_ahead) options.SetGraphOptimizationLevel(ORT_DISABLE_ALL);
   options.AddConfigEntry("session.use_env_allocators", "1");
   // prepacking the 4-bit weights is most of a session's creation; on the pool it runs in parallel
   options.AddConfigEntry("session.prepack.enable_parallel", "1");
@@ -156,12 +158,12 @@ Graph::Graph(OrtRuntime& ort, const std::string& path, const Component& componen
     : input_names_(component.inputs), output_names_(component.outputs) {
   try {
     try {
-      session_ = Ort::Session(ort.env(), path.c_str(), session_options(ort));
+      session_ = Ort::Session(ort.env(), path.c_str(), session_options(ort, component.optimized_ahead));
     } catch (const Ort::Exception& e) {
       // an app made onnxruntime's environment before us, without global pools: every graph gets a pool of its own
       if (!ort.global_pool || std::string(e.what()).find("GlobalThreadPools") == std::string::npos) throw;
       ort.global_pool = false;
-      session_ = Ort::Session(ort.env(), path.c_str(), session_options(ort));
+      session_ = Ort::Session(ort.env(), path.c_str(), session_options(ort, component.optimized_ahead));
     }
   } catch (const Ort::Exception& e) {
     throw UserError(path + " cannot be loaded by onnxruntime (" + e.what() + "); " + fix);
