@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -34,11 +35,14 @@ def median(xs: list[float]) -> float:
 
 
 def machine() -> dict:
-    import os
-
+    """The platform, the processor (its model name where /proc/cpuinfo tells it) and the CPU count."""
+    model = ""
+    with contextlib.suppress(OSError):
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), "")  # fmt: skip
     return {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": model or platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
     }
 

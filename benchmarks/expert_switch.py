@@ -8,12 +8,13 @@ expert, as a switch finds it.
 Variants, interleaved, medians:
 - shipped: the pack's graphs as the runtime loads them (optimization off for graphs its manifest records as
   optimized at export, `onnx_optimized`; on for the rest): what a switch does;
-- optimized when loaded: the same files with onnxruntime's optimizer on (what a switch did before the experts'
-  graphs were optimized at export; for such a pack, the shipped figure);
-- optimized ahead: the graphs as onnxruntime's optimizer leaves them at ORT_ENABLE_EXTENDED (the highest level whose
-  output does not depend on the machine), loaded with optimization off (for a pack optimized at export, the
-  shipped figure again);
-- prepacked ahead: optimized ahead at the runtime's level, with the prepacked weights saved beside them
+- optimized when loaded: the same files with onnxruntime's optimizer on (for a pack exported before the experts'
+  graphs were optimized at export, the shipped figure; for one exported with it, the optimizer run again over the
+  fused graph, which takes less than over the exported one: not the figure before);
+- optimized ahead: the graphs as onnxruntime's optimizer leaves them at ORT_ENABLE_EXTENDED (the highest level
+  whose output does not depend on the machine: export/optimize_ahead.py), saved into a temporary folder and
+  loaded with optimization off (for a pack exported with it, the same graphs as shipped, saved again);
+- prepacked ahead: optimized at the runtime's level, with the prepacked weights saved beside them
   (session.save_external_prepacked_constant_initializers), loaded with optimization off;
 - side by side: shipped, one Python thread per graph (onnxruntime releases the GIL while it builds a session);
 - no prepacking: shipped, with session.disable_prepacking: not an option (decode would be far slower), the share
@@ -39,19 +40,15 @@ from common import interleaved, machine, median, write  # noqa: E402
 
 
 @contextlib.contextmanager
-def changed_sessions(level=None, config: dict[str, str] | None = None, save_to: Path | None = None):
-    """Meanwhile every onnxruntime session (as OnnxGraph makes it) also gets graph optimization `level`, the session
-    `config` entries and, with `save_to`, its optimized graph saved there, on top of the runtime's own options."""
+def changed_sessions(config: dict[str, str]):
+    """Meanwhile every onnxruntime session (as OnnxGraph makes it) also gets the session `config` entries, on top
+    of the runtime's own options."""
     import onnxruntime as ort
 
     real = ort.InferenceSession
 
     def session(path, options, providers):
-        if level is not None:
-            options.graph_optimization_level = level
-        if save_to is not None:
-            options.optimized_model_filepath = str(save_to)
-        for key, value in (config or {}).items():
+        for key, value in config.items():
             options.add_session_config_entry(key, value)
         return real(path, options, providers=providers)
 
@@ -63,22 +60,14 @@ def changed_sessions(level=None, config: dict[str, str] | None = None, save_to: 
 
 
 def saved_ahead(graphs: list[Path], out: Path, level, prepacked: bool) -> list[Path]:
-    """Each graph as onnxruntime's optimizer leaves it at `level`, saved into `out` with its initializers (and, with
-    `prepacked`, its prepacked weights) in an external data file; the saved graphs' paths."""
-    from mode_edge.runtimes.backends import OnnxGraph
+    """Each graph as onnxruntime's optimizer leaves it at `level` (export/optimize_ahead.save_optimized), saved into
+    `out` (with, given `prepacked`, its prepacked weights); the saved graphs' paths."""
+    from mode_edge.export.optimize_ahead import save_optimized
 
     out.mkdir(parents=True)
-    saved = []
     for path in graphs:
-        target = out / path.name
-        config = {"session.optimized_model_external_initializers_file_name": target.name + ".data",
-                  "session.optimized_model_external_initializers_min_size_in_bytes": "1024"}  # fmt: skip
-        if prepacked:
-            config["session.save_external_prepacked_constant_initializers"] = "1"
-        with changed_sessions(level, config, save_to=target):
-            OnnxGraph(path, None)
-        saved.append(target)
-    return saved
+        save_optimized(path, out / path.name, level, prepacked)
+    return [out / path.name for path in graphs]
 
 
 def graph_bytes(graphs: list[Path]) -> int:
@@ -118,16 +107,12 @@ def main() -> None:
     def create(paths: list[Path], optimized: list[bool]) -> None:
         [OnnxGraph(p, args.threads, o) for p, o in zip(paths, optimized)]
 
-    def with_sessions(paths, optimized, config=None):
-        def run():
-            with changed_sessions(None, config):
-                create(paths, optimized)
+    def without_prepacking():
+        with changed_sessions({"session.disable_prepacking": "1"}):
+            create(graphs, ahead)
 
-        return run
-
-    pool = ThreadPoolExecutor(len(graphs))
     on, off = [False] * len(graphs), [True] * len(graphs)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(len(graphs)) as pool:
         extended = saved_ahead(graphs, Path(tmp) / "extended", ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, False)
         prepacked = saved_ahead(graphs, Path(tmp) / "prepacked", ort.GraphOptimizationLevel.ORT_ENABLE_ALL, True)
         variants = {
@@ -136,7 +121,7 @@ def main() -> None:
             "optimized ahead": lambda: create(extended, off),
             "prepacked ahead": lambda: create(prepacked, off),
             "side by side": lambda: list(pool.map(lambda g: OnnxGraph(g[0], args.threads, g[1]), zip(graphs, ahead))),
-            "no prepacking": with_sessions(graphs, ahead, {"session.disable_prepacking": "1"}),
+            "no prepacking": without_prepacking,
             "read its files": lambda: [f.read_bytes() for f in files],
         }
         times = interleaved(variants, args.repeats)

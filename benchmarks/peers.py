@@ -403,6 +403,7 @@ def requantize_gguf(source: Path, out: Path) -> None:
     params.ftype, params.allow_requantize, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, True, os.cpu_count() or 1
     partial = out.with_name(out.name + ".partial")
     if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
+        partial.unlink(missing_ok=True)
         raise RuntimeError(f"llama.cpp could not requantize {source} to Q8_0")
     os.replace(partial, out)
 
@@ -503,6 +504,10 @@ def main() -> None:
             specs.append({"label": f"mode-edge native {label}, base only", "kind": "native", "path": path})
             specs.append({"label": f"mode-edge native {label} + {args.expert}", "kind": "native", "path": path,
                           "expert": args.expert})  # fmt: skip
+    labels = [s["label"] for s in specs]
+    if len(set(labels)) < len(labels):  # (results are keyed by label: two files of one name would be merged)
+        ap.error(f"two variants would share a label: {sorted({x for x in labels if labels.count(x) > 1})}; give "
+                 "files of different names")  # fmt: skip
     runs: dict[str, list[dict]] = {s["label"]: [] for s in specs}
     for r in range(args.rounds):
         for spec in specs:

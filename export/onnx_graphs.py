@@ -80,37 +80,6 @@ def save_external(model: onnx.ModelProto, path: Path) -> None:
                     location=path.name + ".data", size_threshold=1024)  # fmt: skip
 
 
-def optimize_ahead(path: Path) -> None:
-    """Replace the graph at PATH (and PATH.data) by what onnxruntime's optimizer makes of it at ORT_ENABLE_EXTENDED
-    (mode_edge/bundle.ONNX_OPTIMIZED_AHEAD: the highest level whose output does not depend on the machine; it fuses
-    the RMS norms into SimplifiedLayerNormalization and x * sigmoid(x) into QuickGelu, and folds constants), so
-    that the runtimes create its session with optimization off. The experts' graphs are written so: an expert
-    switch creates their sessions, and the optimizer was a quarter of that time. Measured on a SmolLM2 int4
-    bundle's expert (`python benchmarks/expert_switch.py --bundle B --repeats 25`, 3 graphs, 2 threads, idle, two
-    rounds of two runs on a drifting host): 22.5 / 22.6 and 26.5 / 27.7 ms for the pack exported before, 16.3 /
-    16.5 and 21.1 / 21.8 ms for the pack exported with this (13.7 MB on disk either way); the same greedy tokens
-    and logits."""
-    import tempfile
-
-    import onnxruntime as ort
-
-    from mode_edge.runtimes.backends import session_options
-
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        saved = Path(tmp) / path.name
-        options = session_options(1)
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        options.optimized_model_filepath = str(saved)
-        for key, value in (("session.optimized_model_external_initializers_file_name", saved.name + ".data"),
-                           ("session.optimized_model_external_initializers_min_size_in_bytes", "1024")):
-            options.add_session_config_entry(key, value)
-        options.log_severity_level = 3  # (its one warning is about levels above EXTENDED)
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(str(saved))
-        path.with_name(path.name + ".data").unlink()  # (onnx appends to a weights file that exists)
-        save_external(optimized, path)  # our names: one GRAPH.onnx.data, the same size threshold
-
-
 def quantize_onnx(src: Path, dst: Path, quant: str, block_size: int, accuracy_level: int | str = 4,
                   source=None, method: str = "rtn", measure: tuple[list[dict], dict] | None = None,
                   ) -> tuple[dict[str, int], dict | None]:  # fmt: skip

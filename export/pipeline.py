@@ -91,11 +91,13 @@ def max_abs_diff(graph: torch.nn.Module, run_graph, inputs: tuple) -> float:
 
 
 def export_graph(rel: str, graph, fmt: str, dcfg, work: Path, fp32: Path, cfg: ExportConfig, progress,
-                 source=None, planned: dict | None = None, compute: dict | None = None) -> dict[str, int]:  # fmt: skip
+                 source=None, planned: dict | None = None, compute: dict | None = None,
+                 optimized: set[str] | None = None) -> dict[str, int]:  # fmt: skip
     """One graph in one format at the bundle's precision; an ONNX graph passes through fp32 first (kept in `fp32`
     for the verify stage), a .pte's planned activation bytes go to `planned`, an ONNX graph's measured compute type
-    (--accuracy-level auto) to `compute`. Returns the count of weights written from the source's blocks, by block
-    type."""
+    (--accuracy-level auto) to `compute`, and REL to `optimized` when its ONNX graph is written optimized by
+    onnxruntime (`optimizes_at_export`; given `optimized`). Returns the count of weights written from the source's
+    blocks, by block type."""
     progress.show(f"export {rel} ({fmt})")
     if fmt == "executorch":
         from mode_edge.export.executorch_graphs import export_pte
@@ -106,7 +108,8 @@ def export_graph(rel: str, graph, fmt: str, dcfg, work: Path, fp32: Path, cfg: E
         if planned is not None:
             planned[rel] = nbytes
         return counts
-    from mode_edge.export.onnx_graphs import export_onnx, optimize_ahead, quantize_onnx
+    from mode_edge.export.onnx_graphs import export_onnx, quantize_onnx
+    from mode_edge.export.optimize_ahead import optimize_ahead
 
     target = work / (rel + ".onnx") if cfg.quant == "fp32" else fp32 / (rel + ".onnx")
     export_onnx(graph, dcfg, target)
@@ -118,15 +121,15 @@ def export_graph(rel: str, graph, fmt: str, dcfg, work: Path, fp32: Path, cfg: E
                                        cfg.accuracy_level, source, cfg.quant_method, measure)  # fmt: skip
         if chosen is not None and compute is not None:
             compute[rel] = chosen
-    if optimized_ahead(rel):
-        optimize_ahead(work / (rel + ".onnx"))
+    if optimized is not None and optimizes_at_export(rel) and optimize_ahead(work / (rel + ".onnx")):
+        optimized.add(rel)
     return counts
 
 
-def optimized_ahead(rel: str) -> bool:
-    """Whether the ONNX graph of component REL is written optimized by onnxruntime (onnx_graphs.optimize_ahead):
-    the experts' blocks, whose sessions an expert switch creates. (The base's graphs load once; optimized ahead,
-    their fp16 scales would be stored as the fp32 the optimizer folds them to.)"""
+def optimizes_at_export(rel: str) -> bool:
+    """Whether the ONNX graph of component REL is offered to onnxruntime's optimizer at export
+    (export/optimize_ahead.py): the experts' blocks, whose sessions an expert switch creates. (The base's graphs
+    load once; optimized, their fp16 scales would be stored as the fp32 the optimizer folds them to.)"""
     return rel.startswith("experts/")
 
 
@@ -277,6 +280,7 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
         verify: dict[str, dict] = {}
         planned: dict[str, int] = {}
         compute: dict[str, dict] = {}
+        optimized: set[str] = set()
         # Over an existing bundle, hold its lock so that no install or uninstall runs into the swap.
         exists = Path(out).is_dir() and (Path(out) / "manifest.json").is_file()
         lock = bundle_lock(out) if exists else contextlib.nullcontext()
@@ -285,12 +289,13 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
             for rel in names:
                 for fmt in cfg.formats:
                     graph = graphs[fmt][rel]
-                    counts = export_graph(rel, graph, fmt, dcfg, work, fp32, cfg, progress, source, planned, compute)
+                    counts = export_graph(rel, graph, fmt, dcfg, work, fp32, cfg, progress, source, planned, compute,
+                                          optimized)  # fmt: skip
                     if counts:
                         exact.setdefault(fmt, {})[rel] = counts
                     progress.advance()
                 progress.show(f"verify {rel}")
-                verify[rel] = verify_graph(graphs, dcfg, work, fp32, rel, cfg)
+                verify[rel] = verify_graph(graphs, dcfg, work, fp32, rel, cfg, rel in optimized)
                 progress.advance()
             shared = share_embedding(work, dcfg, cfg, progress)
             if shared:  # the embed graph now reads the head's weights file: check it again
@@ -302,7 +307,8 @@ def export_bundle(run: Path, out: Path, cfg: ExportConfig) -> dict:
 
             written = {kind for graphs_counts in exact.values() for counts in graphs_counts.values() for kind in counts}
             cfg = dataclasses.replace(cfg, source_blocks=bool(written & set(BLOCK_BYTES)))
-            manifest = write_bundle(work, backbone, model, record, graphs, cfg, verify, routers, shared, compute)
+            manifest = write_bundle(work, backbone, model, record, graphs, cfg, verify, routers, shared, compute,
+                                    optimized)  # fmt: skip
             wall = time.perf_counter() - started
             manifest["export"]["wall_s"] = round(wall, 1)
             if exact.get("onnx"):
@@ -328,9 +334,11 @@ def share_embedding(work: Path, dcfg, cfg: ExportConfig, progress) -> set[str]:
     return {"base/embed"} if saved else set()
 
 
-def verify_graph(graphs: dict[str, dict], dcfg, work: Path, fp32: Path, rel: str, cfg: ExportConfig) -> dict:
+def verify_graph(graphs: dict[str, dict], dcfg, work: Path, fp32: Path, rel: str, cfg: ExportConfig,
+                 optimized: bool = False) -> dict:  # fmt: skip
     """Max abs diff of each format's exported graph REL against PyTorch (`graphs`: format -> component -> module) on
-    a prefill after a short cache."""
+    a prefill after a short cache; `optimized`: its ONNX graph was optimized at export, and loads as the runtimes
+    load it, with optimization off."""
     from mode_edge.runtimes.backends import load_graph
 
     out = {}
@@ -338,7 +346,7 @@ def verify_graph(graphs: dict[str, dict], dcfg, work: Path, fp32: Path, rel: str
         graph = graphs[fmt][rel]
         inputs = example_inputs(graph, dcfg)
         path = work / (rel + GRAPH_SUFFIX[fmt])
-        out[fmt] = max_abs_diff(graph, load_graph(path, threads=1), inputs)
+        out[fmt] = max_abs_diff(graph, load_graph(path, threads=1, optimized_ahead=optimized and fmt == "onnx"), inputs)
         if fmt == "onnx" and cfg.quant != "fp32":
             out["onnx-fp32"] = max_abs_diff(graph, load_graph(fp32 / (rel + ".onnx"), threads=1), inputs)
     return out
@@ -346,10 +354,11 @@ def verify_graph(graphs: dict[str, dict], dcfg, work: Path, fp32: Path, rel: str
 
 def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict, graphs, cfg, verify,
                  routers: dict[str, dict | None], shared: set[str] = frozenset(),
-                 compute: dict[str, dict] | None = None) -> dict:  # fmt: skip
+                 compute: dict[str, dict] | None = None, optimized: set[str] = frozenset()) -> dict:  # fmt: skip
     """The bundle manifest (and each expert's pack.json, written here) for the graphs exported into WORK (`graphs`:
-    format -> component -> module); `compute`:
-    each ONNX graph's measured compute type (--accuracy-level auto), recorded on its component."""
+    format -> component -> module); `compute`: each ONNX graph's measured compute type (--accuracy-level auto),
+    recorded on its component; `optimized`: the components whose ONNX graph was written optimized by onnxruntime
+    (their `onnx_optimized`)."""
     fingerprint = record["base"]["fingerprint"]
     limits = {"executorch": pte_limits(cfg, backbone.decoder.cfg)} if "executorch" in cfg.formats else {}
     backbone.tokenizer.save(work / "tokenizer.json")
@@ -363,7 +372,7 @@ def write_bundle(work: Path, backbone: Backbone, model: MoDEModel, record: dict,
             **{fmt: rel + GRAPH_SUFFIX[fmt] for fmt in cfg.formats},
             **({"onnx_weights_in": "base/head.onnx.data"} if rel in shared else {}),
             **({"onnx_compute": compute[rel]} if compute and rel in compute else {}),
-            **({"onnx_optimized": ONNX_OPTIMIZED_AHEAD} if "onnx" in cfg.formats and optimized_ahead(rel) else {}),
+            **({"onnx_optimized": ONNX_OPTIMIZED_AHEAD} if rel in optimized else {}),
         }  # fmt: skip
     experts = {}
     for name in model.experts:

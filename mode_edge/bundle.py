@@ -31,7 +31,7 @@ GRAPH_SUFFIX = {"onnx": ".onnx", "executorch": ".pte"}
 QUANTS = ("fp32", "int8", "int4", "mixed")
 ONNX_OPTIMIZED_AHEAD = "extended"
 """The value of an ONNX component's `onnx_optimized`: its file is the graph as onnxruntime's optimizer leaves it at
-ORT_ENABLE_EXTENDED (export/onnx_graphs.optimize_ahead), which the runtimes load with optimization off. Any other
+ORT_ENABLE_EXTENDED (export/optimize_ahead.py), which the runtimes load with optimization off. Any other
 value, or none, is optimized when it loads."""
 MAX_FILE_BYTES = 64 << 30
 """No component of a model that fits a phone or a board is larger; a bigger declared size is corrupt or hostile."""
