@@ -402,10 +402,12 @@ def requantize_gguf(source: Path, out: Path) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.allow_requantize, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, True, os.cpu_count() or 1
     partial = out.with_name(out.name + ".partial")
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
+    try:
+        if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
+            raise RuntimeError(f"llama.cpp could not requantize {source} to Q8_0")
+        os.replace(partial, out)
+    finally:
         partial.unlink(missing_ok=True)
-        raise RuntimeError(f"llama.cpp could not requantize {source} to Q8_0")
-    os.replace(partial, out)
 
 
 def prepare(folder: Path) -> None:
@@ -485,6 +487,11 @@ def main() -> None:
 
         if not NATIVE.exists():
             ap.error(f"--native: {NATIVE} is missing; build it with `make native`")
+    if any("=" not in b for b in args.bundle):
+        ap.error("--bundle takes LABEL=PATH")
+    names = [b.split("=", 1)[0] for b in args.bundle]
+    if len(set(names)) < len(names):
+        ap.error(f"--bundle labels repeat: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
     bundles = dict(b.split("=", 1) for b in args.bundle)
     tokenizer = str(Path(next(iter(bundles.values()))) / "tokenizer.json")
     common = {"threads": args.threads, "new_tokens": args.new_tokens, "tokenizer": tokenizer}

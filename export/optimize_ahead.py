@@ -2,10 +2,10 @@
 optimization off (mode_edge/bundle.ONNX_OPTIMIZED_AHEAD). No torch here: the benchmarks use it beside the runtime.
 
 The experts' graphs are written so (export/pipeline.optimizes_at_export): an expert switch creates their sessions,
-and the optimizer was a quarter of that time. Measured on a SmolLM2 int4 bundle's expert (`python
+and a graph the optimizer has already fused loads faster. Measured on a SmolLM2 int4 bundle's expert (`python
 benchmarks/expert_switch.py --bundle B --repeats 25`, 3 graphs, 2 threads, idle, on a host whose speed drifted
-between runs): 22.5 / 22.6 / 26.5 / 27.7 ms for the pack exported before, 16.3 / 16.5 / 21.1 / 21.8 ms for the pack
-exported with this, in four pairs of runs (0.72-0.80x); the same greedy tokens and logits.
+between runs; six pairs of runs): 20.1-27.7 ms for the pack exported before, 15.3-21.8 ms for the pack exported with
+this (0.71-0.82x within each pair); the same greedy tokens and logits in both runtimes.
 """
 
 from __future__ import annotations
@@ -50,13 +50,63 @@ def op_types(path: Path) -> set[str]:
     return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
 
 
-def optimize_ahead(path: Path) -> bool:
+def signatures(graph) -> set[tuple]:
+    """(domain, op type, attribute names, input count) of each node of an onnx GraphProto."""
+    return {(n.domain or "", n.op_type, tuple(sorted(a.name for a in n.attribute)), len(n.input)) for n in graph.node}
+
+
+def schema_defaults() -> dict[tuple[str, str, str], object]:
+    """(domain, op type, attribute) -> the default value onnxruntime's op schemas give it."""
+    import onnx
+    from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
+
+    out = {}
+    for schema in get_all_operator_schema():
+        for name, attribute in schema.attributes.items():
+            if attribute._default_value:  # (the serialized AttributeProto; empty where there is no default)
+                value = onnx.helper.get_attribute_value(onnx.AttributeProto.FromString(attribute._default_value))
+                out.setdefault((schema.domain, schema.name, name), value)
+    return out
+
+
+def drop_written_defaults(model, source) -> str | None:
+    """Remove, in place, each attribute of `model` (onnx ModelProto) that no node of its op type in `source` carries
+    and that holds its schema default: onnxruntime's serializer writes every attribute out, defaults included, and
+    an onnxruntime older than the one that saved the graph refuses an attribute it does not know (1.23 refuses
+    MatMulNBits' weight_prepacked and GroupQueryAttention's sliding_window_cache that 1.32 writes, measured). Returns
+    why not, where such an attribute holds another value; op types that `source` lacks keep theirs."""
+    import onnx
+
+    carried: dict[str, set[str]] = {}
+    for node in source.graph.node:
+        carried.setdefault(node.op_type, set()).update(a.name for a in node.attribute)
+    defaults = schema_defaults()
+    for node in model.graph.node:
+        if node.op_type not in carried:
+            continue
+        kept = []
+        for attribute in node.attribute:
+            if attribute.name in carried[node.op_type]:
+                kept.append(attribute)
+                continue
+            default = defaults.get((node.domain or "", node.op_type, attribute.name), ())
+            if onnx.helper.get_attribute_value(attribute) != default:
+                return f"the optimizer set {node.op_type}'s {attribute.name}, which the exported graph leaves out"
+        del node.attribute[:]
+        node.attribute.extend(kept)
+    return None
+
+
+def optimize_ahead(path: Path) -> str | None:
     """Replace the graph at PATH (and its weights, PATH.data) by onnxruntime's optimization of it at
     ORT_ENABLE_EXTENDED, the highest level whose output does not depend on the machine (fused RMS norms and
-    activations, folded constants). Returns whether it did: a graph without a weights file, whose optimized form
-    holds an op outside AHEAD_FUSIONS that its source lacks, or whose weights grow past MAX_GROWTH is left as it
-    is. The two files are replaced one after the other: call it inside a folder that becomes the bundle only when
-    complete (export's atomic_dir)."""
+    activations, folded constants), without the attributes its serializer writes at their defaults
+    (`drop_written_defaults`), so that an older onnxruntime loads it too. Returns None when it did, else why not:
+    a graph without a weights file, one whose optimized form holds a node its source lacks (another attribute, input
+    count or op) other than AHEAD_FUSIONS, or whose weights grow past MAX_GROWTH, is left as it is. The two files
+    are replaced one after the other: call it inside a folder that becomes the bundle only when complete (export's
+    atomic_dir)."""
+    import onnx
     import onnxruntime as ort
 
     weights = path.with_name(path.name + ".data")
@@ -65,11 +115,18 @@ def optimize_ahead(path: Path) -> bool:
         save_optimized(path, out, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
         out_weights = out.with_name(out.name + ".data")
         if not weights.is_file() or not out_weights.is_file():
-            return False
-        if not op_types(out) - op_types(path) <= AHEAD_FUSIONS:
-            return False
-        if out_weights.stat().st_size > MAX_GROWTH * weights.stat().st_size:
-            return False
-        os.replace(out_weights, weights)  # (the same name: onnxruntime wrote it as the graph names it)
+            return "it has no weights file"
+        source, model = (onnx.load(str(p), load_external_data=False) for p in (path, out))
+        why = drop_written_defaults(model, source)
+        if why:
+            return why
+        new = {s[1] for s in signatures(model.graph) - signatures(source.graph)} - AHEAD_FUSIONS
+        if new:
+            return f"the optimizer would write {', '.join(sorted(new))} in a form the exported graph lacks"
+        growth = out_weights.stat().st_size / weights.stat().st_size
+        if growth > MAX_GROWTH:
+            return f"the optimizer would grow its weights by {100 * (growth - 1):.0f}%"
+        onnx.save(model, str(out))  # the graph only: its weights stay in onnxruntime's file, which it names
+        os.replace(out_weights, weights)
         os.replace(out, path)
-    return True
+    return None

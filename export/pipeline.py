@@ -121,8 +121,12 @@ def export_graph(rel: str, graph, fmt: str, dcfg, work: Path, fp32: Path, cfg: E
                                        cfg.accuracy_level, source, cfg.quant_method, measure)  # fmt: skip
         if chosen is not None and compute is not None:
             compute[rel] = chosen
-    if optimized is not None and optimizes_at_export(rel) and optimize_ahead(work / (rel + ".onnx")):
-        optimized.add(rel)
+    if optimized is not None and optimizes_at_export(rel):
+        why = optimize_ahead(work / (rel + ".onnx"))
+        if why is None:
+            optimized.add(rel)
+        else:  # (it still loads, optimized by the runtime: only an expert switch takes longer)
+            console.print(f"{rel} is written as exported, not optimized for onnxruntime: {why}")
     return counts
 
 

@@ -1,6 +1,7 @@
 """Exported graphs against PyTorch: every fp32 graph, greedy generation through the runtime, quantized sizes."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,6 +91,8 @@ def test_expert_graphs_are_optimized_at_export_and_load_without_optimizing_again
 
 @pytest.mark.parametrize("quant", ["fp32", "int8", "int4"])
 def test_optimize_ahead_keeps_the_outputs_and_the_weights_file(composed_run, tmp_path, quant):
+    import onnx
+
     from mode_edge.export.onnx_graphs import export_onnx, quantize_onnx
     from mode_edge.export.optimize_ahead import op_types, optimize_ahead
 
@@ -106,8 +109,14 @@ def test_optimize_ahead_keeps_the_outputs_and_the_weights_file(composed_run, tmp
     cases = [[t.numpy() for t in example_inputs(graph, backbone.decoder.cfg, tokens=t, past=p)]
              for t, p in ((5, 0), (1, 7))]  # fmt: skip
     before = [load_graph(path)(inputs) for inputs in cases]
-    assert optimize_ahead(path)
+    source = onnx.load(str(path), load_external_data=False)
+    assert optimize_ahead(path) is None
     assert "SimplifiedLayerNormalization" in op_types(path)  # the optimizer's fusion, in the file
+    carried = {}  # no attribute its source's nodes of that op type lack (an older onnxruntime refuses them)
+    for node in source.graph.node:
+        carried.setdefault(node.op_type, set()).update(a.name for a in node.attribute)
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        assert node.op_type not in carried or {a.name for a in node.attribute} <= carried[node.op_type], node.op_type
     assert sorted(p.name for p in path.parent.iterdir()) == ["block1.onnx", "block1.onnx.data"]  # no leftovers
     assert path.with_name("block1.onnx.data").stat().st_size <= 1.01 * weights  # the same weights, written once
     for inputs, ref in zip(cases, before):
@@ -115,6 +124,58 @@ def test_optimize_ahead_keeps_the_outputs_and_the_weights_file(composed_run, tmp
         assert len(got) == len(ref)
         for r, g in zip(ref, got):
             assert np.abs(r - g).max() <= 1e-5 * max(1.0, float(np.abs(r).max())), quant
+
+
+def test_a_graph_the_optimizer_may_not_touch_is_recorded_and_verified_as_exported(composed_run, tmp_path,
+                                                                                  monkeypatch, capsys):  # fmt: skip
+    """Export records `onnx_optimized` for what optimize_ahead did, not for what it was offered, says why in one line
+    where it declined, and verifies each graph as the runtimes will load it."""
+    import mode_edge.export.optimize_ahead as ahead
+    import mode_edge.runtimes.backends as backends
+
+    real_optimize, real_load = ahead.optimize_ahead, backends.load_graph
+    verified = {}
+
+    def optimize(path):
+        return "declined in this test" if path.name == "block1.onnx" else real_optimize(path)
+
+    def load(path, threads=None, optimized_ahead=False):
+        verified[str(path)] = optimized_ahead
+        return real_load(path, threads, optimized_ahead)
+
+    monkeypatch.setattr(ahead, "optimize_ahead", optimize)
+    monkeypatch.setattr(backends, "load_graph", load)
+    out = tmp_path / "b"
+    export_bundle(composed_run, out, ExportConfig(formats=("onnx",), quant="fp32", experts=["code"]))
+    said = capsys.readouterr()
+    line = "experts/code/block1 is written as exported, not optimized for onnxruntime: declined in this test"
+    assert line in " ".join((said.out + said.err).split())
+    pack = read_pack_manifest(out / "experts" / "code")
+    assert {n: c.get("onnx_optimized") for n, c in pack["components"].items()} == {"block0": ONNX_OPTIMIZED_AHEAD,
+                                                                                  "block1": None}  # fmt: skip
+    flags = {Path(p).parent.name + "/" + Path(p).name: v for p, v in verified.items()}
+    assert flags["code/block0.onnx"] is True and flags["code/block1.onnx"] is False
+    assert flags["base/block0.onnx"] is False
+    engine = Engine(out)
+    assert len(list(generate(engine, [1, 2, 3], 4))) == 4  # the declined graph loads as any exported one
+
+
+def test_attributes_written_at_their_defaults_are_dropped_and_others_refused():
+    from onnx import helper
+
+    from mode_edge.export.optimize_ahead import drop_written_defaults
+
+    def model(**attributes):
+        node = helper.make_node("Split", ["x"], ["a", "b"], **attributes)
+        return helper.make_model(helper.make_graph([node], "g", *graph_io(8)))
+
+    source, written = model(), model(axis=0)  # Split's axis defaults to 0
+    assert drop_written_defaults(written, source) is None
+    assert [a.name for a in written.graph.node[0].attribute] == []
+    refused = drop_written_defaults(model(axis=1), source)
+    assert refused == "the optimizer set Split's axis, which the exported graph leaves out"
+    kept = model(axis=1)  # an attribute the source carries stays, whatever its value
+    assert drop_written_defaults(kept, model(axis=1)) is None and kept.graph.node[0].attribute[0].i == 1
 
 
 def graph_io(width: int) -> tuple[list, list]:
@@ -144,14 +205,14 @@ def test_optimize_ahead_leaves_a_graph_whose_weights_would_grow(tmp_path):
     save_external(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     files = {f.name: f.read_bytes() for f in path.parent.iterdir()}
     assert set(files) == {"g.onnx", "g.onnx.data"}
-    assert not optimize_ahead(path)
+    assert optimize_ahead(path) == "the optimizer would grow its weights by 100%"
     assert {f.name: f.read_bytes() for f in path.parent.iterdir()} == files
     small = tmp_path / "small" / "g.onnx"  # every weight under 1 KB: no weights file
     small.parent.mkdir()
     table = numpy_helper.from_array(np.ones((8, 8), np.float32), "table32")
     graph = helper.make_graph(nodes[1:], "g", *graph_io(8), [table])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(small))
-    assert not optimize_ahead(small)
+    assert optimize_ahead(small) == "it has no weights file"
     assert [f.name for f in small.parent.iterdir()] == ["g.onnx"]
     other = tmp_path / "gemm" / "g.onnx"  # a fusion outside AHEAD_FUSIONS (MatMul + Add -> Gemm) is left as well
     other.parent.mkdir()
@@ -161,7 +222,7 @@ def test_optimize_ahead_leaves_a_graph_whose_weights_would_grow(tmp_path):
     graph = helper.make_graph(nodes, "g", *graph_io(64), weights)
     save_external(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), other)
     files = {f.name: f.read_bytes() for f in other.parent.iterdir()}
-    assert not optimize_ahead(other)
+    assert optimize_ahead(other) == "the optimizer would write Gemm in a form the exported graph lacks"
     assert {f.name: f.read_bytes() for f in other.parent.iterdir()} == files
 
 
